@@ -1,0 +1,33 @@
+#![doc = include_str!("../README.md")]
+#![cfg_attr(not(any(feature = "std", test)), no_std)]
+#![warn(missing_docs)]
+
+#[cfg(feature = "alloc")]
+extern crate alloc;
+
+pub mod acl;
+pub mod credentials;
+pub mod sign;
+
+/// An Alink device identity: product key plus device name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DeviceRef<'a> {
+    /// Product key.
+    pub product_key: &'a str,
+    /// Device name, unique inside its product.
+    pub device_name: &'a str,
+}
+
+impl<'a> DeviceRef<'a> {
+    /// A device identity from its product key and device name.
+    pub const fn new(product_key: &'a str, device_name: &'a str) -> Self {
+        Self {
+            product_key,
+            device_name,
+        }
+    }
+}
+
+/// Topic on which the cloud publishes a device's online/offline lifecycle messages
+/// (the layout Alibaba uses for its server-side subscription).
+pub const LIFECYCLE_TOPIC_PREFIX: &str = "/as/mqtt/status/";
