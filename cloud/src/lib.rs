@@ -1,1 +1,16 @@
+//! Ironlink cloud core: Alink device access (MQTT 3.1.1/5 over TCP and TLS, authentication,
+//! per-device ACL), message router, registry, presence, HTTP API and admin CLI.
+#![warn(missing_docs)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod access;
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod metrics;
+pub mod presence;
+pub mod registry;
+pub mod router;
+pub mod server;
+pub mod storage;
+pub mod tls;

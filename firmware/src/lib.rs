@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![cfg_attr(not(test), no_std)]
 #![warn(missing_docs)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 use core::fmt::Write;
 use heapless::String;
@@ -63,8 +64,12 @@ impl<const N: usize> Credentials<N> {
             Transport::Tcp => 3,
         };
         let mut client_id: String<N> = String::new();
-        write!(client_id, "{cid}|securemode={mode},signmethod={}", method.as_str())
-            .map_err(|_| Error::BufferTooSmall)?;
+        write!(
+            client_id,
+            "{cid}|securemode={mode},signmethod={}",
+            method.as_str()
+        )
+        .map_err(|_| Error::BufferTooSmall)?;
         if timestamp_ms.is_some() {
             write!(client_id, ",timestamp={ts}").map_err(|_| Error::BufferTooSmall)?;
         }
@@ -90,17 +95,39 @@ mod tests {
 
     #[test]
     fn credentials_verify_with_the_cloud_parser() {
-        let c = Credentials::<128>::new("pk", "dn", "secret", SignMethod::HmacSha256, Transport::Tcp, Some(1_700_000_000_000)).unwrap();
+        let c = Credentials::<128>::new(
+            "pk",
+            "dn",
+            "secret",
+            SignMethod::HmacSha256,
+            Transport::Tcp,
+            Some(1_700_000_000_000),
+        )
+        .unwrap();
         let parsed = ClientId::parse(&c.client_id).unwrap();
         assert_eq!(parsed.securemode, Some(3));
         let dev = parse_username(&c.username).unwrap();
-        let expected = sign_connect(parsed.signmethod, "secret", parsed.client_id, dev.device_name, dev.product_key, parsed.timestamp);
+        let expected = sign_connect(
+            parsed.signmethod,
+            "secret",
+            parsed.client_id,
+            dev.device_name,
+            dev.product_key,
+            parsed.timestamp,
+        );
         assert!(expected.matches(&c.password));
     }
 
     #[test]
     fn small_buffer_is_an_error() {
-        let r = Credentials::<8>::new("pk", "device", "s", SignMethod::HmacSha1, Transport::Tls, None);
+        let r = Credentials::<8>::new(
+            "pk",
+            "device",
+            "s",
+            SignMethod::HmacSha1,
+            Transport::Tls,
+            None,
+        );
         assert_eq!(r.err(), Some(Error::BufferTooSmall));
     }
 }

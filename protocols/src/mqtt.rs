@@ -151,6 +151,83 @@ pub fn publish_packet_id(frame: &[u8], header: &FrameHeader) -> Option<u16> {
     Some(u16::from_be_bytes([*body.get(at)?, *body.get(at + 1)?]))
 }
 
+/// An outgoing PUBLISH, encoded by [`encode_publish`].
+#[derive(Debug, Clone, Copy)]
+pub struct PublishOut<'a> {
+    /// Topic name.
+    pub topic: &'a str,
+    /// Payload bytes.
+    pub payload: &'a [u8],
+    /// 0 or 1 (2 is encoded as given, but Ironlink never sends it).
+    pub qos: u8,
+    /// Packet id, written only for QoS above 0.
+    pub packet_id: u16,
+    /// RETAIN flag.
+    pub retain: bool,
+    /// DUP flag.
+    pub dup: bool,
+    /// Encode for MQTT 5 (adds an empty property block).
+    pub v5: bool,
+}
+
+/// Why a PUBLISH could not be encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EncodeError {
+    /// The topic is longer than 65,535 bytes.
+    TopicTooLong,
+    /// The packet exceeds MQTT's 268,435,455-byte remaining-length limit.
+    PacketTooLarge,
+}
+
+/// Encodes a PUBLISH, handing the bytes to `out` in order (header, topic, packet id,
+/// properties, payload) so that a caller can write into any buffer without copies here.
+pub fn encode_publish(
+    p: &PublishOut<'_>,
+    mut out: impl FnMut(&[u8]),
+) -> Result<usize, EncodeError> {
+    let topic_len = u16::try_from(p.topic.len()).map_err(|_| EncodeError::TopicTooLong)?;
+    let id_len = if p.qos > 0 { 2 } else { 0 };
+    let props_len = usize::from(p.v5);
+    let remaining = 2 + p.topic.len() + id_len + props_len + p.payload.len();
+    if remaining > 268_435_455 {
+        return Err(EncodeError::PacketTooLarge);
+    }
+    let mut header = [0u8; 5];
+    header[0] = 0x30 | (u8::from(p.dup) << 3) | ((p.qos & 0b11) << 1) | u8::from(p.retain);
+    let mut n = 1;
+    let mut x = remaining;
+    loop {
+        let mut byte = (x % 128) as u8;
+        x /= 128;
+        if x > 0 {
+            byte |= 0x80;
+        }
+        header[n] = byte;
+        n += 1;
+        if x == 0 {
+            break;
+        }
+    }
+    out(&header[..n]);
+    out(&topic_len.to_be_bytes());
+    out(p.topic.as_bytes());
+    if p.qos > 0 {
+        out(&p.packet_id.to_be_bytes());
+    }
+    if p.v5 {
+        out(&[0]);
+    }
+    out(p.payload);
+    Ok(n + remaining)
+}
+
+/// The protocol level byte of a complete CONNECT frame: 3 (MQTT 3.1), 4 (3.1.1) or 5.
+pub fn connect_protocol_level(frame: &[u8], header: &FrameHeader) -> Option<u8> {
+    let body = frame.get(header.header_len..header.frame_len())?;
+    let name_len = usize::from(u16::from_be_bytes([*body.first()?, *body.get(1)?]));
+    body.get(2 + name_len).copied()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,7 +263,10 @@ mod tests {
         assert_eq!(check(&publish[..1], 1024), Err(FrameError::Incomplete(1)));
         assert_eq!(check(&publish[..5], 1024), Err(FrameError::Incomplete(9)));
         // A multi-byte length split across reads.
-        assert_eq!(check(&[0x30, 0x80], 1 << 20), Err(FrameError::Incomplete(1)));
+        assert_eq!(
+            check(&[0x30, 0x80], 1 << 20),
+            Err(FrameError::Incomplete(1))
+        );
     }
 
     #[test]
@@ -194,13 +274,19 @@ mod tests {
         // PUBLISH announcing 2,097,151 bytes, only the header present.
         assert_eq!(
             check(&[0x30, 0xff, 0xff, 0x7f], 256 * 1024),
-            Err(FrameError::TooLarge { size: 2_097_155, max: 256 * 1024 })
+            Err(FrameError::TooLarge {
+                size: 2_097_155,
+                max: 256 * 1024
+            })
         );
     }
 
     #[test]
     fn malformed_headers() {
-        assert_eq!(check(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01], usize::MAX), Err(FrameError::MalformedLength));
+        assert_eq!(
+            check(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01], usize::MAX),
+            Err(FrameError::MalformedLength)
+        );
         assert_eq!(check(&[0x00, 0x00], 10), Err(FrameError::ReservedType));
     }
 
@@ -209,5 +295,52 @@ mod tests {
         let p = hex("30 06 00 01 61 68 69 21");
         let h = check(&p, 100).unwrap();
         assert_eq!(publish_packet_id(&p, &h), None);
+    }
+
+    #[test]
+    fn publish_round_trips_through_check() {
+        for v5 in [false, true] {
+            for qos in [0u8, 1] {
+                let payload = vec![7u8; 300];
+                let mut buf = Vec::new();
+                let n = encode_publish(
+                    &PublishOut {
+                        topic: "/a/b",
+                        payload: &payload,
+                        qos,
+                        packet_id: 513,
+                        retain: true,
+                        dup: false,
+                        v5,
+                    },
+                    |b| buf.extend_from_slice(b),
+                )
+                .unwrap();
+                assert_eq!(n, buf.len());
+                let h = check(&buf, 1 << 20).unwrap();
+                assert_eq!(h.frame_len(), buf.len());
+                assert_eq!(h.qos(), qos);
+                assert_eq!(h.flags & 1, 1);
+                assert_eq!(publish_packet_id(&buf, &h), (qos > 0).then_some(513));
+                assert!(buf.ends_with(&payload));
+            }
+        }
+    }
+
+    #[test]
+    fn protocol_level_of_connect_vectors() {
+        let connect = hex("10 0C 00 04 4D 51 54 54 04 02 00 1E 00 00");
+        let h = check(&connect, 1024).unwrap();
+        assert_eq!(connect_protocol_level(&connect, &h), Some(4));
+        assert_eq!(
+            connect_protocol_level(
+                &connect[..4],
+                &FrameHeader {
+                    remaining_len: 2,
+                    ..h
+                }
+            ),
+            None
+        );
     }
 }

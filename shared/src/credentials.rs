@@ -30,9 +30,7 @@ impl core::fmt::Display for CredentialError {
                 "client id has an opening '|' but no closing '|' after its parameters"
             }
             Self::MalformedParam => "client id parameter is not key=value",
-            Self::UnknownSignMethod => {
-                "signmethod must be hmacsha1, hmacsha256 or hmacmd5"
-            }
+            Self::UnknownSignMethod => "signmethod must be hmacsha1, hmacsha256 or hmacmd5",
             Self::BadSecureMode => "securemode must be a number (2 for TLS, 3 for TCP)",
             Self::BadUsername => "username must be {deviceName}&{productKey}",
         })
@@ -77,7 +75,9 @@ impl<'a> ClientId<'a> {
             params,
         };
         for pair in params.split(',').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').ok_or(CredentialError::MalformedParam)?;
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or(CredentialError::MalformedParam)?;
             match k {
                 "securemode" => {
                     out.securemode = Some(v.parse().map_err(|_| CredentialError::BadSecureMode)?)
@@ -129,8 +129,9 @@ mod tests {
         assert_eq!(c.timestamp, Some("2524608000000"));
         assert_eq!(c.param("_v"), Some("sdk-c-4.1.0"));
 
-        let c = ClientId::parse("dev|securemode=-2,authType=register,random=123,signmethod=hmacsha1|")
-            .unwrap();
+        let c =
+            ClientId::parse("dev|securemode=-2,authType=register,random=123,signmethod=hmacsha1|")
+                .unwrap();
         assert_eq!(c.securemode, Some(-2));
         assert_eq!(c.auth_type, Some("register"));
         assert_eq!(c.random, Some("123"));

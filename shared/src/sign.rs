@@ -100,7 +100,10 @@ fn hmac_parts(method: SignMethod, key: &[u8], parts: &[&[u8]]) -> Signature {
                     }
                     Signature::from_digest(&mac.finalize().into_bytes())
                 }
-                Err(_) => Signature { buf: [0; 64], len: 0 },
+                Err(_) => Signature {
+                    buf: [0; 64],
+                    len: 0,
+                },
             }
         }};
     }
@@ -121,7 +124,11 @@ pub fn sign_connect(
     timestamp: Option<&str>,
 ) -> Signature {
     let ts = timestamp.unwrap_or("");
-    let ts_key: &[u8] = if timestamp.is_some() { b"timestamp" } else { b"" };
+    let ts_key: &[u8] = if timestamp.is_some() {
+        b"timestamp"
+    } else {
+        b""
+    };
     hmac_parts(
         method,
         device_secret.as_bytes(),
@@ -169,7 +176,10 @@ mod tests {
     #[test]
     fn known_vectors() {
         let connect = [
-            (SignMethod::HmacSha1, "6de7269c9d31b4a9fae7d3cabe08c997b526525a"),
+            (
+                SignMethod::HmacSha1,
+                "6de7269c9d31b4a9fae7d3cabe08c997b526525a",
+            ),
             (
                 SignMethod::HmacSha256,
                 "b82ddb74cc7da716bb73b9794914a3b95b05898a601c3c5f3dd3b3cc0dad5e65",
@@ -181,7 +191,10 @@ mod tests {
             assert_eq!(s.as_str(), expected, "{m:?}");
         }
         let register = [
-            (SignMethod::HmacSha1, "89d2f8fe3b17f6b3f55853767232dc36013eb2e3"),
+            (
+                SignMethod::HmacSha1,
+                "89d2f8fe3b17f6b3f55853767232dc36013eb2e3",
+            ),
             (
                 SignMethod::HmacSha256,
                 "f0e819ac5567ef14dead935f07aa92bc166e051cd515e35258e31698cb389769",
@@ -224,7 +237,11 @@ mod tests {
 
     #[test]
     fn method_names_round_trip() {
-        for m in [SignMethod::HmacSha1, SignMethod::HmacSha256, SignMethod::HmacMd5] {
+        for m in [
+            SignMethod::HmacSha1,
+            SignMethod::HmacSha256,
+            SignMethod::HmacMd5,
+        ] {
             assert_eq!(SignMethod::parse(m.as_str()), Some(m));
         }
         assert_eq!(SignMethod::parse("HMACSHA1"), Some(SignMethod::HmacSha1));

@@ -1,0 +1,647 @@
+//! One device connection: CONNECT and authentication, then the packet loop with the ACL in
+//! front of the router.
+//!
+//! Framing is checked by `ironlink_protocols::mqtt` before rumqttd's codec sees a byte, so an
+//! oversize frame is refused before it is buffered and a reserved packet type never reaches
+//! the codec. The codec itself runs under `catch_unwind`: a decoder bug costs one connection,
+//! never the server.
+
+use super::auth::{authenticate, AuthError, Authenticated};
+use super::sessions::Kick;
+use super::Shared;
+use crate::metrics::Metrics;
+use crate::presence::OfflineReason;
+use crate::registry::now_ms;
+use crate::router::{Delivery, Message, SessionId};
+use crate::storage::PresenceEvent;
+use bytes::{BufMut, BytesMut};
+use ironlink_protocols::mqtt::{self as frame, FrameError, PacketType, PublishOut};
+use ironlink_shared::acl::{device_may, Access};
+use ironlink_shared::DeviceRef;
+use rumqttd::protocol::v4::V4;
+use rumqttd::protocol::v5::V5;
+use rumqttd::protocol::{
+    ConnAck, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill, Packet, PingResp,
+    Protocol, PubAck, PubAckReason, QoS, SubAck, SubscribeReasonCode, UnsubAck, UnsubAckReason,
+};
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// The MQTT version a connection speaks, chosen from its CONNECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Version {
+    V311,
+    V5,
+}
+
+impl Version {
+    fn read(self, buf: &mut BytesMut, max: usize) -> Result<Packet, String> {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match self {
+            Self::V311 => V4.read_mut(buf, max),
+            Self::V5 => V5.read_mut(buf, max),
+        }));
+        match r {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(e)) => Err(format!("malformed packet: {e}")),
+            Err(_) => Err("malformed packet: decoder failed".into()),
+        }
+    }
+
+    fn write(self, packet: Packet, out: &mut BytesMut) {
+        let r = match self {
+            Self::V311 => V4.write(packet, out),
+            Self::V5 => V5.write(packet, out),
+        };
+        if let Err(e) = r {
+            tracing::error!(error = %e, "encoding a reply failed");
+        }
+    }
+}
+
+fn connack(code: ConnectReturnCode) -> Packet {
+    Packet::ConnAck(
+        ConnAck {
+            session_present: false,
+            code,
+        },
+        None,
+    )
+}
+
+fn refusal_code(version: Version, e: &AuthError) -> ConnectReturnCode {
+    match (version, e) {
+        (_, e) if e.is_server_side() => match version {
+            Version::V311 => ConnectReturnCode::ServiceUnavailable,
+            Version::V5 => ConnectReturnCode::ServerUnavailable,
+        },
+        (Version::V5, AuthError::Disabled(_)) => ConnectReturnCode::Banned,
+        (_, e) if e.is_not_authorized() => ConnectReturnCode::NotAuthorized,
+        _ => ConnectReturnCode::BadUserNamePassword,
+    }
+}
+
+/// Reads until `buf` holds one complete frame; `None` when the peer closed or failed first.
+async fn read_frame<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<frame::FrameHeader, String> {
+    loop {
+        match frame::check(buf, max) {
+            Ok(h) => return Ok(h),
+            Err(FrameError::Incomplete(n)) => {
+                buf.reserve(n);
+                match stream.read_buf(buf).await {
+                    Ok(0) => return Err("closed before a complete packet".into()),
+                    Ok(_) => {}
+                    Err(e) => return Err(format!("read failed: {e}")),
+                }
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// Serves one accepted connection until it ends. `deadline` bounds the time to CONNECT.
+pub async fn serve<S>(
+    shared: Arc<Shared>,
+    mut stream: S,
+    peer: SocketAddr,
+    tls: bool,
+    deadline: Instant,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let max = shared.config.mqtt.max_packet_size;
+    let mut buf = BytesMut::with_capacity(512);
+    let header =
+        match tokio::time::timeout_at(deadline, read_frame(&mut stream, &mut buf, max)).await {
+            Err(_) => {
+                Metrics::inc(&shared.metrics.connect_timeouts);
+                tracing::info!(%peer, "closed: no CONNECT within the connect timeout");
+                return;
+            }
+            Ok(Err(why)) => {
+                Metrics::inc(&shared.metrics.protocol_errors);
+                tracing::info!(%peer, %why, "closed before CONNECT");
+                return;
+            }
+            Ok(Ok(h)) => h,
+        };
+    if header.kind != PacketType::Connect {
+        Metrics::inc(&shared.metrics.protocol_errors);
+        tracing::info!(%peer, kind = ?header.kind, "closed: first packet is not CONNECT");
+        return;
+    }
+    let version = match frame::connect_protocol_level(&buf, &header) {
+        Some(4) => Version::V311,
+        Some(5) => Version::V5,
+        level => {
+            // CONNACK "unacceptable protocol version" in the 3.1.1 encoding, understood by all.
+            let _ = stream.write_all(&[0x20, 0x02, 0x00, 0x01]).await;
+            Metrics::inc(&shared.metrics.protocol_errors);
+            tracing::info!(%peer, ?level, "refused: unsupported MQTT protocol level");
+            return;
+        }
+    };
+    let Ok(Packet::Connect(connect, _props, will, _will_props, login)) =
+        version.read(&mut buf, max)
+    else {
+        Metrics::inc(&shared.metrics.protocol_errors);
+        tracing::info!(%peer, "closed: malformed CONNECT");
+        return;
+    };
+    let mut out = BytesMut::with_capacity(256);
+    let login_pair = login
+        .as_ref()
+        .map(|l| (l.username.as_str(), l.password.as_str()));
+    let auth = authenticate(
+        &shared.db,
+        &connect.client_id,
+        login_pair,
+        tls,
+        shared.config.mqtt.timestamp_window,
+        now_ms(),
+    )
+    .await;
+    let (pk, dn) = match auth {
+        Err(e) => {
+            Metrics::inc(&shared.metrics.auth_refused);
+            tracing::warn!(%peer, client_id = %connect.client_id, username = ?login.as_ref().map(|l| &l.username), reason = %e, "CONNECT refused");
+            version.write(connack(refusal_code(version, &e)), &mut out);
+            let _ = stream.write_all(&out).await;
+            let _ = stream.shutdown().await;
+            return;
+        }
+        Ok(Authenticated::Register {
+            product_key,
+            device_name,
+            device_secret,
+        }) => {
+            Metrics::inc(&shared.metrics.registrations);
+            tracing::info!(%peer, product_key, device_name, "dynamic registration answered");
+            version.write(connack(ConnectReturnCode::Success), &mut out);
+            let body = serde_json::json!({
+                "productKey": product_key,
+                "deviceName": device_name,
+                "deviceSecret": device_secret,
+            })
+            .to_string();
+            let publish = PublishOut {
+                topic: "/ext/register",
+                payload: body.as_bytes(),
+                qos: 0,
+                packet_id: 0,
+                retain: false,
+                dup: false,
+                v5: version == Version::V5,
+            };
+            let _ = frame::encode_publish(&publish, |b| out.extend_from_slice(b));
+            let _ = stream.write_all(&out).await;
+            let _ = stream.shutdown().await;
+            return;
+        }
+        Ok(Authenticated::Device {
+            product_key,
+            device_name,
+        }) => (product_key, device_name),
+    };
+    let device = DeviceRef::new(&pk, &dn);
+    let will = match will {
+        Some(w) => match std::str::from_utf8(&w.topic) {
+            Ok(t) if device_may(Access::Publish, device, t) => Some(w),
+            _ => {
+                Metrics::inc(&shared.metrics.auth_refused);
+                tracing::warn!(%peer, product_key = %pk, device_name = %dn, "CONNECT refused: will topic outside the device's topics");
+                version.write(connack(ConnectReturnCode::NotAuthorized), &mut out);
+                let _ = stream.write_all(&out).await;
+                return;
+            }
+        },
+        None => None,
+    };
+    Metrics::inc(&shared.metrics.auth_accepted);
+
+    let registration = shared.sessions.register(&pk, &dn).await;
+    let (tx, rx) = mpsc::channel(shared.config.mqtt.session_queue.max(1));
+    let sid = shared.router.register(tx);
+    let keepalive = match Duration::from_secs(u64::from(connect.keep_alive)) {
+        d if d.is_zero() || d > shared.config.mqtt.max_keepalive => {
+            shared.config.mqtt.max_keepalive
+        }
+        d => d,
+    };
+    version.write(connack(ConnectReturnCode::Success), &mut out);
+    let addr = peer.to_string();
+    shared
+        .metrics
+        .connections
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    shared
+        .presence
+        .record(PresenceEvent {
+            product_key: pk.clone(),
+            device_name: dn.clone(),
+            status: "online".into(),
+            reason: "connected".into(),
+            client_addr: Some(addr.clone()),
+            at: now_ms(),
+        })
+        .await;
+    tracing::info!(%peer, product_key = %pk, device_name = %dn, ?version, tls, "device online");
+
+    let mut conn = Connection {
+        shared: shared.clone(),
+        version,
+        pk: pk.clone(),
+        dn: dn.clone(),
+        sid,
+        out,
+        inflight: HashMap::new(),
+        pending: VecDeque::new(),
+        next_pkid: 1,
+        violations: 0,
+    };
+    let reason = conn
+        .run(&mut stream, buf, rx, registration.kicked, keepalive)
+        .await;
+
+    // Clean-up: router first so nothing more is queued, then presence, then the registry.
+    shared.router.unregister(sid);
+    if let Some(w) = will.filter(|_| reason != OfflineReason::CleanDisconnect) {
+        publish_will(&shared, w);
+    }
+    shared
+        .metrics
+        .connections
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    shared
+        .presence
+        .record(PresenceEvent {
+            product_key: pk.clone(),
+            device_name: dn.clone(),
+            status: "offline".into(),
+            reason: reason.to_string(),
+            client_addr: Some(addr),
+            at: now_ms(),
+        })
+        .await;
+    tracing::info!(%peer, product_key = %pk, device_name = %dn, %reason, "device offline");
+    shared.sessions.remove(&pk, &dn, registration.serial);
+    drop(registration.done);
+}
+
+fn publish_will(shared: &Shared, w: LastWill) {
+    let Ok(topic) = String::from_utf8(w.topic.to_vec()) else {
+        return;
+    };
+    shared.router.publish(Message {
+        topic,
+        payload: w.message,
+        qos: u8::from(w.qos != QoS::AtMostOnce),
+        retain: w.retain,
+    });
+}
+
+struct Connection {
+    shared: Arc<Shared>,
+    version: Version,
+    pk: String,
+    dn: String,
+    sid: SessionId,
+    out: BytesMut,
+    inflight: HashMap<u16, Arc<Message>>,
+    pending: VecDeque<Delivery>,
+    next_pkid: u16,
+    violations: u32,
+}
+
+/// What processing one packet decided.
+enum Step {
+    Continue,
+    Close(OfflineReason),
+}
+
+impl Connection {
+    async fn run<S>(
+        &mut self,
+        stream: &mut S,
+        mut buf: BytesMut,
+        mut rx: mpsc::Receiver<Delivery>,
+        mut kicked: tokio::sync::oneshot::Receiver<Kick>,
+        keepalive: Duration,
+    ) -> OfflineReason
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let idle = keepalive + keepalive / 2;
+        let max = self.shared.config.mqtt.max_packet_size;
+        let queue_cap = self.shared.config.mqtt.session_queue;
+        let mut last_rx = Instant::now();
+        loop {
+            if !self.out.is_empty() {
+                if let Err(e) = stream.write_all(&self.out).await {
+                    return OfflineReason::ConnectionLost(format!("write failed: {e}"));
+                }
+                self.out.clear();
+            }
+            // Packets already buffered (pipelined after CONNECT, or several per read).
+            loop {
+                match frame::check(&buf, max) {
+                    Ok(h) => {
+                        if let Step::Close(reason) = self.on_frame(&mut buf, &h) {
+                            let _ = stream.write_all(&self.out).await;
+                            let _ = stream.shutdown().await;
+                            return reason;
+                        }
+                    }
+                    Err(FrameError::Incomplete(n)) => {
+                        buf.reserve(n);
+                        break;
+                    }
+                    Err(e) => {
+                        Metrics::inc(&self.shared.metrics.protocol_errors);
+                        tracing::warn!(product_key = %self.pk, device_name = %self.dn, error = %e, "closing connection");
+                        if matches!(e, FrameError::TooLarge { .. }) {
+                            self.disconnect(DisconnectReasonCode::PacketTooLarge);
+                        } else {
+                            self.disconnect(DisconnectReasonCode::MalformedPacket);
+                        }
+                        let _ = stream.write_all(&self.out).await;
+                        let _ = stream.shutdown().await;
+                        return OfflineReason::ProtocolError(e.to_string());
+                    }
+                }
+            }
+            if !self.out.is_empty() {
+                continue;
+            }
+            tokio::select! {
+                r = stream.read_buf(&mut buf) => match r {
+                    Ok(0) => return OfflineReason::ConnectionLost("closed by peer without DISCONNECT".into()),
+                    Ok(_) => last_rx = Instant::now(),
+                    Err(e) => return OfflineReason::ConnectionLost(format!("read failed: {e}")),
+                },
+                d = rx.recv(), if self.pending.len() < queue_cap => {
+                    if let Some(d) = d {
+                        self.deliver(d);
+                        // Drain what is already queued so that one write carries many.
+                        while self.pending.len() < queue_cap {
+                            match rx.try_recv() {
+                                Ok(d) => self.deliver(d),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                },
+                k = &mut kicked => {
+                    let (code, reason) = match k {
+                        Ok(Kick::Replaced) => (DisconnectReasonCode::SessionTakenOver, OfflineReason::Replaced),
+                        Ok(Kick::Admin(why)) => (DisconnectReasonCode::AdministrativeAction, OfflineReason::Kicked(why)),
+                        Ok(Kick::Shutdown) | Err(_) => (DisconnectReasonCode::ServerShuttingDown, OfflineReason::ServerShutdown),
+                    };
+                    self.disconnect(code);
+                    let _ = stream.write_all(&self.out).await;
+                    let _ = stream.shutdown().await;
+                    return reason;
+                },
+                _ = tokio::time::sleep_until(last_rx + idle) => {
+                    self.disconnect(DisconnectReasonCode::KeepAliveTimeout);
+                    let _ = stream.write_all(&self.out).await;
+                    return OfflineReason::KeepaliveTimeout;
+                }
+            }
+        }
+    }
+
+    /// MQTT 5 clients get a DISCONNECT with a reason; MQTT 3.1.1 has no server DISCONNECT.
+    fn disconnect(&mut self, code: DisconnectReasonCode) {
+        if self.version == Version::V5 {
+            self.version.write(
+                Packet::Disconnect(Disconnect { reason_code: code }, None),
+                &mut self.out,
+            );
+        }
+    }
+
+    fn device(&self) -> DeviceRef<'_> {
+        DeviceRef::new(&self.pk, &self.dn)
+    }
+
+    fn violation(&mut self) -> Step {
+        self.violations += 1;
+        if self.violations > self.shared.config.mqtt.max_acl_violations {
+            tracing::warn!(product_key = %self.pk, device_name = %self.dn, violations = self.violations, "closing connection after repeated ACL violations");
+            self.disconnect(DisconnectReasonCode::NotAuthorized);
+            Step::Close(OfflineReason::AclViolations)
+        } else {
+            Step::Continue
+        }
+    }
+
+    fn on_frame(&mut self, buf: &mut BytesMut, h: &frame::FrameHeader) -> Step {
+        let max = self.shared.config.mqtt.max_packet_size;
+        let (qos, pkid) = match h.kind {
+            PacketType::Publish => (h.qos(), frame::publish_packet_id(buf, h)),
+            // rumqttd's 3.1.1 decoder has no AUTH packet; refuse it here, before the codec.
+            PacketType::Auth if self.version == Version::V311 => {
+                return self.protocol_error("AUTH packet in MQTT 3.1.1".into());
+            }
+            _ => (0, None),
+        };
+        let packet = match self.version.read(buf, max) {
+            Ok(p) => p,
+            Err(e) => return self.protocol_error(e),
+        };
+        match packet {
+            Packet::Publish(publish, _) => {
+                if qos == 2 {
+                    self.disconnect(DisconnectReasonCode::QoSNotSupported);
+                    return self
+                        .protocol_error("QoS 2 is not supported (Alink uses QoS 0 and 1)".into());
+                }
+                let Ok(topic) = String::from_utf8(publish.topic.to_vec()) else {
+                    return self.protocol_error("topic is not UTF-8".into());
+                };
+                let allowed = device_may(Access::Publish, self.device(), &topic);
+                if allowed {
+                    Metrics::inc(&self.shared.metrics.messages_in);
+                    self.shared.router.publish(Message {
+                        topic,
+                        payload: publish.payload,
+                        qos,
+                        retain: publish.retain,
+                    });
+                } else {
+                    Metrics::inc(&self.shared.metrics.acl_publish_refused);
+                    tracing::warn!(product_key = %self.pk, device_name = %self.dn, %topic, "PUBLISH refused by ACL, dropped");
+                }
+                if let (1, Some(pkid)) = (qos, pkid) {
+                    let reason = if allowed {
+                        PubAckReason::Success
+                    } else {
+                        PubAckReason::NotAuthorized
+                    };
+                    self.version
+                        .write(Packet::PubAck(PubAck { pkid, reason }, None), &mut self.out);
+                }
+                if !allowed {
+                    return self.violation();
+                }
+            }
+            Packet::Subscribe(sub, _) => {
+                let mut codes = Vec::with_capacity(sub.filters.len());
+                let mut refused = 0;
+                for f in &sub.filters {
+                    if device_may(Access::Subscribe, self.device(), &f.path) {
+                        let granted = if f.qos == QoS::AtMostOnce { 0 } else { 1 };
+                        self.shared.router.subscribe(self.sid, &f.path, granted);
+                        codes.push(SubscribeReasonCode::Success(if granted == 0 {
+                            QoS::AtMostOnce
+                        } else {
+                            QoS::AtLeastOnce
+                        }));
+                    } else {
+                        refused += 1;
+                        Metrics::inc(&self.shared.metrics.acl_subscribe_refused);
+                        tracing::warn!(product_key = %self.pk, device_name = %self.dn, filter = %f.path, "SUBSCRIBE refused by ACL");
+                        codes.push(match self.version {
+                            Version::V311 => SubscribeReasonCode::Failure,
+                            Version::V5 => SubscribeReasonCode::NotAuthorized,
+                        });
+                    }
+                }
+                self.version.write(
+                    Packet::SubAck(
+                        SubAck {
+                            pkid: sub.pkid,
+                            return_codes: codes,
+                        },
+                        None,
+                    ),
+                    &mut self.out,
+                );
+                for _ in 0..refused {
+                    if let Step::Close(r) = self.violation() {
+                        return Step::Close(r);
+                    }
+                }
+            }
+            Packet::Unsubscribe(unsub, _) => {
+                let reasons = unsub
+                    .filters
+                    .iter()
+                    .map(|f| {
+                        if self.shared.router.unsubscribe(self.sid, f) {
+                            UnsubAckReason::Success
+                        } else {
+                            UnsubAckReason::NoSubscriptionExisted
+                        }
+                    })
+                    .collect();
+                self.version.write(
+                    Packet::UnsubAck(
+                        UnsubAck {
+                            pkid: unsub.pkid,
+                            reasons,
+                        },
+                        None,
+                    ),
+                    &mut self.out,
+                );
+            }
+            Packet::PubAck(ack, _) => {
+                self.inflight.remove(&ack.pkid);
+                while self.inflight.len() < self.shared.config.mqtt.max_inflight {
+                    let Some(d) = self.pending.pop_front() else {
+                        break;
+                    };
+                    self.deliver(d);
+                }
+            }
+            Packet::PingReq(_) => self
+                .version
+                .write(Packet::PingResp(PingResp), &mut self.out),
+            Packet::Disconnect(d, _) => {
+                return Step::Close(
+                    if d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage {
+                        OfflineReason::ConnectionLost(
+                            "DISCONNECT asking for the will message".into(),
+                        )
+                    } else {
+                        OfflineReason::CleanDisconnect
+                    },
+                );
+            }
+            other => {
+                return self.protocol_error(format!("unexpected {} packet", packet_name(&other)));
+            }
+        }
+        Step::Continue
+    }
+
+    fn protocol_error(&mut self, why: String) -> Step {
+        Metrics::inc(&self.shared.metrics.protocol_errors);
+        tracing::warn!(product_key = %self.pk, device_name = %self.dn, %why, "closing connection");
+        self.disconnect(DisconnectReasonCode::ProtocolError);
+        Step::Close(OfflineReason::ProtocolError(why))
+    }
+
+    /// Writes a delivery, or parks it while the in-flight window is full.
+    fn deliver(&mut self, d: Delivery) {
+        let qos = d.qos;
+        let mut packet_id = 0;
+        if qos > 0 {
+            if self.inflight.len() >= self.shared.config.mqtt.max_inflight {
+                self.pending.push_back(d);
+                return;
+            }
+            packet_id = self.alloc_pkid();
+            self.inflight.insert(packet_id, d.message.clone());
+        }
+        let m = &d.message;
+        let p = PublishOut {
+            topic: &m.topic,
+            payload: &m.payload,
+            qos,
+            packet_id,
+            retain: d.retained,
+            dup: false,
+            v5: self.version == Version::V5,
+        };
+        let out = &mut self.out;
+        match frame::encode_publish(&p, |b| out.put_slice(b)) {
+            Ok(_) => Metrics::inc(&self.shared.metrics.messages_out),
+            Err(e) => tracing::error!(topic = %m.topic, error = ?e, "cannot encode PUBLISH"),
+        }
+    }
+
+    fn alloc_pkid(&mut self) -> u16 {
+        loop {
+            let id = self.next_pkid;
+            self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
+            if id != 0 && !self.inflight.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+}
+
+fn packet_name(p: &Packet) -> &'static str {
+    match p {
+        Packet::Connect(..) => "CONNECT",
+        Packet::ConnAck(..) => "CONNACK",
+        Packet::PubRec(..) => "PUBREC",
+        Packet::PubRel(..) => "PUBREL",
+        Packet::PubComp(..) => "PUBCOMP",
+        Packet::SubAck(..) => "SUBACK",
+        Packet::UnsubAck(..) => "UNSUBACK",
+        Packet::PingResp(..) => "PINGRESP",
+        _ => "unexpected",
+    }
+}

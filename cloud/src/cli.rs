@@ -1,0 +1,614 @@
+//! Command line: `serve`, and admin subcommands that mirror the HTTP API against a running
+//! server. Tables for people, `--json` for scripts.
+
+use crate::config::Config;
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use ironlink_shared::sign::{sign_connect, SignMethod};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Ironlink cloud: device access, registry and API.
+#[derive(Debug, Parser)]
+#[command(name = "ironlink-cloud", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the cloud (embedded broker, SQLite under the data dir unless configured otherwise).
+    Serve(ServeArgs),
+    /// Manage products.
+    Product {
+        /// Server connection.
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Product action.
+        #[command(subcommand)]
+        cmd: ProductCmd,
+    },
+    /// Manage devices.
+    Device {
+        /// Server connection.
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Device action.
+        #[command(subcommand)]
+        cmd: DeviceCmd,
+    },
+    /// Publish a downlink message to one of a device's topics.
+    Pub {
+        /// Server connection.
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Product key.
+        product_key: String,
+        /// Device name.
+        device_name: String,
+        /// Topic, e.g. /sys/{pk}/{dn}/thing/service/property/set.
+        topic: String,
+        /// Payload text.
+        payload: String,
+        /// QoS 0 or 1.
+        #[arg(long, default_value_t = 0)]
+        qos: u8,
+    },
+}
+
+/// `serve` flags; each overrides the same key of the config file.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML config file (see ironlink-cloud.example.toml).
+    #[arg(long, env = "IRONLINK_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory (SQLite database, generated certificates, admin token).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Plain MQTT listener, or `off`.
+    #[arg(long)]
+    pub mqtt_listen: Option<String>,
+    /// MQTT over TLS listener, or `off`.
+    #[arg(long)]
+    pub mqtts_listen: Option<String>,
+    /// HTTP API listener.
+    #[arg(long)]
+    pub http_listen: Option<SocketAddr>,
+    /// sqlite://PATH or postgres://...
+    #[arg(long, env = "IRONLINK_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// API bearer token (generated and printed once when absent).
+    #[arg(long, env = "IRONLINK_ADMIN_TOKEN")]
+    pub admin_token: Option<String>,
+}
+
+fn listen_flag(v: &str, flag: &str) -> anyhow::Result<Option<SocketAddr>> {
+    if v == "off" {
+        return Ok(None);
+    }
+    v.parse()
+        .map(Some)
+        .with_context(|| format!("{flag} `{v}` is not an address like 0.0.0.0:1883 (or `off`)"))
+}
+
+impl ServeArgs {
+    /// The configuration: the file (if any), then the flags over it.
+    pub fn config(&self) -> anyhow::Result<Config> {
+        let mut c = match &self.config {
+            Some(p) => Config::from_file(p)?,
+            None => Config::default(),
+        };
+        if let Some(d) = &self.data_dir {
+            c.data_dir = d.clone();
+        }
+        if let Some(v) = &self.mqtt_listen {
+            c.mqtt.listen = listen_flag(v, "--mqtt-listen")?;
+        }
+        if let Some(v) = &self.mqtts_listen {
+            c.mqtt.tls_listen = listen_flag(v, "--mqtts-listen")?;
+        }
+        if let Some(a) = self.http_listen {
+            c.http.listen = a;
+        }
+        if let Some(u) = &self.database_url {
+            c.database_url = Some(u.clone());
+        }
+        if let Some(t) = &self.admin_token {
+            c.admin_token = Some(t.clone());
+        }
+        Ok(c)
+    }
+}
+
+/// How admin subcommands reach the server.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// Base URL of the HTTP API.
+    #[arg(
+        long,
+        env = "IRONLINK_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    pub url: String,
+    /// API token; default: $IRONLINK_TOKEN, else ./ironlink-data/admin-token.
+    #[arg(long, env = "IRONLINK_TOKEN", global = true)]
+    pub token: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// Product actions.
+#[derive(Debug, Subcommand)]
+pub enum ProductCmd {
+    /// Create a product.
+    Create {
+        /// Product name.
+        name: String,
+        /// direct | gateway | sub-device
+        #[arg(long, default_value = "direct")]
+        node_type: String,
+        /// alink-json | raw
+        #[arg(long, default_value = "alink-json")]
+        data_format: String,
+        /// Allow devices to register with the product secret.
+        #[arg(long)]
+        dynamic_register: bool,
+    },
+    /// List products.
+    List,
+    /// Show one product.
+    Show {
+        /// Product key.
+        product_key: String,
+    },
+    /// Delete a product and its devices.
+    Delete {
+        /// Product key.
+        product_key: String,
+    },
+}
+
+/// Device actions.
+#[derive(Debug, Subcommand)]
+pub enum DeviceCmd {
+    /// Create devices: the names given, plus --count generated ones (one generated if neither).
+    Create {
+        /// Product key.
+        product_key: String,
+        /// Device names.
+        names: Vec<String>,
+        /// How many devices with generated names.
+        #[arg(long)]
+        count: Option<usize>,
+    },
+    /// List a product's devices.
+    List {
+        /// Product key.
+        product_key: String,
+        /// Page number, from 1.
+        #[arg(long, default_value_t = 1)]
+        page: i64,
+        /// Devices per page.
+        #[arg(long, default_value_t = 50)]
+        page_size: i64,
+    },
+    /// Show a device: status, times, address.
+    Show {
+        /// Product key.
+        product_key: String,
+        /// Device name.
+        device_name: String,
+    },
+    /// Disable (and disconnect) a device.
+    Disable {
+        /// Product key.
+        product_key: String,
+        /// Device name.
+        device_name: String,
+    },
+    /// Enable a device.
+    Enable {
+        /// Product key.
+        product_key: String,
+        /// Device name.
+        device_name: String,
+    },
+    /// Delete (and disconnect) a device.
+    Delete {
+        /// Product key.
+        product_key: String,
+        /// Device name.
+        device_name: String,
+    },
+    /// Print the MQTT client id, username and password of a device.
+    Credentials {
+        /// Product key.
+        product_key: String,
+        /// Device name.
+        device_name: String,
+        /// For the TLS port (securemode=2) instead of TCP (securemode=3).
+        #[arg(long)]
+        tls: bool,
+        /// hmacsha256 | hmacsha1 | hmacmd5
+        #[arg(long, default_value = "hmacsha256")]
+        signmethod: String,
+    },
+    /// Online/offline history.
+    Presence {
+        /// Product key.
+        product_key: String,
+        /// Device name.
+        device_name: String,
+    },
+}
+
+struct Client {
+    http: reqwest::Client,
+    url: String,
+    token: String,
+    json: bool,
+}
+
+impl Client {
+    fn new(a: &ClientArgs) -> anyhow::Result<Self> {
+        let token = match &a.token {
+            Some(t) => t.clone(),
+            None => std::fs::read_to_string("ironlink-data/admin-token")
+                .map(|t| t.trim().to_owned())
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "no API token: pass --token or set IRONLINK_TOKEN (the server prints it at first start and keeps it in {{data_dir}}/admin-token)"
+                    )
+                })?,
+        };
+        Ok(Self {
+            http: reqwest::Client::new(),
+            url: a.url.trim_end_matches('/').to_owned(),
+            token,
+            json: a.json,
+        })
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
+        let url = format!("{}/api/v1{path}", self.url);
+        let mut req = self.http.request(method, &url).bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.with_context(|| {
+            format!("cannot reach {url}: is `ironlink-cloud serve` running? (--url / IRONLINK_URL)")
+        })?;
+        let status = resp.status();
+        let v: Value = resp.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            bail!(
+                "{} ({}): {}",
+                status,
+                v["code"].as_str().unwrap_or("error"),
+                v["message"].as_str().unwrap_or("no message")
+            );
+        }
+        Ok(v)
+    }
+}
+
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn print_table(rows: &[Value], cols: &[&str]) {
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| cols.iter().map(|c| cell(&r[*c])).collect())
+        .collect();
+    let widths: Vec<usize> = cols
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            cells
+                .iter()
+                .map(|r| r[i].len())
+                .chain([c.len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |items: Vec<String>| {
+        items
+            .iter()
+            .zip(&widths)
+            .map(|(s, w)| format!("{s:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_owned()
+    };
+    println!("{}", line(cols.iter().map(|c| c.to_uppercase()).collect()));
+    for r in cells {
+        println!("{}", line(r));
+    }
+}
+
+fn print_record(v: &Value) {
+    if let Some(obj) = v.as_object() {
+        let w = obj.keys().map(|k| k.len()).max().unwrap_or(0);
+        for (k, val) in obj {
+            println!("{k:<w$}  {}", cell(val));
+        }
+    }
+}
+
+const PRODUCT_COLS: &[&str] = &[
+    "product_key",
+    "name",
+    "node_type",
+    "data_format",
+    "dynamic_register",
+];
+const DEVICE_COLS: &[&str] = &[
+    "device_name",
+    "status",
+    "enabled",
+    "last_online_at",
+    "client_addr",
+];
+
+fn output(c: &Client, v: &Value, list_key: Option<(&str, &[&str])>) {
+    if c.json {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+        return;
+    }
+    match list_key {
+        Some((key, cols)) => print_table(v[key].as_array().map(Vec::as_slice).unwrap_or(&[]), cols),
+        None => print_record(v),
+    }
+}
+
+/// Runs an admin subcommand.
+pub async fn run_admin(command: Command) -> anyhow::Result<()> {
+    use reqwest::Method;
+    match command {
+        Command::Serve(_) => bail!("serve is not an admin command"),
+        Command::Product { client, cmd } => {
+            let c = Client::new(&client)?;
+            match cmd {
+                ProductCmd::Create {
+                    name,
+                    node_type,
+                    data_format,
+                    dynamic_register,
+                } => {
+                    let v = c
+                        .call(Method::POST, "/products", Some(json!({"name": name, "node_type": node_type, "data_format": data_format, "dynamic_register": dynamic_register})))
+                        .await?;
+                    output(&c, &v, None);
+                }
+                ProductCmd::List => {
+                    let v = c.call(Method::GET, "/products", None).await?;
+                    output(&c, &v, Some(("products", PRODUCT_COLS)));
+                }
+                ProductCmd::Show { product_key } => {
+                    let v = c
+                        .call(Method::GET, &format!("/products/{product_key}"), None)
+                        .await?;
+                    output(&c, &v, None);
+                }
+                ProductCmd::Delete { product_key } => {
+                    let v = c
+                        .call(Method::DELETE, &format!("/products/{product_key}"), None)
+                        .await?;
+                    output(&c, &v, None);
+                }
+            }
+        }
+        Command::Device { client, cmd } => {
+            let c = Client::new(&client)?;
+            match cmd {
+                DeviceCmd::Create {
+                    product_key,
+                    names,
+                    count,
+                } => {
+                    let path = format!("/products/{product_key}/devices");
+                    if names.len() <= 1 && count.is_none() {
+                        let body = json!({"device_name": names.first()});
+                        let v = c.call(Method::POST, &path, Some(body)).await?;
+                        output(&c, &v, None);
+                    } else {
+                        let body = json!({"device_names": names, "count": count});
+                        let v = c.call(Method::POST, &path, Some(body)).await?;
+                        output(&c, &v, Some(("devices", &["device_name", "device_secret"])));
+                    }
+                }
+                DeviceCmd::List {
+                    product_key,
+                    page,
+                    page_size,
+                } => {
+                    let v = c
+                        .call(
+                            Method::GET,
+                            &format!(
+                                "/products/{product_key}/devices?page={page}&page_size={page_size}"
+                            ),
+                            None,
+                        )
+                        .await?;
+                    output(&c, &v, Some(("devices", DEVICE_COLS)));
+                    if !c.json {
+                        println!("page {} of {} devices", v["page"], v["total"]);
+                    }
+                }
+                DeviceCmd::Show {
+                    product_key,
+                    device_name,
+                } => {
+                    let v = c
+                        .call(
+                            Method::GET,
+                            &format!("/devices/{product_key}/{device_name}"),
+                            None,
+                        )
+                        .await?;
+                    output(&c, &v, None);
+                }
+                DeviceCmd::Disable {
+                    product_key,
+                    device_name,
+                } => {
+                    let v = c
+                        .call(
+                            Method::POST,
+                            &format!("/devices/{product_key}/{device_name}/disable"),
+                            None,
+                        )
+                        .await?;
+                    output(&c, &v, None);
+                }
+                DeviceCmd::Enable {
+                    product_key,
+                    device_name,
+                } => {
+                    let v = c
+                        .call(
+                            Method::POST,
+                            &format!("/devices/{product_key}/{device_name}/enable"),
+                            None,
+                        )
+                        .await?;
+                    output(&c, &v, None);
+                }
+                DeviceCmd::Delete {
+                    product_key,
+                    device_name,
+                } => {
+                    let v = c
+                        .call(
+                            Method::DELETE,
+                            &format!("/devices/{product_key}/{device_name}"),
+                            None,
+                        )
+                        .await?;
+                    output(&c, &v, None);
+                }
+                DeviceCmd::Credentials {
+                    product_key,
+                    device_name,
+                    tls,
+                    signmethod,
+                } => {
+                    let method = SignMethod::parse(&signmethod).with_context(|| {
+                        format!("--signmethod `{signmethod}`: use hmacsha256, hmacsha1 or hmacmd5")
+                    })?;
+                    let d = c
+                        .call(
+                            Method::GET,
+                            &format!("/devices/{product_key}/{device_name}"),
+                            None,
+                        )
+                        .await?;
+                    let secret = d["device_secret"]
+                        .as_str()
+                        .context("server returned no device_secret")?;
+                    let v = credentials(
+                        &product_key,
+                        &device_name,
+                        secret,
+                        method,
+                        tls,
+                        crate::registry::now_ms(),
+                    );
+                    if c.json {
+                        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                    } else {
+                        print_record(&v);
+                        let host = reqwest::Url::parse(&c.url)
+                            .ok()
+                            .and_then(|u| u.host_str().map(str::to_owned))
+                            .unwrap_or_else(|| "127.0.0.1".into());
+                        let (port, tls_arg) = if tls {
+                            (8883, " --cafile ironlink-data/tls/ca.pem")
+                        } else {
+                            (1883, "")
+                        };
+                        println!(
+                            "\ntry:\n  mosquitto_pub -h {host} -p {port}{tls_arg} -V mqttv311 -i '{}' -u '{}' -P '{}' -t '/sys/{product_key}/{device_name}/thing/event/property/post' -m '{{\"id\":\"1\",\"version\":\"1.0\",\"params\":{{\"temperature\":21.5}},\"method\":\"thing.event.property.post\"}}'",
+                            cell(&v["client_id"]), cell(&v["username"]), cell(&v["password"])
+                        );
+                    }
+                }
+                DeviceCmd::Presence {
+                    product_key,
+                    device_name,
+                } => {
+                    let v = c
+                        .call(
+                            Method::GET,
+                            &format!("/devices/{product_key}/{device_name}/presence"),
+                            None,
+                        )
+                        .await?;
+                    output(
+                        &c,
+                        &v,
+                        Some(("events", &["at", "status", "reason", "client_addr"])),
+                    );
+                }
+            }
+        }
+        Command::Pub {
+            client,
+            product_key,
+            device_name,
+            topic,
+            payload,
+            qos,
+        } => {
+            let c = Client::new(&client)?;
+            let v = c
+                .call(
+                    Method::POST,
+                    &format!("/devices/{product_key}/{device_name}/messages"),
+                    Some(json!({"topic": topic, "payload": payload, "qos": qos})),
+                )
+                .await?;
+            output(&c, &v, None);
+        }
+    }
+    Ok(())
+}
+
+/// Alink MQTT credentials for a device, as `{client_id, username, password}`.
+pub fn credentials(
+    pk: &str,
+    dn: &str,
+    secret: &str,
+    method: SignMethod,
+    tls: bool,
+    now_ms: i64,
+) -> Value {
+    let cid = format!("{pk}.{dn}");
+    let ts = now_ms.to_string();
+    let sig = sign_connect(method, secret, &cid, dn, pk, Some(&ts));
+    let mode = if tls { 2 } else { 3 };
+    json!({
+        "client_id": format!("{cid}|securemode={mode},signmethod={},timestamp={ts}|", method.as_str()),
+        "username": format!("{dn}&{pk}"),
+        "password": sig.as_str(),
+    })
+}

@@ -1,0 +1,184 @@
+//! Configuration: serde + TOML, every section defaulted to production values.
+//! `cloud/ironlink-cloud.example.toml` documents every key.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The whole cloud configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the SQLite database, generated certificates and the admin token live.
+    pub data_dir: PathBuf,
+    /// `sqlite://PATH` or `postgres://...`; default: `sqlite://{data_dir}/ironlink.db`.
+    pub database_url: Option<String>,
+    /// Bearer token for the HTTP API; generated into `{data_dir}/admin-token` when absent.
+    pub admin_token: Option<String>,
+    /// Device access over MQTT.
+    pub mqtt: MqttConfig,
+    /// HTTP API.
+    pub http: HttpConfig,
+    /// TLS certificate for MQTT over TLS.
+    pub tls: TlsConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("ironlink-data"),
+            database_url: None,
+            admin_token: None,
+            mqtt: MqttConfig::default(),
+            http: HttpConfig::default(),
+            tls: TlsConfig::default(),
+        }
+    }
+}
+
+/// MQTT device access.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttConfig {
+    /// Plain TCP listener (Alink `securemode=3`); absent to disable.
+    pub listen: Option<SocketAddr>,
+    /// TLS listener (Alink `securemode=2`); absent to disable.
+    pub tls_listen: Option<SocketAddr>,
+    /// Largest MQTT packet accepted, in bytes; larger ones close the connection.
+    pub max_packet_size: usize,
+    /// How long a new connection may take to send CONNECT (TLS handshake included).
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// New connections accepted per second (token bucket); the excess is closed at once.
+    pub connects_per_second: u32,
+    /// Burst allowance of the connect rate limiter.
+    pub connect_burst: u32,
+    /// Connections held at most; the excess is refused with "server unavailable".
+    pub max_connections: usize,
+    /// Refused PUBLISH/SUBSCRIBE attempts a connection may make before it is closed.
+    pub max_acl_violations: u32,
+    /// Accepted distance between a signed `timestamp` and the server clock; absent to skip
+    /// the check (Alibaba's C SDK signs a fixed timestamp, so the check is opt-in).
+    #[serde(with = "humantime_serde")]
+    pub timestamp_window: Option<Duration>,
+    /// Keepalive used when a client asks for 0 (none), and the upper bound of any keepalive.
+    #[serde(with = "humantime_serde")]
+    pub max_keepalive: Duration,
+    /// Messages queued per session before further deliveries to it are dropped and counted.
+    pub session_queue: usize,
+    /// Unacknowledged QoS 1 messages in flight per session.
+    pub max_inflight: usize,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            listen: Some(SocketAddr::from(([0, 0, 0, 0], 1883))),
+            tls_listen: Some(SocketAddr::from(([0, 0, 0, 0], 8883))),
+            max_packet_size: 256 * 1024,
+            connect_timeout: Duration::from_secs(10),
+            connects_per_second: 20_000,
+            connect_burst: 20_000,
+            max_connections: 1_000_000,
+            max_acl_violations: 10,
+            timestamp_window: None,
+            max_keepalive: Duration::from_secs(1200),
+            session_queue: 1024,
+            max_inflight: 64,
+        }
+    }
+}
+
+/// HTTP API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Listener of the HTTP API.
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        }
+    }
+}
+
+/// Server certificate for MQTT over TLS.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain; when absent with `key_file`, a development CA and certificate
+    /// are generated under `{data_dir}/tls/`.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key.
+    pub key_file: Option<PathBuf>,
+}
+
+/// A configuration file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML is invalid; the message names line, column and key.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// toml's message, with line and column.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// The database URL, defaulting to SQLite in the data directory.
+    pub fn database_url(&self) -> String {
+        match &self.database_url {
+            Some(u) => u.clone(),
+            None => format!("sqlite://{}", self.data_dir.join("ironlink.db").display()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_file_parses_and_matches_defaults() {
+        let text = include_str!("../ironlink-cloud.example.toml");
+        let c: Config = toml::from_str(text).unwrap();
+        let d = Config::default();
+        assert_eq!(c.mqtt.max_packet_size, d.mqtt.max_packet_size);
+        assert_eq!(c.mqtt.connect_timeout, d.mqtt.connect_timeout);
+        assert_eq!(c.http.listen, d.http.listen);
+    }
+
+    #[test]
+    fn unknown_key_names_line() {
+        let err =
+            toml::from_str::<Config>("[mqtt]\nlisten = \"127.0.0.1:1\"\nbogus = 1\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("bogus") && msg.contains("line 3"), "{msg}");
+    }
+}

@@ -1,0 +1,159 @@
+//! Presence: every online/offline change is stored with its reason and emitted as a
+//! lifecycle message, on the router topic `/as/mqtt/status/{pk}/{dn}` and on an in-process
+//! broadcast channel that later features (rules) consume.
+//!
+//! Writes are batched by one task so that a connection storm costs one transaction per batch,
+//! not two statements per connect.
+
+use crate::metrics::Metrics;
+use crate::router::{Message, Router};
+use crate::storage::{Db, PresenceEvent};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio::task::JoinHandle;
+
+/// Why a device went offline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OfflineReason {
+    /// The client sent DISCONNECT.
+    CleanDisconnect,
+    /// Nothing arrived within 1.5 times the keepalive.
+    KeepaliveTimeout,
+    /// The API disabled or deleted the device.
+    Kicked(String),
+    /// A malformed, oversize or out-of-order packet.
+    ProtocolError(String),
+    /// A new connection with the same identity took over.
+    Replaced,
+    /// The socket closed or failed without DISCONNECT.
+    ConnectionLost(String),
+    /// Too many refused publishes or subscribes.
+    AclViolations,
+    /// The server is shutting down.
+    ServerShutdown,
+}
+
+impl std::fmt::Display for OfflineReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::CleanDisconnect => f.write_str("clean disconnect"),
+            Self::KeepaliveTimeout => f.write_str("keepalive timeout"),
+            Self::Kicked(why) => write!(f, "kicked: {why}"),
+            Self::ProtocolError(why) => write!(f, "protocol error: {why}"),
+            Self::Replaced => f.write_str("replaced by a new connection with the same identity"),
+            Self::ConnectionLost(why) => write!(f, "connection lost: {why}"),
+            Self::AclViolations => f.write_str("too many ACL violations"),
+            Self::ServerShutdown => f.write_str("server shutdown"),
+        }
+    }
+}
+
+/// Handle for recording presence changes.
+#[derive(Debug, Clone)]
+pub struct Presence {
+    tx: mpsc::Sender<PresenceEvent>,
+    lifecycle: broadcast::Sender<PresenceEvent>,
+}
+
+impl Presence {
+    /// Starts the writer task. It ends, after storing what is queued, when `stop` turns true
+    /// or every [`Presence`] handle is dropped.
+    pub fn start(
+        db: Db,
+        router: Arc<Router>,
+        metrics: Arc<Metrics>,
+        stop: watch::Receiver<bool>,
+    ) -> (Self, JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(65_536);
+        let (lifecycle, _) = broadcast::channel(4096);
+        let task = tokio::spawn(writer(db, rx, router, metrics, lifecycle.clone(), stop));
+        (Self { tx, lifecycle }, task)
+    }
+
+    /// Records a change (waits only when 65,536 changes are already queued).
+    pub async fn record(&self, event: PresenceEvent) {
+        // The writer lives as long as any handle, so this only fails during shutdown.
+        let _ = self.tx.send(event).await;
+    }
+
+    /// Subscribes to lifecycle events as they are stored.
+    pub fn subscribe(&self) -> broadcast::Receiver<PresenceEvent> {
+        self.lifecycle.subscribe()
+    }
+}
+
+async fn writer(
+    db: Db,
+    mut rx: mpsc::Receiver<PresenceEvent>,
+    router: Arc<Router>,
+    metrics: Arc<Metrics>,
+    lifecycle: broadcast::Sender<PresenceEvent>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut batch = Vec::with_capacity(1024);
+    loop {
+        let stopping = tokio::select! {
+            n = rx.recv_many(&mut batch, 1024) => {
+                if n == 0 {
+                    return;
+                }
+                false
+            }
+            _ = stop.wait_for(|s| *s) => {
+                while let Ok(e) = rx.try_recv() {
+                    batch.push(e);
+                }
+                true
+            }
+        };
+        let mut stored = false;
+        for attempt in 0..5u32 {
+            match db.record_presence(&batch).await {
+                Ok(()) => {
+                    stored = true;
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, attempt, events = batch.len(), "storing presence failed, retrying");
+                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                }
+            }
+        }
+        if !stored {
+            tracing::error!(
+                events = batch.len(),
+                "presence events lost after 5 attempts"
+            );
+            metrics
+                .presence_lost
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        }
+        for e in batch.drain(..) {
+            let payload = serde_json::json!({
+                "status": e.status,
+                "productKey": e.product_key,
+                "deviceName": e.device_name,
+                "time": e.at,
+                "clientIp": e.client_addr,
+                "reason": e.reason,
+            });
+            router.publish(Message {
+                topic: format!(
+                    "{}{}/{}",
+                    ironlink_shared::LIFECYCLE_TOPIC_PREFIX,
+                    e.product_key,
+                    e.device_name
+                ),
+                payload: payload.to_string().into(),
+                qos: 0,
+                retain: false,
+            });
+            let _ = lifecycle.send(e);
+        }
+        if stopping {
+            return;
+        }
+    }
+}

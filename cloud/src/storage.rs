@@ -1,0 +1,442 @@
+//! Registry storage on sqlx: SQLite by default, PostgreSQL when the URL says so.
+//!
+//! Queries are written once in SQL both engines accept (numbered `$n` parameters, BIGINT
+//! integers and flags); only the migrations differ, kept side by side in `migrations/`.
+
+use serde::Serialize;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::migrate::Migrator;
+use sqlx::{AnyPool, Executor, Row};
+use std::time::Duration;
+
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// Storage errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The database refused or failed a statement.
+    #[error("database: {0}")]
+    Sqlx(#[from] sqlx::Error),
+    /// A migration failed.
+    #[error("database migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The URL names an engine we do not support.
+    #[error("unsupported database URL `{0}`: use sqlite://PATH or postgres://...")]
+    UnsupportedUrl(String),
+    /// A uniqueness constraint refused a row.
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// Which engine a [`Db`] talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// SQLite (embedded default).
+    Sqlite,
+    /// PostgreSQL.
+    Postgres,
+}
+
+/// A connection pool plus the engine it talks to.
+#[derive(Debug, Clone)]
+pub struct Db {
+    pool: AnyPool,
+    engine: Engine,
+}
+
+/// A product as stored.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct Product {
+    /// Generated product key.
+    pub product_key: String,
+    /// Human name.
+    pub name: String,
+    /// `direct`, `gateway` or `sub-device`.
+    pub node_type: String,
+    /// `alink-json` or `raw`.
+    pub data_format: String,
+    /// Secret for dynamic registration.
+    pub product_secret: String,
+    /// 1 when devices may register themselves with the product secret.
+    #[serde(serialize_with = "as_bool")]
+    pub dynamic_register: i64,
+    /// Free text.
+    pub description: String,
+    /// Creation time, ms since the Unix epoch.
+    pub created_at: i64,
+}
+
+/// A device as stored.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct Device {
+    /// Product key.
+    pub product_key: String,
+    /// Device name, unique per product.
+    pub device_name: String,
+    /// Device secret.
+    pub device_secret: String,
+    /// 0 when disabled.
+    #[serde(serialize_with = "as_bool")]
+    pub enabled: i64,
+    /// `unactive`, `online` or `offline`.
+    pub status: String,
+    /// ms since the Unix epoch.
+    pub created_at: i64,
+    /// First time the device came online, ms.
+    pub first_online_at: Option<i64>,
+    /// Last time the device came online, ms.
+    pub last_online_at: Option<i64>,
+    /// Last time the device went offline, ms.
+    pub last_offline_at: Option<i64>,
+    /// Remote address of the last connection.
+    pub client_addr: Option<String>,
+    /// JSON object of tags.
+    pub tags: String,
+}
+
+/// One online/offline change.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct PresenceEvent {
+    /// Product key.
+    pub product_key: String,
+    /// Device name.
+    pub device_name: String,
+    /// `online` or `offline`.
+    pub status: String,
+    /// Why (for offline: clean disconnect, keepalive timeout, kicked, ...).
+    pub reason: String,
+    /// Remote address.
+    pub client_addr: Option<String>,
+    /// ms since the Unix epoch.
+    pub at: i64,
+}
+
+fn as_bool<S: serde::Serializer>(v: &i64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_bool(*v != 0)
+}
+
+const PRODUCT_COLS: &str = "product_key, name, node_type, data_format, product_secret, dynamic_register, description, created_at";
+const DEVICE_COLS: &str = "product_key, device_name, device_secret, enabled, status, created_at, first_online_at, last_online_at, last_offline_at, client_addr, tags";
+
+fn unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
+
+impl Db {
+    /// Connects (creating a SQLite file when needed) and runs pending migrations.
+    pub async fn connect(url: &str) -> Result<Self, StorageError> {
+        sqlx::any::install_default_drivers();
+        let engine = if url.starts_with("sqlite:") {
+            Engine::Sqlite
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Engine::Postgres
+        } else {
+            return Err(StorageError::UnsupportedUrl(url.to_owned()));
+        };
+        let url = match engine {
+            Engine::Sqlite if !url.contains("mode=") => {
+                let sep = if url.contains('?') { '&' } else { '?' };
+                format!("{url}{sep}mode=rwc")
+            }
+            _ => url.to_owned(),
+        };
+        let max = match engine {
+            // One writer at a time anyway; a few readers beside it.
+            Engine::Sqlite => 4,
+            Engine::Postgres => 16,
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(max)
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if engine == Engine::Sqlite {
+                        conn.execute("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=10000; PRAGMA foreign_keys=ON")
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&url)
+            .await?;
+        match engine {
+            Engine::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
+            Engine::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
+        }
+        Ok(Self { pool, engine })
+    }
+
+    /// The engine behind this pool.
+    pub fn engine(&self) -> Engine {
+        self.engine
+    }
+
+    /// Reverts every migration (used by tests to prove migrations are reversible).
+    pub async fn undo_all(&self) -> Result<(), StorageError> {
+        match self.engine {
+            Engine::Sqlite => SQLITE_MIGRATIONS.undo(&self.pool, 0).await?,
+            Engine::Postgres => POSTGRES_MIGRATIONS.undo(&self.pool, 0).await?,
+        }
+        Ok(())
+    }
+
+    /// Closes the pool.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Inserts a product; a duplicate key is a [`StorageError::Conflict`].
+    pub async fn insert_product(&self, p: &Product) -> Result<(), StorageError> {
+        let sql = format!(
+            "INSERT INTO products ({PRODUCT_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+        );
+        sqlx::query(&sql)
+            .bind(&p.product_key)
+            .bind(&p.name)
+            .bind(&p.node_type)
+            .bind(&p.data_format)
+            .bind(&p.product_secret)
+            .bind(p.dynamic_register)
+            .bind(&p.description)
+            .bind(p.created_at)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| {
+                if unique_violation(&e) {
+                    StorageError::Conflict(format!("product `{}` already exists", p.product_key))
+                } else {
+                    e.into()
+                }
+            })?;
+        Ok(())
+    }
+
+    /// All products, oldest first.
+    pub async fn list_products(&self) -> Result<Vec<Product>, StorageError> {
+        let sql = format!("SELECT {PRODUCT_COLS} FROM products ORDER BY created_at, product_key");
+        Ok(sqlx::query_as(&sql).fetch_all(&self.pool).await?)
+    }
+
+    /// One product.
+    pub async fn get_product(&self, pk: &str) -> Result<Option<Product>, StorageError> {
+        let sql = format!("SELECT {PRODUCT_COLS} FROM products WHERE product_key = $1");
+        Ok(sqlx::query_as(&sql)
+            .bind(pk)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    /// Sets whether a product allows dynamic registration. False when no such product.
+    pub async fn set_dynamic_register(&self, pk: &str, on: bool) -> Result<bool, StorageError> {
+        let r = sqlx::query("UPDATE products SET dynamic_register = $1 WHERE product_key = $2")
+            .bind(i64::from(on))
+            .bind(pk)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Deletes a product and its devices. False when no such product.
+    pub async fn delete_product(&self, pk: &str) -> Result<bool, StorageError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM devices WHERE product_key = $1")
+            .bind(pk)
+            .execute(&mut *tx)
+            .await?;
+        let r = sqlx::query("DELETE FROM products WHERE product_key = $1")
+            .bind(pk)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Inserts devices in one transaction: all or none. A duplicate name is a conflict that
+    /// names the device.
+    pub async fn insert_devices(&self, devices: &[Device]) -> Result<(), StorageError> {
+        let sql = format!(
+            "INSERT INTO devices ({DEVICE_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+        );
+        let mut tx = self.pool.begin().await?;
+        for d in devices {
+            sqlx::query(&sql)
+                .bind(&d.product_key)
+                .bind(&d.device_name)
+                .bind(&d.device_secret)
+                .bind(d.enabled)
+                .bind(&d.status)
+                .bind(d.created_at)
+                .bind(d.first_online_at)
+                .bind(d.last_online_at)
+                .bind(d.last_offline_at)
+                .bind(&d.client_addr)
+                .bind(&d.tags)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| {
+                    if unique_violation(&e) {
+                        StorageError::Conflict(format!(
+                            "device `{}` already exists in product `{}`",
+                            d.device_name, d.product_key
+                        ))
+                    } else {
+                        e.into()
+                    }
+                })?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// One device.
+    pub async fn get_device(&self, pk: &str, dn: &str) -> Result<Option<Device>, StorageError> {
+        let sql = format!(
+            "SELECT {DEVICE_COLS} FROM devices WHERE product_key = $1 AND device_name = $2"
+        );
+        Ok(sqlx::query_as(&sql)
+            .bind(pk)
+            .bind(dn)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    /// A page of a product's devices ordered by name, plus the total count.
+    pub async fn list_devices(
+        &self,
+        pk: &str,
+        offset: i64,
+        limit: i64,
+    ) -> Result<(Vec<Device>, i64), StorageError> {
+        let sql = format!(
+            "SELECT {DEVICE_COLS} FROM devices WHERE product_key = $1 ORDER BY device_name LIMIT $2 OFFSET $3"
+        );
+        let rows = sqlx::query_as(&sql)
+            .bind(pk)
+            .bind(limit)
+            .bind(offset)
+            .fetch_all(&self.pool)
+            .await?;
+        let total: AnyRow = sqlx::query("SELECT COUNT(*) AS n FROM devices WHERE product_key = $1")
+            .bind(pk)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok((rows, total.try_get::<i64, _>("n")?))
+    }
+
+    /// Enables or disables a device. False when no such device.
+    pub async fn set_device_enabled(
+        &self,
+        pk: &str,
+        dn: &str,
+        enabled: bool,
+    ) -> Result<bool, StorageError> {
+        let r = sqlx::query(
+            "UPDATE devices SET enabled = $1 WHERE product_key = $2 AND device_name = $3",
+        )
+        .bind(i64::from(enabled))
+        .bind(pk)
+        .bind(dn)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Replaces a device's secret (dynamic registration). False when no such device.
+    pub async fn set_device_secret(
+        &self,
+        pk: &str,
+        dn: &str,
+        secret: &str,
+    ) -> Result<bool, StorageError> {
+        let r = sqlx::query(
+            "UPDATE devices SET device_secret = $1 WHERE product_key = $2 AND device_name = $3",
+        )
+        .bind(secret)
+        .bind(pk)
+        .bind(dn)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Deletes a device. False when no such device.
+    pub async fn delete_device(&self, pk: &str, dn: &str) -> Result<bool, StorageError> {
+        let r = sqlx::query("DELETE FROM devices WHERE product_key = $1 AND device_name = $2")
+            .bind(pk)
+            .bind(dn)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Records a batch of presence changes in one transaction: the history rows and each
+    /// device's current status, times and address.
+    pub async fn record_presence(&self, events: &[PresenceEvent]) -> Result<(), StorageError> {
+        let mut tx = self.pool.begin().await?;
+        for e in events {
+            sqlx::query(
+                "INSERT INTO presence_events (product_key, device_name, status, reason, client_addr, at) VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(&e.product_key)
+            .bind(&e.device_name)
+            .bind(&e.status)
+            .bind(&e.reason)
+            .bind(&e.client_addr)
+            .bind(e.at)
+            .execute(&mut *tx)
+            .await?;
+            let update = if e.status == "online" {
+                "UPDATE devices SET status = 'online', last_online_at = $1, first_online_at = COALESCE(first_online_at, $1), client_addr = $2 WHERE product_key = $3 AND device_name = $4"
+            } else {
+                "UPDATE devices SET status = 'offline', last_offline_at = $1, client_addr = COALESCE($2, client_addr) WHERE product_key = $3 AND device_name = $4"
+            };
+            sqlx::query(update)
+                .bind(e.at)
+                .bind(&e.client_addr)
+                .bind(&e.product_key)
+                .bind(&e.device_name)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Marks every device online in storage as offline: run at start-up, since no connection
+    /// survives a restart of the process that held it.
+    pub async fn reset_online(&self, at: i64) -> Result<u64, StorageError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO presence_events (product_key, device_name, status, reason, client_addr, at) SELECT product_key, device_name, 'offline', 'server restart', client_addr, $1 FROM devices WHERE status = 'online'",
+        )
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+        let r = sqlx::query(
+            "UPDATE devices SET status = 'offline', last_offline_at = $1 WHERE status = 'online'",
+        )
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(r.rows_affected())
+    }
+
+    /// A device's most recent presence changes, newest first.
+    pub async fn presence_history(
+        &self,
+        pk: &str,
+        dn: &str,
+        limit: i64,
+    ) -> Result<Vec<PresenceEvent>, StorageError> {
+        Ok(sqlx::query_as(
+            "SELECT product_key, device_name, status, reason, client_addr, at FROM presence_events WHERE product_key = $1 AND device_name = $2 ORDER BY at DESC, id DESC LIMIT $3",
+        )
+        .bind(pk)
+        .bind(dn)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+}
