@@ -94,6 +94,19 @@ impl FrameHeader {
         self.header_len + self.remaining_len
     }
 
+    /// Whether the low nibble holds what MQTT requires for this packet type: 0010 for
+    /// SUBSCRIBE, UNSUBSCRIBE and PUBREL, 0000 for the others but PUBLISH (whose QoS must not
+    /// be 3).
+    pub fn flags_valid(&self) -> bool {
+        match self.kind {
+            PacketType::Publish => self.qos() != 3,
+            PacketType::Subscribe | PacketType::Unsubscribe | PacketType::PubRel => {
+                self.flags == 0b0010
+            }
+            _ => self.flags == 0,
+        }
+    }
+
     /// QoS of a PUBLISH (bits 1-2 of the flags).
     pub fn qos(&self) -> u8 {
         (self.flags >> 1) & 0b11
@@ -228,6 +241,34 @@ pub fn connect_protocol_level(frame: &[u8], header: &FrameHeader) -> Option<u8> 
     body.get(2 + name_len).copied()
 }
 
+/// MQTT 5 DISCONNECT reason codes the server sends (MQTT 5 section 3.14.2.1).
+pub mod reason {
+    /// 0x81 Malformed Packet.
+    pub const MALFORMED_PACKET: u8 = 0x81;
+    /// 0x82 Protocol Error.
+    pub const PROTOCOL_ERROR: u8 = 0x82;
+    /// 0x87 Not authorized.
+    pub const NOT_AUTHORIZED: u8 = 0x87;
+    /// 0x8B Server shutting down.
+    pub const SERVER_SHUTTING_DOWN: u8 = 0x8B;
+    /// 0x8D Keep Alive timeout.
+    pub const KEEP_ALIVE_TIMEOUT: u8 = 0x8D;
+    /// 0x8E Session taken over.
+    pub const SESSION_TAKEN_OVER: u8 = 0x8E;
+    /// 0x95 Packet too large.
+    pub const PACKET_TOO_LARGE: u8 = 0x95;
+    /// 0x98 Administrative action.
+    pub const ADMINISTRATIVE_ACTION: u8 = 0x98;
+    /// 0x9B QoS not supported.
+    pub const QOS_NOT_SUPPORTED: u8 = 0x9B;
+}
+
+/// An MQTT 5 DISCONNECT with a reason code and an explicit empty property block. (Remaining
+/// length 1 would be valid too, but some clients, rumqttc 0.24 among them, fail to parse it.)
+pub const fn disconnect_v5(reason: u8) -> [u8; 4] {
+    [0xE0, 0x02, reason, 0x00]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,6 +295,23 @@ mod tests {
 
         let suback = hex("90 06 00 06 00 01 02 80");
         assert_eq!(check(&suback, 1024).unwrap().kind, PacketType::SubAck);
+    }
+
+    /// `[[malformed]]` in `shared/vectors/mqtt.toml`: SUBSCRIBE with flags 0000.
+    #[test]
+    fn reserved_flags_are_checked() {
+        let bad = hex("80 09 00 01 00 04 74 65 73 74 00");
+        assert!(!check(&bad, 1024).unwrap().flags_valid());
+        let good = hex("82 09 00 01 00 04 74 65 73 74 00");
+        assert!(check(&good, 1024).unwrap().flags_valid());
+        assert!(
+            !check(&[0x36, 0x00], 10).unwrap().flags_valid(),
+            "PUBLISH QoS 3"
+        );
+        assert!(
+            !check(&[0xc1, 0x00], 10).unwrap().flags_valid(),
+            "PINGREQ with flags"
+        );
     }
 
     #[test]

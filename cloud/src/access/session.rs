@@ -15,14 +15,14 @@ use crate::registry::now_ms;
 use crate::router::{Delivery, Message, SessionId};
 use crate::storage::PresenceEvent;
 use bytes::{BufMut, BytesMut};
-use ironlink_protocols::mqtt::{self as frame, FrameError, PacketType, PublishOut};
+use ironlink_protocols::mqtt::{self as frame, reason, FrameError, PacketType, PublishOut};
 use ironlink_shared::acl::{device_may, Access};
 use ironlink_shared::DeviceRef;
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::v5::V5;
 use rumqttd::protocol::{
-    ConnAck, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill, Packet, PingResp,
-    Protocol, PubAck, PubAckReason, QoS, SubAck, SubscribeReasonCode, UnsubAck, UnsubAckReason,
+    ConnAck, ConnectReturnCode, DisconnectReasonCode, LastWill, Packet, PingResp, Protocol, PubAck,
+    PubAckReason, QoS, SubAck, SubscribeReasonCode, UnsubAck, UnsubAckReason,
 };
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -368,9 +368,9 @@ impl Connection {
                         Metrics::inc(&self.shared.metrics.protocol_errors);
                         tracing::warn!(product_key = %self.pk, device_name = %self.dn, error = %e, "closing connection");
                         if matches!(e, FrameError::TooLarge { .. }) {
-                            self.disconnect(DisconnectReasonCode::PacketTooLarge);
+                            self.disconnect(reason::PACKET_TOO_LARGE);
                         } else {
-                            self.disconnect(DisconnectReasonCode::MalformedPacket);
+                            self.disconnect(reason::MALFORMED_PACKET);
                         }
                         let _ = stream.write_all(&self.out).await;
                         let _ = stream.shutdown().await;
@@ -401,9 +401,9 @@ impl Connection {
                 },
                 k = &mut kicked => {
                     let (code, reason) = match k {
-                        Ok(Kick::Replaced) => (DisconnectReasonCode::SessionTakenOver, OfflineReason::Replaced),
-                        Ok(Kick::Admin(why)) => (DisconnectReasonCode::AdministrativeAction, OfflineReason::Kicked(why)),
-                        Ok(Kick::Shutdown) | Err(_) => (DisconnectReasonCode::ServerShuttingDown, OfflineReason::ServerShutdown),
+                        Ok(Kick::Replaced) => (reason::SESSION_TAKEN_OVER, OfflineReason::Replaced),
+                        Ok(Kick::Admin(why)) => (reason::ADMINISTRATIVE_ACTION, OfflineReason::Kicked(why)),
+                        Ok(Kick::Shutdown) | Err(_) => (reason::SERVER_SHUTTING_DOWN, OfflineReason::ServerShutdown),
                     };
                     self.disconnect(code);
                     let _ = stream.write_all(&self.out).await;
@@ -411,7 +411,7 @@ impl Connection {
                     return reason;
                 },
                 _ = tokio::time::sleep_until(last_rx + idle) => {
-                    self.disconnect(DisconnectReasonCode::KeepAliveTimeout);
+                    self.disconnect(reason::KEEP_ALIVE_TIMEOUT);
                     let _ = stream.write_all(&self.out).await;
                     return OfflineReason::KeepaliveTimeout;
                 }
@@ -420,12 +420,12 @@ impl Connection {
     }
 
     /// MQTT 5 clients get a DISCONNECT with a reason; MQTT 3.1.1 has no server DISCONNECT.
-    fn disconnect(&mut self, code: DisconnectReasonCode) {
+    ///
+    /// Encoded here: rumqttd 0.20 writes a reason-code-only DISCONNECT one byte longer than
+    /// its remaining length says.
+    fn disconnect(&mut self, code: u8) {
         if self.version == Version::V5 {
-            self.version.write(
-                Packet::Disconnect(Disconnect { reason_code: code }, None),
-                &mut self.out,
-            );
+            self.out.put_slice(&frame::disconnect_v5(code));
         }
     }
 
@@ -437,7 +437,7 @@ impl Connection {
         self.violations += 1;
         if self.violations > self.shared.config.mqtt.max_acl_violations {
             tracing::warn!(product_key = %self.pk, device_name = %self.dn, violations = self.violations, "closing connection after repeated ACL violations");
-            self.disconnect(DisconnectReasonCode::NotAuthorized);
+            self.disconnect(reason::NOT_AUTHORIZED);
             Step::Close(OfflineReason::AclViolations)
         } else {
             Step::Continue
@@ -446,27 +446,39 @@ impl Connection {
 
     fn on_frame(&mut self, buf: &mut BytesMut, h: &frame::FrameHeader) -> Step {
         let max = self.shared.config.mqtt.max_packet_size;
+        if !h.flags_valid() {
+            return self.protocol_error(
+                reason::MALFORMED_PACKET,
+                format!(
+                    "{:?} with invalid fixed-header flags {:04b}",
+                    h.kind, h.flags
+                ),
+            );
+        }
         let (qos, pkid) = match h.kind {
             PacketType::Publish => (h.qos(), frame::publish_packet_id(buf, h)),
             // rumqttd's 3.1.1 decoder has no AUTH packet; refuse it here, before the codec.
             PacketType::Auth if self.version == Version::V311 => {
-                return self.protocol_error("AUTH packet in MQTT 3.1.1".into());
+                return self
+                    .protocol_error(reason::PROTOCOL_ERROR, "AUTH packet in MQTT 3.1.1".into());
             }
             _ => (0, None),
         };
         let packet = match self.version.read(buf, max) {
             Ok(p) => p,
-            Err(e) => return self.protocol_error(e),
+            Err(e) => return self.protocol_error(reason::MALFORMED_PACKET, e),
         };
         match packet {
             Packet::Publish(publish, _) => {
                 if qos == 2 {
-                    self.disconnect(DisconnectReasonCode::QoSNotSupported);
-                    return self
-                        .protocol_error("QoS 2 is not supported (Alink uses QoS 0 and 1)".into());
+                    return self.protocol_error(
+                        reason::QOS_NOT_SUPPORTED,
+                        "QoS 2 is not supported (Alink uses QoS 0 and 1)".into(),
+                    );
                 }
                 let Ok(topic) = String::from_utf8(publish.topic.to_vec()) else {
-                    return self.protocol_error("topic is not UTF-8".into());
+                    return self
+                        .protocol_error(reason::MALFORMED_PACKET, "topic is not UTF-8".into());
                 };
                 let allowed = device_may(Access::Publish, self.device(), &topic);
                 if allowed {
@@ -579,16 +591,20 @@ impl Connection {
                 );
             }
             other => {
-                return self.protocol_error(format!("unexpected {} packet", packet_name(&other)));
+                return self.protocol_error(
+                    reason::PROTOCOL_ERROR,
+                    format!("unexpected {} packet", packet_name(&other)),
+                );
             }
         }
         Step::Continue
     }
 
-    fn protocol_error(&mut self, why: String) -> Step {
+    /// Closes the connection for a protocol error; MQTT 5 clients get `code` as the reason.
+    fn protocol_error(&mut self, code: u8, why: String) -> Step {
         Metrics::inc(&self.shared.metrics.protocol_errors);
         tracing::warn!(product_key = %self.pk, device_name = %self.dn, %why, "closing connection");
-        self.disconnect(DisconnectReasonCode::ProtocolError);
+        self.disconnect(code);
         Step::Close(OfflineReason::ProtocolError(why))
     }
 

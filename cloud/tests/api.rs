@@ -1,0 +1,165 @@
+//! HTTP API: errors a client can act on, auth, batches, paging, OpenAPI, metrics.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+#[tokio::test]
+async fn bad_requests_get_clear_4xx() {
+    let srv = start(|_| {}).await;
+    let url = format!("{}/products", srv.base);
+
+    let r = srv
+        .http
+        .post(&url)
+        .bearer_auth("test-token")
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["code"], "invalid_json");
+    assert!(
+        v["message"].as_str().unwrap().contains("request body"),
+        "{v}"
+    );
+
+    let r = srv.http.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap()["code"],
+        "unauthorized"
+    );
+    let r = srv
+        .http
+        .get(&url)
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    let (s, v) = srv.get("/products/a1nothere").await;
+    assert_eq!((s, v["code"].as_str()), (404, Some("not_found")));
+    assert!(v["message"].as_str().unwrap().contains("a1nothere"));
+    let (s, _) = srv
+        .post(
+            "/products/a1nothere/devices",
+            json!({"device_name": "dev-0001"}),
+        )
+        .await;
+    assert_eq!(s, 404);
+
+    let (s, v) = srv
+        .post("/products", json!({"name": "x", "node_type": "robot"}))
+        .await;
+    assert_eq!(s, 400);
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("direct, gateway, sub-device"),
+        "{v}"
+    );
+    let (s, _) = srv.post("/products", json!({"name": ""})).await;
+    assert_eq!(s, 400);
+    let (s, v) = srv
+        .post("/products", json!({"name": "x", "colour": "red"}))
+        .await;
+    assert_eq!((s, v["code"].as_str()), (422, Some("invalid_json")), "{v}");
+
+    let (pk, _) = srv.product(false).await;
+    srv.device(&pk, "dev-0001").await;
+    let (s, v) = srv
+        .post(
+            &format!("/products/{pk}/devices"),
+            json!({"device_name": "dev-0001"}),
+        )
+        .await;
+    assert_eq!((s, v["code"].as_str()), (409, Some("conflict")));
+    let (s, v) = srv
+        .post(
+            &format!("/products/{pk}/devices"),
+            json!({"device_name": "a b"}),
+        )
+        .await;
+    assert_eq!(s, 400, "{v}");
+    let (s, _) = srv.get(&format!("/devices/{pk}/nobody")).await;
+    assert_eq!(s, 404);
+    let (s, v) = srv.get("/no/such/route").await;
+    assert_eq!((s, v["code"].as_str()), (404, Some("not_found")));
+}
+
+#[tokio::test]
+async fn batches_paging_and_product_deletion() {
+    let srv = start(|_| {}).await;
+    let (pk, _) = srv.product(false).await;
+    let (s, v) = srv
+        .post(
+            &format!("/products/{pk}/devices"),
+            json!({"count": 25, "device_names": ["named-01"]}),
+        )
+        .await;
+    assert_eq!(s, 201);
+    assert_eq!(v["devices"].as_array().unwrap().len(), 26);
+    let (s, v) = srv
+        .post(&format!("/products/{pk}/devices"), json!({}))
+        .await;
+    assert_eq!(s, 201, "one generated device");
+    assert_eq!(v["device_name"].as_str().unwrap().len(), 20);
+    let (_, page) = srv
+        .get(&format!("/products/{pk}/devices?page=2&page_size=10"))
+        .await;
+    assert_eq!(page["devices"].as_array().unwrap().len(), 10);
+    assert_eq!(page["total"], 27);
+    let (s, _) = srv.get(&format!("/products/{pk}/devices?page=0")).await;
+    assert_eq!(s, 400);
+    let (s, _) = srv
+        .post(&format!("/products/{pk}/devices"), json!({"count": 1001}))
+        .await;
+    assert_eq!(s, 400);
+
+    let (s, _) = srv
+        .call(reqwest::Method::DELETE, &format!("/products/{pk}"), None)
+        .await;
+    assert_eq!(s, 200);
+    let (s, _) = srv.get(&format!("/products/{pk}/devices")).await;
+    assert_eq!(s, 404);
+}
+
+#[tokio::test]
+async fn openapi_and_metrics_are_served() {
+    let srv = start(|_| {}).await;
+    let v: serde_json::Value = srv
+        .http
+        .get(format!("{}/openapi.json", srv.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["openapi"], "3.0.3");
+    for path in [
+        "/products",
+        "/products/{pk}/devices",
+        "/devices/{pk}/{dn}/messages",
+        "/products/{pk}/broadcast",
+    ] {
+        assert!(v["paths"][path].is_object(), "{path} documented");
+    }
+    let text = srv
+        .http
+        .get(format!("http://{}/metrics", srv.running.http_addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("ironlink_mqtt_connections 0"), "{text}");
+}
