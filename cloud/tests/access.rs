@@ -185,7 +185,7 @@ async fn acl_refuses_foreign_topics_and_wildcards() {
         format!("/sys/{pk}/+/#"),
         "/sys/#".into(),
         "#".into(),
-        format!("/broadcast/other/#"),
+        "/broadcast/other/#".to_string(),
     ] {
         assert_eq!(
             a.subscribe_v4(&refused, 7).await,

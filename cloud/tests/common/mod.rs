@@ -27,8 +27,10 @@ pub struct TestServer {
 
 pub async fn start(tweak: impl FnOnce(&mut Config)) -> TestServer {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = Config::default();
-    c.data_dir = dir.path().to_owned();
+    let mut c = Config {
+        data_dir: dir.path().to_owned(),
+        ..Config::default()
+    };
     c.mqtt.listen = Some("127.0.0.1:0".parse().unwrap());
     c.mqtt.tls_listen = Some("127.0.0.1:0".parse().unwrap());
     c.http.listen = "127.0.0.1:0".parse().unwrap();
