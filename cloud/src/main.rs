@@ -39,6 +39,7 @@ async fn main() -> anyhow::Result<()> {
                     running.admin_token
                 );
             }
+            println!("Ironlink cloud ready (Ctrl-C to stop)");
             shutdown_signal().await;
             tracing::info!("shutting down");
             running.shutdown().await;

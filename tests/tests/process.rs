@@ -1,0 +1,197 @@
+//! The cloud as a process: kill -9, SIGTERM, and a connect storm.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use ironlink_tests::*;
+use reqwest::Method;
+use serde_json::json;
+
+async fn product_and_devices(c: &Cloud, names: &[&str]) -> (String, Vec<String>) {
+    let (s, p) = c
+        .api(Method::POST, "/products", Some(json!({"name": "plant"})))
+        .await;
+    assert_eq!(s, 201);
+    let pk = p["product_key"].as_str().unwrap().to_owned();
+    let (s, v) = c
+        .api(
+            Method::POST,
+            &format!("/products/{pk}/devices"),
+            Some(json!({"device_names": names})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let secrets = v["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["device_secret"].as_str().unwrap().to_owned())
+        .collect();
+    (pk, secrets)
+}
+
+/// Waits until the API reports `dn` with `status` (the API reads live sessions; bounded).
+async fn await_status(c: &Cloud, pk: &str, dn: &str, status: &str) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (_, d) = c
+            .api(Method::GET, &format!("/devices/{pk}/{dn}"), None)
+            .await;
+        if d["status"] == status {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{pk}/{dn} never became {status}: {d}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn kill_9_loses_no_registry_data_and_marks_devices_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Cloud::start(dir.path(), &[]);
+    assert!(
+        cloud.banner.iter().any(|l| l.starts_with("Admin token")),
+        "token printed at first start"
+    );
+    let (pk, secrets) = product_and_devices(&cloud, &["pump-001", "pump-002"]).await;
+    let _dev = connect_device(cloud.mqtt, &pk, "pump-001", &secrets[0])
+        .await
+        .expect("connected");
+    await_status(&cloud, &pk, "pump-001", "online").await;
+    // Every acknowledged API write must survive: the 201 above was the acknowledgement.
+    let token = cloud.token.clone();
+    cloud.kill9();
+
+    let cloud = Cloud::start(dir.path(), &[]);
+    assert_eq!(cloud.token, token, "the admin token persists");
+    assert!(
+        !cloud.banner.iter().any(|l| l.starts_with("Admin token")),
+        "and is printed only once"
+    );
+    let (s, d) = cloud
+        .api(Method::GET, &format!("/devices/{pk}/pump-002"), None)
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(d["device_secret"], secrets[1].as_str());
+    let (_, d) = cloud
+        .api(Method::GET, &format!("/devices/{pk}/pump-001"), None)
+        .await;
+    assert_eq!(d["status"], "offline");
+    let (_, h) = cloud
+        .api(
+            Method::GET,
+            &format!("/devices/{pk}/pump-001/presence"),
+            None,
+        )
+        .await;
+    assert_eq!(h["events"][0]["reason"], "server restart", "{h}");
+    // And devices reconnect with the same credentials.
+    assert!(connect_device(cloud.mqtt, &pk, "pump-001", &secrets[0])
+        .await
+        .is_some());
+}
+
+#[tokio::test]
+async fn sigterm_disconnects_devices_records_why_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Cloud::start(dir.path(), &[]);
+    let (pk, secrets) = product_and_devices(&cloud, &["fan-0001"]).await;
+    let mut dev = connect_device(cloud.mqtt, &pk, "fan-0001", &secrets[0])
+        .await
+        .expect("connected");
+    await_status(&cloud, &pk, "fan-0001", "online").await;
+    cloud.signal("TERM");
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read(&mut dev, &mut buf))
+        .await
+        .unwrap();
+    assert!(
+        matches!(n, Ok(0) | Err(_)),
+        "device connection closed by shutdown"
+    );
+    assert!(cloud.wait_exit(), "clean exit status");
+
+    let cloud = Cloud::start(dir.path(), &[]);
+    let (_, h) = cloud
+        .api(
+            Method::GET,
+            &format!("/devices/{pk}/fan-0001/presence"),
+            None,
+        )
+        .await;
+    assert_eq!(h["events"][0]["reason"], "server shutdown", "{h}");
+}
+
+#[tokio::test]
+async fn a_storm_of_2000_connects_is_limited_and_memory_stays_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("cloud.toml");
+    std::fs::write(
+        &config,
+        "[mqtt]\nconnects_per_second = 200\nconnect_burst = 200\n",
+    )
+    .unwrap();
+    let cloud = Cloud::start(dir.path(), &["--config", config.to_str().unwrap()]);
+    let names: Vec<String> = (0..100).map(|i| format!("storm-{i:04}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let (pk, secrets) = product_and_devices(&cloud, &refs).await;
+    let rss_before = cloud.rss_kib();
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..2000usize {
+        let (pk, dn, secret, addr) = (
+            pk.clone(),
+            names[i % 100].clone(),
+            secrets[i % 100].clone(),
+            cloud.mqtt,
+        );
+        tasks.spawn(async move { connect_device(addr, &pk, &dn, &secret).await });
+    }
+    let mut held = Vec::new();
+    let mut refused = 0;
+    while let Some(r) = tasks.join_next().await {
+        match r.unwrap() {
+            Some(s) => held.push(s),
+            None => refused += 1,
+        }
+    }
+    let rss_after = cloud.rss_kib();
+    assert!(
+        refused > 0,
+        "a 2,000-connect burst against 200/s must be limited"
+    );
+    let metrics = reqwest::get(format!("http://{}/metrics", cloud.http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let limited: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("ironlink_mqtt_rate_limited_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(limited > 0, "{metrics}");
+    // Bounded memory: the storm may not grow the server by more than 64 MiB.
+    assert!(
+        rss_after < rss_before + 64 * 1024,
+        "RSS grew from {rss_before} KiB to {rss_after} KiB"
+    );
+    // Still serving: API and a fresh device session after the bucket refills.
+    let (s, _) = cloud.api(Method::GET, "/products", None).await;
+    assert_eq!(s, 200);
+    drop(held);
+    let deadline = std::time::Instant::now() + WAIT;
+    while connect_device(cloud.mqtt, &pk, "storm-0000", &secrets[0])
+        .await
+        .is_none()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "server never accepted a device again"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
