@@ -58,6 +58,7 @@ pub fn binary(package_dir: &str, name: &str) -> PathBuf {
 }
 
 /// A cloud server process.
+#[derive(Debug)]
 pub struct Cloud {
     pub child: Child,
     pub mqtt: SocketAddr,
