@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Interop suite: Ironlink against clients we did not write.
+#   - mosquitto_pub / mosquitto_sub (Debian mosquitto-clients) over TCP and TLS with Alink
+#     credentials printed by `ironlink-cloud device credentials`, and an ACL violation refused;
+#   - Alibaba's Python device SDK (aliyun-iot-linkkit): connect + downlink, and dynamic
+#     registration over TLS.
+# Usage: tests/interop/run.sh PATH_TO_IRONLINK_CLOUD PYTHON_WITH_LINKKIT
+# Prints "N passed, N failed" last; exits non-zero on any failure.
+set -uo pipefail
+BIN=${1:?path to ironlink-cloud}
+PY=${2:?python with aliyun-iot-linkkit}
+HERE=$(cd "$(dirname "$0")" && pwd)
+WORK=$(mktemp -d)
+PASS=0
+FAIL=0
+SERVER_PID=
+cleanup() {
+    [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+check() { # name, command...
+    local name=$1; shift
+    if "$@" >"$WORK/out.txt" 2>&1; then
+        PASS=$((PASS + 1)); echo "ok   - $name"
+    else
+        FAIL=$((FAIL + 1)); echo "FAIL - $name"; sed 's/^/       /' "$WORK/out.txt"
+    fi
+}
+
+"$BIN" serve --data-dir "$WORK/data" --mqtt-listen 127.0.0.1:0 --mqtts-listen 127.0.0.1:0 \
+    --http-listen 127.0.0.1:0 >"$WORK/server.out" 2>"$WORK/server.log" &
+SERVER_PID=$!
+for _ in $(seq 1 200); do
+    grep -q "Ironlink cloud ready" "$WORK/server.out" 2>/dev/null && break
+    kill -0 "$SERVER_PID" 2>/dev/null || { cat "$WORK/server.log"; exit 1; }
+    sleep 0.05
+done
+grep -q "Ironlink cloud ready" "$WORK/server.out" || { echo "server did not start"; exit 1; }
+MQTT_PORT=$(sed -n 's|^MQTT  *mqtt://127.0.0.1:\([0-9]*\).*|\1|p' "$WORK/server.out")
+MQTTS_PORT=$(sed -n 's|^MQTT/TLS *mqtts://127.0.0.1:\([0-9]*\).*|\1|p' "$WORK/server.out")
+HTTP=$(sed -n 's|^HTTP API *\(http://[^ ]*\)/api/v1.*|\1|p' "$WORK/server.out")
+CA="$WORK/data/tls/ca.pem"
+export IRONLINK_URL=$HTTP IRONLINK_TOKEN
+IRONLINK_TOKEN=$(cat "$WORK/data/admin-token")
+json() { "$PY" -c "import json,sys; print(json.load(sys.stdin)$1)"; }
+
+PK=$("$BIN" product create interop --dynamic-register --json | json "['product_key']")
+PS=$("$BIN" product show "$PK" --json | json "['product_secret']")
+"$BIN" device create "$PK" mosq-0001 >/dev/null
+"$BIN" device create "$PK" lk-000001 >/dev/null
+"$BIN" device create "$PK" reg-00001 >/dev/null
+creds() { "$BIN" device credentials "$PK" "$1" ${2:-} --json; }
+C=$(creds mosq-0001); CID=$(json "['client_id']" <<<"$C"); U=$(json "['username']" <<<"$C"); P=$(json "['password']" <<<"$C")
+
+tcp_roundtrip() {
+    timeout 20 mosquitto_sub -h 127.0.0.1 -p "$MQTT_PORT" -i "$CID" -u "$U" -P "$P" \
+        -t "/$PK/mosq-0001/user/#" -C 1 -W 15 >"$WORK/sub.txt" &
+    local sub=$!
+    # Publish from the API side once the subscriber is online (event: status online).
+    for _ in $(seq 1 200); do
+        "$BIN" device show "$PK" mosq-0001 --json | grep -q '"status": "online"' && break
+        sleep 0.05
+    done
+    "$BIN" pub "$PK" mosq-0001 "/$PK/mosq-0001/user/cmd" "from-api" >/dev/null
+    wait "$sub" && grep -qx "from-api" "$WORK/sub.txt"
+}
+check "mosquitto_sub (TCP, securemode=3) receives a downlink published through the API" tcp_roundtrip
+
+tcp_publish() {
+    mosquitto_pub -h 127.0.0.1 -p "$MQTT_PORT" -i "$CID" -u "$U" -P "$P" -q 1 \
+        -t "/sys/$PK/mosq-0001/thing/event/property/post" -m '{"id":"1","params":{"t":1}}'
+}
+check "mosquitto_pub (TCP) publishes QoS 1 on its own topic" tcp_publish
+
+CT=$(creds mosq-0001 --tls); CIDT=$(json "['client_id']" <<<"$CT"); PT=$(json "['password']" <<<"$CT")
+tls_publish() {
+    mosquitto_pub -h localhost -p "$MQTTS_PORT" --cafile "$CA" -i "$CIDT" -u "$U" -P "$PT" -q 1 \
+        -t "/sys/$PK/mosq-0001/thing/event/property/post" -m '{"id":"2","params":{"t":2}}'
+}
+check "mosquitto_pub (TLS, securemode=2) with the generated CA" tls_publish
+
+wrong_password() {
+    ! mosquitto_pub -h 127.0.0.1 -p "$MQTT_PORT" -i "$CID" -u "$U" -P "0000" -t "/sys/$PK/mosq-0001/x" -m x \
+        >"$WORK/wrong.txt" 2>&1 && grep -qi "bad user name or password" "$WORK/wrong.txt"
+}
+check "a wrong signature is refused with 'bad user name or password'" wrong_password
+
+acl_subscribe() {
+    timeout 20 mosquitto_sub -h 127.0.0.1 -p "$MQTT_PORT" -i "$CID" -u "$U" -P "$P" -t "/sys/#" -C 1 -W 5 2>&1 |
+        grep -q "All subscription requests were denied"
+}
+check "ACL: subscribing to /sys/# is visibly denied" acl_subscribe
+
+acl_publish() {
+    mosquitto_pub -V mqttv5 -h 127.0.0.1 -p "$MQTT_PORT" -i "$CID" -u "$U" -P "$P" -q 1 \
+        -t "/sys/$PK/lk-000001/thing/event/property/post" -m x 2>&1 | grep -qi "not authorized"
+}
+check "ACL: publishing on another device's topic is refused (MQTT 5 PUBACK 'not authorized')" acl_publish
+
+L=$("$BIN" device show "$PK" lk-000001 --json | json "['device_secret']")
+check "aliyun-iot-linkkit connects (TCP), shows online, receives a downlink" \
+    "$PY" "$HERE/linkkit_device.py" "$HTTP" "$IRONLINK_TOKEN" connect "$PK" lk-000001 "$L" 127.0.0.1 "$MQTT_PORT"
+
+REG_SECRET=$("$BIN" device show "$PK" reg-00001 --json | json "['device_secret']")
+linkkit_register() {
+    "$PY" "$HERE/linkkit_device.py" "$HTTP" "$IRONLINK_TOKEN" register "$PK" reg-00001 "$PS" localhost "$MQTTS_PORT" "$CA" |
+        tee /dev/stderr | grep -q "\"secret\": \"$REG_SECRET\""
+}
+check "aliyun-iot-linkkit dynamic registration (TLS) returns the device secret" linkkit_register
+
+check "presence history records the linkkit session" \
+    bash -c "'$BIN' device presence '$PK' lk-000001 --json | grep -q 'clean disconnect'"
+
+echo "interop: $PASS passed, $FAIL failed"
+[ "$FAIL" -eq 0 ]
