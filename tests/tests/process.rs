@@ -8,7 +8,8 @@ use serde_json::json;
 async fn product_and_devices(c: &Cloud, names: &[&str]) -> (String, Vec<String>) {
     let (s, p) = c
         .api(Method::POST, "/products", Some(json!({"name": "plant"})))
-        .await;
+        .await
+        .unwrap();
     assert_eq!(s, 201);
     let pk = p["product_key"].as_str().unwrap().to_owned();
     let (s, v) = c
@@ -17,7 +18,8 @@ async fn product_and_devices(c: &Cloud, names: &[&str]) -> (String, Vec<String>)
             &format!("/products/{pk}/devices"),
             Some(json!({"device_names": names})),
         )
-        .await;
+        .await
+        .unwrap();
     assert_eq!(s, 201, "{v}");
     let secrets = v["devices"]
         .as_array()
@@ -34,7 +36,8 @@ async fn await_status(c: &Cloud, pk: &str, dn: &str, status: &str) {
     loop {
         let (_, d) = c
             .api(Method::GET, &format!("/devices/{pk}/{dn}"), None)
-            .await;
+            .await
+            .unwrap();
         if d["status"] == status {
             return;
         }
@@ -49,7 +52,7 @@ async fn await_status(c: &Cloud, pk: &str, dn: &str, status: &str) {
 #[tokio::test]
 async fn kill_9_loses_no_registry_data_and_marks_devices_offline() {
     let dir = tempfile::tempdir().unwrap();
-    let cloud = Cloud::start(dir.path(), &[]);
+    let cloud = Cloud::start(dir.path(), &[]).unwrap();
     assert!(
         cloud.banner.iter().any(|l| l.starts_with("Admin token")),
         "token printed at first start"
@@ -61,9 +64,9 @@ async fn kill_9_loses_no_registry_data_and_marks_devices_offline() {
     await_status(&cloud, &pk, "pump-001", "online").await;
     // Every acknowledged API write must survive: the 201 above was the acknowledgement.
     let token = cloud.token.clone();
-    cloud.kill9();
+    cloud.kill9().unwrap();
 
-    let cloud = Cloud::start(dir.path(), &[]);
+    let cloud = Cloud::start(dir.path(), &[]).unwrap();
     assert_eq!(cloud.token, token, "the admin token persists");
     assert!(
         !cloud.banner.iter().any(|l| l.starts_with("Admin token")),
@@ -71,12 +74,14 @@ async fn kill_9_loses_no_registry_data_and_marks_devices_offline() {
     );
     let (s, d) = cloud
         .api(Method::GET, &format!("/devices/{pk}/pump-002"), None)
-        .await;
+        .await
+        .unwrap();
     assert_eq!(s, 200);
     assert_eq!(d["device_secret"], secrets[1].as_str());
     let (_, d) = cloud
         .api(Method::GET, &format!("/devices/{pk}/pump-001"), None)
-        .await;
+        .await
+        .unwrap();
     assert_eq!(d["status"], "offline");
     let (_, h) = cloud
         .api(
@@ -84,7 +89,8 @@ async fn kill_9_loses_no_registry_data_and_marks_devices_offline() {
             &format!("/devices/{pk}/pump-001/presence"),
             None,
         )
-        .await;
+        .await
+        .unwrap();
     assert_eq!(h["events"][0]["reason"], "server restart", "{h}");
     // And devices reconnect with the same credentials.
     assert!(connect_device(cloud.mqtt, &pk, "pump-001", &secrets[0])
@@ -95,13 +101,13 @@ async fn kill_9_loses_no_registry_data_and_marks_devices_offline() {
 #[tokio::test]
 async fn sigterm_disconnects_devices_records_why_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
-    let cloud = Cloud::start(dir.path(), &[]);
+    let cloud = Cloud::start(dir.path(), &[]).unwrap();
     let (pk, secrets) = product_and_devices(&cloud, &["fan-0001"]).await;
     let mut dev = connect_device(cloud.mqtt, &pk, "fan-0001", &secrets[0])
         .await
         .expect("connected");
     await_status(&cloud, &pk, "fan-0001", "online").await;
-    cloud.signal("TERM");
+    cloud.signal("TERM").unwrap();
     let mut buf = [0u8; 64];
     let n = tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read(&mut dev, &mut buf))
         .await
@@ -110,16 +116,17 @@ async fn sigterm_disconnects_devices_records_why_and_exits_zero() {
         matches!(n, Ok(0) | Err(_)),
         "device connection closed by shutdown"
     );
-    assert!(cloud.wait_exit(), "clean exit status");
+    assert!(cloud.wait_exit().unwrap(), "clean exit status");
 
-    let cloud = Cloud::start(dir.path(), &[]);
+    let cloud = Cloud::start(dir.path(), &[]).unwrap();
     let (_, h) = cloud
         .api(
             Method::GET,
             &format!("/devices/{pk}/fan-0001/presence"),
             None,
         )
-        .await;
+        .await
+        .unwrap();
     assert_eq!(h["events"][0]["reason"], "server shutdown", "{h}");
 }
 
@@ -132,11 +139,11 @@ async fn a_storm_of_2000_connects_is_limited_and_memory_stays_bounded() {
         "[mqtt]\nconnects_per_second = 200\nconnect_burst = 200\n",
     )
     .unwrap();
-    let cloud = Cloud::start(dir.path(), &["--config", config.to_str().unwrap()]);
+    let cloud = Cloud::start(dir.path(), &["--config", config.to_str().unwrap()]).unwrap();
     let names: Vec<String> = (0..100).map(|i| format!("storm-{i:04}")).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let (pk, secrets) = product_and_devices(&cloud, &refs).await;
-    let rss_before = cloud.rss_kib();
+    let rss_before = cloud.rss_kib().unwrap();
 
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..2000usize {
@@ -156,7 +163,7 @@ async fn a_storm_of_2000_connects_is_limited_and_memory_stays_bounded() {
             None => refused += 1,
         }
     }
-    let rss_after = cloud.rss_kib();
+    let rss_after = cloud.rss_kib().unwrap();
     assert!(
         refused > 0,
         "a 2,000-connect burst against 200/s must be limited"
@@ -180,7 +187,7 @@ async fn a_storm_of_2000_connects_is_limited_and_memory_stays_bounded() {
         "RSS grew from {rss_before} KiB to {rss_after} KiB"
     );
     // Still serving: API and a fresh device session after the bucket refills.
-    let (s, _) = cloud.api(Method::GET, "/products", None).await;
+    let (s, _) = cloud.api(Method::GET, "/products", None).await.unwrap();
     assert_eq!(s, 200);
     drop(held);
     let deadline = std::time::Instant::now() + WAIT;

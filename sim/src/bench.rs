@@ -1,0 +1,269 @@
+//! `bench connections`: authenticated connects per second and RSS per idle connection,
+//! Ironlink against mosquitto in the same run. Loopback only; bounded in count and time.
+
+use crate::cloud_process::{alink_connect, binary, connect_raw, cpu_ticks, rss_kib, Cloud, WAIT};
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+
+/// Options of `bench connections`.
+#[derive(Debug, Clone)]
+pub struct ConnectionsBench {
+    /// Devices (connections) per target.
+    pub devices: usize,
+    /// Connects in flight at once.
+    pub concurrency: usize,
+    /// Also measure mosquitto.
+    pub vs_mosquitto: bool,
+    /// The ironlink-cloud binary (default: next to this executable).
+    pub cloud_bin: Option<PathBuf>,
+}
+
+/// What one target measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetResult {
+    /// `ironlink` or `mosquitto`.
+    pub target: String,
+    /// Connections attempted.
+    pub attempted: usize,
+    /// Connections that got a successful CONNACK and were held.
+    pub held: usize,
+    /// Successful connects per second over the connect phase.
+    pub connects_per_sec: f64,
+    /// CONNECT-to-CONNACK latency percentiles, ms.
+    pub latency_ms_p50: f64,
+    /// p99, ms.
+    pub latency_ms_p99: f64,
+    /// max, ms.
+    pub latency_ms_max: f64,
+    /// Server RSS before connecting, KiB.
+    pub rss_idle_kib: u64,
+    /// Server RSS with every connection held, KiB.
+    pub rss_loaded_kib: u64,
+    /// (loaded - idle) / held, bytes.
+    pub rss_per_connection_bytes: f64,
+    /// Server CPU seconds spent during the connect phase.
+    pub server_cpu_sec: f64,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn ticks_per_sec() -> f64 {
+    // USER_HZ is 100 on every Linux platform Ironlink targets.
+    100.0
+}
+
+async fn drive(
+    target: &str,
+    addr: SocketAddr,
+    pid: u32,
+    connects: Vec<bytes::BytesMut>,
+    concurrency: usize,
+) -> Result<(TargetResult, Vec<TcpStream>)> {
+    let attempted = connects.len();
+    let rss_idle = rss_kib(pid)?;
+    let cpu0 = cpu_ticks(pid)?;
+    let sem = Arc::new(Semaphore::new(concurrency.max(1)));
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(600);
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in connects {
+        if Instant::now() > deadline {
+            break;
+        }
+        let permit = sem.clone().acquire_owned().await?;
+        tasks.spawn(async move {
+            let t = Instant::now();
+            let s = connect_raw(addr, &c).await;
+            drop(permit);
+            (s, t.elapsed().as_secs_f64() * 1000.0)
+        });
+    }
+    let mut held = Vec::with_capacity(attempted);
+    let mut lat = Vec::with_capacity(attempted);
+    while let Some(r) = tasks.join_next().await {
+        let (s, ms) = r?;
+        if let Some(s) = s {
+            held.push(s);
+            lat.push(ms);
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu1 = cpu_ticks(pid)?;
+    // Let the server settle (accept queues drained, buffers released) before measuring.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_loaded = rss_kib(pid)?;
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let n = held.len();
+    Ok((
+        TargetResult {
+            target: target.into(),
+            attempted,
+            held: n,
+            connects_per_sec: n as f64 / elapsed.max(1e-9),
+            latency_ms_p50: percentile(&lat, 0.50),
+            latency_ms_p99: percentile(&lat, 0.99),
+            latency_ms_max: lat.last().copied().unwrap_or(0.0),
+            rss_idle_kib: rss_idle,
+            rss_loaded_kib: rss_loaded,
+            rss_per_connection_bytes: if n == 0 {
+                0.0
+            } else {
+                (rss_loaded.saturating_sub(rss_idle) * 1024) as f64 / n as f64
+            },
+            server_cpu_sec: (cpu1.saturating_sub(cpu0)) as f64 / ticks_per_sec(),
+        },
+        held,
+    ))
+}
+
+async fn bench_ironlink(o: &ConnectionsBench) -> Result<TargetResult> {
+    let bin = match &o.cloud_bin {
+        Some(b) => b.clone(),
+        None => binary("cloud", "ironlink-cloud")?,
+    };
+    let dir = tempfile::tempdir()?;
+    let cfg = dir.path().join("bench.toml");
+    std::fs::write(
+        &cfg,
+        format!("[mqtt]\nconnects_per_second = 10000000\nconnect_burst = 10000000\nmax_connections = {}\n", o.devices + 100),
+    )?;
+    let cloud = Cloud::start_bin(
+        &bin,
+        dir.path(),
+        &["--config", cfg.to_str().context("utf-8 path")?],
+    )?;
+    let (s, p) = cloud
+        .api(
+            reqwest::Method::POST,
+            "/products",
+            Some(serde_json::json!({"name": "bench"})),
+        )
+        .await?;
+    if s != 201 {
+        bail!("creating the bench product: {s} {p}");
+    }
+    let pk = p["product_key"].as_str().context("product_key")?.to_owned();
+    let mut connects = Vec::with_capacity(o.devices);
+    let mut left = o.devices;
+    while left > 0 {
+        let n = left.min(1000);
+        let (s, v) = cloud
+            .api(
+                reqwest::Method::POST,
+                &format!("/products/{pk}/devices"),
+                Some(serde_json::json!({"count": n})),
+            )
+            .await?;
+        if s != 201 {
+            bail!("creating devices: {s} {v}");
+        }
+        for d in v["devices"].as_array().context("devices")? {
+            let dn = d["device_name"].as_str().context("device_name")?;
+            let secret = d["device_secret"].as_str().context("device_secret")?;
+            connects.push(alink_connect(&pk, dn, secret, 600)?);
+        }
+        left -= n;
+    }
+    let (r, held) = drive("ironlink", cloud.mqtt, cloud.pid(), connects, o.concurrency).await?;
+    drop(held);
+    Ok(r)
+}
+
+struct Mosquitto(Child);
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn bench_mosquitto(o: &ConnectionsBench) -> Result<TargetResult> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let dir = tempfile::tempdir()?;
+    let conf = dir.path().join("mosquitto.conf");
+    std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\nmax_connections -1\npersistence false\nlog_type error\n"))?;
+    let child = Command::new("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting mosquitto (apt-get install mosquitto)")?;
+    let m = Mosquitto(child);
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let deadline = Instant::now() + WAIT;
+    while TcpStream::connect(addr).await.is_err() {
+        if Instant::now() > deadline {
+            bail!("mosquitto did not listen on {addr}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let connects = (0..o.devices)
+        .map(|i| {
+            let mut c = rumqttc::mqttbytes::v4::Connect::new(format!("bench-{i}"));
+            c.keep_alive = 600;
+            c.set_login(format!("dev{i}&bench"), "unused");
+            let mut b = bytes::BytesMut::new();
+            c.write(&mut b)
+                .map(|_| b)
+                .map_err(|e| anyhow::anyhow!("{e:?}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let (r, held) = drive("mosquitto", addr, m.0.id(), connects, o.concurrency).await?;
+    drop(held);
+    Ok(r)
+}
+
+/// Runs the benchmark: Ironlink, then (optionally) mosquitto, one after the other.
+pub async fn run_connections(o: &ConnectionsBench) -> Result<Vec<TargetResult>> {
+    let mut out = vec![bench_ironlink(o).await?];
+    if o.vs_mosquitto {
+        out.push(bench_mosquitto(o).await?);
+    }
+    Ok(out)
+}
+
+/// A Markdown table of results, with Ironlink/baseline ratios when a baseline ran.
+pub fn table(results: &[TargetResult]) -> String {
+    let mut s = String::from("| target | held | connects/s | p50 ms | p99 ms | max ms | RSS idle KiB | RSS loaded KiB | RSS/conn bytes | server CPU s |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    for r in results {
+        s.push_str(&format!(
+            "| {} | {}/{} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {:.0} | {:.2} |\n",
+            r.target,
+            r.held,
+            r.attempted,
+            r.connects_per_sec,
+            r.latency_ms_p50,
+            r.latency_ms_p99,
+            r.latency_ms_max,
+            r.rss_idle_kib,
+            r.rss_loaded_kib,
+            r.rss_per_connection_bytes,
+            r.server_cpu_sec
+        ));
+    }
+    if let [i, b] = results {
+        s.push_str(&format!(
+            "\nIronlink/mosquitto: connects/s {:.2}x, RSS per connection {:.2}x\n",
+            i.connects_per_sec / b.connects_per_sec.max(1e-9),
+            i.rss_per_connection_bytes / b.rss_per_connection_bytes.max(1e-9)
+        ));
+    }
+    s
+}
