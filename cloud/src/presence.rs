@@ -67,7 +67,7 @@ impl Presence {
         stop: watch::Receiver<bool>,
     ) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(65_536);
-        let (lifecycle, _) = broadcast::channel(4096);
+        let (lifecycle, _) = broadcast::channel(1024);
         let task = tokio::spawn(writer(db, rx, router, metrics, lifecycle.clone(), stop));
         (Self { tx, lifecycle }, task)
     }

@@ -101,27 +101,49 @@ pub async fn accept_loop(
             continue;
         }
         let _ = stream.set_nodelay(true);
-        let shared = shared.clone();
-        let tls = tls.clone();
         let deadline = Instant::now() + shared.config.mqtt.connect_timeout;
-        tokio::spawn(async move {
-            match tls {
-                None => session::serve(shared, stream, peer, false, deadline).await,
-                Some(acceptor) => {
-                    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => session::serve(shared, s, peer, true, deadline).await,
-                        Ok(Err(e)) => {
-                            Metrics::inc(&shared.metrics.protocol_errors);
-                            tracing::info!(%peer, error = %e, "TLS handshake failed");
-                        }
-                        Err(_) => {
-                            Metrics::inc(&shared.metrics.connect_timeouts);
-                            tracing::info!(%peer, "TLS handshake timed out");
-                        }
-                    }
-                }
+        // Separate tasks per transport: one async block serving both would size every plain
+        // TCP connection's task for the larger TLS stream.
+        match &tls {
+            None => {
+                tokio::spawn(session::serve(
+                    shared.clone(),
+                    stream,
+                    peer,
+                    false,
+                    deadline,
+                ));
             }
-        });
+            Some(acceptor) => {
+                tokio::spawn(tls_then_serve(
+                    shared.clone(),
+                    acceptor.clone(),
+                    stream,
+                    peer,
+                    deadline,
+                ));
+            }
+        }
+    }
+}
+
+async fn tls_then_serve(
+    shared: Arc<Shared>,
+    acceptor: TlsAcceptor,
+    stream: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    deadline: Instant,
+) {
+    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => session::serve(shared, s, peer, true, deadline).await,
+        Ok(Err(e)) => {
+            Metrics::inc(&shared.metrics.protocol_errors);
+            tracing::info!(%peer, error = %e, "TLS handshake failed");
+        }
+        Err(_) => {
+            Metrics::inc(&shared.metrics.connect_timeouts);
+            tracing::info!(%peer, "TLS handshake timed out");
+        }
     }
 }
 

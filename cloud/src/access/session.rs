@@ -160,14 +160,16 @@ pub async fn serve<S>(
     let login_pair = login
         .as_ref()
         .map(|l| (l.username.as_str(), l.password.as_str()));
-    let auth = authenticate(
+    // Boxed: the authentication future (sqlx queries) is large, and an unboxed one would set
+    // the size of every connection's state machine for its whole life.
+    let auth = Box::pin(authenticate(
         &shared.db,
         &connect.client_id,
         login_pair,
         tls,
         shared.config.mqtt.timestamp_window,
         now_ms(),
-    )
+    ))
     .await;
     let (pk, dn) = match auth {
         Err(e) => {
@@ -227,9 +229,7 @@ pub async fn serve<S>(
     };
     Metrics::inc(&shared.metrics.auth_accepted);
 
-    let registration = shared.sessions.register(&pk, &dn).await;
-    let (tx, rx) = mpsc::channel(shared.config.mqtt.session_queue.max(1));
-    let sid = shared.router.register(tx);
+    let registration = Box::pin(shared.sessions.register(&pk, &dn)).await;
     let keepalive = match Duration::from_secs(u64::from(connect.keep_alive)) {
         d if d.is_zero() || d > shared.config.mqtt.max_keepalive => {
             shared.config.mqtt.max_keepalive
@@ -260,7 +260,8 @@ pub async fn serve<S>(
         version,
         pk: pk.clone(),
         dn: dn.clone(),
-        sid,
+        sid: None,
+        rx: None,
         out,
         inflight: HashMap::new(),
         pending: VecDeque::new(),
@@ -268,11 +269,13 @@ pub async fn serve<S>(
         violations: 0,
     };
     let reason = conn
-        .run(&mut stream, buf, rx, registration.kicked, keepalive)
+        .run(&mut stream, buf, registration.kicked, keepalive)
         .await;
 
     // Clean-up: router first so nothing more is queued, then presence, then the registry.
-    shared.router.unregister(sid);
+    if let Some(sid) = conn.sid {
+        shared.router.unregister(sid);
+    }
     if let Some(w) = will.filter(|_| reason != OfflineReason::CleanDisconnect) {
         publish_will(&shared, w);
     }
@@ -296,6 +299,14 @@ pub async fn serve<S>(
     drop(registration.done);
 }
 
+/// Next delivery, or never when the session has no queue yet.
+async fn recv(rx: &mut Option<mpsc::Receiver<Delivery>>) -> Option<Delivery> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 fn publish_will(shared: &Shared, w: LastWill) {
     let Ok(topic) = String::from_utf8(w.topic.to_vec()) else {
         return;
@@ -313,7 +324,10 @@ struct Connection {
     version: Version,
     pk: String,
     dn: String,
-    sid: SessionId,
+    /// Router registration and delivery queue, created at the first SUBSCRIBE: a device that
+    /// only publishes costs neither.
+    sid: Option<SessionId>,
+    rx: Option<mpsc::Receiver<Delivery>>,
     out: BytesMut,
     inflight: HashMap<u16, Arc<Message>>,
     pending: VecDeque<Delivery>,
@@ -332,7 +346,6 @@ impl Connection {
         &mut self,
         stream: &mut S,
         mut buf: BytesMut,
-        mut rx: mpsc::Receiver<Delivery>,
         mut kicked: tokio::sync::oneshot::Receiver<Kick>,
         keepalive: Duration,
     ) -> OfflineReason
@@ -348,7 +361,8 @@ impl Connection {
                 if let Err(e) = stream.write_all(&self.out).await {
                     return OfflineReason::ConnectionLost(format!("write failed: {e}"));
                 }
-                self.out.clear();
+                // Idle connections hold no buffer memory: the next write allocates again.
+                self.out = BytesMut::new();
             }
             // Packets already buffered (pipelined after CONNECT, or several per read).
             loop {
@@ -361,7 +375,12 @@ impl Connection {
                         }
                     }
                     Err(FrameError::Incomplete(n)) => {
-                        buf.reserve(n);
+                        if buf.is_empty() {
+                            // Nothing pending: release the buffer while the device is idle.
+                            buf = BytesMut::new();
+                        } else {
+                            buf.reserve(n);
+                        }
                         break;
                     }
                     Err(e) => {
@@ -387,14 +406,14 @@ impl Connection {
                     Ok(_) => last_rx = Instant::now(),
                     Err(e) => return OfflineReason::ConnectionLost(format!("read failed: {e}")),
                 },
-                d = rx.recv(), if self.pending.len() < queue_cap => {
+                d = recv(&mut self.rx), if self.pending.len() < queue_cap => {
                     if let Some(d) = d {
                         self.deliver(d);
                         // Drain what is already queued so that one write carries many.
                         while self.pending.len() < queue_cap {
-                            match rx.try_recv() {
-                                Ok(d) => self.deliver(d),
-                                Err(_) => break,
+                            match self.rx.as_mut().map(|rx| rx.try_recv()) {
+                                Some(Ok(d)) => self.deliver(d),
+                                _ => break,
                             }
                         }
                     }
@@ -426,6 +445,19 @@ impl Connection {
     fn disconnect(&mut self, code: u8) {
         if self.version == Version::V5 {
             self.out.put_slice(&frame::disconnect_v5(code));
+        }
+    }
+
+    fn router_session(&mut self) -> SessionId {
+        match self.sid {
+            Some(sid) => sid,
+            None => {
+                let (tx, rx) = mpsc::channel(self.shared.config.mqtt.session_queue.max(1));
+                let sid = self.shared.router.register(tx);
+                self.sid = Some(sid);
+                self.rx = Some(rx);
+                sid
+            }
         }
     }
 
@@ -512,7 +544,8 @@ impl Connection {
                 for f in &sub.filters {
                     if device_may(Access::Subscribe, self.device(), &f.path) {
                         let granted = if f.qos == QoS::AtMostOnce { 0 } else { 1 };
-                        self.shared.router.subscribe(self.sid, &f.path, granted);
+                        let sid = self.router_session();
+                        self.shared.router.subscribe(sid, &f.path, granted);
                         codes.push(SubscribeReasonCode::Success(if granted == 0 {
                             QoS::AtMostOnce
                         } else {
@@ -549,7 +582,10 @@ impl Connection {
                     .filters
                     .iter()
                     .map(|f| {
-                        if self.shared.router.unsubscribe(self.sid, f) {
+                        if self
+                            .sid
+                            .is_some_and(|sid| self.shared.router.unsubscribe(sid, f))
+                        {
                             UnsubAckReason::Success
                         } else {
                             UnsubAckReason::NoSubscriptionExisted
