@@ -44,7 +44,7 @@ pub fn binary(package_dir: &str, name: &str) -> Result<PathBuf> {
         dir = dir.parent().context("deps has no parent")?;
     }
     let p = dir.join(name);
-    let fix = format!("run `cargo build -p {name}` or `cargo test --workspace`");
+    let fix = format!("rebuild it: `cargo build -p {name}` (add --release for release binaries), or `cargo test --workspace`");
     let built = std::fs::metadata(&p)
         .and_then(|m| m.modified())
         .map_err(|_| anyhow!("{} not found: {fix}", p.display()))?;
