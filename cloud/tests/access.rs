@@ -632,3 +632,49 @@ async fn connect_rate_is_limited_and_the_server_keeps_serving() {
         .load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(limited, 100 - accepted);
 }
+
+/// Seeded random bytes after a valid CONNECT: each connection ends (closed, never hung), the
+/// server keeps serving, and a bystander session is untouched. A failing seed becomes a named
+/// regression test.
+#[tokio::test]
+async fn seeded_garbage_after_connect_never_takes_the_server_down() {
+    use tokio::io::AsyncWriteExt;
+    let srv = start(|c| c.mqtt.max_packet_size = 4096).await;
+    let (pk, _) = srv.product(false).await;
+    let noisy = srv.device(&pk, "noisy-01").await;
+    let calm = srv.device(&pk, "calm-001").await;
+    let mut live = device_v4(&srv, &pk, "calm-001", &calm).await;
+    live.subscribe_v4(&format!("/sys/{pk}/calm-001/#"), 1).await;
+
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let first_bytes = [
+        0x30u8, 0x32, 0x34, 0x82, 0xa2, 0xc0, 0xe0, 0x40, 0x62, 0xf0, 0x10, 0x00,
+    ];
+    for round in 0..200 {
+        let mut c = device_v4(&srv, &pk, "noisy-01", &noisy).await;
+        let len = (next() % 300) as usize;
+        let mut bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        if let Some(b) = bytes.first_mut() {
+            *b = first_bytes[(next() as usize) % first_bytes.len()];
+        }
+        c.send(&bytes).await;
+        let _ = c.s.shutdown().await;
+        assert!(c.closed().await, "round {round}: connection must end");
+    }
+    let (s, _) = srv
+        .post(
+            &format!("/devices/{pk}/calm-001/messages"),
+            json!({"topic": format!("/sys/{pk}/calm-001/x"), "payload": "ok"}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert!(
+        matches!(live.next_v4().await, Some(v4::Packet::Publish(p)) if &p.payload[..] == b"ok")
+    );
+}

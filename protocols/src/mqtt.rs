@@ -401,4 +401,25 @@ mod tests {
             None
         );
     }
+
+    /// Seeded random input never panics and never reports a frame longer than the input.
+    #[test]
+    fn seeded_random_input_is_handled() {
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        for _ in 0..20_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let len = (seed % 40) as usize;
+            let buf: Vec<u8> = (0..len)
+                .map(|i| (seed >> (i % 8 * 8)) as u8 ^ i as u8)
+                .collect();
+            if let Ok(h) = check(&buf, 1 << 16) {
+                assert!(h.frame_len() <= buf.len());
+                let _ = publish_packet_id(&buf, &h);
+                let _ = connect_protocol_level(&buf, &h);
+                let _ = h.flags_valid();
+            }
+        }
+    }
 }

@@ -201,4 +201,25 @@ mod tests {
             assert_eq!(valid_topic_filter(f), ok, "{f}");
         }
     }
+
+    /// Seeded random topics and credentials never panic.
+    #[test]
+    fn seeded_random_input_is_handled() {
+        let alphabet = [
+            '/', '+', '#', 'a', 'p', 'k', '1', '$', '|', '=', ',', '&', '\0', 'é',
+        ];
+        let mut seed: u64 = 0x5851_f42d_4c95_7f2d;
+        for _ in 0..20_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let s: std::string::String = (0..(seed % 24))
+                .map(|i| alphabet[((seed >> (i % 16 * 4)) as usize) % alphabet.len()])
+                .collect();
+            let _ = device_may(Access::Publish, D, &s);
+            let _ = device_may(Access::Subscribe, D, &s);
+            let _ = crate::credentials::ClientId::parse(&s);
+            let _ = crate::credentials::parse_username(&s);
+        }
+    }
 }
