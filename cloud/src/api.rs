@@ -116,7 +116,12 @@ type ApiResult<T> = Result<T, ApiError>;
 pub fn router(state: ApiState) -> Router {
     let api = Router::new()
         .route("/products", post(create_product).get(list_products))
-        .route("/products/:pk", get(get_product).delete(delete_product))
+        .route(
+            "/products/:pk",
+            get(get_product)
+                .delete(delete_product)
+                .patch(update_product),
+        )
         .route(
             "/products/:pk/devices",
             post(create_devices).get(list_devices),
@@ -127,6 +132,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/devices/:pk/:dn/enable", post(enable_device))
         .route("/devices/:pk/:dn/messages", post(publish_to_device))
         .route("/devices/:pk/:dn/presence", get(presence_history))
+        .route("/devices/:pk/:dn/tags", axum::routing::put(put_tags))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
         .route("/openapi.json", get(openapi));
     Router::new()
@@ -210,6 +216,78 @@ fn unknown_device(pk: &str, dn: &str) -> ApiError {
     ApiError::not_found(format!(
         "device `{pk}/{dn}` does not exist: list devices with GET /api/v1/products/{pk}/devices"
     ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProductUpdate {
+    name: Option<String>,
+    description: Option<String>,
+    dynamic_register: Option<bool>,
+}
+
+async fn update_product(
+    State(s): State<ApiState>,
+    Path(pk): Path<String>,
+    ApiJson(body): ApiJson<ProductUpdate>,
+) -> ApiResult<impl IntoResponse> {
+    let current = s
+        .shared
+        .db
+        .get_product(&pk)
+        .await?
+        .ok_or_else(|| unknown_product(&pk))?;
+    if let Some(on) = body.dynamic_register {
+        s.shared.db.set_dynamic_register(&pk, on).await?;
+    }
+    if body.name.is_some() || body.description.is_some() {
+        let name = body.name.unwrap_or(current.name);
+        let name = name.trim();
+        if name.is_empty() || name.chars().count() > 64 {
+            return Err(ApiError::invalid("product name must be 1 to 64 characters"));
+        }
+        let description = body.description.unwrap_or(current.description);
+        s.shared
+            .db
+            .update_product_text(&pk, name, &description)
+            .await?;
+    }
+    let p = s
+        .shared
+        .db
+        .get_product(&pk)
+        .await?
+        .ok_or_else(|| unknown_product(&pk))?;
+    Ok(Json(p))
+}
+
+async fn put_tags(
+    State(s): State<ApiState>,
+    Path((pk, dn)): Path<(String, String)>,
+    ApiJson(body): ApiJson<serde_json::Map<String, Value>>,
+) -> ApiResult<impl IntoResponse> {
+    if body.len() > 100 {
+        return Err(ApiError::invalid("at most 100 tags per device"));
+    }
+    if let Some((k, _)) = body
+        .iter()
+        .find(|(k, v)| k.is_empty() || k.len() > 64 || !v.is_string())
+    {
+        return Err(ApiError::invalid(format!(
+            "tag `{k}`: keys must be 1 to 64 characters and values strings"
+        )));
+    }
+    let text = Value::Object(body).to_string();
+    if !s.shared.db.set_device_tags(&pk, &dn, &text).await? {
+        return Err(unknown_device(&pk, &dn));
+    }
+    let d = s
+        .shared
+        .db
+        .get_device(&pk, &dn)
+        .await?
+        .ok_or_else(|| unknown_device(&pk, &dn))?;
+    Ok(Json(device_json(&s, d)))
 }
 
 async fn delete_product(

@@ -167,6 +167,20 @@ pub enum ProductCmd {
         /// Product key.
         product_key: String,
     },
+    /// Change a product's name, description or dynamic registration.
+    Update {
+        /// Product key.
+        product_key: String,
+        /// New name.
+        #[arg(long)]
+        name: Option<String>,
+        /// New description.
+        #[arg(long)]
+        description: Option<String>,
+        /// Allow (true) or refuse (false) dynamic registration.
+        #[arg(long)]
+        dynamic_register: Option<bool>,
+    },
     /// Delete a product and its devices.
     Delete {
         /// Product key.
@@ -238,6 +252,15 @@ pub enum DeviceCmd {
         /// hmacsha256 | hmacsha1 | hmacmd5
         #[arg(long, default_value = "hmacsha256")]
         signmethod: String,
+    },
+    /// Replace a device's tags: KEY=VALUE ... (none clears them).
+    Tags {
+        /// Product key.
+        product_key: String,
+        /// Device name.
+        device_name: String,
+        /// KEY=VALUE pairs.
+        tags: Vec<String>,
     },
     /// Online/offline history.
     Presence {
@@ -405,6 +428,31 @@ pub async fn run_admin(command: Command) -> anyhow::Result<()> {
                 ProductCmd::Show { product_key } => {
                     let v = c
                         .call(Method::GET, &format!("/products/{product_key}"), None)
+                        .await?;
+                    output(&c, &v, None);
+                }
+                ProductCmd::Update {
+                    product_key,
+                    name,
+                    description,
+                    dynamic_register,
+                } => {
+                    let mut body = serde_json::Map::new();
+                    if let Some(n) = name {
+                        body.insert("name".into(), json!(n));
+                    }
+                    if let Some(d) = description {
+                        body.insert("description".into(), json!(d));
+                    }
+                    if let Some(d) = dynamic_register {
+                        body.insert("dynamic_register".into(), json!(d));
+                    }
+                    let v = c
+                        .call(
+                            Method::PATCH,
+                            &format!("/products/{product_key}"),
+                            Some(Value::Object(body)),
+                        )
                         .await?;
                     output(&c, &v, None);
                 }

@@ -237,6 +237,40 @@ impl Db {
         Ok(r.rows_affected() > 0)
     }
 
+    /// Updates a product's name and description. False when no such product.
+    pub async fn update_product_text(
+        &self,
+        pk: &str,
+        name: &str,
+        description: &str,
+    ) -> Result<bool, StorageError> {
+        let r =
+            sqlx::query("UPDATE products SET name = $1, description = $2 WHERE product_key = $3")
+                .bind(name)
+                .bind(description)
+                .bind(pk)
+                .execute(&self.pool)
+                .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Replaces a device's tags (a JSON object as text). False when no such device.
+    pub async fn set_device_tags(
+        &self,
+        pk: &str,
+        dn: &str,
+        tags: &str,
+    ) -> Result<bool, StorageError> {
+        let r =
+            sqlx::query("UPDATE devices SET tags = $1 WHERE product_key = $2 AND device_name = $3")
+                .bind(tags)
+                .bind(pk)
+                .bind(dn)
+                .execute(&self.pool)
+                .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
     /// Deletes a product and its devices. False when no such product.
     pub async fn delete_product(&self, pk: &str) -> Result<bool, StorageError> {
         let mut tx = self.pool.begin().await?;

@@ -132,6 +132,94 @@ async fn batches_paging_and_product_deletion() {
 }
 
 #[tokio::test]
+async fn products_update_and_device_tags() {
+    let srv = start(|_| {}).await;
+    let (pk, _) = srv.product(false).await;
+    let (s, p) = srv
+        .call(
+            reqwest::Method::PATCH,
+            &format!("/products/{pk}"),
+            Some(json!({"dynamic_register": true, "description": "line 3"})),
+        )
+        .await;
+    assert_eq!(
+        (
+            s,
+            p["dynamic_register"].as_bool(),
+            p["description"].as_str()
+        ),
+        (200, Some(true), Some("line 3")),
+        "{p}"
+    );
+    srv.device(&pk, "tagged-1").await;
+    let (s, d) = srv
+        .call(
+            reqwest::Method::PUT,
+            &format!("/devices/{pk}/tagged-1/tags"),
+            Some(json!({"site": "plant-2", "line": "3"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{d}");
+    assert_eq!(d["tags"]["site"], "plant-2");
+    let (s, _) = srv
+        .call(
+            reqwest::Method::PUT,
+            &format!("/devices/{pk}/tagged-1/tags"),
+            Some(json!({"n": 1})),
+        )
+        .await;
+    assert_eq!(s, 400, "tag values are strings");
+    let (s, _) = srv
+        .call(
+            reqwest::Method::PUT,
+            &format!("/devices/{pk}/nobody-1/tags"),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(s, 404);
+}
+
+/// The whole device path on PostgreSQL (when IRONLINK_TEST_POSTGRES_URL is set; CI sets it).
+#[tokio::test]
+async fn devices_connect_and_presence_is_stored_on_postgres() {
+    let Ok(admin) = std::env::var("IRONLINK_TEST_POSTGRES_URL") else {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI must set IRONLINK_TEST_POSTGRES_URL"
+        );
+        eprintln!("IRONLINK_TEST_POSTGRES_URL not set: skipped");
+        return;
+    };
+    use sqlx::Connection;
+    let name = format!("ironlink_e2e_{}", ironlink_cloud::registry::new_secret());
+    let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
+    sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {name}").as_str())
+        .await
+        .unwrap();
+    let url = format!("{}/{name}", admin.rsplit_once('/').unwrap().0);
+    let srv = start(|c| c.database_url = Some(url)).await;
+    let (pk, _) = srv.product(false).await;
+    let secret = srv.device(&pk, "pg-dev-1").await;
+    let mut presence = srv.running.shared.presence.subscribe();
+    let c = device_v4(&srv, &pk, "pg-dev-1", &secret).await;
+    TestServer::presence(&mut presence, "pg-dev-1", "online").await;
+    drop(c);
+    TestServer::presence(&mut presence, "pg-dev-1", "offline").await;
+    let (_, h) = srv.get(&format!("/devices/{pk}/pg-dev-1/presence")).await;
+    let reasons: Vec<&str> = h["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(reasons[1], "connected", "{h}");
+    assert!(reasons[0].starts_with("connection lost"), "{h}");
+    srv.running.shutdown().await;
+    let _ = sqlx::Executor::execute(&mut conn, format!("DROP DATABASE {name}").as_str()).await;
+}
+
+#[tokio::test]
 async fn openapi_and_metrics_are_served() {
     let srv = start(|_| {}).await;
     let v: serde_json::Value = srv
