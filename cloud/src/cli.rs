@@ -600,6 +600,27 @@ pub async fn run_admin(command: Command) -> anyhow::Result<()> {
                         );
                     }
                 }
+                DeviceCmd::Tags {
+                    product_key,
+                    device_name,
+                    tags,
+                } => {
+                    let mut body = serde_json::Map::new();
+                    for t in tags {
+                        let (k, v) = t
+                            .split_once('=')
+                            .with_context(|| format!("tag `{t}` is not KEY=VALUE"))?;
+                        body.insert(k.to_owned(), json!(v));
+                    }
+                    let v = c
+                        .call(
+                            Method::PUT,
+                            &format!("/devices/{product_key}/{device_name}/tags"),
+                            Some(Value::Object(body)),
+                        )
+                        .await?;
+                    output(&c, &v, None);
+                }
                 DeviceCmd::Presence {
                     product_key,
                     device_name,
