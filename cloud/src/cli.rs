@@ -298,6 +298,18 @@ impl Client {
         })
     }
 
+    /// Calls the API and prints the answer as one record.
+    async fn record(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<()> {
+        let v = self.call(method, path, body).await?;
+        output(self, &v, None);
+        Ok(())
+    }
+
     async fn call(
         &self,
         method: reqwest::Method,
@@ -416,20 +428,15 @@ pub async fn run_admin(command: Command) -> anyhow::Result<()> {
                     data_format,
                     dynamic_register,
                 } => {
-                    let v = c
-                        .call(Method::POST, "/products", Some(json!({"name": name, "node_type": node_type, "data_format": data_format, "dynamic_register": dynamic_register})))
-                        .await?;
-                    output(&c, &v, None);
+                    c.record(Method::POST, "/products", Some(json!({"name": name, "node_type": node_type, "data_format": data_format, "dynamic_register": dynamic_register}))).await?;
                 }
                 ProductCmd::List => {
                     let v = c.call(Method::GET, "/products", None).await?;
                     output(&c, &v, Some(("products", PRODUCT_COLS)));
                 }
                 ProductCmd::Show { product_key } => {
-                    let v = c
-                        .call(Method::GET, &format!("/products/{product_key}"), None)
+                    c.record(Method::GET, &format!("/products/{product_key}"), None)
                         .await?;
-                    output(&c, &v, None);
                 }
                 ProductCmd::Update {
                     product_key,
@@ -447,20 +454,16 @@ pub async fn run_admin(command: Command) -> anyhow::Result<()> {
                     if let Some(d) = dynamic_register {
                         body.insert("dynamic_register".into(), json!(d));
                     }
-                    let v = c
-                        .call(
-                            Method::PATCH,
-                            &format!("/products/{product_key}"),
-                            Some(Value::Object(body)),
-                        )
-                        .await?;
-                    output(&c, &v, None);
+                    c.record(
+                        Method::PATCH,
+                        &format!("/products/{product_key}"),
+                        Some(Value::Object(body)),
+                    )
+                    .await?;
                 }
                 ProductCmd::Delete { product_key } => {
-                    let v = c
-                        .call(Method::DELETE, &format!("/products/{product_key}"), None)
+                    c.record(Method::DELETE, &format!("/products/{product_key}"), None)
                         .await?;
-                    output(&c, &v, None);
                 }
             }
         }
@@ -475,8 +478,7 @@ pub async fn run_admin(command: Command) -> anyhow::Result<()> {
                     let path = format!("/products/{product_key}/devices");
                     if names.len() <= 1 && count.is_none() {
                         let body = json!({"device_name": names.first()});
-                        let v = c.call(Method::POST, &path, Some(body)).await?;
-                        output(&c, &v, None);
+                        c.record(Method::POST, &path, Some(body)).await?;
                     } else {
                         let body = json!({"device_names": names, "count": count});
                         let v = c.call(Method::POST, &path, Some(body)).await?;
@@ -506,53 +508,45 @@ pub async fn run_admin(command: Command) -> anyhow::Result<()> {
                     product_key,
                     device_name,
                 } => {
-                    let v = c
-                        .call(
-                            Method::GET,
-                            &format!("/devices/{product_key}/{device_name}"),
-                            None,
-                        )
-                        .await?;
-                    output(&c, &v, None);
+                    c.record(
+                        Method::GET,
+                        &format!("/devices/{product_key}/{device_name}"),
+                        None,
+                    )
+                    .await?;
                 }
                 DeviceCmd::Disable {
                     product_key,
                     device_name,
                 } => {
-                    let v = c
-                        .call(
-                            Method::POST,
-                            &format!("/devices/{product_key}/{device_name}/disable"),
-                            None,
-                        )
-                        .await?;
-                    output(&c, &v, None);
+                    c.record(
+                        Method::POST,
+                        &format!("/devices/{product_key}/{device_name}/disable"),
+                        None,
+                    )
+                    .await?;
                 }
                 DeviceCmd::Enable {
                     product_key,
                     device_name,
                 } => {
-                    let v = c
-                        .call(
-                            Method::POST,
-                            &format!("/devices/{product_key}/{device_name}/enable"),
-                            None,
-                        )
-                        .await?;
-                    output(&c, &v, None);
+                    c.record(
+                        Method::POST,
+                        &format!("/devices/{product_key}/{device_name}/enable"),
+                        None,
+                    )
+                    .await?;
                 }
                 DeviceCmd::Delete {
                     product_key,
                     device_name,
                 } => {
-                    let v = c
-                        .call(
-                            Method::DELETE,
-                            &format!("/devices/{product_key}/{device_name}"),
-                            None,
-                        )
-                        .await?;
-                    output(&c, &v, None);
+                    c.record(
+                        Method::DELETE,
+                        &format!("/devices/{product_key}/{device_name}"),
+                        None,
+                    )
+                    .await?;
                 }
                 DeviceCmd::Credentials {
                     product_key,
@@ -612,14 +606,12 @@ pub async fn run_admin(command: Command) -> anyhow::Result<()> {
                             .with_context(|| format!("tag `{t}` is not KEY=VALUE"))?;
                         body.insert(k.to_owned(), json!(v));
                     }
-                    let v = c
-                        .call(
-                            Method::PUT,
-                            &format!("/devices/{product_key}/{device_name}/tags"),
-                            Some(Value::Object(body)),
-                        )
-                        .await?;
-                    output(&c, &v, None);
+                    c.record(
+                        Method::PUT,
+                        &format!("/devices/{product_key}/{device_name}/tags"),
+                        Some(Value::Object(body)),
+                    )
+                    .await?;
                 }
                 DeviceCmd::Presence {
                     product_key,
@@ -649,14 +641,12 @@ pub async fn run_admin(command: Command) -> anyhow::Result<()> {
             qos,
         } => {
             let c = Client::new(&client)?;
-            let v = c
-                .call(
-                    Method::POST,
-                    &format!("/devices/{product_key}/{device_name}/messages"),
-                    Some(json!({"topic": topic, "payload": payload, "qos": qos})),
-                )
-                .await?;
-            output(&c, &v, None);
+            c.record(
+                Method::POST,
+                &format!("/devices/{product_key}/{device_name}/messages"),
+                Some(json!({"topic": topic, "payload": payload, "qos": qos})),
+            )
+            .await?;
         }
     }
     Ok(())
