@@ -4,7 +4,8 @@
 use crate::config::Config;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use ironlink_shared::sign::{sign_connect, SignMethod};
+use ironlink_shared::credentials::write_device_credentials;
+use ironlink_shared::sign::SignMethod;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -661,13 +662,25 @@ pub fn credentials(
     tls: bool,
     now_ms: i64,
 ) -> Value {
-    let cid = format!("{pk}.{dn}");
-    let ts = now_ms.to_string();
-    let sig = sign_connect(method, secret, &cid, dn, pk, Some(&ts));
+    let (mut client_id, mut username) = (String::new(), String::new());
     let mode = if tls { 2 } else { 3 };
+    let ts = u64::try_from(now_ms).ok();
+    // Writing into a String cannot fail.
+    let password = write_device_credentials(
+        pk,
+        dn,
+        secret,
+        method,
+        mode,
+        ts,
+        &mut client_id,
+        &mut username,
+    )
+    .map(|s| s.as_str().to_owned())
+    .unwrap_or_default();
     json!({
-        "client_id": format!("{cid}|securemode={mode},signmethod={},timestamp={ts}|", method.as_str()),
-        "username": format!("{dn}&{pk}"),
-        "password": sig.as_str(),
+        "client_id": client_id,
+        "username": username,
+        "password": password,
     })
 }

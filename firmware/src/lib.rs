@@ -3,9 +3,9 @@
 #![warn(missing_docs)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
-use core::fmt::Write;
 use heapless::String;
-use ironlink_shared::sign::{sign_connect, SignMethod};
+use ironlink_shared::credentials::write_device_credentials;
+use ironlink_shared::sign::SignMethod;
 
 /// How the device reaches the broker, which Alink encodes as `securemode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,37 +45,23 @@ impl<const N: usize> Credentials<N> {
         transport: Transport,
         timestamp_ms: Option<u64>,
     ) -> Result<Self, Error> {
-        let mut ts: String<20> = String::new();
-        if let Some(t) = timestamp_ms {
-            write!(ts, "{t}").map_err(|_| Error::BufferTooSmall)?;
-        }
-        let mut cid: String<N> = String::new();
-        write!(cid, "{product_key}.{device_name}").map_err(|_| Error::BufferTooSmall)?;
-        let sig = sign_connect(
-            method,
-            device_secret,
-            &cid,
-            device_name,
-            product_key,
-            timestamp_ms.map(|_| ts.as_str()),
-        );
         let mode = match transport {
             Transport::Tls => 2,
             Transport::Tcp => 3,
         };
         let mut client_id: String<N> = String::new();
-        write!(
-            client_id,
-            "{cid}|securemode={mode},signmethod={}",
-            method.as_str()
+        let mut username: String<N> = String::new();
+        let sig = write_device_credentials(
+            product_key,
+            device_name,
+            device_secret,
+            method,
+            mode,
+            timestamp_ms,
+            &mut client_id,
+            &mut username,
         )
         .map_err(|_| Error::BufferTooSmall)?;
-        if timestamp_ms.is_some() {
-            write!(client_id, ",timestamp={ts}").map_err(|_| Error::BufferTooSmall)?;
-        }
-        client_id.push('|').map_err(|_| Error::BufferTooSmall)?;
-        let mut username: String<N> = String::new();
-        write!(username, "{device_name}&{product_key}").map_err(|_| Error::BufferTooSmall)?;
         let mut password: String<N> = String::new();
         password
             .push_str(sig.as_str())
@@ -92,6 +78,7 @@ impl<const N: usize> Credentials<N> {
 mod tests {
     use super::*;
     use ironlink_shared::credentials::{parse_username, ClientId};
+    use ironlink_shared::sign::sign_connect;
 
     #[test]
     fn credentials_verify_with_the_cloud_parser() {

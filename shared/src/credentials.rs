@@ -5,7 +5,7 @@
 //! `key=value` pairs (empty entries, such as the trailing comma some SDKs send, are ignored).
 //! Username: `{deviceName}&{productKey}`.
 
-use crate::sign::SignMethod;
+use crate::sign::{sign_connect_parts, SignMethod, Signature};
 use crate::DeviceRef;
 
 /// Why a credential was refused before any signature was checked.
@@ -113,6 +113,56 @@ pub fn parse_username(username: &str) -> Result<DeviceRef<'_>, CredentialError> 
     }
 }
 
+/// Writes the MQTT credentials of a one-device-one-secret Alink device and returns the
+/// password (the signature): client id `{pk}.{dn}|securemode={mode},signmethod={m}[,timestamp={ms}]|`
+/// into `client_id`, username `{dn}&{pk}` into `username`. No heap: any `fmt::Write` works.
+#[allow(clippy::too_many_arguments)]
+pub fn write_device_credentials(
+    product_key: &str,
+    device_name: &str,
+    device_secret: &str,
+    method: SignMethod,
+    securemode: i32,
+    timestamp_ms: Option<u64>,
+    client_id: &mut impl core::fmt::Write,
+    username: &mut impl core::fmt::Write,
+) -> Result<Signature, core::fmt::Error> {
+    // u64 has at most 20 decimal digits.
+    let mut digits = [0u8; 20];
+    let ts = timestamp_ms.map(|mut t| {
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (t % 10) as u8;
+            t /= 10;
+            if t == 0 {
+                break;
+            }
+        }
+        i
+    });
+    let ts_bytes = ts.map(|i| &digits[i..]);
+    let sig = sign_connect_parts(
+        method,
+        device_secret,
+        &[product_key.as_bytes(), b".", device_name.as_bytes()],
+        device_name,
+        product_key,
+        ts_bytes,
+    );
+    write!(
+        client_id,
+        "{product_key}.{device_name}|securemode={securemode},signmethod={}",
+        method.as_str()
+    )?;
+    if let Some(t) = timestamp_ms {
+        write!(client_id, ",timestamp={t}")?;
+    }
+    client_id.write_char('|')?;
+    write!(username, "{device_name}&{product_key}")?;
+    Ok(sig)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,6 +206,50 @@ mod tests {
         for (raw, err) in cases {
             assert_eq!(ClientId::parse(raw), Err(err), "{raw}");
         }
+    }
+
+    #[test]
+    fn written_credentials_verify() {
+        let (mut cid, mut user) = (std::string::String::new(), std::string::String::new());
+        let sig = write_device_credentials(
+            "pk",
+            "dn",
+            "s3",
+            SignMethod::HmacSha1,
+            3,
+            Some(1_700_000_000_123),
+            &mut cid,
+            &mut user,
+        )
+        .unwrap();
+        assert_eq!(
+            cid,
+            "pk.dn|securemode=3,signmethod=hmacsha1,timestamp=1700000000123|"
+        );
+        assert_eq!(user, "dn&pk");
+        let parsed = ClientId::parse(&cid).unwrap();
+        let expected = crate::sign::sign_connect(
+            SignMethod::HmacSha1,
+            "s3",
+            parsed.client_id,
+            "dn",
+            "pk",
+            parsed.timestamp,
+        );
+        assert_eq!(sig.as_str(), expected.as_str());
+        let (mut cid0, mut user0) = (std::string::String::new(), std::string::String::new());
+        write_device_credentials(
+            "pk",
+            "dn",
+            "s3",
+            SignMethod::HmacMd5,
+            2,
+            Some(0),
+            &mut cid0,
+            &mut user0,
+        )
+        .unwrap();
+        assert!(cid0.ends_with("timestamp=0|"));
     }
 
     #[test]

@@ -123,26 +123,42 @@ pub fn sign_connect(
     product_key: &str,
     timestamp: Option<&str>,
 ) -> Signature {
-    let ts = timestamp.unwrap_or("");
+    sign_connect_parts(
+        method,
+        device_secret,
+        &[client_id.as_bytes()],
+        device_name,
+        product_key,
+        timestamp.map(str::as_bytes),
+    )
+}
+
+/// [`sign_connect`] with the client id given in pieces, so that callers without a heap need
+/// not assemble it first.
+pub(crate) fn sign_connect_parts(
+    method: SignMethod,
+    device_secret: &str,
+    client_id: &[&[u8]],
+    device_name: &str,
+    product_key: &str,
+    timestamp: Option<&[u8]>,
+) -> Signature {
     let ts_key: &[u8] = if timestamp.is_some() {
         b"timestamp"
     } else {
         b""
     };
-    hmac_parts(
-        method,
-        device_secret.as_bytes(),
-        &[
-            b"clientId",
-            client_id.as_bytes(),
-            b"deviceName",
-            device_name.as_bytes(),
-            b"productKey",
-            product_key.as_bytes(),
-            ts_key,
-            ts.as_bytes(),
-        ],
-    )
+    let mut parts: [&[u8]; 12] = [b""; 12];
+    parts[0] = b"clientId";
+    let n = client_id.len().min(4);
+    parts[1..1 + n].copy_from_slice(&client_id[..n]);
+    parts[5] = b"deviceName";
+    parts[6] = device_name.as_bytes();
+    parts[7] = b"productKey";
+    parts[8] = product_key.as_bytes();
+    parts[9] = ts_key;
+    parts[10] = timestamp.unwrap_or(b"");
+    hmac_parts(method, device_secret.as_bytes(), &parts)
 }
 
 /// Signs a dynamic registration request: `deviceName{dn}productKey{pk}random{random}`,
