@@ -339,6 +339,36 @@ impl Client {
     }
 }
 
+/// Epoch milliseconds as UTC `YYYY-MM-DD HH:MM:SS.mmm` (proleptic Gregorian).
+pub fn format_ms(ms: i64) -> String {
+    let (days, rem) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
+    // Civil-from-days (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}.{:03}",
+        rem / 3_600_000,
+        rem / 60_000 % 60,
+        rem / 1000 % 60,
+        rem % 1000
+    )
+}
+
+/// A table or record cell; `*_at` and `at` fields (epoch ms) print as UTC times.
+fn field_cell(key: &str, v: &Value) -> String {
+    match (key == "at" || key.ends_with("_at"), v.as_i64()) {
+        (true, Some(ms)) => format_ms(ms),
+        _ => cell(v),
+    }
+}
+
 fn cell(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
@@ -350,7 +380,7 @@ fn cell(v: &Value) -> String {
 fn print_table(rows: &[Value], cols: &[&str]) {
     let cells: Vec<Vec<String>> = rows
         .iter()
-        .map(|r| cols.iter().map(|c| cell(&r[*c])).collect())
+        .map(|r| cols.iter().map(|c| field_cell(c, &r[*c])).collect())
         .collect();
     let widths: Vec<usize> = cols
         .iter()
@@ -384,7 +414,7 @@ fn print_record(v: &Value) {
     if let Some(obj) = v.as_object() {
         let w = obj.keys().map(|k| k.len()).max().unwrap_or(0);
         for (k, val) in obj {
-            println!("{k:<w$}  {}", cell(val));
+            println!("{k:<w$}  {}", field_cell(k, val));
         }
     }
 }
@@ -683,4 +713,17 @@ pub fn credentials(
         "username": username,
         "password": password,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::format_ms;
+
+    #[test]
+    fn epoch_ms_print_as_utc() {
+        assert_eq!(format_ms(0), "1970-01-01 00:00:00.000");
+        assert_eq!(format_ms(1_700_000_000_123), "2023-11-14 22:13:20.123");
+        assert_eq!(format_ms(951_782_400_000), "2000-02-29 00:00:00.000");
+        assert_eq!(format_ms(-1), "1969-12-31 23:59:59.999");
+    }
 }
