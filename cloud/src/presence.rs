@@ -11,7 +11,7 @@ use crate::storage::{Db, PresenceEvent};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 /// Why a device went offline.
@@ -50,10 +50,13 @@ impl std::fmt::Display for OfflineReason {
     }
 }
 
+/// A change and, for durable records, who waits for its commit.
+type Queued = (PresenceEvent, Option<oneshot::Sender<()>>);
+
 /// Handle for recording presence changes.
 #[derive(Debug, Clone)]
 pub struct Presence {
-    tx: mpsc::Sender<PresenceEvent>,
+    tx: mpsc::Sender<Queued>,
     lifecycle: broadcast::Sender<PresenceEvent>,
 }
 
@@ -75,7 +78,17 @@ impl Presence {
     /// Records a change (waits only when 65,536 changes are already queued).
     pub async fn record(&self, event: PresenceEvent) {
         // The writer lives as long as any handle, so this only fails during shutdown.
-        let _ = self.tx.send(event).await;
+        let _ = self.tx.send((event, None)).await;
+    }
+
+    /// Records a change and waits until the batch holding it is committed, so that what a
+    /// device is told (CONNACK) survives a kill -9. False when it could not be stored.
+    pub async fn record_durable(&self, event: PresenceEvent) -> bool {
+        let (done, committed) = oneshot::channel();
+        if self.tx.send((event, Some(done))).await.is_err() {
+            return false;
+        }
+        committed.await.is_ok()
     }
 
     /// Subscribes to lifecycle events as they are stored.
@@ -86,7 +99,7 @@ impl Presence {
 
 async fn writer(
     db: Db,
-    mut rx: mpsc::Receiver<PresenceEvent>,
+    mut rx: mpsc::Receiver<Queued>,
     router: Arc<Router>,
     metrics: Arc<Metrics>,
     lifecycle: broadcast::Sender<PresenceEvent>,
@@ -108,9 +121,10 @@ async fn writer(
                 true
             }
         };
+        let events: Vec<PresenceEvent> = batch.iter().map(|(e, _)| e.clone()).collect();
         let mut stored = false;
         for attempt in 0..5u32 {
-            match db.record_presence(&batch).await {
+            match db.record_presence(&events).await {
                 Ok(()) => {
                     stored = true;
                     break;
@@ -130,7 +144,10 @@ async fn writer(
                 .presence_lost
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
         }
-        for e in batch.drain(..) {
+        for (e, waiter) in batch.drain(..) {
+            if let (true, Some(w)) = (stored, waiter) {
+                let _ = w.send(());
+            }
             let payload = serde_json::json!({
                 "status": e.status,
                 "productKey": e.product_key,

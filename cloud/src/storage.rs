@@ -405,33 +405,119 @@ impl Db {
     }
 
     /// Records a batch of presence changes in one transaction: the history rows and each
-    /// device's current status, times and address.
+    /// device's current status, times and address. Multi-row statements keep the cost of a
+    /// batch close to that of one change.
     pub async fn record_presence(&self, events: &[PresenceEvent]) -> Result<(), StorageError> {
-        let mut tx = self.pool.begin().await?;
+        // Fold the batch per device, in order, into its final state.
+        struct Fold<'a> {
+            status: &'a str,
+            last_online: Option<i64>,
+            first_online: Option<i64>,
+            last_offline: Option<i64>,
+            addr: Option<&'a str>,
+        }
+        let mut folds: Vec<((&str, &str), Fold<'_>)> = Vec::new();
+        let mut index: std::collections::HashMap<(&str, &str), usize> =
+            std::collections::HashMap::new();
         for e in events {
-            sqlx::query(
-                "INSERT INTO presence_events (product_key, device_name, status, reason, client_addr, at) VALUES ($1, $2, $3, $4, $5, $6)",
-            )
-            .bind(&e.product_key)
-            .bind(&e.device_name)
-            .bind(&e.status)
-            .bind(&e.reason)
-            .bind(&e.client_addr)
-            .bind(e.at)
-            .execute(&mut *tx)
-            .await?;
-            let update = if e.status == "online" {
-                "UPDATE devices SET status = 'online', last_online_at = $1, first_online_at = COALESCE(first_online_at, $1), client_addr = $2 WHERE product_key = $3 AND device_name = $4"
+            let key = (e.product_key.as_str(), e.device_name.as_str());
+            let at = *index.entry(key).or_insert_with(|| {
+                folds.push((
+                    key,
+                    Fold {
+                        status: "",
+                        last_online: None,
+                        first_online: None,
+                        last_offline: None,
+                        addr: None,
+                    },
+                ));
+                folds.len() - 1
+            });
+            let f = &mut folds[at].1;
+            f.status = &e.status;
+            if e.status == "online" {
+                f.last_online = Some(e.at);
+                f.first_online = f.first_online.or(Some(e.at));
             } else {
-                "UPDATE devices SET status = 'offline', last_offline_at = $1, client_addr = COALESCE($2, client_addr) WHERE product_key = $3 AND device_name = $4"
-            };
-            sqlx::query(update)
-                .bind(e.at)
-                .bind(&e.client_addr)
-                .bind(&e.product_key)
-                .bind(&e.device_name)
-                .execute(&mut *tx)
-                .await?;
+                f.last_offline = Some(e.at);
+            }
+            if let Some(a) = &e.client_addr {
+                f.addr = Some(a);
+            }
+        }
+        const CHUNK: usize = 200;
+        let mut tx = self.pool.begin().await?;
+        for chunk in events.chunks(CHUNK) {
+            let mut sql = String::from(
+                "INSERT INTO presence_events (product_key, device_name, status, reason, client_addr, at) VALUES ",
+            );
+            for i in 0..chunk.len() {
+                let b = i * 6;
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&format!(
+                    "(${}, ${}, ${}, ${}, ${}, ${})",
+                    b + 1,
+                    b + 2,
+                    b + 3,
+                    b + 4,
+                    b + 5,
+                    b + 6
+                ));
+            }
+            let mut q = sqlx::query(&sql);
+            for e in chunk {
+                q = q
+                    .bind(&e.product_key)
+                    .bind(&e.device_name)
+                    .bind(&e.status)
+                    .bind(&e.reason)
+                    .bind(&e.client_addr)
+                    .bind(e.at);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        for devices in folds.chunks(CHUNK) {
+            let mut sql = String::from(
+                "UPDATE devices SET status = v.column3, \
+                 last_online_at = COALESCE(CAST(v.column4 AS BIGINT), last_online_at), \
+                 first_online_at = COALESCE(first_online_at, CAST(v.column5 AS BIGINT)), \
+                 last_offline_at = COALESCE(CAST(v.column6 AS BIGINT), last_offline_at), \
+                 client_addr = COALESCE(v.column7, client_addr) FROM (VALUES ",
+            );
+            for i in 0..devices.len() {
+                let b = i * 7;
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&format!(
+                    "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
+                    b + 1,
+                    b + 2,
+                    b + 3,
+                    b + 4,
+                    b + 5,
+                    b + 6,
+                    b + 7
+                ));
+            }
+            sql.push_str(
+                ") AS v WHERE devices.product_key = v.column1 AND devices.device_name = v.column2",
+            );
+            let mut q = sqlx::query(&sql);
+            for (key, f) in devices {
+                q = q
+                    .bind(key.0)
+                    .bind(key.1)
+                    .bind(f.status)
+                    .bind(f.last_online)
+                    .bind(f.first_online)
+                    .bind(f.last_offline)
+                    .bind(f.addr);
+            }
+            q.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())

@@ -230,3 +230,74 @@ async fn migrations_are_reversible_on_every_engine() {
     }
     cleanup(dbs).await;
 }
+
+#[tokio::test]
+async fn presence_batches_cross_statement_chunks_on_every_engine() {
+    let dbs = engines().await;
+    for t in &dbs {
+        let db = &t.db;
+        let p = registry::create_product(db, product("Bulk")).await.unwrap();
+        let pk = p.product_key.clone();
+        let made = registry::create_devices(db, &pk, vec![], 450)
+            .await
+            .unwrap();
+        // 450 devices online, then the first 100 offline again: 550 events, 450 devices.
+        let mut events: Vec<PresenceEvent> = made
+            .iter()
+            .map(|d| PresenceEvent {
+                product_key: pk.clone(),
+                device_name: d.device_name.clone(),
+                status: "online".into(),
+                reason: "connected".into(),
+                client_addr: Some("10.0.0.1:1".into()),
+                at: 1000,
+            })
+            .collect();
+        events.extend(made.iter().take(100).map(|d| PresenceEvent {
+            product_key: pk.clone(),
+            device_name: d.device_name.clone(),
+            status: "offline".into(),
+            reason: "clean disconnect".into(),
+            client_addr: None,
+            at: 2000,
+        }));
+        db.record_presence(&events).await.unwrap();
+        let first = db
+            .get_device(&pk, &made[0].device_name)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (
+                first.status.as_str(),
+                first.last_online_at,
+                first.last_offline_at
+            ),
+            ("offline", Some(1000), Some(2000)),
+            "{:?}",
+            db.engine()
+        );
+        assert_eq!(
+            first.client_addr.as_deref(),
+            Some("10.0.0.1:1"),
+            "an offline change without address keeps the last one"
+        );
+        let last = db
+            .get_device(&pk, &made[449].device_name)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (last.status.as_str(), last.first_online_at),
+            ("online", Some(1000))
+        );
+        assert_eq!(
+            db.presence_history(&pk, &made[0].device_name, 10)
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
+    }
+    cleanup(dbs).await;
+}

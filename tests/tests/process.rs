@@ -92,6 +92,8 @@ async fn kill_9_loses_no_registry_data_and_marks_devices_offline() {
         .await
         .unwrap();
     assert_eq!(h["events"][0]["reason"], "server restart", "{h}");
+    // The online record was committed before the device got its CONNACK.
+    assert_eq!(h["events"][1]["reason"], "connected", "{h}");
     // And devices reconnect with the same credentials.
     assert!(connect_device(cloud.mqtt, &pk, "pump-001", &secrets[0])
         .await

@@ -242,17 +242,34 @@ pub async fn serve<S>(
         .metrics
         .connections
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    shared
-        .presence
-        .record(PresenceEvent {
-            product_key: pk.clone(),
-            device_name: dn.clone(),
-            status: "online".into(),
-            reason: "connected".into(),
-            client_addr: Some(addr.clone()),
-            at: now_ms(),
-        })
-        .await;
+    let online = PresenceEvent {
+        product_key: pk.clone(),
+        device_name: dn.clone(),
+        status: "online".into(),
+        reason: "connected".into(),
+        client_addr: Some(addr.clone()),
+        at: now_ms(),
+    };
+    // The CONNACK in `out` is sent only once "online" is committed: a device told it is
+    // connected is recorded as such even if the server is killed right after.
+    if !shared.presence.record_durable(online).await {
+        tracing::error!(%peer, product_key = %pk, device_name = %dn, "CONNECT refused: presence could not be stored");
+        shared
+            .metrics
+            .connections
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        out.clear();
+        version.write(
+            connack(match version {
+                Version::V311 => ConnectReturnCode::ServiceUnavailable,
+                Version::V5 => ConnectReturnCode::ServerUnavailable,
+            }),
+            &mut out,
+        );
+        let _ = stream.write_all(&out).await;
+        shared.sessions.remove(&pk, &dn, registration.serial);
+        return;
+    }
     tracing::info!(%peer, product_key = %pk, device_name = %dn, ?version, tls, "device online");
 
     let mut conn = Connection {
