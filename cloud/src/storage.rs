@@ -119,6 +119,20 @@ fn as_bool<S: serde::Serializer>(v: &i64, s: S) -> Result<S::Ok, S::Error> {
 const PRODUCT_COLS: &str = "product_key, name, node_type, data_format, product_secret, dynamic_register, description, created_at";
 const DEVICE_COLS: &str = "product_key, device_name, device_secret, enabled, status, created_at, first_online_at, last_online_at, last_offline_at, client_addr, tags";
 
+/// Splits a batch into chunks of 128, 64, ..., 1 rows, so that multi-row statements come in
+/// at most eight shapes and stay in the prepared-statement cache.
+fn pow2_chunks<T>(mut rest: &[T]) -> impl Iterator<Item = &[T]> {
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let n = 1usize << rest.len().min(128).ilog2();
+        let (head, tail) = rest.split_at(n);
+        rest = tail;
+        Some(head)
+    })
+}
+
 fn unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
 }
@@ -446,9 +460,8 @@ impl Db {
                 f.addr = Some(a);
             }
         }
-        const CHUNK: usize = 200;
         let mut tx = self.pool.begin().await?;
-        for chunk in events.chunks(CHUNK) {
+        for chunk in pow2_chunks(events) {
             let mut sql = String::from(
                 "INSERT INTO presence_events (product_key, device_name, status, reason, client_addr, at) VALUES ",
             );
@@ -479,7 +492,7 @@ impl Db {
             }
             q.execute(&mut *tx).await?;
         }
-        for devices in folds.chunks(CHUNK) {
+        for devices in pow2_chunks(&folds) {
             let mut sql = String::from(
                 "UPDATE devices SET status = v.column3, \
                  last_online_at = COALESCE(CAST(v.column4 AS BIGINT), last_online_at), \
@@ -558,5 +571,18 @@ impl Db {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pow2_chunks;
+
+    #[test]
+    fn chunks_are_powers_of_two_up_to_128() {
+        let v: Vec<u32> = (0..455).collect();
+        let sizes: Vec<usize> = pow2_chunks(&v).map(<[u32]>::len).collect();
+        assert_eq!(sizes, [128, 128, 128, 64, 4, 2, 1]);
+        assert_eq!(pow2_chunks::<u8>(&[]).count(), 0);
     }
 }

@@ -14,6 +14,8 @@ pub enum Authenticated {
         product_key: String,
         /// Device name.
         device_name: String,
+        /// True when the device has never been online: this connect activates it.
+        first_connect: bool,
     },
     /// A dynamic registration: answer with the device secret, then close.
     Register {
@@ -173,6 +175,7 @@ pub async fn authenticate(
         }
     }
     Ok(Authenticated::Device {
+        first_connect: device.first_online_at.is_none(),
         product_key: device.product_key,
         device_name: device.device_name,
     })

@@ -171,7 +171,7 @@ pub async fn serve<S>(
         now_ms(),
     ))
     .await;
-    let (pk, dn) = match auth {
+    let (pk, dn, first_connect) = match auth {
         Err(e) => {
             Metrics::inc(&shared.metrics.auth_refused);
             tracing::warn!(%peer, client_id = %connect.client_id, username = ?login.as_ref().map(|l| &l.username), reason = %e, "CONNECT refused");
@@ -211,7 +211,8 @@ pub async fn serve<S>(
         Ok(Authenticated::Device {
             product_key,
             device_name,
-        }) => (product_key, device_name),
+            first_connect,
+        }) => (product_key, device_name, first_connect),
     };
     let device = DeviceRef::new(&pk, &dn);
     let will = match will {
@@ -250,10 +251,18 @@ pub async fn serve<S>(
         client_addr: Some(addr.clone()),
         at: now_ms(),
     };
-    // The CONNACK in `out` is sent only once "online" is committed: a device told it is
-    // connected is recorded as such even if the server is killed right after.
-    if !shared.presence.record_durable(online).await {
-        tracing::error!(%peer, product_key = %pk, device_name = %dn, "CONNECT refused: presence could not be stored");
+    // A device's activation (its first online) is committed before its CONNACK is sent, so it
+    // survives a kill -9. Later changes are queued and written in batches within milliseconds:
+    // a crash in that window loses those history rows, and the restart records every device
+    // left online as offline ("server restart").
+    let stored = if first_connect {
+        shared.presence.record_durable(online).await
+    } else {
+        shared.presence.record(online).await;
+        true
+    };
+    if !stored {
+        tracing::error!(%peer, product_key = %pk, device_name = %dn, "CONNECT refused: activation could not be stored");
         shared
             .metrics
             .connections
