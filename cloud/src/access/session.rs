@@ -73,12 +73,17 @@ fn connack(code: ConnectReturnCode) -> Packet {
     )
 }
 
+/// "Server unavailable" in the client's MQTT version.
+fn server_unavailable(version: Version) -> ConnectReturnCode {
+    match version {
+        Version::V311 => ConnectReturnCode::ServiceUnavailable,
+        Version::V5 => ConnectReturnCode::ServerUnavailable,
+    }
+}
+
 fn refusal_code(version: Version, e: &AuthError) -> ConnectReturnCode {
     match (version, e) {
-        (_, e) if e.is_server_side() => match version {
-            Version::V311 => ConnectReturnCode::ServiceUnavailable,
-            Version::V5 => ConnectReturnCode::ServerUnavailable,
-        },
+        (_, e) if e.is_server_side() => server_unavailable(version),
         (Version::V5, AuthError::Disabled(_)) => ConnectReturnCode::Banned,
         (_, e) if e.is_not_authorized() => ConnectReturnCode::NotAuthorized,
         _ => ConnectReturnCode::BadUserNamePassword,
@@ -239,10 +244,6 @@ pub async fn serve<S>(
     };
     version.write(connack(ConnectReturnCode::Success), &mut out);
     let addr = peer.to_string();
-    shared
-        .metrics
-        .connections
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let online = PresenceEvent {
         product_key: pk.clone(),
         device_name: dn.clone(),
@@ -263,22 +264,16 @@ pub async fn serve<S>(
     };
     if !stored {
         tracing::error!(%peer, product_key = %pk, device_name = %dn, "CONNECT refused: activation could not be stored");
-        shared
-            .metrics
-            .connections
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         out.clear();
-        version.write(
-            connack(match version {
-                Version::V311 => ConnectReturnCode::ServiceUnavailable,
-                Version::V5 => ConnectReturnCode::ServerUnavailable,
-            }),
-            &mut out,
-        );
+        version.write(connack(server_unavailable(version)), &mut out);
         let _ = stream.write_all(&out).await;
         shared.sessions.remove(&pk, &dn, registration.serial);
         return;
     }
+    shared
+        .metrics
+        .connections
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(%peer, product_key = %pk, device_name = %dn, ?version, tls, "device online");
 
     let mut conn = Connection {
