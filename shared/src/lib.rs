@@ -9,6 +9,8 @@ extern crate alloc;
 pub mod acl;
 pub mod credentials;
 pub mod sign;
+#[cfg(feature = "alloc")]
+pub mod tsl;
 
 /// An Alink device identity: product key plus device name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
