@@ -127,6 +127,10 @@ pub fn router(state: ApiState) -> Router {
             post(create_devices).get(list_devices),
         )
         .route("/products/:pk/broadcast", post(broadcast))
+        .route(
+            "/products/:pk/thing-model",
+            get(get_thing_model).put(put_thing_model),
+        )
         .route("/devices/:pk/:dn", get(get_device).delete(delete_device))
         .route("/devices/:pk/:dn/disable", post(disable_device))
         .route("/devices/:pk/:dn/enable", post(enable_device))
@@ -288,6 +292,65 @@ async fn put_tags(
         .await?
         .ok_or_else(|| unknown_device(&pk, &dn))?;
     Ok(Json(device_json(&s, d)))
+}
+
+async fn put_thing_model(
+    State(s): State<ApiState>,
+    Path(pk): Path<String>,
+    ApiJson(body): ApiJson<Value>,
+) -> ApiResult<impl IntoResponse> {
+    if s.shared.db.get_product(&pk).await?.is_none() {
+        return Err(unknown_product(&pk));
+    }
+    let text = body.to_string();
+    let model = ironlink_shared::tsl::parse(&text).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_thing_model",
+            format!("thing model of product `{pk}`: {e}"),
+        )
+    })?;
+    let version = s
+        .shared
+        .db
+        .put_thing_model(&pk, &text, crate::registry::now_ms())
+        .await?;
+    Ok(Json(json!({
+        "product_key": pk,
+        "version": version,
+        "properties": model.properties.len(),
+        "events": model.events.len(),
+        "services": model.services.len(),
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+struct VersionQuery {
+    version: Option<i64>,
+}
+
+async fn get_thing_model(
+    State(s): State<ApiState>,
+    Path(pk): Path<String>,
+    Query(q): Query<VersionQuery>,
+) -> ApiResult<impl IntoResponse> {
+    if s.shared.db.get_product(&pk).await?.is_none() {
+        return Err(unknown_product(&pk));
+    }
+    match s.shared.db.get_thing_model(&pk, q.version).await? {
+        Some((version, tsl, created_at)) => Ok(Json(json!({
+            "product_key": pk,
+            "version": version,
+            "created_at": created_at,
+            "tsl": serde_json::from_str::<Value>(&tsl).unwrap_or(Value::Null),
+        }))),
+        None => Err(ApiError::not_found(match q.version {
+            Some(v) => format!("product `{pk}` has no thing model version {v}"),
+            None => format!(
+                "product `{pk}` has no thing model yet: import one with PUT /api/v1/products/{pk}/thing-model"
+            ),
+        })),
+    }
 }
 
 async fn delete_product(

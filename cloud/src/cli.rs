@@ -187,6 +187,17 @@ pub enum ProductCmd {
         /// Product key.
         product_key: String,
     },
+    /// Export the thing model (TSL JSON) to stdout, or import one with --import FILE.
+    ThingModel {
+        /// Product key.
+        product_key: String,
+        /// TSL JSON file to import as a new version.
+        #[arg(long)]
+        import: Option<PathBuf>,
+        /// Version to export (default: the latest).
+        #[arg(long)]
+        version: Option<i64>,
+    },
 }
 
 /// Device actions.
@@ -492,6 +503,36 @@ pub async fn run_admin(command: Command) -> anyhow::Result<()> {
                     )
                     .await?;
                 }
+                ProductCmd::ThingModel {
+                    product_key,
+                    import,
+                    version,
+                } => match import {
+                    Some(file) => {
+                        let text = std::fs::read_to_string(&file)
+                            .with_context(|| format!("reading {}", file.display()))?;
+                        let body: Value = serde_json::from_str(&text)
+                            .with_context(|| format!("{} is not JSON", file.display()))?;
+                        c.record(
+                            Method::PUT,
+                            &format!("/products/{product_key}/thing-model"),
+                            Some(body),
+                        )
+                        .await?;
+                    }
+                    None => {
+                        let query = version.map(|v| format!("?version={v}")).unwrap_or_default();
+                        let v = c
+                            .call(
+                                Method::GET,
+                                &format!("/products/{product_key}/thing-model{query}"),
+                                None,
+                            )
+                            .await?;
+                        let doc = if c.json { &v } else { &v["tsl"] };
+                        println!("{}", serde_json::to_string_pretty(doc).unwrap_or_default());
+                    }
+                },
                 ProductCmd::Delete { product_key } => {
                     c.record(Method::DELETE, &format!("/products/{product_key}"), None)
                         .await?;

@@ -285,9 +285,13 @@ impl Db {
         Ok(r.rows_affected() > 0)
     }
 
-    /// Deletes a product and its devices. False when no such product.
+    /// Deletes a product, its devices and its thing models. False when no such product.
     pub async fn delete_product(&self, pk: &str) -> Result<bool, StorageError> {
         let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM thing_models WHERE product_key = $1")
+            .bind(pk)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query("DELETE FROM devices WHERE product_key = $1")
             .bind(pk)
             .execute(&mut *tx)
@@ -298,6 +302,69 @@ impl Db {
             .await?;
         tx.commit().await?;
         Ok(r.rows_affected() > 0)
+    }
+
+    /// Stores a new thing model version for a product (the previous ones are kept) and
+    /// returns its number, starting at 1.
+    pub async fn put_thing_model(&self, pk: &str, tsl: &str, at: i64) -> Result<i64, StorageError> {
+        let mut tx = self.pool.begin().await?;
+        let row: AnyRow = sqlx::query(
+            "SELECT COALESCE(MAX(version), 0) AS v FROM thing_models WHERE product_key = $1",
+        )
+        .bind(pk)
+        .fetch_one(&mut *tx)
+        .await?;
+        let version = row.try_get::<i64, _>("v")? + 1;
+        sqlx::query("INSERT INTO thing_models (product_key, version, tsl, created_at) VALUES ($1, $2, $3, $4)")
+            .bind(pk)
+            .bind(version)
+            .bind(tsl)
+            .bind(at)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| {
+                if unique_violation(&e) {
+                    StorageError::Conflict(format!(
+                        "thing model of product `{pk}` was changed concurrently; retry"
+                    ))
+                } else {
+                    e.into()
+                }
+            })?;
+        tx.commit().await?;
+        Ok(version)
+    }
+
+    /// A product's thing model: the given version, or the latest. Returns (version, TSL JSON,
+    /// created at).
+    pub async fn get_thing_model(
+        &self,
+        pk: &str,
+        version: Option<i64>,
+    ) -> Result<Option<(i64, String, i64)>, StorageError> {
+        let row: Option<AnyRow> = match version {
+            Some(v) => {
+                sqlx::query("SELECT version, tsl, created_at FROM thing_models WHERE product_key = $1 AND version = $2")
+                    .bind(pk)
+                    .bind(v)
+                    .fetch_optional(&self.pool)
+                    .await?
+            }
+            None => {
+                sqlx::query("SELECT version, tsl, created_at FROM thing_models WHERE product_key = $1 ORDER BY version DESC LIMIT 1")
+                    .bind(pk)
+                    .fetch_optional(&self.pool)
+                    .await?
+            }
+        };
+        row.map(|r| -> Result<_, StorageError> {
+            Ok((
+                r.try_get("version")?,
+                r.try_get("tsl")?,
+                r.try_get("created_at")?,
+            ))
+        })
+        .transpose()
     }
 
     /// Inserts devices in one transaction: all or none. A duplicate name is a conflict that

@@ -251,3 +251,66 @@ async fn openapi_and_metrics_are_served() {
         .unwrap();
     assert!(text.contains("ironlink_mqtt_connections 0"), "{text}");
 }
+
+#[tokio::test]
+async fn thing_models_import_with_versions_and_refuse_bad_specs_by_path() {
+    let srv = start(|_| {}).await;
+    let (pk, _) = srv.product(false).await;
+    let path = format!("/products/{pk}/thing-model");
+    let (s, v) = srv.get(&path).await;
+    assert_eq!((s, v["code"].as_str()), (404, Some("not_found")));
+
+    for (name, template) in [
+        (
+            "electricity-meter",
+            include_str!("../../docs/tsl-templates/electricity-meter.json"),
+        ),
+        (
+            "temperature-humidity-sensor",
+            include_str!("../../docs/tsl-templates/temperature-humidity-sensor.json"),
+        ),
+    ] {
+        let body: serde_json::Value = serde_json::from_str(template).unwrap();
+        let (s, v) = srv.call(reqwest::Method::PUT, &path, Some(body)).await;
+        assert_eq!(s, 200, "{name}: {v}");
+    }
+    let (_, latest) = srv.get(&path).await;
+    assert_eq!(latest["version"], 2);
+    assert_eq!(
+        latest["tsl"]["properties"][0]["identifier"],
+        "CurrentTemperature"
+    );
+    let (_, first) = srv.get(&format!("{path}?version=1")).await;
+    assert_eq!(first["tsl"]["properties"][0]["identifier"], "Voltage");
+    let (s, _) = srv.get(&format!("{path}?version=9")).await;
+    assert_eq!(s, 404);
+
+    let bad = json!({"properties": [{"identifier": "t", "dataType": {"type": "int", "specs": {"min": "10", "max": "1"}}}]});
+    let (s, v) = srv.call(reqwest::Method::PUT, &path, Some(bad)).await;
+    assert_eq!((s, v["code"].as_str()), (400, Some("invalid_thing_model")));
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("properties[0].dataType.specs.max"),
+        "{v}"
+    );
+    let (_, still) = srv.get(&path).await;
+    assert_eq!(
+        still["version"], 2,
+        "a refused model does not create a version"
+    );
+
+    let (s, _) = srv
+        .call(
+            reqwest::Method::PUT,
+            "/products/a1nothere/thing-model",
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(s, 404);
+    let (s, _) = srv
+        .call(reqwest::Method::DELETE, &format!("/products/{pk}"), None)
+        .await;
+    assert_eq!(s, 200, "a product with thing models can be deleted");
+}

@@ -301,3 +301,42 @@ async fn presence_batches_cross_statement_chunks_on_every_engine() {
     }
     cleanup(dbs).await;
 }
+
+#[tokio::test]
+async fn thing_model_versions_on_every_engine() {
+    let dbs = engines().await;
+    for t in &dbs {
+        let db = &t.db;
+        let p = registry::create_product(db, product("Modelled"))
+            .await
+            .unwrap();
+        let pk = &p.product_key;
+        assert!(db.get_thing_model(pk, None).await.unwrap().is_none());
+        assert_eq!(
+            db.put_thing_model(pk, r#"{"properties":[]}"#, 10)
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            db.put_thing_model(pk, r#"{"events":[]}"#, 20)
+                .await
+                .unwrap(),
+            2
+        );
+        let (v, tsl, at) = db.get_thing_model(pk, None).await.unwrap().unwrap();
+        assert_eq!(
+            (v, tsl.as_str(), at),
+            (2, r#"{"events":[]}"#, 20),
+            "{:?}",
+            db.engine()
+        );
+        assert_eq!(db.get_thing_model(pk, Some(1)).await.unwrap().unwrap().0, 1);
+        assert!(db.delete_product(pk).await.unwrap());
+        assert!(
+            db.get_thing_model(pk, None).await.unwrap().is_none(),
+            "models go with their product"
+        );
+    }
+    cleanup(dbs).await;
+}
