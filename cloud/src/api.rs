@@ -204,10 +204,7 @@ async fn get_product(
     State(s): State<ApiState>,
     Path(pk): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    match s.shared.db.get_product(&pk).await? {
-        Some(p) => Ok(Json(p)),
-        None => Err(unknown_product(&pk)),
-    }
+    Ok(Json(require_product(&s, &pk).await?))
 }
 
 fn unknown_product(pk: &str) -> ApiError {
@@ -220,6 +217,24 @@ fn unknown_device(pk: &str, dn: &str) -> ApiError {
     ApiError::not_found(format!(
         "device `{pk}/{dn}` does not exist: list devices with GET /api/v1/products/{pk}/devices"
     ))
+}
+
+/// The product, or the API's 404 for it.
+async fn require_product(s: &ApiState, pk: &str) -> ApiResult<crate::storage::Product> {
+    s.shared
+        .db
+        .get_product(pk)
+        .await?
+        .ok_or_else(|| unknown_product(pk))
+}
+
+/// The device, or the API's 404 for it.
+async fn require_device(s: &ApiState, pk: &str, dn: &str) -> ApiResult<Device> {
+    s.shared
+        .db
+        .get_device(pk, dn)
+        .await?
+        .ok_or_else(|| unknown_device(pk, dn))
 }
 
 #[derive(Debug, Deserialize)]
@@ -235,12 +250,7 @@ async fn update_product(
     Path(pk): Path<String>,
     ApiJson(body): ApiJson<ProductUpdate>,
 ) -> ApiResult<impl IntoResponse> {
-    let current = s
-        .shared
-        .db
-        .get_product(&pk)
-        .await?
-        .ok_or_else(|| unknown_product(&pk))?;
+    let current = require_product(&s, &pk).await?;
     if let Some(on) = body.dynamic_register {
         s.shared.db.set_dynamic_register(&pk, on).await?;
     }
@@ -256,12 +266,7 @@ async fn update_product(
             .update_product_text(&pk, name, &description)
             .await?;
     }
-    let p = s
-        .shared
-        .db
-        .get_product(&pk)
-        .await?
-        .ok_or_else(|| unknown_product(&pk))?;
+    let p = require_product(&s, &pk).await?;
     Ok(Json(p))
 }
 
@@ -285,12 +290,7 @@ async fn put_tags(
     if !s.shared.db.set_device_tags(&pk, &dn, &text).await? {
         return Err(unknown_device(&pk, &dn));
     }
-    let d = s
-        .shared
-        .db
-        .get_device(&pk, &dn)
-        .await?
-        .ok_or_else(|| unknown_device(&pk, &dn))?;
+    let d = require_device(&s, &pk, &dn).await?;
     Ok(Json(device_json(&s, d)))
 }
 
@@ -299,9 +299,7 @@ async fn put_thing_model(
     Path(pk): Path<String>,
     ApiJson(body): ApiJson<Value>,
 ) -> ApiResult<impl IntoResponse> {
-    if s.shared.db.get_product(&pk).await?.is_none() {
-        return Err(unknown_product(&pk));
-    }
+    require_product(&s, &pk).await?;
     let text = body.to_string();
     let model = ironlink_shared::tsl::parse(&text).map_err(|e| {
         ApiError::new(
@@ -334,9 +332,7 @@ async fn get_thing_model(
     Path(pk): Path<String>,
     Query(q): Query<VersionQuery>,
 ) -> ApiResult<impl IntoResponse> {
-    if s.shared.db.get_product(&pk).await?.is_none() {
-        return Err(unknown_product(&pk));
-    }
+    require_product(&s, &pk).await?;
     match s.shared.db.get_thing_model(&pk, q.version).await? {
         Some((version, tsl, created_at)) => Ok(Json(json!({
             "product_key": pk,
@@ -445,9 +441,7 @@ async fn list_devices(
     Path(pk): Path<String>,
     Query(q): Query<Page>,
 ) -> ApiResult<impl IntoResponse> {
-    if s.shared.db.get_product(&pk).await?.is_none() {
-        return Err(unknown_product(&pk));
-    }
+    require_product(&s, &pk).await?;
     let page = q.page.unwrap_or(1);
     let size = q.page_size.unwrap_or(50);
     if page < 1 || !(1..=1000).contains(&size) {
@@ -470,10 +464,8 @@ async fn get_device(
     State(s): State<ApiState>,
     Path((pk, dn)): Path<(String, String)>,
 ) -> ApiResult<impl IntoResponse> {
-    match s.shared.db.get_device(&pk, &dn).await? {
-        Some(d) => Ok(Json(device_json(&s, d))),
-        None => Err(unknown_device(&pk, &dn)),
-    }
+    let d = require_device(&s, &pk, &dn).await?;
+    Ok(Json(device_json(&s, d)))
 }
 
 async fn delete_device(
@@ -500,12 +492,7 @@ async fn set_enabled(s: &ApiState, pk: &str, dn: &str, enabled: bool) -> ApiResu
         && s.shared
             .sessions
             .kick(pk, dn, Kick::Admin("device disabled".into()));
-    let d = s
-        .shared
-        .db
-        .get_device(pk, dn)
-        .await?
-        .ok_or_else(|| unknown_device(pk, dn))?;
+    let d = require_device(s, pk, dn).await?;
     let mut v = device_json(s, d);
     if let Some(o) = v.as_object_mut() {
         o.insert("disconnected".into(), json!(kicked));
@@ -539,8 +526,9 @@ struct PublishBody {
     qos: u8,
 }
 
-fn payload_bytes(b: &PublishBody) -> ApiResult<Bytes> {
-    match (&b.payload, &b.payload_base64) {
+/// The bytes of a `payload` (text as is, other JSON serialized) or `payload_base64`.
+fn payload_bytes(payload: &Option<Value>, payload_base64: &Option<String>) -> ApiResult<Bytes> {
+    match (payload, payload_base64) {
         (Some(_), Some(_)) => Err(ApiError::invalid(
             "give payload or payload_base64, not both",
         )),
@@ -585,9 +573,7 @@ async fn publish_to_device(
     if body.qos > 1 {
         return Err(ApiError::invalid("qos must be 0 or 1 (Alink has no QoS 2)"));
     }
-    if s.shared.db.get_device(&pk, &dn).await?.is_none() {
-        return Err(unknown_device(&pk, &dn));
-    }
+    require_device(&s, &pk, &dn).await?;
     if !device_may(Access::Publish, DeviceRef::new(&pk, &dn), &body.topic) {
         return Err(ApiError::invalid(format!(
             "topic `{}` is not one of device `{pk}/{dn}`'s topics: use /sys/{pk}/{dn}/..., /{pk}/{dn}/user/..., /shadow/.../{pk}/{dn} or /ota/device/.../{pk}/{dn}",
@@ -601,7 +587,7 @@ async fn publish_to_device(
             format!("device `{pk}/{dn}` is offline: messages are delivered only to online devices"),
         ));
     }
-    let payload = payload_bytes(&body)?;
+    let payload = payload_bytes(&body.payload, &body.payload_base64)?;
     let delivered = s.shared.router.publish(Message {
         topic: body.topic.clone(),
         payload,
@@ -624,9 +610,7 @@ async fn broadcast(
     Path(pk): Path<String>,
     ApiJson(body): ApiJson<BroadcastBody>,
 ) -> ApiResult<impl IntoResponse> {
-    if s.shared.db.get_product(&pk).await?.is_none() {
-        return Err(unknown_product(&pk));
-    }
+    require_product(&s, &pk).await?;
     let suffix = body.topic.trim_start_matches('/');
     let topic = format!("/broadcast/{pk}/{suffix}");
     if suffix.is_empty() || !valid_topic_name(&topic) {
@@ -634,12 +618,7 @@ async fn broadcast(
             "topic must be a non-empty topic name without + or #; it is published as /broadcast/{pk}/{topic}",
         ));
     }
-    let payload = payload_bytes(&PublishBody {
-        topic: topic.clone(),
-        payload: body.payload,
-        payload_base64: body.payload_base64,
-        qos: 0,
-    })?;
+    let payload = payload_bytes(&body.payload, &body.payload_base64)?;
     let delivered = s.shared.router.publish(Message {
         topic: topic.clone(),
         payload,
@@ -659,9 +638,7 @@ async fn presence_history(
     Path((pk, dn)): Path<(String, String)>,
     Query(q): Query<HistoryQuery>,
 ) -> ApiResult<impl IntoResponse> {
-    if s.shared.db.get_device(&pk, &dn).await?.is_none() {
-        return Err(unknown_device(&pk, &dn));
-    }
+    require_device(&s, &pk, &dn).await?;
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let events = s.shared.db.presence_history(&pk, &dn, limit).await?;
     Ok(Json(json!({ "events": events })))

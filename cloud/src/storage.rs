@@ -116,6 +116,14 @@ fn as_bool<S: serde::Serializer>(v: &i64, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_bool(*v != 0)
 }
 
+/// Device columns that [`Db::update_device`] sets one at a time.
+#[derive(Debug, Clone, Copy)]
+enum DeviceColumn {
+    Enabled,
+    Secret,
+    Tags,
+}
+
 const PRODUCT_COLS: &str = "product_key, name, node_type, data_format, product_secret, dynamic_register, description, created_at";
 const DEVICE_COLS: &str = "product_key, device_name, device_secret, enabled, status, created_at, first_online_at, last_online_at, last_offline_at, client_addr, tags";
 
@@ -275,13 +283,37 @@ impl Db {
         dn: &str,
         tags: &str,
     ) -> Result<bool, StorageError> {
-        let r =
-            sqlx::query("UPDATE devices SET tags = $1 WHERE product_key = $2 AND device_name = $3")
-                .bind(tags)
-                .bind(pk)
-                .bind(dn)
-                .execute(&self.pool)
-                .await?;
+        self.update_device(DeviceColumn::Tags, tags, pk, dn).await
+    }
+
+    /// Sets one column of a device; false when no such device.
+    async fn update_device<'q, T>(
+        &self,
+        column: DeviceColumn,
+        value: T,
+        pk: &'q str,
+        dn: &'q str,
+    ) -> Result<bool, StorageError>
+    where
+        T: 'q + Send + sqlx::Encode<'q, sqlx::Any> + sqlx::Type<sqlx::Any>,
+    {
+        let sql = match column {
+            DeviceColumn::Enabled => {
+                "UPDATE devices SET enabled = $1 WHERE product_key = $2 AND device_name = $3"
+            }
+            DeviceColumn::Secret => {
+                "UPDATE devices SET device_secret = $1 WHERE product_key = $2 AND device_name = $3"
+            }
+            DeviceColumn::Tags => {
+                "UPDATE devices SET tags = $1 WHERE product_key = $2 AND device_name = $3"
+            }
+        };
+        let r = sqlx::query(sql)
+            .bind(value)
+            .bind(pk)
+            .bind(dn)
+            .execute(&self.pool)
+            .await?;
         Ok(r.rows_affected() > 0)
     }
 
@@ -446,15 +478,8 @@ impl Db {
         dn: &str,
         enabled: bool,
     ) -> Result<bool, StorageError> {
-        let r = sqlx::query(
-            "UPDATE devices SET enabled = $1 WHERE product_key = $2 AND device_name = $3",
-        )
-        .bind(i64::from(enabled))
-        .bind(pk)
-        .bind(dn)
-        .execute(&self.pool)
-        .await?;
-        Ok(r.rows_affected() > 0)
+        self.update_device(DeviceColumn::Enabled, i64::from(enabled), pk, dn)
+            .await
     }
 
     /// Replaces a device's secret (dynamic registration). False when no such device.
@@ -464,15 +489,8 @@ impl Db {
         dn: &str,
         secret: &str,
     ) -> Result<bool, StorageError> {
-        let r = sqlx::query(
-            "UPDATE devices SET device_secret = $1 WHERE product_key = $2 AND device_name = $3",
-        )
-        .bind(secret)
-        .bind(pk)
-        .bind(dn)
-        .execute(&self.pool)
-        .await?;
-        Ok(r.rows_affected() > 0)
+        self.update_device(DeviceColumn::Secret, secret, pk, dn)
+            .await
     }
 
     /// Deletes a device. False when no such device.
