@@ -121,7 +121,9 @@ async fn writer(
                 true
             }
         };
-        let events: Vec<PresenceEvent> = batch.iter().map(|(e, _)| e.clone()).collect();
+        // Split without copying: the events to store, and who waits for their commit.
+        let (events, waiters): (Vec<PresenceEvent>, Vec<Option<oneshot::Sender<()>>>) =
+            batch.drain(..).unzip();
         let mut stored = false;
         for attempt in 0..5u32 {
             match db.record_presence(&events).await {
@@ -130,24 +132,26 @@ async fn writer(
                     break;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, attempt, events = batch.len(), "storing presence failed, retrying");
+                    tracing::warn!(error = %e, attempt, events = events.len(), "storing presence failed, retrying");
                     tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
                 }
             }
         }
         if !stored {
             tracing::error!(
-                events = batch.len(),
+                events = events.len(),
                 "presence events lost after 5 attempts"
             );
             metrics
                 .presence_lost
-                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                .fetch_add(events.len() as u64, Ordering::Relaxed);
         }
-        for (e, waiter) in batch.drain(..) {
-            if let (true, Some(w)) = (stored, waiter) {
+        if stored {
+            for w in waiters.into_iter().flatten() {
                 let _ = w.send(());
             }
+        }
+        for e in events {
             let payload = serde_json::json!({
                 "status": e.status,
                 "productKey": e.product_key,
