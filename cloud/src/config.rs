@@ -22,6 +22,8 @@ pub struct Config {
     pub http: HttpConfig,
     /// TLS certificate for MQTT over TLS.
     pub tls: TlsConfig,
+    /// Thing model, services and gateways.
+    pub thing: ThingConfig,
 }
 
 impl Default for Config {
@@ -33,6 +35,7 @@ impl Default for Config {
             mqtt: MqttConfig::default(),
             http: HttpConfig::default(),
             tls: TlsConfig::default(),
+            thing: ThingConfig::default(),
         }
     }
 }
@@ -86,6 +89,38 @@ impl Default for MqttConfig {
             max_keepalive: Duration::from_secs(1200),
             session_queue: 1024,
             max_inflight: 64,
+        }
+    }
+}
+
+/// Thing model, services and gateways.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ThingConfig {
+    /// Sub-devices one gateway connection may have logged in at once.
+    pub max_sub_devices: usize,
+    /// Sub-devices in one `batch_login` / `batch_logout` / `topo/add` request.
+    pub max_batch: usize,
+    /// How long a property set/get or sync service call waits for the device when the
+    /// request names no `timeout_ms`.
+    #[serde(with = "humantime_serde")]
+    pub call_timeout: Duration,
+    /// When an async service call without `timeout_ms` is marked timed out.
+    #[serde(with = "humantime_serde")]
+    pub async_call_timeout: Duration,
+    /// Upper bound of any `timeout_ms`.
+    #[serde(with = "humantime_serde")]
+    pub max_call_timeout: Duration,
+}
+
+impl Default for ThingConfig {
+    fn default() -> Self {
+        Self {
+            max_sub_devices: 10_000,
+            max_batch: 200,
+            call_timeout: Duration::from_secs(5),
+            async_call_timeout: Duration::from_secs(60),
+            max_call_timeout: Duration::from_secs(600),
         }
     }
 }

@@ -13,4 +13,5 @@ pub mod registry;
 pub mod router;
 pub mod server;
 pub mod storage;
+pub mod thing;
 pub mod tls;

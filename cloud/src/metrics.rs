@@ -32,6 +32,20 @@ pub struct Metrics {
     pub messages_out: AtomicU64,
     /// Presence events that could not be stored.
     pub presence_lost: AtomicU64,
+    /// Property values stored.
+    pub properties_stored: AtomicU64,
+    /// Property values refused by the thing model (wrong type, out of range, unknown...).
+    pub properties_refused: AtomicU64,
+    /// Events stored.
+    pub events_stored: AtomicU64,
+    /// Alink messages refused as malformed (not JSON, missing fields, unknown method).
+    pub alink_malformed: AtomicU64,
+    /// Device replies whose message id matches no pending call.
+    pub replies_unmatched: AtomicU64,
+    /// Thing-data batches that could not be stored (their devices were disconnected unacked).
+    pub thing_store_failures: AtomicU64,
+    /// Sub-devices logged in through gateways now.
+    pub sub_devices: AtomicI64,
 }
 
 impl Metrics {
@@ -48,7 +62,12 @@ impl Metrics {
             out,
             "# TYPE ironlink_mqtt_connections gauge\nironlink_mqtt_connections {gauge}"
         );
-        let counters: [(&str, &AtomicU64); 12] = [
+        let subs = self.sub_devices.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# TYPE ironlink_sub_devices_online gauge\nironlink_sub_devices_online {subs}"
+        );
+        let counters: [(&str, &AtomicU64); 18] = [
             ("ironlink_mqtt_accepted_total", &self.accepted),
             ("ironlink_mqtt_rate_limited_total", &self.rate_limited),
             (
@@ -70,6 +89,18 @@ impl Metrics {
             ("ironlink_mqtt_messages_in_total", &self.messages_in),
             ("ironlink_mqtt_messages_out_total", &self.messages_out),
             ("ironlink_presence_lost_total", &self.presence_lost),
+            ("ironlink_properties_stored_total", &self.properties_stored),
+            (
+                "ironlink_properties_refused_total",
+                &self.properties_refused,
+            ),
+            ("ironlink_events_stored_total", &self.events_stored),
+            ("ironlink_alink_malformed_total", &self.alink_malformed),
+            ("ironlink_replies_unmatched_total", &self.replies_unmatched),
+            (
+                "ironlink_thing_store_failures_total",
+                &self.thing_store_failures,
+            ),
         ];
         for (name, c) in counters {
             let _ = writeln!(

@@ -33,6 +33,8 @@ pub enum OfflineReason {
     AclViolations,
     /// The server is shutting down.
     ServerShutdown,
+    /// The server could not store what the device sent; it was not acknowledged.
+    StorageFailed,
 }
 
 impl std::fmt::Display for OfflineReason {
@@ -46,6 +48,9 @@ impl std::fmt::Display for OfflineReason {
             Self::ConnectionLost(why) => write!(f, "connection lost: {why}"),
             Self::AclViolations => f.write_str("too many ACL violations"),
             Self::ServerShutdown => f.write_str("server shutdown"),
+            Self::StorageFailed => {
+                f.write_str("storage failed: the unacknowledged message will be resent")
+            }
         }
     }
 }

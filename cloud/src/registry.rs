@@ -90,6 +90,13 @@ pub struct NewProduct {
     /// Free text.
     #[serde(default)]
     pub description: String,
+    /// Owner; gateways only carry sub-devices of their own tenant. Default `default`.
+    #[serde(default = "default_tenant")]
+    pub tenant: String,
+}
+
+fn default_tenant() -> String {
+    "default".into()
 }
 
 fn default_node_type() -> String {
@@ -115,6 +122,11 @@ pub async fn create_product(db: &Db, p: NewProduct) -> Result<Product, RegistryE
             NODE_TYPES.join(", ")
         )));
     }
+    if p.tenant.is_empty() || p.tenant.len() > 64 {
+        return Err(RegistryError::Invalid(
+            "tenant must be 1 to 64 characters".into(),
+        ));
+    }
     if !DATA_FORMATS.contains(&p.data_format.as_str()) {
         return Err(RegistryError::Invalid(format!(
             "data_format `{}` is invalid: use one of {}",
@@ -131,6 +143,7 @@ pub async fn create_product(db: &Db, p: NewProduct) -> Result<Product, RegistryE
         dynamic_register: i64::from(p.dynamic_register),
         description: p.description,
         created_at: now_ms(),
+        tenant: p.tenant,
     };
     db.insert_product(&product).await?;
     Ok(product)

@@ -256,6 +256,12 @@ impl Router {
     /// Routes a message to every matching subscription (each session once, at the highest
     /// QoS among its matching filters). Returns how many sessions it was queued to.
     pub fn publish(&self, message: Message) -> usize {
+        self.publish_from(message, None)
+    }
+
+    /// Like [`Router::publish`], but never back to the session `origin` (a device's uplinks on
+    /// system topics are for the platform, not echoes for the device's own subscriptions).
+    pub fn publish_from(&self, message: Message, origin: Option<SessionId>) -> usize {
         if message.retain {
             let mut inner = self.write();
             if message.payload.is_empty() {
@@ -276,6 +282,9 @@ impl Router {
         inner.root.collect(&levels, true, &mut targets);
         let mut sent = 0;
         for (sid, qos) in targets {
+            if Some(sid) == origin {
+                continue;
+            }
             let Some(entry) = inner.sessions.get(&sid) else {
                 continue;
             };

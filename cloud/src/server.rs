@@ -40,6 +40,7 @@ pub struct Running {
     presence_stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     presence_task: JoinHandle<()>,
+    thing_tasks: Vec<JoinHandle<()>>,
 }
 
 fn load_or_create_token(config: &Config) -> anyhow::Result<(String, bool)> {
@@ -88,15 +89,25 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         db.clone(),
         router.clone(),
         metrics.clone(),
-        presence_stop_rx,
+        presence_stop_rx.clone(),
+    );
+    let sessions = Arc::new(Sessions::default());
+    let (thing, thing_tasks) = crate::thing::Thing::start(
+        db.clone(),
+        router.clone(),
+        sessions.clone(),
+        metrics.clone(),
+        config.clone(),
+        presence_stop_rx.clone(),
     );
     let shared = Arc::new(Shared {
         config: config.clone(),
         db,
         router,
-        sessions: Arc::new(Sessions::default()),
+        sessions,
         presence,
         metrics,
+        thing,
     });
     let limiter = Arc::new(ConnectLimiter::new(
         config.mqtt.connects_per_second,
@@ -164,6 +175,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         presence_stop,
         tasks,
         presence_task,
+        thing_tasks,
     })
 }
 
@@ -184,6 +196,9 @@ impl Running {
         }
         let _ = self.presence_stop.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(10), self.presence_task).await;
+        for t in self.thing_tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
         self.shared.db.close().await;
     }
 }

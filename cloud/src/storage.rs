@@ -41,7 +41,7 @@ pub enum Engine {
 /// A connection pool plus the engine it talks to.
 #[derive(Debug, Clone)]
 pub struct Db {
-    pool: AnyPool,
+    pub(crate) pool: AnyPool,
     engine: Engine,
 }
 
@@ -65,6 +65,8 @@ pub struct Product {
     pub description: String,
     /// Creation time, ms since the Unix epoch.
     pub created_at: i64,
+    /// Owner: a gateway may only add sub-devices of products of its own tenant.
+    pub tenant: String,
 }
 
 /// A device as stored.
@@ -124,7 +126,7 @@ enum DeviceColumn {
     Tags,
 }
 
-const PRODUCT_COLS: &str = "product_key, name, node_type, data_format, product_secret, dynamic_register, description, created_at";
+const PRODUCT_COLS: &str = "product_key, name, node_type, data_format, product_secret, dynamic_register, description, created_at, tenant";
 const DEVICE_COLS: &str = "product_key, device_name, device_secret, enabled, status, created_at, first_online_at, last_online_at, last_offline_at, client_addr, tags";
 
 /// Splits a batch into chunks of 128, 64, ..., 1 rows, so that multi-row statements come in
@@ -211,7 +213,7 @@ impl Db {
     /// Inserts a product; a duplicate key is a [`StorageError::Conflict`].
     pub async fn insert_product(&self, p: &Product) -> Result<(), StorageError> {
         let sql = format!(
-            "INSERT INTO products ({PRODUCT_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+            "INSERT INTO products ({PRODUCT_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
         );
         sqlx::query(&sql)
             .bind(&p.product_key)
@@ -222,6 +224,7 @@ impl Db {
             .bind(p.dynamic_register)
             .bind(&p.description)
             .bind(p.created_at)
+            .bind(&p.tenant)
             .execute(&self.pool)
             .await
             .map_err(|e| {
@@ -324,10 +327,17 @@ impl Db {
             .bind(pk)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("DELETE FROM devices WHERE product_key = $1")
-            .bind(pk)
-            .execute(&mut *tx)
-            .await?;
+        for sql in [
+            "DELETE FROM property_history WHERE series_id IN (SELECT id FROM property_series WHERE product_key = $1)",
+            "DELETE FROM property_latest WHERE series_id IN (SELECT id FROM property_series WHERE product_key = $1)",
+            "DELETE FROM events WHERE product_key = $1",
+            "DELETE FROM service_calls WHERE product_key = $1",
+            "DELETE FROM raw_messages WHERE product_key = $1",
+            "DELETE FROM topology WHERE gateway_product_key = $1",
+            "DELETE FROM devices WHERE product_key = $1",
+        ] {
+            sqlx::query(sql).bind(pk).execute(&mut *tx).await?;
+        }
         let r = sqlx::query("DELETE FROM products WHERE product_key = $1")
             .bind(pk)
             .execute(&mut *tx)
@@ -495,11 +505,23 @@ impl Db {
 
     /// Deletes a device. False when no such device.
     pub async fn delete_device(&self, pk: &str, dn: &str) -> Result<bool, StorageError> {
+        let mut tx = self.pool.begin().await?;
+        for sql in [
+            "DELETE FROM property_history WHERE series_id IN (SELECT id FROM property_series WHERE product_key = $1 AND device_name = $2)",
+            "DELETE FROM property_latest WHERE series_id IN (SELECT id FROM property_series WHERE product_key = $1 AND device_name = $2)",
+            "DELETE FROM events WHERE product_key = $1 AND device_name = $2",
+            "DELETE FROM service_calls WHERE product_key = $1 AND device_name = $2",
+            "DELETE FROM raw_messages WHERE product_key = $1 AND device_name = $2",
+            "DELETE FROM topology WHERE gateway_product_key = $1 AND gateway_device_name = $2",
+        ] {
+            sqlx::query(sql).bind(pk).bind(dn).execute(&mut *tx).await?;
+        }
         let r = sqlx::query("DELETE FROM devices WHERE product_key = $1 AND device_name = $2")
             .bind(pk)
             .bind(dn)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(r.rows_affected() > 0)
     }
 

@@ -245,6 +245,8 @@ pub fn connect_protocol_level(frame: &[u8], header: &FrameHeader) -> Option<u8> 
 pub mod reason {
     /// 0x81 Malformed Packet.
     pub const MALFORMED_PACKET: u8 = 0x81;
+    /// Unspecified error (the server could not do its part).
+    pub const UNSPECIFIED_ERROR: u8 = 0x80;
     /// 0x82 Protocol Error.
     pub const PROTOCOL_ERROR: u8 = 0x82;
     /// 0x87 Not authorized.

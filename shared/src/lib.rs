@@ -7,6 +7,7 @@
 extern crate alloc;
 
 pub mod acl;
+pub mod alink;
 pub mod credentials;
 pub mod sign;
 #[cfg(feature = "alloc")]

@@ -33,6 +33,8 @@ pub struct Shared {
     pub presence: Presence,
     /// Counters.
     pub metrics: Arc<Metrics>,
+    /// Thing model, services, shadows and gateways.
+    pub thing: Arc<crate::thing::Thing>,
 }
 
 /// Token bucket for new connections.

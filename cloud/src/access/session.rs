@@ -14,9 +14,13 @@ use crate::presence::OfflineReason;
 use crate::registry::now_ms;
 use crate::router::{Delivery, Message, SessionId};
 use crate::storage::PresenceEvent;
+use crate::thing::{Change, Origin, Outcome, Subs};
 use bytes::{BufMut, BytesMut};
+use futures_util::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
 use ironlink_protocols::mqtt::{self as frame, reason, FrameError, PacketType, PublishOut};
 use ironlink_shared::acl::{device_may, Access};
+use ironlink_shared::alink::{classify, topic_device};
+use ironlink_shared::credentials::ClientId;
 use ironlink_shared::DeviceRef;
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::v5::V5;
@@ -25,7 +29,9 @@ use rumqttd::protocol::{
     PubAckReason, QoS, SubAck, SubscribeReasonCode, UnsubAck, UnsubAckReason,
 };
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -220,6 +226,9 @@ pub async fn serve<S>(
         }) => (product_key, device_name, first_connect),
     };
     let device = DeviceRef::new(&pk, &dn);
+    let cid = ClientId::parse(&connect.client_id).ok();
+    let auto_subscribe = cid.as_ref().and_then(|c| c.param("_ss")) == Some("1");
+    let ext_rrpc = cid.as_ref().and_then(|c| c.param("ext")) == Some("1");
     let will = match will {
         Some(w) => match std::str::from_utf8(&w.topic) {
             Ok(t) if device_may(Access::Publish, device, t) => Some(w),
@@ -276,11 +285,13 @@ pub async fn serve<S>(
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(%peer, product_key = %pk, device_name = %dn, ?version, tls, "device online");
 
+    shared.thing.set_ext_rrpc(&pk, &dn, ext_rrpc);
     let mut conn = Connection {
         shared: shared.clone(),
         version,
         pk: pk.clone(),
         dn: dn.clone(),
+        addr: addr.clone(),
         sid: None,
         rx: None,
         out,
@@ -288,9 +299,19 @@ pub async fn serve<S>(
         pending: VecDeque::new(),
         next_pkid: 1,
         violations: 0,
+        subs: Subs::default(),
+        work: FuturesOrdered::new(),
+        barrier: false,
+        sub_kicks: FuturesUnordered::new(),
     };
+    if auto_subscribe {
+        conn.auto_subscribe(&pk, &dn, true);
+    }
     let reason = conn
         .run(&mut stream, buf, registration.kicked, keepalive)
+        .await;
+    shared.thing.set_ext_rrpc(&pk, &dn, false);
+    conn.logout_all(&format!("gateway offline ({reason})"))
         .await;
 
     // Clean-up: router first so nothing more is queued, then presence, then the registry.
@@ -340,11 +361,30 @@ fn publish_will(shared: &Shared, w: LastWill) {
     });
 }
 
+/// An uplink being handled by the thing layer: the packet id to acknowledge once it is done.
+type Work = Pin<Box<dyn Future<Output = (Option<u16>, Outcome)> + Send>>;
+/// A logged-in sub-device's kick signal.
+type SubKick = Pin<
+    Box<
+        dyn Future<
+                Output = (
+                    (String, String),
+                    u64,
+                    Result<Kick, tokio::sync::oneshot::error::RecvError>,
+                ),
+            > + Send,
+    >,
+>;
+
+/// Uplinks handled at once per connection before it stops reading.
+const MAX_WORK: usize = 1024;
+
 struct Connection {
     shared: Arc<Shared>,
     version: Version,
     pk: String,
     dn: String,
+    addr: String,
     /// Router registration and delivery queue, created at the first SUBSCRIBE: a device that
     /// only publishes costs neither.
     sid: Option<SessionId>,
@@ -354,6 +394,13 @@ struct Connection {
     pending: VecDeque<Delivery>,
     next_pkid: u16,
     violations: u32,
+    /// Sub-devices logged in through this connection.
+    subs: Subs,
+    /// Uplinks in the thing layer, finished in the order they arrived.
+    work: FuturesOrdered<Work>,
+    /// True while a sub-device login/logout is in `work`: later packets wait for it.
+    barrier: bool,
+    sub_kicks: FuturesUnordered<SubKick>,
 }
 
 /// What processing one packet decided.
@@ -387,6 +434,9 @@ impl Connection {
             }
             // Packets already buffered (pipelined after CONNECT, or several per read).
             loop {
+                if self.paused() {
+                    break;
+                }
                 match frame::check(&buf, max) {
                     Ok(h) => {
                         if let Step::Close(reason) = self.on_frame(&mut buf, &h) {
@@ -421,8 +471,30 @@ impl Connection {
             if !self.out.is_empty() {
                 continue;
             }
+            let paused = self.paused();
             tokio::select! {
-                r = stream.read_buf(&mut buf) => match r {
+                Some((pkid, outcome)) = self.work.next(), if !self.work.is_empty() => {
+                    if let Step::Close(reason) = self.finish(pkid, outcome).await {
+                        let _ = stream.write_all(&self.out).await;
+                        let _ = stream.shutdown().await;
+                        return reason;
+                    }
+                    if self.work.is_empty() {
+                        self.barrier = false;
+                    }
+                },
+                Some((key, serial, kick)) = self.sub_kicks.next(), if !self.sub_kicks.is_empty() => {
+                    let still = self.subs.lock().get(&key).is_some_and(|e| e.serial == serial);
+                    if still {
+                        let why = match kick {
+                            Ok(Kick::Replaced) => "replaced by a new login with the same identity".to_owned(),
+                            Ok(Kick::Admin(why)) => format!("kicked: {why}"),
+                            Ok(Kick::Shutdown) | Err(_) => "server shutdown".to_owned(),
+                        };
+                        self.logout(vec![key], &why).await;
+                    }
+                },
+                r = stream.read_buf(&mut buf), if !paused => match r {
                     Ok(0) => return OfflineReason::ConnectionLost("closed by peer without DISCONNECT".into()),
                     Ok(_) => last_rx = Instant::now(),
                     Err(e) => return OfflineReason::ConnectionLost(format!("read failed: {e}")),
@@ -486,6 +558,141 @@ impl Connection {
         DeviceRef::new(&self.pk, &self.dn)
     }
 
+    /// The ACL: the connection's own topics, and those of its logged-in sub-devices.
+    fn may(&self, access: Access, topic: &str) -> bool {
+        if device_may(access, self.device(), topic) {
+            return true;
+        }
+        match topic_device(topic) {
+            Some(d)
+                if !d.device_name.is_empty()
+                    && self.subs.contains(d.product_key, d.device_name) =>
+            {
+                device_may(access, d, topic)
+            }
+            _ => false,
+        }
+    }
+
+    /// True while packets must wait: a login/logout is being handled, or too much is in flight.
+    fn paused(&self) -> bool {
+        (self.barrier && !self.work.is_empty()) || self.work.len() >= MAX_WORK
+    }
+
+    /// Subscribes this connection to a device's downlink topics (Alibaba's "auto-subscribe",
+    /// asked for with `_ss=1` in the client id), then sends it any pending shadow delta.
+    fn auto_subscribe(&mut self, pk: &str, dn: &str, own: bool) {
+        let sid = self.router_session();
+        for f in auto_filters(pk, dn, own) {
+            self.shared.router.subscribe(sid, &f, 0);
+        }
+        let thing = self.shared.thing.clone();
+        let (pk, dn) = (pk.to_owned(), dn.to_owned());
+        tokio::spawn(async move { crate::thing::shadow::push_delta(&thing, &pk, &dn).await });
+    }
+
+    /// Applies a finished uplink: close on a storage failure (unacknowledged), else apply
+    /// sub-device changes, acknowledge, and send the replies.
+    async fn finish(&mut self, pkid: Option<u16>, outcome: Outcome) -> Step {
+        if outcome.failed {
+            tracing::error!(product_key = %self.pk, device_name = %self.dn, "closing connection: an uplink could not be stored");
+            self.disconnect(reason::UNSPECIFIED_ERROR);
+            return Step::Close(OfflineReason::StorageFailed);
+        }
+        match outcome.change {
+            Some(Change::Login(logins)) => {
+                for l in logins {
+                    let key = (l.product_key.clone(), l.device_name.clone());
+                    let serial = l.registration.serial;
+                    let kicked = l.registration.kicked;
+                    let k2 = key.clone();
+                    self.sub_kicks
+                        .push(Box::pin(async move { (k2, serial, kicked.await) }));
+                    self.subs.lock().insert(
+                        key,
+                        crate::thing::SubEntry {
+                            serial,
+                            done: l.registration.done,
+                        },
+                    );
+                    self.shared
+                        .metrics
+                        .sub_devices
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.shared
+                        .presence
+                        .record(PresenceEvent {
+                            product_key: l.product_key.clone(),
+                            device_name: l.device_name.clone(),
+                            status: "online".into(),
+                            reason: format!("login through gateway {}/{}", self.pk, self.dn),
+                            client_addr: Some(self.addr.clone()),
+                            at: now_ms(),
+                        })
+                        .await;
+                    if l.auto_subscribe {
+                        self.auto_subscribe(&l.product_key, &l.device_name, false);
+                    }
+                }
+            }
+            Some(Change::Logout(subs, why)) => self.logout(subs, &why).await,
+            None => {}
+        }
+        if let Some(pkid) = pkid {
+            self.version.write(
+                Packet::PubAck(
+                    PubAck {
+                        pkid,
+                        reason: PubAckReason::Success,
+                    },
+                    None,
+                ),
+                &mut self.out,
+            );
+        }
+        for m in outcome.replies {
+            self.shared.router.publish(m);
+        }
+        Step::Continue
+    }
+
+    /// Takes sub-devices offline.
+    async fn logout(&mut self, subs: Vec<(String, String)>, why: &str) {
+        for key in subs {
+            let Some(entry) = self.subs.lock().remove(&key) else {
+                continue;
+            };
+            if let Some(sid) = self.sid {
+                for f in auto_filters(&key.0, &key.1, false) {
+                    self.shared.router.unsubscribe(sid, &f);
+                }
+            }
+            self.shared
+                .metrics
+                .sub_devices
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            self.shared
+                .presence
+                .record(PresenceEvent {
+                    product_key: key.0.clone(),
+                    device_name: key.1.clone(),
+                    status: "offline".into(),
+                    reason: why.to_owned(),
+                    client_addr: Some(self.addr.clone()),
+                    at: now_ms(),
+                })
+                .await;
+            self.shared.sessions.remove(&key.0, &key.1, entry.serial);
+            drop(entry.done);
+        }
+    }
+
+    /// Takes every sub-device offline (the gateway's connection ended).
+    async fn logout_all(&mut self, why: &str) {
+        let all: Vec<(String, String)> = self.subs.lock().keys().cloned().collect();
+        self.logout(all, why).await;
+    }
+
     fn violation(&mut self) -> Step {
         self.violations += 1;
         if self.violations > self.shared.config.mqtt.max_acl_violations {
@@ -533,15 +740,45 @@ impl Connection {
                     return self
                         .protocol_error(reason::MALFORMED_PACKET, "topic is not UTF-8".into());
                 };
-                let allowed = device_may(Access::Publish, self.device(), &topic);
+                let allowed = self.may(Access::Publish, &topic);
+                let ack = (qos == 1).then_some(pkid).flatten();
                 if allowed {
                     Metrics::inc(&self.shared.metrics.messages_in);
-                    self.shared.router.publish(Message {
-                        topic,
-                        payload: publish.payload,
-                        qos,
-                        retain: publish.retain,
-                    });
+                    let system = classify(&topic);
+                    // A device's uplinks on system topics are for the platform: never echoed
+                    // back to the device's own subscriptions.
+                    let origin = system.and(self.sid);
+                    let barrier = system.is_some_and(|(_, k)| k.is_barrier());
+                    let is_system = system.is_some();
+                    let payload = publish.payload.clone();
+                    self.shared.router.publish_from(
+                        Message {
+                            topic: topic.clone(),
+                            payload: publish.payload,
+                            qos,
+                            retain: publish.retain,
+                        },
+                        origin,
+                    );
+                    if is_system {
+                        let origin = Origin {
+                            product_key: self.pk.clone(),
+                            device_name: self.dn.clone(),
+                            subs: self.subs.clone(),
+                            addr: self.addr.clone(),
+                        };
+                        let fut = self.shared.thing.clone().handle(origin, topic, payload);
+                        self.work
+                            .push_back(Box::pin(async move { (ack, fut.await) }));
+                        self.barrier |= barrier;
+                        return Step::Continue;
+                    }
+                    if !self.work.is_empty() {
+                        // QoS 1 acknowledgements go out in the order the packets arrived.
+                        self.work
+                            .push_back(Box::pin(std::future::ready((ack, Outcome::default()))));
+                        return Step::Continue;
+                    }
                 } else {
                     Metrics::inc(&self.shared.metrics.acl_publish_refused);
                     tracing::warn!(product_key = %self.pk, device_name = %self.dn, %topic, "PUBLISH refused by ACL, dropped");
@@ -562,8 +799,16 @@ impl Connection {
             Packet::Subscribe(sub, _) => {
                 let mut codes = Vec::with_capacity(sub.filters.len());
                 let mut refused = 0;
+                let mut shadows = Vec::new();
                 for f in &sub.filters {
-                    if device_may(Access::Subscribe, self.device(), &f.path) {
+                    if self.may(Access::Subscribe, &f.path) {
+                        if let Some(d) = f
+                            .path
+                            .strip_prefix("/shadow/get/")
+                            .and_then(|_| topic_device(&f.path))
+                        {
+                            shadows.push((d.product_key.to_owned(), d.device_name.to_owned()));
+                        }
                         let granted = if f.qos == QoS::AtMostOnce { 0 } else { 1 };
                         let sid = self.router_session();
                         self.shared.router.subscribe(sid, &f.path, granted);
@@ -592,6 +837,12 @@ impl Connection {
                     ),
                     &mut self.out,
                 );
+                for (pk, dn) in shadows {
+                    let thing = self.shared.thing.clone();
+                    tokio::spawn(async move {
+                        crate::thing::shadow::push_delta(&thing, &pk, &dn).await
+                    });
+                }
                 for _ in 0..refused {
                     if let Step::Close(r) = self.violation() {
                         return Step::Close(r);
@@ -703,6 +954,20 @@ impl Connection {
             }
         }
     }
+}
+
+/// The downlink topics of a device that auto-subscription covers. A gateway also gets its
+/// session replies; its uplinks on these topics are never echoed back (see `publish_from`).
+fn auto_filters(pk: &str, dn: &str, own: bool) -> Vec<String> {
+    let mut f = vec![
+        format!("/sys/{pk}/{dn}/#"),
+        format!("/shadow/get/{pk}/{dn}"),
+    ];
+    if own {
+        f.push(format!("/ext/session/{pk}/{dn}/#"));
+        f.push(format!("/ext/ntp/{pk}/{dn}/response"));
+    }
+    f
 }
 
 fn packet_name(p: &Packet) -> &'static str {

@@ -1,0 +1,474 @@
+//! Gateways and sub-devices: topology (`thing/topo/add|delete|get`), sub-device registration
+//! (`thing/sub/register`) and sub-device sessions over the gateway's connection
+//! (`combine/login|batch_login|logout|batch_logout`).
+//!
+//! Handlers check and answer; the connection applies the resulting [`Change`] in order, so the
+//! gateway's ACL grows to exactly its logged-in sub-devices' topics.
+
+use super::{code, reply, to_device, Origin, Outcome, Request, Thing};
+use crate::access::sessions::Registration;
+use crate::registry::now_ms;
+use crate::storage::{Device, Product};
+use ironlink_shared::alink::Uplink;
+use ironlink_shared::sign::{sign_connect, SignMethod};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
+
+/// A logged-in sub-device, as its gateway's connection holds it.
+#[derive(Debug)]
+pub struct SubEntry {
+    /// Serial of its registration in the session registry.
+    pub serial: u64,
+    /// Dropped when the sub-device's session is over.
+    pub done: watch::Sender<()>,
+}
+
+/// A connection's logged-in sub-devices.
+#[derive(Debug, Clone, Default)]
+pub struct Subs(Arc<Mutex<HashMap<(String, String), SubEntry>>>);
+
+impl Subs {
+    /// The map, locked.
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), SubEntry>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// True when `pk/dn` is logged in here.
+    pub fn contains(&self, pk: &str, dn: &str) -> bool {
+        self.lock().contains_key(&(pk.to_owned(), dn.to_owned()))
+    }
+}
+
+/// One sub-device login to apply.
+#[derive(Debug)]
+pub struct SubLogin {
+    /// Product key.
+    pub product_key: String,
+    /// Device name.
+    pub device_name: String,
+    /// Its entry in the session registry.
+    pub registration: Registration,
+    /// Subscribe the gateway to the sub-device's downlink topics (client id with `_ss=1`).
+    pub auto_subscribe: bool,
+}
+
+/// A change to a gateway connection's sub-devices.
+#[derive(Debug)]
+pub enum Change {
+    /// Sub-devices logged in.
+    Login(Vec<SubLogin>),
+    /// Sub-devices logged out, and why.
+    Logout(Vec<(String, String)>, String),
+}
+
+type Refusal = (i64, String);
+
+fn field<'a>(v: &'a Value, names: &[&str]) -> Option<&'a str> {
+    names.iter().find_map(|n| v.get(*n).and_then(Value::as_str))
+}
+
+fn id_of(v: &Value, path: &str) -> Result<(String, String), Refusal> {
+    match (field(v, &["productKey"]), field(v, &["deviceName"])) {
+        (Some(pk), Some(dn)) if !pk.is_empty() && !dn.is_empty() => {
+            Ok((pk.to_owned(), dn.to_owned()))
+        }
+        _ => Err((
+            code::INVALID_PARAMS,
+            format!("{path}: productKey and deviceName are required"),
+        )),
+    }
+}
+
+fn list<'a>(params: &'a Value, max: usize, what: &str) -> Result<&'a Vec<Value>, Refusal> {
+    match params.as_array() {
+        Some(a) if !a.is_empty() && a.len() <= max => Ok(a),
+        Some(a) if a.len() > max => Err((
+            code::INVALID_PARAMS,
+            format!("at most {max} {what} per request"),
+        )),
+        _ => Err((
+            code::INVALID_PARAMS,
+            format!("params must be a non-empty list of {what}"),
+        )),
+    }
+}
+
+/// Looks up a sub-device and checks the product side: exists, enabled, a sub-device product of
+/// the gateway's tenant.
+async fn sub_device(
+    thing: &Thing,
+    gw: &Product,
+    pk: &str,
+    dn: &str,
+    path: &str,
+) -> Result<(Device, Product), Refusal> {
+    let internal = |e: crate::storage::StorageError| (code::INTERNAL, format!("storage: {e}"));
+    let Some(product) = thing.db.get_product(pk).await.map_err(internal)? else {
+        return Err((
+            code::DEVICE_NOT_FOUND,
+            format!("{path}: product `{pk}` does not exist"),
+        ));
+    };
+    if product.tenant != gw.tenant {
+        return Err((
+            code::INVALID_PARAMS,
+            format!("{path}: product `{pk}` belongs to another tenant"),
+        ));
+    }
+    if product.node_type != "sub-device" {
+        return Err((
+            code::INVALID_PARAMS,
+            format!(
+                "{path}: product `{pk}` is a `{}` product, not a sub-device product",
+                product.node_type
+            ),
+        ));
+    }
+    let Some(device) = thing.db.get_device(pk, dn).await.map_err(internal)? else {
+        return Err((
+            code::DEVICE_NOT_FOUND,
+            format!("{path}: device `{pk}/{dn}` does not exist"),
+        ));
+    };
+    if device.enabled == 0 {
+        return Err((
+            code::DEVICE_DISABLED,
+            format!("{path}: device `{pk}/{dn}` is disabled"),
+        ));
+    }
+    Ok((device, product))
+}
+
+/// Checks a sub-device signature: HMAC of `clientId{c}deviceName{dn}productKey{pk}timestamp{t}`.
+fn check_sign(
+    item: &Value,
+    method: Option<&str>,
+    device: &Device,
+    path: &str,
+) -> Result<(), Refusal> {
+    let method = field(item, &["signmethod", "signMethod"])
+        .or(method)
+        .unwrap_or("hmacsha1");
+    let Some(method) = SignMethod::parse(method) else {
+        return Err((
+            code::INVALID_PARAMS,
+            format!("{path}: sign method `{method}` is not hmacSha1, hmacSha256 or hmacMd5"),
+        ));
+    };
+    let (Some(client_id), Some(sign)) = (field(item, &["clientId"]), field(item, &["sign"])) else {
+        return Err((
+            code::INVALID_PARAMS,
+            format!("{path}: clientId and sign are required"),
+        ));
+    };
+    let ts = field(item, &["timestamp"]);
+    let expected = sign_connect(
+        method,
+        &device.device_secret,
+        client_id,
+        &device.device_name,
+        &device.product_key,
+        ts,
+    );
+    if expected.matches(sign) {
+        Ok(())
+    } else {
+        Err((
+            code::INVALID_PARAMS,
+            format!(
+                "{path}: signature of `{}/{}` does not match its device secret",
+                device.product_key, device.device_name
+            ),
+        ))
+    }
+}
+
+/// Handles a gateway request on the gateway's own topics.
+pub async fn handle(
+    thing: &Arc<Thing>,
+    origin: &Origin,
+    kind: Uplink<'_>,
+    req: Request,
+    reply_topic: String,
+) -> Outcome {
+    let gw = (origin.product_key.as_str(), origin.device_name.as_str());
+    let method = match kind {
+        Uplink::TopoAdd => "thing.topo.add",
+        Uplink::TopoDelete => "thing.topo.delete",
+        Uplink::TopoGet => "thing.topo.get",
+        Uplink::SubRegister => "thing.sub.register",
+        Uplink::Login => "combine.login",
+        Uplink::BatchLogin => "combine.batch_login",
+        Uplink::Logout => "combine.logout",
+        _ => "combine.batch_logout",
+    };
+    let r = match thing.db.get_product(gw.0).await {
+        Ok(Some(p)) if p.node_type == "gateway" => run(thing, origin, &p, kind, &req).await,
+        Ok(Some(p)) => Err((
+            code::INVALID_PARAMS,
+            format!(
+                "`{}/{}` is a device of a `{}` product: only gateway products have sub-devices",
+                gw.0, gw.1, p.node_type
+            ),
+        )),
+        Ok(None) => Err((
+            code::DEVICE_NOT_FOUND,
+            format!("product `{}` no longer exists", gw.0),
+        )),
+        Err(e) => Err((code::INTERNAL, format!("storage: {e}"))),
+    };
+    let (code, message, data, change) = match r {
+        Ok((data, change)) => (code::OK, "success".to_owned(), data, change),
+        Err((code, message)) => {
+            tracing::info!(gateway = %format!("{}/{}", gw.0, gw.1), method, code, %message, "gateway request refused");
+            (code, message, json!({}), None)
+        }
+    };
+    // Logins and logouts are always answered: the gateway must know which sub-devices are on.
+    let mut out = if req.ack
+        || matches!(
+            kind,
+            Uplink::Login | Uplink::BatchLogin | Uplink::Logout | Uplink::BatchLogout
+        ) {
+        Outcome::reply(to_device(
+            reply_topic,
+            reply(&req.id, code, &message, data, Some(method)),
+        ))
+    } else {
+        Outcome::default()
+    };
+    out.failed = code == code::INTERNAL;
+    out.change = change;
+    out
+}
+
+async fn run(
+    thing: &Arc<Thing>,
+    origin: &Origin,
+    gw: &Product,
+    kind: Uplink<'_>,
+    req: &Request,
+) -> Result<(Value, Option<Change>), Refusal> {
+    let gwid = (origin.product_key.as_str(), origin.device_name.as_str());
+    let max = thing.config.thing.max_batch;
+    let internal = |e: crate::storage::StorageError| (code::INTERNAL, format!("storage: {e}"));
+    match kind {
+        Uplink::TopoAdd => {
+            let items = list(&req.params, max, "sub-devices")?;
+            let mut subs = Vec::with_capacity(items.len());
+            for (i, item) in items.iter().enumerate() {
+                let path = format!("params[{i}]");
+                let (pk, dn) = id_of(item, &path)?;
+                if (pk.as_str(), dn.as_str()) == gwid {
+                    return Err((
+                        code::INVALID_PARAMS,
+                        format!("{path}: a gateway cannot be its own sub-device"),
+                    ));
+                }
+                let (device, _) = sub_device(thing, gw, &pk, &dn, &path).await?;
+                check_sign(item, None, &device, &path)?;
+                subs.push((pk, dn));
+            }
+            thing
+                .db
+                .add_topology(gwid, &subs, now_ms())
+                .await
+                .map_err(internal)?;
+            let data: Vec<Value> = subs
+                .iter()
+                .map(|(pk, dn)| json!({"productKey": pk, "deviceName": dn}))
+                .collect();
+            Ok((Value::Array(data), None))
+        }
+        Uplink::TopoDelete => {
+            let items = list(&req.params, max, "sub-devices")?;
+            let mut subs = Vec::with_capacity(items.len());
+            for (i, item) in items.iter().enumerate() {
+                subs.push(id_of(item, &format!("params[{i}]"))?);
+            }
+            for (pk, dn) in &subs {
+                match thing.db.gateway_of(pk, dn).await.map_err(internal)? {
+                    Some(t)
+                        if (
+                            t.gateway_product_key.as_str(),
+                            t.gateway_device_name.as_str(),
+                        ) == gwid => {}
+                    _ => {
+                        return Err((
+                            code::TOPO_NOT_FOUND,
+                            format!("`{pk}/{dn}` is not a sub-device of this gateway"),
+                        ))
+                    }
+                }
+            }
+            let removed = thing
+                .db
+                .delete_topology(gwid, &subs)
+                .await
+                .map_err(internal)?;
+            let online: Vec<(String, String)> = removed
+                .iter()
+                .filter(|(pk, dn)| origin.subs.contains(pk, dn))
+                .cloned()
+                .collect();
+            let data: Vec<Value> = removed
+                .iter()
+                .map(|(pk, dn)| json!({"productKey": pk, "deviceName": dn}))
+                .collect();
+            let change = (!online.is_empty())
+                .then(|| Change::Logout(online, "removed from the gateway's topology".into()));
+            Ok((Value::Array(data), change))
+        }
+        Uplink::TopoGet => {
+            let rows = thing
+                .db
+                .topology_of(gwid.0, gwid.1)
+                .await
+                .map_err(internal)?;
+            let data: Vec<Value> = rows
+                .iter()
+                .map(|t| json!({"productKey": t.product_key, "deviceName": t.device_name}))
+                .collect();
+            Ok((Value::Array(data), None))
+        }
+        Uplink::SubRegister => {
+            let items = list(&req.params, max, "sub-devices")?;
+            let mut out = Vec::with_capacity(items.len());
+            for (i, item) in items.iter().enumerate() {
+                let path = format!("params[{i}]");
+                let (pk, dn) = id_of(item, &path)?;
+                let Some(product) = thing.db.get_product(&pk).await.map_err(internal)? else {
+                    return Err((
+                        code::DEVICE_NOT_FOUND,
+                        format!("{path}: product `{pk}` does not exist"),
+                    ));
+                };
+                if product.tenant != gw.tenant
+                    || product.node_type != "sub-device"
+                    || product.dynamic_register == 0
+                {
+                    return Err((code::INVALID_PARAMS, format!("{path}: product `{pk}` does not allow sub-device registration by this gateway (it must be a sub-device product of the same tenant with dynamic registration on)")));
+                }
+                let device = match thing.db.get_device(&pk, &dn).await.map_err(internal)? {
+                    Some(d) => {
+                        if let Some(t) = thing.db.gateway_of(&pk, &dn).await.map_err(internal)? {
+                            if (
+                                t.gateway_product_key.as_str(),
+                                t.gateway_device_name.as_str(),
+                            ) != gwid
+                            {
+                                return Err((
+                                    code::INVALID_PARAMS,
+                                    format!(
+                                        "{path}: `{pk}/{dn}` already belongs to another gateway"
+                                    ),
+                                ));
+                            }
+                        }
+                        d
+                    }
+                    None => crate::registry::create_devices(&thing.db, &pk, vec![dn.clone()], 0)
+                        .await
+                        .map_err(|e| (code::INVALID_PARAMS, format!("{path}: {e}")))?
+                        .into_iter()
+                        .next()
+                        .ok_or((code::INTERNAL, "device not created".to_owned()))?,
+                };
+                out.push(json!({"productKey": pk, "deviceName": dn, "deviceSecret": device.device_secret, "iotId": format!("{pk}.{dn}")}));
+            }
+            Ok((Value::Array(out), None))
+        }
+        Uplink::Login | Uplink::BatchLogin => {
+            let (items, method): (Vec<&Value>, Option<&str>) = if kind == Uplink::Login {
+                match &req.params {
+                    v @ Value::Object(_) => (vec![v], None),
+                    _ => return Err((code::INVALID_PARAMS, "params must be an object".into())),
+                }
+            } else {
+                let list = req.params.get("deviceList").map_or(&req.params, |l| l);
+                (
+                    list_items(list, max)?,
+                    field(&req.params, &["signMethod", "signmethod"]),
+                )
+            };
+            let mut fresh = Vec::new();
+            let mut all = Vec::new();
+            for (i, item) in items.iter().enumerate() {
+                let path = format!("params.deviceList[{i}]");
+                let (pk, dn) = id_of(item, &path)?;
+                let (device, _) = sub_device(thing, gw, &pk, &dn, &path).await?;
+                match thing.db.gateway_of(&pk, &dn).await.map_err(internal)? {
+                    Some(t) if (t.gateway_product_key.as_str(), t.gateway_device_name.as_str()) == gwid => {}
+                    _ => return Err((code::TOPO_NOT_FOUND, format!("{path}: `{pk}/{dn}` is not in this gateway's topology: add it with thing/topo/add first"))),
+                }
+                check_sign(item, method, &device, &path)?;
+                let auto = field(item, &["clientId"]).is_some_and(|c| c.contains("_ss=1"));
+                if !origin.subs.contains(&pk, &dn) {
+                    fresh.push((pk.clone(), dn.clone(), auto));
+                }
+                all.push((pk, dn));
+            }
+            let limit = thing.config.thing.max_sub_devices;
+            if origin.subs.lock().len() + fresh.len() > limit {
+                return Err((
+                    code::TOO_MANY,
+                    format!("a gateway may have at most {limit} sub-devices logged in"),
+                ));
+            }
+            let mut logins = Vec::with_capacity(fresh.len());
+            for (pk, dn, auto) in fresh {
+                let registration = thing.sessions.register(&pk, &dn).await;
+                logins.push(SubLogin {
+                    product_key: pk,
+                    device_name: dn,
+                    registration,
+                    auto_subscribe: auto,
+                });
+            }
+            let data = if kind == Uplink::Login {
+                json!({"productKey": all[0].0, "deviceName": all[0].1})
+            } else {
+                Value::Array(
+                    all.iter()
+                        .map(|(pk, dn)| json!({"productKey": pk, "deviceName": dn}))
+                        .collect(),
+                )
+            };
+            Ok((data, (!logins.is_empty()).then_some(Change::Login(logins))))
+        }
+        _ => {
+            let items: Vec<&Value> = if kind == Uplink::Logout {
+                vec![&req.params]
+            } else {
+                list_items(req.params.get("deviceList").unwrap_or(&req.params), max)?
+            };
+            let mut subs = Vec::with_capacity(items.len());
+            for (i, item) in items.iter().enumerate() {
+                subs.push(id_of(item, &format!("params[{i}]"))?);
+            }
+            let data = if kind == Uplink::Logout {
+                json!({"productKey": subs[0].0, "deviceName": subs[0].1})
+            } else {
+                Value::Array(
+                    subs.iter()
+                        .map(|(pk, dn)| json!({"productKey": pk, "deviceName": dn}))
+                        .collect(),
+                )
+            };
+            let on: Vec<(String, String)> = subs
+                .into_iter()
+                .filter(|(pk, dn)| origin.subs.contains(pk, dn))
+                .collect();
+            Ok((
+                data,
+                (!on.is_empty()).then(|| Change::Logout(on, "logout".into())),
+            ))
+        }
+    }
+}
+
+fn list_items(v: &Value, max: usize) -> Result<Vec<&Value>, Refusal> {
+    Ok(list(v, max, "sub-devices")?.iter().collect())
+}

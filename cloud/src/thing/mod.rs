@@ -1,0 +1,718 @@
+//! The thing layer: what the platform does with a device's uplinks on system topics
+//! (properties, events, replies, shadow, tags, gateway sub-devices, raw data, NTP) and what it
+//! sends to devices (property set/get, service calls, shadow control).
+//!
+//! A connection hands each uplink on a system topic to [`Thing::handle`], which validates it
+//! against the product's thing model, stores what must be stored and returns the reply for the
+//! device. The connection acknowledges the PUBLISH (QoS 1) and sends the reply only after the
+//! data is committed, so what a device was told is stored survives a kill -9.
+
+mod alink;
+pub mod calls;
+mod gateway;
+pub mod shadow;
+pub mod store;
+mod writer;
+
+pub use alink::{parse_request, reply, Request};
+pub use calls::CallError;
+pub use gateway::{Change, SubEntry, SubLogin, Subs};
+
+use crate::access::sessions::Sessions;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::registry::now_ms;
+use crate::router::{Message, Router};
+use crate::storage::Db;
+use bytes::Bytes;
+use ironlink_shared::alink::{classify, Uplink};
+use ironlink_shared::tsl::{self, DataType, ThingModel};
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, RwLock};
+use store::{EventRow, RawRow, SeriesKey};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+/// Alink reply codes. 200, 460, 6100, 6204 and 6300 are Alibaba's documented codes; the
+/// gateway codes 6401 (topology missing) and 428 (too many sub-devices) are Ironlink's
+/// choice where the public documentation gives none (see docs/alink-thing-model.md).
+pub mod code {
+    /// Success.
+    pub const OK: i64 = 200;
+    /// Invalid parameters: bad JSON, wrong types, values outside the thing model.
+    pub const INVALID_PARAMS: i64 = 460;
+    /// Too many sub-devices on one gateway.
+    pub const TOO_MANY: i64 = 428;
+    /// Internal error (storage failed).
+    pub const INTERNAL: i64 = 500;
+    /// No such device.
+    pub const DEVICE_NOT_FOUND: i64 = 6100;
+    /// The device is disabled.
+    pub const DEVICE_DISABLED: i64 = 6204;
+    /// Unknown method or topic.
+    pub const NO_METHOD: i64 = 6300;
+    /// The sub-device is not in this gateway's topology.
+    pub const TOPO_NOT_FOUND: i64 = 6401;
+}
+
+/// What handling one uplink produced.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// False when storage failed: the connection must close without acknowledging, so the
+    /// device sends the message again after reconnecting.
+    pub failed: bool,
+    /// Messages for the device (replies), published after the acknowledgement.
+    pub replies: Vec<Message>,
+    /// Sub-device logins or logouts to apply to the connection.
+    pub change: Option<Change>,
+}
+
+impl Outcome {
+    fn reply(m: Message) -> Self {
+        Self {
+            replies: vec![m],
+            ..Self::default()
+        }
+    }
+}
+
+/// Who sent an uplink: the connection's own identity and its sub-devices.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    /// Product key of the connection.
+    pub product_key: String,
+    /// Device name of the connection.
+    pub device_name: String,
+    /// The connection's logged-in sub-devices.
+    pub subs: Subs,
+    /// Remote address of the connection.
+    pub addr: String,
+}
+
+/// A message to a device's topic.
+pub fn to_device(topic: String, payload: impl Into<Bytes>) -> Message {
+    Message {
+        topic,
+        payload: payload.into(),
+        qos: 0,
+        retain: false,
+    }
+}
+
+/// The thing layer, shared by every connection and the API.
+#[derive(Debug)]
+pub struct Thing {
+    /// Storage.
+    pub db: Db,
+    router: Arc<Router>,
+    sessions: Arc<Sessions>,
+    metrics: Arc<Metrics>,
+    config: Arc<Config>,
+    models: RwLock<HashMap<String, Option<Arc<ThingModel>>>>,
+    writer: mpsc::Sender<writer::Job>,
+    series: writer::SeriesCache,
+    calls: calls::Pending,
+    ext_rrpc: Mutex<std::collections::HashSet<(String, String)>>,
+}
+
+impl Thing {
+    /// Starts the storage writer and the call-expiry sweeper; both end when `stop` turns true
+    /// (the writer after storing what is queued).
+    pub fn start(
+        db: Db,
+        router: Arc<Router>,
+        sessions: Arc<Sessions>,
+        metrics: Arc<Metrics>,
+        config: Arc<Config>,
+        stop: watch::Receiver<bool>,
+    ) -> (Arc<Self>, Vec<JoinHandle<()>>) {
+        let (tx, rx) = mpsc::channel(16_384);
+        let series = writer::SeriesCache::default();
+        let writer_task = tokio::spawn(writer::run(
+            db.clone(),
+            rx,
+            series.clone(),
+            metrics.clone(),
+            stop.clone(),
+        ));
+        let thing = Arc::new(Self {
+            db,
+            router,
+            sessions,
+            metrics,
+            config,
+            models: RwLock::default(),
+            writer: tx,
+            series,
+            calls: calls::Pending::default(),
+            ext_rrpc: Mutex::default(),
+        });
+        let sweeper = tokio::spawn(calls::sweep(thing.clone(), stop));
+        (thing, vec![writer_task, sweeper])
+    }
+
+    /// The product's latest thing model (cached; `None` when it has none).
+    pub async fn model(
+        &self,
+        pk: &str,
+    ) -> Result<Option<Arc<ThingModel>>, crate::storage::StorageError> {
+        if let Some(m) = self
+            .models
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(pk)
+        {
+            return Ok(m.clone());
+        }
+        let model = match self.db.get_thing_model(pk, None).await? {
+            // Stored models were validated when imported; one that no longer parses (a newer
+            // parser is stricter) is treated as absent and logged.
+            Some((_, tsl_json, _)) => match tsl::parse(&tsl_json) {
+                Ok(m) => Some(Arc::new(m)),
+                Err(e) => {
+                    tracing::error!(product_key = pk, error = %e, "stored thing model does not parse");
+                    None
+                }
+            },
+            None => None,
+        };
+        self.models
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(pk.to_owned(), model.clone());
+        Ok(model)
+    }
+
+    /// Forgets a cached thing model (after an import or a product deletion).
+    pub fn forget_model(&self, pk: &str) {
+        self.models
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(pk);
+    }
+
+    /// Forgets cached series ids (after devices were deleted).
+    pub fn forget_series(&self) {
+        self.series.clear();
+    }
+
+    /// Records whether a connected device takes sync calls on `/ext/rrpc/...` (client id
+    /// parameter `ext=1`, as Alibaba's SDKs send).
+    pub fn set_ext_rrpc(&self, pk: &str, dn: &str, on: bool) {
+        let mut s = self.ext_rrpc.lock().unwrap_or_else(|e| e.into_inner());
+        if on {
+            s.insert((pk.to_owned(), dn.to_owned()));
+        } else {
+            s.remove(&(pk.to_owned(), dn.to_owned()));
+        }
+    }
+
+    fn uses_ext_rrpc(&self, pk: &str, dn: &str) -> bool {
+        self.ext_rrpc
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&(pk.to_owned(), dn.to_owned()))
+    }
+
+    /// Queues rows for storage and waits for their commit; false when they could not be stored.
+    async fn store(
+        &self,
+        props: Vec<(SeriesKey, i64, String)>,
+        events: Vec<EventRow>,
+        raws: Vec<RawRow>,
+    ) -> bool {
+        if props.is_empty() && events.is_empty() && raws.is_empty() {
+            return true;
+        }
+        let (done, committed) = oneshot::channel();
+        let job = writer::Job {
+            props,
+            events,
+            raws,
+            done,
+        };
+        if self.writer.send(job).await.is_err() {
+            return false;
+        }
+        committed.await.unwrap_or(false)
+    }
+
+    /// Handles one uplink on a system topic (see [`classify`]). The ACL has already allowed
+    /// the topic for `origin`.
+    pub async fn handle(self: Arc<Self>, origin: Origin, topic: String, payload: Bytes) -> Outcome {
+        let Some((dev, kind)) = classify(&topic) else {
+            return Outcome::default();
+        };
+        let (pk, dn) = (dev.product_key.to_owned(), dev.device_name.to_owned());
+        let reply_topic = format!("{topic}_reply");
+        match kind {
+            Uplink::UpRaw => return self.up_raw(&pk, &dn, payload).await,
+            Uplink::DownRawReply => {
+                let ok = self
+                    .store(
+                        Vec::new(),
+                        Vec::new(),
+                        vec![RawRow {
+                            product_key: pk,
+                            device_name: dn,
+                            direction: "down_reply",
+                            payload: payload.to_vec(),
+                            ts: now_ms(),
+                        }],
+                    )
+                    .await;
+                return Outcome {
+                    failed: !ok,
+                    ..Outcome::default()
+                };
+            }
+            Uplink::ShadowUpdate => return shadow::on_device(&self, &pk, &dn, &payload).await,
+            Uplink::NtpRequest => {
+                return match Self::ntp_reply(&topic, &payload, now_ms()) {
+                    Some(m) => Outcome::reply(m),
+                    None => Outcome::default(),
+                }
+            }
+            Uplink::RrpcResponse(id) => {
+                let id = id.to_owned();
+                self.on_reply(&pk, &dn, Some(&id), &payload).await;
+                return Outcome::default();
+            }
+            _ => {}
+        }
+        let req = match parse_request(&payload) {
+            Ok(r) => r,
+            Err(why) => {
+                Metrics::inc(&self.metrics.alink_malformed);
+                tracing::warn!(product_key = %pk, device_name = %dn, %topic, %why, "malformed Alink message");
+                // Replies to replies would loop; everything else is told what was wrong.
+                if matches!(
+                    kind,
+                    Uplink::ServiceReply(_) | Uplink::PropertySetReply | Uplink::PropertyGetReply
+                ) {
+                    return Outcome::default();
+                }
+                return Outcome::reply(to_device(
+                    reply_topic,
+                    reply(
+                        "",
+                        code::INVALID_PARAMS,
+                        &format!("malformed Alink message: {why}"),
+                        json!({}),
+                        None,
+                    ),
+                ));
+            }
+        };
+        match kind {
+            Uplink::PropertyPost => self.property_post(&pk, &dn, req, reply_topic).await,
+            Uplink::EventPost(id) => self.event_post(&pk, &dn, id, req, reply_topic).await,
+            Uplink::PropertySetReply | Uplink::PropertyGetReply | Uplink::ServiceReply(_) => {
+                self.on_reply(&pk, &dn, None, &payload).await;
+                Outcome::default()
+            }
+            Uplink::DeviceInfoUpdate | Uplink::DeviceInfoDelete => {
+                self.device_info(&pk, &dn, kind == Uplink::DeviceInfoUpdate, req, reply_topic)
+                    .await
+            }
+            Uplink::TopoAdd
+            | Uplink::TopoDelete
+            | Uplink::TopoGet
+            | Uplink::SubRegister
+            | Uplink::Login
+            | Uplink::BatchLogin
+            | Uplink::Logout
+            | Uplink::BatchLogout => {
+                if (pk.as_str(), dn.as_str())
+                    != (origin.product_key.as_str(), origin.device_name.as_str())
+                {
+                    return Outcome::reply(to_device(
+                        reply_topic,
+                        reply(
+                            &req.id,
+                            code::INVALID_PARAMS,
+                            "gateway requests must use the gateway's own topics",
+                            json!({}),
+                            None,
+                        ),
+                    ));
+                }
+                gateway::handle(&self, &origin, kind, req, reply_topic).await
+            }
+            _ => {
+                Metrics::inc(&self.metrics.alink_malformed);
+                Outcome::reply(to_device(
+                    reply_topic,
+                    reply(
+                        &req.id,
+                        code::NO_METHOD,
+                        &format!("`{topic}` is not a topic Ironlink serves"),
+                        json!({}),
+                        None,
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// NTP over MQTT: answers at once with the server's receive and send times.
+    pub fn ntp_reply(topic: &str, payload: &[u8], received_at: i64) -> Option<Message> {
+        let rest = topic.strip_suffix("/request")?;
+        let v: Value = serde_json::from_slice(payload).ok()?;
+        let sent = v.get("deviceSendTime").cloned().unwrap_or(Value::Null);
+        let body = json!({
+            "deviceSendTime": sent,
+            "serverRecvTime": received_at.to_string(),
+            "serverSendTime": now_ms().to_string(),
+        });
+        Some(to_device(format!("{rest}/response"), body.to_string()))
+    }
+
+    async fn property_post(
+        &self,
+        pk: &str,
+        dn: &str,
+        req: Request,
+        reply_topic: String,
+    ) -> Outcome {
+        let method = "thing.event.property.post";
+        let model = match self.model(pk).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(error = %e, "loading thing model failed");
+                return Outcome {
+                    failed: true,
+                    ..Outcome::default()
+                };
+            }
+        };
+        let Some(params) = req.params.as_object() else {
+            Metrics::inc(&self.metrics.alink_malformed);
+            return self.answer(
+                &req,
+                reply_topic,
+                code::INVALID_PARAMS,
+                "params must be an object of property values".into(),
+                json!({}),
+                method,
+            );
+        };
+        let now = now_ms();
+        let mut rows = Vec::with_capacity(params.len());
+        let mut invalid = Map::new();
+        for (id, raw) in params {
+            let (value, ts) = alink::value_and_time(
+                raw,
+                now,
+                model
+                    .as_deref()
+                    .and_then(|m| m.property(id))
+                    .map(|p| &p.param.data_type),
+            );
+            let check = match model.as_deref() {
+                None => Ok(()),
+                Some(m) => match m.property(id) {
+                    Some(p) => p
+                        .param
+                        .data_type
+                        .validate(value, id)
+                        .map_err(|e| e.to_string()),
+                    None => Err(format!("`{id}` is not a property of the thing model")),
+                },
+            };
+            match check {
+                Ok(()) => rows.push((
+                    (pk.to_owned(), dn.to_owned(), id.clone()),
+                    ts,
+                    value.to_string(),
+                )),
+                Err(why) => {
+                    invalid.insert(id.clone(), Value::String(why));
+                }
+            }
+        }
+        let stored = rows.len();
+        if !self.store(rows, Vec::new(), Vec::new()).await {
+            return Outcome {
+                failed: true,
+                ..Outcome::default()
+            };
+        }
+        self.metrics
+            .properties_stored
+            .fetch_add(stored as u64, Ordering::Relaxed);
+        if invalid.is_empty() {
+            return self.answer(
+                &req,
+                reply_topic,
+                code::OK,
+                "success".into(),
+                json!({}),
+                method,
+            );
+        }
+        self.metrics
+            .properties_refused
+            .fetch_add(invalid.len() as u64, Ordering::Relaxed);
+        tracing::info!(product_key = pk, device_name = dn, refused = ?invalid, "property values refused by the thing model");
+        let message = format!(
+            "{} of {} properties refused, the others were stored: {}",
+            invalid.len(),
+            params.len(),
+            invalid
+                .iter()
+                .map(|(k, v)| format!("{k}: {}", v.as_str().unwrap_or("")))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        self.answer(
+            &req,
+            reply_topic,
+            code::INVALID_PARAMS,
+            message,
+            json!({ "invalid": invalid }),
+            method,
+        )
+    }
+
+    async fn event_post(
+        &self,
+        pk: &str,
+        dn: &str,
+        id: &str,
+        req: Request,
+        reply_topic: String,
+    ) -> Outcome {
+        let method = format!("thing.event.{id}.post");
+        let model = match self.model(pk).await {
+            Ok(m) => m,
+            Err(_) => {
+                return Outcome {
+                    failed: true,
+                    ..Outcome::default()
+                }
+            }
+        };
+        let now = now_ms();
+        let value = req.params.get("value").unwrap_or(&req.params);
+        let ts = req.params.get("time").and_then(alink::as_ms).unwrap_or(now);
+        let event_type = match model.as_deref() {
+            None => "info".to_owned(),
+            Some(m) => {
+                let Some(ev) = m.events.iter().find(|e| e.identifier == id) else {
+                    Metrics::inc(&self.metrics.alink_malformed);
+                    return self.answer(
+                        &req,
+                        reply_topic,
+                        code::INVALID_PARAMS,
+                        format!("event `{id}` is not in the thing model"),
+                        json!({}),
+                        &method,
+                    );
+                };
+                let ty = DataType::Struct {
+                    fields: ev.output.clone(),
+                };
+                if let Err(e) = ty.validate(value, id) {
+                    Metrics::inc(&self.metrics.properties_refused);
+                    return self.answer(
+                        &req,
+                        reply_topic,
+                        code::INVALID_PARAMS,
+                        format!("event not stored: {e}"),
+                        json!({}),
+                        &method,
+                    );
+                }
+                ev.kind.clone()
+            }
+        };
+        let row = EventRow {
+            product_key: pk.to_owned(),
+            device_name: dn.to_owned(),
+            identifier: id.to_owned(),
+            event_type,
+            message_id: req.id.clone(),
+            output: value.to_string(),
+            ts,
+        };
+        if !self.store(Vec::new(), vec![row], Vec::new()).await {
+            return Outcome {
+                failed: true,
+                ..Outcome::default()
+            };
+        }
+        Metrics::inc(&self.metrics.events_stored);
+        self.answer(
+            &req,
+            reply_topic,
+            code::OK,
+            "success".into(),
+            json!({}),
+            &method,
+        )
+    }
+
+    async fn up_raw(&self, pk: &str, dn: &str, payload: Bytes) -> Outcome {
+        let row = RawRow {
+            product_key: pk.to_owned(),
+            device_name: dn.to_owned(),
+            direction: "up",
+            payload: payload.to_vec(),
+            ts: now_ms(),
+        };
+        Outcome {
+            failed: !self.store(Vec::new(), Vec::new(), vec![row]).await,
+            ..Outcome::default()
+        }
+    }
+
+    async fn device_info(
+        &self,
+        pk: &str,
+        dn: &str,
+        update: bool,
+        req: Request,
+        reply_topic: String,
+    ) -> Outcome {
+        let method = if update {
+            "thing.deviceinfo.update"
+        } else {
+            "thing.deviceinfo.delete"
+        };
+        let Some(items) = req.params.as_array() else {
+            return self.answer(
+                &req,
+                reply_topic,
+                code::INVALID_PARAMS,
+                "params must be a list of {attrKey, attrValue}".into(),
+                json!({}),
+                method,
+            );
+        };
+        let mut changes = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let Some(key) = item.get("attrKey").and_then(Value::as_str) else {
+                return self.answer(
+                    &req,
+                    reply_topic,
+                    code::INVALID_PARAMS,
+                    format!("params[{i}].attrKey is missing"),
+                    json!({}),
+                    method,
+                );
+            };
+            if key.is_empty() || key.len() > 64 {
+                return self.answer(
+                    &req,
+                    reply_topic,
+                    code::INVALID_PARAMS,
+                    format!("params[{i}].attrKey must be 1 to 64 characters"),
+                    json!({}),
+                    method,
+                );
+            }
+            let value = if update {
+                match item.get("attrValue") {
+                    Some(Value::String(s)) if s.len() <= 1024 => Some(Value::String(s.clone())),
+                    Some(v @ (Value::Number(_) | Value::Bool(_))) => {
+                        Some(Value::String(v.to_string()))
+                    }
+                    _ => {
+                        return self.answer(
+                            &req,
+                            reply_topic,
+                            code::INVALID_PARAMS,
+                            format!("params[{i}].attrValue must be a string of at most 1024 bytes"),
+                            json!({}),
+                            method,
+                        )
+                    }
+                }
+            } else {
+                None
+            };
+            changes.push((key.to_owned(), value));
+        }
+        let device = match self.db.get_device(pk, dn).await {
+            Ok(Some(d)) => d,
+            Ok(None) => {
+                return self.answer(
+                    &req,
+                    reply_topic,
+                    code::DEVICE_NOT_FOUND,
+                    "no such device".into(),
+                    json!({}),
+                    method,
+                )
+            }
+            Err(_) => {
+                return Outcome {
+                    failed: true,
+                    ..Outcome::default()
+                }
+            }
+        };
+        let mut tags: Map<String, Value> = serde_json::from_str(&device.tags).unwrap_or_default();
+        for (k, v) in changes {
+            match v {
+                Some(v) => {
+                    tags.insert(k, v);
+                }
+                None => {
+                    tags.remove(&k);
+                }
+            }
+        }
+        if let Err(e) = self
+            .db
+            .set_device_tags(pk, dn, &Value::Object(tags).to_string())
+            .await
+        {
+            tracing::error!(error = %e, "storing device tags failed");
+            return Outcome {
+                failed: true,
+                ..Outcome::default()
+            };
+        }
+        self.answer(
+            &req,
+            reply_topic,
+            code::OK,
+            "success".into(),
+            json!({}),
+            method,
+        )
+    }
+
+    /// A reply to `req` on `reply_topic`, unless the device asked for none (`sys.ack` 0).
+    fn answer(
+        &self,
+        req: &Request,
+        reply_topic: String,
+        code: i64,
+        message: String,
+        data: Value,
+        method: &str,
+    ) -> Outcome {
+        if !req.ack {
+            return Outcome::default();
+        }
+        Outcome::reply(to_device(
+            reply_topic,
+            reply(&req.id, code, &message, data, Some(method)),
+        ))
+    }
+
+    /// True when the device is connected directly or logged in through a gateway.
+    pub fn is_online(&self, pk: &str, dn: &str) -> bool {
+        self.sessions.is_online(pk, dn)
+    }
+
+    /// Publishes a message to a device; returns how many sessions it was queued to.
+    pub fn send(&self, m: Message) -> usize {
+        self.router.publish(m)
+    }
+}

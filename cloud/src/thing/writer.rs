@@ -1,0 +1,147 @@
+//! The thing-data writer: one task that batches property values, events and raw messages from
+//! every connection into few transactions, and tells each sender when its rows are committed.
+
+use super::store::{EventRow, PropertyRow, RawRow, SeriesKey};
+use crate::metrics::Metrics;
+use crate::storage::Db;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Rows of one uplink, and who waits for their commit.
+#[derive(Debug)]
+pub struct Job {
+    /// (series, ts, JSON value).
+    pub props: Vec<(SeriesKey, i64, String)>,
+    /// Events.
+    pub events: Vec<EventRow>,
+    /// Raw messages.
+    pub raws: Vec<RawRow>,
+    /// Told true once committed, false when storing failed.
+    pub done: oneshot::Sender<bool>,
+}
+
+/// Series ids already known, shared so that deleting devices can clear it.
+#[derive(Debug, Clone, Default)]
+pub struct SeriesCache(Arc<Mutex<HashMap<SeriesKey, i64>>>);
+
+/// Entries kept before the cache starts over (about 100 bytes each).
+const CACHE_MAX: usize = 2_000_000;
+
+impl SeriesCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SeriesKey, i64>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Forgets every id.
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+}
+
+/// Jobs taken into one transaction at most.
+const MAX_JOBS: usize = 512;
+
+pub async fn run(
+    db: Db,
+    mut rx: mpsc::Receiver<Job>,
+    cache: SeriesCache,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut jobs = Vec::with_capacity(MAX_JOBS);
+    loop {
+        let stopping = tokio::select! {
+            n = rx.recv_many(&mut jobs, MAX_JOBS) => {
+                if n == 0 {
+                    return;
+                }
+                false
+            }
+            _ = stop.wait_for(|s| *s) => {
+                while let Ok(j) = rx.try_recv() {
+                    jobs.push(j);
+                }
+                true
+            }
+        };
+        let ok = store_batch(&db, &cache, &mut jobs).await;
+        if !ok {
+            Metrics::inc(&metrics.thing_store_failures);
+        }
+        for j in jobs.drain(..) {
+            let _ = j.done.send(ok);
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+async fn store_batch(db: &Db, cache: &SeriesCache, jobs: &mut [Job]) -> bool {
+    for attempt in 0..3u32 {
+        match try_store(db, cache, jobs).await {
+            Ok(()) => return true,
+            Err(e) => {
+                tracing::warn!(error = %e, attempt, "storing thing data failed, retrying");
+                tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+            }
+        }
+    }
+    tracing::error!(
+        jobs = jobs.len(),
+        "thing data not stored after 3 attempts; the devices will be disconnected unacknowledged"
+    );
+    false
+}
+
+async fn try_store(
+    db: &Db,
+    cache: &SeriesCache,
+    jobs: &mut [Job],
+) -> Result<(), crate::storage::StorageError> {
+    let missing: Vec<SeriesKey> = {
+        let c = cache.lock();
+        let mut seen = std::collections::HashSet::new();
+        jobs.iter()
+            .flat_map(|j| j.props.iter().map(|p| &p.0))
+            .filter(|k| !c.contains_key(*k) && seen.insert(*k))
+            .cloned()
+            .collect()
+    };
+    if !missing.is_empty() {
+        let ids = db.series_ids(&missing).await?;
+        let mut c = cache.lock();
+        if c.len() + ids.len() > CACHE_MAX {
+            c.clear();
+        }
+        c.extend(ids);
+    }
+    let mut props = Vec::new();
+    let mut events = Vec::new();
+    let mut raws = Vec::new();
+    {
+        let c = cache.lock();
+        for j in jobs.iter() {
+            for (key, ts, value) in &j.props {
+                match c.get(key) {
+                    Some(id) => props.push(PropertyRow {
+                        series_id: *id,
+                        ts: *ts,
+                        value: value.clone(),
+                    }),
+                    // Cleared between the lookup and here (a device was deleted): retry.
+                    None => {
+                        return Err(crate::storage::StorageError::Conflict(
+                            "series cache cleared during a batch".into(),
+                        ))
+                    }
+                }
+            }
+            events.extend(j.events.iter().cloned());
+            raws.extend(j.raws.iter().cloned());
+        }
+    }
+    db.store_thing_data(&props, &events, &raws).await
+}
