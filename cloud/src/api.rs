@@ -112,6 +112,8 @@ where
 
 type ApiResult<T> = Result<T, ApiError>;
 
+mod thing;
+
 /// Builds the router.
 pub fn router(state: ApiState) -> Router {
     let api = Router::new()
@@ -137,6 +139,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/devices/:pk/:dn/messages", post(publish_to_device))
         .route("/devices/:pk/:dn/presence", get(presence_history))
         .route("/devices/:pk/:dn/tags", axum::routing::put(put_tags))
+        .merge(thing::routes())
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
         .route("/openapi.json", get(openapi));
     Router::new()
@@ -313,6 +316,7 @@ async fn put_thing_model(
         .db
         .put_thing_model(&pk, &text, crate::registry::now_ms())
         .await?;
+    s.shared.thing.forget_model(&pk);
     Ok(Json(json!({
         "product_key": pk,
         "version": version,
@@ -356,6 +360,8 @@ async fn delete_product(
     if !s.shared.db.delete_product(&pk).await? {
         return Err(unknown_product(&pk));
     }
+    s.shared.thing.forget_model(&pk);
+    s.shared.thing.forget_series();
     let kicked = s
         .shared
         .sessions
@@ -475,6 +481,7 @@ async fn delete_device(
     if !s.shared.db.delete_device(&pk, &dn).await? {
         return Err(unknown_device(&pk, &dn));
     }
+    s.shared.thing.forget_series();
     let kicked = s
         .shared
         .sessions

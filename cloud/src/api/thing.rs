@@ -1,0 +1,286 @@
+//! Thing data endpoints: properties (latest, history, set, get), events, service calls,
+//! shadows, sub-devices and raw data. Times are epoch milliseconds.
+
+use super::{payload_bytes, require_device, ApiError, ApiJson, ApiResult, ApiState};
+use crate::registry::now_ms;
+use crate::thing::calls::Kind;
+use crate::thing::store::ServiceCall;
+use crate::thing::{shadow, to_device, CallError};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use std::time::Duration;
+
+pub(super) fn routes() -> Router<ApiState> {
+    Router::new()
+        .route("/devices/:pk/:dn/properties", get(latest).post(set_properties))
+        .route("/devices/:pk/:dn/properties/get", post(get_properties))
+        .route("/devices/:pk/:dn/properties/:id/history", get(history))
+        .route("/devices/:pk/:dn/events", get(events))
+        .route("/devices/:pk/:dn/services/:id", post(call_service))
+        .route("/devices/:pk/:dn/service-calls", get(list_calls))
+        .route("/devices/:pk/:dn/service-calls/:id", get(get_call))
+        .route("/devices/:pk/:dn/shadow", get(get_shadow).put(put_shadow))
+        .route("/devices/:pk/:dn/sub-devices", get(sub_devices))
+        .route("/devices/:pk/:dn/raw", get(raw_messages).post(send_raw))
+}
+
+fn parse_json(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_owned()))
+}
+
+/// A call as the API shows it: params and reply as JSON.
+pub(super) fn call_json(c: &ServiceCall) -> Value {
+    json!({
+        "product_key": c.product_key,
+        "device_name": c.device_name,
+        "id": c.message_id,
+        "service": c.identifier,
+        "call_type": c.call_type,
+        "params": parse_json(&c.params),
+        "status": c.status,
+        "code": c.code,
+        "reply": c.reply.as_deref().map(parse_json),
+        "created_at": c.created_at,
+        "deadline": c.deadline,
+        "replied_at": c.replied_at,
+    })
+}
+
+impl From<CallError> for ApiError {
+    fn from(e: CallError) -> Self {
+        match e {
+            CallError::Offline(..) => Self::new(StatusCode::CONFLICT, "device_offline", e.to_string()),
+            CallError::UnknownService(m) => Self::new(StatusCode::NOT_FOUND, "unknown_service", m),
+            CallError::InvalidParams(m) => Self::new(StatusCode::BAD_REQUEST, "invalid_params", m),
+            CallError::Storage(e) => e.into(),
+        }
+    }
+}
+
+async fn latest(State(s): State<ApiState>, Path((pk, dn)): Path<(String, String)>) -> ApiResult<impl IntoResponse> {
+    require_device(&s, &pk, &dn).await?;
+    let rows = s.shared.db.latest_properties(&pk, &dn).await?;
+    let props: Vec<Value> = rows
+        .into_iter()
+        .map(|(id, ts, v)| json!({"identifier": id, "value": parse_json(&v), "time": ts}))
+        .collect();
+    Ok(Json(json!({"product_key": pk, "device_name": dn, "properties": props})))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Range {
+    from: Option<i64>,
+    to: Option<i64>,
+    limit: Option<i64>,
+    order: Option<String>,
+    identifier: Option<String>,
+}
+
+impl Range {
+    fn bounds(&self) -> ApiResult<(i64, i64, i64)> {
+        let from = self.from.unwrap_or(0);
+        let to = self.to.unwrap_or(i64::MAX);
+        if from > to {
+            return Err(ApiError::invalid(format!("from ({from}) is after to ({to})")));
+        }
+        Ok((from, to, self.limit.unwrap_or(100).clamp(1, 10_000)))
+    }
+}
+
+async fn history(
+    State(s): State<ApiState>,
+    Path((pk, dn, id)): Path<(String, String, String)>,
+    Query(q): Query<Range>,
+) -> ApiResult<impl IntoResponse> {
+    require_device(&s, &pk, &dn).await?;
+    let (from, to, limit) = q.bounds()?;
+    let ascending = match q.order.as_deref() {
+        None | Some("desc") => false,
+        Some("asc") => true,
+        Some(o) => return Err(ApiError::invalid(format!("order `{o}` must be asc or desc"))),
+    };
+    let rows = s.shared.db.property_history(&pk, &dn, &id, from, to, limit, ascending).await?;
+    let points: Vec<Value> = rows.into_iter().map(|(ts, v)| json!({"time": ts, "value": parse_json(&v)})).collect();
+    Ok(Json(json!({"identifier": id, "points": points})))
+}
+
+async fn events(
+    State(s): State<ApiState>,
+    Path((pk, dn)): Path<(String, String)>,
+    Query(q): Query<Range>,
+) -> ApiResult<impl IntoResponse> {
+    require_device(&s, &pk, &dn).await?;
+    let (from, to, limit) = q.bounds()?;
+    let rows = s.shared.db.events(&pk, &dn, q.identifier.as_deref(), from, to, limit).await?;
+    let events: Vec<Value> = rows
+        .into_iter()
+        .map(|e| json!({"identifier": e.identifier, "type": e.event_type, "message_id": e.message_id, "output": parse_json(&e.output), "time": e.ts}))
+        .collect();
+    Ok(Json(json!({"events": events})))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CallBody {
+    #[serde(default)]
+    params: Value,
+    timeout_ms: Option<u64>,
+}
+
+fn answer(call: ServiceCall) -> (StatusCode, Json<Value>) {
+    let status = if call.status == "pending" { StatusCode::ACCEPTED } else { StatusCode::OK };
+    (status, Json(call_json(&call)))
+}
+
+async fn set_properties(
+    State(s): State<ApiState>,
+    Path((pk, dn)): Path<(String, String)>,
+    ApiJson(body): ApiJson<CallBody>,
+) -> ApiResult<impl IntoResponse> {
+    require_device(&s, &pk, &dn).await?;
+    let call = s.shared.thing.call(&pk, &dn, Kind::PropertySet, body.params, body.timeout_ms.map(Duration::from_millis)).await?;
+    Ok(answer(call))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetBody {
+    identifiers: Vec<String>,
+    timeout_ms: Option<u64>,
+}
+
+async fn get_properties(
+    State(s): State<ApiState>,
+    Path((pk, dn)): Path<(String, String)>,
+    ApiJson(body): ApiJson<GetBody>,
+) -> ApiResult<impl IntoResponse> {
+    require_device(&s, &pk, &dn).await?;
+    let ids = Value::Array(body.identifiers.into_iter().map(Value::String).collect());
+    let call = s.shared.thing.call(&pk, &dn, Kind::PropertyGet, ids, body.timeout_ms.map(Duration::from_millis)).await?;
+    Ok(answer(call))
+}
+
+async fn call_service(
+    State(s): State<ApiState>,
+    Path((pk, dn, id)): Path<(String, String, String)>,
+    ApiJson(body): ApiJson<CallBody>,
+) -> ApiResult<impl IntoResponse> {
+    require_device(&s, &pk, &dn).await?;
+    let params = if body.params.is_null() { json!({}) } else { body.params };
+    let call = s.shared.thing.call(&pk, &dn, Kind::Service(&id), params, body.timeout_ms.map(Duration::from_millis)).await?;
+    Ok(answer(call))
+}
+
+async fn list_calls(
+    State(s): State<ApiState>,
+    Path((pk, dn)): Path<(String, String)>,
+    Query(q): Query<Range>,
+) -> ApiResult<impl IntoResponse> {
+    require_device(&s, &pk, &dn).await?;
+    let (_, _, limit) = q.bounds()?;
+    let calls = s.shared.db.list_calls(&pk, &dn, limit).await?;
+    Ok(Json(json!({"calls": calls.iter().map(call_json).collect::<Vec<_>>()})))
+}
+
+async fn get_call(
+    State(s): State<ApiState>,
+    Path((pk, dn, id)): Path<(String, String, String)>,
+) -> ApiResult<impl IntoResponse> {
+    match s.shared.db.get_call(&pk, &dn, &id).await? {
+        Some(c) => Ok(Json(call_json(&c))),
+        None => Err(ApiError::not_found(format!("device `{pk}/{dn}` has no call with id `{id}`"))),
+    }
+}
+
+async fn get_shadow(State(s): State<ApiState>, Path((pk, dn)): Path<(String, String)>) -> ApiResult<impl IntoResponse> {
+    require_device(&s, &pk, &dn).await?;
+    let (sh, _) = shadow::load(&s.shared.thing, &pk, &dn).await?;
+    Ok(Json(sh.document()))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShadowBody {
+    desired: Map<String, Value>,
+    version: Option<i64>,
+}
+
+async fn put_shadow(
+    State(s): State<ApiState>,
+    Path((pk, dn)): Path<(String, String)>,
+    ApiJson(body): ApiJson<ShadowBody>,
+) -> ApiResult<impl IntoResponse> {
+    require_device(&s, &pk, &dn).await?;
+    match shadow::set_desired(&s.shared.thing, &pk, &dn, &body.desired, body.version).await {
+        Ok(sh) => Ok(Json(sh.document())),
+        Err(e) if e.code == 409 => Err(ApiError::new(StatusCode::CONFLICT, "version_conflict", e.message)),
+        Err(e) if e.code == 500 => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", e.message)),
+        Err(e) => Err(ApiError::invalid(e.message)),
+    }
+}
+
+async fn sub_devices(State(s): State<ApiState>, Path((pk, dn)): Path<(String, String)>) -> ApiResult<impl IntoResponse> {
+    require_device(&s, &pk, &dn).await?;
+    let rows = s.shared.db.topology_of(&pk, &dn).await?;
+    let subs: Vec<Value> = rows
+        .into_iter()
+        .map(|t| {
+            let online = s.shared.sessions.is_online(&t.product_key, &t.device_name);
+            json!({"product_key": t.product_key, "device_name": t.device_name, "added_at": t.created_at, "online": online})
+        })
+        .collect();
+    Ok(Json(json!({"gateway": format!("{pk}/{dn}"), "sub_devices": subs})))
+}
+
+async fn raw_messages(
+    State(s): State<ApiState>,
+    Path((pk, dn)): Path<(String, String)>,
+    Query(q): Query<Range>,
+) -> ApiResult<impl IntoResponse> {
+    require_device(&s, &pk, &dn).await?;
+    let (_, _, limit) = q.bounds()?;
+    let rows = s.shared.db.raw_messages(&pk, &dn, limit).await?;
+    let msgs: Vec<Value> = rows
+        .into_iter()
+        .map(|(dir, p, ts)| json!({"direction": dir, "payload_hex": hex::encode(p), "time": ts}))
+        .collect();
+    Ok(Json(json!({"messages": msgs})))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBody {
+    payload: Option<Value>,
+    payload_base64: Option<String>,
+}
+
+async fn send_raw(
+    State(s): State<ApiState>,
+    Path((pk, dn)): Path<(String, String)>,
+    ApiJson(body): ApiJson<RawBody>,
+) -> ApiResult<impl IntoResponse> {
+    require_device(&s, &pk, &dn).await?;
+    if !s.shared.sessions.is_online(&pk, &dn) {
+        return Err(CallError::Offline(pk, dn).into());
+    }
+    let payload = payload_bytes(&body.payload, &body.payload_base64)?;
+    let topic = format!("/sys/{pk}/{dn}/thing/model/down_raw");
+    let delivered = s.shared.thing.send(to_device(topic.clone(), payload.clone()));
+    s.shared
+        .db
+        .store_thing_data(&[], &[], &[crate::thing::store::RawRow {
+            product_key: pk,
+            device_name: dn,
+            direction: "down",
+            payload: payload.to_vec(),
+            ts: now_ms(),
+        }])
+        .await?;
+    Ok(Json(json!({"topic": topic, "delivered": delivered})))
+}
