@@ -17,7 +17,10 @@ use std::time::Duration;
 
 pub(super) fn routes() -> Router<ApiState> {
     Router::new()
-        .route("/devices/:pk/:dn/properties", get(latest).post(set_properties))
+        .route(
+            "/devices/:pk/:dn/properties",
+            get(latest).post(set_properties),
+        )
         .route("/devices/:pk/:dn/properties/get", post(get_properties))
         .route("/devices/:pk/:dn/properties/:id/history", get(history))
         .route("/devices/:pk/:dn/events", get(events))
@@ -54,7 +57,9 @@ pub(super) fn call_json(c: &ServiceCall) -> Value {
 impl From<CallError> for ApiError {
     fn from(e: CallError) -> Self {
         match e {
-            CallError::Offline(..) => Self::new(StatusCode::CONFLICT, "device_offline", e.to_string()),
+            CallError::Offline(..) => {
+                Self::new(StatusCode::CONFLICT, "device_offline", e.to_string())
+            }
             CallError::UnknownService(m) => Self::new(StatusCode::NOT_FOUND, "unknown_service", m),
             CallError::InvalidParams(m) => Self::new(StatusCode::BAD_REQUEST, "invalid_params", m),
             CallError::Storage(e) => e.into(),
@@ -62,14 +67,19 @@ impl From<CallError> for ApiError {
     }
 }
 
-async fn latest(State(s): State<ApiState>, Path((pk, dn)): Path<(String, String)>) -> ApiResult<impl IntoResponse> {
+async fn latest(
+    State(s): State<ApiState>,
+    Path((pk, dn)): Path<(String, String)>,
+) -> ApiResult<impl IntoResponse> {
     require_device(&s, &pk, &dn).await?;
     let rows = s.shared.db.latest_properties(&pk, &dn).await?;
     let props: Vec<Value> = rows
         .into_iter()
         .map(|(id, ts, v)| json!({"identifier": id, "value": parse_json(&v), "time": ts}))
         .collect();
-    Ok(Json(json!({"product_key": pk, "device_name": dn, "properties": props})))
+    Ok(Json(
+        json!({"product_key": pk, "device_name": dn, "properties": props}),
+    ))
 }
 
 #[derive(Debug, Deserialize)]
@@ -87,7 +97,9 @@ impl Range {
         let from = self.from.unwrap_or(0);
         let to = self.to.unwrap_or(i64::MAX);
         if from > to {
-            return Err(ApiError::invalid(format!("from ({from}) is after to ({to})")));
+            return Err(ApiError::invalid(format!(
+                "from ({from}) is after to ({to})"
+            )));
         }
         Ok((from, to, self.limit.unwrap_or(100).clamp(1, 10_000)))
     }
@@ -103,10 +115,21 @@ async fn history(
     let ascending = match q.order.as_deref() {
         None | Some("desc") => false,
         Some("asc") => true,
-        Some(o) => return Err(ApiError::invalid(format!("order `{o}` must be asc or desc"))),
+        Some(o) => {
+            return Err(ApiError::invalid(format!(
+                "order `{o}` must be asc or desc"
+            )))
+        }
     };
-    let rows = s.shared.db.property_history(&pk, &dn, &id, from, to, limit, ascending).await?;
-    let points: Vec<Value> = rows.into_iter().map(|(ts, v)| json!({"time": ts, "value": parse_json(&v)})).collect();
+    let rows = s
+        .shared
+        .db
+        .property_history(&pk, &dn, &id, from, to, limit, ascending)
+        .await?;
+    let points: Vec<Value> = rows
+        .into_iter()
+        .map(|(ts, v)| json!({"time": ts, "value": parse_json(&v)}))
+        .collect();
     Ok(Json(json!({"identifier": id, "points": points})))
 }
 
@@ -117,7 +140,11 @@ async fn events(
 ) -> ApiResult<impl IntoResponse> {
     require_device(&s, &pk, &dn).await?;
     let (from, to, limit) = q.bounds()?;
-    let rows = s.shared.db.events(&pk, &dn, q.identifier.as_deref(), from, to, limit).await?;
+    let rows = s
+        .shared
+        .db
+        .events(&pk, &dn, q.identifier.as_deref(), from, to, limit)
+        .await?;
     let events: Vec<Value> = rows
         .into_iter()
         .map(|e| json!({"identifier": e.identifier, "type": e.event_type, "message_id": e.message_id, "output": parse_json(&e.output), "time": e.ts}))
@@ -134,7 +161,11 @@ struct CallBody {
 }
 
 fn answer(call: ServiceCall) -> (StatusCode, Json<Value>) {
-    let status = if call.status == "pending" { StatusCode::ACCEPTED } else { StatusCode::OK };
+    let status = if call.status == "pending" {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
     (status, Json(call_json(&call)))
 }
 
@@ -144,7 +175,17 @@ async fn set_properties(
     ApiJson(body): ApiJson<CallBody>,
 ) -> ApiResult<impl IntoResponse> {
     require_device(&s, &pk, &dn).await?;
-    let call = s.shared.thing.call(&pk, &dn, Kind::PropertySet, body.params, body.timeout_ms.map(Duration::from_millis)).await?;
+    let call = s
+        .shared
+        .thing
+        .call(
+            &pk,
+            &dn,
+            Kind::PropertySet,
+            body.params,
+            body.timeout_ms.map(Duration::from_millis),
+        )
+        .await?;
     Ok(answer(call))
 }
 
@@ -162,7 +203,17 @@ async fn get_properties(
 ) -> ApiResult<impl IntoResponse> {
     require_device(&s, &pk, &dn).await?;
     let ids = Value::Array(body.identifiers.into_iter().map(Value::String).collect());
-    let call = s.shared.thing.call(&pk, &dn, Kind::PropertyGet, ids, body.timeout_ms.map(Duration::from_millis)).await?;
+    let call = s
+        .shared
+        .thing
+        .call(
+            &pk,
+            &dn,
+            Kind::PropertyGet,
+            ids,
+            body.timeout_ms.map(Duration::from_millis),
+        )
+        .await?;
     Ok(answer(call))
 }
 
@@ -172,8 +223,22 @@ async fn call_service(
     ApiJson(body): ApiJson<CallBody>,
 ) -> ApiResult<impl IntoResponse> {
     require_device(&s, &pk, &dn).await?;
-    let params = if body.params.is_null() { json!({}) } else { body.params };
-    let call = s.shared.thing.call(&pk, &dn, Kind::Service(&id), params, body.timeout_ms.map(Duration::from_millis)).await?;
+    let params = if body.params.is_null() {
+        json!({})
+    } else {
+        body.params
+    };
+    let call = s
+        .shared
+        .thing
+        .call(
+            &pk,
+            &dn,
+            Kind::Service(&id),
+            params,
+            body.timeout_ms.map(Duration::from_millis),
+        )
+        .await?;
     Ok(answer(call))
 }
 
@@ -185,7 +250,9 @@ async fn list_calls(
     require_device(&s, &pk, &dn).await?;
     let (_, _, limit) = q.bounds()?;
     let calls = s.shared.db.list_calls(&pk, &dn, limit).await?;
-    Ok(Json(json!({"calls": calls.iter().map(call_json).collect::<Vec<_>>()})))
+    Ok(Json(
+        json!({"calls": calls.iter().map(call_json).collect::<Vec<_>>()}),
+    ))
 }
 
 async fn get_call(
@@ -194,11 +261,16 @@ async fn get_call(
 ) -> ApiResult<impl IntoResponse> {
     match s.shared.db.get_call(&pk, &dn, &id).await? {
         Some(c) => Ok(Json(call_json(&c))),
-        None => Err(ApiError::not_found(format!("device `{pk}/{dn}` has no call with id `{id}`"))),
+        None => Err(ApiError::not_found(format!(
+            "device `{pk}/{dn}` has no call with id `{id}`"
+        ))),
     }
 }
 
-async fn get_shadow(State(s): State<ApiState>, Path((pk, dn)): Path<(String, String)>) -> ApiResult<impl IntoResponse> {
+async fn get_shadow(
+    State(s): State<ApiState>,
+    Path((pk, dn)): Path<(String, String)>,
+) -> ApiResult<impl IntoResponse> {
     require_device(&s, &pk, &dn).await?;
     let (sh, _) = shadow::load(&s.shared.thing, &pk, &dn).await?;
     Ok(Json(sh.document()))
@@ -219,13 +291,24 @@ async fn put_shadow(
     require_device(&s, &pk, &dn).await?;
     match shadow::set_desired(&s.shared.thing, &pk, &dn, &body.desired, body.version).await {
         Ok(sh) => Ok(Json(sh.document())),
-        Err(e) if e.code == 409 => Err(ApiError::new(StatusCode::CONFLICT, "version_conflict", e.message)),
-        Err(e) if e.code == 500 => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", e.message)),
+        Err(e) if e.code == 409 => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "version_conflict",
+            e.message,
+        )),
+        Err(e) if e.code == 500 => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "storage_unavailable",
+            e.message,
+        )),
         Err(e) => Err(ApiError::invalid(e.message)),
     }
 }
 
-async fn sub_devices(State(s): State<ApiState>, Path((pk, dn)): Path<(String, String)>) -> ApiResult<impl IntoResponse> {
+async fn sub_devices(
+    State(s): State<ApiState>,
+    Path((pk, dn)): Path<(String, String)>,
+) -> ApiResult<impl IntoResponse> {
     require_device(&s, &pk, &dn).await?;
     let rows = s.shared.db.topology_of(&pk, &dn).await?;
     let subs: Vec<Value> = rows
@@ -235,7 +318,9 @@ async fn sub_devices(State(s): State<ApiState>, Path((pk, dn)): Path<(String, St
             json!({"product_key": t.product_key, "device_name": t.device_name, "added_at": t.created_at, "online": online})
         })
         .collect();
-    Ok(Json(json!({"gateway": format!("{pk}/{dn}"), "sub_devices": subs})))
+    Ok(Json(
+        json!({"gateway": format!("{pk}/{dn}"), "sub_devices": subs}),
+    ))
 }
 
 async fn raw_messages(
@@ -271,16 +356,23 @@ async fn send_raw(
     }
     let payload = payload_bytes(&body.payload, &body.payload_base64)?;
     let topic = format!("/sys/{pk}/{dn}/thing/model/down_raw");
-    let delivered = s.shared.thing.send(to_device(topic.clone(), payload.clone()));
+    let delivered = s
+        .shared
+        .thing
+        .send(to_device(topic.clone(), payload.clone()));
     s.shared
         .db
-        .store_thing_data(&[], &[], &[crate::thing::store::RawRow {
-            product_key: pk,
-            device_name: dn,
-            direction: "down",
-            payload: payload.to_vec(),
-            ts: now_ms(),
-        }])
+        .store_thing_data(
+            &[],
+            &[],
+            &[crate::thing::store::RawRow {
+                product_key: pk,
+                device_name: dn,
+                direction: "down",
+                payload: payload.to_vec(),
+                ts: now_ms(),
+            }],
+        )
         .await?;
     Ok(Json(json!({"topic": topic, "delivered": delivered})))
 }
