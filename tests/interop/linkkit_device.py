@@ -6,11 +6,18 @@ Modes:
                                             sent through Ironlink's API, disconnect.
   register PK DN PRODUCT_SECRET HOST PORT CA  dynamic registration (authType=register) over
                                             TLS; prints the device secret Ironlink returned.
+  thing PK DN SECRET HOST PORT TSL          thing model: posts properties and an event (replies
+                                            must be 200), answers a property set and an async
+                                            service call started through Ironlink's API.
+  gateway GPK GDN GSECRET SPK S1 S1SECRET S2 S2SECRET HOST PORT
+                                            adds two sub-devices to its topology, logs them in
+                                            and posts a property for each over its one connection.
 Prints one JSON line with the outcome; exits non-zero on failure. Every wait is bounded.
 """
 import json
 import sys
 import threading
+import time
 import urllib.request
 
 from linkkit import linkkit
@@ -87,6 +94,127 @@ def register(pk, dn, product_secret, host, port, ca):
         raise SystemExit(1)
 
 
+def wait(event, what):
+    if not event.wait(TIMEOUT):
+        raise SystemExit("timed out waiting for " + what)
+
+
+def until(what, probe):
+    """Polls the API (bounded) until probe() returns a true value."""
+    deadline = time.time() + TIMEOUT
+    while time.time() < deadline:
+        v = probe()
+        if v:
+            return v
+        time.sleep(0.1)
+    raise SystemExit("timed out waiting for " + what)
+
+
+def thing(pk, dn, secret, host, port, tsl):
+    lk = linkkit.LinkKit(host_name=host, product_key=pk, device_name=dn, device_secret=secret)
+    lk.config_mqtt(port=port, secure="", endpoint=host, keep_alive=60)
+    lk.thing_setup(tsl)
+    enabled, prop_reply, event_reply, changed, called = (threading.Event() for _ in range(5))
+    seen = {}
+
+    def on_thing_enable(userdata):
+        enabled.set()
+
+    def on_thing_prop_post(request_id, code, data, message, userdata):
+        seen["prop_post_code"] = code
+        prop_reply.set()
+
+    def on_thing_event_post(event, request_id, code, data, message, userdata):
+        seen["event_post_code"] = code
+        event_reply.set()
+
+    def on_thing_prop_changed(params, userdata):
+        seen["set"] = params
+        changed.set()
+
+    def on_thing_call_service(identifier, request_id, params, userdata):
+        seen["service"] = [identifier, params]
+        lk.thing_answer_service(identifier, request_id, 200, {"done": 1})
+        called.set()
+
+    lk.on_thing_enable = on_thing_enable
+    lk.on_thing_prop_post = on_thing_prop_post
+    lk.on_thing_event_post = on_thing_event_post
+    lk.on_thing_prop_changed = on_thing_prop_changed
+    lk.on_thing_call_service = on_thing_call_service
+    lk.connect_async()
+    wait(enabled, "thing enabled (connect)")
+    lk.thing_post_property({"temperature": 23.5, "humidity": 40})
+    wait(prop_reply, "property post reply")
+    lk.thing_trigger_event(("alarm", {"level": 2}))
+    wait(event_reply, "event post reply")
+    latest = api("GET", "/devices/%s/%s/properties" % (pk, dn))["properties"]
+    events = api("GET", "/devices/%s/%s/events" % (pk, dn))["events"]
+    result = {}
+    setter = threading.Thread(target=lambda: result.update(
+        set=api("POST", "/devices/%s/%s/properties" % (pk, dn), {"params": {"mode": 1}, "timeout_ms": 15000})))
+    setter.start()
+    wait(changed, "property set at the device")
+    setter.join(TIMEOUT)
+    call = api("POST", "/devices/%s/%s/services/reboot" % (pk, dn), {"params": {"delay": 3}})
+    wait(called, "service call at the device")
+    done = until("service call answer recorded", lambda: (lambda c: c if c["status"] != "pending" else None)(
+        api("GET", "/devices/%s/%s/service-calls/%s" % (pk, dn, call["id"]))))
+    lk.disconnect()
+    out = {"seen": seen, "latest": latest, "events": len(events), "set_status": result.get("set", {}).get("status"),
+           "service_status": done["status"], "service_reply": done["reply"]}
+    print(json.dumps(out))
+    ok = (seen.get("prop_post_code") == 200 and seen.get("event_post_code") == 200 and len(latest) == 2
+          and len(events) == 1 and seen.get("set") == {"mode": 1} and out["set_status"] == "succeeded"
+          and done["status"] == "succeeded" and done["reply"] == {"done": 1})
+    if not ok:
+        raise SystemExit(1)
+
+
+def gateway(gpk, gdn, gsecret, spk, s1, s1secret, s2, s2secret, host, port):
+    lk = linkkit.LinkKit(host_name=host, product_key=gpk, device_name=gdn, device_secret=gsecret)
+    lk.config_mqtt(port=port, secure="", endpoint=host, keep_alive=60)
+    connected, topo, login = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def on_connect(session_flag, rc, userdata):
+        if rc == 0:
+            connected.set()
+
+    def on_topo(request_id, code, data, message, userdata):
+        seen["topo"] = [code, message]
+        topo.set()
+
+    def on_login(request_id, code, data, message, userdata):
+        seen["login"] = [code, message]
+        login.set()
+
+    lk.on_connect = on_connect
+    lk.on_gateway_add_subdev_topo_reply = on_topo
+    lk.on_gateway_login_subdev_reply = on_login
+    lk.connect_async()
+    wait(connected, "gateway connect")
+    subs = [[spk, s1, s1secret], [spk, s2, s2secret]]
+    lk.gateway_add_subdev_topo(subs)
+    wait(topo, "topo/add reply")
+    lk.gateway_login_subdev(subs)
+    wait(login, "batch_login reply")
+    for i, dn in enumerate([s1, s2]):
+        body = {"id": str(100 + i), "version": "1.0", "params": {"temperature": 10.0 + i},
+                "method": "thing.event.property.post"}
+        lk.publish_topic("/sys/%s/%s/thing/event/property/post" % (spk, dn), json.dumps(body), 1)
+    values = [until("sub-device %s property stored" % dn,
+                    lambda dn=dn: api("GET", "/devices/%s/%s/properties" % (spk, dn))["properties"])
+              for dn in [s1, s2]]
+    subs_view = api("GET", "/devices/%s/%s/sub-devices" % (gpk, gdn))["sub_devices"]
+    lk.disconnect()
+    out = {"seen": seen, "values": [v[0]["value"] for v in values], "online": [s["online"] for s in subs_view]}
+    print(json.dumps(out))
+    if seen.get("topo", [0])[0] != 200 or seen.get("login", [0])[0] != 200 or out["values"] != [10.0, 11.0] \
+            or out["online"] != [True, True]:
+        raise SystemExit(1)
+
+
 if __name__ == "__main__":
     API, TOKEN = sys.argv[1], sys.argv[2]
     mode, args = sys.argv[3], sys.argv[4:]
@@ -94,5 +222,9 @@ if __name__ == "__main__":
         connect(args[0], args[1], args[2], args[3], int(args[4]))
     elif mode == "register":
         register(args[0], args[1], args[2], args[3], int(args[4]), args[5])
+    elif mode == "thing":
+        thing(args[0], args[1], args[2], args[3], int(args[4]), args[5])
+    elif mode == "gateway":
+        gateway(*args[:8], args[8], int(args[9]))
     else:
         raise SystemExit("unknown mode " + mode)

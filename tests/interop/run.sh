@@ -2,8 +2,9 @@
 # Interop suite: Ironlink against clients we did not write.
 #   - mosquitto_pub / mosquitto_sub (Debian mosquitto-clients) over TCP and TLS with Alink
 #     credentials printed by `ironlink-cloud device credentials`, and an ACL violation refused;
-#   - Alibaba's Python device SDK (aliyun-iot-linkkit): connect + downlink, and dynamic
-#     registration over TLS.
+#   - Alibaba's Python device SDK (aliyun-iot-linkkit): connect + downlink, dynamic
+#     registration over TLS, the thing model (properties, event, property set, service call)
+#     and a gateway with two sub-devices.
 # Usage: tests/interop/run.sh PATH_TO_IRONLINK_CLOUD PYTHON_WITH_LINKKIT
 # Prints "N passed, N failed" last; exits non-zero on any failure.
 set -uo pipefail
@@ -112,6 +113,28 @@ check "aliyun-iot-linkkit dynamic registration (TLS) returns the device secret" 
 
 check "presence history records the linkkit session" \
     bash -c "'$BIN' device presence '$PK' lk-000001 --json | grep -q 'clean disconnect'"
+
+# Thing model: a linkkit device posts properties and an event, answers a property set and a
+# service call started through the API.
+TPK=$("$BIN" product create thing-interop --json | json "['product_key']")
+"$BIN" product thing-model "$TPK" --import "$HERE/thing-model.json" >/dev/null
+"$BIN" device create "$TPK" lk-thing1 >/dev/null
+TS=$("$BIN" device show "$TPK" lk-thing1 --json | json "['device_secret']")
+check "aliyun-iot-linkkit thing model: properties, event, property set, service call" \
+    "$PY" "$HERE/linkkit_device.py" "$HTTP" "$IRONLINK_TOKEN" thing "$TPK" lk-thing1 "$TS" 127.0.0.1 "$MQTT_PORT" "$HERE/thing-model.json"
+
+# Gateway: a linkkit gateway adds and logs in two sub-devices and posts for them over its one
+# connection.
+GPK=$("$BIN" product create gw-interop --node-type gateway --json | json "['product_key']")
+SPK=$("$BIN" product create sub-interop --node-type sub-device --json | json "['product_key']")
+"$BIN" product thing-model "$SPK" --import "$HERE/thing-model.json" >/dev/null
+"$BIN" device create "$GPK" lk-gw0001 >/dev/null
+"$BIN" device create "$SPK" lk-sub001 >/dev/null
+"$BIN" device create "$SPK" lk-sub002 >/dev/null
+secret_of() { "$BIN" device show "$1" "$2" --json | json "['device_secret']"; }
+check "aliyun-iot-linkkit gateway: topo/add, batch_login, sub-device properties over one connection" \
+    "$PY" "$HERE/linkkit_device.py" "$HTTP" "$IRONLINK_TOKEN" gateway "$GPK" lk-gw0001 "$(secret_of "$GPK" lk-gw0001)" \
+    "$SPK" lk-sub001 "$(secret_of "$SPK" lk-sub001)" lk-sub002 "$(secret_of "$SPK" lk-sub002)" 127.0.0.1 "$MQTT_PORT"
 
 echo "interop: $PASS passed, $FAIL failed"
 [ "$FAIL" -eq 0 ]
