@@ -281,6 +281,99 @@ pub enum DeviceCmd {
         /// Device name.
         device_name: String,
     },
+    /// Latest value of every property.
+    Properties {
+        /// Product key.
+        product_key: String,
+        /// Device name.
+        device_name: String,
+    },
+    /// History of one property, newest first.
+    History {
+        /// Product key.
+        product_key: String,
+        /// Device name.
+        device_name: String,
+        /// Property identifier.
+        identifier: String,
+        /// From, ms since the Unix epoch.
+        #[arg(long)]
+        from: Option<i64>,
+        /// To, ms since the Unix epoch.
+        #[arg(long)]
+        to: Option<i64>,
+        /// Most points.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Events, newest first.
+    Events {
+        /// Product key.
+        product_key: String,
+        /// Device name.
+        device_name: String,
+        /// Only this event identifier.
+        #[arg(long)]
+        identifier: Option<String>,
+        /// Most events.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Set properties (thing.service.property.set) and wait for the device's answer.
+    Set {
+        /// Product key.
+        product_key: String,
+        /// Device name.
+        device_name: String,
+        /// JSON object of property values, e.g. '{"mode": 1}'.
+        params: String,
+        /// How long to wait for the device, ms.
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+    },
+    /// Call a service of the thing model (sync services wait for the answer).
+    Call {
+        /// Product key.
+        product_key: String,
+        /// Device name.
+        device_name: String,
+        /// Service identifier.
+        service: String,
+        /// JSON object of input parameters.
+        #[arg(default_value = "{}")]
+        params: String,
+        /// Timeout, ms.
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+    },
+    /// Recent calls (property set/get and services) and their status.
+    Calls {
+        /// Product key.
+        product_key: String,
+        /// Device name.
+        device_name: String,
+    },
+    /// Show the shadow, or set desired state with --desired JSON.
+    Shadow {
+        /// Product key.
+        product_key: String,
+        /// Device name.
+        device_name: String,
+        /// JSON object of desired attributes (null deletes one).
+        #[arg(long)]
+        desired: Option<String>,
+    },
+    /// A gateway's sub-devices.
+    SubDevices {
+        /// Product key.
+        product_key: String,
+        /// Device name.
+        device_name: String,
+    },
+}
+
+fn json_arg(text: &str, what: &str) -> anyhow::Result<Value> {
+    serde_json::from_str(text).with_context(|| format!("{what} is not JSON: {text}"))
 }
 
 struct Client {
@@ -374,7 +467,8 @@ pub fn format_ms(ms: i64) -> String {
 
 /// A table or record cell; `*_at` and `at` fields (epoch ms) print as UTC times.
 fn field_cell(key: &str, v: &Value) -> String {
-    match (key == "at" || key.ends_with("_at"), v.as_i64()) {
+    let is_time = key == "at" || key == "time" || key == "deadline" || key.ends_with("_at");
+    match (is_time, v.as_i64()) {
         (true, Some(ms)) => format_ms(ms),
         _ => cell(v),
     }
@@ -684,6 +778,150 @@ pub async fn run_admin(command: Command) -> anyhow::Result<()> {
                         Some(Value::Object(body)),
                     )
                     .await?;
+                }
+                DeviceCmd::Properties {
+                    product_key: pk,
+                    device_name: dn,
+                } => {
+                    let v = c
+                        .call(Method::GET, &format!("/devices/{pk}/{dn}/properties"), None)
+                        .await?;
+                    output(
+                        &c,
+                        &v,
+                        Some(("properties", &["identifier", "value", "time"])),
+                    );
+                }
+                DeviceCmd::History {
+                    product_key: pk,
+                    device_name: dn,
+                    identifier,
+                    from,
+                    to,
+                    limit,
+                } => {
+                    let mut q = format!("limit={limit}");
+                    if let Some(f) = from {
+                        q.push_str(&format!("&from={f}"));
+                    }
+                    if let Some(t) = to {
+                        q.push_str(&format!("&to={t}"));
+                    }
+                    let v = c
+                        .call(
+                            Method::GET,
+                            &format!("/devices/{pk}/{dn}/properties/{identifier}/history?{q}"),
+                            None,
+                        )
+                        .await?;
+                    output(&c, &v, Some(("points", &["time", "value"])));
+                }
+                DeviceCmd::Events {
+                    product_key: pk,
+                    device_name: dn,
+                    identifier,
+                    limit,
+                } => {
+                    let mut path = format!("/devices/{pk}/{dn}/events?limit={limit}");
+                    if let Some(id) = identifier {
+                        path.push_str(&format!("&identifier={id}"));
+                    }
+                    let v = c.call(Method::GET, &path, None).await?;
+                    output(
+                        &c,
+                        &v,
+                        Some(("events", &["time", "identifier", "type", "output"])),
+                    );
+                }
+                DeviceCmd::Set {
+                    product_key: pk,
+                    device_name: dn,
+                    params,
+                    timeout_ms,
+                } => {
+                    let body =
+                        json!({"params": json_arg(&params, "params")?, "timeout_ms": timeout_ms});
+                    let v = c
+                        .call(
+                            Method::POST,
+                            &format!("/devices/{pk}/{dn}/properties"),
+                            Some(body),
+                        )
+                        .await?;
+                    output(&c, &v, None);
+                }
+                DeviceCmd::Call {
+                    product_key: pk,
+                    device_name: dn,
+                    service,
+                    params,
+                    timeout_ms,
+                } => {
+                    let body =
+                        json!({"params": json_arg(&params, "params")?, "timeout_ms": timeout_ms});
+                    let v = c
+                        .call(
+                            Method::POST,
+                            &format!("/devices/{pk}/{dn}/services/{service}"),
+                            Some(body),
+                        )
+                        .await?;
+                    output(&c, &v, None);
+                }
+                DeviceCmd::Calls {
+                    product_key: pk,
+                    device_name: dn,
+                } => {
+                    let v = c
+                        .call(
+                            Method::GET,
+                            &format!("/devices/{pk}/{dn}/service-calls"),
+                            None,
+                        )
+                        .await?;
+                    output(
+                        &c,
+                        &v,
+                        Some((
+                            "calls",
+                            &["created_at", "id", "service", "status", "code", "reply"],
+                        )),
+                    );
+                }
+                DeviceCmd::Shadow {
+                    product_key: pk,
+                    device_name: dn,
+                    desired,
+                } => {
+                    let path = format!("/devices/{pk}/{dn}/shadow");
+                    let v = match desired {
+                        Some(d) => {
+                            let body = json!({"desired": json_arg(&d, "--desired")?});
+                            c.call(Method::PUT, &path, Some(body)).await?
+                        }
+                        None => c.call(Method::GET, &path, None).await?,
+                    };
+                    output(&c, &v, None);
+                }
+                DeviceCmd::SubDevices {
+                    product_key: pk,
+                    device_name: dn,
+                } => {
+                    let v = c
+                        .call(
+                            Method::GET,
+                            &format!("/devices/{pk}/{dn}/sub-devices"),
+                            None,
+                        )
+                        .await?;
+                    output(
+                        &c,
+                        &v,
+                        Some((
+                            "sub_devices",
+                            &["product_key", "device_name", "online", "added_at"],
+                        )),
+                    );
                 }
                 DeviceCmd::Presence {
                     product_key,

@@ -63,7 +63,7 @@ impl Uplink<'_> {
 }
 
 /// Splits off `n` levels after a prefix.
-fn levels<'a, const N: usize>(rest: &'a str) -> Option<([&'a str; N], &'a str)> {
+fn levels<const N: usize>(rest: &str) -> Option<([&str; N], &str)> {
     let mut out = [""; N];
     let mut rest = rest;
     for slot in out.iter_mut() {

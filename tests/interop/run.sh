@@ -123,6 +123,9 @@ TS=$("$BIN" device show "$TPK" lk-thing1 --json | json "['device_secret']")
 check "aliyun-iot-linkkit thing model: properties, event, property set, service call" \
     "$PY" "$HERE/linkkit_device.py" "$HTTP" "$IRONLINK_TOKEN" thing "$TPK" lk-thing1 "$TS" 127.0.0.1 "$MQTT_PORT" "$HERE/thing-model.json"
 
+check "CLI shows the linkkit device's latest properties and its answered call" \
+    bash -c "'$BIN' device properties '$TPK' lk-thing1 | grep -q temperature && '$BIN' device calls '$TPK' lk-thing1 | grep -q succeeded"
+
 # Gateway: a linkkit gateway adds and logs in two sub-devices and posts for them over its one
 # connection.
 GPK=$("$BIN" product create gw-interop --node-type gateway --json | json "['product_key']")

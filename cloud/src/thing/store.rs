@@ -377,6 +377,7 @@ impl Db {
 
     /// Records the device's answer to a pending call. `None` when no such call is pending
     /// (unknown id, or already answered or timed out).
+    #[allow(clippy::too_many_arguments)]
     pub async fn finish_call(
         &self,
         pk: &str,
