@@ -340,3 +340,175 @@ async fn thing_model_versions_on_every_engine() {
     }
     cleanup(dbs).await;
 }
+
+#[tokio::test]
+async fn thing_data_on_every_engine() {
+    use ironlink_cloud::thing::store::{EventRow, PropertyRow, RawRow, ServiceCall, ShadowRow};
+    let dbs = engines().await;
+    for t in &dbs {
+        let db = &t.db;
+        let p = registry::create_product(db, product("thing"))
+            .await
+            .unwrap();
+        let pk = p.product_key.clone();
+        registry::create_devices(db, &pk, vec!["dev-0001".into(), "gw-00001".into()], 0)
+            .await
+            .unwrap();
+        let key = (pk.clone(), "dev-0001".to_owned(), "temp".to_owned());
+        let ids = db.series_ids(std::slice::from_ref(&key)).await.unwrap();
+        let sid = ids[&key];
+        // Asking again finds the same series.
+        assert_eq!(
+            db.series_ids(std::slice::from_ref(&key)).await.unwrap()[&key],
+            sid
+        );
+        let rows: Vec<PropertyRow> = (0..300)
+            .map(|i| PropertyRow {
+                series_id: sid,
+                ts: 1000 + i,
+                value: i.to_string(),
+            })
+            .collect();
+        let ev = EventRow {
+            product_key: pk.clone(),
+            device_name: "dev-0001".into(),
+            identifier: "alarm".into(),
+            event_type: "alert".into(),
+            message_id: "7".into(),
+            output: "{}".into(),
+            ts: 5,
+        };
+        let raw = RawRow {
+            product_key: pk.clone(),
+            device_name: "dev-0001".into(),
+            direction: "up",
+            payload: vec![0, 1, 255],
+            ts: 6,
+        };
+        db.store_thing_data(&rows, &[ev], &[raw]).await.unwrap();
+        // An older value does not replace the latest.
+        db.store_thing_data(
+            &[PropertyRow {
+                series_id: sid,
+                ts: 1,
+                value: "-1".into(),
+            }],
+            &[],
+            &[],
+        )
+        .await
+        .unwrap();
+        let latest = db.latest_properties(&pk, "dev-0001").await.unwrap();
+        assert_eq!(latest, vec![("temp".to_owned(), 1299, "299".to_owned())]);
+        let h = db
+            .property_history(&pk, "dev-0001", "temp", 0, i64::MAX, 5, true)
+            .await
+            .unwrap();
+        assert_eq!(h[0], (1, "-1".to_owned()));
+        assert_eq!(
+            db.events(&pk, "dev-0001", Some("alarm"), 0, 10, 10)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        assert_eq!(
+            db.events(&pk, "dev-0001", None, 0, 10, 10)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        assert_eq!(
+            db.raw_messages(&pk, "dev-0001", 10).await.unwrap()[0].1,
+            vec![0, 1, 255]
+        );
+
+        let call = ServiceCall {
+            product_key: pk.clone(),
+            device_name: "dev-0001".into(),
+            message_id: "42".into(),
+            identifier: "reboot".into(),
+            call_type: "async".into(),
+            params: "{}".into(),
+            status: "pending".into(),
+            code: None,
+            reply: None,
+            created_at: 10,
+            deadline: 20,
+            replied_at: None,
+        };
+        db.insert_call(&call).await.unwrap();
+        let done = db
+            .finish_call(
+                &pk,
+                "dev-0001",
+                "42",
+                "succeeded",
+                Some(200),
+                Some("{}"),
+                15,
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(done.status, "succeeded");
+        assert!(db
+            .finish_call(&pk, "dev-0001", "42", "failed", None, None, 16)
+            .await
+            .unwrap()
+            .is_none());
+        db.insert_call(&ServiceCall {
+            message_id: "43".into(),
+            ..call.clone()
+        })
+        .await
+        .unwrap();
+        assert_eq!(db.expire_calls(100).await.unwrap(), 1);
+        assert_eq!(db.list_calls(&pk, "dev-0001", 10).await.unwrap().len(), 2);
+
+        let s = ShadowRow {
+            reported: "{}".into(),
+            desired: "{\"a\":1}".into(),
+            metadata: "{}".into(),
+            version: 1,
+            updated_at: 1,
+        };
+        assert!(db.put_shadow(&pk, "dev-0001", None, &s).await.unwrap());
+        assert!(!db.put_shadow(&pk, "dev-0001", None, &s).await.unwrap());
+        let s2 = ShadowRow {
+            version: 2,
+            ..s.clone()
+        };
+        assert!(db.put_shadow(&pk, "dev-0001", Some(1), &s2).await.unwrap());
+        assert!(!db.put_shadow(&pk, "dev-0001", Some(1), &s2).await.unwrap());
+        assert_eq!(
+            db.get_shadow(&pk, "dev-0001")
+                .await
+                .unwrap()
+                .unwrap()
+                .version,
+            2
+        );
+
+        let subs = vec![(pk.clone(), "dev-0001".to_owned())];
+        db.add_topology((&pk, "gw-00001"), &subs, 1).await.unwrap();
+        db.add_topology((&pk, "gw-00001"), &subs, 2).await.unwrap();
+        assert_eq!(db.topology_of(&pk, "gw-00001").await.unwrap().len(), 1);
+        assert!(db.gateway_of(&pk, "dev-0001").await.unwrap().is_some());
+        assert_eq!(
+            db.delete_topology((&pk, "gw-00001"), &subs).await.unwrap(),
+            subs
+        );
+
+        // Deleting the device removes its thing data.
+        assert!(db.delete_device(&pk, "dev-0001").await.unwrap());
+        assert!(db
+            .latest_properties(&pk, "dev-0001")
+            .await
+            .unwrap()
+            .is_empty());
+        assert!(db.delete_product(&pk).await.unwrap());
+    }
+    cleanup(dbs).await;
+}
