@@ -3,3 +3,4 @@
 
 pub mod bench;
 pub mod cloud_process;
+pub mod ingest;

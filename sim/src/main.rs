@@ -41,6 +41,24 @@ enum Bench {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// TSL-validated property ingest into storage vs a plain batched insert of the same rows.
+    Ingest {
+        /// Publishing devices.
+        #[arg(long, default_value_t = 100)]
+        devices: usize,
+        /// Messages per device, 10 properties each.
+        #[arg(long, default_value_t = 1000)]
+        messages: usize,
+        /// Messages in flight per device.
+        #[arg(long, default_value_t = 64)]
+        window: usize,
+        /// PostgreSQL URL (default: SQLite in a temp dir).
+        #[arg(long)]
+        database_url: Option<String>,
+        /// ironlink-cloud binary (default: next to this executable).
+        #[arg(long)]
+        cloud_bin: Option<PathBuf>,
+    },
 }
 
 #[tokio::main]
@@ -57,6 +75,27 @@ async fn main() -> std::process::ExitCode {
 
 async fn run() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Cmd::Bench {
+            which:
+                Bench::Ingest {
+                    devices,
+                    messages,
+                    window,
+                    database_url,
+                    cloud_bin,
+                },
+        } => {
+            let o = ironlink_sim::ingest::IngestBench {
+                devices: devices.clamp(1, 10_000),
+                messages: messages.clamp(1, 1_000_000),
+                window: window.clamp(1, 1000),
+                database_url,
+                cloud_bin,
+            };
+            let r = ironlink_sim::ingest::run(&o).await?;
+            print!("{}", ironlink_sim::ingest::table(&r));
+            println!("{}", serde_json::to_string(&r)?);
+        }
         Cmd::Bench {
             which:
                 Bench::Connections {
