@@ -204,3 +204,59 @@ async fn a_storm_of_2000_connects_is_limited_and_memory_stays_bounded() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// Property posts acknowledged with PUBACK (QoS 1) are committed first: a kill -9 right after
+/// the last acknowledgement loses none of them.
+#[tokio::test]
+async fn kill_9_keeps_every_acknowledged_property_post() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Cloud::start(dir.path(), &[]).unwrap();
+    let (pk, secrets) = product_and_devices(&cloud, &["meter-01"]).await;
+    let mut dev = connect_device(cloud.mqtt, &pk, "meter-01", &secrets[0])
+        .await
+        .expect("connected");
+    let topic = format!("/sys/{pk}/meter-01/thing/event/property/post");
+    const N: u16 = 200;
+    let mut out = bytes::BytesMut::new();
+    for i in 1..=N {
+        let body = json!({"id": i.to_string(), "params": {"energy": {"value": i, "time": 1_000 + i64::from(i)}}});
+        let mut p = rumqttc::mqttbytes::v4::Publish::new(
+            &topic,
+            rumqttc::QoS::AtLeastOnce,
+            body.to_string().into_bytes(),
+        );
+        p.pkid = i;
+        p.write(&mut out).unwrap();
+    }
+    dev.write_all(&out).await.unwrap();
+    // Every PUBACK (4 bytes each; the device subscribed to nothing, so nothing else comes).
+    let mut acks = vec![0u8; 4 * usize::from(N)];
+    tokio::time::timeout(WAIT, dev.read_exact(&mut acks))
+        .await
+        .expect("all PUBACKs in time")
+        .unwrap();
+    assert!(acks.chunks(4).all(|a| a[0] == 0x40));
+    cloud.kill9().unwrap();
+
+    let cloud = Cloud::start(dir.path(), &[]).unwrap();
+    let (s, v) = cloud
+        .api(
+            Method::GET,
+            &format!("/devices/{pk}/meter-01/properties/energy/history?limit=1000"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 200);
+    assert_eq!(v["points"].as_array().unwrap().len(), usize::from(N), "{v}");
+    let (_, v) = cloud
+        .api(
+            Method::GET,
+            &format!("/devices/{pk}/meter-01/properties"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(v["properties"][0]["value"], N);
+}
