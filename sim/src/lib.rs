@@ -3,4 +3,5 @@
 
 pub mod bench;
 pub mod cloud_process;
+pub mod gateway;
 pub mod ingest;

@@ -41,6 +41,15 @@ enum Bench {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Sub-devices one gateway connection carries: topo/add, batch_login, one post each.
+    Gateway {
+        /// Sub-devices.
+        #[arg(long, default_value_t = 10_000)]
+        subs: usize,
+        /// ironlink-cloud binary (default: next to this executable).
+        #[arg(long)]
+        cloud_bin: Option<PathBuf>,
+    },
     /// TSL-validated property ingest into storage vs a plain batched insert of the same rows.
     Ingest {
         /// Publishing devices.
@@ -75,6 +84,16 @@ async fn main() -> std::process::ExitCode {
 
 async fn run() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Cmd::Bench {
+            which: Bench::Gateway { subs, cloud_bin },
+        } => {
+            let o = ironlink_sim::gateway::GatewayBench {
+                subs: subs.clamp(1, 100_000),
+                cloud_bin,
+            };
+            let r = ironlink_sim::gateway::run(&o).await?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+        }
         Cmd::Bench {
             which:
                 Bench::Ingest {

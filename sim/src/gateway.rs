@@ -1,0 +1,242 @@
+//! `bench gateway`: how many sub-devices one gateway connection carries. The gateway adds
+//! its sub-devices to its topology, logs them in (`batch_login`), then posts one property for
+//! each on the sub-device's own topic over its one connection. Loopback only; bounded.
+
+use crate::cloud_process::{alink_connect, binary, connect_raw, rss_kib, Cloud, WAIT};
+use anyhow::{bail, Context, Result};
+use bytes::BytesMut;
+use ironlink_shared::sign::{sign_connect, SignMethod};
+use rumqttc::mqttbytes::v4;
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::time::Instant;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Options of `bench gateway`.
+#[derive(Debug, Clone)]
+pub struct GatewayBench {
+    /// Sub-devices behind the one gateway.
+    pub subs: usize,
+    /// The ironlink-cloud binary.
+    pub cloud_bin: Option<PathBuf>,
+}
+
+/// Results.
+#[derive(Debug, Clone, Serialize)]
+pub struct GatewayResult {
+    /// Sub-devices logged in at once through one connection.
+    pub sub_devices_online: u64,
+    /// Seconds for topo/add of all sub-devices (batches of 200).
+    pub topo_add_sec: f64,
+    /// Seconds for batch_login of all sub-devices (batches of 200).
+    pub login_sec: f64,
+    /// Property posts per second for the sub-devices, over the one connection.
+    pub sub_posts_per_sec: f64,
+    /// Server RSS growth per logged-in sub-device, bytes.
+    pub rss_per_sub_device_bytes: f64,
+}
+
+/// One MQTT connection's reader: waits for the reply on `topic` (skipping PUBACKs).
+async fn reply(s: &mut TcpStream, buf: &mut BytesMut, topic: &str) -> Result<Value> {
+    loop {
+        match v4::read(buf, 1 << 20) {
+            Ok(v4::Packet::Publish(p)) if p.topic == topic => {
+                return Ok(serde_json::from_slice(&p.payload)?)
+            }
+            Ok(_) => {}
+            Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {
+                match tokio::time::timeout(WAIT, s.read_buf(buf)).await {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => bail!("no reply on {topic}"),
+                }
+            }
+            Err(e) => bail!("bad packet: {e:?}"),
+        }
+    }
+}
+
+async fn publish(s: &mut TcpStream, topic: &str, body: &Value, pkid: u16) -> Result<()> {
+    let mut p = v4::Publish::new(
+        topic,
+        rumqttc::QoS::AtLeastOnce,
+        body.to_string().into_bytes(),
+    );
+    p.pkid = pkid;
+    let mut b = BytesMut::new();
+    p.write(&mut b)
+        .map_err(|e| anyhow::anyhow!("encode: {e:?}"))?;
+    s.write_all(&b).await?;
+    Ok(())
+}
+
+async fn metric(cloud: &Cloud, name: &str) -> Result<i64> {
+    let text = reqwest::get(format!("http://{}/metrics", cloud.http))
+        .await?
+        .text()
+        .await?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .with_context(|| format!("metric {name}"))
+}
+
+/// Runs the benchmark.
+pub async fn run(o: &GatewayBench) -> Result<GatewayResult> {
+    let bin = match &o.cloud_bin {
+        Some(b) => b.clone(),
+        None => binary("cloud", "ironlink-cloud")?,
+    };
+    let dir = tempfile::tempdir()?;
+    let cfg = dir.path().join("bench.toml");
+    std::fs::write(
+        &cfg,
+        format!("[thing]\nmax_sub_devices = {}\n", o.subs.max(1)),
+    )?;
+    let cloud = Cloud::start_bin(
+        &bin,
+        dir.path(),
+        &["--config", cfg.to_str().context("utf-8 path")?],
+    )?;
+    let mk = |node: &str| json!({"name": node, "node_type": node});
+    let (_, g) = cloud
+        .api(reqwest::Method::POST, "/products", Some(mk("gateway")))
+        .await?;
+    let (_, sp) = cloud
+        .api(reqwest::Method::POST, "/products", Some(mk("sub-device")))
+        .await?;
+    let gpk = g["product_key"]
+        .as_str()
+        .context("gateway product")?
+        .to_owned();
+    let spk = sp["product_key"]
+        .as_str()
+        .context("sub product")?
+        .to_owned();
+    let (_, gd) = cloud
+        .api(
+            reqwest::Method::POST,
+            &format!("/products/{gpk}/devices"),
+            Some(json!({"device_name": "gw-bench"})),
+        )
+        .await?;
+    let gsecret = gd["device_secret"]
+        .as_str()
+        .context("gateway secret")?
+        .to_owned();
+    let mut subs: Vec<(String, String)> = Vec::with_capacity(o.subs);
+    while subs.len() < o.subs {
+        let n = (o.subs - subs.len()).min(1000);
+        let (s, v) = cloud
+            .api(
+                reqwest::Method::POST,
+                &format!("/products/{spk}/devices"),
+                Some(json!({"count": n})),
+            )
+            .await?;
+        if s != 201 {
+            bail!("creating sub-devices: {s} {v}");
+        }
+        for d in v["devices"].as_array().context("devices")? {
+            subs.push((
+                d["device_name"].as_str().context("name")?.to_owned(),
+                d["device_secret"].as_str().context("secret")?.to_owned(),
+            ));
+        }
+    }
+    let signed: Vec<Value> = subs
+        .iter()
+        .map(|(dn, secret)| {
+            let cid = format!("{spk}.{dn}|_ss=1|");
+            let ts = "1700000000000";
+            let sign = sign_connect(SignMethod::HmacSha256, secret, &cid, dn, &spk, Some(ts));
+            json!({"productKey": spk, "deviceName": dn, "clientId": cid, "timestamp": ts, "signmethod": "hmacSha256", "sign": sign.as_str()})
+        })
+        .collect();
+    let mut s = connect_raw(cloud.mqtt, &alink_connect(&gpk, "gw-bench", &gsecret, 600)?)
+        .await
+        .context("gateway connect refused")?;
+    let mut buf = BytesMut::new();
+    let mut sub = v4::Subscribe::new(
+        format!("/sys/{gpk}/gw-bench/thing/topo/add_reply"),
+        rumqttc::QoS::AtMostOnce,
+    );
+    sub.add(
+        format!("/ext/session/{gpk}/gw-bench/combine/batch_login_reply"),
+        rumqttc::QoS::AtMostOnce,
+    );
+    sub.pkid = 1;
+    let mut b = BytesMut::new();
+    sub.write(&mut b).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    s.write_all(&b).await?;
+    let rss0 = rss_kib(cloud.pid())?;
+
+    let topo = format!("/sys/{gpk}/gw-bench/thing/topo/add");
+    let start = Instant::now();
+    for (i, chunk) in signed.chunks(200).enumerate() {
+        publish(
+            &mut s,
+            &topo,
+            &json!({"id": i.to_string(), "params": chunk}),
+            2,
+        )
+        .await?;
+        let r = reply(&mut s, &mut buf, &format!("{topo}_reply")).await?;
+        if r["code"] != 200 {
+            bail!("topo/add refused: {r}");
+        }
+    }
+    let topo_add_sec = start.elapsed().as_secs_f64();
+    let login = format!("/ext/session/{gpk}/gw-bench/combine/batch_login");
+    let start = Instant::now();
+    for (i, chunk) in signed.chunks(200).enumerate() {
+        let body = json!({"id": i.to_string(), "params": {"signMethod": "hmacSha256", "deviceList": chunk}});
+        publish(&mut s, &login, &body, 3).await?;
+        let r = reply(&mut s, &mut buf, &format!("{login}_reply")).await?;
+        if r["code"] != 200 {
+            bail!("batch_login refused: {r}");
+        }
+    }
+    let login_sec = start.elapsed().as_secs_f64();
+    let online = metric(&cloud, "ironlink_sub_devices_online ").await?;
+    let rss1 = rss_kib(cloud.pid())?;
+
+    // One post per sub-device on its own topic; the replies come back (auto-subscribed).
+    let start = Instant::now();
+    let mut out = BytesMut::new();
+    for (i, (dn, _)) in subs.iter().enumerate() {
+        let mut p = v4::Publish::new(
+            format!("/sys/{spk}/{dn}/thing/event/property/post"),
+            rumqttc::QoS::AtMostOnce,
+            json!({"id": i.to_string(), "params": {"v": i}})
+                .to_string()
+                .into_bytes(),
+        );
+        p.pkid = 0;
+        p.write(&mut out).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    }
+    s.write_all(&out).await?;
+    let mut replies = 0usize;
+    while replies < subs.len() {
+        match v4::read(&mut buf, 1 << 20) {
+            Ok(v4::Packet::Publish(p)) if p.topic.ends_with("/post_reply") => replies += 1,
+            Ok(_) => {}
+            Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {
+                match tokio::time::timeout(WAIT, s.read_buf(&mut buf)).await {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => bail!("{replies} of {} sub-device replies", subs.len()),
+                }
+            }
+            Err(e) => bail!("bad packet: {e:?}"),
+        }
+    }
+    let sub_posts_per_sec = subs.len() as f64 / start.elapsed().as_secs_f64();
+    Ok(GatewayResult {
+        sub_devices_online: u64::try_from(online).unwrap_or(0),
+        topo_add_sec,
+        login_sec,
+        sub_posts_per_sec,
+        rss_per_sub_device_bytes: (rss1.saturating_sub(rss0) * 1024) as f64
+            / subs.len().max(1) as f64,
+    })
+}
