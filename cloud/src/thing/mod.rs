@@ -462,8 +462,8 @@ impl Thing {
             invalid.len(),
             params.len(),
             invalid
-                .iter()
-                .map(|(k, v)| format!("{k}: {}", v.as_str().unwrap_or("")))
+                .values()
+                .map(|v| v.as_str().unwrap_or("").to_owned())
                 .collect::<Vec<_>>()
                 .join("; ")
         );
