@@ -693,3 +693,29 @@ mod tests {
         assert_eq!(pow2_chunks::<u8>(&[]).count(), 0);
     }
 }
+
+#[cfg(test)]
+mod pragma_tests {
+    use super::Db;
+    use sqlx::Row;
+
+    #[tokio::test]
+    async fn every_sqlite_pragma_of_after_connect_applies() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::connect(&format!("sqlite://{}", dir.path().join("p.db").display()))
+            .await
+            .unwrap();
+        let mut conn = db.pool.acquire().await.unwrap();
+        for (pragma, want) in [
+            ("synchronous", 1i64),
+            ("busy_timeout", 10000),
+            ("foreign_keys", 1),
+        ] {
+            let row = sqlx::query(&format!("PRAGMA {pragma}"))
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
+            assert_eq!(row.try_get::<i64, _>(0).unwrap(), want, "{pragma}");
+        }
+    }
+}

@@ -1,7 +1,7 @@
 //! `bench connections`: authenticated connects per second and RSS per idle connection,
 //! Ironlink against mosquitto in the same run. Loopback only; bounded in count and time.
 
-use crate::cloud_process::{alink_connect, binary, connect_raw, cpu_ticks, rss_kib, Cloud, WAIT};
+use crate::cloud_process::{alink_connect, connect_raw, cpu_ticks, rss_kib, Cloud, WAIT};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::net::SocketAddr;
@@ -130,32 +130,15 @@ async fn drive(
 }
 
 async fn bench_ironlink(o: &ConnectionsBench) -> Result<Vec<TargetResult>> {
-    let bin = match &o.cloud_bin {
-        Some(b) => b.clone(),
-        None => binary("cloud", "ironlink-cloud")?,
-    };
     let dir = tempfile::tempdir()?;
-    let cfg = dir.path().join("bench.toml");
-    std::fs::write(
-        &cfg,
-        format!("[mqtt]\nconnects_per_second = 10000000\nconnect_burst = 10000000\nmax_connections = {}\n", o.devices + 100),
-    )?;
-    let cloud = Cloud::start_bin(
-        &bin,
-        dir.path(),
-        &["--config", cfg.to_str().context("utf-8 path")?],
-    )?;
-    let (s, p) = cloud
-        .api(
-            reqwest::Method::POST,
-            "/products",
-            Some(serde_json::json!({"name": "bench"})),
-        )
+    let config = format!(
+        "[mqtt]\nconnects_per_second = 10000000\nconnect_burst = 10000000\nmax_connections = {}\n",
+        o.devices + 100
+    );
+    let cloud = Cloud::start_bench(o.cloud_bin.as_deref(), dir.path(), &config)?;
+    let pk = cloud
+        .create_product(serde_json::json!({"name": "bench"}))
         .await?;
-    if s != 201 {
-        bail!("creating the bench product: {s} {p}");
-    }
-    let pk = p["product_key"].as_str().context("product_key")?.to_owned();
     let mut connects = Vec::with_capacity(o.devices);
     let mut left = o.devices;
     while left > 0 {

@@ -145,6 +145,33 @@ impl Cloud {
         })
     }
 
+    /// Starts `bin` (default: the ironlink-cloud next to this executable) for a benchmark:
+    /// `config` (TOML) written into `data_dir` and passed with `--config`.
+    pub fn start_bench(bin: Option<&Path>, data_dir: &Path, config: &str) -> Result<Self> {
+        let bin = match bin {
+            Some(b) => b.to_owned(),
+            None => binary("cloud", "ironlink-cloud")?,
+        };
+        let cfg = data_dir.join("bench.toml");
+        std::fs::write(&cfg, config)?;
+        Self::start_bin(
+            &bin,
+            data_dir,
+            &["--config", cfg.to_str().context("utf-8 path")?],
+        )
+    }
+
+    /// Creates a product through the API; returns its key.
+    pub async fn create_product(&self, body: serde_json::Value) -> Result<String> {
+        let (s, p) = self
+            .api(reqwest::Method::POST, "/products", Some(body))
+            .await?;
+        if s != 201 {
+            anyhow::bail!("creating a product: {s} {p}");
+        }
+        Ok(p["product_key"].as_str().context("product_key")?.to_owned())
+    }
+
     /// Process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -2,7 +2,7 @@
 //! its sub-devices to its topology, logs them in (`batch_login`), then posts one property for
 //! each on the sub-device's own topic over its one connection. Loopback only; bounded.
 
-use crate::cloud_process::{alink_connect, binary, connect_raw, rss_kib, Cloud, WAIT};
+use crate::cloud_process::{alink_connect, connect_raw, rss_kib, Cloud, WAIT};
 use anyhow::{bail, Context, Result};
 use bytes::BytesMut;
 use ironlink_shared::sign::{sign_connect, SignMethod};
@@ -83,36 +83,15 @@ async fn metric(cloud: &Cloud, name: &str) -> Result<i64> {
 
 /// Runs the benchmark.
 pub async fn run(o: &GatewayBench) -> Result<GatewayResult> {
-    let bin = match &o.cloud_bin {
-        Some(b) => b.clone(),
-        None => binary("cloud", "ironlink-cloud")?,
-    };
     let dir = tempfile::tempdir()?;
-    let cfg = dir.path().join("bench.toml");
-    std::fs::write(
-        &cfg,
-        format!("[thing]\nmax_sub_devices = {}\n", o.subs.max(1)),
-    )?;
-    let cloud = Cloud::start_bin(
-        &bin,
-        dir.path(),
-        &["--config", cfg.to_str().context("utf-8 path")?],
-    )?;
-    let mk = |node: &str| json!({"name": node, "node_type": node});
-    let (_, g) = cloud
-        .api(reqwest::Method::POST, "/products", Some(mk("gateway")))
+    let config = format!("[thing]\nmax_sub_devices = {}\n", o.subs.max(1));
+    let cloud = Cloud::start_bench(o.cloud_bin.as_deref(), dir.path(), &config)?;
+    let gpk = cloud
+        .create_product(json!({"name": "gateway", "node_type": "gateway"}))
         .await?;
-    let (_, sp) = cloud
-        .api(reqwest::Method::POST, "/products", Some(mk("sub-device")))
+    let spk = cloud
+        .create_product(json!({"name": "sub-device", "node_type": "sub-device"}))
         .await?;
-    let gpk = g["product_key"]
-        .as_str()
-        .context("gateway product")?
-        .to_owned();
-    let spk = sp["product_key"]
-        .as_str()
-        .context("sub product")?
-        .to_owned();
     let (_, gd) = cloud
         .api(
             reqwest::Method::POST,

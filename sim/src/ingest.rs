@@ -5,7 +5,7 @@
 //! per device. Ironlink acknowledges a post only after its values are committed, so the last
 //! PUBACK marks the end of the work.
 
-use crate::cloud_process::{alink_connect, binary, connect_raw, Cloud, WAIT};
+use crate::cloud_process::{alink_connect, connect_raw, Cloud, WAIT};
 use anyhow::{bail, Context, Result};
 use bytes::BytesMut;
 use ironlink_cloud::storage::Db;
@@ -109,33 +109,16 @@ async fn drive_device(
 
 /// Runs the benchmark.
 pub async fn run(o: &IngestBench) -> Result<IngestResult> {
-    let bin = match &o.cloud_bin {
-        Some(b) => b.clone(),
-        None => binary("cloud", "ironlink-cloud")?,
-    };
     let dir = tempfile::tempdir()?;
-    let cfg = dir.path().join("bench.toml");
-    let mut toml = String::from("[mqtt]\nconnects_per_second = 1000000\nconnect_burst = 1000000\n");
+    let mut config =
+        String::from("[mqtt]\nconnects_per_second = 1000000\nconnect_burst = 1000000\n");
     if let Some(url) = &o.database_url {
-        toml = format!("database_url = \"{url}\"\n{toml}");
+        config = format!("database_url = \"{url}\"\n{config}");
     }
-    std::fs::write(&cfg, toml)?;
-    let cloud = Cloud::start_bin(
-        &bin,
-        dir.path(),
-        &["--config", cfg.to_str().context("utf-8 path")?],
-    )?;
-    let (s, p) = cloud
-        .api(
-            reqwest::Method::POST,
-            "/products",
-            Some(serde_json::json!({"name": "ingest"})),
-        )
+    let cloud = Cloud::start_bench(o.cloud_bin.as_deref(), dir.path(), &config)?;
+    let pk = cloud
+        .create_product(serde_json::json!({"name": "ingest"}))
         .await?;
-    if s != 201 {
-        bail!("creating the product: {s} {p}");
-    }
-    let pk = p["product_key"].as_str().context("product_key")?.to_owned();
     let (s, v) = cloud
         .api(
             reqwest::Method::PUT,

@@ -70,6 +70,14 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// Storage failed: close unacknowledged.
+    fn failed() -> Self {
+        Self {
+            failed: true,
+            ..Self::default()
+        }
+    }
+
     fn reply(m: Message) -> Self {
         Self {
             replies: vec![m],
@@ -382,10 +390,7 @@ impl Thing {
             Ok(m) => m,
             Err(e) => {
                 tracing::error!(error = %e, "loading thing model failed");
-                return Outcome {
-                    failed: true,
-                    ..Outcome::default()
-                };
+                return Outcome::failed();
             }
         };
         let Some(params) = req.params.as_object() else {
@@ -435,23 +440,13 @@ impl Thing {
         }
         let stored = rows.len();
         if !self.store(rows, Vec::new(), Vec::new()).await {
-            return Outcome {
-                failed: true,
-                ..Outcome::default()
-            };
+            return Outcome::failed();
         }
         self.metrics
             .properties_stored
             .fetch_add(stored as u64, Ordering::Relaxed);
         if invalid.is_empty() {
-            return self.answer(
-                &req,
-                reply_topic,
-                code::OK,
-                "success".into(),
-                json!({}),
-                method,
-            );
+            return self.success(&req, reply_topic, method);
         }
         self.metrics
             .properties_refused
@@ -488,12 +483,7 @@ impl Thing {
         let method = format!("thing.event.{id}.post");
         let model = match self.model(pk).await {
             Ok(m) => m,
-            Err(_) => {
-                return Outcome {
-                    failed: true,
-                    ..Outcome::default()
-                }
-            }
+            Err(_) => return Outcome::failed(),
         };
         let now = now_ms();
         let value = req.params.get("value").unwrap_or(&req.params);
@@ -539,20 +529,10 @@ impl Thing {
             ts,
         };
         if !self.store(Vec::new(), vec![row], Vec::new()).await {
-            return Outcome {
-                failed: true,
-                ..Outcome::default()
-            };
+            return Outcome::failed();
         }
         Metrics::inc(&self.metrics.events_stored);
-        self.answer(
-            &req,
-            reply_topic,
-            code::OK,
-            "success".into(),
-            json!({}),
-            &method,
-        )
+        self.success(&req, reply_topic, &method)
     }
 
     async fn up_raw(&self, pk: &str, dn: &str, payload: Bytes) -> Outcome {
@@ -648,12 +628,7 @@ impl Thing {
                     method,
                 )
             }
-            Err(_) => {
-                return Outcome {
-                    failed: true,
-                    ..Outcome::default()
-                }
-            }
+            Err(_) => return Outcome::failed(),
         };
         let mut tags: Map<String, Value> = serde_json::from_str(&device.tags).unwrap_or_default();
         for (k, v) in changes {
@@ -672,13 +647,15 @@ impl Thing {
             .await
         {
             tracing::error!(error = %e, "storing device tags failed");
-            return Outcome {
-                failed: true,
-                ..Outcome::default()
-            };
+            return Outcome::failed();
         }
+        self.success(&req, reply_topic, method)
+    }
+
+    /// A code-200 reply to `req`.
+    fn success(&self, req: &Request, reply_topic: String, method: &str) -> Outcome {
         self.answer(
-            &req,
+            req,
             reply_topic,
             code::OK,
             "success".into(),

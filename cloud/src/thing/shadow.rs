@@ -244,12 +244,7 @@ pub async fn on_device(thing: &Thing, pk: &str, dn: &str, payload: &[u8]) -> Out
     for _ in 0..5 {
         let (mut shadow, stored) = match load(thing, pk, dn).await {
             Ok(s) => s,
-            Err(_) => {
-                return Outcome {
-                    failed: true,
-                    ..Outcome::default()
-                }
-            }
+            Err(_) => return Outcome::failed(),
         };
         if method == "get" {
             let body = json!({
@@ -296,12 +291,7 @@ pub async fn on_device(thing: &Thing, pk: &str, dn: &str, payload: &[u8]) -> Out
                 return answer(body.to_string());
             }
             Ok(false) => continue,
-            Err(_) => {
-                return Outcome {
-                    failed: true,
-                    ..Outcome::default()
-                }
-            }
+            Err(_) => return Outcome::failed(),
         }
     }
     answer(error_reply(&fail(
