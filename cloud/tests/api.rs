@@ -237,6 +237,17 @@ async fn openapi_and_metrics_are_served() {
         "/products/{pk}/devices",
         "/devices/{pk}/{dn}/messages",
         "/products/{pk}/broadcast",
+        "/products/{pk}/thing-model",
+        "/devices/{pk}/{dn}/properties",
+        "/devices/{pk}/{dn}/properties/get",
+        "/devices/{pk}/{dn}/properties/{id}/history",
+        "/devices/{pk}/{dn}/events",
+        "/devices/{pk}/{dn}/services/{id}",
+        "/devices/{pk}/{dn}/service-calls",
+        "/devices/{pk}/{dn}/service-calls/{id}",
+        "/devices/{pk}/{dn}/shadow",
+        "/devices/{pk}/{dn}/sub-devices",
+        "/devices/{pk}/{dn}/raw",
     ] {
         assert!(v["paths"][path].is_object(), "{path} documented");
     }
