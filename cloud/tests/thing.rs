@@ -499,6 +499,26 @@ async fn gateway_adds_logs_in_and_speaks_for_its_sub_devices() {
     );
 
     let login = format!("/ext/session/{gpk}/gw-00001/combine/batch_login");
+    // A wrong signature refuses the whole batch; nothing goes online.
+    let mut bad = sub_sign(&spk, "sub-0002", &s2);
+    bad["sign"] = json!("deadbeef");
+    post(
+        &mut g,
+        &login,
+        json!({"id": "3b", "params": {"deviceList": [sub_sign(&spk, "sub-0001", &s1), bad]}}),
+        40,
+    )
+    .await;
+    let r = publish_on(&mut g, &format!("{login}_reply")).await;
+    assert_eq!(r["code"], 460, "{r}");
+    assert_eq!(
+        srv.running
+            .shared
+            .metrics
+            .sub_devices
+            .load(Ordering::Relaxed),
+        0
+    );
     post(&mut g, &login, json!({"id": "4", "params": {"deviceList": [sub_sign(&spk, "sub-0001", &s1), sub_sign(&spk, "sub-0002", &s2)]}}), 5).await;
     // Pipelined right behind the login: waits for it, then is allowed.
     post(
@@ -570,4 +590,126 @@ async fn gateway_adds_logs_in_and_speaks_for_its_sub_devices() {
         (409, Some("device_offline")),
         "{v}"
     );
+}
+
+#[tokio::test]
+async fn raw_data_is_stored_and_sent_as_bytes() {
+    let srv = start(|_| {}).await;
+    let (s, v) = srv
+        .post("/products", json!({"name": "raw", "data_format": "raw"}))
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let pk = v["product_key"].as_str().unwrap().to_owned();
+    let secret = srv.device(&pk, "raw-0001").await;
+    let mut d = device_v4(&srv, &pk, "raw-0001", &secret).await;
+    let down = format!("/sys/{pk}/raw-0001/thing/model/down_raw");
+    d.subscribe_v4(&down, 1).await;
+    d.publish_v4(
+        &format!("/sys/{pk}/raw-0001/thing/model/up_raw"),
+        &[0x01, 0x02, 0xff],
+        QoS::AtLeastOnce,
+        1,
+    )
+    .await;
+    // The PUBACK comes once the bytes are stored.
+    loop {
+        match d.next_v4().await {
+            Some(v4::Packet::PubAck(a)) if a.pkid == 1 => break,
+            Some(_) => {}
+            None => panic!("closed"),
+        }
+    }
+    let (s, v) = srv
+        .post(
+            &format!("/devices/{pk}/raw-0001/raw"),
+            json!({"payload_base64": "AAEC"}),
+        )
+        .await;
+    assert_eq!((s, v["delivered"].as_u64()), (200, Some(1)), "{v}");
+    loop {
+        match d.next_v4().await {
+            Some(v4::Packet::Publish(p)) if p.topic == down => {
+                assert_eq!(&p.payload[..], &[0, 1, 2]);
+                break;
+            }
+            Some(_) => {}
+            None => panic!("closed"),
+        }
+    }
+    let (_, v) = srv.get(&format!("/devices/{pk}/raw-0001/raw")).await;
+    let msgs = v["messages"].as_array().unwrap();
+    let seen: Vec<(&str, &str)> = msgs
+        .iter()
+        .map(|m| {
+            (
+                m["direction"].as_str().unwrap(),
+                m["payload_hex"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert!(
+        seen.contains(&("up", "0102ff")) && seen.contains(&("down", "000102")),
+        "{v}"
+    );
+}
+
+#[tokio::test]
+async fn property_get_returns_the_device_answer_and_ntp_answers() {
+    let srv = std::sync::Arc::new(start(|_| {}).await);
+    let pk = with_model(&srv, "direct", "default").await;
+    let secret = srv.device(&pk, "get-0001").await;
+    let mut d = device_v4(&srv, &pk, "get-0001", &secret).await;
+    d.subscribe_v4(&format!("/sys/{pk}/get-0001/thing/service/property/get"), 1)
+        .await;
+    d.subscribe_v4(&format!("/ext/ntp/{pk}/get-0001/response"), 2)
+        .await;
+    let s2 = srv.clone();
+    let pk2 = pk.clone();
+    let get = tokio::spawn(async move {
+        s2.post(
+            &format!("/devices/{pk2}/get-0001/properties/get"),
+            json!({"identifiers": ["temperature"], "timeout_ms": 10000}),
+        )
+        .await
+    });
+    let req = publish_on(
+        &mut d,
+        &format!("/sys/{pk}/get-0001/thing/service/property/get"),
+    )
+    .await;
+    assert_eq!(req["params"], json!(["temperature"]));
+    post(
+        &mut d,
+        &format!("/sys/{pk}/get-0001/thing/service/property/get_reply"),
+        json!({"id": req["id"], "code": 200, "data": {"temperature": 19.5}}),
+        1,
+    )
+    .await;
+    let (s, v) = get.await.unwrap();
+    assert_eq!(
+        (s, v["reply"]["temperature"].as_f64()),
+        (200, Some(19.5)),
+        "{v}"
+    );
+    // An unknown identifier is refused before anything is sent.
+    let (s, _) = srv
+        .post(
+            &format!("/devices/{pk}/get-0001/properties/get"),
+            json!({"identifiers": ["nope"]}),
+        )
+        .await;
+    assert_eq!(s, 400);
+
+    post(
+        &mut d,
+        &format!("/ext/ntp/{pk}/get-0001/request"),
+        json!({"deviceSendTime": "1000"}),
+        2,
+    )
+    .await;
+    let r = publish_on(&mut d, &format!("/ext/ntp/{pk}/get-0001/response")).await;
+    assert_eq!(r["deviceSendTime"], "1000");
+    let recv: i64 = r["serverRecvTime"].as_str().unwrap().parse().unwrap();
+    let sent: i64 = r["serverSendTime"].as_str().unwrap().parse().unwrap();
+    assert!(sent >= recv && recv > 1000, "{r}");
 }
