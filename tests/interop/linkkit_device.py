@@ -7,8 +7,9 @@ Modes:
   register PK DN PRODUCT_SECRET HOST PORT CA  dynamic registration (authType=register) over
                                             TLS; prints the device secret Ironlink returned.
   thing PK DN SECRET HOST PORT TSL          thing model: posts properties and an event (replies
-                                            must be 200), answers a property set and an async
-                                            service call started through Ironlink's API.
+                                            must be 200), answers a property set, an async
+                                            service call and a sync one (RRPC on /ext/rrpc/...)
+                                            started through Ironlink's API.
   gateway GPK GDN GSECRET SPK S1 S1SECRET S2 S2SECRET HOST PORT
                                             adds two sub-devices to its topology, logs them in
                                             and posts a property for each over its one connection.
@@ -114,7 +115,7 @@ def thing(pk, dn, secret, host, port, tsl):
     lk = linkkit.LinkKit(host_name=host, product_key=pk, device_name=dn, device_secret=secret)
     lk.config_mqtt(port=port, secure="", endpoint=host, keep_alive=60)
     lk.thing_setup(tsl)
-    enabled, prop_reply, event_reply, changed, called = (threading.Event() for _ in range(5))
+    enabled, prop_reply, event_reply, changed, called, rrpc_sub = (threading.Event() for _ in range(6))
     seen = {}
 
     def on_thing_enable(userdata):
@@ -133,15 +134,19 @@ def thing(pk, dn, secret, host, port, tsl):
         changed.set()
 
     def on_thing_call_service(identifier, request_id, params, userdata):
-        seen["service"] = [identifier, params]
+        seen.setdefault("services", []).append(identifier)
         lk.thing_answer_service(identifier, request_id, 200, {"done": 1})
         called.set()
+
+    def on_subscribe_topic(mid, granted_qos, userdata):
+        rrpc_sub.set()
 
     lk.on_thing_enable = on_thing_enable
     lk.on_thing_prop_post = on_thing_prop_post
     lk.on_thing_event_post = on_thing_event_post
     lk.on_thing_prop_changed = on_thing_prop_changed
     lk.on_thing_call_service = on_thing_call_service
+    lk.on_subscribe_topic = on_subscribe_topic
     lk.connect_async()
     wait(enabled, "thing enabled (connect)")
     lk.thing_post_property({"temperature": 23.5, "humidity": 40})
@@ -160,13 +165,22 @@ def thing(pk, dn, secret, host, port, tsl):
     wait(called, "service call at the device")
     done = until("service call answer recorded", lambda: (lambda c: c if c["status"] != "pending" else None)(
         api("GET", "/devices/%s/%s/service-calls/%s" % (pk, dn, call["id"]))))
+    # Sync service: Ironlink sends it on /ext/rrpc/{id}/sys/... (the client id says ext=1) and
+    # the API call returns the SDK's answer.
+    # The SDK has no public callback for RRPC subscriptions: a user-topic SUBACK that follows
+    # it proves it was acknowledged (the broker answers SUBSCRIBEs in order).
+    lk.subscribe_rrpc_topic("/sys/%s/%s/thing/service/ping" % (pk, dn))
+    lk.subscribe_topic("/%s/%s/user/get" % (pk, dn), 1)
+    wait(rrpc_sub, "RRPC subscription")
+    sync = api("POST", "/devices/%s/%s/services/ping" % (pk, dn), {"timeout_ms": 15000})
     lk.disconnect()
     out = {"seen": seen, "latest": latest, "events": len(events), "set_status": result.get("set", {}).get("status"),
-           "service_status": done["status"], "service_reply": done["reply"]}
+           "service_status": done["status"], "service_reply": done["reply"], "sync": [sync["status"], sync["reply"]]}
     print(json.dumps(out))
     ok = (seen.get("prop_post_code") == 200 and seen.get("event_post_code") == 200 and len(latest) == 2
           and len(events) == 1 and seen.get("set") == {"mode": 1} and out["set_status"] == "succeeded"
-          and done["status"] == "succeeded" and done["reply"] == {"done": 1})
+          and done["status"] == "succeeded" and done["reply"] == {"done": 1}
+          and out["sync"] == ["succeeded", {"done": 1}] and seen.get("services") == ["reboot", "ping"])
     if not ok:
         raise SystemExit(1)
 

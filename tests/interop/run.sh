@@ -120,7 +120,7 @@ TPK=$("$BIN" product create thing-interop --json | json "['product_key']")
 "$BIN" product thing-model "$TPK" --import "$HERE/thing-model.json" >/dev/null
 "$BIN" device create "$TPK" lk-thing1 >/dev/null
 TS=$("$BIN" device show "$TPK" lk-thing1 --json | json "['device_secret']")
-check "aliyun-iot-linkkit thing model: properties, event, property set, service call" \
+check "aliyun-iot-linkkit thing model: properties, event, property set, async and sync (RRPC) service calls" \
     "$PY" "$HERE/linkkit_device.py" "$HTTP" "$IRONLINK_TOKEN" thing "$TPK" lk-thing1 "$TS" 127.0.0.1 "$MQTT_PORT" "$HERE/thing-model.json"
 
 check "CLI shows the linkkit device's latest properties and its answered call" \
