@@ -522,7 +522,8 @@ impl Connection {
                     let _ = stream.shutdown().await;
                     return reason;
                 },
-                _ = tokio::time::sleep_until(last_rx + idle) => {
+                // While reading is paused for the thing layer, silence is ours, not the device's.
+                _ = tokio::time::sleep_until(last_rx + idle), if !paused => {
                     self.disconnect(reason::KEEP_ALIVE_TIMEOUT);
                     let _ = stream.write_all(&self.out).await;
                     return OfflineReason::KeepaliveTimeout;
@@ -689,6 +690,21 @@ impl Connection {
 
     /// Takes every sub-device offline (the gateway's connection ended).
     async fn logout_all(&mut self, why: &str) {
+        // Logins still in flight registered their sub-devices: release those registrations
+        // (bounded wait), so that no sub-device stays "online" without a connection.
+        let pending = std::mem::take(&mut self.work);
+        let sessions = self.shared.sessions.clone();
+        let _ = tokio::time::timeout(Duration::from_secs(10), async move {
+            let mut pending = pending;
+            while let Some((_, outcome)) = pending.next().await {
+                if let Some(Change::Login(logins)) = outcome.change {
+                    for l in logins {
+                        sessions.remove(&l.product_key, &l.device_name, l.registration.serial);
+                    }
+                }
+            }
+        })
+        .await;
         let all: Vec<(String, String)> = self.subs.lock().keys().cloned().collect();
         self.logout(all, why).await;
     }

@@ -277,6 +277,12 @@ impl Thing {
                 };
             }
             Uplink::ShadowUpdate => return shadow::on_device(&self, &pk, &dn, &payload).await,
+            // A reply to something Ironlink does not send (remote config, OTA...): nothing to
+            // record, and answering a reply would start a loop.
+            Uplink::Unknown if topic.ends_with("_reply") => {
+                tracing::debug!(product_key = %pk, device_name = %dn, %topic, "reply on a topic Ironlink does not serve, ignored");
+                return Outcome::default();
+            }
             Uplink::NtpRequest => {
                 return match Self::ntp_reply(&topic, &payload, now_ms()) {
                     Some(m) => Outcome::reply(m),
