@@ -24,6 +24,8 @@ pub struct Config {
     pub tls: TlsConfig,
     /// Thing model, services and gateways.
     pub thing: ThingConfig,
+    /// Application access (consumer groups, AMQP).
+    pub apps: AppsConfig,
 }
 
 impl Default for Config {
@@ -36,6 +38,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             tls: TlsConfig::default(),
             thing: ThingConfig::default(),
+            apps: AppsConfig::default(),
         }
     }
 }
@@ -121,6 +124,29 @@ impl Default for ThingConfig {
             call_timeout: Duration::from_secs(5),
             async_call_timeout: Duration::from_secs(60),
             max_call_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Application access.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AppsConfig {
+    /// Messages older than this leave a group's queue (dropped, counted).
+    #[serde(with = "humantime_serde")]
+    pub queue_max_age: Duration,
+    /// Most messages kept per group; the oldest are dropped (counted).
+    pub queue_max_messages: i64,
+    /// Fresh messages a client may hold unsettled before the rest go to the backlog.
+    pub realtime_window: usize,
+}
+
+impl Default for AppsConfig {
+    fn default() -> Self {
+        Self {
+            queue_max_age: Duration::from_secs(24 * 3600),
+            queue_max_messages: 1_000_000,
+            realtime_window: 256,
         }
     }
 }

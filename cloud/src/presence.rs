@@ -5,6 +5,7 @@
 //! Writes are batched by one task so that a connection storm costs one transaction per batch,
 //! not two statements per connect.
 
+use crate::apps::{Apps, MessageType, Outgoing};
 use crate::metrics::Metrics;
 use crate::router::{Message, Router};
 use crate::storage::{Db, PresenceEvent};
@@ -72,11 +73,12 @@ impl Presence {
         db: Db,
         router: Arc<Router>,
         metrics: Arc<Metrics>,
+        apps: Arc<Apps>,
         stop: watch::Receiver<bool>,
     ) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(65_536);
         let (lifecycle, _) = broadcast::channel(1024);
-        let task = tokio::spawn(writer(db, rx, router, metrics, lifecycle.clone(), stop));
+        let task = tokio::spawn(writer(db, rx, router, metrics, apps, lifecycle.clone(), stop));
         (Self { tx, lifecycle }, task)
     }
 
@@ -107,6 +109,7 @@ async fn writer(
     mut rx: mpsc::Receiver<Queued>,
     router: Arc<Router>,
     metrics: Arc<Metrics>,
+    apps: Arc<Apps>,
     lifecycle: broadcast::Sender<PresenceEvent>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -156,6 +159,7 @@ async fn writer(
                 let _ = w.send(());
             }
         }
+        let mut for_apps = Vec::new();
         for e in events {
             let payload = serde_json::json!({
                 "status": e.status,
@@ -165,18 +169,32 @@ async fn writer(
                 "clientIp": e.client_addr,
                 "reason": e.reason,
             });
+            let topic = format!(
+                "{}{}/{}",
+                ironlink_shared::LIFECYCLE_TOPIC_PREFIX,
+                e.product_key,
+                e.device_name
+            );
+            let body = payload.to_string();
+            if apps.wants(&e.product_key, MessageType::Lifecycle) {
+                for_apps.push(Outgoing {
+                    product_key: e.product_key.clone(),
+                    kind: MessageType::Lifecycle,
+                    topic: topic.clone(),
+                    payload: body.clone().into_bytes(),
+                    generated_at: e.at,
+                });
+            }
             router.publish(Message {
-                topic: format!(
-                    "{}{}/{}",
-                    ironlink_shared::LIFECYCLE_TOPIC_PREFIX,
-                    e.product_key,
-                    e.device_name
-                ),
-                payload: payload.to_string().into(),
+                topic,
+                payload: body.into(),
                 qos: 0,
                 retain: false,
             });
             let _ = lifecycle.send(e);
+        }
+        if !for_apps.is_empty() && !apps.publish_many(for_apps).await {
+            tracing::error!("lifecycle messages for consumer groups could not be queued");
         }
         if stopping {
             return;

@@ -85,21 +85,35 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let metrics = Arc::new(Metrics::default());
     let (stop, stop_rx) = watch::channel(false);
     let (presence_stop, presence_stop_rx) = watch::channel(false);
+    let (apps, mut thing_tasks) = crate::apps::Apps::start(
+        db.clone(),
+        crate::apps::QueueLimits {
+            max_age: config.apps.queue_max_age,
+            max_messages: config.apps.queue_max_messages,
+            realtime_window: config.apps.realtime_window,
+        },
+        metrics.clone(),
+        presence_stop_rx.clone(),
+    )
+    .await?;
     let (presence, presence_task) = Presence::start(
         db.clone(),
         router.clone(),
         metrics.clone(),
+        apps.clone(),
         presence_stop_rx.clone(),
     );
     let sessions = Arc::new(Sessions::default());
-    let (thing, thing_tasks) = crate::thing::Thing::start(
+    let (thing, more) = crate::thing::Thing::start(
         db.clone(),
         router.clone(),
         sessions.clone(),
         metrics.clone(),
         config.clone(),
+        apps.clone(),
         presence_stop_rx.clone(),
     );
+    thing_tasks.extend(more);
     let shared = Arc::new(Shared {
         config: config.clone(),
         db,
@@ -108,6 +122,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         presence,
         metrics,
         thing,
+        apps,
     });
     let limiter = Arc::new(ConnectLimiter::new(
         config.mqtt.connects_per_second,

@@ -35,6 +35,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Thing model, services, shadows and gateways.
     pub thing: Arc<crate::thing::Thing>,
+    /// Application access.
+    pub apps: Arc<crate::apps::Apps>,
 }
 
 /// Token bucket for new connections.

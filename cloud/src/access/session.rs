@@ -789,6 +789,40 @@ impl Connection {
                         self.barrier |= barrier;
                         return Step::Continue;
                     }
+                    // A custom topic that a consumer group takes: acknowledged once queued.
+                    if let Some(d) = topic_device(&topic).filter(|d| {
+                        !d.device_name.is_empty()
+                            && topic
+                                .strip_prefix('/')
+                                .and_then(|t| t.strip_prefix(d.product_key))
+                                .and_then(|t| t.strip_prefix('/'))
+                                .and_then(|t| t.strip_prefix(d.device_name))
+                                .is_some_and(|t| t.starts_with("/user/"))
+                            && self
+                                .shared
+                                .apps
+                                .wants(d.product_key, crate::apps::MessageType::Custom)
+                    }) {
+                        let m = crate::apps::Outgoing {
+                            product_key: d.product_key.to_owned(),
+                            kind: crate::apps::MessageType::Custom,
+                            topic: topic.clone(),
+                            payload: payload.to_vec(),
+                            generated_at: now_ms(),
+                        };
+                        let apps = self.shared.apps.clone();
+                        self.work.push_back(Box::pin(async move {
+                            let failed = !apps.publish(m).await;
+                            (
+                                ack,
+                                Outcome {
+                                    failed,
+                                    ..Outcome::default()
+                                },
+                            )
+                        }));
+                        return Step::Continue;
+                    }
                     if !self.work.is_empty() {
                         // QoS 1 acknowledgements go out in the order the packets arrived.
                         self.work

@@ -300,6 +300,17 @@ impl Thing {
             .await
         {
             Ok(Some(call)) => {
+                // Alibaba's "downlink reply" message for applications.
+                let body = json!({
+                    "iotId": format!("{pk}.{dn}"), "productKey": pk, "deviceName": dn,
+                    "requestId": call.message_id, "code": call.code, "data": data,
+                    "topic": format!("/sys/{pk}/{dn}/thing/service/{}", call.identifier.replace('.', "/")),
+                    "gmtCreate": now_ms(),
+                });
+                let topic = format!("/{pk}/{dn}/thing/downlink/reply/message");
+                if !self.to_apps(pk, crate::apps::MessageType::ServiceReply, topic, body.to_string().into_bytes()).await {
+                    tracing::error!(product_key = pk, device_name = dn, "a call reply could not be queued for consumer groups");
+                }
                 let waiter = self
                     .calls
                     .lock()

@@ -276,6 +276,7 @@ async fn run(
                 .add_topology(gwid, &subs, now_ms())
                 .await
                 .map_err(internal)?;
+            topology_message(thing, gwid, "add", &subs).await;
             let data: Vec<Value> = subs
                 .iter()
                 .map(|(pk, dn)| json!({"productKey": pk, "deviceName": dn}))
@@ -308,6 +309,7 @@ async fn run(
                 .delete_topology(gwid, &subs)
                 .await
                 .map_err(internal)?;
+            topology_message(thing, gwid, "remove", &removed).await;
             let online: Vec<(String, String)> = removed
                 .iter()
                 .filter(|(pk, dn)| origin.subs.contains(pk, dn))
@@ -466,6 +468,26 @@ async fn run(
                 (!on.is_empty()).then(|| Change::Logout(on, "logout".into())),
             ))
         }
+    }
+}
+
+/// Tells consumer groups of the gateway's product about a topology change (Alibaba's
+/// `/{pk}/{dn}/thing/topo/lifecycle` message).
+async fn topology_message(thing: &Thing, gw: (&str, &str), action: &str, subs: &[(String, String)]) {
+    if subs.is_empty() {
+        return;
+    }
+    let devices: Vec<Value> = subs
+        .iter()
+        .map(|(pk, dn)| json!({"productKey": pk, "deviceName": dn, "iotId": format!("{pk}.{dn}")}))
+        .collect();
+    let body = json!({
+        "action": action, "gwIotId": format!("{}.{}", gw.0, gw.1), "gwProductKey": gw.0,
+        "gwDeviceName": gw.1, "devices": devices, "messageCreateTime": now_ms(),
+    });
+    let topic = format!("/{}/{}/thing/topo/lifecycle", gw.0, gw.1);
+    if !thing.to_apps(gw.0, crate::apps::MessageType::Topology, topic, body.to_string().into_bytes()).await {
+        tracing::error!(gateway = %format!("{}/{}", gw.0, gw.1), "a topology change could not be queued for consumer groups");
     }
 }
 

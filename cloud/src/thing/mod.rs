@@ -31,6 +31,7 @@ use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
+use crate::apps::{MessageType, Outgoing};
 use store::{EventRow, RawRow, SeriesKey};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -123,6 +124,8 @@ pub struct Thing {
     series: writer::SeriesCache,
     calls: calls::Pending,
     ext_rrpc: Mutex<std::collections::HashSet<(String, String)>>,
+    /// Application access: what devices send, for consumer groups.
+    pub apps: Arc<crate::apps::Apps>,
 }
 
 impl Thing {
@@ -134,6 +137,7 @@ impl Thing {
         sessions: Arc<Sessions>,
         metrics: Arc<Metrics>,
         config: Arc<Config>,
+        apps: Arc<crate::apps::Apps>,
         stop: watch::Receiver<bool>,
     ) -> (Arc<Self>, Vec<JoinHandle<()>>) {
         let (tx, rx) = mpsc::channel(16_384);
@@ -156,6 +160,7 @@ impl Thing {
             series,
             calls: calls::Pending::default(),
             ext_rrpc: Mutex::default(),
+            apps,
         });
         let sweeper = tokio::spawn(calls::sweep(thing.clone(), stop));
         (thing, vec![writer_task, sweeper])
@@ -445,8 +450,29 @@ impl Thing {
             }
         }
         let stored = rows.len();
+        // The form Alibaba's server-side subscription delivers: `items` plus what failed.
+        let app_message = (stored > 0 && self.apps.wants(pk, MessageType::Property)).then(|| {
+            let items: Map<String, Value> = rows
+                .iter()
+                .map(|((_, _, id), ts, v)| {
+                    let value: Value = serde_json::from_str(v).unwrap_or(Value::Null);
+                    (id.clone(), json!({"value": value, "time": ts}))
+                })
+                .collect();
+            json!({
+                "iotId": format!("{pk}.{dn}"), "productKey": pk, "deviceName": dn,
+                "requestId": req.id, "gmtCreate": now, "items": items, "checkFailedData": invalid,
+            })
+            .to_string()
+        });
         if !self.store(rows, Vec::new(), Vec::new()).await {
             return Outcome::failed();
+        }
+        if let Some(body) = app_message {
+            let topic = format!("/{pk}/{dn}/thing/event/property/post");
+            if !self.to_apps(pk, MessageType::Property, topic, body.into_bytes()).await {
+                return Outcome::failed();
+            }
         }
         self.metrics
             .properties_stored
@@ -534,7 +560,17 @@ impl Thing {
             output: value.to_string(),
             ts,
         };
+        let app_message = json!({
+            "identifier": row.identifier, "type": row.event_type, "iotId": format!("{pk}.{dn}"),
+            "productKey": pk, "deviceName": dn, "requestId": row.message_id, "gmtCreate": now,
+            "time": row.ts, "value": value,
+        })
+        .to_string();
         if !self.store(Vec::new(), vec![row], Vec::new()).await {
+            return Outcome::failed();
+        }
+        let topic = format!("/{pk}/{dn}/thing/event/{id}/post");
+        if !self.to_apps(pk, MessageType::Event, topic, app_message.into_bytes()).await {
             return Outcome::failed();
         }
         Metrics::inc(&self.metrics.events_stored);
@@ -549,10 +585,14 @@ impl Thing {
             payload: payload.to_vec(),
             ts: now_ms(),
         };
-        Outcome {
-            failed: !self.store(Vec::new(), Vec::new(), vec![row]).await,
-            ..Outcome::default()
+        if !self.store(Vec::new(), Vec::new(), vec![row]).await {
+            return Outcome::failed();
         }
+        let topic = format!("/{pk}/{dn}/thing/model/up_raw");
+        if !self.to_apps(pk, MessageType::Raw, topic, payload.to_vec()).await {
+            return Outcome::failed();
+        }
+        Outcome::default()
     }
 
     async fn device_info(
@@ -687,6 +727,23 @@ impl Thing {
             reply_topic,
             reply(&req.id, code, &message, data, Some(method)),
         ))
+    }
+
+    /// Hands a device message to the consumer groups that take it and waits for its commit
+    /// (nothing to do when none does). False when it could not be queued.
+    pub(crate) async fn to_apps(&self, pk: &str, kind: MessageType, topic: String, payload: Vec<u8>) -> bool {
+        if !self.apps.wants(pk, kind) {
+            return true;
+        }
+        self.apps
+            .publish(Outgoing {
+                product_key: pk.to_owned(),
+                kind,
+                topic,
+                payload,
+                generated_at: now_ms(),
+            })
+            .await
     }
 
     /// True when the device is connected directly or logged in through a gateway.

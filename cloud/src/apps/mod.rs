@@ -1,0 +1,620 @@
+//! Application access: device messages for business servers, by consumer group.
+//!
+//! Every message a subscription selects is first committed to its group's durable queue, then
+//! pushed at once to a connected client of the group ("realtime"). A client has two channels:
+//! fresh messages go only to the realtime one; the backlog (messages stored while the group had
+//! no client or its clients were full, and messages released, rejected or left unsettled) is
+//! replayed by a separate task into the other, which a client reads only when no fresh message
+//! waits. So a backlog never delays fresh messages. A message leaves the queue when a client
+//! accepts it; nothing accepted by the platform is lost across a restart.
+
+pub mod store;
+
+use crate::metrics::Metrics;
+use crate::registry::now_ms;
+use crate::storage::{Db, StorageError};
+use bytes::Bytes;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use store::NewRow;
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::task::JoinHandle;
+
+/// What a subscription may select.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MessageType {
+    /// Property posts.
+    Property,
+    /// Event posts.
+    Event,
+    /// Raw uplinks (`up_raw`).
+    Raw,
+    /// Custom topics (`/{pk}/{dn}/user/...`).
+    Custom,
+    /// Online/offline changes.
+    Lifecycle,
+    /// Sub-devices added to or removed from a gateway.
+    Topology,
+    /// Devices' replies to calls.
+    ServiceReply,
+}
+
+impl MessageType {
+    /// Every type, with its name in the API.
+    pub const ALL: [(MessageType, &'static str); 7] = [
+        (Self::Property, "property"),
+        (Self::Event, "event"),
+        (Self::Raw, "raw"),
+        (Self::Custom, "custom"),
+        (Self::Lifecycle, "lifecycle"),
+        (Self::Topology, "topology"),
+        (Self::ServiceReply, "service_reply"),
+    ];
+
+    fn bit(self) -> u32 {
+        1 << (self as u32)
+    }
+
+    /// The type named `s` (`upstream` is property + event + raw + custom).
+    pub fn parse_list(list: &[String]) -> Result<u32, String> {
+        let mut mask = 0;
+        for s in list {
+            if s == "upstream" {
+                mask |= Self::Property.bit() | Self::Event.bit() | Self::Raw.bit() | Self::Custom.bit();
+                continue;
+            }
+            match Self::ALL.iter().find(|(_, n)| n == s) {
+                Some((t, _)) => mask |= t.bit(),
+                None => {
+                    return Err(format!(
+                        "message type `{s}` is unknown: use upstream, {}",
+                        Self::ALL.iter().map(|(_, n)| *n).collect::<Vec<_>>().join(", ")
+                    ))
+                }
+            }
+        }
+        if mask == 0 {
+            return Err("message_types must name at least one type".into());
+        }
+        Ok(mask)
+    }
+
+    /// The names in a mask, comma-separated (as stored).
+    pub fn names(mask: u32) -> String {
+        Self::ALL
+            .iter()
+            .filter(|(t, _)| mask & t.bit() != 0)
+            .map(|(_, n)| *n)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// A device message for applications.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// The device's product.
+    pub product_key: String,
+    /// What it is.
+    pub kind: MessageType,
+    /// Topic shown to applications.
+    pub topic: String,
+    /// Body.
+    pub payload: Vec<u8>,
+    /// ms since the Unix epoch.
+    pub generated_at: i64,
+}
+
+/// A message delivered to a client of a group.
+#[derive(Debug, Clone)]
+pub struct AppMessage {
+    /// Queue row: what [`Consumer::settle`] takes.
+    pub id: i64,
+    /// Topic.
+    pub topic: String,
+    /// Message id, the same in every group (duplicates carry the same one).
+    pub message_id: String,
+    /// Body.
+    pub payload: Bytes,
+    /// ms since the Unix epoch.
+    pub generated_at: i64,
+    /// True when replayed from the backlog.
+    pub replayed: bool,
+}
+
+/// Counters of one group.
+#[derive(Debug, Default)]
+pub struct GroupCounters {
+    /// Messages pushed in real time.
+    pub pushed: AtomicU64,
+    /// Messages replayed from the backlog.
+    pub replayed: AtomicU64,
+    /// Messages accepted by a client.
+    pub acknowledged: AtomicU64,
+    /// Messages released, rejected or unsettled at a disconnect, to be delivered again.
+    pub redelivered: AtomicU64,
+    /// Dropped because older than the queue's age bound.
+    pub dropped_age: AtomicU64,
+    /// Dropped because the queue was over its size bound.
+    pub dropped_size: AtomicU64,
+    /// Queued now, and the oldest one's age in ms (refreshed by the sweeper).
+    pub backlog: AtomicU64,
+    /// Age of the oldest queued message, ms.
+    pub backlog_age_ms: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Client {
+    id: u64,
+    realtime: mpsc::Sender<AppMessage>,
+    backlog: mpsc::Sender<AppMessage>,
+}
+
+#[derive(Debug, Default)]
+struct Group {
+    clients: Vec<Client>,
+    /// Row id to the client holding it unsettled.
+    inflight: HashMap<i64, u64>,
+    /// Accepted during the current replay pass (their rows may still be in a page read).
+    accepted: HashSet<i64>,
+    next: usize,
+    wake: Arc<Notify>,
+    replayer: bool,
+}
+
+struct Job {
+    rows: Vec<NewRow>,
+    done: oneshot::Sender<bool>,
+}
+
+/// Settings of the queue.
+#[derive(Debug, Clone)]
+pub struct QueueLimits {
+    /// Messages older than this are dropped.
+    pub max_age: Duration,
+    /// Most messages kept per group.
+    pub max_messages: i64,
+    /// Capacity of a client's realtime channel.
+    pub realtime_window: usize,
+}
+
+/// Application access, shared.
+#[derive(Debug)]
+pub struct Apps {
+    db: Db,
+    limits: QueueLimits,
+    subs: RwLock<HashMap<String, Vec<(String, u32)>>>,
+    groups: Mutex<HashMap<String, Group>>,
+    counters: RwLock<HashMap<String, Arc<GroupCounters>>>,
+    tx: mpsc::Sender<Job>,
+    next_message_id: AtomicU64,
+    next_client: AtomicU64,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job").field("rows", &self.rows.len()).finish()
+    }
+}
+
+impl Apps {
+    /// Loads subscriptions and starts the queue writer and the retention sweeper.
+    pub async fn start(
+        db: Db,
+        limits: QueueLimits,
+        metrics: Arc<Metrics>,
+        stop: watch::Receiver<bool>,
+    ) -> Result<(Arc<Self>, Vec<JoinHandle<()>>), StorageError> {
+        let (tx, rx) = mpsc::channel(16_384);
+        let apps = Arc::new(Self {
+            db,
+            limits,
+            subs: RwLock::default(),
+            groups: Mutex::default(),
+            counters: RwLock::default(),
+            tx,
+            // Message ids start from the clock so that they never repeat across restarts.
+            next_message_id: AtomicU64::new(u64::try_from(now_ms()).unwrap_or(0) * 1000),
+            next_client: AtomicU64::new(1),
+            metrics,
+        });
+        apps.reload().await?;
+        let writer = tokio::spawn(writer(apps.clone(), rx, stop.clone()));
+        let sweeper = tokio::spawn(sweep(apps.clone(), stop));
+        Ok((apps, vec![writer, sweeper]))
+    }
+
+    /// Reloads subscriptions (after the API changed them).
+    pub async fn reload(&self) -> Result<(), StorageError> {
+        let mut map: HashMap<String, Vec<(String, u32)>> = HashMap::new();
+        for s in self.db.list_subscriptions().await? {
+            let types: Vec<String> = s.message_types.split(',').map(str::to_owned).collect();
+            let mask = MessageType::parse_list(&types).unwrap_or(0);
+            map.entry(s.product_key).or_default().push((s.group_id, mask));
+        }
+        *self.subs.write().unwrap_or_else(|e| e.into_inner()) = map;
+        Ok(())
+    }
+
+    /// Counters of a group.
+    pub fn counters(&self, group: &str) -> Arc<GroupCounters> {
+        if let Some(c) = self.counters.read().unwrap_or_else(|e| e.into_inner()).get(group) {
+            return c.clone();
+        }
+        self.counters
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(group.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// Connected clients of a group.
+    pub fn clients(&self, group: &str) -> usize {
+        self.lock().get(group).map_or(0, |g| g.clients.len())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Group>> {
+        self.groups.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// True when some group takes `kind` messages of `pk`.
+    pub fn wants(&self, pk: &str, kind: MessageType) -> bool {
+        self.subs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(pk)
+            .is_some_and(|v| v.iter().any(|(_, m)| m & kind.bit() != 0))
+    }
+
+    /// Queues a message for every group that takes it and waits for the commit. True when
+    /// stored (or no group takes it).
+    pub async fn publish(&self, m: Outgoing) -> bool {
+        self.publish_many(vec![m]).await
+    }
+
+    /// Like [`Apps::publish`] for several messages, committed together.
+    pub async fn publish_many(&self, messages: Vec<Outgoing>) -> bool {
+        let mut rows = Vec::new();
+        {
+            let subs = self.subs.read().unwrap_or_else(|e| e.into_inner());
+            for m in messages {
+                let Some(v) = subs.get(&m.product_key) else {
+                    continue;
+                };
+                let groups: Vec<&String> = v
+                    .iter()
+                    .filter(|(_, mask)| mask & m.kind.bit() != 0)
+                    .map(|(g, _)| g)
+                    .collect();
+                if groups.is_empty() {
+                    continue;
+                }
+                let message_id = self.next_message_id.fetch_add(1, Ordering::Relaxed).to_string();
+                for g in groups {
+                    rows.push(NewRow {
+                        group_id: g.clone(),
+                        topic: m.topic.clone(),
+                        message_id: message_id.clone(),
+                        payload: m.payload.clone(),
+                        generated_at: m.generated_at,
+                    });
+                }
+            }
+        }
+        if rows.is_empty() {
+            return true;
+        }
+        let (done, committed) = oneshot::channel();
+        if self.tx.send(Job { rows, done }).await.is_err() {
+            return false;
+        }
+        committed.await.unwrap_or(false)
+    }
+
+    /// Offers a committed message to a client of its group in real time; false when no client
+    /// has room (it stays queued for the backlog replay).
+    fn offer(&self, group: &str, m: AppMessage) -> bool {
+        let mut groups = self.lock();
+        let Some(g) = groups.get_mut(group) else {
+            return false;
+        };
+        let n = g.clients.len();
+        for i in 0..n {
+            let at = (g.next + i) % n;
+            let c = &g.clients[at];
+            let id = m.id;
+            if c.realtime.try_send(m.clone()).is_ok() {
+                g.inflight.insert(id, c.id);
+                g.next = (at + 1) % n;
+                self.counters(group).pushed.fetch_add(1, Ordering::Relaxed);
+                return true;
+            }
+        }
+        g.wake.notify_one();
+        false
+    }
+
+    /// Attaches a client to a group.
+    pub fn attach(self: &Arc<Self>, group: &str) -> Consumer {
+        let (rt_tx, realtime) = mpsc::channel(self.limits.realtime_window.max(1));
+        let (bl_tx, backlog) = mpsc::channel(16);
+        let id = self.next_client.fetch_add(1, Ordering::Relaxed);
+        let spawn = {
+            let mut groups = self.lock();
+            let g = groups.entry(group.to_owned()).or_default();
+            g.clients.push(Client {
+                id,
+                realtime: rt_tx,
+                backlog: bl_tx,
+            });
+            g.wake.notify_one();
+            let spawn = !g.replayer;
+            g.replayer = true;
+            spawn.then(|| g.wake.clone())
+        };
+        if let Some(wake) = spawn {
+            tokio::spawn(replay(self.clone(), group.to_owned(), wake));
+        }
+        Consumer {
+            apps: self.clone(),
+            group: group.to_owned(),
+            client: id,
+            realtime,
+            backlog,
+        }
+    }
+
+    fn detach(&self, group: &str, client: u64) {
+        let mut groups = self.lock();
+        if let Some(g) = groups.get_mut(group) {
+            g.clients.retain(|c| c.id != client);
+            let before = g.inflight.len();
+            g.inflight.retain(|_, c| *c != client);
+            let returned = (before - g.inflight.len()) as u64;
+            if returned > 0 {
+                self.counters(group).redelivered.fetch_add(returned, Ordering::Relaxed);
+            }
+            g.wake.notify_one();
+        }
+    }
+}
+
+/// A client's end of a group: messages, realtime first.
+#[derive(Debug)]
+pub struct Consumer {
+    apps: Arc<Apps>,
+    group: String,
+    client: u64,
+    realtime: mpsc::Receiver<AppMessage>,
+    backlog: mpsc::Receiver<AppMessage>,
+}
+
+impl Consumer {
+    /// The next message: a fresh one when there is one, else one from the backlog.
+    pub async fn next(&mut self) -> Option<AppMessage> {
+        tokio::select! {
+            biased;
+            m = self.realtime.recv() => m,
+            m = self.backlog.recv() => m,
+        }
+    }
+
+    /// The group.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// Settles a message: accepted ones leave the queue; anything else is delivered again,
+    /// possibly to another client.
+    pub async fn settle(&self, id: i64, accepted: bool) -> Result<(), StorageError> {
+        let counters = self.apps.counters(&self.group);
+        if accepted {
+            self.apps.db.ack_app_messages(&[id]).await?;
+            let mut groups = self.apps.lock();
+            if let Some(g) = groups.get_mut(&self.group) {
+                g.inflight.remove(&id);
+                g.accepted.insert(id);
+            }
+            counters.acknowledged.fetch_add(1, Ordering::Relaxed);
+        } else {
+            let mut groups = self.apps.lock();
+            if let Some(g) = groups.get_mut(&self.group) {
+                g.inflight.remove(&id);
+                g.wake.notify_one();
+            }
+            counters.redelivered.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        // Whatever this client held unsettled goes back to the group.
+        self.apps.detach(&self.group, self.client);
+    }
+}
+
+async fn writer(apps: Arc<Apps>, mut rx: mpsc::Receiver<Job>, mut stop: watch::Receiver<bool>) {
+    let mut jobs = Vec::with_capacity(256);
+    loop {
+        let stopping = tokio::select! {
+            n = rx.recv_many(&mut jobs, 256) => {
+                if n == 0 {
+                    return;
+                }
+                false
+            }
+            _ = stop.wait_for(|s| *s) => {
+                while let Ok(j) = rx.try_recv() {
+                    jobs.push(j);
+                }
+                true
+            }
+        };
+        let rows: Vec<NewRow> = jobs.iter().flat_map(|j| j.rows.iter().cloned()).collect();
+        let mut stored = None;
+        for attempt in 0..3u32 {
+            match apps.db.enqueue_app_messages(&rows).await {
+                Ok(ids) => {
+                    stored = Some(ids);
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, attempt, "queueing application messages failed, retrying");
+                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                }
+            }
+        }
+        let ok = stored.is_some();
+        if let Some(ids) = stored {
+            for (row, id) in rows.into_iter().zip(ids) {
+                let m = AppMessage {
+                    id,
+                    topic: row.topic,
+                    message_id: row.message_id,
+                    payload: Bytes::from(row.payload),
+                    generated_at: row.generated_at,
+                    replayed: false,
+                };
+                apps.offer(&row.group_id, m);
+            }
+        } else {
+            Metrics::inc(&apps.metrics.thing_store_failures);
+        }
+        for j in jobs.drain(..) {
+            let _ = j.done.send(ok);
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+/// Replays a group's backlog into its clients' backlog channels while it has clients.
+async fn replay(apps: Arc<Apps>, group: String, wake: Arc<Notify>) {
+    loop {
+        wake.notified().await;
+        let mut cursor = 0i64;
+        loop {
+            if apps.clients(&group) == 0 {
+                break;
+            }
+            let page = match apps.db.app_backlog(&group, cursor, 100).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(%group, error = %e, "reading the backlog failed");
+                    break;
+                }
+            };
+            let Some(last) = page.last().map(|r| r.id) else {
+                // Pass complete: forget what was accepted during it.
+                if let Some(g) = apps.lock().get_mut(&group) {
+                    g.accepted.clear();
+                }
+                break;
+            };
+            cursor = last;
+            for row in page {
+                // A client with room: wait for one, round robin.
+                let Some((client, permit)) = reserve(&apps, &group).await else {
+                    break;
+                };
+                {
+                    let mut groups = apps.lock();
+                    let Some(g) = groups.get_mut(&group) else {
+                        break;
+                    };
+                    if g.inflight.contains_key(&row.id) || g.accepted.contains(&row.id) {
+                        continue;
+                    }
+                    g.inflight.insert(row.id, client);
+                }
+                permit.send(AppMessage {
+                    id: row.id,
+                    topic: row.topic,
+                    message_id: row.message_id,
+                    payload: Bytes::from(row.payload),
+                    generated_at: row.generated_at,
+                    replayed: true,
+                });
+                apps.counters(&group).replayed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Waits (up to 1 s per try) for room in some client's backlog channel.
+async fn reserve(apps: &Apps, group: &str) -> Option<(u64, mpsc::OwnedPermit<AppMessage>)> {
+    loop {
+        let candidates: Vec<(u64, mpsc::Sender<AppMessage>)> = {
+            let mut groups = apps.lock();
+            let g = groups.get_mut(group)?;
+            if g.clients.is_empty() {
+                return None;
+            }
+            g.next = (g.next + 1) % g.clients.len();
+            let n = g.clients.len();
+            (0..n)
+                .map(|i| &g.clients[(g.next + i) % n])
+                .map(|c| (c.id, c.backlog.clone()))
+                .collect()
+        };
+        for (id, tx) in &candidates {
+            if let Ok(p) = tx.clone().try_reserve_owned() {
+                return Some((*id, p));
+            }
+        }
+        let (id, tx) = candidates.into_iter().next()?;
+        if let Ok(Ok(p)) = tokio::time::timeout(Duration::from_secs(1), tx.reserve_owned()).await {
+            return Some((id, p));
+        }
+    }
+}
+
+/// Drops what is past the queue's bounds every 10 s, counted by reason, and refreshes the
+/// backlog gauges.
+async fn sweep(apps: Arc<Apps>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let cutoff = now_ms() - i64::try_from(apps.limits.max_age.as_millis()).unwrap_or(i64::MAX / 2);
+        match apps.db.expire_app_messages(cutoff).await {
+            Ok(dropped) => {
+                for (g, n) in dropped {
+                    tracing::warn!(group = %g, dropped = n, "application messages dropped: older than the queue's age bound");
+                    apps.counters(&g).dropped_age.fetch_add(u64::try_from(n).unwrap_or(0), Ordering::Relaxed);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "expiring application messages failed"),
+        }
+        match apps.db.trim_app_messages(apps.limits.max_messages).await {
+            Ok(dropped) => {
+                for (g, n) in dropped {
+                    tracing::warn!(group = %g, dropped = n, "application messages dropped: queue over its size bound");
+                    apps.counters(&g).dropped_size.fetch_add(u64::try_from(n).unwrap_or(0), Ordering::Relaxed);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "trimming application queues failed"),
+        }
+        if let Ok(stats) = apps.db.app_backlog_stats().await {
+            for c in apps.counters.read().unwrap_or_else(|e| e.into_inner()).values() {
+                c.backlog.store(0, Ordering::Relaxed);
+                c.backlog_age_ms.store(0, Ordering::Relaxed);
+            }
+            let now = now_ms();
+            for (g, n, oldest) in stats {
+                let c = apps.counters(&g);
+                c.backlog.store(u64::try_from(n).unwrap_or(0), Ordering::Relaxed);
+                c.backlog_age_ms.store(u64::try_from(now - oldest).unwrap_or(0), Ordering::Relaxed);
+            }
+        }
+    }
+}
