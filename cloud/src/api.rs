@@ -112,6 +112,7 @@ where
 
 type ApiResult<T> = Result<T, ApiError>;
 
+mod apps;
 mod thing;
 
 /// Builds the router.
@@ -140,6 +141,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/devices/:pk/:dn/presence", get(presence_history))
         .route("/devices/:pk/:dn/tags", axum::routing::put(put_tags))
         .merge(thing::routes())
+        .merge(apps::routes())
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
         .route("/openapi.json", get(openapi));
     Router::new()

@@ -4,8 +4,8 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod access;
-pub mod apps;
 pub mod api;
+pub mod apps;
 pub mod cli;
 pub mod config;
 pub mod metrics;

@@ -78,7 +78,15 @@ impl Presence {
     ) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(65_536);
         let (lifecycle, _) = broadcast::channel(1024);
-        let task = tokio::spawn(writer(db, rx, router, metrics, apps, lifecycle.clone(), stop));
+        let task = tokio::spawn(writer(
+            db,
+            rx,
+            router,
+            metrics,
+            apps,
+            lifecycle.clone(),
+            stop,
+        ));
         (Self { tx, lifecycle }, task)
     }
 

@@ -62,7 +62,8 @@ impl MessageType {
         let mut mask = 0;
         for s in list {
             if s == "upstream" {
-                mask |= Self::Property.bit() | Self::Event.bit() | Self::Raw.bit() | Self::Custom.bit();
+                mask |=
+                    Self::Property.bit() | Self::Event.bit() | Self::Raw.bit() | Self::Custom.bit();
                 continue;
             }
             match Self::ALL.iter().find(|(_, n)| n == s) {
@@ -70,7 +71,11 @@ impl MessageType {
                 None => {
                     return Err(format!(
                         "message type `{s}` is unknown: use upstream, {}",
-                        Self::ALL.iter().map(|(_, n)| *n).collect::<Vec<_>>().join(", ")
+                        Self::ALL
+                            .iter()
+                            .map(|(_, n)| *n)
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ))
                 }
             }
@@ -186,6 +191,8 @@ pub struct Apps {
     db: Db,
     limits: QueueLimits,
     subs: RwLock<HashMap<String, Vec<(String, u32)>>>,
+    keys: RwLock<HashMap<String, String>>,
+    group_ids: RwLock<HashSet<String>>,
     groups: Mutex<HashMap<String, Group>>,
     counters: RwLock<HashMap<String, Arc<GroupCounters>>>,
     tx: mpsc::Sender<Job>,
@@ -196,7 +203,9 @@ pub struct Apps {
 
 impl std::fmt::Debug for Job {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Job").field("rows", &self.rows.len()).finish()
+        f.debug_struct("Job")
+            .field("rows", &self.rows.len())
+            .finish()
     }
 }
 
@@ -213,6 +222,8 @@ impl Apps {
             db,
             limits,
             subs: RwLock::default(),
+            keys: RwLock::default(),
+            group_ids: RwLock::default(),
             groups: Mutex::default(),
             counters: RwLock::default(),
             tx,
@@ -227,13 +238,48 @@ impl Apps {
         Ok((apps, vec![writer, sweeper]))
     }
 
-    /// Reloads subscriptions (after the API changed them).
+    /// The secret of an access key (cached: authentication must not wait for the database).
+    pub fn secret(&self, access_key_id: &str) -> Option<String> {
+        self.keys
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(access_key_id)
+            .cloned()
+    }
+
+    /// True when the consumer group exists.
+    pub fn group_exists(&self, group: &str) -> bool {
+        self.group_ids
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(group)
+    }
+
+    /// Reloads access keys, groups and subscriptions (after the API changed them).
     pub async fn reload(&self) -> Result<(), StorageError> {
+        let keys = self
+            .db
+            .list_access_keys()
+            .await?
+            .into_iter()
+            .map(|k| (k.access_key_id, k.access_key_secret))
+            .collect();
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = keys;
+        let groups = self
+            .db
+            .list_groups()
+            .await?
+            .into_iter()
+            .map(|g| g.group_id)
+            .collect();
+        *self.group_ids.write().unwrap_or_else(|e| e.into_inner()) = groups;
         let mut map: HashMap<String, Vec<(String, u32)>> = HashMap::new();
         for s in self.db.list_subscriptions().await? {
             let types: Vec<String> = s.message_types.split(',').map(str::to_owned).collect();
             let mask = MessageType::parse_list(&types).unwrap_or(0);
-            map.entry(s.product_key).or_default().push((s.group_id, mask));
+            map.entry(s.product_key)
+                .or_default()
+                .push((s.group_id, mask));
         }
         *self.subs.write().unwrap_or_else(|e| e.into_inner()) = map;
         Ok(())
@@ -241,7 +287,12 @@ impl Apps {
 
     /// Counters of a group.
     pub fn counters(&self, group: &str) -> Arc<GroupCounters> {
-        if let Some(c) = self.counters.read().unwrap_or_else(|e| e.into_inner()).get(group) {
+        if let Some(c) = self
+            .counters
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(group)
+        {
             return c.clone();
         }
         self.counters
@@ -293,7 +344,10 @@ impl Apps {
                 if groups.is_empty() {
                     continue;
                 }
-                let message_id = self.next_message_id.fetch_add(1, Ordering::Relaxed).to_string();
+                let message_id = self
+                    .next_message_id
+                    .fetch_add(1, Ordering::Relaxed)
+                    .to_string();
                 for g in groups {
                     rows.push(NewRow {
                         group_id: g.clone(),
@@ -376,7 +430,9 @@ impl Apps {
             g.inflight.retain(|_, c| *c != client);
             let returned = (before - g.inflight.len()) as u64;
             if returned > 0 {
-                self.counters(group).redelivered.fetch_add(returned, Ordering::Relaxed);
+                self.counters(group)
+                    .redelivered
+                    .fetch_add(returned, Ordering::Relaxed);
             }
             g.wake.notify_one();
         }
@@ -542,7 +598,9 @@ async fn replay(apps: Arc<Apps>, group: String, wake: Arc<Notify>) {
                     generated_at: row.generated_at,
                     replayed: true,
                 });
-                apps.counters(&group).replayed.fetch_add(1, Ordering::Relaxed);
+                apps.counters(&group)
+                    .replayed
+                    .fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -585,12 +643,15 @@ async fn sweep(apps: Arc<Apps>, mut stop: watch::Receiver<bool>) {
             _ = tick.tick() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        let cutoff = now_ms() - i64::try_from(apps.limits.max_age.as_millis()).unwrap_or(i64::MAX / 2);
+        let cutoff =
+            now_ms() - i64::try_from(apps.limits.max_age.as_millis()).unwrap_or(i64::MAX / 2);
         match apps.db.expire_app_messages(cutoff).await {
             Ok(dropped) => {
                 for (g, n) in dropped {
                     tracing::warn!(group = %g, dropped = n, "application messages dropped: older than the queue's age bound");
-                    apps.counters(&g).dropped_age.fetch_add(u64::try_from(n).unwrap_or(0), Ordering::Relaxed);
+                    apps.counters(&g)
+                        .dropped_age
+                        .fetch_add(u64::try_from(n).unwrap_or(0), Ordering::Relaxed);
                 }
             }
             Err(e) => tracing::warn!(error = %e, "expiring application messages failed"),
@@ -599,21 +660,30 @@ async fn sweep(apps: Arc<Apps>, mut stop: watch::Receiver<bool>) {
             Ok(dropped) => {
                 for (g, n) in dropped {
                     tracing::warn!(group = %g, dropped = n, "application messages dropped: queue over its size bound");
-                    apps.counters(&g).dropped_size.fetch_add(u64::try_from(n).unwrap_or(0), Ordering::Relaxed);
+                    apps.counters(&g)
+                        .dropped_size
+                        .fetch_add(u64::try_from(n).unwrap_or(0), Ordering::Relaxed);
                 }
             }
             Err(e) => tracing::warn!(error = %e, "trimming application queues failed"),
         }
         if let Ok(stats) = apps.db.app_backlog_stats().await {
-            for c in apps.counters.read().unwrap_or_else(|e| e.into_inner()).values() {
+            for c in apps
+                .counters
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+            {
                 c.backlog.store(0, Ordering::Relaxed);
                 c.backlog_age_ms.store(0, Ordering::Relaxed);
             }
             let now = now_ms();
             for (g, n, oldest) in stats {
                 let c = apps.counters(&g);
-                c.backlog.store(u64::try_from(n).unwrap_or(0), Ordering::Relaxed);
-                c.backlog_age_ms.store(u64::try_from(now - oldest).unwrap_or(0), Ordering::Relaxed);
+                c.backlog
+                    .store(u64::try_from(n).unwrap_or(0), Ordering::Relaxed);
+                c.backlog_age_ms
+                    .store(u64::try_from(now - oldest).unwrap_or(0), Ordering::Relaxed);
             }
         }
     }

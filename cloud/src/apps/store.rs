@@ -123,17 +123,21 @@ impl Db {
 
     /// Every consumer group.
     pub async fn list_groups(&self) -> Result<Vec<ConsumerGroup>, StorageError> {
-        Ok(sqlx::query_as("SELECT group_id, name, created_at FROM consumer_groups ORDER BY created_at")
-            .fetch_all(&self.pool)
-            .await?)
+        Ok(sqlx::query_as(
+            "SELECT group_id, name, created_at FROM consumer_groups ORDER BY created_at",
+        )
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// One consumer group.
     pub async fn get_group(&self, id: &str) -> Result<Option<ConsumerGroup>, StorageError> {
-        Ok(sqlx::query_as("SELECT group_id, name, created_at FROM consumer_groups WHERE group_id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?)
+        Ok(sqlx::query_as(
+            "SELECT group_id, name, created_at FROM consumer_groups WHERE group_id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?)
     }
 
     /// Deletes a group, its subscriptions and its queue; false when it did not exist.
@@ -260,7 +264,10 @@ impl Db {
     }
 
     /// Drops a group's messages generated before `cutoff`; returns how many.
-    pub async fn expire_app_messages(&self, cutoff: i64) -> Result<Vec<(String, i64)>, StorageError> {
+    pub async fn expire_app_messages(
+        &self,
+        cutoff: i64,
+    ) -> Result<Vec<(String, i64)>, StorageError> {
         let rows = sqlx::query(
             "SELECT group_id, COUNT(*) FROM app_messages WHERE generated_at < $1 GROUP BY group_id",
         )

@@ -308,8 +308,20 @@ impl Thing {
                     "gmtCreate": now_ms(),
                 });
                 let topic = format!("/{pk}/{dn}/thing/downlink/reply/message");
-                if !self.to_apps(pk, crate::apps::MessageType::ServiceReply, topic, body.to_string().into_bytes()).await {
-                    tracing::error!(product_key = pk, device_name = dn, "a call reply could not be queued for consumer groups");
+                if !self
+                    .to_apps(
+                        pk,
+                        crate::apps::MessageType::ServiceReply,
+                        topic,
+                        body.to_string().into_bytes(),
+                    )
+                    .await
+                {
+                    tracing::error!(
+                        product_key = pk,
+                        device_name = dn,
+                        "a call reply could not be queued for consumer groups"
+                    );
                 }
                 let waiter = self
                     .calls

@@ -473,7 +473,12 @@ async fn run(
 
 /// Tells consumer groups of the gateway's product about a topology change (Alibaba's
 /// `/{pk}/{dn}/thing/topo/lifecycle` message).
-async fn topology_message(thing: &Thing, gw: (&str, &str), action: &str, subs: &[(String, String)]) {
+async fn topology_message(
+    thing: &Thing,
+    gw: (&str, &str),
+    action: &str,
+    subs: &[(String, String)],
+) {
     if subs.is_empty() {
         return;
     }
@@ -486,7 +491,15 @@ async fn topology_message(thing: &Thing, gw: (&str, &str), action: &str, subs: &
         "gwDeviceName": gw.1, "devices": devices, "messageCreateTime": now_ms(),
     });
     let topic = format!("/{}/{}/thing/topo/lifecycle", gw.0, gw.1);
-    if !thing.to_apps(gw.0, crate::apps::MessageType::Topology, topic, body.to_string().into_bytes()).await {
+    if !thing
+        .to_apps(
+            gw.0,
+            crate::apps::MessageType::Topology,
+            topic,
+            body.to_string().into_bytes(),
+        )
+        .await
+    {
         tracing::error!(gateway = %format!("{}/{}", gw.0, gw.1), "a topology change could not be queued for consumer groups");
     }
 }

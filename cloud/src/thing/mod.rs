@@ -19,6 +19,7 @@ pub use calls::CallError;
 pub use gateway::{Change, SubEntry, SubLogin, Subs};
 
 use crate::access::sessions::Sessions;
+use crate::apps::{MessageType, Outgoing};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::registry::now_ms;
@@ -31,7 +32,6 @@ use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
-use crate::apps::{MessageType, Outgoing};
 use store::{EventRow, RawRow, SeriesKey};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -470,7 +470,10 @@ impl Thing {
         }
         if let Some(body) = app_message {
             let topic = format!("/{pk}/{dn}/thing/event/property/post");
-            if !self.to_apps(pk, MessageType::Property, topic, body.into_bytes()).await {
+            if !self
+                .to_apps(pk, MessageType::Property, topic, body.into_bytes())
+                .await
+            {
                 return Outcome::failed();
             }
         }
@@ -570,7 +573,10 @@ impl Thing {
             return Outcome::failed();
         }
         let topic = format!("/{pk}/{dn}/thing/event/{id}/post");
-        if !self.to_apps(pk, MessageType::Event, topic, app_message.into_bytes()).await {
+        if !self
+            .to_apps(pk, MessageType::Event, topic, app_message.into_bytes())
+            .await
+        {
             return Outcome::failed();
         }
         Metrics::inc(&self.metrics.events_stored);
@@ -589,7 +595,10 @@ impl Thing {
             return Outcome::failed();
         }
         let topic = format!("/{pk}/{dn}/thing/model/up_raw");
-        if !self.to_apps(pk, MessageType::Raw, topic, payload.to_vec()).await {
+        if !self
+            .to_apps(pk, MessageType::Raw, topic, payload.to_vec())
+            .await
+        {
             return Outcome::failed();
         }
         Outcome::default()
@@ -731,7 +740,13 @@ impl Thing {
 
     /// Hands a device message to the consumer groups that take it and waits for its commit
     /// (nothing to do when none does). False when it could not be queued.
-    pub(crate) async fn to_apps(&self, pk: &str, kind: MessageType, topic: String, payload: Vec<u8>) -> bool {
+    pub(crate) async fn to_apps(
+        &self,
+        pk: &str,
+        kind: MessageType,
+        topic: String,
+        payload: Vec<u8>,
+    ) -> bool {
         if !self.apps.wants(pk, kind) {
             return true;
         }

@@ -1,0 +1,222 @@
+//! Application access endpoints: access keys, consumer groups (with their counters) and
+//! subscriptions.
+
+use super::{unknown_product, ApiError, ApiJson, ApiResult, ApiState};
+use crate::apps::store::{AccessKey, ConsumerGroup};
+use crate::apps::MessageType;
+use crate::registry::{new_secret, now_ms};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use rand::distributions::{Alphanumeric, DistString};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::atomic::Ordering;
+
+pub(super) fn routes() -> Router<ApiState> {
+    Router::new()
+        .route("/access-keys", post(create_key).get(list_keys))
+        .route("/access-keys/:id", delete(delete_key))
+        .route("/consumer-groups", post(create_group).get(list_groups))
+        .route("/consumer-groups/:id", get(get_group).delete(delete_group))
+        .route("/subscriptions", post(subscribe).get(list_subscriptions))
+        .route("/subscriptions/:pk/:group", delete(unsubscribe))
+}
+
+async fn reload(s: &ApiState) -> ApiResult<()> {
+    s.shared.apps.reload().await?;
+    Ok(())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewKey {
+    #[serde(default)]
+    description: String,
+}
+
+async fn create_key(
+    State(s): State<ApiState>,
+    body: Option<ApiJson<NewKey>>,
+) -> ApiResult<impl IntoResponse> {
+    let description = body.map(|b| b.0.description).unwrap_or_default();
+    let key = AccessKey {
+        access_key_id: format!(
+            "LTAI{}",
+            Alphanumeric.sample_string(&mut rand::thread_rng(), 20)
+        ),
+        access_key_secret: new_secret(),
+        description,
+        created_at: now_ms(),
+    };
+    s.shared.db.insert_access_key(&key).await?;
+    reload(&s).await?;
+    Ok((StatusCode::CREATED, Json(json!(key))))
+}
+
+async fn list_keys(State(s): State<ApiState>) -> ApiResult<impl IntoResponse> {
+    // Secrets are shown once, at creation.
+    let keys: Vec<Value> = s
+        .shared
+        .db
+        .list_access_keys()
+        .await?
+        .into_iter()
+        .map(|k| json!({"access_key_id": k.access_key_id, "description": k.description, "created_at": k.created_at}))
+        .collect();
+    Ok(Json(json!({ "access_keys": keys })))
+}
+
+async fn delete_key(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    if !s.shared.db.delete_access_key(&id).await? {
+        return Err(ApiError::not_found(format!(
+            "access key `{id}` does not exist"
+        )));
+    }
+    reload(&s).await?;
+    Ok(Json(json!({ "deleted": id })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewGroup {
+    name: String,
+}
+
+fn group_json(s: &ApiState, g: &ConsumerGroup) -> Value {
+    let c = s.shared.apps.counters(&g.group_id);
+    let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    json!({
+        "group_id": g.group_id,
+        "name": g.name,
+        "created_at": g.created_at,
+        "clients": s.shared.apps.clients(&g.group_id),
+        "pushed": n(&c.pushed),
+        "replayed": n(&c.replayed),
+        "acknowledged": n(&c.acknowledged),
+        "redelivered": n(&c.redelivered),
+        "backlog": n(&c.backlog),
+        "backlog_age_ms": n(&c.backlog_age_ms),
+        "dropped": {"age": n(&c.dropped_age), "size": n(&c.dropped_size)},
+    })
+}
+
+async fn create_group(
+    State(s): State<ApiState>,
+    ApiJson(body): ApiJson<NewGroup>,
+) -> ApiResult<impl IntoResponse> {
+    let name = body.name.trim();
+    if name.is_empty() || name.chars().count() > 64 {
+        return Err(ApiError::invalid("name must be 1 to 64 characters"));
+    }
+    let g = ConsumerGroup {
+        group_id: Alphanumeric.sample_string(&mut rand::thread_rng(), 24),
+        name: name.to_owned(),
+        created_at: now_ms(),
+    };
+    s.shared.db.insert_group(&g).await?;
+    reload(&s).await?;
+    Ok((StatusCode::CREATED, Json(group_json(&s, &g))))
+}
+
+async fn list_groups(State(s): State<ApiState>) -> ApiResult<impl IntoResponse> {
+    let groups: Vec<Value> = s
+        .shared
+        .db
+        .list_groups()
+        .await?
+        .iter()
+        .map(|g| group_json(&s, g))
+        .collect();
+    Ok(Json(json!({ "consumer_groups": groups })))
+}
+
+async fn get_group(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    match s.shared.db.get_group(&id).await? {
+        Some(g) => Ok(Json(group_json(&s, &g))),
+        None => Err(ApiError::not_found(format!(
+            "consumer group `{id}` does not exist"
+        ))),
+    }
+}
+
+async fn delete_group(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    if !s.shared.db.delete_group(&id).await? {
+        return Err(ApiError::not_found(format!(
+            "consumer group `{id}` does not exist"
+        )));
+    }
+    reload(&s).await?;
+    Ok(Json(json!({ "deleted": id })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewSubscription {
+    product_key: String,
+    group_ids: Vec<String>,
+    message_types: Vec<String>,
+}
+
+async fn subscribe(
+    State(s): State<ApiState>,
+    ApiJson(body): ApiJson<NewSubscription>,
+) -> ApiResult<impl IntoResponse> {
+    if s.shared.db.get_product(&body.product_key).await?.is_none() {
+        return Err(unknown_product(&body.product_key));
+    }
+    if body.group_ids.is_empty() {
+        return Err(ApiError::invalid(
+            "group_ids must name at least one consumer group",
+        ));
+    }
+    for g in &body.group_ids {
+        if s.shared.db.get_group(g).await?.is_none() {
+            return Err(ApiError::not_found(format!(
+                "consumer group `{g}` does not exist: create it with POST /api/v1/consumer-groups"
+            )));
+        }
+    }
+    let mask = MessageType::parse_list(&body.message_types).map_err(ApiError::invalid)?;
+    let types = MessageType::names(mask);
+    s.shared
+        .db
+        .put_subscriptions(&body.product_key, &body.group_ids, &types, now_ms())
+        .await?;
+    reload(&s).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(
+            json!({"product_key": body.product_key, "group_ids": body.group_ids, "message_types": types.split(',').collect::<Vec<_>>()}),
+        ),
+    ))
+}
+
+async fn list_subscriptions(State(s): State<ApiState>) -> ApiResult<impl IntoResponse> {
+    let subs = s.shared.db.list_subscriptions().await?;
+    Ok(Json(json!({ "subscriptions": subs })))
+}
+
+async fn unsubscribe(
+    State(s): State<ApiState>,
+    Path((pk, group)): Path<(String, String)>,
+) -> ApiResult<impl IntoResponse> {
+    if !s.shared.db.delete_subscription(&pk, &group).await? {
+        return Err(ApiError::not_found(format!(
+            "group `{group}` has no subscription to product `{pk}`"
+        )));
+    }
+    reload(&s).await?;
+    Ok(Json(json!({ "deleted": format!("{pk}/{group}") })))
+}

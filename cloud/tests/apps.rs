@@ -1,0 +1,175 @@
+//! Application access in process: consumer groups receive device messages in real time, share
+//! the load, get back what a client left unsettled, and replay a backlog beside fresh messages.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::*;
+use ironlink_cloud::apps::{AppMessage, Consumer};
+use rumqttc::QoS;
+use serde_json::{json, Value};
+use std::collections::HashSet;
+
+async fn group_for(srv: &TestServer, pk: &str, types: &[&str]) -> String {
+    let (s, g) = srv
+        .post(
+            "/consumer-groups",
+            json!({"name": format!("g-{pk}-{}", types.join("-"))}),
+        )
+        .await;
+    assert_eq!(s, 201, "{g}");
+    let gid = g["group_id"].as_str().unwrap().to_owned();
+    let (s, v) = srv
+        .post(
+            "/subscriptions",
+            json!({"product_key": pk, "group_ids": [gid], "message_types": types}),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    gid
+}
+
+async fn next(c: &mut Consumer) -> AppMessage {
+    tokio::time::timeout(WAIT, c.next())
+        .await
+        .expect("a message in time")
+        .expect("open")
+}
+
+async fn post_props(d: &mut Raw, pk: &str, dn: &str, from: u16, n: u16) {
+    for i in from..from + n {
+        let body = json!({"id": i.to_string(), "params": {"v": i}});
+        d.publish_v4(
+            &format!("/sys/{pk}/{dn}/thing/event/property/post"),
+            body.to_string().as_bytes(),
+            QoS::AtLeastOnce,
+            i,
+        )
+        .await;
+    }
+}
+
+fn value_of(m: &AppMessage) -> i64 {
+    let v: Value = serde_json::from_slice(&m.payload).unwrap();
+    v["items"]["v"]["value"].as_i64().unwrap()
+}
+
+#[tokio::test]
+async fn a_group_gets_lifecycle_and_properties_in_alibaba_form() {
+    let srv = start(|_| {}).await;
+    let (pk, _) = srv.product(false).await;
+    let secret = srv.device(&pk, "app-0001").await;
+    let gid = group_for(&srv, &pk, &["property", "lifecycle"]).await;
+    let mut c = srv.running.shared.apps.attach(&gid);
+    let mut d = device_v4(&srv, &pk, "app-0001", &secret).await;
+    let m = next(&mut c).await;
+    assert_eq!(m.topic, format!("/as/mqtt/status/{pk}/app-0001"));
+    let v: Value = serde_json::from_slice(&m.payload).unwrap();
+    assert_eq!(v["status"], "online");
+    c.settle(m.id, true).await.unwrap();
+    post_props(&mut d, &pk, "app-0001", 1, 1).await;
+    let m = next(&mut c).await;
+    assert_eq!(m.topic, format!("/{pk}/app-0001/thing/event/property/post"));
+    assert_eq!(value_of(&m), 1);
+    assert!(!m.replayed);
+    c.settle(m.id, true).await.unwrap();
+    let (_, g) = srv.get(&format!("/consumer-groups/{gid}")).await;
+    assert_eq!(
+        (g["clients"].as_u64(), g["acknowledged"].as_u64()),
+        (Some(1), Some(2)),
+        "{g}"
+    );
+    // Unknown message types are refused.
+    let (s, v) = srv
+        .post(
+            "/subscriptions",
+            json!({"product_key": pk, "group_ids": [gid], "message_types": ["nope"]}),
+        )
+        .await;
+    assert_eq!(s, 400, "{v}");
+}
+
+#[tokio::test]
+async fn unsettled_messages_of_a_dropped_client_reach_the_other() {
+    let srv = start(|_| {}).await;
+    let (pk, _) = srv.product(false).await;
+    let secret = srv.device(&pk, "app-0002").await;
+    let gid = group_for(&srv, &pk, &["property"]).await;
+    let apps = srv.running.shared.apps.clone();
+    let mut a = apps.attach(&gid);
+    let mut b = apps.attach(&gid);
+    let mut d = device_v4(&srv, &pk, "app-0002", &secret).await;
+    const N: u16 = 40;
+    post_props(&mut d, &pk, "app-0002", 1, N).await;
+    // `a` takes its share and settles none; `b` accepts what it gets.
+    let mut seen = HashSet::new();
+    let mut held_by_a = 0;
+    while seen.len() < usize::from(N) {
+        tokio::select! {
+            m = a.next(), if held_by_a < 5 => {
+                let m = m.unwrap();
+                held_by_a += 1;
+                let _ = m;
+                if held_by_a == 5 {
+                    // `a` dies with 5 unsettled messages.
+                    drop(std::mem::replace(&mut a, apps.attach("nobody")));
+                }
+            }
+            m = b.next() => {
+                let m = m.unwrap();
+                seen.insert(value_of(&m));
+                b.settle(m.id, true).await.unwrap();
+            }
+            _ = tokio::time::sleep(WAIT) => panic!("stalled with {} of {N}", seen.len()),
+        }
+    }
+    assert_eq!(
+        seen.len(),
+        usize::from(N),
+        "every message reached b once a died"
+    );
+    let c = apps.counters(&gid);
+    assert!(c.redelivered.load(std::sync::atomic::Ordering::Relaxed) >= 5);
+}
+
+#[tokio::test]
+async fn a_backlog_is_replayed_beside_fresh_messages_and_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_owned();
+    let srv = start(|c| c.data_dir = data.clone()).await;
+    let (pk, _) = srv.product(false).await;
+    let secret = srv.device(&pk, "app-0003").await;
+    let gid = group_for(&srv, &pk, &["property"]).await;
+    {
+        // No client: 20 posts wait in the group's queue. Their PUBACKs mean "queued".
+        let mut d = device_v4(&srv, &pk, "app-0003", &secret).await;
+        post_props(&mut d, &pk, "app-0003", 1, 20).await;
+        let mut acks = 0;
+        while acks < 20 {
+            if let Some(rumqttc::mqttbytes::v4::Packet::PubAck(_)) = d.next_v4().await {
+                acks += 1;
+            }
+        }
+    }
+    srv.running.shutdown().await;
+
+    let srv = start(|c| c.data_dir = data.clone()).await;
+    let mut c = srv.running.shared.apps.attach(&gid);
+    let mut d = device_v4(&srv, &pk, "app-0003", &secret).await;
+    post_props(&mut d, &pk, "app-0003", 100, 5).await;
+    let mut backlog = HashSet::new();
+    let mut fresh = HashSet::new();
+    while backlog.len() < 20 || fresh.len() < 5 {
+        let m = next(&mut c).await;
+        let v = value_of(&m);
+        if m.replayed {
+            assert!(v < 100, "only old messages are replayed");
+            backlog.insert(v);
+        } else {
+            assert!(v >= 100);
+            fresh.insert(v);
+        }
+        c.settle(m.id, true).await.unwrap();
+    }
+    assert_eq!(backlog.len(), 20);
+}
