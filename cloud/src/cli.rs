@@ -42,6 +42,15 @@ pub enum Command {
         #[command(subcommand)]
         cmd: DeviceCmd,
     },
+    /// Application access: access keys, consumer groups, subscriptions.
+    App {
+        /// Server connection.
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Application action.
+        #[command(subcommand)]
+        cmd: AppCmd,
+    },
     /// Publish a downlink message to one of a device's topics.
     Pub {
         /// Server connection.
@@ -76,6 +85,9 @@ pub struct ServeArgs {
     /// MQTT over TLS listener, or `off`.
     #[arg(long)]
     pub mqtts_listen: Option<String>,
+    /// AMQP over TLS listener for applications, or `off`.
+    #[arg(long)]
+    pub amqps_listen: Option<String>,
     /// HTTP API listener.
     #[arg(long)]
     pub http_listen: Option<SocketAddr>,
@@ -111,6 +123,9 @@ impl ServeArgs {
         }
         if let Some(v) = &self.mqtts_listen {
             c.mqtt.tls_listen = listen_flag(v, "--mqtts-listen")?;
+        }
+        if let Some(v) = &self.amqps_listen {
+            c.apps.amqps_listen = listen_flag(v, "--amqps-listen")?;
         }
         if let Some(a) = self.http_listen {
             c.http.listen = a;
@@ -197,6 +212,77 @@ pub enum ProductCmd {
         /// Version to export (default: the latest).
         #[arg(long)]
         version: Option<i64>,
+    },
+}
+
+/// Device actions.
+#[derive(Debug, Subcommand)]
+pub enum AppCmd {
+    /// Access keys.
+    #[command(subcommand)]
+    AccessKey(AccessKeyCmd),
+    /// Consumer groups.
+    #[command(subcommand)]
+    Group(GroupCmd),
+    /// Bind consumer groups to a product's messages:
+    /// TYPES of property, event, raw, custom, lifecycle, topology, service_reply, upstream.
+    Subscribe {
+        /// Product key.
+        product_key: String,
+        /// Consumer group id (several separated by commas).
+        group_ids: String,
+        /// Message types.
+        #[arg(required = true)]
+        message_types: Vec<String>,
+    },
+    /// List subscriptions.
+    Subscriptions,
+    /// Remove a subscription.
+    Unsubscribe {
+        /// Product key.
+        product_key: String,
+        /// Consumer group id.
+        group_id: String,
+    },
+}
+
+/// Access key actions.
+#[derive(Debug, Subcommand)]
+pub enum AccessKeyCmd {
+    /// Create one (the secret is shown only now).
+    Create {
+        /// Free text.
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List them (without secrets).
+    List,
+    /// Delete one.
+    Delete {
+        /// Access key id.
+        access_key_id: String,
+    },
+}
+
+/// Consumer group actions.
+#[derive(Debug, Subcommand)]
+pub enum GroupCmd {
+    /// Create one.
+    Create {
+        /// Unique name.
+        name: String,
+    },
+    /// List them with their counters.
+    List,
+    /// One group's counters.
+    Show {
+        /// Group id.
+        group_id: String,
+    },
+    /// Delete one, with its queue.
+    Delete {
+        /// Group id.
+        group_id: String,
     },
 }
 
@@ -939,6 +1025,111 @@ pub async fn run_admin(command: Command) -> anyhow::Result<()> {
                         &v,
                         Some(("events", &["at", "status", "reason", "client_addr"])),
                     );
+                }
+            }
+        }
+        Command::App { client, cmd } => {
+            let c = Client::new(&client)?;
+            let group_cols: &[&str] = &[
+                "group_id",
+                "name",
+                "clients",
+                "pushed",
+                "replayed",
+                "acknowledged",
+                "redelivered",
+                "backlog",
+            ];
+            match cmd {
+                AppCmd::AccessKey(AccessKeyCmd::Create { description }) => {
+                    let v = c
+                        .call(
+                            Method::POST,
+                            "/access-keys",
+                            Some(json!({"description": description})),
+                        )
+                        .await?;
+                    output(&c, &v, None);
+                }
+                AppCmd::AccessKey(AccessKeyCmd::List) => {
+                    let v = c.call(Method::GET, "/access-keys", None).await?;
+                    output(
+                        &c,
+                        &v,
+                        Some((
+                            "access_keys",
+                            &["access_key_id", "description", "created_at"],
+                        )),
+                    );
+                }
+                AppCmd::AccessKey(AccessKeyCmd::Delete { access_key_id }) => {
+                    c.record(
+                        Method::DELETE,
+                        &format!("/access-keys/{access_key_id}"),
+                        None,
+                    )
+                    .await?;
+                }
+                AppCmd::Group(GroupCmd::Create { name }) => {
+                    let v = c
+                        .call(
+                            Method::POST,
+                            "/consumer-groups",
+                            Some(json!({"name": name})),
+                        )
+                        .await?;
+                    output(&c, &v, None);
+                }
+                AppCmd::Group(GroupCmd::List) => {
+                    let v = c.call(Method::GET, "/consumer-groups", None).await?;
+                    output(&c, &v, Some(("consumer_groups", group_cols)));
+                }
+                AppCmd::Group(GroupCmd::Show { group_id }) => {
+                    let v = c
+                        .call(Method::GET, &format!("/consumer-groups/{group_id}"), None)
+                        .await?;
+                    output(&c, &v, None);
+                }
+                AppCmd::Group(GroupCmd::Delete { group_id }) => {
+                    c.record(
+                        Method::DELETE,
+                        &format!("/consumer-groups/{group_id}"),
+                        None,
+                    )
+                    .await?;
+                }
+                AppCmd::Subscribe {
+                    product_key,
+                    group_ids,
+                    message_types,
+                } => {
+                    let groups: Vec<&str> =
+                        group_ids.split(',').filter(|g| !g.is_empty()).collect();
+                    let body = json!({"product_key": product_key, "group_ids": groups, "message_types": message_types});
+                    let v = c.call(Method::POST, "/subscriptions", Some(body)).await?;
+                    output(&c, &v, None);
+                }
+                AppCmd::Subscriptions => {
+                    let v = c.call(Method::GET, "/subscriptions", None).await?;
+                    output(
+                        &c,
+                        &v,
+                        Some((
+                            "subscriptions",
+                            &["product_key", "group_id", "message_types", "created_at"],
+                        )),
+                    );
+                }
+                AppCmd::Unsubscribe {
+                    product_key,
+                    group_id,
+                } => {
+                    c.record(
+                        Method::DELETE,
+                        &format!("/subscriptions/{product_key}/{group_id}"),
+                        None,
+                    )
+                    .await?;
                 }
             }
         }

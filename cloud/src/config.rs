@@ -132,6 +132,9 @@ impl Default for ThingConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AppsConfig {
+    /// AMQP 1.0 over TLS listener for applications (Alibaba-compatible server-side
+    /// subscription); absent to disable.
+    pub amqps_listen: Option<SocketAddr>,
     /// Messages older than this leave a group's queue (dropped, counted).
     #[serde(with = "humantime_serde")]
     pub queue_max_age: Duration,
@@ -144,6 +147,7 @@ pub struct AppsConfig {
 impl Default for AppsConfig {
     fn default() -> Self {
         Self {
+            amqps_listen: Some(SocketAddr::from(([0, 0, 0, 0], 5671))),
             queue_max_age: Duration::from_secs(24 * 3600),
             queue_max_messages: 1_000_000,
             realtime_window: 256,

@@ -35,6 +35,9 @@ async fn run() -> anyhow::Result<()> {
             if let Some(a) = running.mqtts_addr {
                 println!("MQTT/TLS    mqtts://{a} (Alink securemode=2)");
             }
+            if let Some(a) = running.amqps_addr {
+                println!("AMQP/TLS    amqps://{a} (applications: consumer groups)");
+            }
             if let Some(ca) = &running.generated_ca {
                 println!(
                     "TLS CA      {} (development certificate; trust this CA in clients)",

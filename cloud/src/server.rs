@@ -26,6 +26,8 @@ pub struct Running {
     pub mqtt_addr: Option<SocketAddr>,
     /// Bound MQTT-over-TLS address.
     pub mqtts_addr: Option<SocketAddr>,
+    /// Bound AMQP-over-TLS address (applications).
+    pub amqps_addr: Option<SocketAddr>,
     /// Bound HTTP address.
     pub http_addr: SocketAddr,
     /// The API bearer token.
@@ -142,8 +144,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         )));
     }
     let mut mqtts_addr = None;
+    let mut amqps_addr = None;
     let mut generated_ca = None;
-    if let Some(addr) = config.mqtt.tls_listen {
+    if config.mqtt.tls_listen.is_some() || config.apps.amqps_listen.is_some() {
         let material = tls::resolve(
             config.tls.cert_file.as_deref(),
             config.tls.key_file.as_deref(),
@@ -151,15 +154,27 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         )?;
         let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(&material)?);
         generated_ca = material.generated_ca;
-        let l = bind(addr, "MQTT over TLS").await?;
-        mqtts_addr = Some(l.local_addr()?);
-        tasks.push(tokio::spawn(accept_loop(
-            shared.clone(),
-            l,
-            Some(acceptor),
-            limiter,
-            stop_rx.clone(),
-        )));
+        if let Some(addr) = config.mqtt.tls_listen {
+            let l = bind(addr, "MQTT over TLS").await?;
+            mqtts_addr = Some(l.local_addr()?);
+            tasks.push(tokio::spawn(accept_loop(
+                shared.clone(),
+                l,
+                Some(acceptor.clone()),
+                limiter,
+                stop_rx.clone(),
+            )));
+        }
+        if let Some(addr) = config.apps.amqps_listen {
+            let l = bind(addr, "AMQP over TLS").await?;
+            amqps_addr = Some(l.local_addr()?);
+            tasks.push(tokio::spawn(crate::apps::amqp::accept_loop(
+                shared.clone(),
+                l,
+                acceptor,
+                stop_rx.clone(),
+            )));
+        }
     }
     let http = bind(config.http.listen, "HTTP").await?;
     let http_addr = http.local_addr()?;
@@ -181,6 +196,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     Ok(Running {
         mqtt_addr,
         mqtts_addr,
+        amqps_addr,
         http_addr,
         admin_token,
         token_generated,

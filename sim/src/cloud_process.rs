@@ -92,6 +92,8 @@ impl Cloud {
                 "127.0.0.1:0",
                 "--mqtts-listen",
                 "off",
+                "--amqps-listen",
+                "off",
                 "--http-listen",
                 "127.0.0.1:0",
             ])

@@ -30,7 +30,7 @@ check() { # name, command...
     fi
 }
 
-"$BIN" serve --data-dir "$WORK/data" --mqtt-listen 127.0.0.1:0 --mqtts-listen 127.0.0.1:0 \
+"$BIN" serve --data-dir "$WORK/data" --mqtt-listen 127.0.0.1:0 --mqtts-listen 127.0.0.1:0 --amqps-listen 127.0.0.1:0 \
     --http-listen 127.0.0.1:0 >"$WORK/server.out" 2>"$WORK/server.log" &
 SERVER_PID=$!
 for _ in $(seq 1 200); do
@@ -41,6 +41,7 @@ done
 grep -q "Ironlink cloud ready" "$WORK/server.out" || { echo "server did not start"; exit 1; }
 MQTT_PORT=$(sed -n 's|^MQTT  *mqtt://127.0.0.1:\([0-9]*\).*|\1|p' "$WORK/server.out")
 MQTTS_PORT=$(sed -n 's|^MQTT/TLS *mqtts://127.0.0.1:\([0-9]*\).*|\1|p' "$WORK/server.out")
+AMQPS_PORT=$(sed -n 's|^AMQP/TLS *amqps://127.0.0.1:\([0-9]*\).*|\1|p' "$WORK/server.out")
 HTTP=$(sed -n 's|^HTTP API *\(http://[^ ]*\)/api/v1.*|\1|p' "$WORK/server.out")
 CA="$WORK/data/tls/ca.pem"
 export IRONLINK_URL=$HTTP IRONLINK_TOKEN
@@ -138,6 +139,30 @@ secret_of() { "$BIN" device show "$1" "$2" --json | json "['device_secret']"; }
 check "aliyun-iot-linkkit gateway: topo/add, batch_login, sub-device properties over one connection" \
     "$PY" "$HERE/linkkit_device.py" "$HTTP" "$IRONLINK_TOKEN" gateway "$GPK" lk-gw0001 "$(secret_of "$GPK" lk-gw0001)" \
     "$SPK" lk-sub001 "$(secret_of "$SPK" lk-sub001)" lk-sub002 "$(secret_of "$SPK" lk-sub002)" 127.0.0.1 "$MQTT_PORT"
+
+# Applications: a Qpid Proton consumer (Alibaba's sample structure) receives property posts and
+# lifecycle messages of a consumer group over AMQP with TLS.
+APK=$("$BIN" product create amqp-interop --json | json "['product_key']")
+"$BIN" device create "$APK" amqp-dev01 >/dev/null
+AK=$("$BIN" app access-key create --json)
+AKID=$(json "['access_key_id']" <<<"$AK"); AKSECRET=$(json "['access_key_secret']" <<<"$AK")
+GID=$("$BIN" app group create interop-group --json | json "['group_id']")
+"$BIN" app subscribe "$APK" "$GID" property lifecycle >/dev/null
+amqp_consumer() {
+    "$PY" "$HERE/amqp_consumer.py" localhost "$AMQPS_PORT" "$CA" "$AKID" "$AKSECRET" "$GID" 3 >"$WORK/amqp.txt" 2>&1 &
+    local consumer=$!
+    for _ in $(seq 1 200); do grep -q READY "$WORK/amqp.txt" && break; sleep 0.05; done
+    local c; c=$("$BIN" device credentials "$APK" amqp-dev01 --json)
+    for i in 1 2 3; do
+        mosquitto_pub -h 127.0.0.1 -p "$MQTT_PORT" -i "$(json "['client_id']" <<<"$c")" -u "$(json "['username']" <<<"$c")" \
+            -P "$(json "['password']" <<<"$c")" -q 1 -t "/sys/$APK/amqp-dev01/thing/event/property/post" \
+            -m "{\"id\":\"$i\",\"params\":{\"v\":$i}}" || return 1
+    done
+    wait "$consumer"; local rc=$?
+    cat "$WORK/amqp.txt"
+    return $rc
+}
+check "python-qpid-proton consumer (AMQP over TLS, aksign) receives property posts and lifecycle messages" amqp_consumer
 
 echo "interop: $PASS passed, $FAIL failed"
 [ "$FAIL" -eq 0 ]

@@ -8,6 +8,7 @@
 //! waits. So a backlog never delays fresh messages. A message leaves the queue when a client
 //! accepts it; nothing accepted by the platform is lost across a restart.
 
+pub mod amqp;
 pub mod store;
 
 use crate::metrics::Metrics;

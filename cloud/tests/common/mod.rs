@@ -33,6 +33,7 @@ pub async fn start(tweak: impl FnOnce(&mut Config)) -> TestServer {
     };
     c.mqtt.listen = Some("127.0.0.1:0".parse().unwrap());
     c.mqtt.tls_listen = Some("127.0.0.1:0".parse().unwrap());
+    c.apps.amqps_listen = Some("127.0.0.1:0".parse().unwrap());
     c.http.listen = "127.0.0.1:0".parse().unwrap();
     c.admin_token = Some("test-token".into());
     tweak(&mut c);
