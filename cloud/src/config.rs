@@ -135,6 +135,9 @@ pub struct AppsConfig {
     /// AMQP 1.0 over TLS listener for applications (Alibaba-compatible server-side
     /// subscription); absent to disable.
     pub amqps_listen: Option<SocketAddr>,
+    /// Time an AMQP client has, from connecting, to open its receiver link (Alibaba: 15 s).
+    #[serde(with = "humantime_serde")]
+    pub amqp_link_timeout: Duration,
     /// Messages older than this leave a group's queue (dropped, counted).
     #[serde(with = "humantime_serde")]
     pub queue_max_age: Duration,
@@ -148,6 +151,7 @@ impl Default for AppsConfig {
     fn default() -> Self {
         Self {
             amqps_listen: Some(SocketAddr::from(([0, 0, 0, 0], 5671))),
+            amqp_link_timeout: Duration::from_secs(15),
             queue_max_age: Duration::from_secs(24 * 3600),
             queue_max_messages: 1_000_000,
             realtime_window: 256,

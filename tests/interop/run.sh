@@ -30,7 +30,8 @@ check() { # name, command...
     fi
 }
 
-"$BIN" serve --data-dir "$WORK/data" --mqtt-listen 127.0.0.1:0 --mqtts-listen 127.0.0.1:0 --amqps-listen 127.0.0.1:0 \
+printf '[apps]\namqp_link_timeout = "2s"\n' >"$WORK/interop.toml"
+"$BIN" serve --config "$WORK/interop.toml" --data-dir "$WORK/data" --mqtt-listen 127.0.0.1:0 --mqtts-listen 127.0.0.1:0 --amqps-listen 127.0.0.1:0 \
     --http-listen 127.0.0.1:0 >"$WORK/server.out" 2>"$WORK/server.log" &
 SERVER_PID=$!
 for _ in $(seq 1 200); do
@@ -163,6 +164,15 @@ amqp_consumer() {
     return $rc
 }
 check "python-qpid-proton consumer (AMQP over TLS, aksign) receives property posts and lifecycle messages" amqp_consumer
+
+refusal() { # case, expected condition
+    "$PY" "$HERE/amqp_refusals.py" localhost "$AMQPS_PORT" "$CA" "$AKID" "$AKSECRET" "$GID" "$1" | tee /dev/stderr | grep -q "$2"
+}
+check "AMQP refuses a wrong signature (amqp:unauthorized-access)" refusal wrong-signature unauthorized-access
+check "AMQP refuses an unknown consumer group (amqp:unauthorized-access)" refusal unknown-group unauthorized-access
+check "AMQP refuses a sender link (amqp:not-allowed)" refusal sender-link not-allowed
+check "AMQP refuses a second receiver link (amqp:resource-limit-exceeded)" refusal second-link resource-limit-exceeded
+check "AMQP closes a connection without a receiver link in time (amqp:not-allowed)" refusal no-link not-allowed
 
 echo "interop: $PASS passed, $FAIL failed"
 [ "$FAIL" -eq 0 ]

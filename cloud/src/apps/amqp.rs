@@ -18,13 +18,10 @@ use fe2o3_amqp::types::sasl::{SaslCode, SaslInit, SaslOutcome, SaslResponse};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use hmac::{Hmac, Mac};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-/// Time a client has, from TCP accept, to open its receiver link.
-const LINK_DEADLINE: Duration = Duration::from_secs(15);
 /// Deliveries a connection keeps unsettled at once.
 const WINDOW: usize = 128;
 
@@ -242,7 +239,7 @@ async fn serve(
     peer: std::net::SocketAddr,
     mut stop: watch::Receiver<bool>,
 ) {
-    let deadline = tokio::time::Instant::now() + LINK_DEADLINE;
+    let deadline = tokio::time::Instant::now() + shared.config.apps.amqp_link_timeout;
     let Ok(Ok(stream)) = tokio::time::timeout_at(deadline, tls.accept(tcp)).await else {
         tracing::info!(%peer, "AMQP: TLS handshake failed or timed out");
         return;
@@ -294,7 +291,7 @@ async fn serve(
                 let _ = conn
                     .close_with_error(refuse(
                         AmqpError::NotAllowed,
-                        "no session and receiver link within 15 s",
+                        "no session and receiver link in time (apps.amqp_link_timeout)",
                     ))
                     .await;
                 return;
@@ -322,7 +319,7 @@ async fn serve(
             let _ = conn
                 .close_with_error(refuse(
                     AmqpError::NotAllowed,
-                    "no receiver link within 15 s",
+                    "no receiver link in time (apps.amqp_link_timeout)",
                 ))
                 .await;
             return;
