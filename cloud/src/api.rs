@@ -188,7 +188,7 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
     let sh = &s.shared;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        sh.metrics.render(sh.router.routed(), sh.router.dropped()),
+        sh.metrics.render(sh.router.routed(), sh.router.dropped()) + &sh.apps.render_metrics(),
     )
 }
 

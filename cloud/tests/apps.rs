@@ -79,6 +79,22 @@ async fn a_group_gets_lifecycle_and_properties_in_alibaba_form() {
         (Some(1), Some(2)),
         "{g}"
     );
+    let text = srv
+        .http
+        .get(format!("http://{}/metrics", srv.running.http_addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains(&format!(
+            "ironlink_group_acknowledged_total{{group=\"{gid}\"}} 2"
+        )),
+        "{text}"
+    );
+    assert!(text.contains(&format!("ironlink_group_clients{{group=\"{gid}\"}} 1")));
     // Unknown message types are refused.
     let (s, v) = srv
         .post(

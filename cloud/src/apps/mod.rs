@@ -304,6 +304,58 @@ impl Apps {
             .clone()
     }
 
+    /// Per-group series in the Prometheus text format, labelled `group`.
+    pub fn render_metrics(&self) -> String {
+        use std::fmt::Write;
+        let counters: Vec<(String, Arc<GroupCounters>)> = self
+            .counters
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(g, c)| (g.clone(), c.clone()))
+            .collect();
+        let mut out = String::new();
+        let series: [(&str, &str, fn(&GroupCounters) -> &AtomicU64); 8] = [
+            ("ironlink_group_pushed_total", "counter", |c| &c.pushed),
+            ("ironlink_group_replayed_total", "counter", |c| &c.replayed),
+            ("ironlink_group_acknowledged_total", "counter", |c| {
+                &c.acknowledged
+            }),
+            ("ironlink_group_redelivered_total", "counter", |c| {
+                &c.redelivered
+            }),
+            ("ironlink_group_dropped_age_total", "counter", |c| {
+                &c.dropped_age
+            }),
+            ("ironlink_group_dropped_size_total", "counter", |c| {
+                &c.dropped_size
+            }),
+            ("ironlink_group_backlog", "gauge", |c| &c.backlog),
+            ("ironlink_group_backlog_age_ms", "gauge", |c| {
+                &c.backlog_age_ms
+            }),
+        ];
+        for (name, kind, get) in series {
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            for (g, c) in &counters {
+                let _ = writeln!(
+                    out,
+                    "{name}{{group=\"{g}\"}} {}",
+                    get(c).load(Ordering::Relaxed)
+                );
+            }
+        }
+        let _ = writeln!(out, "# TYPE ironlink_group_clients gauge");
+        for (g, _) in &counters {
+            let _ = writeln!(
+                out,
+                "ironlink_group_clients{{group=\"{g}\"}} {}",
+                self.clients(g)
+            );
+        }
+        out
+    }
+
     /// Connected clients of a group.
     pub fn clients(&self, group: &str) -> usize {
         self.lock().get(group).map_or(0, |g| g.clients.len())
