@@ -137,11 +137,28 @@ struct SessionEntry {
     filters: HashMap<String, u8>,
 }
 
+/// Members of one MQTT 5 shared subscription (`$share/{name}/{filter}`): each message goes
+/// to one of them, round robin.
+#[derive(Debug, Default)]
+struct SharedGroup {
+    members: Vec<(SessionId, u8)>,
+    next: AtomicU64,
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     root: Node,
     sessions: HashMap<SessionId, SessionEntry>,
     retained: HashMap<String, Arc<Message>>,
+    /// (share name, filter) to its members.
+    shared: HashMap<(String, String), SharedGroup>,
+}
+
+/// `$share/{name}/{filter}` split into name and filter.
+pub fn parse_shared(filter: &str) -> Option<(&str, &str)> {
+    let rest = filter.strip_prefix("$share/")?;
+    let (name, f) = rest.split_once('/')?;
+    (!name.is_empty() && !name.contains(['+', '#']) && !f.is_empty()).then_some((name, f))
 }
 
 /// The router. Cheap to share behind an `Arc`.
@@ -166,6 +183,18 @@ fn topic_matches(filter: &str, topic: &str) -> bool {
             _ => return false,
         }
         first = false;
+    }
+}
+
+impl Inner {
+    fn remove_shared(&mut self, name: &str, filter: &str, sid: SessionId) {
+        let key = (name.to_owned(), filter.to_owned());
+        if let Some(g) = self.shared.get_mut(&key) {
+            g.members.retain(|(m, _)| *m != sid);
+            if g.members.is_empty() {
+                self.shared.remove(&key);
+            }
+        }
     }
 }
 
@@ -202,6 +231,10 @@ impl Router {
         let mut inner = self.write();
         if let Some(entry) = inner.sessions.remove(&sid) {
             for filter in entry.filters.keys() {
+                if let Some((name, f)) = parse_shared(filter) {
+                    inner.remove_shared(name, f, sid);
+                    continue;
+                }
                 let levels: Vec<&str> = filter.split('/').collect();
                 inner.root.remove(&levels, sid);
             }
@@ -216,6 +249,13 @@ impl Router {
             return 0;
         };
         entry.filters.insert(filter.to_owned(), qos);
+        if let Some((name, f)) = parse_shared(filter) {
+            // Shared subscriptions get no retained messages (MQTT 5, 4.8.2).
+            let g = inner.shared.entry((name.to_owned(), f.to_owned())).or_default();
+            g.members.retain(|(m, _)| *m != sid);
+            g.members.push((sid, qos));
+            return 0;
+        }
         let tx = entry.tx.clone();
         let levels: Vec<&str> = filter.split('/').collect();
         inner.root.insert(&levels, sid, qos);
@@ -247,8 +287,12 @@ impl Router {
             .get_mut(&sid)
             .is_some_and(|e| e.filters.remove(filter).is_some());
         if existed {
-            let levels: Vec<&str> = filter.split('/').collect();
-            inner.root.remove(&levels, sid);
+            if let Some((name, f)) = parse_shared(filter) {
+                inner.remove_shared(name, f, sid);
+            } else {
+                let levels: Vec<&str> = filter.split('/').collect();
+                inner.root.remove(&levels, sid);
+            }
         }
         existed
     }
@@ -294,6 +338,36 @@ impl Router {
                 retained: false,
             };
             if entry.tx.try_send(d).is_ok() {
+                sent += 1;
+            } else {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        for ((_, filter), g) in &inner.shared {
+            if g.members.is_empty() || !topic_matches(filter, &message.topic) {
+                continue;
+            }
+            // One member: the next in turn whose queue has room.
+            let start = g.next.fetch_add(1, Ordering::Relaxed) as usize;
+            let n = g.members.len();
+            let delivered = (0..n).any(|i| {
+                let (sid, qos) = g.members[(start + i) % n];
+                if Some(sid) == origin {
+                    return false;
+                }
+                let Some(entry) = inner.sessions.get(&sid) else {
+                    return false;
+                };
+                entry
+                    .tx
+                    .try_send(Delivery {
+                        message: message.clone(),
+                        qos: message.qos.min(qos),
+                        retained: false,
+                    })
+                    .is_ok()
+            });
+            if delivered {
                 sent += 1;
             } else {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -396,6 +470,35 @@ mod tests {
         });
         rx.try_recv().unwrap();
         assert_eq!(r.subscribe(s, "r/+", 0), 0);
+    }
+
+    #[test]
+    fn shared_subscriptions_deliver_each_message_to_one_member() {
+        let r = Router::new();
+        let (ta, mut ra) = mpsc::channel(16);
+        let (tb, mut rb) = mpsc::channel(16);
+        let a = r.register(ta);
+        let b = r.register(tb);
+        r.subscribe(a, "$share/apps/sys/+/x", 1);
+        r.subscribe(b, "$share/apps/sys/+/x", 1);
+        for _ in 0..10 {
+            assert_eq!(r.publish(msg("sys/d/x", 1)), 1);
+        }
+        let (mut na, mut nb) = (0, 0);
+        while ra.try_recv().is_ok() {
+            na += 1;
+        }
+        while rb.try_recv().is_ok() {
+            nb += 1;
+        }
+        assert_eq!((na, nb), (5, 5), "round robin, each message once");
+        assert!(r.unsubscribe(a, "$share/apps/sys/+/x"));
+        r.unregister(b);
+        assert_eq!(r.publish(msg("sys/d/x", 1)), 0);
+        assert!(r.read().shared.is_empty());
+        assert_eq!(parse_shared("$share/g/a/#"), Some(("g", "a/#")));
+        assert_eq!(parse_shared("$share//a"), None);
+        assert_eq!(parse_shared("$share/g"), None);
     }
 
     #[test]
