@@ -251,7 +251,10 @@ impl Router {
         entry.filters.insert(filter.to_owned(), qos);
         if let Some((name, f)) = parse_shared(filter) {
             // Shared subscriptions get no retained messages (MQTT 5, 4.8.2).
-            let g = inner.shared.entry((name.to_owned(), f.to_owned())).or_default();
+            let g = inner
+                .shared
+                .entry((name.to_owned(), f.to_owned()))
+                .or_default();
             g.members.retain(|(m, _)| *m != sid);
             g.members.push((sid, qos));
             return 0;

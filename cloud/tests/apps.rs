@@ -189,3 +189,77 @@ async fn a_backlog_is_replayed_beside_fresh_messages_and_survives_a_restart() {
     }
     assert_eq!(backlog.len(), 20);
 }
+
+fn app_login(key_id: &str, secret: &str, group: &str) -> (String, String) {
+    let ts = "1700000000000";
+    let user = format!("app|authMode=aksign,signMethod=hmacsha256,timestamp={ts},authId={key_id},consumerGroupId={group}|");
+    let pass = ironlink_cloud::apps::amqp::password("hmacsha256", secret, key_id, ts).unwrap();
+    (user, pass)
+}
+
+#[tokio::test]
+async fn applications_over_mqtt_share_a_product_wide_subscription() {
+    let srv = start(|_| {}).await;
+    let (pk, _) = srv.product(false).await;
+    let (other, _) = srv.product(false).await;
+    let secret = srv.device(&pk, "app-0004").await;
+    let gid = group_for(&srv, &pk, &["property"]).await;
+    let (s, key) = srv.post("/access-keys", json!({})).await;
+    assert_eq!(s, 201, "{key}");
+    let (kid, ksecret) = (
+        key["access_key_id"].as_str().unwrap(),
+        key["access_key_secret"].as_str().unwrap(),
+    );
+    let (user, pass) = app_login(kid, ksecret, &gid);
+
+    let mut apps = Vec::new();
+    for i in 0..2u16 {
+        let mut a = Raw::tcp(srv.mqtt()).await;
+        assert_eq!(
+            a.connect_v4(&format!("app-{i}"), &user, &pass, 60).await,
+            rumqttc::mqttbytes::v4::ConnectReturnCode::Success
+        );
+        // Topics start with `/`, so the shared filter has an empty level after the share name.
+        let filter = format!("$share/workers//sys/{pk}/+/thing/event/property/post");
+        assert_eq!(
+            a.subscribe_v4(&filter, 1).await,
+            vec![rumqttc::mqttbytes::v4::SubscribeReasonCode::Success(
+                QoS::AtLeastOnce
+            )]
+        );
+        // Another product's topics, and publishing, are not an application's.
+        assert_eq!(
+            a.subscribe_v4(&format!("/sys/{other}/+/thing/event/property/post"), 2)
+                .await,
+            vec![rumqttc::mqttbytes::v4::SubscribeReasonCode::Failure]
+        );
+        apps.push(a);
+    }
+    let (bad_user, _) = app_login(kid, "wrong", &gid);
+    let mut refused = Raw::tcp(srv.mqtt()).await;
+    assert_eq!(
+        refused.connect_v4("app-x", &bad_user, "nope", 60).await,
+        rumqttc::mqttbytes::v4::ConnectReturnCode::BadUserNamePassword
+    );
+
+    let mut d = device_v4(&srv, &pk, "app-0004", &secret).await;
+    post_props(&mut d, &pk, "app-0004", 1, 10).await;
+    let mut counts = [0usize; 2];
+    let mut total = 0;
+    let (a0, a1) = apps.split_at_mut(1);
+    tokio::time::timeout(WAIT, async {
+        while total < 10 {
+            tokio::select! {
+                p = a0[0].next_v4() => if let Some(rumqttc::mqttbytes::v4::Packet::Publish(_)) = p { counts[0] += 1; total += 1; },
+                p = a1[0].next_v4() => if let Some(rumqttc::mqttbytes::v4::Packet::Publish(_)) = p { counts[1] += 1; total += 1; },
+            }
+        }
+    })
+    .await
+    .expect("all 10 messages in time");
+    assert_eq!(total, 10);
+    assert!(
+        counts[0] > 0 && counts[1] > 0,
+        "shared between both: {counts:?}"
+    );
+}

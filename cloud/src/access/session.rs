@@ -168,6 +168,27 @@ pub async fn serve<S>(
         return;
     };
     let mut out = BytesMut::with_capacity(256);
+    // Applications sign in with an access key (the AMQP username scheme) instead of a device.
+    if let Some(l) = login
+        .as_ref()
+        .filter(|l| l.username.contains("authMode=aksign"))
+    {
+        let (user, pass) = (l.username.clone(), l.password.clone());
+        serve_app(
+            shared,
+            stream,
+            buf,
+            out,
+            version,
+            peer,
+            &connect.client_id,
+            &user,
+            &pass,
+            connect.keep_alive,
+        )
+        .await;
+        return;
+    }
     let login_pair = login
         .as_ref()
         .map(|l| (l.username.as_str(), l.password.as_str()));
@@ -303,6 +324,7 @@ pub async fn serve<S>(
         work: FuturesOrdered::new(),
         barrier: false,
         sub_kicks: FuturesUnordered::new(),
+        app: None,
     };
     if auto_subscribe {
         conn.auto_subscribe(&pk, &dn, true);
@@ -339,6 +361,90 @@ pub async fn serve<S>(
     tracing::info!(%peer, product_key = %pk, device_name = %dn, %reason, "device offline");
     shared.sessions.remove(&pk, &dn, registration.serial);
     drop(registration.done);
+}
+
+/// An application over MQTT: signed in with an access key, it may only subscribe, and only to
+/// product-wide filters of the products its consumer group subscribes to (plain or as MQTT 5
+/// shared subscriptions `$share/{name}/...`, which spread the messages over its instances).
+#[allow(clippy::too_many_arguments)]
+async fn serve_app<S>(
+    shared: Arc<Shared>,
+    mut stream: S,
+    buf: BytesMut,
+    mut out: BytesMut,
+    version: Version,
+    peer: SocketAddr,
+    client_id: &str,
+    username: &str,
+    password: &str,
+    keep_alive: u16,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let login = match crate::apps::amqp::authenticate(&shared.apps, username, password) {
+        Ok(l) => l,
+        Err(why) => {
+            Metrics::inc(&shared.metrics.auth_refused);
+            tracing::warn!(%peer, %why, "application CONNECT refused");
+            let code = if why.contains("consumer group") {
+                ConnectReturnCode::NotAuthorized
+            } else {
+                ConnectReturnCode::BadUserNamePassword
+            };
+            version.write(connack(code), &mut out);
+            let _ = stream.write_all(&out).await;
+            return;
+        }
+    };
+    let products: std::collections::HashSet<String> = match shared.db.list_subscriptions().await {
+        Ok(subs) => subs
+            .into_iter()
+            .filter(|s| s.group_id == login.group_id)
+            .map(|s| s.product_key)
+            .collect(),
+        Err(e) => {
+            tracing::error!(%peer, error = %e, "application CONNECT refused: registry unavailable");
+            version.write(connack(server_unavailable(version)), &mut out);
+            let _ = stream.write_all(&out).await;
+            return;
+        }
+    };
+    Metrics::inc(&shared.metrics.auth_accepted);
+    version.write(connack(ConnectReturnCode::Success), &mut out);
+    tracing::info!(%peer, client_id, group = %login.group_id, "application online (MQTT)");
+    let keepalive = match Duration::from_secs(u64::from(keep_alive)) {
+        d if d.is_zero() || d > shared.config.mqtt.max_keepalive => {
+            shared.config.mqtt.max_keepalive
+        }
+        d => d,
+    };
+    let mut conn = Connection {
+        shared: shared.clone(),
+        version,
+        pk: String::new(),
+        dn: client_id.to_owned(),
+        addr: peer.to_string(),
+        sid: None,
+        rx: None,
+        out,
+        inflight: HashMap::new(),
+        pending: VecDeque::new(),
+        next_pkid: 1,
+        violations: 0,
+        subs: Subs::default(),
+        work: FuturesOrdered::new(),
+        barrier: false,
+        sub_kicks: FuturesUnordered::new(),
+        app: Some(products),
+    };
+    // Applications are not in the device session registry: nothing kicks them but shutdown
+    // of the process.
+    let (_never, kicked) = tokio::sync::oneshot::channel();
+    let reason = conn.run(&mut stream, buf, kicked, keepalive).await;
+    if let Some(sid) = conn.sid {
+        shared.router.unregister(sid);
+    }
+    tracing::info!(%peer, client_id, group = %login.group_id, %reason, "application offline (MQTT)");
 }
 
 /// Next delivery, or never when the session has no queue yet.
@@ -401,6 +507,8 @@ struct Connection {
     /// True while a sub-device login/logout is in `work`: later packets wait for it.
     barrier: bool,
     sub_kicks: FuturesUnordered<SubKick>,
+    /// For an application connection: the products its consumer group subscribes to.
+    app: Option<std::collections::HashSet<String>>,
 }
 
 /// What processing one packet decided.
@@ -561,6 +669,9 @@ impl Connection {
 
     /// The ACL: the connection's own topics, and those of its logged-in sub-devices.
     fn may(&self, access: Access, topic: &str) -> bool {
+        if let Some(products) = &self.app {
+            return access == Access::Subscribe && app_may_subscribe(products, topic);
+        }
         if device_may(access, self.device(), topic) {
             return true;
         }
@@ -1004,6 +1115,24 @@ impl Connection {
             }
         }
     }
+}
+
+/// An application's filter (possibly `$share/{name}/...`) must stay inside one of its products:
+/// `/sys/{pk}/...`, `/{pk}/...` (custom topics) or `/as/mqtt/status/{pk}/...` (lifecycle).
+fn app_may_subscribe(products: &std::collections::HashSet<String>, filter: &str) -> bool {
+    let f = crate::router::parse_shared(filter).map_or(filter, |(_, f)| f);
+    if f.starts_with("$share/") || !ironlink_shared::acl::valid_topic_filter(f) {
+        return false;
+    }
+    products.iter().any(|pk| {
+        [
+            format!("/sys/{pk}/"),
+            format!("/{pk}/"),
+            format!("/as/mqtt/status/{pk}/"),
+        ]
+        .iter()
+        .any(|prefix| f.starts_with(prefix.as_str()))
+    })
 }
 
 /// The downlink topics of a device that auto-subscription covers. A gateway also gets its
