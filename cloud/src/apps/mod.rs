@@ -130,6 +130,9 @@ pub struct AppMessage {
     pub replayed: bool,
 }
 
+/// A Prometheus series: name, kind, and the counter it reads.
+type Series = (&'static str, &'static str, fn(&GroupCounters) -> &AtomicU64);
+
 /// Counters of one group.
 #[derive(Debug, Default)]
 pub struct GroupCounters {
@@ -315,7 +318,7 @@ impl Apps {
             .map(|(g, c)| (g.clone(), c.clone()))
             .collect();
         let mut out = String::new();
-        let series: [(&str, &str, fn(&GroupCounters) -> &AtomicU64); 8] = [
+        let series: [Series; 8] = [
             ("ironlink_group_pushed_total", "counter", |c| &c.pushed),
             ("ironlink_group_replayed_total", "counter", |c| &c.replayed),
             ("ironlink_group_acknowledged_total", "counter", |c| {
