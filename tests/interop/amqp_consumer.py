@@ -2,9 +2,11 @@
 Alibaba's public server-side subscription sample is, consumes Ironlink's consumer-group messages
 over AMQP 1.0 with TLS.
 
-Usage: amqp_consumer.py HOST PORT CA ACCESS_KEY_ID ACCESS_KEY_SECRET GROUP_ID EXPECT
+Usage: amqp_consumer.py HOST PORT CA ACCESS_KEY_ID ACCESS_KEY_SECRET GROUP_ID EXPECT [hold]
 Prints READY once its receiver link is open, then one JSON line per message, then a summary
-line; exits 0 once EXPECT property messages arrived, non-zero on failure. Bounded in time.
+line; exits 0 once EXPECT distinct property messages (by their `v` value) arrived, non-zero on
+failure. With `hold`, it accepts nothing (for a test that kills it with messages unsettled).
+Bounded in time.
 """
 import base64
 import hashlib
@@ -29,8 +31,9 @@ def do_sign(secret, content):
 
 
 class AmqpClient(MessagingHandler):
-    def __init__(self, host, port, ca, access_key, access_secret, group, expect):
-        super().__init__()
+    def __init__(self, host, port, ca, access_key, access_secret, group, expect, hold=False):
+        super().__init__(auto_accept=not hold)
+        self.hold, self.values = hold, set()
         self.url = "amqps://%s:%d" % (host, port)
         self.ca, self.access_key, self.access_secret = ca, access_key, access_secret
         self.group, self.expect = group, expect
@@ -64,9 +67,13 @@ class AmqpClient(MessagingHandler):
         topic = props.get("topic") or ""
         if topic.endswith("/thing/event/property/post"):
             self.properties += 1
+            try:
+                self.values.add(json.loads(text)["items"]["v"]["value"])
+            except (ValueError, KeyError, TypeError):
+                pass
         elif topic.startswith("/as/mqtt/status/"):
             self.lifecycle += 1
-        if self.properties >= self.expect:
+        if not self.hold and len(self.values) >= self.expect:
             self.ok = True
             event.connection.close()
             event.container.stop()
@@ -81,7 +88,9 @@ class AmqpClient(MessagingHandler):
 
 if __name__ == "__main__":
     host, port, ca, ak, secret, group, expect = sys.argv[1:8]
-    client = AmqpClient(host, int(port), ca, ak, secret, group, int(expect))
+    hold = len(sys.argv) > 8 and sys.argv[8] == "hold"
+    client = AmqpClient(host, int(port), ca, ak, secret, group, int(expect), hold)
     Container(client).run()
-    print(json.dumps({"properties": client.properties, "lifecycle": client.lifecycle}), flush=True)
-    sys.exit(0 if client.ok and client.lifecycle >= 1 else 1)
+    print(json.dumps({"properties": client.properties, "distinct": len(client.values),
+                      "lifecycle": client.lifecycle}), flush=True)
+    sys.exit(0 if client.ok else 1)

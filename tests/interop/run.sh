@@ -161,9 +161,38 @@ amqp_consumer() {
     done
     wait "$consumer"; local rc=$?
     cat "$WORK/amqp.txt"
-    return $rc
+    [ $rc -eq 0 ] && grep -q '"/as/mqtt/status/' "$WORK/amqp.txt"
 }
 check "python-qpid-proton consumer (AMQP over TLS, aksign) receives property posts and lifecycle messages" amqp_consumer
+
+# Two consumers of one group: the first takes messages and never settles them, then is killed
+# (kill -9); every message still reaches the second.
+post_amqp() { # from, to
+    local c; c=$("$BIN" device credentials "$APK" amqp-dev01 --json)
+    for i in $(seq "$1" "$2"); do
+        mosquitto_pub -h 127.0.0.1 -p "$MQTT_PORT" -i "$(json "['client_id']" <<<"$c")" -u "$(json "['username']" <<<"$c")" \
+            -P "$(json "['password']" <<<"$c")" -q 1 -t "/sys/$APK/amqp-dev01/thing/event/property/post" \
+            -m "{\"id\":\"$i\",\"params\":{\"v\":$i}}" || return 1
+    done
+}
+amqp_kill_mid_stream() {
+    GID2=$("$BIN" app group create interop-group-2 --json | json "['group_id']")
+    "$BIN" app subscribe "$APK" "$GID2" property >/dev/null
+    "$PY" "$HERE/amqp_consumer.py" localhost "$AMQPS_PORT" "$CA" "$AKID" "$AKSECRET" "$GID2" 999 hold >"$WORK/holder.txt" 2>&1 &
+    local holder=$!
+    for _ in $(seq 1 200); do grep -q READY "$WORK/holder.txt" && break; sleep 0.05; done
+    post_amqp 101 110 || return 1
+    for _ in $(seq 1 200); do [ "$(grep -c thing/event/property/post "$WORK/holder.txt")" -ge 10 ] && break; sleep 0.05; done
+    "$PY" "$HERE/amqp_consumer.py" localhost "$AMQPS_PORT" "$CA" "$AKID" "$AKSECRET" "$GID2" 20 >"$WORK/taker.txt" 2>&1 &
+    local taker=$!
+    for _ in $(seq 1 200); do grep -q READY "$WORK/taker.txt" && break; sleep 0.05; done
+    kill -9 "$holder"; wait "$holder" 2>/dev/null
+    post_amqp 111 120 || return 1
+    wait "$taker"; local rc=$?
+    echo "holder got $(grep -c thing/event/property/post "$WORK/holder.txt") unsettled"; tail -1 "$WORK/taker.txt"
+    return $rc
+}
+check "AMQP: a consumer killed with 10 unsettled messages loses none; the other consumer of the group gets all 20" amqp_kill_mid_stream
 
 refusal() { # case, expected condition
     "$PY" "$HERE/amqp_refusals.py" localhost "$AMQPS_PORT" "$CA" "$AKID" "$AKSECRET" "$GID" "$1" | tee /dev/stderr | grep -q "$2"
