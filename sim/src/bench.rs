@@ -52,7 +52,8 @@ pub struct TargetResult {
     pub server_cpu_sec: f64,
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+/// The `p` quantile (0..1) of sorted values; 0 when empty.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -197,7 +198,9 @@ async fn bench_ironlink(o: &ConnectionsBench) -> Result<Vec<TargetResult>> {
     Ok(vec![first, again])
 }
 
-struct Mosquitto(Child);
+/// A mosquitto broker this process started; killed when dropped.
+#[derive(Debug)]
+pub struct Mosquitto(pub Child);
 
 impl Drop for Mosquitto {
     fn drop(&mut self) {
@@ -206,13 +209,13 @@ impl Drop for Mosquitto {
     }
 }
 
-async fn bench_mosquitto(o: &ConnectionsBench) -> Result<TargetResult> {
+/// Starts mosquitto (Debian package) on an ephemeral loopback port with a generated config.
+pub async fn start_mosquitto(dir: &std::path::Path) -> Result<(Mosquitto, SocketAddr)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let dir = tempfile::tempdir()?;
-    let conf = dir.path().join("mosquitto.conf");
-    std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\nmax_connections -1\npersistence false\nlog_type error\n"))?;
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\nmax_connections -1\npersistence false\nlog_type error\nmax_queued_messages 100000\n"))?;
     let child = Command::new("mosquitto")
         .arg("-c")
         .arg(&conf)
@@ -229,6 +232,12 @@ async fn bench_mosquitto(o: &ConnectionsBench) -> Result<TargetResult> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    Ok((m, addr))
+}
+
+async fn bench_mosquitto(o: &ConnectionsBench) -> Result<TargetResult> {
+    let dir = tempfile::tempdir()?;
+    let (m, addr) = start_mosquitto(dir.path()).await?;
     let connects = (0..o.devices)
         .map(|i| {
             let mut c = rumqttc::mqttbytes::v4::Connect::new(format!("bench-{i}"));

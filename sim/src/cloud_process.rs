@@ -67,6 +67,8 @@ pub struct Cloud {
     pub mqtt: SocketAddr,
     /// HTTP API address.
     pub http: SocketAddr,
+    /// AMQP over TLS address, when the server was started with one.
+    pub amqps: Option<SocketAddr>,
     /// Admin token.
     pub token: String,
     /// Data directory.
@@ -92,11 +94,14 @@ impl Cloud {
                 "127.0.0.1:0",
                 "--mqtts-listen",
                 "off",
-                "--amqps-listen",
-                "off",
                 "--http-listen",
                 "127.0.0.1:0",
             ])
+            .args(if extra.contains(&"--amqps-listen") {
+                &[][..]
+            } else {
+                &["--amqps-listen", "off"][..]
+            })
             .args(extra)
             .env("IRONLINK_LOG", "warn")
             .stdout(Stdio::piped())
@@ -113,7 +118,7 @@ impl Cloud {
             }
         });
         let mut banner = Vec::new();
-        let (mut mqtt, mut http) = (None, None);
+        let (mut mqtt, mut http, mut amqps) = (None, None, None);
         loop {
             let line = rx
                 .recv_timeout(WAIT)
@@ -132,6 +137,9 @@ impl Cloud {
             if line.starts_with("HTTP API") {
                 http = addr("http://");
             }
+            if line.starts_with("AMQP/TLS") {
+                amqps = addr("amqps://");
+            }
             banner.push(line);
         }
         let token = std::fs::read_to_string(data_dir.join("admin-token"))?
@@ -141,6 +149,7 @@ impl Cloud {
             child,
             mqtt: mqtt.context("no MQTT address in the banner")?,
             http: http.context("no HTTP address in the banner")?,
+            amqps,
             token,
             data_dir: data_dir.to_owned(),
             banner,
@@ -150,17 +159,25 @@ impl Cloud {
     /// Starts `bin` (default: the ironlink-cloud next to this executable) for a benchmark:
     /// `config` (TOML) written into `data_dir` and passed with `--config`.
     pub fn start_bench(bin: Option<&Path>, data_dir: &Path, config: &str) -> Result<Self> {
+        Self::start_bench_with(bin, data_dir, config, &[])
+    }
+
+    /// Like [`Cloud::start_bench`], with extra `serve` flags.
+    pub fn start_bench_with(
+        bin: Option<&Path>,
+        data_dir: &Path,
+        config: &str,
+        extra: &[&str],
+    ) -> Result<Self> {
         let bin = match bin {
             Some(b) => b.to_owned(),
             None => binary("cloud", "ironlink-cloud")?,
         };
         let cfg = data_dir.join("bench.toml");
         std::fs::write(&cfg, config)?;
-        Self::start_bin(
-            &bin,
-            data_dir,
-            &["--config", cfg.to_str().context("utf-8 path")?],
-        )
+        let mut args = vec!["--config", cfg.to_str().context("utf-8 path")?];
+        args.extend_from_slice(extra);
+        Self::start_bin(&bin, data_dir, &args)
     }
 
     /// Creates a product through the API; returns its key.

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+pub mod apps_bench;
 pub mod bench;
 pub mod cloud_process;
 pub mod gateway;

@@ -41,6 +41,27 @@ enum Bench {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Device -> application over AMQP (consumer group) vs mosquitto, and backlog replay.
+    Apps {
+        /// Publishing devices.
+        #[arg(long, default_value_t = 50)]
+        devices: usize,
+        /// Messages per device (throughput phase).
+        #[arg(long, default_value_t = 400)]
+        messages: usize,
+        /// Backlog size (messages queued while no application is connected).
+        #[arg(long, default_value_t = 20_000)]
+        backlog: usize,
+        /// Fresh messages per second during the replay.
+        #[arg(long, default_value_t = 200)]
+        fresh_rate: u32,
+        /// Baseline to measure in the same run (`mosquitto`).
+        #[arg(long)]
+        vs: Option<String>,
+        /// ironlink-cloud binary (default: next to this executable).
+        #[arg(long)]
+        cloud_bin: Option<PathBuf>,
+    },
     /// Sub-devices one gateway connection carries: topo/add, batch_login, one post each.
     Gateway {
         /// Sub-devices.
@@ -84,6 +105,33 @@ async fn main() -> std::process::ExitCode {
 
 async fn run() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Cmd::Bench {
+            which:
+                Bench::Apps {
+                    devices,
+                    messages,
+                    backlog,
+                    fresh_rate,
+                    vs,
+                    cloud_bin,
+                },
+        } => {
+            let o = ironlink_sim::apps_bench::AppsBench {
+                devices: devices.clamp(1, 5_000),
+                messages: messages.clamp(1, 100_000),
+                backlog: backlog.min(1_000_000),
+                fresh_rate: fresh_rate.clamp(1, 10_000),
+                vs_mosquitto: match vs.as_deref() {
+                    None => false,
+                    Some("mosquitto") => true,
+                    Some(other) => anyhow::bail!("--vs {other}: only mosquitto is supported"),
+                },
+                cloud_bin,
+            };
+            let r = ironlink_sim::apps_bench::run(&o).await?;
+            print!("{}", ironlink_sim::apps_bench::table(&r));
+            println!("{}", serde_json::to_string(&r)?);
+        }
         Cmd::Bench {
             which: Bench::Gateway { subs, cloud_bin },
         } => {

@@ -200,6 +200,7 @@ pub struct Apps {
     groups: Mutex<HashMap<String, Group>>,
     counters: RwLock<HashMap<String, Arc<GroupCounters>>>,
     tx: mpsc::Sender<Job>,
+    acks: mpsc::Sender<i64>,
     next_message_id: AtomicU64,
     next_client: AtomicU64,
     metrics: Arc<Metrics>,
@@ -222,6 +223,7 @@ impl Apps {
         stop: watch::Receiver<bool>,
     ) -> Result<(Arc<Self>, Vec<JoinHandle<()>>), StorageError> {
         let (tx, rx) = mpsc::channel(16_384);
+        let (acks, acks_rx) = mpsc::channel(65_536);
         let apps = Arc::new(Self {
             db,
             limits,
@@ -231,6 +233,7 @@ impl Apps {
             groups: Mutex::default(),
             counters: RwLock::default(),
             tx,
+            acks,
             // Message ids start from the clock so that they never repeat across restarts.
             next_message_id: AtomicU64::new(u64::try_from(now_ms()).unwrap_or(0) * 1000),
             next_client: AtomicU64::new(1),
@@ -238,8 +241,9 @@ impl Apps {
         });
         apps.reload().await?;
         let writer = tokio::spawn(writer(apps.clone(), rx, stop.clone()));
+        let acker = tokio::spawn(acker(apps.db.clone(), acks_rx, stop.clone()));
         let sweeper = tokio::spawn(sweep(apps.clone(), stop));
-        Ok((apps, vec![writer, sweeper]))
+        Ok((apps, vec![writer, acker, sweeper]))
     }
 
     /// The secret of an access key (cached: authentication must not wait for the database).
@@ -525,7 +529,10 @@ impl Consumer {
     pub async fn settle(&self, id: i64, accepted: bool) -> Result<(), StorageError> {
         let counters = self.apps.counters(&self.group);
         if accepted {
-            self.apps.db.ack_app_messages(&[id]).await?;
+            // Deleted in batches by the acker; a crash before that redelivers (same message id).
+            if self.apps.acks.send(id).await.is_err() {
+                self.apps.db.ack_app_messages(&[id]).await?;
+            }
             let mut groups = self.apps.lock();
             if let Some(g) = groups.get_mut(&self.group) {
                 g.inflight.remove(&id);
@@ -601,6 +608,35 @@ async fn writer(apps: Arc<Apps>, mut rx: mpsc::Receiver<Job>, mut stop: watch::R
         for j in jobs.drain(..) {
             let _ = j.done.send(ok);
         }
+        if stopping {
+            return;
+        }
+    }
+}
+
+/// Removes accepted messages from the queue in batches.
+async fn acker(db: Db, mut rx: mpsc::Receiver<i64>, mut stop: watch::Receiver<bool>) {
+    let mut ids = Vec::with_capacity(1024);
+    loop {
+        let stopping = tokio::select! {
+            n = rx.recv_many(&mut ids, 1024) => {
+                if n == 0 {
+                    return;
+                }
+                false
+            }
+            _ = async { let _ = stop.wait_for(|s| *s).await; } => {
+                while let Ok(id) = rx.try_recv() {
+                    ids.push(id);
+                }
+                true
+            }
+        };
+        if let Err(e) = db.ack_app_messages(&ids).await {
+            // They stay queued and are delivered again: a duplicate, never a loss.
+            tracing::warn!(error = %e, count = ids.len(), "removing accepted application messages failed");
+        }
+        ids.clear();
         if stopping {
             return;
         }

@@ -253,11 +253,17 @@ impl Db {
     /// Removes accepted messages.
     pub async fn ack_app_messages(&self, ids: &[i64]) -> Result<(), StorageError> {
         let mut tx = self.pool.begin().await?;
-        for id in ids {
-            sqlx::query("DELETE FROM app_messages WHERE id = $1")
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
+        for chunk in ids.chunks(256) {
+            let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "DELETE FROM app_messages WHERE id IN ({})",
+                marks.join(", ")
+            );
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(id);
+            }
+            q.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())

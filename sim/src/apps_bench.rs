@@ -1,0 +1,510 @@
+//! `bench apps`: device -> application delivery through a consumer group over AMQP (TLS),
+//! against mosquitto relaying the same publishers to one MQTT subscriber, in the same run; then
+//! the backlog replay rate while fresh messages keep flowing, with their latency.
+//! Loopback only; bounded in count and time.
+
+use crate::bench::{percentile, start_mosquitto};
+use crate::cloud_process::{alink_connect, connect_raw, Cloud, WAIT};
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::BytesMut;
+use fe2o3_amqp::connection::{Connection, ConnectionHandle};
+use fe2o3_amqp::link::Receiver;
+use fe2o3_amqp::sasl_profile::SaslProfile;
+use fe2o3_amqp::session::{Session, SessionHandle};
+use fe2o3_amqp::types::messaging::Body;
+use fe2o3_amqp::types::primitives::Value as AmqpValue;
+use rumqttc::mqttbytes::v4;
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Options of `bench apps`.
+#[derive(Debug, Clone)]
+pub struct AppsBench {
+    /// Publishing devices.
+    pub devices: usize,
+    /// Messages per device in the throughput phase.
+    pub messages: usize,
+    /// Messages left for the group while no client is connected (backlog phase).
+    pub backlog: usize,
+    /// Fresh messages per second during the backlog replay.
+    pub fresh_rate: u32,
+    /// Also run mosquitto.
+    pub vs_mosquitto: bool,
+    /// The ironlink-cloud binary.
+    pub cloud_bin: Option<PathBuf>,
+}
+
+/// One throughput target.
+#[derive(Debug, Clone, Serialize)]
+pub struct Throughput {
+    /// `ironlink amqp` or `mosquitto mqtt`.
+    pub target: String,
+    /// Messages received by the application.
+    pub received: usize,
+    /// Messages published.
+    pub published: usize,
+    /// Received per second.
+    pub per_sec: f64,
+    /// Publish-to-receive latency, ms.
+    pub p50_ms: f64,
+    /// p99, ms.
+    pub p99_ms: f64,
+    /// max, ms.
+    pub max_ms: f64,
+}
+
+/// Backlog phase.
+#[derive(Debug, Clone, Serialize)]
+pub struct Backlog {
+    /// Backlog size.
+    pub backlog: usize,
+    /// Backlog messages replayed per second.
+    pub replay_per_sec: f64,
+    /// Fresh messages sent during the replay.
+    pub fresh: usize,
+    /// Their latency, ms.
+    pub fresh_p50_ms: f64,
+    /// p99, ms.
+    pub fresh_p99_ms: f64,
+}
+
+/// All results.
+#[derive(Debug, Clone, Serialize)]
+pub struct AppsResult {
+    /// Throughput targets.
+    pub throughput: Vec<Throughput>,
+    /// Backlog phase.
+    pub backlog: Backlog,
+}
+
+fn now_ms_f64() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(0.0)
+}
+
+/// QoS 1 property posts carrying their send time; waits for every PUBACK.
+async fn publish(
+    addr: SocketAddr,
+    connect: BytesMut,
+    topic: String,
+    first: usize,
+    n: usize,
+    rate: Option<u32>,
+) -> Result<()> {
+    let mut s = connect_raw(addr, &connect)
+        .await
+        .context("publisher connect refused")?;
+    let mut buf = BytesMut::new();
+    let mut out = BytesMut::new();
+    let start = Instant::now();
+    let mut acked = 0;
+    let mut sent = 0;
+    while acked < n {
+        while sent < n && sent - acked < 64 {
+            if let Some(r) = rate {
+                let due = start + Duration::from_secs_f64(sent as f64 / f64::from(r.max(1)));
+                if Instant::now() < due {
+                    break;
+                }
+            }
+            let body = json!({"id": (first + sent).to_string(), "params": {"seq": first + sent, "t": now_ms_f64()}});
+            let mut p = v4::Publish::new(
+                &topic,
+                rumqttc::QoS::AtLeastOnce,
+                body.to_string().into_bytes(),
+            );
+            p.pkid = u16::try_from(sent % 60_000 + 1).unwrap_or(1);
+            p.write(&mut out).map_err(|e| anyhow!("{e:?}"))?;
+            sent += 1;
+        }
+        if !out.is_empty() {
+            s.write_all(&out).await?;
+            out.clear();
+        }
+        let wait = if sent < n && sent - acked < 64 {
+            Duration::from_millis(2)
+        } else {
+            WAIT
+        };
+        match tokio::time::timeout(wait, s.read_buf(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => bail!("publisher connection closed"),
+            Ok(Ok(_)) => {}
+            Err(_) if wait < WAIT => {}
+            Err(_) => bail!("no PUBACK within {WAIT:?}"),
+        }
+        while buf.len() >= 4 && buf[0] == 0x40 {
+            let _ = buf.split_to(4);
+            acked += 1;
+        }
+        if !buf.is_empty() && buf[0] != 0x40 {
+            bail!("unexpected packet 0x{:02x}", buf[0]);
+        }
+    }
+    Ok(())
+}
+
+/// (seq, send time ms) from a property message as applications receive it (Ironlink's
+/// `items` form, or the device's own `params` form from mosquitto).
+fn stamp(body: &[u8]) -> Option<(u64, f64)> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    if let Some(items) = v.get("items") {
+        return Some((
+            items["seq"]["value"].as_u64()?,
+            items["t"]["value"].as_f64()?,
+        ));
+    }
+    Some((v["params"]["seq"].as_u64()?, v["params"]["t"].as_f64()?))
+}
+
+async fn amqp_receiver(
+    cloud: &Cloud,
+    key_id: &str,
+    secret: &str,
+    group: &str,
+) -> Result<(ConnectionHandle<()>, SessionHandle<()>, Receiver)> {
+    let addr = cloud.amqps.context("the cloud has no AMQP listener")?;
+    let ca = std::fs::read(cloud.data_dir.join("tls/ca.pem"))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut &ca[..]) {
+        roots.add(c?)?;
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = TcpStream::connect(addr).await?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(rustls::pki_types::ServerName::try_from("localhost")?, tcp)
+        .await?;
+    let ts = format!("{}", now_ms_f64() as u64);
+    let user = format!("bench|authMode=aksign,signMethod=hmacsha1,timestamp={ts},authId={key_id},consumerGroupId={group}|");
+    let pass =
+        ironlink_cloud::apps::amqp::password("hmacsha1", secret, key_id, &ts).context("sign")?;
+    let mut conn = Connection::builder()
+        .container_id("bench-app")
+        .hostname("localhost")
+        .idle_time_out(60_000u32)
+        .sasl_profile(SaslProfile::Plain {
+            username: user,
+            password: pass,
+        })
+        .open_with_stream(tls)
+        .await
+        .map_err(|e| anyhow!("AMQP open: {e}"))?;
+    let mut session = Session::begin(&mut conn)
+        .await
+        .map_err(|e| anyhow!("AMQP begin: {e}"))?;
+    let receiver = Receiver::builder()
+        .name("bench")
+        .source("group")
+        .credit_mode(fe2o3_amqp::link::receiver::CreditMode::Auto(500))
+        .attach(&mut session)
+        .await
+        .map_err(|e| anyhow!("AMQP attach: {e}"))?;
+    Ok((conn, session, receiver))
+}
+
+/// Receives until `until` says stop; returns (seq, latency ms, replayed by arrival order).
+async fn receive_amqp(r: &mut Receiver, n: usize) -> Result<Vec<(u64, f64)>> {
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        let d = tokio::time::timeout(WAIT, r.recv::<Body<AmqpValue>>())
+            .await
+            .map_err(|_| {
+                anyhow!(
+                    "AMQP: {} of {n} received, then nothing for {WAIT:?}",
+                    got.len()
+                )
+            })?
+            .map_err(|e| anyhow!("AMQP recv: {e}"))?;
+        let now = now_ms_f64();
+        let body: Vec<u8> = match d.body() {
+            Body::Data(batch) => batch.iter().flat_map(|d| d.0.to_vec()).collect(),
+            _ => Vec::new(),
+        };
+        r.accept(&d)
+            .await
+            .map_err(|e| anyhow!("AMQP accept: {e}"))?;
+        if let Some((seq, t)) = stamp(&body) {
+            got.push((seq, now - t));
+        }
+    }
+    Ok(got)
+}
+
+fn summarize(target: &str, published: usize, got: &[(u64, f64)], secs: f64) -> Throughput {
+    let mut lat: Vec<f64> = got.iter().map(|g| g.1).collect();
+    lat.sort_by(f64::total_cmp);
+    Throughput {
+        target: target.into(),
+        received: got.len(),
+        published,
+        per_sec: got.len() as f64 / secs.max(1e-9),
+        p50_ms: percentile(&lat, 0.5),
+        p99_ms: percentile(&lat, 0.99),
+        max_ms: lat.last().copied().unwrap_or(0.0),
+    }
+}
+
+/// Runs the benchmark.
+pub async fn run(o: &AppsBench) -> Result<AppsResult> {
+    let dir = tempfile::tempdir()?;
+    let cloud = Cloud::start_bench_with(
+        o.cloud_bin.as_deref(),
+        dir.path(),
+        "[mqtt]\nconnects_per_second = 1000000\nconnect_burst = 1000000\n",
+        &["--amqps-listen", "127.0.0.1:0"],
+    )?;
+    let pk = cloud.create_product(json!({"name": "apps-bench"})).await?;
+    let (_, v) = cloud
+        .api(
+            reqwest::Method::POST,
+            &format!("/products/{pk}/devices"),
+            Some(json!({"count": o.devices})),
+        )
+        .await?;
+    let devices: Vec<(String, String)> = v["devices"]
+        .as_array()
+        .context("devices")?
+        .iter()
+        .filter_map(|d| {
+            Some((
+                d["device_name"].as_str()?.to_owned(),
+                d["device_secret"].as_str()?.to_owned(),
+            ))
+        })
+        .collect();
+    let (_, key) = cloud
+        .api(reqwest::Method::POST, "/access-keys", Some(json!({})))
+        .await?;
+    let key_id = key["access_key_id"].as_str().context("key")?.to_owned();
+    let secret = key["access_key_secret"]
+        .as_str()
+        .context("secret")?
+        .to_owned();
+    let (_, g) = cloud
+        .api(
+            reqwest::Method::POST,
+            "/consumer-groups",
+            Some(json!({"name": "bench"})),
+        )
+        .await?;
+    let group = g["group_id"].as_str().context("group")?.to_owned();
+    let (s, v) = cloud
+        .api(
+            reqwest::Method::POST,
+            "/subscriptions",
+            Some(json!({"product_key": pk, "group_ids": [group], "message_types": ["property"]})),
+        )
+        .await?;
+    if s != 201 {
+        bail!("subscription: {s} {v}");
+    }
+    let topic = |dn: &str| format!("/sys/{pk}/{dn}/thing/event/property/post");
+
+    // Throughput: every device publishes while the application receives.
+    let total = o.devices * o.messages;
+    let (conn, session, mut receiver) = amqp_receiver(&cloud, &key_id, &secret, &group).await?;
+    let start = Instant::now();
+    let mut pubs = Vec::new();
+    for (i, (dn, sec)) in devices.iter().enumerate() {
+        pubs.push(tokio::spawn(publish(
+            cloud.mqtt,
+            alink_connect(&pk, dn, sec, 600)?,
+            topic(dn),
+            i * o.messages,
+            o.messages,
+            None,
+        )));
+    }
+    let got = receive_amqp(&mut receiver, total).await?;
+    let secs = start.elapsed().as_secs_f64();
+    for p in pubs {
+        p.await??;
+    }
+    let mut throughput = vec![summarize("ironlink amqp", total, &got, secs)];
+    let _ = receiver.close().await;
+    drop(session);
+    drop(conn);
+
+    // Backlog: no client while `backlog` messages arrive; then a client connects while fresh
+    // messages keep coming at `fresh_rate`.
+    let per = o.backlog.div_ceil(devices.len().max(1));
+    let mut pubs = Vec::new();
+    for (i, (dn, sec)) in devices.iter().enumerate() {
+        pubs.push(tokio::spawn(publish(
+            cloud.mqtt,
+            alink_connect(&pk, dn, sec, 600)?,
+            topic(dn),
+            1_000_000 + i * per,
+            per,
+            None,
+        )));
+    }
+    for p in pubs {
+        p.await??;
+    }
+    let backlog = per * devices.len();
+    let fresh_n = (o.fresh_rate as usize * 2).max(1);
+    let (_conn, _session, mut receiver) = amqp_receiver(&cloud, &key_id, &secret, &group).await?;
+    let (dn, sec) = devices.first().context("no device")?.clone();
+    let fresh_pub = tokio::spawn(publish(
+        cloud.mqtt,
+        alink_connect(&pk, &dn, &sec, 600)?,
+        topic(&dn),
+        10_000_000,
+        fresh_n,
+        Some(o.fresh_rate),
+    ));
+    let start = Instant::now();
+    let mut replayed = 0usize;
+    let mut replay_secs = 0.0;
+    let mut fresh = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while (replayed < backlog || fresh.len() < fresh_n) && Instant::now() < deadline {
+        let got = receive_amqp(&mut receiver, 1).await?;
+        for (seq, lat) in got {
+            if seq >= 10_000_000 {
+                fresh.push(lat);
+            } else {
+                replayed += 1;
+                if replayed == backlog {
+                    replay_secs = start.elapsed().as_secs_f64();
+                }
+            }
+        }
+    }
+    fresh_pub.await??;
+    fresh.sort_by(f64::total_cmp);
+    let backlog = Backlog {
+        backlog,
+        replay_per_sec: replayed as f64 / replay_secs.max(1e-9),
+        fresh: fresh.len(),
+        fresh_p50_ms: percentile(&fresh, 0.5),
+        fresh_p99_ms: percentile(&fresh, 0.99),
+    };
+    drop(cloud);
+
+    if o.vs_mosquitto {
+        let mdir = tempfile::tempdir()?;
+        let (_m, addr) = start_mosquitto(mdir.path()).await?;
+        let mut sub = v4::Connect::new("bench-app");
+        sub.keep_alive = 600;
+        let mut b = BytesMut::new();
+        sub.write(&mut b).map_err(|e| anyhow!("{e:?}"))?;
+        let mut app = connect_raw(addr, &b)
+            .await
+            .context("mosquitto subscriber")?;
+        let mut s = v4::Subscribe::new(
+            "/sys/+/+/thing/event/property/post",
+            rumqttc::QoS::AtLeastOnce,
+        );
+        s.pkid = 1;
+        let mut b = BytesMut::new();
+        s.write(&mut b).map_err(|e| anyhow!("{e:?}"))?;
+        app.write_all(&b).await?;
+        let mut buf = BytesMut::new();
+        loop {
+            match v4::read(&mut buf, 1 << 20) {
+                Ok(v4::Packet::SubAck(_)) => break,
+                Ok(_) => {}
+                Err(_) => {
+                    if app.read_buf(&mut buf).await? == 0 {
+                        bail!("mosquitto closed the subscriber");
+                    }
+                }
+            }
+        }
+        let start = Instant::now();
+        let mut pubs = Vec::new();
+        for (i, (dn, _)) in devices.iter().enumerate() {
+            let mut c = v4::Connect::new(format!("bench-{i}"));
+            c.keep_alive = 600;
+            let mut b = BytesMut::new();
+            c.write(&mut b).map_err(|e| anyhow!("{e:?}"))?;
+            pubs.push(tokio::spawn(publish(
+                addr,
+                b,
+                format!("/sys/{pk}/{dn}/thing/event/property/post"),
+                i * o.messages,
+                o.messages,
+                None,
+            )));
+        }
+        let mut got = Vec::with_capacity(total);
+        let mut acks = BytesMut::new();
+        while got.len() < total {
+            match v4::read(&mut buf, 1 << 20) {
+                Ok(v4::Packet::Publish(p)) => {
+                    let now = now_ms_f64();
+                    if let Some((seq, t)) = stamp(&p.payload) {
+                        got.push((seq, now - t));
+                    }
+                    if let Some(pkid) = (p.qos != rumqttc::QoS::AtMostOnce).then_some(p.pkid) {
+                        v4::PubAck::new(pkid)
+                            .write(&mut acks)
+                            .map_err(|e| anyhow!("{e:?}"))?;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    if !acks.is_empty() {
+                        app.write_all(&acks).await?;
+                        acks.clear();
+                    }
+                    match tokio::time::timeout(WAIT, app.read_buf(&mut buf)).await {
+                        Ok(Ok(n)) if n > 0 => {}
+                        _ => bail!("mosquitto: {} of {total} received", got.len()),
+                    }
+                }
+            }
+        }
+        let secs = start.elapsed().as_secs_f64();
+        for p in pubs {
+            p.await??;
+        }
+        throughput.push(summarize(
+            "mosquitto mqtt (one subscriber)",
+            total,
+            &got,
+            secs,
+        ));
+    }
+    Ok(AppsResult {
+        throughput,
+        backlog,
+    })
+}
+
+/// A Markdown table, with the ratio to mosquitto when it ran.
+pub fn table(r: &AppsResult) -> String {
+    let mut s = String::from("| target | received/published | msgs/s | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|---|\n");
+    for t in &r.throughput {
+        s.push_str(&format!(
+            "| {} | {}/{} | {:.0} | {:.2} | {:.2} | {:.2} |\n",
+            t.target, t.received, t.published, t.per_sec, t.p50_ms, t.p99_ms, t.max_ms
+        ));
+    }
+    if let [a, b] = &r.throughput[..] {
+        s.push_str(&format!(
+            "\nratio msgs/s ironlink/mosquitto: {:.2}\n",
+            a.per_sec / b.per_sec.max(1e-9)
+        ));
+    }
+    let b = &r.backlog;
+    s.push_str(&format!(
+        "\nbacklog {} replayed at {:.0} msgs/s; {} fresh messages meanwhile: p50 {:.2} ms, p99 {:.2} ms\n",
+        b.backlog, b.replay_per_sec, b.fresh, b.fresh_p50_ms, b.fresh_p99_ms
+    ));
+    s
+}
