@@ -166,7 +166,7 @@ struct Group {
     clients: Vec<Client>,
     /// Row id to the client holding it unsettled.
     inflight: HashMap<i64, u64>,
-    /// Accepted during the current replay pass (their rows may still be in a page read).
+    /// Accepted, not yet removed from the queue by the acker: the replay skips them.
     accepted: HashSet<i64>,
     next: usize,
     wake: Arc<Notify>,
@@ -200,7 +200,7 @@ pub struct Apps {
     groups: Mutex<HashMap<String, Group>>,
     counters: RwLock<HashMap<String, Arc<GroupCounters>>>,
     tx: mpsc::Sender<Job>,
-    acks: mpsc::Sender<i64>,
+    acks: mpsc::Sender<(String, i64)>,
     next_message_id: AtomicU64,
     next_client: AtomicU64,
     metrics: Arc<Metrics>,
@@ -241,7 +241,7 @@ impl Apps {
         });
         apps.reload().await?;
         let writer = tokio::spawn(writer(apps.clone(), rx, stop.clone()));
-        let acker = tokio::spawn(acker(apps.db.clone(), acks_rx, stop.clone()));
+        let acker = tokio::spawn(acker(apps.clone(), acks_rx, stop.clone()));
         let sweeper = tokio::spawn(sweep(apps.clone(), stop));
         Ok((apps, vec![writer, acker, sweeper]))
     }
@@ -530,7 +530,7 @@ impl Consumer {
         let counters = self.apps.counters(&self.group);
         if accepted {
             // Deleted in batches by the acker; a crash before that redelivers (same message id).
-            if self.apps.acks.send(id).await.is_err() {
+            if self.apps.acks.send((self.group.clone(), id)).await.is_err() {
                 self.apps.db.ack_app_messages(&[id]).await?;
             }
             let mut groups = self.apps.lock();
@@ -615,7 +615,11 @@ async fn writer(apps: Arc<Apps>, mut rx: mpsc::Receiver<Job>, mut stop: watch::R
 }
 
 /// Removes accepted messages from the queue in batches.
-async fn acker(db: Db, mut rx: mpsc::Receiver<i64>, mut stop: watch::Receiver<bool>) {
+async fn acker(
+    apps: Arc<Apps>,
+    mut rx: mpsc::Receiver<(String, i64)>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut ids = Vec::with_capacity(1024);
     loop {
         let stopping = tokio::select! {
@@ -632,11 +636,20 @@ async fn acker(db: Db, mut rx: mpsc::Receiver<i64>, mut stop: watch::Receiver<bo
                 true
             }
         };
-        if let Err(e) = db.ack_app_messages(&ids).await {
+        let rows: Vec<i64> = ids.iter().map(|(_, id)| *id).collect();
+        if let Err(e) = apps.db.ack_app_messages(&rows).await {
             // They stay queued and are delivered again: a duplicate, never a loss.
             tracing::warn!(error = %e, count = ids.len(), "removing accepted application messages failed");
         }
-        ids.clear();
+        // Gone from the queue (or to be delivered again): the replay no longer skips them.
+        {
+            let mut groups = apps.lock();
+            for (g, id) in ids.drain(..) {
+                if let Some(g) = groups.get_mut(&g) {
+                    g.accepted.remove(&id);
+                }
+            }
+        }
         if stopping {
             return;
         }
@@ -660,10 +673,6 @@ async fn replay(apps: Arc<Apps>, group: String, wake: Arc<Notify>) {
                 }
             };
             let Some(last) = page.last().map(|r| r.id) else {
-                // Pass complete: forget what was accepted during it.
-                if let Some(g) = apps.lock().get_mut(&group) {
-                    g.accepted.clear();
-                }
                 break;
             };
             cursor = last;
