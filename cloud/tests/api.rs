@@ -248,6 +248,10 @@ async fn openapi_and_metrics_are_served() {
         "/devices/{pk}/{dn}/shadow",
         "/devices/{pk}/{dn}/sub-devices",
         "/devices/{pk}/{dn}/raw",
+        "/access-keys",
+        "/consumer-groups",
+        "/consumer-groups/{id}",
+        "/subscriptions",
     ] {
         assert!(v["paths"][path].is_object(), "{path} documented");
     }
