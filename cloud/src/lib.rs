@@ -6,6 +6,7 @@
 pub mod access;
 pub mod api;
 pub mod apps;
+pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod metrics;

@@ -123,19 +123,10 @@ async fn writer(
 ) {
     let mut batch = Vec::with_capacity(1024);
     loop {
-        let stopping = tokio::select! {
-            n = rx.recv_many(&mut batch, 1024) => {
-                if n == 0 {
-                    return;
-                }
-                false
-            }
-            _ = stop.wait_for(|s| *s) => {
-                while let Ok(e) = rx.try_recv() {
-                    batch.push(e);
-                }
-                true
-            }
+        let stopping = match crate::batch::next_batch(&mut rx, &mut batch, 1024, &mut stop).await {
+            crate::batch::Batch::Closed => return,
+            crate::batch::Batch::More => false,
+            crate::batch::Batch::Last => true,
         };
         // Split without copying: the events to store, and who waits for their commit.
         let (events, waiters): (Vec<PresenceEvent>, Vec<Option<oneshot::Sender<()>>>) =

@@ -307,25 +307,14 @@ pub async fn serve<S>(
     tracing::info!(%peer, product_key = %pk, device_name = %dn, ?version, tls, "device online");
 
     shared.thing.set_ext_rrpc(&pk, &dn, ext_rrpc);
-    let mut conn = Connection {
-        shared: shared.clone(),
+    let mut conn = Connection::new(
+        &shared,
         version,
-        pk: pk.clone(),
-        dn: dn.clone(),
-        addr: addr.clone(),
-        sid: None,
-        rx: None,
+        (pk.clone(), dn.clone()),
+        addr.clone(),
         out,
-        inflight: HashMap::new(),
-        pending: VecDeque::new(),
-        next_pkid: 1,
-        violations: 0,
-        subs: Subs::default(),
-        work: FuturesOrdered::new(),
-        barrier: false,
-        sub_kicks: FuturesUnordered::new(),
-        app: None,
-    };
+        None,
+    );
     if auto_subscribe {
         conn.auto_subscribe(&pk, &dn, true);
     }
@@ -418,25 +407,14 @@ async fn serve_app<S>(
         }
         d => d,
     };
-    let mut conn = Connection {
-        shared: shared.clone(),
+    let mut conn = Connection::new(
+        &shared,
         version,
-        pk: String::new(),
-        dn: client_id.to_owned(),
-        addr: peer.to_string(),
-        sid: None,
-        rx: None,
+        (String::new(), client_id.to_owned()),
+        peer.to_string(),
         out,
-        inflight: HashMap::new(),
-        pending: VecDeque::new(),
-        next_pkid: 1,
-        violations: 0,
-        subs: Subs::default(),
-        work: FuturesOrdered::new(),
-        barrier: false,
-        sub_kicks: FuturesUnordered::new(),
-        app: Some(products),
-    };
+        Some(products),
+    );
     // Applications are not in the device session registry: nothing kicks them but shutdown
     // of the process.
     let (_never, kicked) = tokio::sync::oneshot::channel();
@@ -518,6 +496,37 @@ enum Step {
 }
 
 impl Connection {
+    /// A connection of `identity` (product key, device name; for an application: empty, client
+    /// id) that has just been sent its CONNACK in `out`.
+    fn new(
+        shared: &Arc<Shared>,
+        version: Version,
+        identity: (String, String),
+        addr: String,
+        out: BytesMut,
+        app: Option<std::collections::HashSet<String>>,
+    ) -> Self {
+        Self {
+            shared: shared.clone(),
+            version,
+            pk: identity.0,
+            dn: identity.1,
+            addr,
+            sid: None,
+            rx: None,
+            out,
+            inflight: HashMap::new(),
+            pending: VecDeque::new(),
+            next_pkid: 1,
+            violations: 0,
+            subs: Subs::default(),
+            work: FuturesOrdered::new(),
+            barrier: false,
+            sub_kicks: FuturesUnordered::new(),
+            app,
+        }
+    }
+
     async fn run<S>(
         &mut self,
         stream: &mut S,

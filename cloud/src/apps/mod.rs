@@ -561,19 +561,10 @@ impl Drop for Consumer {
 async fn writer(apps: Arc<Apps>, mut rx: mpsc::Receiver<Job>, mut stop: watch::Receiver<bool>) {
     let mut jobs = Vec::with_capacity(256);
     loop {
-        let stopping = tokio::select! {
-            n = rx.recv_many(&mut jobs, 256) => {
-                if n == 0 {
-                    return;
-                }
-                false
-            }
-            _ = stop.wait_for(|s| *s) => {
-                while let Ok(j) = rx.try_recv() {
-                    jobs.push(j);
-                }
-                true
-            }
+        let stopping = match crate::batch::next_batch(&mut rx, &mut jobs, 256, &mut stop).await {
+            crate::batch::Batch::Closed => return,
+            crate::batch::Batch::More => false,
+            crate::batch::Batch::Last => true,
         };
         let rows: Vec<NewRow> = jobs.iter().flat_map(|j| j.rows.iter().cloned()).collect();
         let mut stored = None;
@@ -622,19 +613,10 @@ async fn acker(
 ) {
     let mut ids = Vec::with_capacity(1024);
     loop {
-        let stopping = tokio::select! {
-            n = rx.recv_many(&mut ids, 1024) => {
-                if n == 0 {
-                    return;
-                }
-                false
-            }
-            _ = async { let _ = stop.wait_for(|s| *s).await; } => {
-                while let Ok(id) = rx.try_recv() {
-                    ids.push(id);
-                }
-                true
-            }
+        let stopping = match crate::batch::next_batch(&mut rx, &mut ids, 1024, &mut stop).await {
+            crate::batch::Batch::Closed => return,
+            crate::batch::Batch::More => false,
+            crate::batch::Batch::Last => true,
         };
         let rows: Vec<i64> = ids.iter().map(|(_, id)| *id).collect();
         if let Err(e) = apps.db.ack_app_messages(&rows).await {

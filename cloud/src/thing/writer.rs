@@ -52,19 +52,11 @@ pub async fn run(
 ) {
     let mut jobs = Vec::with_capacity(MAX_JOBS);
     loop {
-        let stopping = tokio::select! {
-            n = rx.recv_many(&mut jobs, MAX_JOBS) => {
-                if n == 0 {
-                    return;
-                }
-                false
-            }
-            _ = stop.wait_for(|s| *s) => {
-                while let Ok(j) = rx.try_recv() {
-                    jobs.push(j);
-                }
-                true
-            }
+        let stopping = match crate::batch::next_batch(&mut rx, &mut jobs, MAX_JOBS, &mut stop).await
+        {
+            crate::batch::Batch::Closed => return,
+            crate::batch::Batch::More => false,
+            crate::batch::Batch::Last => true,
         };
         let ok = store_batch(&db, &cache, &mut jobs).await;
         if !ok {
