@@ -3,4 +3,8 @@
 #![warn(missing_docs)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+#[cfg(feature = "alloc")]
+extern crate alloc;
+
+pub mod modbus;
 pub mod mqtt;
