@@ -2,6 +2,7 @@
 #![warn(missing_docs)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod config;
 pub mod queue;
 
 /// Version of the edge gateway, as reported to the cloud.

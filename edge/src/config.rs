@@ -1,0 +1,546 @@
+//! The gateway's configuration file (`edge.toml`): its own identity, the uplink, the queue,
+//! and the sub-devices with their point tables. Every error names the file, the line and the
+//! field, e.g. `edge.toml:27: devices[0].points[1].address: ...`.
+
+use ironlink_protocols::modbus::{parse_address, DataType, RegisterKind, WordOrder};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use toml::Spanned;
+
+/// A configuration error, located.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}:{line}: {message}")]
+pub struct ConfigError {
+    /// The file.
+    pub file: String,
+    /// 1-based line (0 when unknown).
+    pub line: usize,
+    /// What is wrong, starting with the field path.
+    pub message: String,
+}
+
+/// The gateway's Alink identity.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gateway {
+    /// Product key (a gateway product).
+    pub product_key: String,
+    /// Device name.
+    pub device_name: String,
+    /// Device secret.
+    pub device_secret: String,
+}
+
+/// Where the cloud is.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Uplink {
+    /// Host name or address.
+    pub host: String,
+    /// MQTT port (1883 plain, 8883 TLS).
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// MQTT over TLS.
+    #[serde(default)]
+    pub tls: bool,
+    /// CA certificate to trust (PEM), for a private CA.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+fn default_port() -> u16 {
+    1883
+}
+
+/// What the queue does when full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WhenFull {
+    /// Drop the oldest readings.
+    DropOldest,
+    /// Refuse new readings.
+    RefuseNewest,
+}
+
+/// The store-and-forward queue.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// Directory of the segment files.
+    pub dir: PathBuf,
+    /// Bytes kept at most.
+    pub max_bytes: u64,
+    /// Readings older than this are dropped.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// Policy when full.
+    pub when_full: WhenFull,
+    /// Backlog messages per second sent beside live data after a reconnect.
+    pub drain_rate: u32,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("ironlink-edge-data/queue"),
+            max_bytes: 1 << 30,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            when_full: WhenFull::DropOldest,
+            drain_rate: 500,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPoint {
+    identifier: String,
+    kind: Spanned<String>,
+    address: Spanned<String>,
+    #[serde(rename = "type")]
+    data_type: Spanned<String>,
+    #[serde(default)]
+    order: Option<Spanned<String>>,
+    #[serde(default = "one")]
+    scale: f64,
+    #[serde(default)]
+    offset: f64,
+    #[serde(default)]
+    deadband: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDevice {
+    name: Spanned<String>,
+    product_key: String,
+    device_secret: String,
+    transport: Spanned<String>,
+    #[serde(default)]
+    address: Option<Spanned<String>>,
+    #[serde(default)]
+    serial: Option<String>,
+    #[serde(default = "default_baud")]
+    baud: u32,
+    #[serde(default = "default_unit")]
+    unit_id: u8,
+    #[serde(with = "humantime_serde", default = "default_poll")]
+    poll_interval: Duration,
+    #[serde(with = "humantime_serde", default = "default_timeout")]
+    timeout: Duration,
+    #[serde(default = "default_retries")]
+    retries: u32,
+    #[serde(default)]
+    points: Vec<RawPoint>,
+}
+
+fn default_baud() -> u32 {
+    9600
+}
+fn default_unit() -> u8 {
+    1
+}
+fn default_poll() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_timeout() -> Duration {
+    Duration::from_millis(1000)
+}
+fn default_retries() -> u32 {
+    2
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    gateway: Gateway,
+    uplink: Uplink,
+    #[serde(default)]
+    queue: QueueConfig,
+    #[serde(default)]
+    devices: Vec<RawDevice>,
+}
+
+/// How a sub-device is reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    /// Modbus TCP at this address.
+    Tcp(String),
+    /// Modbus RTU on a serial port.
+    Rtu {
+        /// Device path, e.g. /dev/ttyUSB0.
+        path: String,
+        /// Baud rate.
+        baud: u32,
+    },
+}
+
+/// One point, resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Point {
+    /// Thing-model property identifier.
+    pub identifier: String,
+    /// Table.
+    pub kind: RegisterKind,
+    /// 0-based address.
+    pub address: u16,
+    /// Data type.
+    pub data_type: DataType,
+    /// Word order.
+    pub order: WordOrder,
+    /// Engineering value = raw * scale + offset.
+    pub scale: f64,
+    /// See `scale`.
+    pub offset: f64,
+    /// Report only changes larger than this (0: every poll).
+    pub deadband: f64,
+}
+
+/// One sub-device, resolved.
+#[derive(Debug, Clone)]
+pub struct Device {
+    /// Device name in the cloud.
+    pub name: String,
+    /// Its product key.
+    pub product_key: String,
+    /// Its secret (for topo/add and login signatures).
+    pub device_secret: String,
+    /// How to reach it.
+    pub transport: Transport,
+    /// Modbus unit id.
+    pub unit_id: u8,
+    /// Time between polls.
+    pub poll_interval: Duration,
+    /// Per request.
+    pub timeout: Duration,
+    /// Retries per request.
+    pub retries: u32,
+    /// Points.
+    pub points: Vec<Point>,
+}
+
+/// The whole configuration, resolved and checked.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Identity.
+    pub gateway: Gateway,
+    /// Cloud.
+    pub uplink: Uplink,
+    /// Queue.
+    pub queue: QueueConfig,
+    /// Sub-devices.
+    pub devices: Vec<Device>,
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.get(..offset.min(text.len()))
+        .map_or(0, |t| t.bytes().filter(|b| *b == b'\n').count() + 1)
+}
+
+impl Config {
+    /// Reads and checks a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.display().to_string(),
+            line: 0,
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::parse(&path.display().to_string(), &text)
+    }
+
+    /// Parses and checks `text` (named `file` in errors).
+    pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
+        let err = |offset: Option<usize>, message: String| ConfigError {
+            file: file.to_owned(),
+            line: offset.map_or(0, |o| line_of(text, o)),
+            message,
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let message = e.message().trim().to_owned();
+            err(e.span().map(|s| s.start), message)
+        })?;
+        let mut devices = Vec::with_capacity(raw.devices.len());
+        let mut names = std::collections::HashSet::new();
+        for (di, d) in raw.devices.into_iter().enumerate() {
+            let here = |field: &str| format!("devices[{di}].{field}");
+            if !names.insert(d.name.get_ref().clone()) {
+                return Err(err(
+                    Some(d.name.span().start),
+                    format!("{}: `{}` appears twice", here("name"), d.name.get_ref()),
+                ));
+            }
+            let transport = match d.transport.get_ref().as_str() {
+                "tcp" => match &d.address {
+                    Some(a)
+                        if a.get_ref().parse::<std::net::SocketAddr>().is_ok()
+                            || a.get_ref().contains(':') =>
+                    {
+                        Transport::Tcp(a.get_ref().clone())
+                    }
+                    Some(a) => {
+                        return Err(err(
+                            Some(a.span().start),
+                            format!("{}: `{}` is not host:port", here("address"), a.get_ref()),
+                        ))
+                    }
+                    None => {
+                        return Err(err(
+                            Some(d.transport.span().start),
+                            format!("{}: tcp needs `address = \"host:port\"`", here("transport")),
+                        ))
+                    }
+                },
+                "rtu" => match &d.serial {
+                    Some(p) => Transport::Rtu {
+                        path: p.clone(),
+                        baud: d.baud,
+                    },
+                    None => {
+                        return Err(err(
+                            Some(d.transport.span().start),
+                            format!(
+                                "{}: rtu needs `serial = \"/dev/ttyUSB0\"`",
+                                here("transport")
+                            ),
+                        ))
+                    }
+                },
+                other => {
+                    return Err(err(
+                        Some(d.transport.span().start),
+                        format!("{}: `{other}` is not tcp or rtu", here("transport")),
+                    ))
+                }
+            };
+            let mut points = Vec::with_capacity(d.points.len());
+            for (pi, p) in d.points.into_iter().enumerate() {
+                let here = |field: &str| format!("devices[{di}].points[{pi}].{field}");
+                let kind = match p.kind.get_ref().as_str() {
+                    "coil" => RegisterKind::Coil,
+                    "discrete" | "discrete-input" => RegisterKind::DiscreteInput,
+                    "input" | "input-register" => RegisterKind::InputRegister,
+                    "holding" | "holding-register" => RegisterKind::HoldingRegister,
+                    other => {
+                        return Err(err(
+                            Some(p.kind.span().start),
+                            format!(
+                                "{}: `{other}` is not coil, discrete, input or holding",
+                                here("kind")
+                            ),
+                        ))
+                    }
+                };
+                let (table, address) =
+                    parse_address(Some(kind), p.address.get_ref()).map_err(|e| {
+                        err(
+                            Some(p.address.span().start),
+                            format!("{}: {e}", here("address")),
+                        )
+                    })?;
+                if table != kind {
+                    return Err(err(
+                        Some(p.address.span().start),
+                        format!(
+                            "{}: `{}` is in the {table:?} table, not {kind:?}",
+                            here("address"),
+                            p.address.get_ref()
+                        ),
+                    ));
+                }
+                let t = p.data_type.get_ref().to_ascii_lowercase();
+                let data_type = match t.as_str() {
+                    "bool" => DataType::Bool,
+                    "u16" => DataType::U16,
+                    "i16" => DataType::I16,
+                    "u32" => DataType::U32,
+                    "i32" => DataType::I32,
+                    "f32" | "float" => DataType::F32,
+                    "u64" => DataType::U64,
+                    "i64" => DataType::I64,
+                    "f64" | "double" => DataType::F64,
+                    s => match s.strip_prefix("string").and_then(|n| n.trim_start_matches(['(', '[']).trim_end_matches([')', ']']).parse::<u16>().ok()) {
+                        Some(n) if n > 0 && n <= 125 => DataType::String(n),
+                        _ => return Err(err(Some(p.data_type.span().start), format!("{}: `{}` is not bool, u16, i16, u32, i32, f32, u64, i64, f64 or string(N registers)", here("type"), p.data_type.get_ref()))),
+                    },
+                };
+                if kind.is_bit() && data_type != DataType::Bool {
+                    return Err(err(
+                        Some(p.data_type.span().start),
+                        format!("{}: coils and discrete inputs hold only bool", here("type")),
+                    ));
+                }
+                let order = match p
+                    .order
+                    .as_ref()
+                    .map(|o| (o.get_ref().to_ascii_uppercase(), o.span().start))
+                {
+                    None => WordOrder::Abcd,
+                    Some((o, at)) => match o.as_str() {
+                        "ABCD" => WordOrder::Abcd,
+                        "CDAB" => WordOrder::Cdab,
+                        "BADC" => WordOrder::Badc,
+                        "DCBA" => WordOrder::Dcba,
+                        _ => {
+                            return Err(err(
+                                Some(at),
+                                format!("{}: `{o}` is not ABCD, CDAB, BADC or DCBA", here("order")),
+                            ))
+                        }
+                    },
+                };
+                if u32::from(address) + u32::from(data_type.registers()) > 65536 {
+                    return Err(err(
+                        Some(p.address.span().start),
+                        format!("{}: the point runs past address 65535", here("address")),
+                    ));
+                }
+                if p.scale == 0.0
+                    || !p.scale.is_finite()
+                    || !p.offset.is_finite()
+                    || p.deadband < 0.0
+                {
+                    return Err(err(
+                        Some(p.address.span().start),
+                        format!(
+                            "{}: scale must be finite and non-zero, offset finite, deadband >= 0",
+                            here("scale")
+                        ),
+                    ));
+                }
+                points.push(Point {
+                    identifier: p.identifier,
+                    kind,
+                    address,
+                    data_type,
+                    order,
+                    scale: p.scale,
+                    offset: p.offset,
+                    deadband: p.deadband,
+                });
+            }
+            devices.push(Device {
+                name: d.name.into_inner(),
+                product_key: d.product_key,
+                device_secret: d.device_secret,
+                transport,
+                unit_id: d.unit_id,
+                poll_interval: d.poll_interval,
+                timeout: d.timeout,
+                retries: d.retries,
+                points,
+            });
+        }
+        Ok(Self {
+            gateway: raw.gateway,
+            uplink: raw.uplink,
+            queue: raw.queue,
+            devices,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[gateway]
+product_key = "a1gw"
+device_name = "gw-01"
+device_secret = "s"
+
+[uplink]
+host = "127.0.0.1"
+
+[[devices]]
+name = "meter-01"
+product_key = "a1sub"
+device_secret = "x"
+transport = "tcp"
+address = "127.0.0.1:5020"
+poll_interval = "100ms"
+
+[[devices.points]]
+identifier = "voltage"
+kind = "holding"
+address = "40001"
+type = "f32"
+order = "CDAB"
+scale = 0.1
+"#;
+
+    #[test]
+    fn the_example_shape_parses() {
+        let c = Config::parse("edge.toml", GOOD).unwrap();
+        assert_eq!(c.uplink.port, 1883);
+        let d = &c.devices[0];
+        assert_eq!(d.transport, Transport::Tcp("127.0.0.1:5020".into()));
+        assert_eq!(d.poll_interval, Duration::from_millis(100));
+        assert_eq!(
+            (d.points[0].address, d.points[0].order),
+            (0, WordOrder::Cdab)
+        );
+        assert_eq!(c.queue.when_full, WhenFull::DropOldest);
+    }
+
+    #[test]
+    fn the_shipped_example_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("edge.example.toml");
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.devices[0].points.len(), 3);
+        assert_eq!(c.devices[0].points[1].address, 10);
+        assert_eq!(c.queue.max_age, Duration::from_secs(7 * 24 * 3600));
+    }
+
+    #[test]
+    fn errors_name_file_line_and_field() {
+        let cases = [
+            (
+                GOOD.replace("\"40001\"", "\"40000\""),
+                21,
+                "devices[0].points[0].address",
+            ),
+            (
+                GOOD.replace("\"f32\"", "\"f31\""),
+                22,
+                "devices[0].points[0].type",
+            ),
+            (
+                GOOD.replace("\"CDAB\"", "\"CBAD\""),
+                23,
+                "devices[0].points[0].order",
+            ),
+            (
+                GOOD.replace("transport = \"tcp\"", "transport = \"udp\""),
+                14,
+                "devices[0].transport",
+            ),
+            (
+                GOOD.replace("kind = \"holding\"", "kind = \"coil\""),
+                22,
+                "devices[0].points[0]",
+            ),
+            (
+                GOOD.replace("poll_interval", "poll_intervall"),
+                16,
+                "poll_intervall",
+            ),
+        ];
+        for (text, line, field) in cases {
+            let e = Config::parse("edge.toml", &text).unwrap_err();
+            let shown = e.to_string();
+            assert!(shown.starts_with(&format!("edge.toml:{line}:")), "{shown}");
+            assert!(shown.contains(field), "{shown}");
+        }
+        let missing = GOOD.replace("device_secret = \"s\"\n", "");
+        let e = Config::parse("edge.toml", &missing)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("device_secret"), "{e}");
+    }
+}
