@@ -3,6 +3,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod config;
+pub mod poller;
 pub mod queue;
 
 /// Version of the edge gateway, as reported to the cloud.

@@ -1,0 +1,334 @@
+//! Polling one Modbus sub-device: its points coalesced into as few reads as the limits allow
+//! (see `ironlink_protocols::modbus::plan_reads`), each read bounded by the device's timeout
+//! and retried, values decoded, scaled and filtered by their deadband. A Modbus exception is
+//! the device's answer, reported as data about the device, not a transport failure; neither
+//! ever panics or stalls other devices.
+
+use crate::config::{Device, Point};
+use ironlink_protocols::modbus::{
+    decode, decode_str, plan_reads, scale, DataType, Plan, Read, RegisterKind,
+};
+use tokio_modbus::client::{Context, Reader};
+
+/// A decoded value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// A bit, or a bool register.
+    Bool(bool),
+    /// A number after scale and offset.
+    Number(f64),
+    /// A string point.
+    Text(String),
+}
+
+/// One value of one point at one time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reading {
+    /// Thing-model property.
+    pub identifier: String,
+    /// The value.
+    pub value: Value,
+    /// When it was read, ms since the Unix epoch.
+    pub ts: i64,
+}
+
+/// Why a poll did not produce every point.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PollError {
+    /// The device answered with a Modbus exception.
+    #[error("device answered {read_kind:?} {start}+{count} with exception {code}")]
+    Exception {
+        /// Table.
+        read_kind: RegisterKind,
+        /// First address.
+        start: u16,
+        /// Count.
+        count: u16,
+        /// The exception, e.g. IllegalDataAddress.
+        code: String,
+    },
+    /// No answer within the timeout, after the retries.
+    #[error("no answer within {0} ms after retries")]
+    Timeout(u64),
+    /// The connection failed.
+    #[error("transport: {0}")]
+    Transport(String),
+    /// Fewer registers than asked for.
+    #[error("short reply: asked {asked}, got {got}")]
+    Short {
+        /// Asked.
+        asked: u16,
+        /// Got.
+        got: usize,
+    },
+}
+
+/// Polls one device.
+#[derive(Debug)]
+pub struct Poller {
+    device: Device,
+    plan: Plan,
+    last: Vec<Option<Value>>,
+}
+
+/// Reads gaps of up to this many registers rather than sending another request.
+const MAX_GAP: u16 = 8;
+
+impl Poller {
+    /// Plans the device's reads.
+    pub fn new(device: Device) -> Result<Self, ironlink_protocols::modbus::PointError> {
+        let points: Vec<(RegisterKind, u16, u16)> = device
+            .points
+            .iter()
+            .map(|p| (p.kind, p.address, p.data_type.registers()))
+            .collect();
+        let plan = plan_reads(&points, MAX_GAP)?;
+        let last = vec![None; device.points.len()];
+        Ok(Self { device, plan, last })
+    }
+
+    /// Requests one poll sends.
+    pub fn reads(&self) -> &[Read] {
+        &self.plan.reads
+    }
+
+    async fn read(&self, ctx: &mut Context, r: &Read) -> Result<Vec<u16>, PollError> {
+        let mut attempt = 0;
+        loop {
+            let fut = async {
+                match r.kind {
+                    RegisterKind::Coil => ctx
+                        .read_coils(r.start, r.count)
+                        .await
+                        .map(|x| x.map(|bits| bits.into_iter().map(u16::from).collect())),
+                    RegisterKind::DiscreteInput => ctx
+                        .read_discrete_inputs(r.start, r.count)
+                        .await
+                        .map(|x| x.map(|bits| bits.into_iter().map(u16::from).collect())),
+                    RegisterKind::InputRegister => ctx.read_input_registers(r.start, r.count).await,
+                    RegisterKind::HoldingRegister => {
+                        ctx.read_holding_registers(r.start, r.count).await
+                    }
+                }
+            };
+            match tokio::time::timeout(self.device.timeout, fut).await {
+                Ok(Ok(Ok(words))) => {
+                    if words.len() < usize::from(r.count) {
+                        return Err(PollError::Short {
+                            asked: r.count,
+                            got: words.len(),
+                        });
+                    }
+                    return Ok(words);
+                }
+                Ok(Ok(Err(code))) => {
+                    return Err(PollError::Exception {
+                        read_kind: r.kind,
+                        start: r.start,
+                        count: r.count,
+                        code: format!("{code:?}"),
+                    })
+                }
+                Ok(Err(e)) => return Err(PollError::Transport(e.to_string())),
+                Err(_) if attempt < self.device.retries => attempt += 1,
+                Err(_) => {
+                    return Err(PollError::Timeout(
+                        u64::try_from(self.device.timeout.as_millis()).unwrap_or(u64::MAX),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// One poll: every read, then the points whose value changed beyond their deadband (all
+    /// of them on the first poll). Stops at the first failed read.
+    pub async fn poll(
+        &mut self,
+        ctx: &mut Context,
+        now_ms: i64,
+    ) -> Result<Vec<Reading>, PollError> {
+        let mut data = Vec::with_capacity(self.plan.reads.len());
+        for r in &self.plan.reads {
+            data.push(self.read(ctx, r).await?);
+        }
+        let mut out = Vec::new();
+        for (i, p) in self.device.points.iter().enumerate() {
+            let (ri, off) = self.plan.at[i];
+            let Some(words) = data.get(ri).and_then(|w| w.get(usize::from(off)..)) else {
+                continue;
+            };
+            let Some(value) = value_of(p, words) else {
+                continue;
+            };
+            let changed = match (&self.last[i], &value) {
+                (Some(Value::Number(a)), Value::Number(b)) => {
+                    (a - b).abs() > p.deadband || p.deadband == 0.0
+                }
+                (Some(old), new) => old != new || p.deadband == 0.0,
+                (None, _) => true,
+            };
+            if changed {
+                self.last[i] = Some(value.clone());
+                out.push(Reading {
+                    identifier: p.identifier.clone(),
+                    value,
+                    ts: now_ms,
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn value_of(p: &Point, words: &[u16]) -> Option<Value> {
+    match p.data_type {
+        DataType::String(n) => {
+            let mut buf = vec![0u8; usize::from(n) * 2];
+            decode_str(words.get(..usize::from(n))?, p.order, &mut buf)
+                .ok()
+                .map(|s| Value::Text(s.to_owned()))
+        }
+        DataType::Bool => decode(p.data_type, p.order, words)
+            .ok()
+            .map(|r| Value::Bool(r.as_f64() != 0.0)),
+        t => decode(t, p.order, words)
+            .ok()
+            .map(|r| Value::Number(scale(r, p.scale, p.offset))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::future;
+    use std::sync::Arc;
+    use tokio_modbus::prelude::*;
+    use tokio_modbus::server::tcp::{accept_tcp_connection, Server};
+
+    /// A field device: holding 0..1 = 123.456 (f32 CDAB), input 10..11 = 1234567 (u32), coil 0 on.
+    struct Field;
+
+    impl tokio_modbus::server::Service for Field {
+        type Request = Request<'static>;
+        type Response = Response;
+        type Exception = ExceptionCode;
+        type Future = future::Ready<Result<Response, ExceptionCode>>;
+
+        fn call(&self, req: Request<'static>) -> Self::Future {
+            let bits = 123.456f32.to_bits();
+            let holding = [(bits & 0xFFFF) as u16, (bits >> 16) as u16];
+            let input = [(1_234_567u32 >> 16) as u16, (1_234_567u32 & 0xFFFF) as u16];
+            future::ready(match req {
+                Request::ReadHoldingRegisters(a, n) if u32::from(a) + u32::from(n) <= 2 => {
+                    Ok(Response::ReadHoldingRegisters(
+                        holding[usize::from(a)..usize::from(a + n)].to_vec(),
+                    ))
+                }
+                Request::ReadInputRegisters(10, 2) => {
+                    Ok(Response::ReadInputRegisters(input.to_vec()))
+                }
+                Request::ReadCoils(0, n) => {
+                    Ok(Response::ReadCoils((0..n).map(|i| i == 0).collect()))
+                }
+                _ => Err(ExceptionCode::IllegalDataAddress),
+            })
+        }
+    }
+
+    async fn field() -> std::net::SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = Server::new(l);
+        tokio::spawn(async move {
+            let new_service = |_| Ok(Some(Arc::new(Field)));
+            let on_connected =
+                |stream, a| async move { accept_tcp_connection(stream, a, new_service) };
+            let _ = server.serve(&on_connected, |_| {}).await;
+        });
+        addr
+    }
+
+    fn device(addr: std::net::SocketAddr, extra: &str) -> Device {
+        let text = format!(
+            r#"
+[gateway]
+product_key = "g"
+device_name = "gw-0001"
+device_secret = "s"
+[uplink]
+host = "127.0.0.1"
+[[devices]]
+name = "meter-01"
+product_key = "p"
+device_secret = "x"
+transport = "tcp"
+address = "{addr}"
+timeout = "2s"
+[[devices.points]]
+identifier = "Voltage"
+kind = "holding"
+address = "40001"
+type = "f32"
+order = "CDAB"
+[[devices.points]]
+identifier = "Energy"
+kind = "input"
+address = "30011"
+type = "u32"
+scale = 0.01
+deadband = 1.0
+[[devices.points]]
+identifier = "Relay"
+kind = "coil"
+address = "0"
+type = "bool"
+{extra}"#
+        );
+        Config::parse("t.toml", &text).unwrap().devices.remove(0)
+    }
+
+    #[tokio::test]
+    async fn points_are_read_decoded_scaled_and_filtered() {
+        let addr = field().await;
+        let mut p = Poller::new(device(addr, "")).unwrap();
+        assert_eq!(p.reads().len(), 3, "one read per table");
+        let mut ctx = tcp::connect(addr).await.unwrap();
+        let r = p.poll(&mut ctx, 1000).await.unwrap();
+        let v: Vec<(&str, &Value)> = r
+            .iter()
+            .map(|r| (r.identifier.as_str(), &r.value))
+            .collect();
+        assert_eq!(v.len(), 3);
+        match v[0] {
+            ("Voltage", Value::Number(x)) => assert!((x - 123.456).abs() < 1e-4, "{x}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(v[1], ("Energy", &Value::Number(12345.67)));
+        assert_eq!(v[2], ("Relay", &Value::Bool(true)));
+        // Deadband 0 reports every poll; Energy (deadband 1.0) is unchanged, so it is not sent.
+        let again: Vec<String> = p
+            .poll(&mut ctx, 2000)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.identifier)
+            .collect();
+        assert_eq!(again, ["Voltage", "Relay"]);
+    }
+
+    #[tokio::test]
+    async fn an_exception_is_the_device_s_answer_not_a_crash() {
+        let addr = field().await;
+        let extra = "[[devices.points]]\nidentifier = \"Missing\"\nkind = \"holding\"\naddress = \"40500\"\ntype = \"u16\"\n";
+        let mut p = Poller::new(device(addr, extra)).unwrap();
+        let mut ctx = tcp::connect(addr).await.unwrap();
+        match p.poll(&mut ctx, 1000).await {
+            Err(PollError::Exception { code, start, .. }) => {
+                assert_eq!(start, 499);
+                assert!(code.contains("IllegalDataAddress"), "{code}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
