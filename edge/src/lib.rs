@@ -5,6 +5,8 @@
 pub mod config;
 pub mod poller;
 pub mod queue;
+pub mod run;
+pub mod uplink;
 
 /// Version of the edge gateway, as reported to the cloud.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

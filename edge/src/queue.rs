@@ -1,7 +1,8 @@
 //! The store-and-forward queue: readings are appended to segment files on disk before they
 //! count as taken, read back in order for the uplink, and dropped once the cloud has
-//! acknowledged them. A crash (kill -9, power cut) loses at most what was appended after the
-//! last [`Queue::sync`]; a torn record at the end of a segment is detected by its CRC and cut
+//! acknowledged them. Every append reaches the file at once, so killing the process loses
+//! nothing appended; a power cut loses at most what was appended after the last
+//! [`Queue::sync`]. A torn record at the end of a segment is detected by its CRC and cut
 //! off at the next open, never read as data.
 //!
 //! Layout: `seg-{first seq:020}.log` files of records
@@ -349,9 +350,12 @@ impl Queue {
         let (Some(w), Some(s)) = (self.writer.as_mut(), self.segments.last_mut()) else {
             return Err(io_err(&dir)(io::Error::other("no open segment")));
         };
+        // Written through to the file at once: a kill -9 of the process loses nothing appended;
+        // `sync` makes it safe from a power cut too.
         w.write_all(&(payload.len() as u32).to_le_bytes())
             .and_then(|_| w.write_all(&crc.to_le_bytes()))
             .and_then(|_| w.write_all(&body))
+            .and_then(|_| w.flush())
             .map_err(io_err(&s.path))?;
         s.index.push(Entry {
             seq,

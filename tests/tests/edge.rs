@@ -1,0 +1,176 @@
+//! End to end: a Modbus field device (in-process tokio-modbus server) -> the edge gateway
+//! (pollers, durable queue, one uplink as an Alink gateway) -> the cloud process -> its API.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use ironlink_tests::*;
+use reqwest::Method;
+use serde_json::{json, Value};
+use std::future;
+use std::sync::Arc;
+use tokio_modbus::prelude::*;
+use tokio_modbus::server::tcp::{accept_tcp_connection, Server};
+
+/// Holding 0..1 = 123.456 as f32 ABCD; input 0 = 2150 (tenths of a degree + offset below).
+struct Field;
+
+impl tokio_modbus::server::Service for Field {
+    type Request = Request<'static>;
+    type Response = Response;
+    type Exception = ExceptionCode;
+    type Future = future::Ready<Result<Response, ExceptionCode>>;
+
+    fn call(&self, req: Request<'static>) -> Self::Future {
+        let bits = 123.456f32.to_bits();
+        future::ready(match req {
+            Request::ReadHoldingRegisters(0, 2) => Ok(Response::ReadHoldingRegisters(vec![
+                (bits >> 16) as u16,
+                (bits & 0xFFFF) as u16,
+            ])),
+            Request::ReadInputRegisters(0, 1) => Ok(Response::ReadInputRegisters(vec![2150])),
+            _ => Err(ExceptionCode::IllegalDataAddress),
+        })
+    }
+}
+
+async fn field() -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let server = Server::new(l);
+        let new_service = |_| Ok(Some(Arc::new(Field)));
+        let on_connected = |stream, a| async move { accept_tcp_connection(stream, a, new_service) };
+        let _ = server.serve(&on_connected, |_| {}).await;
+    });
+    addr
+}
+
+async fn create(c: &Cloud, path: &str, body: Value) -> Value {
+    let (s, v) = c.api(Method::POST, path, Some(body)).await.unwrap();
+    assert_eq!(s, 201, "{path}: {v}");
+    v
+}
+
+#[tokio::test]
+async fn modbus_readings_reach_the_cloud_through_the_edge_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Cloud::start(&dir.path().join("cloud"), &[]).unwrap();
+    let gpk = create(
+        &cloud,
+        "/products",
+        json!({"name": "edge", "node_type": "gateway"}),
+    )
+    .await["product_key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let spk = create(
+        &cloud,
+        "/products",
+        json!({"name": "meter", "node_type": "sub-device"}),
+    )
+    .await["product_key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let gw = create(
+        &cloud,
+        &format!("/products/{gpk}/devices"),
+        json!({"device_name": "edge-01"}),
+    )
+    .await;
+    let meter = create(
+        &cloud,
+        &format!("/products/{spk}/devices"),
+        json!({"device_name": "meter-01"}),
+    )
+    .await;
+    let field = field().await;
+    let config = format!(
+        r#"
+[gateway]
+product_key = "{gpk}"
+device_name = "edge-01"
+device_secret = "{gsecret}"
+[uplink]
+host = "127.0.0.1"
+port = {port}
+[queue]
+dir = "{queue}"
+[[devices]]
+name = "meter-01"
+product_key = "{spk}"
+device_secret = "{msecret}"
+transport = "tcp"
+address = "{field}"
+poll_interval = "50ms"
+[[devices.points]]
+identifier = "Voltage"
+kind = "holding"
+address = "40001"
+type = "f32"
+deadband = 1.0
+[[devices.points]]
+identifier = "Temperature"
+kind = "input"
+address = "0"
+type = "i16"
+scale = 0.1
+offset = -200.0
+deadband = 1.0
+"#,
+        gsecret = gw["device_secret"].as_str().unwrap(),
+        port = cloud.mqtt.port(),
+        queue = dir.path().join("queue").display(),
+        msecret = meter["device_secret"].as_str().unwrap(),
+    );
+    let config = ironlink_edge::config::Config::parse("edge.toml", &config).unwrap();
+    let edge = ironlink_edge::run::start(config).unwrap();
+
+    // The sub-device's properties appear in the cloud (bounded wait for an eventual state).
+    let deadline = std::time::Instant::now() + WAIT;
+    let props = loop {
+        let (_, v) = cloud
+            .api(
+                Method::GET,
+                &format!("/devices/{spk}/meter-01/properties"),
+                None,
+            )
+            .await
+            .unwrap();
+        if v["properties"].as_array().is_some_and(|a| a.len() == 2) {
+            break v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no readings in the cloud: {v}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let by_id = |id: &str| {
+        props["properties"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["identifier"] == id)
+            .map(|p| p["value"].as_f64().unwrap())
+            .unwrap()
+    };
+    assert!((by_id("Voltage") - 123.456).abs() < 1e-3);
+    assert!((by_id("Temperature") - 15.0).abs() < 1e-9);
+    let (_, subs) = cloud
+        .api(
+            Method::GET,
+            &format!("/devices/{gpk}/edge-01/sub-devices"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(subs["sub_devices"][0]["online"], true, "{subs}");
+    // Everything sent was acknowledged and left the queue.
+    let deadline = std::time::Instant::now() + WAIT;
+    while edge.queue.lock().unwrap().stats().depth > 0 {
+        assert!(std::time::Instant::now() < deadline, "queue never drained");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    edge.shutdown().await;
+}
