@@ -174,3 +174,156 @@ deadband = 1.0
     }
     edge.shutdown().await;
 }
+
+/// The cloud is down while the edge polls: readings pile up in the queue. The edge is killed
+/// with kill -9, restarted with the cloud up, and every queued reading reaches the cloud's
+/// history.
+#[tokio::test]
+async fn a_backlog_survives_kill_9_of_the_edge_and_drains_when_the_cloud_is_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Cloud::start(&dir.path().join("cloud"), &[]).unwrap();
+    let gpk = create(
+        &cloud,
+        "/products",
+        json!({"name": "edge", "node_type": "gateway"}),
+    )
+    .await["product_key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let spk = create(
+        &cloud,
+        "/products",
+        json!({"name": "meter", "node_type": "sub-device"}),
+    )
+    .await["product_key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let gw = create(
+        &cloud,
+        &format!("/products/{gpk}/devices"),
+        json!({"device_name": "edge-02"}),
+    )
+    .await;
+    let meter = create(
+        &cloud,
+        &format!("/products/{spk}/devices"),
+        json!({"device_name": "meter-02"}),
+    )
+    .await;
+    let field = field().await;
+    let queue_dir = dir.path().join("queue");
+    let config = |port: u16| {
+        format!(
+            r#"
+[gateway]
+product_key = "{gpk}"
+device_name = "edge-02"
+device_secret = "{gsecret}"
+[uplink]
+host = "127.0.0.1"
+port = {port}
+[queue]
+dir = "{queue}"
+[[devices]]
+name = "meter-02"
+product_key = "{spk}"
+device_secret = "{msecret}"
+transport = "tcp"
+address = "{field}"
+poll_interval = "20ms"
+[[devices.points]]
+identifier = "Voltage"
+kind = "holding"
+address = "40001"
+type = "f32"
+"#,
+            gsecret = gw["device_secret"].as_str().unwrap(),
+            queue = queue_dir.display(),
+            msecret = meter["device_secret"].as_str().unwrap(),
+        )
+    };
+    // A port nobody listens on: the uplink stays down.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = dir.path().join("edge.toml");
+    std::fs::write(&cfg, config(dead)).unwrap();
+    let bin = ironlink_sim::cloud_process::binary("edge", "ironlink-edge").unwrap();
+    let mut edge = std::process::Command::new(&bin)
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .env("IRONLINK_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until a backlog has built up (each poll appends one reading).
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let n = std::fs::read_dir(&queue_dir)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("seg-"))
+                    .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+                    .sum::<u64>()
+            })
+            .unwrap_or(0);
+        if n > 2000 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no backlog built");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    edge.kill().unwrap(); // SIGKILL
+    edge.wait().unwrap();
+    let queued = {
+        let q =
+            ironlink_edge::queue::Queue::open(&queue_dir, ironlink_edge::queue::Limits::default())
+                .unwrap();
+        q.stats().depth
+    };
+    assert!(queued > 0);
+
+    // Restart against the cloud, with the field device unreachable so that only the backlog
+    // can reach the cloud.
+    std::fs::write(
+        &cfg,
+        config(cloud.mqtt.port()).replace(&field.to_string(), "127.0.0.1:1"),
+    )
+    .unwrap();
+    let mut edge = std::process::Command::new(&bin)
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .env("IRONLINK_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    let stored = loop {
+        let (_, v) = cloud
+            .api(
+                Method::GET,
+                &format!("/devices/{spk}/meter-02/properties/Voltage/history?limit=10000"),
+                None,
+            )
+            .await
+            .unwrap();
+        let n = v["points"].as_array().map_or(0, Vec::len) as u64;
+        if n >= queued {
+            break n;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{n} of {queued} queued readings reached the cloud"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let _ = edge.kill();
+    let _ = edge.wait();
+    assert_eq!(stored, queued, "every queued reading once");
+}
