@@ -44,6 +44,8 @@ pub struct Metrics {
     pub replies_unmatched: AtomicU64,
     /// Thing-data batches that could not be stored (their devices were disconnected unacked).
     pub thing_store_failures: AtomicU64,
+    /// Posts dropped as duplicates of an id already stored (`sys.dedup`).
+    pub duplicates_dropped: AtomicU64,
     /// Sub-devices logged in through gateways now.
     pub sub_devices: AtomicI64,
 }
@@ -67,7 +69,7 @@ impl Metrics {
             out,
             "# TYPE ironlink_sub_devices_online gauge\nironlink_sub_devices_online {subs}"
         );
-        let counters: [(&str, &AtomicU64); 18] = [
+        let counters: [(&str, &AtomicU64); 19] = [
             ("ironlink_mqtt_accepted_total", &self.accepted),
             ("ironlink_mqtt_rate_limited_total", &self.rate_limited),
             (
@@ -97,6 +99,10 @@ impl Metrics {
             ("ironlink_events_stored_total", &self.events_stored),
             ("ironlink_alink_malformed_total", &self.alink_malformed),
             ("ironlink_replies_unmatched_total", &self.replies_unmatched),
+            (
+                "ironlink_duplicates_dropped_total",
+                &self.duplicates_dropped,
+            ),
             (
                 "ironlink_thing_store_failures_total",
                 &self.thing_store_failures,

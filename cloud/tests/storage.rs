@@ -501,6 +501,36 @@ async fn thing_data_on_every_engine() {
             subs
         );
 
+        // Messages with a duplicate-dropping key: the second copy is skipped.
+        let row = |v: &str| PropertyRow {
+            series_id: sid,
+            ts: 9000,
+            value: v.into(),
+        };
+        let key = Some((pk.clone(), "dev-0001".to_owned(), "m1".to_owned()));
+        let dup = db
+            .store_thing_messages(
+                &[
+                    (key.clone(), vec![row("a")], vec![], vec![]),
+                    (None, vec![row("b")], vec![], vec![]),
+                ],
+                1,
+            )
+            .await
+            .unwrap();
+        assert_eq!(dup, [false, false]);
+        let dup = db
+            .store_thing_messages(&[(key, vec![row("c")], vec![], vec![])], 2)
+            .await
+            .unwrap();
+        assert_eq!(dup, [true]);
+        let h = db
+            .property_history(&pk, "dev-0001", "temp", 9000, 9000, 10, true)
+            .await
+            .unwrap();
+        assert_eq!(h.len(), 2, "a and b, not c");
+        assert_eq!(db.expire_message_ids(3).await.unwrap(), 1);
+
         // Deleting the device removes its thing data.
         assert!(db.delete_device(&pk, "dev-0001").await.unwrap());
         assert!(db

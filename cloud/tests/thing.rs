@@ -713,3 +713,50 @@ async fn property_get_returns_the_device_answer_and_ntp_answers() {
     let sent: i64 = r["serverSendTime"].as_str().unwrap().parse().unwrap();
     assert!(sent >= recv && recv > 1000, "{r}");
 }
+
+#[tokio::test]
+async fn posts_marked_for_dedup_are_stored_once_per_id() {
+    let srv = start(|_| {}).await;
+    let pk = with_model(&srv, "direct", "default").await;
+    let secret = srv.device(&pk, "dup-0001").await;
+    let mut d = device_v4(&srv, &pk, "dup-0001", &secret).await;
+    let topic = format!("/sys/{pk}/dup-0001/thing/event/property/post");
+    d.subscribe_v4(&format!("{topic}_reply"), 1).await;
+    // The same message twice (an at-least-once resend), then an unmarked id reused.
+    for (i, body) in [
+        json!({"id": "7", "sys": {"dedup": 1}, "params": {"humidity": {"value": 10, "time": 1000}}}),
+        json!({"id": "7", "sys": {"dedup": 1}, "params": {"humidity": {"value": 10, "time": 1000}}}),
+        json!({"id": "8", "params": {"humidity": {"value": 11, "time": 2000}}}),
+        json!({"id": "8", "params": {"humidity": {"value": 11, "time": 2000}}}),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        post(&mut d, &topic, body, i as u16 + 1).await;
+        assert_eq!(publish_on(&mut d, &format!("{topic}_reply")).await["code"], 200);
+    }
+    let (_, v) = srv
+        .get(&format!(
+            "/devices/{pk}/dup-0001/properties/humidity/history?order=asc"
+        ))
+        .await;
+    let times: Vec<i64> = v["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["time"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        times,
+        [1000, 2000, 2000],
+        "marked duplicates dropped, unmarked ones kept: {v}"
+    );
+    assert_eq!(
+        srv.running
+            .shared
+            .metrics
+            .duplicates_dropped
+            .load(Ordering::Relaxed),
+        1
+    );
+}

@@ -203,7 +203,8 @@ async fn session(
                     continue;
                 };
                 let pk = pk_of.get(dn).copied().unwrap_or("");
-                let body = json!({"id": r.seq.to_string(), "version": "1.0", "params": v["params"], "method": "thing.event.property.post"});
+                // `sys.dedup`: the cloud drops a second copy of this id (at-least-once delivery).
+                let body = json!({"id": r.seq.to_string(), "version": "1.0", "sys": {"ack": 1, "dedup": 1}, "params": v["params"], "method": "thing.event.property.post"});
                 client
                     .publish(
                         format!("/sys/{pk}/{dn}/thing/event/property/post"),

@@ -13,6 +13,9 @@ pub struct Request {
     pub params: Value,
     /// False when the device asked for no reply (`"sys": {"ack": 0}`).
     pub ack: bool,
+    /// True when a second message with the same id must be dropped (`"sys": {"dedup": 1}`,
+    /// an Ironlink extension the edge gateway sends with its at-least-once uplink).
+    pub dedup: bool,
 }
 
 /// Parses a request; the error says what is wrong.
@@ -27,11 +30,14 @@ pub fn parse_request(payload: &[u8]) -> Result<Request, String> {
         Some(_) => return Err("`id` must be a string of digits".into()),
         None => return Err("`id` is missing".into()),
     };
-    let ack = !matches!(o.get("sys").and_then(|s| s.get("ack")), Some(v) if v.as_i64() == Some(0));
+    let sys = o.get("sys");
+    let ack = !matches!(sys.and_then(|s| s.get("ack")), Some(v) if v.as_i64() == Some(0));
+    let dedup = matches!(sys.and_then(|s| s.get("dedup")), Some(v) if v.as_i64() == Some(1) || v.as_bool() == Some(true));
     Ok(Request {
         id,
         params: o.remove("params").unwrap_or(Value::Null),
         ack,
+        dedup,
     })
 }
 

@@ -72,7 +72,16 @@ pub enum Kind<'a> {
 pub async fn sweep(thing: Arc<Thing>, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks = 0u64;
     loop {
+        ticks += 1;
+        if ticks % 600 == 1 {
+            // Duplicate-dropping keys are kept a week: longer than any edge backlog replays.
+            let week = 7 * 24 * 3600 * 1000;
+            if let Err(e) = thing.db.expire_message_ids(now_ms() - week).await {
+                tracing::warn!(error = %e, "expiring message ids failed");
+            }
+        }
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.wait_for(|s| *s) => return,

@@ -236,20 +236,31 @@ impl Thing {
         events: Vec<EventRow>,
         raws: Vec<RawRow>,
     ) -> bool {
-        if props.is_empty() && events.is_empty() && raws.is_empty() {
-            return true;
+        self.store_once(props, events, raws, None).await.is_some()
+    }
+
+    /// Like [`Thing::store`], dropping a message whose `dedup` key was stored before:
+    /// `Some(true)` for such a duplicate, `Some(false)` when stored, `None` on failure.
+    async fn store_once(
+        &self,
+        props: Vec<(SeriesKey, i64, String)>,
+        events: Vec<EventRow>,
+        raws: Vec<RawRow>,
+        dedup: Option<(String, String, String)>,
+    ) -> Option<bool> {
+        if props.is_empty() && events.is_empty() && raws.is_empty() && dedup.is_none() {
+            return Some(false);
         }
         let (done, committed) = oneshot::channel();
         let job = writer::Job {
             props,
             events,
             raws,
+            dedup,
             done,
         };
-        if self.writer.send(job).await.is_err() {
-            return false;
-        }
-        committed.await.unwrap_or(false)
+        self.writer.send(job).await.ok()?;
+        committed.await.ok().flatten()
     }
 
     /// Handles one uplink on a system topic (see [`classify`]). The ACL has already allowed
@@ -465,8 +476,17 @@ impl Thing {
             })
             .to_string()
         });
-        if !self.store(rows, Vec::new(), Vec::new()).await {
-            return Outcome::failed();
+        let dedup = req
+            .dedup
+            .then(|| (pk.to_owned(), dn.to_owned(), req.id.clone()));
+        match self.store_once(rows, Vec::new(), Vec::new(), dedup).await {
+            None => return Outcome::failed(),
+            Some(true) => {
+                // Already stored (and forwarded) under this id: answer as the first time.
+                Metrics::inc(&self.metrics.duplicates_dropped);
+                return self.success(&req, reply_topic, method);
+            }
+            Some(false) => {}
         }
         if let Some(body) = app_message {
             let topic = format!("/{pk}/{dn}/thing/event/property/post");

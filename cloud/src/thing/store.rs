@@ -110,6 +110,14 @@ pub struct TopoRow {
     pub created_at: i64,
 }
 
+/// One message's rows, with its duplicate-dropping key (product key, device name, message id).
+pub type ThingMessage = (
+    Option<(String, String, String)>,
+    Vec<PropertyRow>,
+    Vec<EventRow>,
+    Vec<RawRow>,
+);
+
 /// A series key: product key, device name, property identifier.
 pub type SeriesKey = (String, String, String);
 
@@ -202,6 +210,70 @@ impl Db {
         raws: &[RawRow],
     ) -> Result<(), StorageError> {
         let mut tx = self.pool.begin().await?;
+        self.insert_thing_rows(&mut tx, props, events, raws).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Like [`Db::store_thing_data`] for messages that may carry a duplicate-dropping key: a
+    /// message whose key was stored before is skipped. Returns, per message, true when it was a
+    /// duplicate. One transaction for all.
+    pub async fn store_thing_messages(
+        &self,
+        messages: &[ThingMessage],
+        at: i64,
+    ) -> Result<Vec<bool>, StorageError> {
+        let mut tx = self.pool.begin().await?;
+        let mut dup = Vec::with_capacity(messages.len());
+        for (key, ..) in messages {
+            let d = match key {
+                None => false,
+                Some((pk, dn, id)) => {
+                    sqlx::query("INSERT INTO message_ids (product_key, device_name, message_id, at) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING")
+                        .bind(pk)
+                        .bind(dn)
+                        .bind(id)
+                        .bind(at)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected()
+                        == 0
+                }
+            };
+            dup.push(d);
+        }
+        let mut props = Vec::new();
+        let mut events = Vec::new();
+        let mut raws = Vec::new();
+        for ((_, p, e, r), d) in messages.iter().zip(&dup) {
+            if !d {
+                props.extend(p.iter().cloned());
+                events.extend(e.iter().cloned());
+                raws.extend(r.iter().cloned());
+            }
+        }
+        self.insert_thing_rows(&mut tx, &props, &events, &raws)
+            .await?;
+        tx.commit().await?;
+        Ok(dup)
+    }
+
+    /// Forgets duplicate-dropping keys older than `cutoff`.
+    pub async fn expire_message_ids(&self, cutoff: i64) -> Result<u64, StorageError> {
+        Ok(sqlx::query("DELETE FROM message_ids WHERE at < $1")
+            .bind(cutoff)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
+    }
+
+    async fn insert_thing_rows(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        props: &[PropertyRow],
+        events: &[EventRow],
+        raws: &[RawRow],
+    ) -> Result<(), StorageError> {
         for chunk in chunks(props) {
             let sql = format!(
                 "INSERT INTO property_history (series_id, ts, value) VALUES {}",
@@ -211,7 +283,7 @@ impl Db {
             for p in chunk {
                 q = q.bind(p.series_id).bind(p.ts).bind(&p.value);
             }
-            q.execute(&mut *tx).await?;
+            q.execute(&mut **tx).await?;
         }
         // Latest: one row per series (the newest in the batch), and never older than stored.
         let mut newest: HashMap<i64, &PropertyRow> = HashMap::new();
@@ -232,7 +304,7 @@ impl Db {
             for p in chunk {
                 q = q.bind(p.series_id).bind(p.ts).bind(&p.value);
             }
-            q.execute(&mut *tx).await?;
+            q.execute(&mut **tx).await?;
         }
         for chunk in chunks(events) {
             let sql = format!(
@@ -250,7 +322,7 @@ impl Db {
                     .bind(&e.output)
                     .bind(e.ts);
             }
-            q.execute(&mut *tx).await?;
+            q.execute(&mut **tx).await?;
         }
         for r in raws {
             sqlx::query("INSERT INTO raw_messages (product_key, device_name, direction, payload, ts) VALUES ($1, $2, $3, $4, $5)")
@@ -259,10 +331,9 @@ impl Db {
                 .bind(r.direction)
                 .bind(&r.payload)
                 .bind(r.ts)
-                .execute(&mut *tx)
+                .execute(&mut **tx)
                 .await?;
         }
-        tx.commit().await?;
         Ok(())
     }
 

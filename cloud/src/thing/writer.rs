@@ -18,8 +18,10 @@ pub struct Job {
     pub events: Vec<EventRow>,
     /// Raw messages.
     pub raws: Vec<RawRow>,
-    /// Told true once committed, false when storing failed.
-    pub done: oneshot::Sender<bool>,
+    /// (product key, device name, message id) when a second copy must be dropped.
+    pub dedup: Option<(String, String, String)>,
+    /// Told `Some(duplicate)` once committed, `None` when storing failed.
+    pub done: oneshot::Sender<Option<bool>>,
 }
 
 /// Series ids already known, shared so that deleting devices can clear it.
@@ -58,12 +60,14 @@ pub async fn run(
             crate::batch::Batch::More => false,
             crate::batch::Batch::Last => true,
         };
-        let ok = store_batch(&db, &cache, &mut jobs).await;
-        if !ok {
+        let result = store_batch(&db, &cache, &mut jobs).await;
+        if result.is_none() {
             Metrics::inc(&metrics.thing_store_failures);
         }
-        for j in jobs.drain(..) {
-            let _ = j.done.send(ok);
+        for (n, j) in jobs.drain(..).enumerate() {
+            let _ = j
+                .done
+                .send(result.as_ref().map(|d| d.get(n).copied().unwrap_or(false)));
         }
         if stopping {
             return;
@@ -71,10 +75,10 @@ pub async fn run(
     }
 }
 
-async fn store_batch(db: &Db, cache: &SeriesCache, jobs: &mut [Job]) -> bool {
+async fn store_batch(db: &Db, cache: &SeriesCache, jobs: &mut [Job]) -> Option<Vec<bool>> {
     for attempt in 0..3u32 {
         match try_store(db, cache, jobs).await {
-            Ok(()) => return true,
+            Ok(d) => return Some(d),
             Err(e) => {
                 tracing::warn!(error = %e, attempt, "storing thing data failed, retrying");
                 tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
@@ -85,14 +89,14 @@ async fn store_batch(db: &Db, cache: &SeriesCache, jobs: &mut [Job]) -> bool {
         jobs = jobs.len(),
         "thing data not stored after 3 attempts; the devices will be disconnected unacknowledged"
     );
-    false
+    None
 }
 
 async fn try_store(
     db: &Db,
     cache: &SeriesCache,
     jobs: &mut [Job],
-) -> Result<(), crate::storage::StorageError> {
+) -> Result<Vec<bool>, crate::storage::StorageError> {
     let missing: Vec<SeriesKey> = {
         let c = cache.lock();
         let mut seen = std::collections::HashSet::new();
@@ -110,30 +114,41 @@ async fn try_store(
         }
         c.extend(ids);
     }
-    let mut props = Vec::new();
-    let mut events = Vec::new();
-    let mut raws = Vec::new();
-    {
+    // Rows are built under the cache lock, which must not be held across an await.
+    let messages: Vec<super::store::ThingMessage> = {
         let c = cache.lock();
-        for j in jobs.iter() {
-            for (key, ts, value) in &j.props {
-                match c.get(key) {
-                    Some(id) => props.push(PropertyRow {
+        let rows = |j: &Job| -> Result<Vec<PropertyRow>, crate::storage::StorageError> {
+            j.props
+                .iter()
+                .map(|(key, ts, value)| match c.get(key) {
+                    Some(id) => Ok(PropertyRow {
                         series_id: *id,
                         ts: *ts,
                         value: value.clone(),
                     }),
                     // Cleared between the lookup and here (a device was deleted): retry.
-                    None => {
-                        return Err(crate::storage::StorageError::Conflict(
-                            "series cache cleared during a batch".into(),
-                        ))
-                    }
-                }
-            }
-            events.extend(j.events.iter().cloned());
-            raws.extend(j.raws.iter().cloned());
+                    None => Err(crate::storage::StorageError::Conflict(
+                        "series cache cleared during a batch".into(),
+                    )),
+                })
+                .collect()
+        };
+        jobs.iter()
+            .map(|j| Ok((j.dedup.clone(), rows(j)?, j.events.clone(), j.raws.clone())))
+            .collect::<Result<_, crate::storage::StorageError>>()?
+    };
+    if messages.iter().all(|m| m.0.is_none()) {
+        let mut props = Vec::new();
+        let mut events = Vec::new();
+        let mut raws = Vec::new();
+        for (_, p, e, r) in messages {
+            props.extend(p);
+            events.extend(e);
+            raws.extend(r);
         }
+        db.store_thing_data(&props, &events, &raws).await?;
+        return Ok(vec![false; jobs.len()]);
     }
-    db.store_thing_data(&props, &events, &raws).await
+    db.store_thing_messages(&messages, crate::registry::now_ms())
+        .await
 }
