@@ -264,6 +264,10 @@ impl Config {
             let message = e.message().trim().to_owned();
             err(e.span().map(|s| s.start), message)
         })?;
+        if raw.uplink.tls {
+            let at = text.find("tls");
+            return Err(err(at, "uplink.tls: MQTT over TLS is not implemented in the edge yet; use tls = false (port 1883)".into()));
+        }
         let mut devices = Vec::with_capacity(raw.devices.len());
         let mut names = std::collections::HashSet::new();
         for (di, d) in raw.devices.into_iter().enumerate() {
