@@ -9,15 +9,29 @@ use std::process::Command;
 fn check_accepts_the_example_and_locates_errors() {
     let bin = env!("CARGO_BIN_EXE_ironlink-edge");
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/edge.example.toml");
-    let out = Command::new(bin).args(["check", "--config", example]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(bin)
+        .args(["check", "--config", example])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("1 sub-devices, 3 points"));
 
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("edge.toml");
     std::fs::write(&bad, "[gateway]\nproduct_key = \"a\"\n").unwrap();
-    let out = Command::new(bin).args(["check", "--config"]).arg(&bad).output().unwrap();
+    let out = Command::new(bin)
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("edge.toml:1:") && err.contains("device_name"), "{err}");
+    assert!(
+        err.contains("edge.toml:1:") && err.contains("device_name"),
+        "{err}"
+    );
 }
