@@ -155,11 +155,21 @@ fn default_retries() -> u32 {
     2
 }
 
+/// The local status endpoint.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StatusConfig {
+    /// HTTP listener for `/healthz`, `/status` and `/metrics`; absent to disable.
+    pub listen: Option<std::net::SocketAddr>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     gateway: Gateway,
     uplink: Uplink,
+    #[serde(default)]
+    status: StatusConfig,
     #[serde(default)]
     queue: QueueConfig,
     #[serde(default)]
@@ -233,6 +243,8 @@ pub struct Config {
     pub uplink: Uplink,
     /// Queue.
     pub queue: QueueConfig,
+    /// Local status endpoint.
+    pub status: StatusConfig,
     /// Sub-devices.
     pub devices: Vec<Device>,
 }
@@ -443,6 +455,7 @@ impl Config {
             gateway: raw.gateway,
             uplink: raw.uplink,
             queue: raw.queue,
+            status: raw.status,
             devices,
         })
     }

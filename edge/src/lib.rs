@@ -6,6 +6,7 @@ pub mod config;
 pub mod poller;
 pub mod queue;
 pub mod run;
+pub mod status;
 pub mod uplink;
 
 /// Version of the edge gateway, as reported to the cloud.

@@ -59,6 +59,9 @@ async fn run() -> anyhow::Result<()> {
                 .init();
             let c = ironlink_edge::config::Config::load(&config)?;
             let running = ironlink_edge::run::start(c)?;
+            if let Some(a) = running.status_addr {
+                println!("Status      http://{a}/status  (also /metrics, /healthz)");
+            }
             println!("Ironlink edge ready");
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -4,6 +4,7 @@
 use crate::config::{Config, Transport, WhenFull};
 use crate::poller::{Poller, Value as Reading};
 use crate::queue::{FullPolicy, Limits, Queue, QueueError};
+use crate::status::Status;
 use crate::uplink::{self, State};
 use serde_json::{json, Map, Value};
 use std::sync::{Arc, Mutex};
@@ -25,6 +26,10 @@ pub struct Running {
     pub queue: Arc<Mutex<Queue>>,
     /// Uplink state.
     pub uplink: watch::Receiver<State>,
+    /// Bound address of the status endpoint, when enabled.
+    pub status_addr: Option<std::net::SocketAddr>,
+    /// Per-device status.
+    pub status: Arc<Status>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -42,8 +47,24 @@ impl Running {
     }
 }
 
-/// Opens the queue and starts the pollers, the syncer and the uplink.
-pub fn start(config: Config) -> Result<Running, QueueError> {
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The queue could not be opened.
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    /// The status listener could not be bound.
+    #[error("status listener {addr}: {source}")]
+    Status {
+        /// Address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Opens the queue and starts the pollers, the syncer, the uplink and the status endpoint.
+pub fn start(config: Config) -> Result<Running, StartError> {
     let limits = Limits {
         max_bytes: config.queue.max_bytes,
         max_age_ms: i64::try_from(config.queue.max_age.as_millis()).unwrap_or(i64::MAX),
@@ -59,13 +80,32 @@ pub fn start(config: Config) -> Result<Running, QueueError> {
     let (stop, stop_rx) = watch::channel(false);
     let (state_tx, state) = watch::channel(State::Down);
     let mut tasks = Vec::new();
+    let status = Arc::new(Status::default());
     for d in config.devices.clone() {
         tasks.push(tokio::spawn(poll_device(
             d,
             queue.clone(),
             wake.clone(),
+            status.clone(),
             stop_rx.clone(),
         )));
+    }
+    let mut status_addr = None;
+    if let Some(addr) = config.status.listen {
+        let bound = std::net::TcpListener::bind(addr)
+            .and_then(|l| l.set_nonblocking(true).map(|_| l))
+            .and_then(tokio::net::TcpListener::from_std)
+            .map_err(|source| StartError::Status { addr, source })?;
+        status_addr = bound.local_addr().ok();
+        let app = crate::status::router(status.clone(), queue.clone(), state.clone());
+        let mut stop = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let _ = axum::serve(bound, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+        }));
     }
     {
         let queue = queue.clone();
@@ -100,6 +140,8 @@ pub fn start(config: Config) -> Result<Running, QueueError> {
     Ok(Running {
         queue,
         uplink: state,
+        status_addr,
+        status,
         stop,
         tasks,
     })
@@ -117,6 +159,7 @@ async fn poll_device(
     d: crate::config::Device,
     queue: Arc<Mutex<Queue>>,
     wake: Arc<Notify>,
+    status: Arc<Status>,
     mut stop: watch::Receiver<bool>,
 ) {
     let name = d.name.clone();
@@ -147,6 +190,11 @@ async fn poll_device(
             }
             Err(e) => {
                 tracing::warn!(device = %name, error = %e, "cannot reach the device");
+                status.update(&name, |s| {
+                    s.state = "unreachable".into();
+                    s.last_error = Some(e.clone());
+                    *s.errors.entry("transport").or_default() += 1;
+                });
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = stop.wait_for(|s| *s) => return,
@@ -163,7 +211,26 @@ async fn poll_device(
                 _ = stop.wait_for(|s| *s) => return,
             }
             let now = now_ms();
-            match poller.poll(&mut ctx, now).await {
+            let result = poller.poll(&mut ctx, now).await;
+            match &result {
+                Ok(r) => status.update(&name, |s| {
+                    s.state = "ok".into();
+                    s.last_ok_ms = Some(now);
+                    s.points += r.len() as u64;
+                }),
+                Err(e) => status.update(&name, |s| {
+                    s.state = "error".into();
+                    s.last_error = Some(e.to_string());
+                    let kind = match e {
+                        crate::poller::PollError::Exception { .. } => "exception",
+                        crate::poller::PollError::Timeout(_) => "timeout",
+                        crate::poller::PollError::Transport(_) => "transport",
+                        crate::poller::PollError::Short { .. } => "short",
+                    };
+                    *s.errors.entry(kind).or_default() += 1;
+                }),
+            }
+            match result {
                 Ok(readings) if readings.is_empty() => {}
                 Ok(readings) => {
                     let params: Map<String, Value> = readings

@@ -96,6 +96,8 @@ host = "127.0.0.1"
 port = {port}
 [queue]
 dir = "{queue}"
+[status]
+listen = "127.0.0.1:0"
 [[devices]]
 name = "meter-01"
 product_key = "{spk}"
@@ -166,6 +168,26 @@ deadband = 1.0
         .await
         .unwrap();
     assert_eq!(subs["sub_devices"][0]["online"], true, "{subs}");
+    // The local status endpoint tells the same story.
+    let status_url = format!("http://{}", edge.status_addr.unwrap());
+    let st: Value = reqwest::get(format!("{status_url}/status"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(st["uplink"], "up", "{st}");
+    assert_eq!(st["devices"]["meter-01"]["state"], "ok", "{st}");
+    let metrics = reqwest::get(format!("{status_url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("ironlink_edge_points_total{device=\"meter-01\"}"),
+        "{metrics}"
+    );
     // Everything sent was acknowledged and left the queue.
     let deadline = std::time::Instant::now() + WAIT;
     while edge.queue.lock().unwrap().stats().depth > 0 {
