@@ -174,7 +174,9 @@ pub async fn serve<S>(
         .filter(|l| l.username.contains("authMode=aksign"))
     {
         let (user, pass) = (l.username.clone(), l.password.clone());
-        serve_app(
+        // Boxed, like every rarely taken path below: an inline future would count in the
+        // memory of every idle device connection.
+        Box::pin(serve_app(
             shared,
             stream,
             buf,
@@ -185,7 +187,7 @@ pub async fn serve<S>(
             &user,
             &pass,
             connect.keep_alive,
-        )
+        ))
         .await;
         return;
     }
@@ -306,7 +308,9 @@ pub async fn serve<S>(
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(%peer, product_key = %pk, device_name = %dn, ?version, tls, "device online");
 
-    shared.thing.set_ext_rrpc(&pk, &dn, ext_rrpc);
+    if ext_rrpc {
+        shared.thing.set_ext_rrpc(&pk, &dn, true);
+    }
     let mut conn = Connection::new(
         &shared,
         version,
@@ -321,9 +325,10 @@ pub async fn serve<S>(
     let reason = conn
         .run(&mut stream, buf, registration.kicked, keepalive)
         .await;
-    shared.thing.set_ext_rrpc(&pk, &dn, false);
-    conn.logout_all(&format!("gateway offline ({reason})"))
-        .await;
+    if ext_rrpc {
+        shared.thing.set_ext_rrpc(&pk, &dn, false);
+    }
+    Box::pin(conn.logout_all(&format!("gateway offline ({reason})"))).await;
 
     // Clean-up: router first so nothing more is queued, then presence, then the registry.
     if let Some(sid) = conn.sid {
@@ -484,7 +489,9 @@ struct Connection {
     work: FuturesOrdered<Work>,
     /// True while a sub-device login/logout is in `work`: later packets wait for it.
     barrier: bool,
-    sub_kicks: FuturesUnordered<SubKick>,
+    /// Kick signals of logged-in sub-devices (created at the first login: most connections
+    /// are not gateways and should not pay for it).
+    sub_kicks: Option<FuturesUnordered<SubKick>>,
     /// For an application connection: the products its consumer group subscribes to.
     app: Option<std::collections::HashSet<String>>,
 }
@@ -522,7 +529,7 @@ impl Connection {
             subs: Subs::default(),
             work: FuturesOrdered::new(),
             barrier: false,
-            sub_kicks: FuturesUnordered::new(),
+            sub_kicks: None,
             app,
         }
     }
@@ -591,7 +598,7 @@ impl Connection {
             let paused = self.paused();
             tokio::select! {
                 Some((pkid, outcome)) = self.work.next(), if !self.work.is_empty() => {
-                    if let Step::Close(reason) = self.finish(pkid, outcome).await {
+                    if let Step::Close(reason) = Box::pin(self.finish(pkid, outcome)).await {
                         let _ = stream.write_all(&self.out).await;
                         let _ = stream.shutdown().await;
                         return reason;
@@ -600,7 +607,7 @@ impl Connection {
                         self.barrier = false;
                     }
                 },
-                Some((key, serial, kick)) = self.sub_kicks.next(), if !self.sub_kicks.is_empty() => {
+                Some((key, serial, kick)) = async { self.sub_kicks.as_mut()?.next().await }, if self.sub_kicks.as_ref().is_some_and(|k| !k.is_empty()) => {
                     let still = self.subs.lock().get(&key).is_some_and(|e| e.serial == serial);
                     if still {
                         let why = match kick {
@@ -608,7 +615,7 @@ impl Connection {
                             Ok(Kick::Admin(why)) => format!("kicked: {why}"),
                             Ok(Kick::Shutdown) | Err(_) => "server shutdown".to_owned(),
                         };
-                        self.logout(vec![key], &why).await;
+                        Box::pin(self.logout(vec![key], &why)).await;
                     }
                 },
                 r = stream.read_buf(&mut buf), if !paused => match r {
@@ -728,6 +735,7 @@ impl Connection {
                     let kicked = l.registration.kicked;
                     let k2 = key.clone();
                     self.sub_kicks
+                        .get_or_insert_with(FuturesUnordered::new)
                         .push(Box::pin(async move { (k2, serial, kicked.await) }));
                     self.subs.lock().insert(
                         key,
@@ -756,7 +764,7 @@ impl Connection {
                     }
                 }
             }
-            Some(Change::Logout(subs, why)) => self.logout(subs, &why).await,
+            Some(Change::Logout(subs, why)) => Box::pin(self.logout(subs, &why)).await,
             None => {}
         }
         if let Some(pkid) = pkid {
@@ -810,6 +818,10 @@ impl Connection {
 
     /// Takes every sub-device offline (the gateway's connection ended).
     async fn logout_all(&mut self, why: &str) {
+        // Most connections are not gateways: nothing to do, and no timer to arm.
+        if self.work.is_empty() && self.subs.lock().is_empty() {
+            return;
+        }
         // Logins still in flight registered their sub-devices: release those registrations
         // (bounded wait), so that no sub-device stays "online" without a connection.
         let pending = std::mem::take(&mut self.work);
