@@ -152,6 +152,7 @@ impl Poller {
             data.push(self.read(ctx, r).await?);
         }
         let mut out = Vec::new();
+        // `plan.at` and `last` have one entry per point (built from the same list in `new`).
         for (i, p) in self.device.points.iter().enumerate() {
             let (ri, off) = self.plan.at[i];
             let Some(words) = data.get(ri).and_then(|w| w.get(usize::from(off)..)) else {

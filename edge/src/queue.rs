@@ -204,6 +204,7 @@ fn scan(path: &Path) -> Result<Scan, QueueError> {
         if crc32(&[body]) != crc {
             break;
         }
+        // In bounds: `h` is HEADER bytes, and `body` is 16 + len bytes (seq, ts, payload).
         let mut seq = [0u8; 8];
         seq.copy_from_slice(&body[..8]);
         let mut ts = [0u8; 8];

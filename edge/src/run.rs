@@ -2,6 +2,7 @@
 //! making the queue durable every second, and the uplink draining it.
 
 use crate::config::{Config, Transport, WhenFull};
+use crate::now_ms;
 use crate::poller::{Poller, Value as Reading};
 use crate::queue::{FullPolicy, Limits, Queue, QueueError};
 use crate::status::Status;
@@ -11,13 +12,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
 
 /// A running gateway.
 #[derive(Debug)]

@@ -5,6 +5,7 @@
 //! PUBACK (sent after the cloud committed them) arrives. Reconnects back off with jitter.
 
 use crate::config::{Config, Device};
+use crate::now_ms;
 use crate::queue::Queue;
 use ironlink_shared::credentials::write_device_credentials;
 use ironlink_shared::sign::{sign_connect, SignMethod};
@@ -30,13 +31,6 @@ pub enum State {
     Up,
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
 /// MQTT options of the gateway's own identity, asking for auto-subscription (`_ss=1`) so the
 /// replies to its topology and login requests reach it.
 pub fn mqtt_options(c: &Config) -> Result<MqttOptions, String> {
@@ -47,7 +41,7 @@ pub fn mqtt_options(c: &Config) -> Result<MqttOptions, String> {
         &c.gateway.device_secret,
         SignMethod::HmacSha256,
         if c.uplink.tls { 2 } else { 3 },
-        Some(now_ms()),
+        Some(u64::try_from(now_ms()).unwrap_or(0)),
         &mut cid,
         &mut user,
     )
@@ -110,7 +104,8 @@ pub async fn run(
             tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "uplink down");
         }
         // Exponential backoff with jitter, capped at 30 s.
-        let jitter = Duration::from_millis(now_ms() % (backoff.as_millis() as u64 / 2 + 1));
+        let jitter =
+            Duration::from_millis(now_ms().unsigned_abs() % (backoff.as_millis() as u64 / 2 + 1));
         tokio::select! {
             _ = tokio::time::sleep(backoff + jitter) => {}
             _ = stop.wait_for(|s| *s) => return,

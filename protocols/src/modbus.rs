@@ -210,6 +210,7 @@ impl Raw {
 
 /// The big-endian bytes of `regs` in `order` (at most 8).
 fn ordered(regs: &[u16], order: WordOrder, out: &mut [u8; 8]) -> usize {
+    // Indexing is in bounds: i < n <= regs.len() and 2 * i + 1 < 2 * n <= 8.
     let n = regs.len().min(4);
     for i in 0..n {
         let r = match order {
@@ -235,6 +236,7 @@ pub fn decode(ty: DataType, order: WordOrder, regs: &[u16]) -> Result<Raw, Point
     let mut b = [0u8; 8];
     ordered(regs, order, &mut b);
     Ok(match ty {
+        // `regs` holds `need` >= 1 registers (checked above).
         DataType::Bool => Raw::Bool(regs[0] != 0),
         DataType::U16 => Raw::UInt(u64::from(u16::from_be_bytes([b[0], b[1]]))),
         DataType::I16 => Raw::Int(i64::from(i16::from_be_bytes([b[0], b[1]]))),
@@ -361,6 +363,7 @@ pub fn encode(
         DataType::String(_) => return Err(PointError::OutOfRange),
     };
     let regs = n / 2;
+    // In bounds: n <= 8, so 2 * i + 1 < n and `at` < regs <= 4.
     // Inverse of `ordered`: place big-endian bytes back into wire registers.
     for i in 0..regs {
         let (a, b) = (be[2 * i], be[2 * i + 1]);

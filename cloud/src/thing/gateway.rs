@@ -277,11 +277,7 @@ async fn run(
                 .await
                 .map_err(internal)?;
             topology_message(thing, gwid, "add", &subs).await;
-            let data: Vec<Value> = subs
-                .iter()
-                .map(|(pk, dn)| json!({"productKey": pk, "deviceName": dn}))
-                .collect();
-            Ok((Value::Array(data), None))
+            Ok((ids_json(&subs), None))
         }
         Uplink::TopoDelete => {
             let items = list(&req.params, max, "sub-devices")?;
@@ -315,13 +311,10 @@ async fn run(
                 .filter(|(pk, dn)| origin.subs.contains(pk, dn))
                 .cloned()
                 .collect();
-            let data: Vec<Value> = removed
-                .iter()
-                .map(|(pk, dn)| json!({"productKey": pk, "deviceName": dn}))
-                .collect();
+            let data = ids_json(&removed);
             let change = (!online.is_empty())
                 .then(|| Change::Logout(online, "removed from the gateway's topology".into()));
-            Ok((Value::Array(data), change))
+            Ok((data, change))
         }
         Uplink::TopoGet => {
             let rows = thing
@@ -329,11 +322,11 @@ async fn run(
                 .topology_of(gwid.0, gwid.1)
                 .await
                 .map_err(internal)?;
-            let data: Vec<Value> = rows
-                .iter()
-                .map(|t| json!({"productKey": t.product_key, "deviceName": t.device_name}))
+            let ids: Vec<(String, String)> = rows
+                .into_iter()
+                .map(|t| (t.product_key, t.device_name))
                 .collect();
-            Ok((Value::Array(data), None))
+            Ok((ids_json(&ids), None))
         }
         Uplink::SubRegister => {
             let items = list(&req.params, max, "sub-devices")?;
@@ -430,13 +423,9 @@ async fn run(
                 });
             }
             let data = if kind == Uplink::Login {
-                json!({"productKey": all[0].0, "deviceName": all[0].1})
+                id_json(all.first())
             } else {
-                Value::Array(
-                    all.iter()
-                        .map(|(pk, dn)| json!({"productKey": pk, "deviceName": dn}))
-                        .collect(),
-                )
+                ids_json(&all)
             };
             Ok((data, (!logins.is_empty()).then_some(Change::Login(logins))))
         }
@@ -451,13 +440,9 @@ async fn run(
                 subs.push(id_of(item, &format!("params[{i}]"))?);
             }
             let data = if kind == Uplink::Logout {
-                json!({"productKey": subs[0].0, "deviceName": subs[0].1})
+                id_json(subs.first())
             } else {
-                Value::Array(
-                    subs.iter()
-                        .map(|(pk, dn)| json!({"productKey": pk, "deviceName": dn}))
-                        .collect(),
-                )
+                ids_json(&subs)
             };
             let on: Vec<(String, String)> = subs
                 .into_iter()
@@ -502,6 +487,19 @@ async fn topology_message(
     {
         tracing::error!(gateway = %format!("{}/{}", gw.0, gw.1), "a topology change could not be queued for consumer groups");
     }
+}
+
+/// `{"productKey", "deviceName"}`, the form replies name a device in (`{}` for none).
+fn id_json(id: Option<&(String, String)>) -> Value {
+    id.map_or_else(
+        || json!({}),
+        |(pk, dn)| json!({"productKey": pk, "deviceName": dn}),
+    )
+}
+
+/// A list of [`id_json`].
+fn ids_json(ids: &[(String, String)]) -> Value {
+    Value::Array(ids.iter().map(|id| id_json(Some(id))).collect())
 }
 
 fn list_items(v: &Value, max: usize) -> Result<Vec<&Value>, Refusal> {
