@@ -127,6 +127,16 @@ struct RawDevice {
     serial: Option<String>,
     #[serde(default = "default_baud")]
     baud: u32,
+    #[serde(default)]
+    parity: Option<Spanned<String>>,
+    #[serde(default = "default_data_bits")]
+    data_bits: u8,
+    #[serde(default = "default_stop_bits")]
+    stop_bits: u8,
+    #[serde(default = "default_fault_event")]
+    fault_event: String,
+    #[serde(default)]
+    services: Vec<RawService>,
     #[serde(default = "default_unit")]
     unit_id: u8,
     #[serde(with = "humantime_serde", default = "default_poll")]
@@ -141,6 +151,23 @@ struct RawDevice {
 
 fn default_baud() -> u32 {
     9600
+}
+fn default_data_bits() -> u8 {
+    8
+}
+fn default_stop_bits() -> u8 {
+    1
+}
+fn default_fault_event() -> String {
+    "ModbusFault".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    identifier: Spanned<String>,
+    #[serde(default)]
+    set: toml::Table,
 }
 fn default_unit() -> u8 {
     1
@@ -182,12 +209,32 @@ pub enum Transport {
     /// Modbus TCP at this address.
     Tcp(String),
     /// Modbus RTU on a serial port.
-    Rtu {
-        /// Device path, e.g. /dev/ttyUSB0.
-        path: String,
-        /// Baud rate.
-        baud: u32,
-    },
+    Rtu(SerialLine),
+}
+
+/// A serial line for Modbus RTU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SerialLine {
+    /// Device path, e.g. `/dev/ttyUSB0`.
+    pub path: String,
+    /// Baud rate.
+    pub baud: u32,
+    /// `N`, `E` or `O`.
+    pub parity: char,
+    /// 7 or 8.
+    pub data_bits: u8,
+    /// 1 or 2.
+    pub stop_bits: u8,
+}
+
+/// A cloud service that writes points: the call's own parameters that name points, plus
+/// constant values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Service {
+    /// Thing-model service identifier.
+    pub identifier: String,
+    /// Points written with these values on every call.
+    pub set: Vec<(String, serde_json::Value)>,
 }
 
 /// One point, resolved.
@@ -232,6 +279,10 @@ pub struct Device {
     pub retries: u32,
     /// Points.
     pub points: Vec<Point>,
+    /// Services the cloud may call.
+    pub services: Vec<Service>,
+    /// Event posted when polling starts failing, fails differently, or recovers; empty: none.
+    pub fault_event: String,
 }
 
 /// The whole configuration, resolved and checked.
@@ -276,9 +327,9 @@ impl Config {
             let message = e.message().trim().to_owned();
             err(e.span().map(|s| s.start), message)
         })?;
-        if raw.uplink.tls {
-            let at = text.find("tls");
-            return Err(err(at, "uplink.tls: MQTT over TLS is not implemented in the edge yet; use tls = false (port 1883)".into()));
+        if let (false, Some(_)) = (raw.uplink.tls, &raw.uplink.ca_file) {
+            let at = text.find("ca_file");
+            return Err(err(at, "uplink.ca_file: set only with tls = true".into()));
         }
         let mut devices = Vec::with_capacity(raw.devices.len());
         let mut names = std::collections::HashSet::new();
@@ -312,10 +363,25 @@ impl Config {
                     }
                 },
                 "rtu" => match &d.serial {
-                    Some(p) => Transport::Rtu {
-                        path: p.clone(),
-                        baud: d.baud,
-                    },
+                    Some(p) => {
+                        let parity = match d.parity.as_ref().map(|p| (p.get_ref().to_ascii_uppercase(), p.span().start)) {
+                            None => 'N',
+                            Some((v, _)) if v == "N" || v == "NONE" => 'N',
+                            Some((v, _)) if v == "E" || v == "EVEN" => 'E',
+                            Some((v, _)) if v == "O" || v == "ODD" => 'O',
+                            Some((v, at)) => return Err(err(Some(at), format!("{}: `{v}` is not none, even or odd", here("parity")))),
+                        };
+                        if !(d.data_bits == 7 || d.data_bits == 8) || !(d.stop_bits == 1 || d.stop_bits == 2) || d.baud == 0 {
+                            return Err(err(Some(d.transport.span().start), format!("{}: data_bits must be 7 or 8, stop_bits 1 or 2, baud above 0", here("transport"))));
+                        }
+                        Transport::Rtu(SerialLine {
+                            path: p.clone(),
+                            baud: d.baud,
+                            parity,
+                            data_bits: d.data_bits,
+                            stop_bits: d.stop_bits,
+                        })
+                    }
                     None => {
                         return Err(err(
                             Some(d.transport.span().start),
@@ -439,6 +505,32 @@ impl Config {
                     deadband: p.deadband,
                 });
             }
+            let mut services = Vec::with_capacity(d.services.len());
+            for (si, sv) in d.services.into_iter().enumerate() {
+                let mut set = Vec::with_capacity(sv.set.len());
+                for (k, v) in sv.set {
+                    let Some(p) = points.iter().find(|p| p.identifier == k) else {
+                        return Err(err(
+                            Some(sv.identifier.span().start),
+                            format!("devices[{di}].services[{si}].set: `{k}` is not a point of this device"),
+                        ));
+                    };
+                    if !p.kind.writable() {
+                        return Err(err(
+                            Some(sv.identifier.span().start),
+                            format!("devices[{di}].services[{si}].set: `{k}` is read-only ({:?})", p.kind),
+                        ));
+                    }
+                    let v = serde_json::to_value(v).map_err(|e| {
+                        err(Some(sv.identifier.span().start), format!("devices[{di}].services[{si}].set: {e}"))
+                    })?;
+                    set.push((k, v));
+                }
+                services.push(Service {
+                    identifier: sv.identifier.into_inner(),
+                    set,
+                });
+            }
             devices.push(Device {
                 name: d.name.into_inner(),
                 product_key: d.product_key,
@@ -449,6 +541,8 @@ impl Config {
                 timeout: d.timeout,
                 retries: d.retries,
                 points,
+                services,
+                fault_event: d.fault_event,
             });
         }
         Ok(Self {

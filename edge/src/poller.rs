@@ -6,9 +6,10 @@
 
 use crate::config::{Device, Point};
 use ironlink_protocols::modbus::{
-    decode, decode_str, plan_reads, scale, DataType, Plan, Read, RegisterKind,
+    decode, decode_str, encode, plan_reads, scale, DataType, Plan, Read, RegisterKind, WordOrder,
 };
-use tokio_modbus::client::{Context, Reader};
+use serde_json::{Map, Value as Json};
+use tokio_modbus::client::{Context, Reader, Writer};
 
 /// A decoded value.
 #[derive(Debug, Clone, PartialEq)]
@@ -68,7 +69,82 @@ pub enum PollError {
 pub struct Poller {
     device: Device,
     plan: Plan,
+    /// Last value reported per point (the deadband compares against it).
     last: Vec<Option<Value>>,
+    /// Last value read per point.
+    current: Vec<Option<Value>>,
+}
+
+/// One Modbus write request: FC05/FC15 for coils, FC06/FC16 for holding registers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteOp {
+    /// Coils from `start`: one is FC05, more FC15.
+    Coils {
+        /// First coil.
+        start: u16,
+        /// Values.
+        bits: Vec<bool>,
+    },
+    /// Holding registers from `start`: one is FC06, more FC16.
+    Registers {
+        /// First register.
+        start: u16,
+        /// Values.
+        words: Vec<u16>,
+    },
+}
+
+impl WriteOp {
+    /// The Modbus function code this request uses.
+    pub fn function(&self) -> u8 {
+        match self {
+            Self::Coils { bits, .. } if bits.len() == 1 => 5,
+            Self::Coils { .. } => 15,
+            Self::Registers { words, .. } if words.len() == 1 => 6,
+            Self::Registers { .. } => 16,
+        }
+    }
+}
+
+/// Encodes one point's engineering value into registers (bits as 0/1).
+fn encode_point(p: &Point, v: &Json) -> Result<Vec<u16>, String> {
+    let id = &p.identifier;
+    if let DataType::String(n) = p.data_type {
+        let Some(text) = v.as_str() else {
+            return Err(format!("{id}: expects text"));
+        };
+        let bytes = text.as_bytes();
+        if bytes.len() > usize::from(n) * 2 {
+            return Err(format!("{id}: text longer than {} bytes", usize::from(n) * 2));
+        }
+        let at = |i: usize| bytes.get(i).copied().unwrap_or(0);
+        return Ok((0..usize::from(n))
+            .map(|i| match p.order {
+                WordOrder::Abcd | WordOrder::Cdab => u16::from_be_bytes([at(2 * i), at(2 * i + 1)]),
+                WordOrder::Badc | WordOrder::Dcba => u16::from_be_bytes([at(2 * i + 1), at(2 * i)]),
+            })
+            .collect());
+    }
+    let x = match v {
+        Json::Bool(b) => f64::from(u8::from(*b)),
+        Json::Number(n) => n.as_f64().unwrap_or(f64::NAN),
+        Json::String(t) => t
+            .trim()
+            .parse::<f64>()
+            .map_err(|_| format!("{id}: `{t}` is not a number"))?,
+        _ => return Err(format!("{id}: expects a number")),
+    };
+    if p.data_type == DataType::Bool {
+        return match x {
+            0.0 => Ok(vec![0]),
+            1.0 => Ok(vec![1]),
+            _ => Err(format!("{id}: a bool point takes 0, 1, true or false, not {x}")),
+        };
+    }
+    let mut out = [0u16; 4];
+    let n = encode(p.data_type, p.order, x, p.scale, p.offset, &mut out)
+        .map_err(|_| format!("{id}: {x} does not fit {:?} after scale and offset", p.data_type))?;
+    Ok(out.get(..n).unwrap_or_default().to_vec())
 }
 
 /// Reads gaps of up to this many registers rather than sending another request.
@@ -84,7 +160,172 @@ impl Poller {
             .collect();
         let plan = plan_reads(&points, MAX_GAP)?;
         let last = vec![None; device.points.len()];
-        Ok(Self { device, plan, last })
+        let current = last.clone();
+        Ok(Self {
+            device,
+            plan,
+            last,
+            current,
+        })
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The last values read of the named points (every point when `ids` is empty), for a
+    /// property get. Unknown names are an error naming them.
+    pub fn latest(&self, ids: &[String]) -> Result<Map<String, Json>, String> {
+        let mut out = Map::new();
+        let unknown: Vec<&str> = ids
+            .iter()
+            .filter(|i| !self.device.points.iter().any(|p| &p.identifier == *i))
+            .map(String::as_str)
+            .collect();
+        if !unknown.is_empty() {
+            return Err(format!("no such point: {}", unknown.join(", ")));
+        }
+        for (p, v) in self.device.points.iter().zip(&self.current) {
+            if !ids.is_empty() && !ids.contains(&p.identifier) {
+                continue;
+            }
+            if let Some(v) = v {
+                out.insert(p.identifier.clone(), value_json(v));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The values a service call writes: the service's constants, then the call's parameters
+    /// (each must name a point). An unknown service is an error.
+    pub fn service_writes(
+        &self,
+        identifier: &str,
+        params: &Map<String, Json>,
+    ) -> Result<Vec<(String, Json)>, String> {
+        let Some(s) = self
+            .device
+            .services
+            .iter()
+            .find(|s| s.identifier == identifier)
+        else {
+            return Err(format!(
+                "service `{identifier}` is not configured for this device"
+            ));
+        };
+        let mut out = s.set.clone();
+        out.extend(params.iter().map(|(k, v)| (k.clone(), v.clone())));
+        Ok(out)
+    }
+
+    /// Checks and encodes writes (all of them before any is sent), coalescing adjacent points
+    /// of one table into one request.
+    pub fn plan_writes(&self, items: &[(String, Json)]) -> Result<Vec<WriteOp>, String> {
+        if items.is_empty() {
+            return Err("nothing to write".into());
+        }
+        let mut cells: Vec<(RegisterKind, u16, Vec<u16>)> = Vec::with_capacity(items.len());
+        let mut errors = Vec::new();
+        for (id, v) in items {
+            let Some(p) = self.device.points.iter().find(|p| &p.identifier == id) else {
+                errors.push(format!("{id}: no such point"));
+                continue;
+            };
+            if !p.kind.writable() {
+                errors.push(format!("{id}: read-only ({:?})", p.kind));
+                continue;
+            }
+            match encode_point(p, v) {
+                Ok(words) => cells.push((p.kind, p.address, words)),
+                Err(e) => errors.push(e),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors.join("; "));
+        }
+        cells.sort_by_key(|c| (c.0 == RegisterKind::HoldingRegister, c.1));
+        let mut ops: Vec<WriteOp> = Vec::new();
+        let mut end: Option<(RegisterKind, u32)> = None;
+        for (kind, addr, words) in cells {
+            if end.is_some_and(|(k, e)| k == kind && u32::from(addr) < e) {
+                return Err(format!("two values for {kind:?} {addr}"));
+            }
+            let adjacent = end == Some((kind, u32::from(addr)));
+            let n = u32::try_from(words.len()).unwrap_or(u32::MAX);
+            match (ops.last_mut(), kind) {
+                (Some(WriteOp::Coils { bits, .. }), RegisterKind::Coil)
+                    if adjacent && bits.len() < 1968 =>
+                {
+                    bits.extend(words.iter().map(|w| *w != 0));
+                }
+                (Some(WriteOp::Registers { words: w, .. }), RegisterKind::HoldingRegister)
+                    if adjacent && w.len() + words.len() <= 123 =>
+                {
+                    w.extend(words);
+                }
+                (_, RegisterKind::Coil) => ops.push(WriteOp::Coils {
+                    start: addr,
+                    bits: words.iter().map(|w| *w != 0).collect(),
+                }),
+                _ => ops.push(WriteOp::Registers { start: addr, words }),
+            }
+            end = Some((kind, u32::from(addr) + n));
+        }
+        Ok(ops)
+    }
+
+    /// Sends planned writes in order, each bounded by the timeout and retried (the writes
+    /// set absolute values, so a retry is harmless). Stops at the first failure.
+    pub async fn write(&self, ctx: &mut Context, ops: &[WriteOp]) -> Result<(), PollError> {
+        for op in ops {
+            let mut attempt = 0;
+            loop {
+                let fut = async {
+                    match op {
+                        WriteOp::Coils { start, bits } if bits.len() == 1 => {
+                            ctx.write_single_coil(*start, bits[0]).await
+                        }
+                        WriteOp::Coils { start, bits } => {
+                            ctx.write_multiple_coils(*start, bits).await
+                        }
+                        WriteOp::Registers { start, words } if words.len() == 1 => {
+                            ctx.write_single_register(*start, words[0]).await
+                        }
+                        WriteOp::Registers { start, words } => {
+                            ctx.write_multiple_registers(*start, words).await
+                        }
+                    }
+                };
+                match tokio::time::timeout(self.device.timeout, fut).await {
+                    Ok(Ok(Ok(()))) => break,
+                    Ok(Ok(Err(code))) => {
+                        let (read_kind, start, count) = match op {
+                            WriteOp::Coils { start, bits } => {
+                                (RegisterKind::Coil, *start, bits.len())
+                            }
+                            WriteOp::Registers { start, words } => {
+                                (RegisterKind::HoldingRegister, *start, words.len())
+                            }
+                        };
+                        return Err(PollError::Exception {
+                            read_kind,
+                            start,
+                            count: u16::try_from(count).unwrap_or(u16::MAX),
+                            code: format!("{code:?}"),
+                        });
+                    }
+                    Ok(Err(e)) => return Err(PollError::Transport(e.to_string())),
+                    Err(_) if attempt < self.device.retries => attempt += 1,
+                    Err(_) => {
+                        return Err(PollError::Timeout(
+                            u64::try_from(self.device.timeout.as_millis()).unwrap_or(u64::MAX),
+                        ))
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Requests one poll sends.
@@ -161,6 +402,7 @@ impl Poller {
             let Some(value) = value_of(p, words) else {
                 continue;
             };
+            self.current[i] = Some(value.clone());
             let changed = match (&self.last[i], &value) {
                 (Some(Value::Number(a)), Value::Number(b)) => {
                     (a - b).abs() > p.deadband || p.deadband == 0.0
@@ -178,6 +420,15 @@ impl Poller {
             }
         }
         Ok(out)
+    }
+}
+
+/// A value as Alink JSON (bools as 0/1, the thing model's `bool` type).
+pub fn value_json(v: &Value) -> Json {
+    match v {
+        Value::Bool(b) => Json::from(u8::from(*b)),
+        Value::Number(n) => Json::from(*n),
+        Value::Text(s) => Json::from(s.as_str()),
     }
 }
 

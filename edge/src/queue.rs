@@ -7,10 +7,14 @@
 //!
 //! Layout: `seg-{first seq:020}.log` files of records
 //! `[len u32 LE][crc32 u32 LE][seq u64 LE][ts i64 LE][payload]` (`len` = payload bytes, CRC over
-//! seq, ts and payload), and `acked`, the highest acknowledged sequence number, replaced
-//! atomically. Delivery is at least once: after a crash the records after `acked` are read
-//! again, and the cloud drops the duplicates by message id.
+//! seq, ts and payload), and `acked`, the highest sequence number below which everything is
+//! acknowledged, replaced atomically at each [`Queue::sync`]. Acknowledgements may arrive out
+//! of order (live readings are sent before the backlog): those above the watermark are kept in
+//! memory until the watermark reaches them. Delivery is at least once: after a crash the
+//! records after the persisted `acked` are read again, and the cloud drops the duplicates by
+//! message id.
 
+use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -177,6 +181,10 @@ pub struct Queue {
     writer: Option<BufWriter<File>>,
     next_seq: u64,
     acked: u64,
+    /// Acknowledged records above `acked` (out of order).
+    acked_above: BTreeSet<u64>,
+    /// `acked` changed since it was last written.
+    acked_dirty: bool,
     stats: Stats,
 }
 
@@ -252,6 +260,8 @@ impl Queue {
             writer: None,
             next_seq: acked + 1,
             acked,
+            acked_above: BTreeSet::new(),
+            acked_dirty: false,
             stats: Stats::default(),
         };
         for first in firsts {
@@ -307,9 +317,13 @@ impl Queue {
                     });
                 }
                 FullPolicy::DropOldest => {
-                    let oldest = self.acked + 1;
                     self.stats.dropped_full += 1;
-                    self.set_acked(oldest)?;
+                    self.advance(self.acked + 1);
+                    if self.segments.first().is_some_and(|s| {
+                        s.index.last().is_some_and(|r| r.seq <= self.acked)
+                    }) {
+                        self.persist_acked()?;
+                    }
                 }
             }
         }
@@ -379,11 +393,24 @@ impl Queue {
             w.flush().map_err(io_err(&path))?;
             w.get_ref().sync_data().map_err(io_err(&path))?;
         }
+        if self.acked_dirty {
+            self.persist_acked()?;
+        }
         Ok(())
     }
 
     /// Up to `max` unacknowledged records after `after` (use [`Queue::acked`] to start).
     pub fn read_after(&mut self, after: u64, max: usize) -> Result<Vec<Record>, QueueError> {
+        self.read_range(after, u64::MAX, max)
+    }
+
+    /// Up to `max` unacknowledged records with `after < seq <= upto`, in order.
+    pub fn read_range(
+        &mut self,
+        after: u64,
+        upto: u64,
+        max: usize,
+    ) -> Result<Vec<Record>, QueueError> {
         // Readers see only what is flushed to the file.
         if let Some(w) = self.writer.as_mut() {
             let path = self.dir.clone();
@@ -392,19 +419,30 @@ impl Queue {
         let from = after.max(self.acked);
         let mut out = Vec::new();
         for s in &self.segments {
-            if s.index.last().is_none_or(|r| r.seq <= from) {
+            let (Some(first), Some(last)) = (s.index.first(), s.index.last()) else {
+                continue;
+            };
+            if last.seq <= from {
                 continue;
             }
+            if first.seq > upto || out.len() >= max {
+                break;
+            }
+            // Sequence numbers are contiguous within a segment.
+            let start = usize::try_from((from + 1).saturating_sub(first.seq)).unwrap_or(0);
             let mut f = File::open(&s.path).map_err(io_err(&s.path))?;
             for &Entry {
                 seq,
                 ts,
                 offset: off,
                 size,
-            } in s.index.iter().filter(|r| r.seq > from)
+            } in s.index.iter().skip(start)
             {
-                if out.len() >= max {
+                if seq > upto || out.len() >= max {
                     return Ok(out);
+                }
+                if seq <= from || self.acked_above.contains(&seq) {
+                    continue;
                 }
                 let mut rec = vec![0u8; size as usize];
                 f.seek(SeekFrom::Start(off))
@@ -420,26 +458,76 @@ impl Queue {
         Ok(out)
     }
 
-    /// Marks everything up to `seq` acknowledged (persisted atomically), and removes segments
-    /// that hold nothing else.
-    pub fn ack(&mut self, seq: u64) -> Result<(), QueueError> {
-        if seq <= self.acked {
-            return Ok(());
-        }
-        self.set_acked(seq.min(self.next_seq - 1))
+    /// The highest sequence number appended so far (0 when none ever was).
+    pub fn last_seq(&self) -> u64 {
+        self.next_seq - 1
     }
 
-    fn set_acked(&mut self, seq: u64) -> Result<(), QueueError> {
+    /// Marks everything up to `seq` acknowledged. Persisted at the next [`Queue::sync`].
+    pub fn ack(&mut self, seq: u64) -> Result<(), QueueError> {
+        self.advance(seq.min(self.next_seq - 1));
+        Ok(())
+    }
+
+    /// Marks one record acknowledged, in any order. The watermark moves up over every
+    /// contiguous acknowledged record; persisted at the next [`Queue::sync`].
+    pub fn ack_one(&mut self, seq: u64) {
+        if seq <= self.acked || seq >= self.next_seq || !self.acked_above.insert(seq) {
+            return;
+        }
+        self.forget(seq);
+        let mut to = self.acked;
+        while self.acked_above.remove(&(to + 1)) {
+            to += 1;
+        }
+        if to > self.acked {
+            self.acked = to;
+            self.acked_dirty = true;
+        }
+    }
+
+    /// The size of record `seq`, if the queue holds it.
+    fn size_of(&self, seq: u64) -> Option<u64> {
+        let i = self
+            .segments
+            .partition_point(|s| s.index.last().is_none_or(|r| r.seq < seq));
+        let s = self.segments.get(i)?;
+        let first = s.index.first()?.seq;
+        let e = s.index.get(usize::try_from(seq.checked_sub(first)?).ok()?)?;
+        (e.seq == seq).then_some(e.size)
+    }
+
+    /// Takes one unacknowledged record out of the counters.
+    fn forget(&mut self, seq: u64) {
+        let size = self.size_of(seq).unwrap_or(0);
+        self.stats.depth = self.stats.depth.saturating_sub(1);
+        self.stats.bytes = self.stats.bytes.saturating_sub(size);
+    }
+
+    /// Moves the watermark up to `seq` in memory.
+    fn advance(&mut self, seq: u64) {
+        if seq <= self.acked {
+            return;
+        }
+        for s in self.acked + 1..=seq {
+            if !self.acked_above.remove(&s) {
+                self.forget(s);
+            }
+        }
         self.acked = seq;
+        self.acked_dirty = true;
+    }
+
+    /// Writes the watermark atomically, then removes the segments it covers.
+    fn persist_acked(&mut self) -> Result<(), QueueError> {
         let tmp = self.dir.join("acked.tmp");
         let dst = self.dir.join("acked");
-        fs::write(&tmp, seq.to_string())
+        fs::write(&tmp, self.acked.to_string())
             .and_then(|_| File::open(&tmp)?.sync_all())
             .and_then(|_| fs::rename(&tmp, &dst))
             .map_err(io_err(&dst))?;
-        self.collect_garbage()?;
-        self.recount();
-        Ok(())
+        self.acked_dirty = false;
+        self.collect_garbage()
     }
 
     /// Drops records older than `now - max_age` (counted). Returns how many.
@@ -456,9 +544,12 @@ impl Queue {
             }
         }
         let Some(seq) = last_old else { return Ok(0) };
-        let n = seq - self.acked;
+        let n = (self.acked + 1..=seq)
+            .filter(|s| !self.acked_above.contains(s))
+            .count() as u64;
         self.stats.dropped_age += n;
-        self.set_acked(seq)?;
+        self.advance(seq);
+        self.persist_acked()?;
         Ok(n)
     }
 
@@ -512,6 +603,7 @@ mod tests {
         assert_eq!(r.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3, 4]);
         assert_eq!(r[2].payload, b"r2");
         a.ack(4).unwrap();
+        a.sync().unwrap();
         drop(a);
         let mut b = q(d.path(), Limits::default());
         assert_eq!(b.acked(), 4);
@@ -614,6 +706,7 @@ mod tests {
         );
         a.ack(5).unwrap();
         assert_eq!(a.stats().depth, 0);
+        a.sync().unwrap();
         let segs = fs::read_dir(d.path())
             .unwrap()
             .filter(|e| {
@@ -625,6 +718,42 @@ mod tests {
             })
             .count();
         assert_eq!(segs, 1, "only the segment being written remains");
+    }
+
+    #[test]
+    fn out_of_order_acks_move_the_watermark_over_contiguous_records() {
+        let d = tempfile::tempdir().unwrap();
+        let mut a = q(d.path(), Limits::default());
+        for i in 0..10 {
+            a.append(i, b"abcd").unwrap();
+        }
+        // Live records (8..10) acknowledged before the backlog (1..7).
+        for s in [8, 9, 10, 2] {
+            a.ack_one(s);
+        }
+        assert_eq!(a.acked(), 0);
+        assert_eq!(a.stats().depth, 6);
+        assert_eq!(a.stats().bytes, 6 * (HEADER as u64 + 4));
+        let seqs = |r: Vec<Record>| r.into_iter().map(|r| r.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(a.read_after(0, 100).unwrap()), [1, 3, 4, 5, 6, 7]);
+        assert_eq!(seqs(a.read_range(0, 4, 100).unwrap()), [1, 3, 4]);
+        assert_eq!(seqs(a.read_range(7, 100, 100).unwrap()), Vec::<u64>::new());
+        a.ack_one(1);
+        assert_eq!(a.acked(), 2);
+        a.ack_one(1);
+        a.ack_one(42);
+        assert_eq!(a.stats().depth, 5, "repeated and unknown acks change nothing");
+        a.sync().unwrap();
+        drop(a);
+        // Only the watermark is durable: 8..10 come back (the cloud drops their duplicates).
+        let mut b = q(d.path(), Limits::default());
+        assert_eq!(b.acked(), 2);
+        assert_eq!(seqs(b.read_after(0, 100).unwrap()), [3, 4, 5, 6, 7, 8, 9, 10]);
+        for s in 3..=10 {
+            b.ack_one(s);
+        }
+        assert_eq!((b.acked(), b.stats().depth, b.stats().bytes), (10, 0, 0));
+        assert_eq!(b.last_seq(), 10);
     }
 
     #[test]

@@ -1,16 +1,17 @@
-//! The gateway: one poller task per sub-device appending readings to the queue, a syncer
-//! making the queue durable every second, and the uplink draining it.
+//! The gateway: one task per southbound link (a TCP device, or a serial bus of RTU devices)
+//! appending readings to the queue and carrying out the cloud's writes, a syncer making the
+//! queue durable every second, and the uplink draining it.
 
-use crate::config::{Config, Transport, WhenFull};
+use crate::config::{Config, WhenFull};
+use crate::link::{self, Command, Sink};
 use crate::now_ms;
-use crate::poller::{Poller, Value as Reading};
 use crate::queue::{FullPolicy, Limits, Queue, QueueError};
 use crate::status::Status;
 use crate::uplink::{self, State};
-use serde_json::{json, Map, Value};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 
 /// A running gateway.
@@ -75,12 +76,22 @@ pub fn start(config: Config) -> Result<Running, StartError> {
     let (state_tx, state) = watch::channel(State::Down);
     let mut tasks = Vec::new();
     let status = Arc::new(Status::default());
-    for d in config.devices.clone() {
-        tasks.push(tokio::spawn(poll_device(
-            d,
-            queue.clone(),
-            wake.clone(),
-            status.clone(),
+    let sink = Sink {
+        queue: queue.clone(),
+        wake: wake.clone(),
+        status: status.clone(),
+    };
+    // Commands from the cloud, routed by device name to the link that reaches the device.
+    let mut routes: HashMap<String, mpsc::Sender<Command>> = HashMap::new();
+    for devices in link::links(&config.devices) {
+        let (tx, rx) = mpsc::channel(64);
+        for d in &devices {
+            routes.insert(d.name.clone(), tx.clone());
+        }
+        tasks.push(tokio::spawn(link::run(
+            devices,
+            sink.clone(),
+            rx,
             stop_rx.clone(),
         )));
     }
@@ -128,6 +139,7 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         config.clone(),
         queue.clone(),
         wake,
+        Arc::new(routes),
         state_tx,
         stop_rx,
     )));
@@ -139,119 +151,4 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         stop,
         tasks,
     })
-}
-
-fn to_json(v: &Reading) -> Value {
-    match v {
-        Reading::Bool(b) => json!(u8::from(*b)),
-        Reading::Number(n) => json!(n),
-        Reading::Text(s) => json!(s),
-    }
-}
-
-async fn poll_device(
-    d: crate::config::Device,
-    queue: Arc<Mutex<Queue>>,
-    wake: Arc<Notify>,
-    status: Arc<Status>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let name = d.name.clone();
-    let interval = d.poll_interval;
-    let Transport::Tcp(addr) = d.transport.clone() else {
-        tracing::error!(device = %name, "Modbus RTU is not implemented yet; device not polled");
-        return;
-    };
-    let mut poller = match Poller::new(d) {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::error!(device = %name, error = %e, "point table refused");
-            return;
-        }
-    };
-    let mut backoff = Duration::from_millis(200);
-    loop {
-        let ctx = match addr.parse() {
-            Ok(sa) => tokio_modbus::client::tcp::connect(sa)
-                .await
-                .map_err(|e| e.to_string()),
-            Err(_) => Err(format!("`{addr}` is not an address")),
-        };
-        let mut ctx = match ctx {
-            Ok(c) => {
-                backoff = Duration::from_millis(200);
-                c
-            }
-            Err(e) => {
-                tracing::warn!(device = %name, error = %e, "cannot reach the device");
-                status.update(&name, |s| {
-                    s.state = "unreachable".into();
-                    s.last_error = Some(e.clone());
-                    *s.errors.entry("transport").or_default() += 1;
-                });
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = stop.wait_for(|s| *s) => return,
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-                continue;
-            }
-        };
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = stop.wait_for(|s| *s) => return,
-            }
-            let now = now_ms();
-            let result = poller.poll(&mut ctx, now).await;
-            match &result {
-                Ok(r) => status.update(&name, |s| {
-                    s.state = "ok".into();
-                    s.last_ok_ms = Some(now);
-                    s.points += r.len() as u64;
-                }),
-                Err(e) => status.update(&name, |s| {
-                    s.state = "error".into();
-                    s.last_error = Some(e.to_string());
-                    let kind = match e {
-                        crate::poller::PollError::Exception { .. } => "exception",
-                        crate::poller::PollError::Timeout(_) => "timeout",
-                        crate::poller::PollError::Transport(_) => "transport",
-                        crate::poller::PollError::Short { .. } => "short",
-                    };
-                    *s.errors.entry(kind).or_default() += 1;
-                }),
-            }
-            match result {
-                Ok(readings) if readings.is_empty() => {}
-                Ok(readings) => {
-                    let params: Map<String, Value> = readings
-                        .iter()
-                        .map(|r| {
-                            (
-                                r.identifier.clone(),
-                                json!({"value": to_json(&r.value), "time": r.ts}),
-                            )
-                        })
-                        .collect();
-                    let payload = json!({"dn": name, "params": params}).to_string();
-                    let appended = queue.lock().map_err(|_| ()).and_then(|mut q| {
-                        q.append(now, payload.as_bytes()).map_err(|e| {
-                            tracing::warn!(device = %name, error = %e, "reading not queued");
-                        })
-                    });
-                    if appended.is_ok() {
-                        wake.notify_one();
-                    }
-                }
-                Err(crate::poller::PollError::Transport(e)) => {
-                    tracing::warn!(device = %name, error = %e, "connection to the device lost");
-                    break;
-                }
-                Err(e) => tracing::warn!(device = %name, error = %e, "poll failed"),
-            }
-        }
-    }
 }

@@ -26,8 +26,12 @@ pub struct DeviceStatus {
     pub last_error: Option<String>,
     /// Points read.
     pub points: u64,
-    /// Errors by kind (`exception`, `timeout`, `transport`, `short`).
+    /// Errors by kind (`exception`, `timeout`, `transport`, `short`, `unreachable`).
     pub errors: BTreeMap<&'static str, u64>,
+    /// Writes from the cloud carried out.
+    pub writes_ok: u64,
+    /// Writes from the cloud that failed.
+    pub writes_failed: u64,
 }
 
 /// Status shared by the tasks.
@@ -73,7 +77,7 @@ async fn status_json(AxState(c): AxState<Ctx>) -> impl IntoResponse {
         .snapshot()
         .into_iter()
         .map(|(k, d)| {
-            (k, json!({"state": d.state, "last_ok_ms": d.last_ok_ms, "last_error": d.last_error, "points": d.points, "errors": d.errors}))
+            (k, json!({"state": d.state, "last_ok_ms": d.last_ok_ms, "last_error": d.last_error, "points": d.points, "errors": d.errors, "writes_ok": d.writes_ok, "writes_failed": d.writes_failed}))
         })
         .collect();
     Json(json!({
@@ -127,6 +131,15 @@ async fn metrics(AxState(c): AxState<Ctx>) -> impl IntoResponse {
             let _ = writeln!(
                 out,
                 "ironlink_edge_poll_errors_total{{device=\"{name}\",kind=\"{kind}\"}} {n}"
+            );
+        }
+    }
+    let _ = writeln!(out, "# TYPE ironlink_edge_writes_total counter");
+    for (name, d) in &devices {
+        for (result, n) in [("ok", d.writes_ok), ("failed", d.writes_failed)] {
+            let _ = writeln!(
+                out,
+                "ironlink_edge_writes_total{{device=\"{name}\",result=\"{result}\"}} {n}"
             );
         }
     }

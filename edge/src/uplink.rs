@@ -1,23 +1,37 @@
-//! The uplink: one MQTT connection to the cloud as an Alink gateway. After every (re)connect
-//! it adds its sub-devices to its topology and logs them in (`batch_login`), then sends the
-//! queued readings in order, each as a property post on the sub-device's own topic with the
-//! queue's sequence number as its Alink id, and acknowledges them in the queue once the cloud's
-//! PUBACK (sent after the cloud committed them) arrives. Reconnects back off with jitter.
+//! The uplink: one MQTT connection (plain or TLS) to the cloud as an Alink gateway. After every
+//! (re)connect it adds its sub-devices to its topology and logs them in (`batch_login`), then
+//! sends the queue: each reading as a property post (each fault as an event) on the
+//! sub-device's own topic, with the queue's sequence number as its Alink id and `sys.dedup`,
+//! acknowledged in the queue once the cloud's PUBACK (sent after the cloud committed it)
+//! arrives. What was queued before the connection came up is the backlog: live readings go
+//! first, and the backlog drains beside them at `queue.drain_rate` messages per second, in
+//! order, with its original timestamps. The cloud's property sets, gets and service calls for
+//! a sub-device go to the link that reaches it, and the outcome comes back as the reply.
+//! Reconnects back off with jitter.
 
 use crate::config::{Config, Device};
+use crate::link::{Command, Op, Outcome};
 use crate::now_ms;
-use crate::queue::Queue;
+use crate::queue::{Queue, Record};
 use ironlink_shared::credentials::write_device_credentials;
 use ironlink_shared::sign::{sign_connect, SignMethod};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{
+    AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport,
+};
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::time::Instant;
 
 /// Messages in flight (sent, not yet acknowledged by the cloud).
 const WINDOW: usize = 256;
+/// Of which the backlog may hold at most this many, so live data always finds room.
+const BACKLOG_WINDOW: usize = WINDOW / 2;
+
+/// Routes from sub-device name to the link task that reaches it.
+pub type Routes = HashMap<String, mpsc::Sender<Command>>;
 
 /// Uplink state for the status endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -55,7 +69,44 @@ pub fn mqtt_options(c: &Config) -> Result<MqttOptions, String> {
     o.set_keep_alive(Duration::from_secs(60));
     o.set_clean_session(true);
     o.set_max_packet_size(1 << 20, 1 << 20);
+    if c.uplink.tls {
+        o.set_transport(Transport::Tls(TlsConfiguration::Rustls(Arc::new(
+            tls_config(c)?,
+        ))));
+    }
     Ok(o)
+}
+
+/// Debian's bundle of public CAs, used when `ca_file` is not set.
+const SYSTEM_CAS: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// The TLS client configuration: the configured CA file (or the system's CAs), TLS 1.2+.
+fn tls_config(c: &Config) -> Result<rustls::ClientConfig, String> {
+    let path = c
+        .uplink
+        .ca_file
+        .clone()
+        .unwrap_or_else(|| SYSTEM_CAS.into());
+    let pem = std::fs::read(&path).map_err(|e| format!("uplink.ca_file {}: {e}", path.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        let cert = cert.map_err(|e| format!("uplink.ca_file {}: {e}", path.display()))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("uplink.ca_file {}: {e}", path.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!(
+            "uplink.ca_file {}: no certificate in it",
+            path.display()
+        ));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 /// The signed entry of one sub-device in topo/add and batch_login.
@@ -80,6 +131,7 @@ pub async fn run(
     config: Arc<Config>,
     queue: Arc<Mutex<Queue>>,
     wake: Arc<Notify>,
+    routes: Arc<Routes>,
     state: watch::Sender<State>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -92,14 +144,18 @@ pub async fn run(
         let options = match mqtt_options(&config) {
             Ok(o) => o,
             Err(e) => {
-                tracing::error!(error = %e, "uplink credentials");
+                tracing::error!(error = %e, "uplink configuration");
                 return;
             }
         };
+        let mut up = false;
         let result = tokio::select! {
-            r = session(&config, options, &queue, &wake, &state) => r,
+            r = session(&config, options, &queue, &wake, &routes, &state, &mut up) => r,
             _ = stop.wait_for(|s| *s) => return,
         };
+        if up {
+            backoff = Duration::from_millis(200);
+        }
         if let Err(e) = result {
             tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "uplink down");
         }
@@ -114,13 +170,164 @@ pub async fn run(
     }
 }
 
+/// A downlink for a sub-device, parsed from its topic: the op, and the reply topic.
+fn downlink(topic: &str, payload: &[u8]) -> Option<(String, String, Op, String)> {
+    let parts: Vec<&str> = topic.split('/').collect();
+    // "", "sys", pk, dn, ...
+    let (pk, dn) = match parts.as_slice() {
+        ["", "sys", pk, dn, ..] => (*pk, *dn),
+        _ => return None,
+    };
+    let v: Value = serde_json::from_slice(payload).unwrap_or(Value::Null);
+    let id = match &v["id"] {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        _ => String::new(),
+    };
+    let params = v["params"].as_object().cloned().unwrap_or_default();
+    let service_op = |name: &str| match name {
+        "property/set" => Op::Set(params.clone()),
+        "property/get" => Op::Get(
+            v["params"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect())
+                .unwrap_or_default(),
+        ),
+        s => Op::Service(s.to_owned(), params.clone()),
+    };
+    match parts.get(4..)? {
+        ["thing", "service", rest @ ..] if !rest.is_empty() => {
+            let name = rest.join("/");
+            if name.ends_with("_reply") {
+                return None;
+            }
+            let reply = format!("{topic}_reply");
+            Some((dn.to_owned(), id, service_op(&name), reply))
+        }
+        ["rrpc", "request", msg_id] => {
+            let method = v["method"].as_str().unwrap_or("");
+            let name = method
+                .strip_prefix("thing.service.")
+                .map(|m| m.replace('.', "/"))
+                .unwrap_or_default();
+            let reply = format!("/sys/{pk}/{dn}/rrpc/response/{msg_id}");
+            Some((dn.to_owned(), id, service_op(&name), reply))
+        }
+        _ => None,
+    }
+}
+
+/// Publishes and remembers, in send order, which queue record each publish carries.
+struct Sender<'a> {
+    client: &'a AsyncClient,
+    /// One entry per publish not yet handed to the network: its record, if any.
+    order: VecDeque<Option<u64>>,
+    /// Packet id -> record, for publishes on the wire.
+    pkids: HashMap<u16, u64>,
+}
+
+impl Sender<'_> {
+    async fn publish(&mut self, topic: String, body: String, record: Option<u64>) -> Result<(), String> {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, body)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.order.push_back(record);
+        Ok(())
+    }
+
+    /// A reply: never waits (dropped, with a warning, if the client's queue is full).
+    fn reply(&mut self, topic: String, body: String) {
+        match self.client.try_publish(topic, QoS::AtMostOnce, false, body) {
+            Ok(()) => self.order.push_back(None),
+            Err(e) => tracing::warn!(error = %e, "reply dropped"),
+        }
+    }
+
+    /// The network took the next publish with this packet id.
+    fn outgoing(&mut self, pkid: u16) {
+        if let Some(Some(seq)) = self.order.pop_front() {
+            if pkid != 0 {
+                self.pkids.insert(pkid, seq);
+            }
+        }
+    }
+}
+
+/// The post for one queued record: topic and body.
+fn post_for(r: &Record, pk_of: &BTreeMap<&str, &str>) -> Option<(String, String)> {
+    let v: Value = serde_json::from_slice(&r.payload).ok()?;
+    let dn = v["dn"].as_str()?;
+    let pk = pk_of.get(dn).copied()?;
+    let id = r.seq.to_string();
+    // `sys.dedup`: the cloud drops a second copy of this id (at-least-once delivery).
+    Some(match v["event"].as_str() {
+        Some(event) => (
+            format!("/sys/{pk}/{dn}/thing/event/{event}/post"),
+            json!({"id": id, "version": "1.0", "sys": {"ack": 1, "dedup": 1},
+                   "params": {"value": v["params"], "time": v["time"]},
+                   "method": format!("thing.event.{event}.post")})
+            .to_string(),
+        ),
+        None => (
+            format!("/sys/{pk}/{dn}/thing/event/property/post"),
+            json!({"id": id, "version": "1.0", "sys": {"ack": 1, "dedup": 1},
+                   "params": v["params"], "method": "thing.event.property.post"})
+            .to_string(),
+        ),
+    })
+}
+
+/// Paces the backlog: `rate` messages per second (0: no limit), bursts of a fifth of a second.
+struct Pace {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Pace {
+    fn new(rate: u32) -> Self {
+        Self {
+            rate: f64::from(rate),
+            tokens: 1.0,
+            at: Instant::now(),
+        }
+    }
+
+    /// How many may go now.
+    fn available(&mut self) -> usize {
+        if self.rate == 0.0 {
+            return usize::MAX;
+        }
+        let now = Instant::now();
+        let burst = (self.rate / 5.0).max(1.0);
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(burst);
+        self.at = now;
+        self.tokens.max(0.0) as usize
+    }
+
+    fn take(&mut self, n: usize) {
+        self.tokens -= n as f64;
+    }
+
+    /// When the next message may go.
+    fn next(&self) -> Instant {
+        if self.rate == 0.0 || self.tokens >= 1.0 {
+            return self.at;
+        }
+        self.at + Duration::from_secs_f64((1.0 - self.tokens) / self.rate)
+    }
+}
+
 /// One connection's life. Returns when the connection fails.
 async fn session(
     config: &Config,
     options: MqttOptions,
     queue: &Arc<Mutex<Queue>>,
     wake: &Notify,
+    routes: &Routes,
     state: &watch::Sender<State>,
+    up: &mut bool,
 ) -> Result<(), String> {
     let (client, mut events) = AsyncClient::new(options, WINDOW * 2);
     let gpk = &config.gateway.product_key;
@@ -133,102 +340,197 @@ async fn session(
         }
     }
     let _ = state.send(State::LoggingIn);
+    let mut tx = Sender {
+        client: &client,
+        order: VecDeque::new(),
+        pkids: HashMap::new(),
+    };
     let subs: Vec<Value> = config.devices.iter().map(signed).collect();
     for (i, chunk) in subs.chunks(200).enumerate() {
         let add = json!({"id": format!("topo-{i}"), "version": "1.0", "params": chunk, "method": "thing.topo.add"});
-        client
-            .publish(
-                format!("/sys/{gpk}/{gdn}/thing/topo/add"),
-                QoS::AtLeastOnce,
-                false,
-                add.to_string(),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
+        tx.publish(format!("/sys/{gpk}/{gdn}/thing/topo/add"), add.to_string(), None)
+            .await?;
         let login =
             json!({"id": format!("login-{i}"), "version": "1.0", "params": {"deviceList": chunk}});
-        client
-            .publish(
-                format!("/ext/session/{gpk}/{gdn}/combine/batch_login"),
-                QoS::AtLeastOnce,
-                false,
-                login.to_string(),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
+        tx.publish(
+            format!("/ext/session/{gpk}/{gdn}/combine/batch_login"),
+            login.to_string(),
+            None,
+        )
+        .await?;
     }
     // Wait for every batch_login reply (the cloud applies a login before later packets).
     let mut pending_logins = subs.chunks(200).count();
     while pending_logins > 0 {
-        if let Event::Incoming(Packet::Publish(p)) =
-            events.poll().await.map_err(|e| e.to_string())?
-        {
-            if p.topic.ends_with("/combine/batch_login_reply") {
+        match events.poll().await.map_err(|e| e.to_string())? {
+            Event::Incoming(Packet::Publish(p)) if p.topic.ends_with("/combine/batch_login_reply") => {
                 let v: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
                 if v["code"] != 200 {
                     return Err(format!("batch_login refused: {v}"));
                 }
                 pending_logins -= 1;
             }
+            Event::Outgoing(Outgoing::Publish(pkid)) => tx.outgoing(pkid),
+            _ => {}
         }
     }
     let _ = state.send(State::Up);
-    tracing::info!(sub_devices = config.devices.len(), "uplink up");
+    *up = true;
     let pk_of: BTreeMap<&str, &str> = config
         .devices
         .iter()
         .map(|d| (d.name.as_str(), d.product_key.as_str()))
         .collect();
-    // Sent, waiting for PUBACK: packet id order = send order; seq per send.
-    let mut inflight: std::collections::VecDeque<u64> = std::collections::VecDeque::new();
-    let mut sent_upto = queue.lock().map_err(|_| "queue lock")?.acked();
+    // Everything queued so far is the backlog; what comes after is live.
+    let (acked, backlog_end) = {
+        let q = queue.lock().map_err(|_| "queue lock")?;
+        (q.acked(), q.last_seq())
+    };
+    tracing::info!(
+        sub_devices = config.devices.len(),
+        backlog = backlog_end - acked,
+        "uplink up"
+    );
+    let mut live_sent = backlog_end;
+    let mut backlog_sent = acked;
+    let (mut inflight, mut backlog_inflight) = (0usize, 0usize);
+    let mut pace = Pace::new(config.queue.drain_rate);
+    let (reply_tx, mut replies) = mpsc::unbounded_channel::<((String, String), Outcome)>();
     loop {
-        // Fill the window.
-        if inflight.len() < WINDOW {
-            let records = {
-                let mut q = queue.lock().map_err(|_| "queue lock")?;
-                q.read_after(sent_upto, WINDOW - inflight.len())
-                    .map_err(|e| e.to_string())?
-            };
+        // Live first.
+        if inflight < WINDOW {
+            let records = queue
+                .lock()
+                .map_err(|_| "queue lock")?
+                .read_range(live_sent, u64::MAX, WINDOW - inflight)
+                .map_err(|e| e.to_string())?;
             for r in records {
-                let v: Value = serde_json::from_slice(&r.payload).unwrap_or(Value::Null);
-                let Some(dn) = v["dn"].as_str() else {
-                    // Not a reading this version understands: skip it rather than block.
-                    sent_upto = r.seq;
-                    continue;
-                };
-                let pk = pk_of.get(dn).copied().unwrap_or("");
-                // `sys.dedup`: the cloud drops a second copy of this id (at-least-once delivery).
-                let body = json!({"id": r.seq.to_string(), "version": "1.0", "sys": {"ack": 1, "dedup": 1}, "params": v["params"], "method": "thing.event.property.post"});
-                client
-                    .publish(
-                        format!("/sys/{pk}/{dn}/thing/event/property/post"),
-                        QoS::AtLeastOnce,
-                        false,
-                        body.to_string(),
-                    )
-                    .await
-                    .map_err(|e| e.to_string())?;
-                inflight.push_back(r.seq);
-                sent_upto = r.seq;
+                live_sent = r.seq;
+                send(&mut tx, queue, &r, &pk_of, &mut inflight).await?;
             }
         }
+        // Then the backlog, paced, in its share of the window.
+        let backlog_pending = backlog_sent < backlog_end;
+        if backlog_pending && inflight < WINDOW && backlog_inflight < BACKLOG_WINDOW {
+            let room = (WINDOW - inflight)
+                .min(BACKLOG_WINDOW - backlog_inflight)
+                .min(pace.available());
+            if room > 0 {
+                let records = queue
+                    .lock()
+                    .map_err(|_| "queue lock")?
+                    .read_range(backlog_sent, backlog_end, room)
+                    .map_err(|e| e.to_string())?;
+                if records.is_empty() {
+                    backlog_sent = backlog_end;
+                    tracing::info!("backlog drained");
+                }
+                pace.take(records.len());
+                for r in records {
+                    backlog_sent = r.seq;
+                    let before = inflight;
+                    send(&mut tx, queue, &r, &pk_of, &mut inflight).await?;
+                    backlog_inflight += inflight - before;
+                }
+            }
+        }
+        let backlog_waits = backlog_sent < backlog_end
+            && inflight < WINDOW
+            && backlog_inflight < BACKLOG_WINDOW;
         tokio::select! {
             ev = events.poll() => {
                 match ev.map_err(|e| e.to_string())? {
-                    Event::Incoming(Packet::PubAck(_)) => {
-                        // PUBACKs come in send order; topology/login acks were consumed above
-                        // only as replies, so count only once the window holds readings.
-                        if let Some(seq) = inflight.pop_front() {
-                            let mut q = queue.lock().map_err(|_| "queue lock")?;
-                            q.ack(seq).map_err(|e| e.to_string())?;
+                    Event::Outgoing(Outgoing::Publish(pkid)) => tx.outgoing(pkid),
+                    Event::Incoming(Packet::PubAck(a)) => {
+                        if let Some(seq) = tx.pkids.remove(&a.pkid) {
+                            inflight = inflight.saturating_sub(1);
+                            if seq <= backlog_end {
+                                backlog_inflight = backlog_inflight.saturating_sub(1);
+                            }
+                            queue.lock().map_err(|_| "queue lock")?.ack_one(seq);
+                        }
+                    }
+                    Event::Incoming(Packet::Publish(p)) => {
+                        if let Some((dn, id, op, reply)) = downlink(&p.topic, &p.payload) {
+                            dispatch(routes, dn, id, op, reply, &reply_tx);
                         }
                     }
                     Event::Incoming(Packet::Disconnect) => return Err("cloud sent DISCONNECT".into()),
                     _ => {}
                 }
             }
-            _ = wake.notified(), if inflight.len() < WINDOW => {}
+            Some(((topic, id), o)) = replies.recv() => {
+                let mut body = json!({"id": id, "code": o.code, "data": o.data});
+                if o.code != 200 {
+                    body["message"] = json!(o.message);
+                }
+                tx.reply(topic, body.to_string());
+            }
+            _ = wake.notified(), if inflight < WINDOW => {}
+            _ = tokio::time::sleep_until(pace.next()), if backlog_waits => {}
         }
+    }
+}
+
+/// Sends one record (or skips one this version cannot send, acknowledging it so it does not
+/// block the queue).
+async fn send(
+    tx: &mut Sender<'_>,
+    queue: &Mutex<Queue>,
+    r: &Record,
+    pk_of: &BTreeMap<&str, &str>,
+    inflight: &mut usize,
+) -> Result<(), String> {
+    match post_for(r, pk_of) {
+        Some((topic, body)) => {
+            tx.publish(topic, body, Some(r.seq)).await?;
+            *inflight += 1;
+        }
+        None => {
+            tracing::warn!(seq = r.seq, "queued record for no configured sub-device: skipped");
+            queue.lock().map_err(|_| "queue lock")?.ack_one(r.seq);
+        }
+    }
+    Ok(())
+}
+
+/// Hands a downlink to the link of its sub-device, or answers at once.
+fn dispatch(
+    routes: &Routes,
+    dn: String,
+    id: String,
+    op: Op,
+    reply: String,
+    reply_tx: &mpsc::UnboundedSender<((String, String), Outcome)>,
+) {
+    let tag = (reply, id);
+    let refuse = |code, message: &str| {
+        let _ = reply_tx.send((
+            tag.clone(),
+            Outcome {
+                code,
+                data: json!({}),
+                message: message.to_owned(),
+            },
+        ));
+    };
+    let Some(link) = routes.get(&dn) else {
+        // The gateway's own downlinks, or a sub-device this configuration no longer has.
+        return;
+    };
+    if let Op::Service(name, _) = &op {
+        if name.is_empty() {
+            refuse(460, "not a service call");
+            return;
+        }
+    }
+    let cmd = Command {
+        device: dn,
+        op,
+        tag: tag.clone(),
+        reply: reply_tx.clone(),
+    };
+    if link.try_send(cmd).is_err() {
+        refuse(503, "the sub-device's link is busy: too many requests waiting");
     }
 }

@@ -415,7 +415,7 @@ pub async fn run(o: &AppsBench) -> Result<AppsResult> {
         app.write_all(&b).await?;
         let mut buf = BytesMut::new();
         loop {
-            match v4::read(&mut buf, 1 << 20) {
+            match v4::Packet::read(&mut buf, 1 << 20) {
                 Ok(v4::Packet::SubAck(_)) => break,
                 Ok(_) => {}
                 Err(_) => {
@@ -444,7 +444,7 @@ pub async fn run(o: &AppsBench) -> Result<AppsResult> {
         let mut got = Vec::with_capacity(total);
         let mut acks = BytesMut::new();
         while got.len() < total {
-            match v4::read(&mut buf, 1 << 20) {
+            match v4::Packet::read(&mut buf, 1 << 20) {
                 Ok(v4::Packet::Publish(p)) => {
                     let now = now_ms_f64();
                     if let Some((seq, t)) = stamp(&p.payload) {

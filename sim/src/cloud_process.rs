@@ -313,7 +313,7 @@ pub async fn connect_raw(addr: SocketAddr, connect: &[u8]) -> Option<TcpStream> 
     s.write_all(connect).await.ok()?;
     let mut buf = BytesMut::new();
     loop {
-        match v4::read(&mut buf, 1024) {
+        match v4::Packet::read(&mut buf, 1024) {
             Ok(v4::Packet::ConnAck(a)) if a.code == v4::ConnectReturnCode::Success => {
                 return Some(s)
             }

@@ -41,7 +41,7 @@ pub struct GatewayResult {
 /// One MQTT connection's reader: waits for the reply on `topic` (skipping PUBACKs).
 async fn reply(s: &mut TcpStream, buf: &mut BytesMut, topic: &str) -> Result<Value> {
     loop {
-        match v4::read(buf, 1 << 20) {
+        match v4::Packet::read(buf, 1 << 20) {
             Ok(v4::Packet::Publish(p)) if p.topic == topic => {
                 return Ok(serde_json::from_slice(&p.payload)?)
             }
@@ -197,7 +197,7 @@ pub async fn run(o: &GatewayBench) -> Result<GatewayResult> {
     s.write_all(&out).await?;
     let mut replies = 0usize;
     while replies < subs.len() {
-        match v4::read(&mut buf, 1 << 20) {
+        match v4::Packet::read(&mut buf, 1 << 20) {
             Ok(v4::Packet::Publish(p)) if p.topic.ends_with("/post_reply") => replies += 1,
             Ok(_) => {}
             Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {

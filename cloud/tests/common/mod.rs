@@ -208,7 +208,7 @@ impl Raw {
     /// Next MQTT 3.1.1 packet; `None` when the server closed the connection.
     pub async fn next_v4(&mut self) -> Option<v4::Packet> {
         loop {
-            match v4::read(&mut self.buf, 1 << 20) {
+            match v4::Packet::read(&mut self.buf, 1 << 20) {
                 Ok(p) => return Some(p),
                 Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {
                     if !self.fill().await {
@@ -273,7 +273,7 @@ impl Raw {
         };
         let mut b = BytesMut::new();
         v5::Packet::Connect(c, None, Some(v5::Login::new(user, pass)))
-            .write(&mut b)
+            .write(&mut b, None)
             .unwrap();
         self.send(&b).await;
         match self.next_v5().await {
