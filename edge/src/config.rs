@@ -362,36 +362,53 @@ impl Config {
                         ))
                     }
                 },
-                "rtu" => match &d.serial {
-                    Some(p) => {
-                        let parity = match d.parity.as_ref().map(|p| (p.get_ref().to_ascii_uppercase(), p.span().start)) {
-                            None => 'N',
-                            Some((v, _)) if v == "N" || v == "NONE" => 'N',
-                            Some((v, _)) if v == "E" || v == "EVEN" => 'E',
-                            Some((v, _)) if v == "O" || v == "ODD" => 'O',
-                            Some((v, at)) => return Err(err(Some(at), format!("{}: `{v}` is not none, even or odd", here("parity")))),
-                        };
-                        if !(d.data_bits == 7 || d.data_bits == 8) || !(d.stop_bits == 1 || d.stop_bits == 2) || d.baud == 0 {
-                            return Err(err(Some(d.transport.span().start), format!("{}: data_bits must be 7 or 8, stop_bits 1 or 2, baud above 0", here("transport"))));
+                "rtu" => {
+                    match &d.serial {
+                        Some(p) => {
+                            let parity = match d
+                                .parity
+                                .as_ref()
+                                .map(|p| (p.get_ref().to_ascii_uppercase(), p.span().start))
+                            {
+                                None => 'N',
+                                Some((v, _)) if v == "N" || v == "NONE" => 'N',
+                                Some((v, _)) if v == "E" || v == "EVEN" => 'E',
+                                Some((v, _)) if v == "O" || v == "ODD" => 'O',
+                                Some((v, at)) => {
+                                    return Err(err(
+                                        Some(at),
+                                        format!(
+                                            "{}: `{v}` is not none, even or odd",
+                                            here("parity")
+                                        ),
+                                    ))
+                                }
+                            };
+                            if !(d.data_bits == 7 || d.data_bits == 8)
+                                || !(d.stop_bits == 1 || d.stop_bits == 2)
+                                || d.baud == 0
+                            {
+                                return Err(err(Some(d.transport.span().start), format!("{}: data_bits must be 7 or 8, stop_bits 1 or 2, baud above 0", here("transport"))));
+                            }
+                            Transport::Rtu(SerialLine {
+                                path: p.clone(),
+                                baud: d.baud,
+                                parity,
+                                data_bits: d.data_bits,
+                                stop_bits: d.stop_bits,
+                            })
                         }
-                        Transport::Rtu(SerialLine {
-                            path: p.clone(),
-                            baud: d.baud,
-                            parity,
-                            data_bits: d.data_bits,
-                            stop_bits: d.stop_bits,
-                        })
+                        None => {
+                            return Err(err(
+                                Some(d.transport.span().start),
+                                format!(
+                                    "{}: rtu needs `serial = \"/dev/ttyUSB0\"`",
+                                    here("transport")
+                                ),
+                            ))
+                        }
                     }
-                    None => {
-                        return Err(err(
-                            Some(d.transport.span().start),
-                            format!(
-                                "{}: rtu needs `serial = \"/dev/ttyUSB0\"`",
-                                here("transport")
-                            ),
-                        ))
-                    }
-                },
+                }
                 other => {
                     return Err(err(
                         Some(d.transport.span().start),
@@ -518,11 +535,17 @@ impl Config {
                     if !p.kind.writable() {
                         return Err(err(
                             Some(sv.identifier.span().start),
-                            format!("devices[{di}].services[{si}].set: `{k}` is read-only ({:?})", p.kind),
+                            format!(
+                                "devices[{di}].services[{si}].set: `{k}` is read-only ({:?})",
+                                p.kind
+                            ),
                         ));
                     }
                     let v = serde_json::to_value(v).map_err(|e| {
-                        err(Some(sv.identifier.span().start), format!("devices[{di}].services[{si}].set: {e}"))
+                        err(
+                            Some(sv.identifier.span().start),
+                            format!("devices[{di}].services[{si}].set: {e}"),
+                        )
                     })?;
                     set.push((k, v));
                 }

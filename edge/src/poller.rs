@@ -115,7 +115,10 @@ fn encode_point(p: &Point, v: &Json) -> Result<Vec<u16>, String> {
         };
         let bytes = text.as_bytes();
         if bytes.len() > usize::from(n) * 2 {
-            return Err(format!("{id}: text longer than {} bytes", usize::from(n) * 2));
+            return Err(format!(
+                "{id}: text longer than {} bytes",
+                usize::from(n) * 2
+            ));
         }
         let at = |i: usize| bytes.get(i).copied().unwrap_or(0);
         return Ok((0..usize::from(n))
@@ -138,12 +141,18 @@ fn encode_point(p: &Point, v: &Json) -> Result<Vec<u16>, String> {
         return match x {
             0.0 => Ok(vec![0]),
             1.0 => Ok(vec![1]),
-            _ => Err(format!("{id}: a bool point takes 0, 1, true or false, not {x}")),
+            _ => Err(format!(
+                "{id}: a bool point takes 0, 1, true or false, not {x}"
+            )),
         };
     }
     let mut out = [0u16; 4];
-    let n = encode(p.data_type, p.order, x, p.scale, p.offset, &mut out)
-        .map_err(|_| format!("{id}: {x} does not fit {:?} after scale and offset", p.data_type))?;
+    let n = encode(p.data_type, p.order, x, p.scale, p.offset, &mut out).map_err(|_| {
+        format!(
+            "{id}: {x} does not fit {:?} after scale and offset",
+            p.data_type
+        )
+    })?;
     Ok(out.get(..n).unwrap_or_default().to_vec())
 }
 
@@ -423,10 +432,14 @@ impl Poller {
     }
 }
 
-/// A value as Alink JSON (bools as 0/1, the thing model's `bool` type).
+/// A value as Alink JSON (bools as 0/1, the thing model's `bool` type; whole numbers as JSON
+/// integers, which `int` properties require and `float` ones accept).
 pub fn value_json(v: &Value) -> Json {
     match v {
         Value::Bool(b) => Json::from(u8::from(*b)),
+        Value::Number(n) if n.fract() == 0.0 && n.abs() < 9_007_199_254_740_992.0 => {
+            Json::from(*n as i64)
+        }
         Value::Number(n) => Json::from(*n),
         Value::Text(s) => Json::from(s.as_str()),
     }
@@ -453,6 +466,7 @@ fn value_of(p: &Point, words: &[u16]) -> Option<Value> {
 mod tests {
     use super::*;
     use crate::config::Config;
+    use serde_json::json;
     use std::future;
     use std::sync::Arc;
     use tokio_modbus::prelude::*;
@@ -567,6 +581,89 @@ type = "bool"
             .map(|r| r.identifier)
             .collect();
         assert_eq!(again, ["Voltage", "Relay"]);
+    }
+
+    #[test]
+    fn writes_are_checked_then_coalesced_per_table() {
+        let extra = r#"
+[[devices.points]]
+identifier = "Mode"
+kind = "holding"
+address = "40003"
+type = "u16"
+[[devices.points]]
+identifier = "Label"
+kind = "holding"
+address = "40010"
+type = "string(2)"
+order = "BADC"
+[[devices.points]]
+identifier = "Fan"
+kind = "coil"
+address = "1"
+type = "bool"
+"#;
+        let addr = "127.0.0.1:1".parse().unwrap();
+        let p = Poller::new(device(addr, extra)).unwrap();
+        let w = |items: Json| {
+            let items: Vec<(String, Json)> = items
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            p.plan_writes(&items)
+        };
+        // Voltage (f32 CDAB at 0..1) and Mode (u16 at 2) are adjacent: one FC16.
+        let ops = w(json!({"Voltage": 1.5, "Mode": 9, "Relay": true, "Fan": false})).unwrap();
+        let bits = 1.5f32.to_bits();
+        assert_eq!(
+            ops,
+            [
+                WriteOp::Coils {
+                    start: 0,
+                    bits: vec![true, false]
+                },
+                WriteOp::Registers {
+                    start: 0,
+                    words: vec![(bits & 0xFFFF) as u16, (bits >> 16) as u16, 9]
+                },
+            ]
+        );
+        assert_eq!(
+            ops.iter().map(WriteOp::function).collect::<Vec<_>>(),
+            [15, 16]
+        );
+        let one = w(json!({"Mode": "12"})).unwrap();
+        assert_eq!(one[0].function(), 6);
+        assert_eq!(w(json!({"Fan": 1})).unwrap()[0].function(), 5);
+        // Strings: bytes swapped within each register for BADC, padded with NULs.
+        assert_eq!(
+            w(json!({"Label": "abc"})).unwrap(),
+            [WriteOp::Registers {
+                start: 9,
+                words: vec![
+                    u16::from_be_bytes([b'b', b'a']),
+                    u16::from_be_bytes([0, b'c'])
+                ]
+            }]
+        );
+        // Every problem is named; nothing is written when any item is wrong.
+        let e = w(json!({"Energy": 1, "Nope": 1, "Mode": 70000, "Relay": 2, "Label": "too long"}))
+            .unwrap_err();
+        for part in [
+            "Energy: read-only",
+            "Nope: no such point",
+            "Mode: 70000 does not fit",
+            "Relay: a bool point takes",
+            "Label: text longer than 4 bytes",
+        ] {
+            assert!(e.contains(part), "{part} in {e}");
+        }
+        assert!(w(json!({})).is_err());
+        // Scale is inverted: Energy would be raw * 0.01, but it is read-only; Voltage has
+        // scale 1, so a value past f32 is refused.
+        assert!(w(json!({"Voltage": 1e300})).is_err());
     }
 
     #[tokio::test]

@@ -319,9 +319,11 @@ impl Queue {
                 FullPolicy::DropOldest => {
                     self.stats.dropped_full += 1;
                     self.advance(self.acked + 1);
-                    if self.segments.first().is_some_and(|s| {
-                        s.index.last().is_some_and(|r| r.seq <= self.acked)
-                    }) {
+                    if self
+                        .segments
+                        .first()
+                        .is_some_and(|s| s.index.last().is_some_and(|r| r.seq <= self.acked))
+                    {
                         self.persist_acked()?;
                     }
                 }
@@ -493,7 +495,9 @@ impl Queue {
             .partition_point(|s| s.index.last().is_none_or(|r| r.seq < seq));
         let s = self.segments.get(i)?;
         let first = s.index.first()?.seq;
-        let e = s.index.get(usize::try_from(seq.checked_sub(first)?).ok()?)?;
+        let e = s
+            .index
+            .get(usize::try_from(seq.checked_sub(first)?).ok()?)?;
         (e.seq == seq).then_some(e.size)
     }
 
@@ -742,13 +746,20 @@ mod tests {
         assert_eq!(a.acked(), 2);
         a.ack_one(1);
         a.ack_one(42);
-        assert_eq!(a.stats().depth, 5, "repeated and unknown acks change nothing");
+        assert_eq!(
+            a.stats().depth,
+            5,
+            "repeated and unknown acks change nothing"
+        );
         a.sync().unwrap();
         drop(a);
         // Only the watermark is durable: 8..10 come back (the cloud drops their duplicates).
         let mut b = q(d.path(), Limits::default());
         assert_eq!(b.acked(), 2);
-        assert_eq!(seqs(b.read_after(0, 100).unwrap()), [3, 4, 5, 6, 7, 8, 9, 10]);
+        assert_eq!(
+            seqs(b.read_after(0, 100).unwrap()),
+            [3, 4, 5, 6, 7, 8, 9, 10]
+        );
         for s in 3..=10 {
             b.ack_one(s);
         }

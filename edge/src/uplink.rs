@@ -87,7 +87,8 @@ fn tls_config(c: &Config) -> Result<rustls::ClientConfig, String> {
         .ca_file
         .clone()
         .unwrap_or_else(|| SYSTEM_CAS.into());
-    let pem = std::fs::read(&path).map_err(|e| format!("uplink.ca_file {}: {e}", path.display()))?;
+    let pem =
+        std::fs::read(&path).map_err(|e| format!("uplink.ca_file {}: {e}", path.display()))?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
         let cert = cert.map_err(|e| format!("uplink.ca_file {}: {e}", path.display()))?;
@@ -190,7 +191,11 @@ fn downlink(topic: &str, payload: &[u8]) -> Option<(String, String, Op, String)>
         "property/get" => Op::Get(
             v["params"]
                 .as_array()
-                .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_str().map(str::to_owned))
+                        .collect()
+                })
                 .unwrap_or_default(),
         ),
         s => Op::Service(s.to_owned(), params.clone()),
@@ -227,7 +232,12 @@ struct Sender<'a> {
 }
 
 impl Sender<'_> {
-    async fn publish(&mut self, topic: String, body: String, record: Option<u64>) -> Result<(), String> {
+    async fn publish(
+        &mut self,
+        topic: String,
+        body: String,
+        record: Option<u64>,
+    ) -> Result<(), String> {
         self.client
             .publish(topic, QoS::AtLeastOnce, false, body)
             .await
@@ -301,7 +311,8 @@ impl Pace {
         }
         let now = Instant::now();
         let burst = (self.rate / 5.0).max(1.0);
-        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(burst);
+        self.tokens =
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(burst);
         self.at = now;
         self.tokens.max(0.0) as usize
     }
@@ -348,8 +359,12 @@ async fn session(
     let subs: Vec<Value> = config.devices.iter().map(signed).collect();
     for (i, chunk) in subs.chunks(200).enumerate() {
         let add = json!({"id": format!("topo-{i}"), "version": "1.0", "params": chunk, "method": "thing.topo.add"});
-        tx.publish(format!("/sys/{gpk}/{gdn}/thing/topo/add"), add.to_string(), None)
-            .await?;
+        tx.publish(
+            format!("/sys/{gpk}/{gdn}/thing/topo/add"),
+            add.to_string(),
+            None,
+        )
+        .await?;
         let login =
             json!({"id": format!("login-{i}"), "version": "1.0", "params": {"deviceList": chunk}});
         tx.publish(
@@ -363,7 +378,9 @@ async fn session(
     let mut pending_logins = subs.chunks(200).count();
     while pending_logins > 0 {
         match events.poll().await.map_err(|e| e.to_string())? {
-            Event::Incoming(Packet::Publish(p)) if p.topic.ends_with("/combine/batch_login_reply") => {
+            Event::Incoming(Packet::Publish(p))
+                if p.topic.ends_with("/combine/batch_login_reply") =>
+            {
                 let v: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
                 if v["code"] != 200 {
                     return Err(format!("batch_login refused: {v}"));
@@ -434,9 +451,8 @@ async fn session(
                 }
             }
         }
-        let backlog_waits = backlog_sent < backlog_end
-            && inflight < WINDOW
-            && backlog_inflight < BACKLOG_WINDOW;
+        let backlog_waits =
+            backlog_sent < backlog_end && inflight < WINDOW && backlog_inflight < BACKLOG_WINDOW;
         tokio::select! {
             ev = events.poll() => {
                 match ev.map_err(|e| e.to_string())? {
@@ -487,7 +503,10 @@ async fn send(
             *inflight += 1;
         }
         None => {
-            tracing::warn!(seq = r.seq, "queued record for no configured sub-device: skipped");
+            tracing::warn!(
+                seq = r.seq,
+                "queued record for no configured sub-device: skipped"
+            );
             queue.lock().map_err(|_| "queue lock")?.ack_one(r.seq);
         }
     }
@@ -531,6 +550,9 @@ fn dispatch(
         reply: reply_tx.clone(),
     };
     if link.try_send(cmd).is_err() {
-        refuse(503, "the sub-device's link is busy: too many requests waiting");
+        refuse(
+            503,
+            "the sub-device's link is busy: too many requests waiting",
+        );
     }
 }

@@ -69,6 +69,8 @@ pub struct Cloud {
     pub http: SocketAddr,
     /// AMQP over TLS address, when the server was started with one.
     pub amqps: Option<SocketAddr>,
+    /// MQTT over TLS address, when the server was started with one.
+    pub mqtts: Option<SocketAddr>,
     /// Admin token.
     pub token: String,
     /// Data directory.
@@ -92,11 +94,14 @@ impl Cloud {
             .args([
                 "--mqtt-listen",
                 "127.0.0.1:0",
-                "--mqtts-listen",
-                "off",
                 "--http-listen",
                 "127.0.0.1:0",
             ])
+            .args(if extra.contains(&"--mqtts-listen") {
+                &[][..]
+            } else {
+                &["--mqtts-listen", "off"][..]
+            })
             .args(if extra.contains(&"--amqps-listen") {
                 &[][..]
             } else {
@@ -118,7 +123,7 @@ impl Cloud {
             }
         });
         let mut banner = Vec::new();
-        let (mut mqtt, mut http, mut amqps) = (None, None, None);
+        let (mut mqtt, mut http, mut amqps, mut mqtts) = (None, None, None, None);
         loop {
             let line = rx
                 .recv_timeout(WAIT)
@@ -140,6 +145,9 @@ impl Cloud {
             if line.starts_with("AMQP/TLS") {
                 amqps = addr("amqps://");
             }
+            if line.starts_with("MQTT/TLS") {
+                mqtts = addr("mqtts://");
+            }
             banner.push(line);
         }
         let token = std::fs::read_to_string(data_dir.join("admin-token"))?
@@ -150,6 +158,7 @@ impl Cloud {
             mqtt: mqtt.context("no MQTT address in the banner")?,
             http: http.context("no HTTP address in the banner")?,
             amqps,
+            mqtts,
             token,
             data_dir: data_dir.to_owned(),
             banner,

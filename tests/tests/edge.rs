@@ -51,9 +51,14 @@ async fn create(c: &Cloud, path: &str, body: Value) -> Value {
 }
 
 #[tokio::test]
-async fn modbus_readings_reach_the_cloud_through_the_edge_gateway() {
+async fn modbus_readings_reach_the_cloud_through_the_edge_gateway_over_tls() {
     let dir = tempfile::tempdir().unwrap();
-    let cloud = Cloud::start(&dir.path().join("cloud"), &[]).unwrap();
+    let cloud = Cloud::start(
+        &dir.path().join("cloud"),
+        &["--mqtts-listen", "127.0.0.1:0"],
+    )
+    .unwrap();
+    let mqtts = cloud.mqtts.expect("MQTT/TLS listener");
     let gpk = create(
         &cloud,
         "/products",
@@ -94,6 +99,8 @@ device_secret = "{gsecret}"
 [uplink]
 host = "127.0.0.1"
 port = {port}
+tls = true
+ca_file = "{ca}"
 [queue]
 dir = "{queue}"
 [status]
@@ -121,7 +128,8 @@ offset = -200.0
 deadband = 1.0
 "#,
         gsecret = gw["device_secret"].as_str().unwrap(),
-        port = cloud.mqtt.port(),
+        port = mqtts.port(),
+        ca = cloud.data_dir.join("tls/ca.pem").display(),
         queue = dir.path().join("queue").display(),
         msecret = meter["device_secret"].as_str().unwrap(),
     );
@@ -348,4 +356,376 @@ type = "f32"
     let _ = edge.kill();
     let _ = edge.wait();
     assert_eq!(stored, queued, "every queued reading once");
+}
+
+/// A field device with state: 16 holding registers and 8 coils, every request's function code
+/// logged.
+#[derive(Default)]
+struct Plc {
+    holding: std::sync::Mutex<[u16; 16]>,
+    coils: std::sync::Mutex<[bool; 8]>,
+    functions: std::sync::Mutex<Vec<u8>>,
+}
+
+struct PlcService(Arc<Plc>);
+
+impl tokio_modbus::server::Service for PlcService {
+    type Request = Request<'static>;
+    type Response = Response;
+    type Exception = ExceptionCode;
+    type Future = future::Ready<Result<Response, ExceptionCode>>;
+
+    fn call(&self, req: Request<'static>) -> Self::Future {
+        let p = &self.0;
+        p.functions
+            .lock()
+            .unwrap()
+            .push(req.function_code().value());
+        let mut h = p.holding.lock().unwrap();
+        let mut c = p.coils.lock().unwrap();
+        let range = |a: u16, n: usize, len: usize| {
+            let a = usize::from(a);
+            (a + n <= len).then_some(a..a + n)
+        };
+        future::ready(match req {
+            Request::ReadHoldingRegisters(a, n) => range(a, n.into(), 16)
+                .map(|r| Response::ReadHoldingRegisters(h[r].to_vec()))
+                .ok_or(ExceptionCode::IllegalDataAddress),
+            Request::ReadCoils(a, n) => range(a, n.into(), 8)
+                .map(|r| Response::ReadCoils(c[r].to_vec()))
+                .ok_or(ExceptionCode::IllegalDataAddress),
+            Request::WriteSingleRegister(a, v) => range(a, 1, 16)
+                .map(|r| {
+                    h[r].copy_from_slice(&[v]);
+                    Response::WriteSingleRegister(a, v)
+                })
+                .ok_or(ExceptionCode::IllegalDataAddress),
+            Request::WriteMultipleRegisters(a, w) => range(a, w.len(), 16)
+                .map(|r| {
+                    h[r].copy_from_slice(&w);
+                    Response::WriteMultipleRegisters(a, w.len() as u16)
+                })
+                .ok_or(ExceptionCode::IllegalDataAddress),
+            Request::WriteSingleCoil(a, v) => range(a, 1, 8)
+                .map(|r| {
+                    c[r].copy_from_slice(&[v]);
+                    Response::WriteSingleCoil(a, v)
+                })
+                .ok_or(ExceptionCode::IllegalDataAddress),
+            Request::WriteMultipleCoils(a, bits) => range(a, bits.len(), 8)
+                .map(|r| {
+                    c[r].copy_from_slice(&bits);
+                    Response::WriteMultipleCoils(a, bits.len() as u16)
+                })
+                .ok_or(ExceptionCode::IllegalDataAddress),
+            _ => Err(ExceptionCode::IllegalFunction),
+        })
+    }
+}
+
+async fn plc(state: Arc<Plc>) -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let server = Server::new(l);
+        let new_service = move |_| Ok(Some(Arc::new(PlcService(state.clone()))));
+        let on_connected = |stream, a| {
+            let new_service = new_service.clone();
+            async move { accept_tcp_connection(stream, a, new_service) }
+        };
+        let _ = server.serve(&on_connected, |_| {}).await;
+    });
+    addr
+}
+
+const PLC_TSL: &str = r#"{
+  "properties": [
+    {"identifier": "Setpoint", "name": "S", "accessMode": "rw", "dataType": {"type": "float", "specs": {"min": "0", "max": "100"}}},
+    {"identifier": "Mode", "name": "M", "accessMode": "rw", "dataType": {"type": "int", "specs": {"min": "0", "max": "9"}}},
+    {"identifier": "Pump", "name": "P", "accessMode": "rw", "dataType": {"type": "bool", "specs": {"0": "off", "1": "on"}}},
+    {"identifier": "Fan", "name": "F", "accessMode": "rw", "dataType": {"type": "bool", "specs": {"0": "off", "1": "on"}}}
+  ],
+  "events": [
+    {"identifier": "ModbusFault", "name": "Fault", "type": "error", "outputData": [
+      {"identifier": "kind", "name": "K", "dataType": {"type": "text", "specs": {"length": "32"}}},
+      {"identifier": "message", "name": "M", "dataType": {"type": "text", "specs": {"length": "1024"}}}
+    ]}
+  ],
+  "services": [
+    {"identifier": "StartAll", "name": "Start", "callType": "async", "inputData": [
+      {"identifier": "Mode", "name": "M", "dataType": {"type": "int", "specs": {"min": "0", "max": "9"}}}
+    ], "outputData": []}
+  ]
+}"#;
+
+/// Waits until a service call has finished and returns it.
+async fn finished(cloud: &Cloud, pk: &str, dn: &str, id: &str) -> Value {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (_, v) = cloud
+            .api(
+                Method::GET,
+                &format!("/devices/{pk}/{dn}/service-calls/{id}"),
+                None,
+            )
+            .await
+            .unwrap();
+        if v["status"] != "pending" {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "call never finished: {v}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Property sets and service calls from the cloud's API become Modbus writes (adjacent points
+/// in one FC16 or FC15 request, single ones FC06 or FC05) with the inverse scaling; the reply
+/// carries the outcome, the new values come back as readings, a property get answers from the
+/// last poll, and the fault event of an unreachable device reaches the cloud.
+#[tokio::test]
+async fn cloud_sets_and_service_calls_become_modbus_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Cloud::start(&dir.path().join("cloud"), &[]).unwrap();
+    let gpk = create(
+        &cloud,
+        "/products",
+        json!({"name": "edge", "node_type": "gateway"}),
+    )
+    .await["product_key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let spk = create(
+        &cloud,
+        "/products",
+        json!({"name": "plc", "node_type": "sub-device"}),
+    )
+    .await["product_key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (s, v) = cloud
+        .api(
+            Method::PUT,
+            &format!("/products/{spk}/thing-model"),
+            Some(serde_json::from_str(PLC_TSL).unwrap()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{v}");
+    let gw = create(
+        &cloud,
+        &format!("/products/{gpk}/devices"),
+        json!({"device_name": "edge-03"}),
+    )
+    .await;
+    let mut secrets = Vec::new();
+    for dn in ["plc-01", "plc-gone"] {
+        let d = create(
+            &cloud,
+            &format!("/products/{spk}/devices"),
+            json!({"device_name": dn}),
+        )
+        .await;
+        secrets.push(d["device_secret"].as_str().unwrap().to_owned());
+    }
+    let state = Arc::new(Plc::default());
+    let field = plc(state.clone()).await;
+    let config = format!(
+        r#"
+[gateway]
+product_key = "{gpk}"
+device_name = "edge-03"
+device_secret = "{gsecret}"
+[uplink]
+host = "127.0.0.1"
+port = {port}
+[queue]
+dir = "{queue}"
+[[devices]]
+name = "plc-01"
+product_key = "{spk}"
+device_secret = "{s0}"
+transport = "tcp"
+address = "{field}"
+poll_interval = "50ms"
+[[devices.points]]
+identifier = "Setpoint"
+kind = "holding"
+address = "40003"
+type = "f32"
+order = "CDAB"
+scale = 0.1
+[[devices.points]]
+identifier = "Mode"
+kind = "holding"
+address = "40005"
+type = "u16"
+[[devices.points]]
+identifier = "Pump"
+kind = "coil"
+address = "0"
+type = "bool"
+[[devices.points]]
+identifier = "Fan"
+kind = "coil"
+address = "1"
+type = "bool"
+[[devices.services]]
+identifier = "StartAll"
+set = {{ Pump = true, Fan = true }}
+[[devices]]
+name = "plc-gone"
+product_key = "{spk}"
+device_secret = "{s1}"
+transport = "tcp"
+address = "127.0.0.1:1"
+[[devices.points]]
+identifier = "Mode"
+kind = "holding"
+address = "0"
+type = "u16"
+"#,
+        gsecret = gw["device_secret"].as_str().unwrap(),
+        port = cloud.mqtt.port(),
+        queue = dir.path().join("queue").display(),
+        s0 = secrets[0],
+        s1 = secrets[1],
+    );
+    let config = ironlink_edge::config::Config::parse("edge.toml", &config).unwrap();
+    let edge = ironlink_edge::run::start(config).unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while *edge.uplink.borrow() != ironlink_edge::uplink::State::Up {
+        assert!(std::time::Instant::now() < deadline, "uplink never up");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    // Two adjacent holding points: one FC16 request; 21.5 with scale 0.1 is the f32 215.0.
+    let (s, v) = cloud
+        .api(
+            Method::POST,
+            &format!("/devices/{spk}/plc-01/properties"),
+            Some(json!({"params": {"Setpoint": 21.5, "Mode": 3}})),
+        )
+        .await
+        .unwrap();
+    assert!(s == 200 || s == 202, "{s} {v}");
+    let call = finished(&cloud, &spk, "plc-01", v["id"].as_str().unwrap()).await;
+    assert_eq!(call["status"], "succeeded", "{call}");
+    let bits = 215.0f32.to_bits();
+    assert_eq!(
+        state.holding.lock().unwrap()[2..5],
+        [(bits & 0xFFFF) as u16, (bits >> 16) as u16, 3],
+        "CDAB: low word first"
+    );
+    assert!(state.functions.lock().unwrap().contains(&16));
+
+    // The service writes both coils (adjacent: one FC15) and its Mode parameter (FC06).
+    let (_, v) = cloud
+        .api(
+            Method::POST,
+            &format!("/devices/{spk}/plc-01/services/StartAll"),
+            Some(json!({"params": {"Mode": 7}})),
+        )
+        .await
+        .unwrap();
+    let call = finished(&cloud, &spk, "plc-01", v["id"].as_str().unwrap()).await;
+    assert_eq!(call["status"], "succeeded", "{call}");
+    assert_eq!(state.coils.lock().unwrap()[..2], [true, true]);
+    assert_eq!(state.holding.lock().unwrap()[4], 7);
+    let fcs = state.functions.lock().unwrap().clone();
+    assert!(fcs.contains(&15) && fcs.contains(&6), "{fcs:?}");
+
+    // A single coil is FC05.
+    let (_, v) = cloud
+        .api(
+            Method::POST,
+            &format!("/devices/{spk}/plc-01/properties"),
+            Some(json!({"params": {"Fan": 0}})),
+        )
+        .await
+        .unwrap();
+    let call = finished(&cloud, &spk, "plc-01", v["id"].as_str().unwrap()).await;
+    assert_eq!(call["status"], "succeeded", "{call}");
+    assert!(state.functions.lock().unwrap().contains(&5));
+    assert!(!state.coils.lock().unwrap()[1]);
+
+    // The new values come back as readings.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (_, v) = cloud
+            .api(
+                Method::GET,
+                &format!("/devices/{spk}/plc-01/properties"),
+                None,
+            )
+            .await
+            .unwrap();
+        let get = |id: &str| {
+            v["properties"]
+                .as_array()
+                .and_then(|a| a.iter().find(|p| p["identifier"] == id))
+                .map(|p| p["value"].clone())
+        };
+        if get("Setpoint")
+            .and_then(|x| x.as_f64())
+            .is_some_and(|x| (x - 21.5).abs() < 1e-6)
+            && get("Mode") == Some(json!(7))
+            && get("Fan") == Some(json!(0))
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "values not read back: {v}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // A property get is answered from the last poll.
+    let (_, v) = cloud
+        .api(
+            Method::POST,
+            &format!("/devices/{spk}/plc-01/properties/get"),
+            Some(json!({"identifiers": ["Mode"]})),
+        )
+        .await
+        .unwrap();
+    let call = finished(&cloud, &spk, "plc-01", v["id"].as_str().unwrap()).await;
+    assert_eq!(call["status"], "succeeded", "{call}");
+    assert_eq!(call["reply"]["Mode"], 7, "{call}");
+
+    // A write to the unreachable device fails at once with the reason.
+    let (_, v) = cloud
+        .api(
+            Method::POST,
+            &format!("/devices/{spk}/plc-gone/properties"),
+            Some(json!({"params": {"Mode": 1}})),
+        )
+        .await
+        .unwrap();
+    let call = finished(&cloud, &spk, "plc-gone", v["id"].as_str().unwrap()).await;
+    assert_eq!(call["status"], "failed", "{call}");
+    assert_eq!(call["code"], 503, "{call}");
+    // And its fault event is in the cloud.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (_, v) = cloud
+            .api(
+                Method::GET,
+                &format!("/devices/{spk}/plc-gone/events"),
+                None,
+            )
+            .await
+            .unwrap();
+        if v.to_string().contains("unreachable") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no fault event: {v}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    edge.shutdown().await;
 }
