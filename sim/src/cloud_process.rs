@@ -91,12 +91,16 @@ impl Cloud {
         let mut child = Command::new(bin)
             .args(["serve", "--data-dir"])
             .arg(data_dir)
-            .args([
-                "--mqtt-listen",
-                "127.0.0.1:0",
-                "--http-listen",
-                "127.0.0.1:0",
-            ])
+            .args(if extra.contains(&"--mqtt-listen") {
+                &[][..]
+            } else {
+                &["--mqtt-listen", "127.0.0.1:0"][..]
+            })
+            .args(if extra.contains(&"--http-listen") {
+                &[][..]
+            } else {
+                &["--http-listen", "127.0.0.1:0"][..]
+            })
             .args(if extra.contains(&"--mqtts-listen") {
                 &[][..]
             } else {

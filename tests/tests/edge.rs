@@ -729,3 +729,279 @@ type = "u16"
     }
     edge.shutdown().await;
 }
+
+/// A meter whose register counts its reads: every reading is a different, increasing value,
+/// and the meter remembers which values it served. `frozen`: answers with an exception.
+#[derive(Default)]
+struct Counter {
+    next: std::sync::atomic::AtomicU16,
+    frozen: std::sync::atomic::AtomicBool,
+}
+
+struct CounterService(Arc<Counter>);
+
+impl tokio_modbus::server::Service for CounterService {
+    type Request = Request<'static>;
+    type Response = Response;
+    type Exception = ExceptionCode;
+    type Future = future::Ready<Result<Response, ExceptionCode>>;
+
+    fn call(&self, req: Request<'static>) -> Self::Future {
+        use std::sync::atomic::Ordering::SeqCst;
+        future::ready(match req {
+            _ if self.0.frozen.load(SeqCst) => Err(ExceptionCode::ServerDeviceBusy),
+            Request::ReadHoldingRegisters(0, 1) => Ok(Response::ReadHoldingRegisters(vec![
+                self.0.next.fetch_add(1, SeqCst) + 1,
+            ])),
+            _ => Err(ExceptionCode::IllegalDataAddress),
+        })
+    }
+}
+
+async fn counter(state: Arc<Counter>) -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let server = Server::new(l);
+        let new_service = move |_| Ok(Some(Arc::new(CounterService(state.clone()))));
+        let on_connected = |stream, a| {
+            let new_service = new_service.clone();
+            async move { accept_tcp_connection(stream, a, new_service) }
+        };
+        let _ = server.serve(&on_connected, |_| {}).await;
+    });
+    addr
+}
+
+async fn gateway_and_meter(
+    cloud: &Cloud,
+    gdn: &str,
+    mdn: &str,
+) -> (String, String, String, String) {
+    let gpk = create(
+        cloud,
+        "/products",
+        json!({"name": "edge", "node_type": "gateway"}),
+    )
+    .await["product_key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let spk = create(
+        cloud,
+        "/products",
+        json!({"name": "meter", "node_type": "sub-device"}),
+    )
+    .await["product_key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let gw = create(
+        cloud,
+        &format!("/products/{gpk}/devices"),
+        json!({"device_name": gdn}),
+    )
+    .await;
+    let m = create(
+        cloud,
+        &format!("/products/{spk}/devices"),
+        json!({"device_name": mdn}),
+    )
+    .await;
+    (
+        gpk,
+        gw["device_secret"].as_str().unwrap().to_owned(),
+        spk,
+        m["device_secret"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// The failure test of the edge issue: polling at 10 Hz, the cloud is killed (-9) and stays
+/// down for 60 s, then comes back on the same port. Every reading the meter served reaches the
+/// cloud's history exactly once, in order, with its own timestamp.
+#[tokio::test]
+async fn a_60_s_cloud_outage_at_10_hz_loses_and_duplicates_nothing() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().unwrap();
+    let cloud_dir = dir.path().join("cloud");
+    let cloud = Cloud::start(&cloud_dir, &[]).unwrap();
+    let (gpk, gsecret, spk, msecret) = gateway_and_meter(&cloud, "edge-04", "meter-04").await;
+    let meter = Arc::new(Counter::default());
+    let field = counter(meter.clone()).await;
+    let (mqtt, http) = (cloud.mqtt, cloud.http);
+    let config = format!(
+        r#"
+[gateway]
+product_key = "{gpk}"
+device_name = "edge-04"
+device_secret = "{gsecret}"
+[uplink]
+host = "127.0.0.1"
+port = {port}
+[queue]
+dir = "{queue}"
+drain_rate = 200
+[[devices]]
+name = "meter-04"
+product_key = "{spk}"
+device_secret = "{msecret}"
+transport = "tcp"
+address = "{field}"
+poll_interval = "100ms"
+fault_event = ""
+[[devices.points]]
+identifier = "Count"
+kind = "holding"
+address = "0"
+type = "u16"
+"#,
+        port = mqtt.port(),
+        queue = dir.path().join("queue").display(),
+    );
+    let config = ironlink_edge::config::Config::parse("edge.toml", &config).unwrap();
+    let edge = ironlink_edge::run::start(config).unwrap();
+    let mut up = edge.uplink.clone();
+    tokio::time::timeout(
+        WAIT,
+        up.wait_for(|s| *s == ironlink_edge::uplink::State::Up),
+    )
+    .await
+    .expect("uplink up")
+    .unwrap();
+    // Some readings flow, then the cloud dies.
+    while meter.next.load(SeqCst) < 20 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    cloud.kill9().unwrap();
+    let at_kill = meter.next.load(SeqCst);
+    tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+    let during = meter.next.load(SeqCst) - at_kill;
+    assert!(
+        during >= 300,
+        "the edge kept polling: {during} readings in 60 s"
+    );
+    let cloud = Cloud::start(
+        &cloud_dir,
+        &[
+            "--mqtt-listen",
+            &mqtt.to_string(),
+            "--http-listen",
+            &http.to_string(),
+        ],
+    )
+    .unwrap();
+    // Live data flows at once; the backlog drains beside it. Then the meter stops answering,
+    // and everything it served must be in the cloud.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    while edge.queue.lock().unwrap().stats().depth > 50 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "backlog never drained"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    meter.frozen.store(true, SeqCst);
+    let served = u64::from(meter.next.load(SeqCst));
+    let deadline = std::time::Instant::now() + WAIT;
+    let points = loop {
+        let (_, v) = cloud
+            .api(
+                Method::GET,
+                &format!("/devices/{spk}/meter-04/properties/Count/history?limit=100000"),
+                None,
+            )
+            .await
+            .unwrap();
+        let points = v["points"].as_array().cloned().unwrap_or_default();
+        if points.len() as u64 >= served {
+            break points;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {served} readings in the cloud",
+            points.len()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    edge.shutdown().await;
+    let mut by_time: Vec<(i64, u64)> = points
+        .iter()
+        .map(|p| (p["time"].as_i64().unwrap(), p["value"].as_u64().unwrap()))
+        .collect();
+    by_time.sort_unstable();
+    let values: Vec<u64> = by_time.iter().map(|p| p.1).collect();
+    assert_eq!(
+        values,
+        (1..=served).collect::<Vec<_>>(),
+        "each reading exactly once, in the order of its timestamps"
+    );
+}
+
+/// A full queue applies its policy and says so in the metrics.
+#[tokio::test]
+async fn a_full_queue_drops_the_oldest_and_counts_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let meter = Arc::new(Counter::default());
+    let field = counter(meter).await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = format!(
+        r#"
+[gateway]
+product_key = "g"
+device_name = "edge-05"
+device_secret = "s"
+[uplink]
+host = "127.0.0.1"
+port = {dead}
+[queue]
+dir = "{queue}"
+max_bytes = 2000
+[status]
+listen = "127.0.0.1:0"
+[[devices]]
+name = "meter-05"
+product_key = "p"
+device_secret = "x"
+transport = "tcp"
+address = "{field}"
+poll_interval = "10ms"
+[[devices.points]]
+identifier = "Count"
+kind = "holding"
+address = "0"
+type = "u16"
+"#,
+        queue = dir.path().join("queue").display(),
+    );
+    let config = ironlink_edge::config::Config::parse("edge.toml", &config).unwrap();
+    let edge = ironlink_edge::run::start(config).unwrap();
+    let url = format!("http://{}/metrics", edge.status_addr.unwrap());
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let m = reqwest::get(&url).await.unwrap().text().await.unwrap();
+        let dropped = m
+            .lines()
+            .find_map(|l| l.strip_prefix("ironlink_edge_queue_dropped_full_total "))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        if dropped > 0 {
+            let bytes: u64 = m
+                .lines()
+                .find_map(|l| l.strip_prefix("ironlink_edge_queue_bytes "))
+                .and_then(|v| v.parse().ok())
+                .unwrap();
+            assert!(bytes <= 2000, "{m}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never full: {m}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // The oldest went: what is left starts after the dropped ones.
+    let first = edge.queue.lock().unwrap().read_after(0, 1).unwrap();
+    assert!(first[0].seq > 1);
+    edge.shutdown().await;
+}
