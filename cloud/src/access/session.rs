@@ -240,6 +240,17 @@ pub async fn serve<S>(
             let _ = frame::encode_publish(&publish, |b| out.extend_from_slice(b));
             let _ = stream.write_all(&out).await;
             let _ = stream.shutdown().await;
+            // Let the device read the answer and close first: closing with its later packets
+            // unread would reset the connection, and a reset can discard the answer before
+            // the device's SDK has read it. Bounded, whatever the device does.
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                let mut sink = [0u8; 512];
+                while matches!(
+                    tokio::io::AsyncReadExt::read(&mut stream, &mut sink).await,
+                    Ok(n) if n > 0
+                ) {}
+            })
+            .await;
             return;
         }
         Ok(Authenticated::Device {
