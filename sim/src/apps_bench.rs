@@ -83,7 +83,7 @@ pub struct AppsResult {
     pub backlog: Backlog,
 }
 
-fn now_ms_f64() -> f64 {
+pub(crate) fn now_ms_f64() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64() * 1000.0)
@@ -164,7 +164,7 @@ fn stamp(body: &[u8]) -> Option<(u64, f64)> {
     Some((v["params"]["seq"].as_u64()?, v["params"]["t"].as_f64()?))
 }
 
-async fn amqp_receiver(
+pub(crate) async fn amqp_receiver(
     cloud: &Cloud,
     key_id: &str,
     secret: &str,

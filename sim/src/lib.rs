@@ -4,5 +4,6 @@
 pub mod apps_bench;
 pub mod bench;
 pub mod cloud_process;
+pub mod edge_bench;
 pub mod gateway;
 pub mod ingest;

@@ -71,6 +71,34 @@ enum Bench {
         #[arg(long)]
         cloud_bin: Option<PathBuf>,
     },
+    /// The edge gateway: Modbus TCP devices polled and forwarded to an application, then a
+    /// backlog drained beside live data after a cloud outage.
+    Edge {
+        /// Simulated Modbus TCP devices.
+        #[arg(long, default_value_t = 500)]
+        devices: usize,
+        /// Points per device.
+        #[arg(long, default_value_t = 30)]
+        points: u16,
+        /// Poll interval, ms.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+        /// Steady-state measurement, s.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Cloud outage before the drain phase, s (0: skip the drain phase).
+        #[arg(long, default_value_t = 30)]
+        outage_seconds: u64,
+        /// The edge's queue.drain_rate, messages/s.
+        #[arg(long, default_value_t = 1000)]
+        drain_rate: u32,
+        /// ironlink-cloud binary (default: next to this executable).
+        #[arg(long)]
+        cloud_bin: Option<PathBuf>,
+        /// ironlink-edge binary (default: next to this executable).
+        #[arg(long)]
+        edge_bin: Option<PathBuf>,
+    },
     /// TSL-validated property ingest into storage vs a plain batched insert of the same rows.
     Ingest {
         /// Publishing devices.
@@ -130,6 +158,33 @@ async fn run() -> anyhow::Result<()> {
             };
             let r = ironlink_sim::apps_bench::run(&o).await?;
             print!("{}", ironlink_sim::apps_bench::table(&r));
+            println!("{}", serde_json::to_string(&r)?);
+        }
+        Cmd::Bench {
+            which:
+                Bench::Edge {
+                    devices,
+                    points,
+                    interval_ms,
+                    seconds,
+                    outage_seconds,
+                    drain_rate,
+                    cloud_bin,
+                    edge_bin,
+                },
+        } => {
+            let o = ironlink_sim::edge_bench::EdgeBench {
+                devices: devices.clamp(1, 5_000),
+                points: points.clamp(1, 125),
+                interval: std::time::Duration::from_millis(interval_ms.clamp(10, 60_000)),
+                seconds: seconds.clamp(1, 600),
+                outage_seconds: outage_seconds.min(600),
+                drain_rate,
+                cloud_bin,
+                edge_bin,
+            };
+            let r = ironlink_sim::edge_bench::run(&o).await?;
+            print!("{}", ironlink_sim::edge_bench::table(&r));
             println!("{}", serde_json::to_string(&r)?);
         }
         Cmd::Bench {
