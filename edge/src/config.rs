@@ -623,6 +623,31 @@ scale = 0.1
     }
 
     #[test]
+    fn rtu_lines_and_services_parse() {
+        let text = GOOD.replace(
+            "transport = \"tcp\"",
+            "transport = \"rtu\"\nserial = \"/dev/ttyS0\"\nbaud = 19200\nparity = \"E\"\nstop_bits = 2",
+        ) + "[[devices.services]]\nidentifier = \"Go\"\nset = { voltage = 2.5 }\n";
+        let c = Config::parse("edge.toml", &text).unwrap();
+        let d = &c.devices[0];
+        assert_eq!(
+            d.transport,
+            Transport::Rtu(SerialLine {
+                path: "/dev/ttyS0".into(),
+                baud: 19200,
+                parity: 'E',
+                data_bits: 8,
+                stop_bits: 2
+            })
+        );
+        assert_eq!(
+            d.services[0].set,
+            [("voltage".into(), serde_json::json!(2.5))]
+        );
+        assert_eq!(d.fault_event, "ModbusFault");
+    }
+
+    #[test]
     fn the_shipped_example_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("edge.example.toml");
         let c = Config::load(&path).unwrap();
@@ -663,6 +688,19 @@ scale = 0.1
                 GOOD.replace("poll_interval", "poll_intervall"),
                 16,
                 "poll_intervall",
+            ),
+            (
+                GOOD.replace(
+                    "transport = \"tcp\"",
+                    "transport = \"rtu\"\nserial = \"/dev/ttyS0\"\nparity = \"mark\"",
+                ),
+                16,
+                "devices[0].parity",
+            ),
+            (
+                format!("{GOOD}[[devices.services]]\nidentifier = \"Go\"\nset = {{ nope = 1 }}\n"),
+                26,
+                "devices[0].services[0].set: `nope` is not a point",
             ),
         ];
         for (text, line, field) in cases {

@@ -222,9 +222,12 @@ pub fn links(devices: &[Device]) -> Vec<Vec<Device>> {
     out
 }
 
-/// Runs one link until `stop`.
+/// Runs one link until `stop`. Its first polls start `phase` into their interval (a
+/// fraction, 0..1), so that many links spread their polls over the interval instead of all
+/// polling, and all posting, at the same instant.
 pub async fn run(
     devices: Vec<Device>,
+    phase: f64,
     sink: Sink,
     mut commands: mpsc::Receiver<Command>,
     mut stop: watch::Receiver<bool>,
@@ -232,10 +235,11 @@ pub async fn run(
     let mut members: Vec<Member> = Vec::with_capacity(devices.len());
     for d in devices {
         let name = d.name.clone();
+        let first = Instant::now() + d.poll_interval.mul_f64(phase.clamp(0.0, 1.0));
         match Poller::new(d) {
             Ok(poller) => members.push(Member {
                 poller,
-                due: Instant::now(),
+                due: first,
                 fault: None,
             }),
             Err(e) => {

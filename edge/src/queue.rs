@@ -188,6 +188,38 @@ pub struct Queue {
     stats: Stats,
 }
 
+/// The slow part of a sync, run without the queue: see [`Queue::begin_sync`].
+#[derive(Debug)]
+pub struct SyncJob {
+    file: Option<File>,
+    acked: Option<u64>,
+    dir: PathBuf,
+}
+
+impl SyncJob {
+    /// Fsyncs the segment being written and writes the watermark; returns the watermark
+    /// written, if any.
+    pub fn run(self) -> Result<Option<u64>, QueueError> {
+        if let Some(f) = &self.file {
+            f.sync_data().map_err(io_err(&self.dir))?;
+        }
+        if let Some(a) = self.acked {
+            write_acked(&self.dir, a)?;
+        }
+        Ok(self.acked)
+    }
+}
+
+/// Replaces the `acked` file atomically and durably.
+fn write_acked(dir: &Path, acked: u64) -> Result<(), QueueError> {
+    let tmp = dir.join("acked.tmp");
+    let dst = dir.join("acked");
+    fs::write(&tmp, acked.to_string())
+        .and_then(|_| File::open(&tmp)?.sync_all())
+        .and_then(|_| fs::rename(&tmp, &dst))
+        .map_err(io_err(&dst))
+}
+
 fn seg_name(first: u64) -> String {
     format!("seg-{first:020}.log")
 }
@@ -284,7 +316,7 @@ impl Queue {
                 len: valid,
             });
         }
-        q.collect_garbage()?;
+        q.collect_garbage(acked)?;
         q.recount();
         Ok(q)
     }
@@ -387,18 +419,44 @@ impl Queue {
         Ok(seq)
     }
 
-    /// Writes buffered records and fsyncs them: what was appended before is now safe from a
-    /// power cut too.
+    /// Writes buffered records and fsyncs them, and persists the acknowledgement watermark:
+    /// what was appended before is now safe from a power cut too.
     pub fn sync(&mut self) -> Result<(), QueueError> {
+        let job = self.begin_sync()?;
+        let done = job.run();
+        self.finish_sync(done)
+    }
+
+    /// The part of a sync that needs the queue (cheap): flushes the buffer and takes what the
+    /// slow part needs. Run the [`SyncJob`] without holding the queue, then hand its result to
+    /// [`Queue::finish_sync`], so that appends and reads never wait for an fsync.
+    pub fn begin_sync(&mut self) -> Result<SyncJob, QueueError> {
+        let mut file = None;
         if let Some(w) = self.writer.as_mut() {
             let path = self.dir.clone();
             w.flush().map_err(io_err(&path))?;
-            w.get_ref().sync_data().map_err(io_err(&path))?;
+            file = Some(w.get_ref().try_clone().map_err(io_err(&path))?);
         }
-        if self.acked_dirty {
-            self.persist_acked()?;
+        let acked = self.acked_dirty.then_some(self.acked);
+        self.acked_dirty = false;
+        Ok(SyncJob {
+            file,
+            acked,
+            dir: self.dir.clone(),
+        })
+    }
+
+    /// Completes a sync: removes the segments the persisted watermark covers; on failure,
+    /// the watermark is written again next time.
+    pub fn finish_sync(&mut self, done: Result<Option<u64>, QueueError>) -> Result<(), QueueError> {
+        match done {
+            Ok(Some(persisted)) => self.collect_garbage(persisted),
+            Ok(None) => Ok(()),
+            Err(e) => {
+                self.acked_dirty = true;
+                Err(e)
+            }
         }
-        Ok(())
     }
 
     /// Up to `max` unacknowledged records after `after` (use [`Queue::acked`] to start).
@@ -524,14 +582,9 @@ impl Queue {
 
     /// Writes the watermark atomically, then removes the segments it covers.
     fn persist_acked(&mut self) -> Result<(), QueueError> {
-        let tmp = self.dir.join("acked.tmp");
-        let dst = self.dir.join("acked");
-        fs::write(&tmp, self.acked.to_string())
-            .and_then(|_| File::open(&tmp)?.sync_all())
-            .and_then(|_| fs::rename(&tmp, &dst))
-            .map_err(io_err(&dst))?;
+        write_acked(&self.dir, self.acked)?;
         self.acked_dirty = false;
-        self.collect_garbage()
+        self.collect_garbage(self.acked)
     }
 
     /// Drops records older than `now - max_age` (counted). Returns how many.
@@ -557,8 +610,8 @@ impl Queue {
         Ok(n)
     }
 
-    fn collect_garbage(&mut self) -> Result<(), QueueError> {
-        let acked = self.acked;
+    /// Removes the segments wholly at or below `acked` (a persisted watermark).
+    fn collect_garbage(&mut self, acked: u64) -> Result<(), QueueError> {
         let last = self.segments.len().saturating_sub(1);
         let mut keep = Vec::with_capacity(self.segments.len());
         for (i, s) in std::mem::take(&mut self.segments).into_iter().enumerate() {

@@ -83,13 +83,16 @@ pub fn start(config: Config) -> Result<Running, StartError> {
     };
     // Commands from the cloud, routed by device name to the link that reaches the device.
     let mut routes: HashMap<String, mpsc::Sender<Command>> = HashMap::new();
-    for devices in link::links(&config.devices) {
+    let links = link::links(&config.devices);
+    let n = links.len().max(1) as f64;
+    for (k, devices) in links.into_iter().enumerate() {
         let (tx, rx) = mpsc::channel(64);
         for d in &devices {
             routes.insert(d.name.clone(), tx.clone());
         }
         tasks.push(tokio::spawn(link::run(
             devices,
+            k as f64 / n,
             sink.clone(),
             rx,
             stop_rx.clone(),
@@ -123,9 +126,13 @@ pub fn start(config: Config) -> Result<Running, StartError> {
                     _ = stop.wait_for(|s| *s) => return,
                 }
                 let q = queue.clone();
+                // The fsyncs run without the queue's lock: pollers and the uplink go on.
                 let _ = tokio::task::spawn_blocking(move || {
+                    let job = q.lock().map(|mut q| q.begin_sync());
+                    let Ok(job) = job else { return };
+                    let done = job.and_then(|j| j.run());
                     if let Ok(mut q) = q.lock() {
-                        if let Err(e) = q.sync() {
+                        if let Err(e) = q.finish_sync(done) {
                             tracing::error!(error = %e, "queue sync failed");
                         }
                         let _ = q.expire(now_ms());

@@ -28,7 +28,7 @@ use tokio::time::Instant;
 /// Messages in flight (sent, not yet acknowledged by the cloud).
 const WINDOW: usize = 256;
 /// Of which the backlog may hold at most this many, so live data always finds room.
-const BACKLOG_WINDOW: usize = WINDOW / 2;
+const BACKLOG_WINDOW: usize = 32;
 
 /// Routes from sub-device name to the link task that reaches it.
 pub type Routes = HashMap<String, mpsc::Sender<Command>>;

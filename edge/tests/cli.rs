@@ -18,7 +18,7 @@ fn check_accepts_the_example_and_locates_errors() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("1 sub-devices, 3 points"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("2 sub-devices, 4 points"));
 
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("edge.toml");

@@ -113,7 +113,9 @@ impl tokio_modbus::server::Service for Meter {
 
     fn call(&self, req: Request<'static>) -> Self::Future {
         future::ready(match req {
-            Request::ReadHoldingRegisters(a, n) if u32::from(a) + u32::from(n) <= u32::from(self.1) => {
+            Request::ReadHoldingRegisters(a, n)
+                if u32::from(a) + u32::from(n) <= u32::from(self.1) =>
+            {
                 let base = self.0.fetch_add(1, Ordering::Relaxed);
                 Ok(Response::ReadHoldingRegisters(
                     (0..n).map(|i| base.wrapping_add(a + i)).collect(),
@@ -317,8 +319,12 @@ pub async fn run(o: &EdgeBench) -> Result<EdgeResult> {
     // Warm up until every device is polled and the uplink is up.
     let deadline = Instant::now() + WAIT * 2;
     loop {
-        let up = metric(&status, "ironlink_edge_uplink_up").await.unwrap_or(0.0);
-        let polled = metric(&status, "ironlink_edge_points_total").await.unwrap_or(0.0);
+        let up = metric(&status, "ironlink_edge_uplink_up")
+            .await
+            .unwrap_or(0.0);
+        let polled = metric(&status, "ironlink_edge_points_total")
+            .await
+            .unwrap_or(0.0);
         if up == 1.0 && polled >= (o.devices * usize::from(o.points) * 2) as f64 {
             break;
         }
