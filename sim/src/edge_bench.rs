@@ -333,7 +333,16 @@ pub async fn run(o: &EdgeBench) -> Result<EdgeResult> {
         }
         let _ = collect(&mut receiver, Duration::from_millis(200)).await?;
     }
-    let _ = collect(&mut receiver, Duration::from_secs(2)).await?;
+    // ...and until the application has caught up with what queued during start-up.
+    loop {
+        let got = collect(&mut receiver, Duration::from_secs(1)).await?;
+        if got.iter().all(|g| g.1 < 500.0) && !got.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the application never caught up with the edge");
+        }
+    }
 
     // Phase 1: steady state.
     let tck = 100.0; // USER_HZ on Linux
