@@ -7,3 +7,4 @@ pub mod cloud_process;
 pub mod edge_bench;
 pub mod gateway;
 pub mod ingest;
+pub mod quickstart;

@@ -14,6 +14,28 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// A living plant in one command: the cloud on embedded defaults, an edge gateway polling
+    /// simulated Modbus power meters, and MQTT sensors; prints what to open and try.
+    Quickstart {
+        /// Data directory (cloud database, edge queue, the devices created).
+        #[arg(long, default_value = "ironlink-quickstart")]
+        data_dir: PathBuf,
+        /// HTTP API listener.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http_listen: std::net::SocketAddr,
+        /// MQTT listener.
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        mqtt_listen: std::net::SocketAddr,
+        /// Edge status listener.
+        #[arg(long, default_value = "127.0.0.1:9080")]
+        edge_status_listen: std::net::SocketAddr,
+        /// Modbus power meters behind the edge gateway.
+        #[arg(long, default_value_t = 3)]
+        meters: usize,
+        /// Direct MQTT sensors.
+        #[arg(long, default_value_t = 3)]
+        sensors: usize,
+    },
     /// Benchmarks (loopback only, bounded).
     Bench {
         #[command(subcommand)]
@@ -133,6 +155,38 @@ async fn main() -> std::process::ExitCode {
 
 async fn run() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Cmd::Quickstart {
+            data_dir,
+            http_listen,
+            mqtt_listen,
+            edge_status_listen,
+            meters,
+            sensors,
+        } => {
+            tracing_subscriber::fmt()
+                .with_writer(std::io::stderr)
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_env("IRONLINK_LOG")
+                        .unwrap_or_else(|_| "warn".into()),
+                )
+                .init();
+            let o = ironlink_sim::quickstart::Quickstart {
+                data_dir,
+                http_listen,
+                mqtt_listen,
+                edge_status_listen,
+                meters: meters.clamp(1, 100),
+                sensors: sensors.clamp(0, 100),
+            };
+            let running = ironlink_sim::quickstart::start(&o).await?;
+            print!(
+                "{}",
+                ironlink_sim::quickstart::guide(&running.plant, &o.data_dir)
+            );
+            let _ = tokio::signal::ctrl_c().await;
+            eprintln!("stopping");
+            running.shutdown().await;
+        }
         Cmd::Bench {
             which:
                 Bench::Apps {
