@@ -6,7 +6,7 @@
 
 use crate::config::{Device, Point};
 use ironlink_protocols::modbus::{
-    decode, decode_str, encode, plan_reads, scale, DataType, Plan, Read, RegisterKind, WordOrder,
+    decode, decode_str, encode, plan_reads, DataType, Plan, Raw, Read, RegisterKind, WordOrder,
 };
 use serde_json::{Map, Value as Json};
 use tokio_modbus::client::{Context, Reader, Writer};
@@ -456,10 +456,34 @@ fn value_of(p: &Point, words: &[u16]) -> Option<Value> {
         DataType::Bool => decode(p.data_type, p.order, words)
             .ok()
             .map(|r| Value::Bool(r.as_f64() != 0.0)),
-        t => decode(t, p.order, words)
-            .ok()
-            .map(|r| Value::Number(scale(r, p.scale, p.offset))),
+        t => decode(t, p.order, words).ok().map(|r| {
+            let x = match (t, r) {
+                // An f32 widened to f64 shows digits the device never sent (123.456 becomes
+                // 123.45600128173828): take the shortest decimal that is the same f32.
+                (DataType::F32, Raw::Float(f)) => shortest_f32(f),
+                _ => r.as_f64(),
+            };
+            if p.scale == 1.0 && p.offset == 0.0 {
+                Value::Number(x)
+            } else {
+                // 2150 * 0.1 - 200 is 15.000000000000028 in binary: keep 12 significant digits.
+                Value::Number(significant(x * p.scale + p.offset, 12))
+            }
+        }),
     }
+}
+
+fn shortest_f32(f: f64) -> f64 {
+    (f as f32).to_string().parse().unwrap_or(f)
+}
+
+fn significant(x: f64, digits: usize) -> f64 {
+    if !x.is_finite() || x == 0.0 {
+        return x;
+    }
+    format!("{:.*e}", digits.saturating_sub(1), x)
+        .parse()
+        .unwrap_or(x)
 }
 
 #[cfg(test)]
@@ -567,7 +591,7 @@ type = "bool"
             .collect();
         assert_eq!(v.len(), 3);
         match v[0] {
-            ("Voltage", Value::Number(x)) => assert!((x - 123.456).abs() < 1e-4, "{x}"),
+            ("Voltage", Value::Number(x)) => assert_eq!(*x, 123.456, "the f32's shortest decimal"),
             other => panic!("{other:?}"),
         }
         assert_eq!(v[1], ("Energy", &Value::Number(12345.67)));
