@@ -256,6 +256,42 @@ fn summarize(target: &str, published: usize, got: &[(u64, f64)], secs: f64) -> T
     }
 }
 
+/// An access key and a consumer group `name` subscribed to the property posts of product
+/// `pk`: (access key id, secret, group id).
+pub(crate) async fn property_group(
+    cloud: &Cloud,
+    pk: &str,
+    name: &str,
+) -> Result<(String, String, String)> {
+    let (_, key) = cloud
+        .api(reqwest::Method::POST, "/access-keys", Some(json!({})))
+        .await?;
+    let key_id = key["access_key_id"].as_str().context("key")?.to_owned();
+    let secret = key["access_key_secret"]
+        .as_str()
+        .context("secret")?
+        .to_owned();
+    let (_, g) = cloud
+        .api(
+            reqwest::Method::POST,
+            "/consumer-groups",
+            Some(json!({"name": name})),
+        )
+        .await?;
+    let group = g["group_id"].as_str().context("group")?.to_owned();
+    let (s, v) = cloud
+        .api(
+            reqwest::Method::POST,
+            "/subscriptions",
+            Some(json!({"product_key": pk, "group_ids": [group], "message_types": ["property"]})),
+        )
+        .await?;
+    if s != 201 {
+        bail!("subscription: {s} {v}");
+    }
+    Ok((key_id, secret, group))
+}
+
 /// Runs the benchmark.
 pub async fn run(o: &AppsBench) -> Result<AppsResult> {
     let dir = tempfile::tempdir()?;
@@ -284,32 +320,7 @@ pub async fn run(o: &AppsBench) -> Result<AppsResult> {
             ))
         })
         .collect();
-    let (_, key) = cloud
-        .api(reqwest::Method::POST, "/access-keys", Some(json!({})))
-        .await?;
-    let key_id = key["access_key_id"].as_str().context("key")?.to_owned();
-    let secret = key["access_key_secret"]
-        .as_str()
-        .context("secret")?
-        .to_owned();
-    let (_, g) = cloud
-        .api(
-            reqwest::Method::POST,
-            "/consumer-groups",
-            Some(json!({"name": "bench"})),
-        )
-        .await?;
-    let group = g["group_id"].as_str().context("group")?.to_owned();
-    let (s, v) = cloud
-        .api(
-            reqwest::Method::POST,
-            "/subscriptions",
-            Some(json!({"product_key": pk, "group_ids": [group], "message_types": ["property"]})),
-        )
-        .await?;
-    if s != 201 {
-        bail!("subscription: {s} {v}");
-    }
+    let (key_id, secret, group) = property_group(&cloud, &pk, "bench").await?;
     let topic = |dn: &str| format!("/sys/{pk}/{dn}/thing/event/property/post");
 
     // Throughput: every device publishes while the application receives.

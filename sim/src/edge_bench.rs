@@ -9,7 +9,7 @@
 //! rate while live readings keep flowing: drain rate, and live latency meanwhile.
 //! Loopback only; bounded in count and time.
 
-use crate::apps_bench::{amqp_receiver, now_ms_f64};
+use crate::apps_bench::{amqp_receiver, now_ms_f64, property_group};
 use crate::bench::percentile;
 use crate::cloud_process::{binary, cpu_ticks, Cloud, WAIT};
 use anyhow::{anyhow, bail, Context, Result};
@@ -245,32 +245,7 @@ pub async fn run(o: &EdgeBench) -> Result<EdgeResult> {
         bail!("created {} of {} devices", subs.len(), o.devices);
     }
     // The application: a consumer group subscribed to the meters' property posts.
-    let (_, key) = cloud
-        .api(reqwest::Method::POST, "/access-keys", Some(json!({})))
-        .await?;
-    let key_id = key["access_key_id"].as_str().context("key")?.to_owned();
-    let secret = key["access_key_secret"]
-        .as_str()
-        .context("secret")?
-        .to_owned();
-    let (_, g) = cloud
-        .api(
-            reqwest::Method::POST,
-            "/consumer-groups",
-            Some(json!({"name": "edge-bench"})),
-        )
-        .await?;
-    let group = g["group_id"].as_str().context("group")?.to_owned();
-    let (s, v) = cloud
-        .api(
-            reqwest::Method::POST,
-            "/subscriptions",
-            Some(json!({"product_key": spk, "group_ids": [group], "message_types": ["property"]})),
-        )
-        .await?;
-    if s != 201 {
-        bail!("subscription: {s} {v}");
-    }
+    let (key_id, secret, group) = property_group(&cloud, &spk, "edge-bench").await?;
 
     // The plant and the edge's configuration.
     let status_port = std::net::TcpListener::bind("127.0.0.1:0")?

@@ -32,16 +32,35 @@ impl tokio_modbus::server::Service for Field {
     }
 }
 
-async fn field() -> std::net::SocketAddr {
+/// Serves a Modbus TCP device on an ephemeral loopback port.
+async fn serve<S>(service: S) -> std::net::SocketAddr
+where
+    S: tokio_modbus::server::Service<
+            Request = Request<'static>,
+            Response = Response,
+            Exception = ExceptionCode,
+        > + Send
+        + Sync
+        + 'static,
+    S::Future: Send,
+{
+    let service = Arc::new(service);
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         let server = Server::new(l);
-        let new_service = |_| Ok(Some(Arc::new(Field)));
-        let on_connected = |stream, a| async move { accept_tcp_connection(stream, a, new_service) };
+        let new_service = move |_| Ok(Some(service.clone()));
+        let on_connected = |stream, a| {
+            let new_service = new_service.clone();
+            async move { accept_tcp_connection(stream, a, new_service) }
+        };
         let _ = server.serve(&on_connected, |_| {}).await;
     });
     addr
+}
+
+async fn field() -> std::net::SocketAddr {
+    serve(Field).await
 }
 
 async fn create(c: &Cloud, path: &str, body: Value) -> Value {
@@ -59,36 +78,7 @@ async fn modbus_readings_reach_the_cloud_through_the_edge_gateway_over_tls() {
     )
     .unwrap();
     let mqtts = cloud.mqtts.expect("MQTT/TLS listener");
-    let gpk = create(
-        &cloud,
-        "/products",
-        json!({"name": "edge", "node_type": "gateway"}),
-    )
-    .await["product_key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let spk = create(
-        &cloud,
-        "/products",
-        json!({"name": "meter", "node_type": "sub-device"}),
-    )
-    .await["product_key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let gw = create(
-        &cloud,
-        &format!("/products/{gpk}/devices"),
-        json!({"device_name": "edge-01"}),
-    )
-    .await;
-    let meter = create(
-        &cloud,
-        &format!("/products/{spk}/devices"),
-        json!({"device_name": "meter-01"}),
-    )
-    .await;
+    let (gpk, gsecret, spk, msecret) = gateway_and_meter(&cloud, "edge-01", "meter-01").await;
     let field = field().await;
     let config = format!(
         r#"
@@ -127,11 +117,9 @@ scale = 0.1
 offset = -200.0
 deadband = 1.0
 "#,
-        gsecret = gw["device_secret"].as_str().unwrap(),
         port = mqtts.port(),
         ca = cloud.data_dir.join("tls/ca.pem").display(),
         queue = dir.path().join("queue").display(),
-        msecret = meter["device_secret"].as_str().unwrap(),
     );
     let config = ironlink_edge::config::Config::parse("edge.toml", &config).unwrap();
     let edge = ironlink_edge::run::start(config).unwrap();
@@ -212,36 +200,7 @@ deadband = 1.0
 async fn a_backlog_survives_kill_9_of_the_edge_and_drains_when_the_cloud_is_up() {
     let dir = tempfile::tempdir().unwrap();
     let cloud = Cloud::start(&dir.path().join("cloud"), &[]).unwrap();
-    let gpk = create(
-        &cloud,
-        "/products",
-        json!({"name": "edge", "node_type": "gateway"}),
-    )
-    .await["product_key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let spk = create(
-        &cloud,
-        "/products",
-        json!({"name": "meter", "node_type": "sub-device"}),
-    )
-    .await["product_key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let gw = create(
-        &cloud,
-        &format!("/products/{gpk}/devices"),
-        json!({"device_name": "edge-02"}),
-    )
-    .await;
-    let meter = create(
-        &cloud,
-        &format!("/products/{spk}/devices"),
-        json!({"device_name": "meter-02"}),
-    )
-    .await;
+    let (gpk, gsecret, spk, msecret) = gateway_and_meter(&cloud, "edge-02", "meter-02").await;
     let field = field().await;
     let queue_dir = dir.path().join("queue");
     let config = |port: u16| {
@@ -269,9 +228,7 @@ kind = "holding"
 address = "40001"
 type = "f32"
 "#,
-            gsecret = gw["device_secret"].as_str().unwrap(),
             queue = queue_dir.display(),
-            msecret = meter["device_secret"].as_str().unwrap(),
         )
     };
     // A port nobody listens on: the uplink stays down.
@@ -424,18 +381,7 @@ impl tokio_modbus::server::Service for PlcService {
 }
 
 async fn plc(state: Arc<Plc>) -> std::net::SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        let server = Server::new(l);
-        let new_service = move |_| Ok(Some(Arc::new(PlcService(state.clone()))));
-        let on_connected = |stream, a| {
-            let new_service = new_service.clone();
-            async move { accept_tcp_connection(stream, a, new_service) }
-        };
-        let _ = server.serve(&on_connected, |_| {}).await;
-    });
-    addr
+    serve(PlcService(state)).await
 }
 
 const PLC_TSL: &str = r#"{
@@ -589,9 +535,9 @@ kind = "holding"
 address = "0"
 type = "u16"
 "#,
-        gsecret = gw["device_secret"].as_str().unwrap(),
         port = cloud.mqtt.port(),
         queue = dir.path().join("queue").display(),
+        gsecret = gw["device_secret"].as_str().unwrap(),
         s0 = secrets[0],
         s1 = secrets[1],
     );
@@ -759,18 +705,7 @@ impl tokio_modbus::server::Service for CounterService {
 }
 
 async fn counter(state: Arc<Counter>) -> std::net::SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        let server = Server::new(l);
-        let new_service = move |_| Ok(Some(Arc::new(CounterService(state.clone()))));
-        let on_connected = |stream, a| {
-            let new_service = new_service.clone();
-            async move { accept_tcp_connection(stream, a, new_service) }
-        };
-        let _ = server.serve(&on_connected, |_| {}).await;
-    });
-    addr
+    serve(CounterService(state)).await
 }
 
 async fn gateway_and_meter(
