@@ -8,3 +8,4 @@ pub mod edge_bench;
 pub mod gateway;
 pub mod ingest;
 pub mod quickstart;
+pub mod scenario;
