@@ -612,6 +612,9 @@ struct BroadcastBody {
     topic: String,
     payload: Option<Value>,
     payload_base64: Option<String>,
+    /// 0 (default) or 1; each device receives at most its subscription's QoS.
+    #[serde(default)]
+    qos: u8,
 }
 
 async fn broadcast(
@@ -620,6 +623,9 @@ async fn broadcast(
     ApiJson(body): ApiJson<BroadcastBody>,
 ) -> ApiResult<impl IntoResponse> {
     require_product(&s, &pk).await?;
+    if body.qos > 1 {
+        return Err(ApiError::invalid("qos must be 0 or 1 (Alink has no QoS 2)"));
+    }
     let suffix = body.topic.trim_start_matches('/');
     let topic = format!("/broadcast/{pk}/{suffix}");
     if suffix.is_empty() || !valid_topic_name(&topic) {
@@ -631,7 +637,7 @@ async fn broadcast(
     let delivered = s.shared.router.publish(Message {
         topic: topic.clone(),
         payload,
-        qos: 0,
+        qos: body.qos,
         retain: false,
     });
     Ok(Json(json!({"topic": topic, "delivered": delivered})))

@@ -6,6 +6,7 @@ pub mod apps_bench;
 pub mod bench;
 pub mod cloud_process;
 pub mod edge_bench;
+pub mod fanout;
 pub mod gateway;
 pub mod ingest;
 pub mod quickstart;

@@ -93,6 +93,28 @@ enum Bench {
         #[arg(long)]
         cloud_bin: Option<PathBuf>,
     },
+    /// A product broadcast reaching N subscribed devices (QoS 0 or 1) vs mosquitto fanning
+    /// one topic out to N subscribers.
+    Fanout {
+        /// Subscribed devices.
+        #[arg(long, default_value_t = 1_000)]
+        devices: usize,
+        /// QoS (0 or 1).
+        #[arg(long, default_value_t = 0)]
+        qos: u8,
+        /// Broadcasts measured.
+        #[arg(long, default_value_t = 10)]
+        rounds: usize,
+        /// Baseline to measure in the same run (`mosquitto`).
+        #[arg(long)]
+        vs: Option<String>,
+        /// ironlink-cloud binary (default: next to this executable).
+        #[arg(long)]
+        cloud_bin: Option<PathBuf>,
+        /// Write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Sub-devices one gateway connection carries: topo/add, batch_login, one post each.
     Gateway {
         /// Sub-devices.
@@ -264,6 +286,37 @@ async fn run() -> anyhow::Result<()> {
             let r = ironlink_sim::edge_bench::run(&o).await?;
             print!("{}", ironlink_sim::edge_bench::table(&r));
             println!("{}", serde_json::to_string(&r)?);
+        }
+        Cmd::Bench {
+            which:
+                Bench::Fanout {
+                    devices,
+                    qos,
+                    rounds,
+                    vs,
+                    cloud_bin,
+                    json,
+                },
+        } => {
+            if qos > 1 {
+                anyhow::bail!("--qos: 0 or 1");
+            }
+            let o = ironlink_sim::fanout::FanoutBench {
+                devices: devices.clamp(1, 60_000),
+                qos,
+                rounds: rounds.clamp(1, 200),
+                vs_mosquitto: match vs.as_deref() {
+                    None => false,
+                    Some("mosquitto") => true,
+                    Some(other) => anyhow::bail!("--vs {other}: only mosquitto is supported"),
+                },
+                cloud_bin,
+            };
+            let r = ironlink_sim::fanout::run(&o).await?;
+            print!("{}", ironlink_sim::fanout::table(&r));
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&r)?)?;
+            }
         }
         Cmd::Bench {
             which: Bench::Gateway { subs, cloud_bin },
