@@ -140,27 +140,12 @@ async fn bench_ironlink(o: &ConnectionsBench) -> Result<Vec<TargetResult>> {
     let pk = cloud
         .create_product(serde_json::json!({"name": "bench"}))
         .await?;
-    let mut connects = Vec::with_capacity(o.devices);
-    let mut left = o.devices;
-    while left > 0 {
-        let n = left.min(1000);
-        let (s, v) = cloud
-            .api(
-                reqwest::Method::POST,
-                &format!("/products/{pk}/devices"),
-                Some(serde_json::json!({"count": n})),
-            )
-            .await?;
-        if s != 201 {
-            bail!("creating devices: {s} {v}");
-        }
-        for d in v["devices"].as_array().context("devices")? {
-            let dn = d["device_name"].as_str().context("device_name")?;
-            let secret = d["device_secret"].as_str().context("device_secret")?;
-            connects.push(alink_connect(&pk, dn, secret, 600)?);
-        }
-        left -= n;
-    }
+    let connects = cloud
+        .create_devices(&pk, o.devices)
+        .await?
+        .iter()
+        .map(|(dn, secret)| alink_connect(&pk, dn, secret, 600))
+        .collect::<Result<Vec<_>>>()?;
     // Round 1 activates every device (its first online is committed before CONNACK);
     // round 2 is the reconnect storm after an outage, the common case in production.
     let (first, held) = drive(

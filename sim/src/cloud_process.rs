@@ -193,6 +193,35 @@ impl Cloud {
         Self::start_bin(&bin, data_dir, &args)
     }
 
+    /// Creates `n` devices of product `pk` (in batches of 1,000, the API's limit); returns
+    /// their names and secrets.
+    pub async fn create_devices(&self, pk: &str, n: usize) -> Result<Vec<(String, String)>> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let batch = (n - out.len()).min(1000);
+            let (s, v) = self
+                .api(
+                    reqwest::Method::POST,
+                    &format!("/products/{pk}/devices"),
+                    Some(serde_json::json!({"count": batch})),
+                )
+                .await?;
+            if s != 201 || v["devices"].as_array().is_none_or(Vec::is_empty) {
+                bail!("creating devices: {s} {v}");
+            }
+            for d in v["devices"].as_array().context("devices")? {
+                out.push((
+                    d["device_name"].as_str().context("device_name")?.to_owned(),
+                    d["device_secret"]
+                        .as_str()
+                        .context("device_secret")?
+                        .to_owned(),
+                ));
+            }
+        }
+        Ok(out)
+    }
+
     /// Creates a product through the API; returns its key.
     pub async fn create_product(&self, body: serde_json::Value) -> Result<String> {
         let (s, p) = self

@@ -223,24 +223,7 @@ pub async fn run(o: &EdgeBench) -> Result<EdgeResult> {
             Some(json!({"device_name": "edge-bench"})),
         )
         .await?;
-    let (_, v) = cloud
-        .api(
-            reqwest::Method::POST,
-            &format!("/products/{spk}/devices"),
-            Some(json!({"count": o.devices})),
-        )
-        .await?;
-    let subs: Vec<(String, String)> = v["devices"]
-        .as_array()
-        .context("devices")?
-        .iter()
-        .filter_map(|d| {
-            Some((
-                d["device_name"].as_str()?.to_owned(),
-                d["device_secret"].as_str()?.to_owned(),
-            ))
-        })
-        .collect();
+    let subs = cloud.create_devices(&spk, o.devices).await?;
     if subs.len() != o.devices {
         bail!("created {} of {} devices", subs.len(), o.devices);
     }

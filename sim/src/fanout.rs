@@ -226,25 +226,11 @@ async fn bench_ironlink(o: &FanoutBench) -> Result<FanoutResult> {
         "[mqtt]\nconnects_per_second = 1000000\nconnect_burst = 1000000\n",
     )?;
     let pk = cloud.create_product(json!({"name": "fanout"})).await?;
-    let (_, v) = cloud
-        .api(
-            reqwest::Method::POST,
-            &format!("/products/{pk}/devices"),
-            Some(json!({"count": o.devices})),
-        )
-        .await?;
-    let connects = v["devices"]
-        .as_array()
-        .context("devices")?
+    let connects = cloud
+        .create_devices(&pk, o.devices)
+        .await?
         .iter()
-        .map(|d| {
-            alink_connect(
-                &pk,
-                d["device_name"].as_str().unwrap_or(""),
-                d["device_secret"].as_str().unwrap_or(""),
-                600,
-            )
-        })
+        .map(|(dn, secret)| alink_connect(&pk, dn, secret, 600))
         .collect::<Result<Vec<_>>>()?;
     let (tx, mut arrivals) = mpsc::unbounded_channel();
     subscribe_all(

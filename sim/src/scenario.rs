@@ -584,23 +584,31 @@ async fn run_against(s: &Scenario, cloud: &ironlink_cloud::server::Running) -> R
             Some(json!({"properties": properties, "events": [], "services": []})),
         )
         .await?;
-        let v = call(
-            reqwest::Method::POST,
-            format!("/products/{pk}/devices"),
-            Some(json!({"count": f.count})),
-        )
-        .await?;
-        let devices: Vec<(String, String)> = v["devices"]
-            .as_array()
-            .context("devices")?
-            .iter()
-            .filter_map(|d| {
-                Some((
-                    d["device_name"].as_str()?.to_owned(),
-                    d["device_secret"].as_str()?.to_owned(),
-                ))
-            })
-            .collect();
+        let mut devices: Vec<(String, String)> = Vec::with_capacity(f.count);
+        while devices.len() < f.count {
+            let before = devices.len();
+            let v = call(
+                reqwest::Method::POST,
+                format!("/products/{pk}/devices"),
+                Some(json!({"count": (f.count - devices.len()).min(1000)})),
+            )
+            .await?;
+            devices.extend(
+                v["devices"]
+                    .as_array()
+                    .context("devices")?
+                    .iter()
+                    .filter_map(|d| {
+                        Some((
+                            d["device_name"].as_str()?.to_owned(),
+                            d["device_secret"].as_str()?.to_owned(),
+                        ))
+                    }),
+            );
+            if devices.len() == before {
+                bail!("creating devices of {pk}: the API created none");
+            }
+        }
         let proxy = proxy(mqtt).await?;
         let counters = Arc::new(Counters::default());
         let control = Arc::new(Control::default());
