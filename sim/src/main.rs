@@ -115,6 +115,25 @@ enum Bench {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Application -> device property sets per second through the API vs a mosquitto
+    /// publisher, devices answering each.
+    Downlinks {
+        /// Online devices.
+        #[arg(long, default_value_t = 1_000)]
+        devices: usize,
+        /// Property sets in total.
+        #[arg(long, default_value_t = 20_000)]
+        sets: usize,
+        /// Requests in flight.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Baseline to measure in the same run (`mosquitto`).
+        #[arg(long)]
+        vs: Option<String>,
+        /// ironlink-cloud binary (default: next to this executable).
+        #[arg(long)]
+        cloud_bin: Option<PathBuf>,
+    },
     /// Sub-devices one gateway connection carries: topo/add, batch_login, one post each.
     Gateway {
         /// Sub-devices.
@@ -317,6 +336,31 @@ async fn run() -> anyhow::Result<()> {
             if let Some(path) = json {
                 std::fs::write(&path, serde_json::to_string_pretty(&r)?)?;
             }
+        }
+        Cmd::Bench {
+            which:
+                Bench::Downlinks {
+                    devices,
+                    sets,
+                    concurrency,
+                    vs,
+                    cloud_bin,
+                },
+        } => {
+            let o = ironlink_sim::downlink::DownlinkBench {
+                devices: devices.clamp(1, 20_000),
+                sets: sets.clamp(1, 1_000_000),
+                concurrency: concurrency.clamp(1, 1024),
+                vs_mosquitto: match vs.as_deref() {
+                    None => false,
+                    Some("mosquitto") => true,
+                    Some(other) => anyhow::bail!("--vs {other}: only mosquitto is supported"),
+                },
+                cloud_bin,
+            };
+            let r = ironlink_sim::downlink::run(&o).await?;
+            print!("{}", ironlink_sim::downlink::table(&r));
+            println!("{}", serde_json::to_string(&r)?);
         }
         Cmd::Bench {
             which: Bench::Gateway { subs, cloud_bin },

@@ -1,0 +1,337 @@
+//! `bench downlinks`: an application sets properties on N online devices through the HTTP
+//! API (`POST /devices/{pk}/{dn}/properties`, `concurrency` requests in flight); each device
+//! answers its `property/set` with a `set_reply`. Reported: property sets per second delivered
+//! to devices and answered, and the API-to-device latency. Baseline in the same run: mosquitto
+//! with one publisher client sending the same number of QoS 1 messages to the devices' topics
+//! (`concurrency` in flight), the devices answering on a reply topic the publisher reads.
+//! Loopback only; bounded in count and time.
+
+use crate::bench::{percentile, start_mosquitto};
+use crate::cloud_process::{alink_connect, connect_raw, Cloud, WAIT};
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::BytesMut;
+use rumqttc::mqttbytes::v4;
+use rumqttc::QoS;
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, Semaphore};
+
+/// Options of `bench downlinks`.
+#[derive(Debug, Clone)]
+pub struct DownlinkBench {
+    /// Online devices.
+    pub devices: usize,
+    /// Property sets in total.
+    pub sets: usize,
+    /// Requests in flight.
+    pub concurrency: usize,
+    /// Also run mosquitto.
+    pub vs_mosquitto: bool,
+    /// The ironlink-cloud binary.
+    pub cloud_bin: Option<PathBuf>,
+}
+
+/// One target's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct DownlinkResult {
+    /// `ironlink api` or `mosquitto`.
+    pub target: String,
+    /// Sets sent.
+    pub sets: usize,
+    /// Sets the devices received.
+    pub delivered: usize,
+    /// Delivered per second.
+    pub per_sec: f64,
+    /// Sender-to-device latency p50, ms.
+    pub p50_ms: f64,
+    /// p99 ms.
+    pub p99_ms: f64,
+}
+
+fn encode(p: &v4::Packet) -> Result<BytesMut> {
+    let mut b = BytesMut::new();
+    match p {
+        v4::Packet::Publish(x) => x.write(&mut b),
+        v4::Packet::Subscribe(x) => x.write(&mut b),
+        v4::Packet::PubAck(x) => x.write(&mut b),
+        _ => return Err(anyhow!("unexpected packet")),
+    }
+    .map_err(|e| anyhow!("{e:?}"))?;
+    Ok(b)
+}
+
+/// A device: subscribes to `sub`, and answers every message on `reply_to(topic)` with its id.
+async fn device(
+    addr: SocketAddr,
+    connect: BytesMut,
+    sub: String,
+    arrivals: mpsc::UnboundedSender<Instant>,
+    ready: mpsc::UnboundedSender<bool>,
+) {
+    let Some(mut s) = connect_raw(addr, &connect).await else {
+        let _ = ready.send(false);
+        return;
+    };
+    let mut subscribe = v4::Subscribe::new(&sub, QoS::AtLeastOnce);
+    subscribe.pkid = 1;
+    let Ok(b) = encode(&v4::Packet::Subscribe(subscribe)) else {
+        return;
+    };
+    if s.write_all(&b).await.is_err() {
+        let _ = ready.send(false);
+        return;
+    }
+    let mut buf = BytesMut::new();
+    loop {
+        match v4::Packet::read(&mut buf, 1 << 16) {
+            Ok(v4::Packet::SubAck(_)) => {
+                let _ = ready.send(true);
+            }
+            Ok(v4::Packet::Publish(p)) => {
+                let _ = arrivals.send(Instant::now());
+                let v: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                let reply = v4::Publish::new(
+                    format!("{}_reply", p.topic),
+                    QoS::AtMostOnce,
+                    json!({"id": v["id"], "code": 200, "data": {}}).to_string(),
+                );
+                let mut out = BytesMut::new();
+                if p.qos == QoS::AtLeastOnce {
+                    let _ = v4::PubAck::new(p.pkid).write(&mut out);
+                }
+                let _ = reply.write(&mut out);
+                if s.write_all(&out).await.is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {
+                match s.read_buf(&mut buf).await {
+                    Ok(n) if n > 0 => {}
+                    _ => return,
+                }
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// Starts the devices and waits for every SUBACK.
+async fn devices(
+    addr: SocketAddr,
+    connects: Vec<(BytesMut, String)>,
+) -> Result<mpsc::UnboundedReceiver<Instant>> {
+    let (arr_tx, arrivals) = mpsc::unbounded_channel();
+    let (ready_tx, mut ready) = mpsc::unbounded_channel();
+    let gate = Arc::new(Semaphore::new(256));
+    let n = connects.len();
+    for (c, sub) in connects {
+        let (gate, arr_tx, ready_tx) = (gate.clone(), arr_tx.clone(), ready_tx.clone());
+        tokio::spawn(async move {
+            let _permit = gate.acquire_owned().await;
+            device(addr, c, sub, arr_tx, ready_tx).await;
+        });
+    }
+    for i in 0..n {
+        match tokio::time::timeout(WAIT * 4, ready.recv()).await {
+            Ok(Some(true)) => {}
+            _ => bail!("device {i} of {n} did not subscribe"),
+        }
+    }
+    Ok(arrivals)
+}
+
+/// Collects `n` arrivals (bounded by WAIT after the last); returns their times.
+async fn collect(arrivals: &mut mpsc::UnboundedReceiver<Instant>, n: usize) -> Vec<Instant> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        match tokio::time::timeout(WAIT, arrivals.recv()).await {
+            Ok(Some(t)) => out.push(t),
+            _ => break,
+        }
+    }
+    out
+}
+
+fn summarize(
+    target: &str,
+    sets: usize,
+    sent_at: &[Instant],
+    got: &[Instant],
+    t0: Instant,
+) -> DownlinkResult {
+    let end = got.iter().max().copied().unwrap_or(t0);
+    // Arrivals are matched to sends in order: a latency estimate, not per-message truth.
+    let mut lat: Vec<f64> = sent_at
+        .iter()
+        .zip(got)
+        .map(|(s, g)| g.saturating_duration_since(*s).as_secs_f64() * 1000.0)
+        .collect();
+    lat.sort_by(f64::total_cmp);
+    DownlinkResult {
+        target: target.into(),
+        sets,
+        delivered: got.len(),
+        per_sec: got.len() as f64 / end.duration_since(t0).as_secs_f64().max(1e-9),
+        p50_ms: percentile(&lat, 0.5),
+        p99_ms: percentile(&lat, 0.99),
+    }
+}
+
+async fn bench_ironlink(o: &DownlinkBench) -> Result<DownlinkResult> {
+    let dir = tempfile::tempdir()?;
+    let cloud = Cloud::start_bench(
+        o.cloud_bin.as_deref(),
+        dir.path(),
+        "[mqtt]\nconnects_per_second = 1000000\nconnect_burst = 1000000\n",
+    )?;
+    let pk = cloud.create_product(json!({"name": "downlinks"})).await?;
+    let devs = cloud.create_devices(&pk, o.devices).await?;
+    let connects = devs
+        .iter()
+        .map(|(dn, secret)| {
+            Ok((
+                alink_connect(&pk, dn, secret, 600)?,
+                format!("/sys/{pk}/{dn}/thing/service/property/set"),
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut arrivals = devices(cloud.mqtt, connects).await?;
+    let http = reqwest::Client::new();
+    let gate = Arc::new(Semaphore::new(o.concurrency));
+    let (sent_tx, mut sent_rx) = mpsc::unbounded_channel();
+    let t0 = Instant::now();
+    for i in 0..o.sets {
+        let permit = gate.clone().acquire_owned().await?;
+        let (dn, _) = devs.get(i % devs.len()).context("device")?;
+        let req = http
+            .post(format!(
+                "http://{}/api/v1/devices/{pk}/{dn}/properties",
+                cloud.http
+            ))
+            .bearer_auth(&cloud.token)
+            .json(&json!({"params": {"n": i}}));
+        let sent_tx = sent_tx.clone();
+        tokio::spawn(async move {
+            let at = Instant::now();
+            let ok = matches!(req.send().await, Ok(r) if r.status().is_success());
+            drop(permit);
+            let _ = sent_tx.send((at, ok));
+        });
+    }
+    drop(sent_tx);
+    let got = collect(&mut arrivals, o.sets).await;
+    let mut sent = Vec::new();
+    let mut refused = 0;
+    while let Some((at, ok)) = sent_rx.recv().await {
+        if ok {
+            sent.push(at);
+        } else {
+            refused += 1;
+        }
+    }
+    if refused > 0 {
+        bail!("{refused} property sets refused by the API");
+    }
+    sent.sort();
+    Ok(summarize("ironlink api", o.sets, &sent, &got, t0))
+}
+
+async fn bench_mosquitto(o: &DownlinkBench) -> Result<DownlinkResult> {
+    let dir = tempfile::tempdir()?;
+    let (_m, addr) = start_mosquitto(dir.path()).await?;
+    let connects = (0..o.devices)
+        .map(|i| {
+            let mut c = v4::Connect::new(format!("dl-{i}"));
+            c.keep_alive = 600;
+            let mut b = BytesMut::new();
+            c.write(&mut b).map_err(|e| anyhow!("{e:?}"))?;
+            Ok((b, format!("/sys/pk/dev{i}/thing/service/property/set")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut arrivals = devices(addr, connects).await?;
+    let mut c = v4::Connect::new("dl-app");
+    c.keep_alive = 600;
+    let mut b = BytesMut::new();
+    c.write(&mut b).map_err(|e| anyhow!("{e:?}"))?;
+    let app = connect_raw(addr, &b).await.context("publisher")?;
+    let (mut rd, mut wr) = app.into_split();
+    // The publisher: `concurrency` QoS 1 messages in flight, the next sent at each PUBACK.
+    let (ack_tx, mut acks) = mpsc::unbounded_channel::<()>();
+    tokio::spawn(async move {
+        let mut buf = BytesMut::new();
+        loop {
+            match v4::Packet::read(&mut buf, 1 << 16) {
+                Ok(v4::Packet::PubAck(_)) => {
+                    let _ = ack_tx.send(());
+                }
+                Ok(_) => {}
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {
+                    match rd.read_buf(&mut buf).await {
+                        Ok(n) if n > 0 => {}
+                        _ => return,
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+    });
+    let t0 = Instant::now();
+    let mut sent = Vec::with_capacity(o.sets);
+    let mut inflight = 0;
+    for i in 0..o.sets {
+        while inflight >= o.concurrency {
+            match tokio::time::timeout(WAIT, acks.recv()).await {
+                Ok(Some(())) => inflight -= 1,
+                _ => bail!("mosquitto stopped acknowledging"),
+            }
+        }
+        let mut p = v4::Publish::new(
+            format!("/sys/pk/dev{}/thing/service/property/set", i % o.devices),
+            QoS::AtLeastOnce,
+            json!({"id": i.to_string(), "version": "1.0", "params": {"n": i}, "method": "thing.service.property.set"}).to_string(),
+        );
+        p.pkid = u16::try_from(i % 65_000 + 1).unwrap_or(1);
+        let b = encode(&v4::Packet::Publish(p))?;
+        sent.push(Instant::now());
+        wr.write_all(&b).await?;
+        inflight += 1;
+    }
+    let got = collect(&mut arrivals, o.sets).await;
+    Ok(summarize("mosquitto", o.sets, &sent, &got, t0))
+}
+
+/// Runs Ironlink, then (optionally) mosquitto.
+pub async fn run(o: &DownlinkBench) -> Result<Vec<DownlinkResult>> {
+    let mut out = vec![bench_ironlink(o).await?];
+    if o.vs_mosquitto {
+        out.push(bench_mosquitto(o).await?);
+    }
+    Ok(out)
+}
+
+/// A human-readable table.
+pub fn table(r: &[DownlinkResult]) -> String {
+    let mut s = format!(
+        "{:<14} {:>8} {:>9} {:>10} {:>8} {:>8}\n",
+        "target", "sets", "delivered", "per sec", "p50 ms", "p99 ms"
+    );
+    for x in r {
+        s.push_str(&format!(
+            "{:<14} {:>8} {:>9} {:>10.0} {:>8.1} {:>8.1}\n",
+            x.target, x.sets, x.delivered, x.per_sec, x.p50_ms, x.p99_ms
+        ));
+    }
+    if let [a, b] = r {
+        s.push_str(&format!(
+            "ratio Ironlink/mosquitto: {:.2}x\n",
+            a.per_sec / b.per_sec.max(1e-9)
+        ));
+    }
+    s
+}
