@@ -354,11 +354,19 @@ async fn poll_one(
         Err(e) => {
             tracing::debug!(device = %name, error = %e, "poll failed");
             m.report(sink, now, Some((kind_of(&e), e.to_string())));
-            match e {
-                PollError::Transport(t) => Some(t),
-                _ => None,
-            }
+            lost(&e, m.poller.device())
         }
+    }
+}
+
+/// Whether a failed request means the link must be reopened: a broken transport, or a
+/// timeout on a serial line, where a late answer would otherwise be read as the answer to
+/// the next request (RTU frames carry no transaction id; reopening the port drops it).
+fn lost(e: &PollError, d: &Device) -> Option<String> {
+    match (e, &d.transport) {
+        (PollError::Transport(t), _) => Some(t.clone()),
+        (PollError::Timeout(_), Transport::Rtu(_)) => Some(e.to_string()),
+        _ => None,
     }
 }
 
@@ -418,10 +426,7 @@ async fn serve(
                 _ => 503,
             };
             c.answer(Outcome::err(code, e.to_string()));
-            match e {
-                PollError::Transport(t) => Some(t),
-                _ => None,
-            }
+            lost(&e, m.poller.device())
         }
     }
 }
