@@ -196,6 +196,19 @@ impl Db {
         self.engine
     }
 
+    /// Begins a transaction that writes. On SQLite it takes the write lock at once
+    /// (`BEGIN IMMEDIATE`): a deferred transaction that has read before it writes gets
+    /// SQLITE_BUSY at once, without waiting out the busy timeout, when another connection
+    /// committed meanwhile ("database is locked" under concurrent ingest and API writes).
+    pub(crate) async fn write_tx(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        match self.engine {
+            Engine::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            Engine::Postgres => self.pool.begin().await,
+        }
+    }
+
     /// Reverts every migration (used by tests to prove migrations are reversible).
     pub async fn undo_all(&self) -> Result<(), StorageError> {
         match self.engine {
@@ -322,7 +335,7 @@ impl Db {
 
     /// Deletes a product, its devices and its thing models. False when no such product.
     pub async fn delete_product(&self, pk: &str) -> Result<bool, StorageError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         sqlx::query("DELETE FROM thing_models WHERE product_key = $1")
             .bind(pk)
             .execute(&mut *tx)
@@ -349,7 +362,7 @@ impl Db {
     /// Stores a new thing model version for a product (the previous ones are kept) and
     /// returns its number, starting at 1.
     pub async fn put_thing_model(&self, pk: &str, tsl: &str, at: i64) -> Result<i64, StorageError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let row: AnyRow = sqlx::query(
             "SELECT COALESCE(MAX(version), 0) AS v FROM thing_models WHERE product_key = $1",
         )
@@ -415,7 +428,7 @@ impl Db {
         let sql = format!(
             "INSERT INTO devices ({DEVICE_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
         );
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         for d in devices {
             sqlx::query(&sql)
                 .bind(&d.product_key)
@@ -505,7 +518,7 @@ impl Db {
 
     /// Deletes a device. False when no such device.
     pub async fn delete_device(&self, pk: &str, dn: &str) -> Result<bool, StorageError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         for sql in [
             "DELETE FROM property_history WHERE series_id IN (SELECT id FROM property_series WHERE product_key = $1 AND device_name = $2)",
             "DELETE FROM property_latest WHERE series_id IN (SELECT id FROM property_series WHERE product_key = $1 AND device_name = $2)",
@@ -567,7 +580,7 @@ impl Db {
                 f.addr = Some(a);
             }
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         for chunk in pow2_chunks(events) {
             let mut sql = String::from(
                 "INSERT INTO presence_events (product_key, device_name, status, reason, client_addr, at) VALUES ",
@@ -646,7 +659,7 @@ impl Db {
     /// Marks every device online in storage as offline: run at start-up, since no connection
     /// survives a restart of the process that held it.
     pub async fn reset_online(&self, at: i64) -> Result<u64, StorageError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         sqlx::query(
             "INSERT INTO presence_events (product_key, device_name, status, reason, client_addr, at) SELECT product_key, device_name, 'offline', 'server restart', client_addr, $1 FROM devices WHERE status = 'online'",
         )
@@ -698,6 +711,49 @@ mod tests {
 mod pragma_tests {
     use super::Db;
     use sqlx::Row;
+
+    /// Read-then-write transactions from several connections at once: each waits for the
+    /// write lock instead of failing with "database is locked".
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_read_then_write_transactions_wait_their_turn() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::connect(&format!("sqlite://{}", dir.path().join("c.db").display()))
+            .await
+            .unwrap();
+        sqlx::query("CREATE TABLE counter (n BIGINT PRIMARY KEY)")
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let db = db.clone();
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..10 {
+                    let mut tx = db.write_tx().await?;
+                    let row = sqlx::query("SELECT COALESCE(MAX(n), 0) AS n FROM counter")
+                        .fetch_one(&mut *tx)
+                        .await?;
+                    let n: i64 = row.try_get("n")?;
+                    tokio::task::yield_now().await;
+                    sqlx::query("INSERT INTO counter (n) VALUES ($1)")
+                        .bind(n + 1)
+                        .execute(&mut *tx)
+                        .await?;
+                    tx.commit().await?;
+                }
+                anyhow::Ok(())
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let row = sqlx::query("SELECT COUNT(*) AS c, MAX(n) AS m FROM counter")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(row.try_get::<i64, _>("c").unwrap(), 80);
+        assert_eq!(row.try_get::<i64, _>("m").unwrap(), 80);
+    }
 
     #[tokio::test]
     async fn every_sqlite_pragma_of_after_connect_applies() {

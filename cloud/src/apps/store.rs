@@ -142,7 +142,7 @@ impl Db {
 
     /// Deletes a group, its subscriptions and its queue; false when it did not exist.
     pub async fn delete_group(&self, id: &str) -> Result<bool, StorageError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         for sql in [
             "DELETE FROM app_messages WHERE group_id = $1",
             "DELETE FROM subscriptions WHERE group_id = $1",
@@ -166,7 +166,7 @@ impl Db {
         types: &str,
         at: i64,
     ) -> Result<(), StorageError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         for g in groups {
             sqlx::query(
                 "INSERT INTO subscriptions (product_key, group_id, message_types, created_at) VALUES ($1, $2, $3, $4) \
@@ -204,7 +204,7 @@ impl Db {
     /// order.
     pub async fn enqueue_app_messages(&self, rows: &[NewRow]) -> Result<Vec<i64>, StorageError> {
         let mut ids = Vec::with_capacity(rows.len());
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         for r in rows {
             let row = sqlx::query(
                 "INSERT INTO app_messages (group_id, topic, message_id, payload, generated_at) VALUES ($1, $2, $3, $4, $5) RETURNING id",
@@ -252,7 +252,7 @@ impl Db {
 
     /// Removes accepted messages.
     pub async fn ack_app_messages(&self, ids: &[i64]) -> Result<(), StorageError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         for chunk in ids.chunks(256) {
             let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
             let sql = format!(

@@ -174,7 +174,7 @@ impl Db {
         keys: &[SeriesKey],
     ) -> Result<HashMap<SeriesKey, i64>, StorageError> {
         let mut out = HashMap::with_capacity(keys.len());
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         for chunk in chunks(keys) {
             let sql = format!(
                 "INSERT INTO property_series (product_key, device_name, identifier) VALUES {} ON CONFLICT DO NOTHING",
@@ -209,7 +209,7 @@ impl Db {
         events: &[EventRow],
         raws: &[RawRow],
     ) -> Result<(), StorageError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         self.insert_thing_rows(&mut tx, props, events, raws).await?;
         tx.commit().await?;
         Ok(())
@@ -223,7 +223,7 @@ impl Db {
         messages: &[ThingMessage],
         at: i64,
     ) -> Result<Vec<bool>, StorageError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let mut dup = Vec::with_capacity(messages.len());
         for (key, ..) in messages {
             let d = match key {
@@ -572,7 +572,7 @@ impl Db {
         subs: &[(String, String)],
         at: i64,
     ) -> Result<(), StorageError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         for (pk, dn) in subs {
             sqlx::query(
                 "INSERT INTO topology (product_key, device_name, gateway_product_key, gateway_device_name, created_at) VALUES ($1, $2, $3, $4, $5) \
@@ -597,7 +597,7 @@ impl Db {
         subs: &[(String, String)],
     ) -> Result<Vec<(String, String)>, StorageError> {
         let mut removed = Vec::new();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         for (pk, dn) in subs {
             let r = sqlx::query("DELETE FROM topology WHERE product_key = $1 AND device_name = $2 AND gateway_product_key = $3 AND gateway_device_name = $4")
                 .bind(pk)
