@@ -72,7 +72,9 @@ async fn device(
     sub: String,
     arrivals: mpsc::UnboundedSender<Instant>,
     ready: mpsc::UnboundedSender<bool>,
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) {
+    let mut permit = Some(permit);
     let Some(mut s) = connect_raw(addr, &connect).await else {
         let _ = ready.send(false);
         return;
@@ -90,6 +92,8 @@ async fn device(
     loop {
         match v4::Packet::read(&mut buf, 1 << 16) {
             Ok(v4::Packet::SubAck(_)) => {
+                // Connected and subscribed: let the next device connect.
+                permit.take();
                 let _ = ready.send(true);
             }
             Ok(v4::Packet::Publish(p)) => {
@@ -133,8 +137,10 @@ async fn devices(
     for (c, sub) in connects {
         let (gate, arr_tx, ready_tx) = (gate.clone(), arr_tx.clone(), ready_tx.clone());
         tokio::spawn(async move {
-            let _permit = gate.acquire_owned().await;
-            device(addr, c, sub, arr_tx, ready_tx).await;
+            let Ok(permit) = gate.acquire_owned().await else {
+                return;
+            };
+            device(addr, c, sub, arr_tx, ready_tx, permit).await;
         });
     }
     for i in 0..n {
