@@ -292,6 +292,92 @@ pub(crate) async fn property_group(
     Ok((key_id, secret, group))
 }
 
+/// Subscribes an MQTT client (already connected) to `filter` at QoS 1; returns the bytes read
+/// past the SUBACK.
+async fn subscribe_v4(app: &mut TcpStream, filter: &str) -> Result<BytesMut> {
+    let mut s = v4::Subscribe::new(filter, rumqttc::QoS::AtLeastOnce);
+    s.pkid = 1;
+    let mut b = BytesMut::new();
+    s.write(&mut b).map_err(|e| anyhow!("{e:?}"))?;
+    app.write_all(&b).await?;
+    let mut buf = BytesMut::new();
+    loop {
+        match v4::Packet::read(&mut buf, 1 << 20) {
+            Ok(v4::Packet::SubAck(a)) => {
+                if a.return_codes
+                    .iter()
+                    .any(|c| matches!(c, v4::SubscribeReasonCode::Failure))
+                {
+                    bail!("subscription to {filter} refused");
+                }
+                return Ok(buf);
+            }
+            Ok(_) => {}
+            Err(_) => {
+                if app.read_buf(&mut buf).await? == 0 {
+                    bail!("the server closed the subscriber");
+                }
+            }
+        }
+    }
+}
+
+/// Receives `total` stamped messages over the MQTT subscribers together (each acknowledging
+/// its QoS 1 messages); returns (seq, latency ms).
+async fn receive_mqtt(subs: Vec<(TcpStream, BytesMut)>, total: usize) -> Result<Vec<(u64, f64)>> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut readers = Vec::new();
+    for (mut app, mut buf) in subs {
+        let tx = tx.clone();
+        readers.push(tokio::spawn(async move {
+            let mut acks = BytesMut::new();
+            loop {
+                match v4::Packet::read(&mut buf, 1 << 20) {
+                    Ok(v4::Packet::Publish(p)) => {
+                        let now = now_ms_f64();
+                        if let Some((seq, t)) = stamp(&p.payload) {
+                            let _ = tx.send((seq, now - t));
+                        }
+                        if p.qos != rumqttc::QoS::AtMostOnce {
+                            let _ = v4::PubAck::new(p.pkid).write(&mut acks);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => {
+                        if !acks.is_empty() {
+                            if app.write_all(&acks).await.is_err() {
+                                return;
+                            }
+                            acks.clear();
+                        }
+                        match app.read_buf(&mut buf).await {
+                            Ok(n) if n > 0 => {}
+                            _ => return,
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    drop(tx);
+    let mut got = Vec::with_capacity(total);
+    while got.len() < total {
+        match tokio::time::timeout(WAIT, rx.recv()).await {
+            Ok(Some(g)) => got.push(g),
+            _ => {
+                for r in &readers {
+                    r.abort();
+                }
+                bail!("MQTT: {} of {total} received", got.len());
+            }
+        }
+    }
+    for r in readers {
+        r.abort();
+    }
+    Ok(got)
+}
+
 /// Runs the benchmark.
 pub async fn run(o: &AppsBench) -> Result<AppsResult> {
     let dir = tempfile::tempdir()?;
@@ -404,6 +490,53 @@ pub async fn run(o: &AppsBench) -> Result<AppsResult> {
         fresh_p50_ms: percentile(&fresh, 0.5),
         fresh_p99_ms: percentile(&fresh, 0.99),
     };
+
+    // The same publishers, received by two application instances over MQTT with one shared
+    // subscription (live routing; aksign credentials of the same consumer group).
+    let ts = format!("{}", now_ms_f64() as u64);
+    let user = format!("bench|authMode=aksign,signMethod=hmacsha1,timestamp={ts},authId={key_id},consumerGroupId={group}|");
+    let pass =
+        ironlink_cloud::apps::amqp::password("hmacsha1", &secret, &key_id, &ts).context("sign")?;
+    let mut subs = Vec::new();
+    for i in 0..2 {
+        let mut c = v4::Connect::new(format!("bench-app-{i}"));
+        c.keep_alive = 600;
+        c.set_login(user.clone(), pass.clone());
+        let mut b = BytesMut::new();
+        c.write(&mut b).map_err(|e| anyhow!("{e:?}"))?;
+        let mut app = connect_raw(cloud.mqtt, &b)
+            .await
+            .context("application MQTT login")?;
+        let buf = subscribe_v4(
+            &mut app,
+            &format!("$share/bench//sys/{pk}/+/thing/event/property/post"),
+        )
+        .await?;
+        subs.push((app, buf));
+    }
+    let start = Instant::now();
+    let mut pubs = Vec::new();
+    for (i, (dn, sec)) in devices.iter().enumerate() {
+        pubs.push(tokio::spawn(publish(
+            cloud.mqtt,
+            alink_connect(&pk, dn, sec, 600)?,
+            topic(dn),
+            20_000_000 + i * o.messages,
+            o.messages,
+            None,
+        )));
+    }
+    let got = receive_mqtt(subs, total).await?;
+    let secs = start.elapsed().as_secs_f64();
+    for p in pubs {
+        p.await??;
+    }
+    throughput.push(summarize(
+        "ironlink mqtt (shared subscription, 2 instances)",
+        total,
+        &got,
+        secs,
+    ));
     drop(cloud);
 
     if o.vs_mosquitto {
@@ -416,26 +549,7 @@ pub async fn run(o: &AppsBench) -> Result<AppsResult> {
         let mut app = connect_raw(addr, &b)
             .await
             .context("mosquitto subscriber")?;
-        let mut s = v4::Subscribe::new(
-            "/sys/+/+/thing/event/property/post",
-            rumqttc::QoS::AtLeastOnce,
-        );
-        s.pkid = 1;
-        let mut b = BytesMut::new();
-        s.write(&mut b).map_err(|e| anyhow!("{e:?}"))?;
-        app.write_all(&b).await?;
-        let mut buf = BytesMut::new();
-        loop {
-            match v4::Packet::read(&mut buf, 1 << 20) {
-                Ok(v4::Packet::SubAck(_)) => break,
-                Ok(_) => {}
-                Err(_) => {
-                    if app.read_buf(&mut buf).await? == 0 {
-                        bail!("mosquitto closed the subscriber");
-                    }
-                }
-            }
-        }
+        let buf = subscribe_v4(&mut app, "/sys/+/+/thing/event/property/post").await?;
         let start = Instant::now();
         let mut pubs = Vec::new();
         for (i, (dn, _)) in devices.iter().enumerate() {
@@ -452,34 +566,7 @@ pub async fn run(o: &AppsBench) -> Result<AppsResult> {
                 None,
             )));
         }
-        let mut got = Vec::with_capacity(total);
-        let mut acks = BytesMut::new();
-        while got.len() < total {
-            match v4::Packet::read(&mut buf, 1 << 20) {
-                Ok(v4::Packet::Publish(p)) => {
-                    let now = now_ms_f64();
-                    if let Some((seq, t)) = stamp(&p.payload) {
-                        got.push((seq, now - t));
-                    }
-                    if let Some(pkid) = (p.qos != rumqttc::QoS::AtMostOnce).then_some(p.pkid) {
-                        v4::PubAck::new(pkid)
-                            .write(&mut acks)
-                            .map_err(|e| anyhow!("{e:?}"))?;
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => {
-                    if !acks.is_empty() {
-                        app.write_all(&acks).await?;
-                        acks.clear();
-                    }
-                    match tokio::time::timeout(WAIT, app.read_buf(&mut buf)).await {
-                        Ok(Ok(n)) if n > 0 => {}
-                        _ => bail!("mosquitto: {} of {total} received", got.len()),
-                    }
-                }
-            }
-        }
+        let got = receive_mqtt(vec![(app, buf)], total).await?;
         let secs = start.elapsed().as_secs_f64();
         for p in pubs {
             p.await??;
@@ -506,11 +593,21 @@ pub fn table(r: &AppsResult) -> String {
             t.target, t.received, t.published, t.per_sec, t.p50_ms, t.p99_ms, t.max_ms
         ));
     }
-    if let [a, b] = &r.throughput[..] {
-        s.push_str(&format!(
-            "\nratio msgs/s ironlink/mosquitto: {:.2}\n",
-            a.per_sec / b.per_sec.max(1e-9)
-        ));
+    if let [.., last] = &r.throughput[..] {
+        if last.target.starts_with("mosquitto") {
+            for t in r
+                .throughput
+                .iter()
+                .filter(|t| !t.target.starts_with("mosquitto"))
+            {
+                s.push_str(&format!(
+                    "\nratio msgs/s {} / mosquitto: {:.2}",
+                    t.target,
+                    t.per_sec / last.per_sec.max(1e-9)
+                ));
+            }
+            s.push('\n');
+        }
     }
     let b = &r.backlog;
     s.push_str(&format!(
