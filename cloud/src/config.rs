@@ -145,6 +145,10 @@ pub struct AppsConfig {
     pub queue_max_messages: i64,
     /// Fresh messages a client may hold unsettled before the rest go to the backlog.
     pub realtime_window: usize,
+    /// Messages an application's MQTT session may have waiting for it before further ones are
+    /// dropped (counted in `ironlink_router_dropped_total`): applications receive the fan-in
+    /// of whole products, so their queue is far deeper than a device's (`mqtt.session_queue`).
+    pub mqtt_session_queue: usize,
 }
 
 impl Default for AppsConfig {
@@ -155,6 +159,7 @@ impl Default for AppsConfig {
             queue_max_age: Duration::from_secs(24 * 3600),
             queue_max_messages: 1_000_000,
             realtime_window: 256,
+            mqtt_session_queue: 65_536,
         }
     }
 }

@@ -263,3 +263,61 @@ async fn applications_over_mqtt_share_a_product_wide_subscription() {
         "shared between both: {counts:?}"
     );
 }
+
+/// An application receives the fan-in of a whole product: a burst well past a device
+/// session's queue (1,024) reaches it whole while it is not reading.
+#[tokio::test]
+async fn an_application_session_takes_a_burst_past_a_device_queue() {
+    let srv = start(|_| {}).await;
+    let (pk, _) = srv.product(false).await;
+    let secret = srv.device(&pk, "app-0005").await;
+    let gid = group_for(&srv, &pk, &["property"]).await;
+    let (_, key) = srv.post("/access-keys", json!({})).await;
+    let (user, pass) = app_login(
+        key["access_key_id"].as_str().unwrap(),
+        key["access_key_secret"].as_str().unwrap(),
+        &gid,
+    );
+    let mut a = Raw::tcp(srv.mqtt()).await;
+    assert_eq!(
+        a.connect_v4("app-burst", &user, &pass, 60).await,
+        rumqttc::mqttbytes::v4::ConnectReturnCode::Success
+    );
+    let filter = format!("/sys/{pk}/+/thing/event/property/post");
+    assert_eq!(
+        a.subscribe_v4(&filter, 1).await,
+        vec![rumqttc::mqttbytes::v4::SubscribeReasonCode::Success(
+            QoS::AtLeastOnce
+        )]
+    );
+    let mut d = device_v4(&srv, &pk, "app-0005", &secret).await;
+    post_props(&mut d, &pk, "app-0005", 1, 3000).await;
+    // Every post is routed before the application reads anything (QoS 1: at most 64 are in
+    // flight to it; the rest wait in its session's queue).
+    let mut acked = 0;
+    tokio::time::timeout(WAIT, async {
+        while acked < 3000 {
+            if let Some(rumqttc::mqttbytes::v4::Packet::PubAck(_)) = d.next_v4().await {
+                acked += 1;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{acked} of 3000 posts acknowledged"));
+    let mut got = 0;
+    tokio::time::timeout(WAIT, async {
+        while got < 3000 {
+            if let Some(rumqttc::mqttbytes::v4::Packet::Publish(p)) = a.next_v4().await {
+                got += 1;
+                let mut b = bytes::BytesMut::new();
+                rumqttc::mqttbytes::v4::PubAck::new(p.pkid)
+                    .write(&mut b)
+                    .unwrap();
+                a.send(&b).await;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{got} of 3000 arrived"));
+    assert_eq!(srv.running.shared.router.dropped(), 0);
+}

@@ -557,7 +557,7 @@ impl Connection {
     {
         let idle = keepalive + keepalive / 2;
         let max = self.shared.config.mqtt.max_packet_size;
-        let queue_cap = self.shared.config.mqtt.session_queue;
+        let queue_cap = self.queue_cap();
         let mut last_rx = Instant::now();
         loop {
             if !self.out.is_empty() {
@@ -677,11 +677,20 @@ impl Connection {
         }
     }
 
+    /// Messages this session may have waiting: an application's fan-in queue is deeper.
+    fn queue_cap(&self) -> usize {
+        if self.app.is_some() {
+            self.shared.config.apps.mqtt_session_queue
+        } else {
+            self.shared.config.mqtt.session_queue
+        }
+    }
+
     fn router_session(&mut self) -> SessionId {
         match self.sid {
             Some(sid) => sid,
             None => {
-                let (tx, rx) = mpsc::channel(self.shared.config.mqtt.session_queue.max(1));
+                let (tx, rx) = mpsc::channel(self.queue_cap().max(1));
                 let sid = self.shared.router.register(tx);
                 self.sid = Some(sid);
                 self.rx = Some(rx);
