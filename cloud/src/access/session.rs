@@ -239,11 +239,11 @@ pub async fn serve<S>(
             };
             let _ = frame::encode_publish(&publish, |b| out.extend_from_slice(b));
             let _ = stream.write_all(&out).await;
-            let _ = stream.shutdown().await;
-            // Let the device read the answer and close first: closing with its later packets
-            // unread would reset the connection, and a reset can discard the answer before
-            // the device's SDK has read it. Bounded, whatever the device does.
-            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let _ = stream.flush().await;
+            // Let the device read the answer and close first (Alibaba's SDKs disconnect once
+            // they have it): closing under it can make its SDK see the end of the connection
+            // before it has handled the answer. Bounded, whatever the device does.
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
                 let mut sink = [0u8; 512];
                 while matches!(
                     tokio::io::AsyncReadExt::read(&mut stream, &mut sink).await,
@@ -251,6 +251,7 @@ pub async fn serve<S>(
                 ) {}
             })
             .await;
+            let _ = stream.shutdown().await;
             return;
         }
         Ok(Authenticated::Device {
