@@ -381,3 +381,29 @@ pub async fn connect_device(
     let connect = alink_connect(pk, dn, secret, 120).ok()?;
     connect_raw(addr, &connect).await
 }
+
+/// rumqttc options of an Alink device (HMAC-SHA256, securemode=3) at `addr`.
+pub fn device_options(
+    addr: SocketAddr,
+    pk: &str,
+    dn: &str,
+    secret: &str,
+    keep_alive: std::time::Duration,
+) -> Result<rumqttc::MqttOptions> {
+    let (mut cid, mut user) = (String::new(), String::new());
+    let sig = ironlink_shared::credentials::write_device_credentials(
+        pk,
+        dn,
+        secret,
+        ironlink_shared::sign::SignMethod::HmacSha256,
+        3,
+        None,
+        &mut cid,
+        &mut user,
+    )
+    .map_err(|_| anyhow!("cannot format credentials of {pk}/{dn}"))?;
+    let mut o = rumqttc::MqttOptions::new(cid, addr.ip().to_string(), addr.port());
+    o.set_credentials(user, sig.as_str().to_owned());
+    o.set_keep_alive(keep_alive);
+    Ok(o)
+}

@@ -268,11 +268,7 @@ async fn run() -> anyhow::Result<()> {
                 messages: messages.clamp(1, 100_000),
                 backlog: backlog.min(1_000_000),
                 fresh_rate: fresh_rate.clamp(1, 10_000),
-                vs_mosquitto: match vs.as_deref() {
-                    None => false,
-                    Some("mosquitto") => true,
-                    Some(other) => anyhow::bail!("--vs {other}: only mosquitto is supported"),
-                },
+                vs_mosquitto: vs_mosquitto(vs.as_deref())?,
                 cloud_bin,
             };
             let r = ironlink_sim::apps_bench::run(&o).await?;
@@ -324,11 +320,7 @@ async fn run() -> anyhow::Result<()> {
                 devices: devices.clamp(1, 60_000),
                 qos,
                 rounds: rounds.clamp(1, 200),
-                vs_mosquitto: match vs.as_deref() {
-                    None => false,
-                    Some("mosquitto") => true,
-                    Some(other) => anyhow::bail!("--vs {other}: only mosquitto is supported"),
-                },
+                vs_mosquitto: vs_mosquitto(vs.as_deref())?,
                 cloud_bin,
             };
             let r = ironlink_sim::fanout::run(&o).await?;
@@ -351,11 +343,7 @@ async fn run() -> anyhow::Result<()> {
                 devices: devices.clamp(1, 20_000),
                 sets: sets.clamp(1, 1_000_000),
                 concurrency: concurrency.clamp(1, 1024),
-                vs_mosquitto: match vs.as_deref() {
-                    None => false,
-                    Some("mosquitto") => true,
-                    Some(other) => anyhow::bail!("--vs {other}: only mosquitto is supported"),
-                },
+                vs_mosquitto: vs_mosquitto(vs.as_deref())?,
                 cloud_bin,
             };
             let r = ironlink_sim::downlink::run(&o).await?;
@@ -403,11 +391,7 @@ async fn run() -> anyhow::Result<()> {
                     json,
                 },
         } => {
-            let vs_mosquitto = match vs.as_deref() {
-                None => false,
-                Some("mosquitto") => true,
-                Some(other) => anyhow::bail!("--vs {other}: only mosquitto is supported"),
-            };
+            let vs_mosquitto = vs_mosquitto(vs.as_deref())?;
             let o = ConnectionsBench {
                 devices: devices.min(100_000),
                 concurrency,
@@ -422,4 +406,13 @@ async fn run() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `--vs`: only mosquitto is a baseline.
+fn vs_mosquitto(vs: Option<&str>) -> anyhow::Result<bool> {
+    match vs {
+        None => Ok(false),
+        Some("mosquitto") => Ok(true),
+        Some(other) => anyhow::bail!("--vs {other}: only mosquitto is supported"),
+    }
 }

@@ -7,9 +7,7 @@
 //! and what to try, and runs until Ctrl-C (or for a set time), shutting down cleanly.
 
 use anyhow::{anyhow, bail, Context, Result};
-use ironlink_shared::credentials::write_device_credentials;
-use ironlink_shared::sign::SignMethod;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, Packet, QoS};
 use serde_json::{json, Value};
 use std::future;
 use std::net::SocketAddr;
@@ -310,22 +308,11 @@ async fn sensor(
     let mut t = 20.0 + seed as f64;
     let mut n = 0u64;
     loop {
-        let (mut cid, mut user) = (String::new(), String::new());
-        let Ok(sig) = write_device_credentials(
-            &pk,
-            &dn,
-            &secret,
-            SignMethod::HmacSha256,
-            3,
-            None,
-            &mut cid,
-            &mut user,
-        ) else {
+        let Ok(o) =
+            crate::cloud_process::device_options(mqtt, &pk, &dn, &secret, Duration::from_secs(60))
+        else {
             return;
         };
-        let mut o = MqttOptions::new(cid, mqtt.ip().to_string(), mqtt.port());
-        o.set_credentials(user, sig.as_str().to_owned());
-        o.set_keep_alive(Duration::from_secs(60));
         let (client, mut events) = AsyncClient::new(o, 16);
         let mut tick = tokio::time::interval(Duration::from_secs(2));
         loop {

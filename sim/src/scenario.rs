@@ -34,9 +34,7 @@
 //! labels (device, property, kind, start, end) are written out for the analytics work.
 
 use anyhow::{anyhow, bail, Context, Result};
-use ironlink_shared::credentials::write_device_credentials;
-use ironlink_shared::sign::SignMethod;
-use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{AsyncClient, Event, Outgoing, Packet, QoS};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashSet};
@@ -408,22 +406,11 @@ async fn device(
     let mut storms_seen = 0;
     let mut n = 0u64;
     while Instant::now() < end {
-        let (mut cid, mut user) = (String::new(), String::new());
-        let Ok(sig) = write_device_credentials(
-            &pk,
-            &dn,
-            &secret,
-            SignMethod::HmacSha256,
-            3,
-            None,
-            &mut cid,
-            &mut user,
-        ) else {
+        let Ok(o) =
+            crate::cloud_process::device_options(addr, &pk, &dn, &secret, Duration::from_secs(30))
+        else {
             return;
         };
-        let mut o = MqttOptions::new(cid, addr.ip().to_string(), addr.port());
-        o.set_credentials(user, sig.as_str().to_owned());
-        o.set_keep_alive(Duration::from_secs(30));
         let (client, mut events) = AsyncClient::new(o, 64);
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
