@@ -468,7 +468,7 @@ async fn session(
                     }
                     Event::Incoming(Packet::Publish(p)) => {
                         if let Some((dn, id, op, reply)) = downlink(&p.topic, &p.payload) {
-                            dispatch(routes, dn, id, op, reply, &reply_tx);
+                            dispatch(routes, gdn, dn, id, op, reply, &reply_tx);
                         }
                     }
                     Event::Incoming(Packet::Disconnect) => return Err("cloud sent DISCONNECT".into()),
@@ -516,6 +516,7 @@ async fn send(
 /// Hands a downlink to the link of its sub-device, or answers at once.
 fn dispatch(
     routes: &Routes,
+    gateway: &str,
     dn: String,
     id: String,
     op: Op,
@@ -523,7 +524,7 @@ fn dispatch(
     reply_tx: &mpsc::UnboundedSender<((String, String), Outcome)>,
 ) {
     let tag = (reply, id);
-    let refuse = |code, message: &str| {
+    let answer = |code, message: &str| {
         let _ = reply_tx.send((
             tag.clone(),
             Outcome {
@@ -534,12 +535,23 @@ fn dispatch(
         ));
     };
     let Some(link) = routes.get(&dn) else {
-        // The gateway's own downlinks, or a sub-device this configuration no longer has.
+        // The gateway itself has no points: a get answers empty, anything else is refused
+        // (rather than left to time out). A sub-device this configuration no longer has is
+        // not ours to answer.
+        if dn == gateway {
+            match op {
+                Op::Get(_) => answer(200, ""),
+                _ => answer(
+                    460,
+                    "the edge gateway itself has no writable properties or services: address its sub-devices",
+                ),
+            }
+        }
         return;
     };
     if let Op::Service(name, _) = &op {
         if name.is_empty() {
-            refuse(460, "not a service call");
+            answer(460, "not a service call");
             return;
         }
     }
@@ -550,7 +562,7 @@ fn dispatch(
         reply: reply_tx.clone(),
     };
     if link.try_send(cmd).is_err() {
-        refuse(
+        answer(
             503,
             "the sub-device's link is busy: too many requests waiting",
         );

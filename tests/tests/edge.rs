@@ -644,6 +644,22 @@ type = "u16"
     assert_eq!(call["status"], "succeeded", "{call}");
     assert_eq!(call["reply"]["Mode"], 7, "{call}");
 
+    // The gateway itself has no points: a set addressed to it is refused, not left to time out.
+    let (_, v) = cloud
+        .api(
+            Method::POST,
+            &format!("/devices/{gpk}/edge-03/properties"),
+            Some(json!({"params": {"Mode": 1}})),
+        )
+        .await
+        .unwrap();
+    let call = finished(&cloud, &gpk, "edge-03", v["id"].as_str().unwrap()).await;
+    assert_eq!(
+        (call["status"].as_str(), call["code"].as_i64()),
+        (Some("failed"), Some(460)),
+        "{call}"
+    );
+
     // A write to the unreachable device fails at once with the reason.
     let (_, v) = cloud
         .api(
