@@ -292,18 +292,14 @@ impl Poller {
             loop {
                 let fut = async {
                     match op {
-                        WriteOp::Coils { start, bits } if bits.len() == 1 => {
-                            ctx.write_single_coil(*start, bits[0]).await
-                        }
-                        WriteOp::Coils { start, bits } => {
-                            ctx.write_multiple_coils(*start, bits).await
-                        }
-                        WriteOp::Registers { start, words } if words.len() == 1 => {
-                            ctx.write_single_register(*start, words[0]).await
-                        }
-                        WriteOp::Registers { start, words } => {
-                            ctx.write_multiple_registers(*start, words).await
-                        }
+                        WriteOp::Coils { start, bits } => match bits.as_slice() {
+                            [bit] => ctx.write_single_coil(*start, *bit).await,
+                            _ => ctx.write_multiple_coils(*start, bits).await,
+                        },
+                        WriteOp::Registers { start, words } => match words.as_slice() {
+                            [word] => ctx.write_single_register(*start, *word).await,
+                            _ => ctx.write_multiple_registers(*start, words).await,
+                        },
                     }
                 };
                 match tokio::time::timeout(self.device.timeout, fut).await {

@@ -3,7 +3,7 @@
 //! the backlog replay rate while fresh messages keep flowing, with their latency.
 //! Loopback only; bounded in count and time.
 
-use crate::bench::{percentile, start_mosquitto};
+use crate::bench::{percentile, start_mosquitto, subscribe_v4};
 use crate::cloud_process::{alink_connect, connect_raw, Cloud, WAIT};
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::BytesMut;
@@ -88,6 +88,31 @@ pub(crate) fn now_ms_f64() -> f64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64() * 1000.0)
         .unwrap_or(0.0)
+}
+
+/// Every device publishes `n` stamped messages on its property topic (sequence numbers from
+/// `base + i * n` for device `i`), as fast as its window allows.
+fn spawn_publishers(
+    addr: SocketAddr,
+    pk: &str,
+    devices: &[(String, String)],
+    base: usize,
+    n: usize,
+) -> Result<Vec<tokio::task::JoinHandle<Result<()>>>> {
+    devices
+        .iter()
+        .enumerate()
+        .map(|(i, (dn, secret))| {
+            Ok(tokio::spawn(publish(
+                addr,
+                alink_connect(pk, dn, secret, 600)?,
+                format!("/sys/{pk}/{dn}/thing/event/property/post"),
+                base + i * n,
+                n,
+                None,
+            )))
+        })
+        .collect()
 }
 
 /// QoS 1 property posts carrying their send time; waits for every PUBACK.
@@ -292,36 +317,6 @@ pub(crate) async fn property_group(
     Ok((key_id, secret, group))
 }
 
-/// Subscribes an MQTT client (already connected) to `filter` at QoS 1; returns the bytes read
-/// past the SUBACK.
-async fn subscribe_v4(app: &mut TcpStream, filter: &str) -> Result<BytesMut> {
-    let mut s = v4::Subscribe::new(filter, rumqttc::QoS::AtLeastOnce);
-    s.pkid = 1;
-    let mut b = BytesMut::new();
-    s.write(&mut b).map_err(|e| anyhow!("{e:?}"))?;
-    app.write_all(&b).await?;
-    let mut buf = BytesMut::new();
-    loop {
-        match v4::Packet::read(&mut buf, 1 << 20) {
-            Ok(v4::Packet::SubAck(a)) => {
-                if a.return_codes
-                    .iter()
-                    .any(|c| matches!(c, v4::SubscribeReasonCode::Failure))
-                {
-                    bail!("subscription to {filter} refused");
-                }
-                return Ok(buf);
-            }
-            Ok(_) => {}
-            Err(_) => {
-                if app.read_buf(&mut buf).await? == 0 {
-                    bail!("the server closed the subscriber");
-                }
-            }
-        }
-    }
-}
-
 /// Receives `total` stamped messages over the MQTT subscribers together (each acknowledging
 /// its QoS 1 messages); returns (seq, latency ms). Stops early when nothing arrives for 5 s
 /// after the first message (live routing drops what a full session queue cannot take: the
@@ -403,24 +398,7 @@ pub async fn run(o: &AppsBench) -> Result<AppsResult> {
         &["--amqps-listen", "127.0.0.1:0"],
     )?;
     let pk = cloud.create_product(json!({"name": "apps-bench"})).await?;
-    let (_, v) = cloud
-        .api(
-            reqwest::Method::POST,
-            &format!("/products/{pk}/devices"),
-            Some(json!({"count": o.devices})),
-        )
-        .await?;
-    let devices: Vec<(String, String)> = v["devices"]
-        .as_array()
-        .context("devices")?
-        .iter()
-        .filter_map(|d| {
-            Some((
-                d["device_name"].as_str()?.to_owned(),
-                d["device_secret"].as_str()?.to_owned(),
-            ))
-        })
-        .collect();
+    let devices = cloud.create_devices(&pk, o.devices).await?;
     let (key_id, secret, group) = property_group(&cloud, &pk, "bench").await?;
     let topic = |dn: &str| format!("/sys/{pk}/{dn}/thing/event/property/post");
 
@@ -428,17 +406,7 @@ pub async fn run(o: &AppsBench) -> Result<AppsResult> {
     let total = o.devices * o.messages;
     let (conn, session, mut receiver) = amqp_receiver(&cloud, &key_id, &secret, &group).await?;
     let start = Instant::now();
-    let mut pubs = Vec::new();
-    for (i, (dn, sec)) in devices.iter().enumerate() {
-        pubs.push(tokio::spawn(publish(
-            cloud.mqtt,
-            alink_connect(&pk, dn, sec, 600)?,
-            topic(dn),
-            i * o.messages,
-            o.messages,
-            None,
-        )));
-    }
+    let pubs = spawn_publishers(cloud.mqtt, &pk, &devices, 0, o.messages)?;
     let got = receive_amqp(&mut receiver, total).await?;
     let secs = start.elapsed().as_secs_f64();
     for p in pubs {
@@ -452,17 +420,7 @@ pub async fn run(o: &AppsBench) -> Result<AppsResult> {
     // Backlog: no client while `backlog` messages arrive; then a client connects while fresh
     // messages keep coming at `fresh_rate`.
     let per = o.backlog.div_ceil(devices.len().max(1));
-    let mut pubs = Vec::new();
-    for (i, (dn, sec)) in devices.iter().enumerate() {
-        pubs.push(tokio::spawn(publish(
-            cloud.mqtt,
-            alink_connect(&pk, dn, sec, 600)?,
-            topic(dn),
-            1_000_000 + i * per,
-            per,
-            None,
-        )));
-    }
+    let pubs = spawn_publishers(cloud.mqtt, &pk, &devices, 1_000_000, per)?;
     for p in pubs {
         p.await??;
     }
@@ -525,22 +483,13 @@ pub async fn run(o: &AppsBench) -> Result<AppsResult> {
         let buf = subscribe_v4(
             &mut app,
             &format!("$share/bench//sys/{pk}/+/thing/event/property/post"),
+            rumqttc::QoS::AtLeastOnce,
         )
         .await?;
         subs.push((app, buf));
     }
     let start = Instant::now();
-    let mut pubs = Vec::new();
-    for (i, (dn, sec)) in devices.iter().enumerate() {
-        pubs.push(tokio::spawn(publish(
-            cloud.mqtt,
-            alink_connect(&pk, dn, sec, 600)?,
-            topic(dn),
-            20_000_000 + i * o.messages,
-            o.messages,
-            None,
-        )));
-    }
+    let pubs = spawn_publishers(cloud.mqtt, &pk, &devices, 20_000_000, o.messages)?;
     let (got, last) = receive_mqtt(subs, total).await?;
     let secs = last.duration_since(start).as_secs_f64();
     for p in pubs {
@@ -564,7 +513,12 @@ pub async fn run(o: &AppsBench) -> Result<AppsResult> {
         let mut app = connect_raw(addr, &b)
             .await
             .context("mosquitto subscriber")?;
-        let buf = subscribe_v4(&mut app, "/sys/+/+/thing/event/property/post").await?;
+        let buf = subscribe_v4(
+            &mut app,
+            "/sys/+/+/thing/event/property/post",
+            rumqttc::QoS::AtLeastOnce,
+        )
+        .await?;
         let start = Instant::now();
         let mut pubs = Vec::new();
         for (i, (dn, _)) in devices.iter().enumerate() {

@@ -2,13 +2,16 @@
 //! Ironlink against mosquitto in the same run. Loopback only; bounded in count and time.
 
 use crate::cloud_process::{alink_connect, connect_raw, cpu_ticks, rss_kib, Cloud, WAIT};
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::BytesMut;
+use rumqttc::mqttbytes::v4;
 use serde::Serialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
@@ -279,4 +282,42 @@ pub fn table(results: &[TargetResult]) -> String {
         s.push('\n');
     }
     s
+}
+
+/// Subscribes a connected MQTT 3.1.1 client to `filter` at `qos` and waits (bounded) for the
+/// SUBACK; returns the bytes read past it. A refused filter is an error.
+pub(crate) async fn subscribe_v4(
+    s: &mut TcpStream,
+    filter: &str,
+    qos: rumqttc::QoS,
+) -> Result<BytesMut> {
+    let mut sub = v4::Subscribe::new(filter, qos);
+    sub.pkid = 1;
+    let mut b = BytesMut::new();
+    sub.write(&mut b).map_err(|e| anyhow!("{e:?}"))?;
+    s.write_all(&b).await?;
+    let mut buf = BytesMut::new();
+    loop {
+        match v4::Packet::read(&mut buf, 1 << 20) {
+            Ok(v4::Packet::SubAck(a)) => {
+                if a.return_codes
+                    .iter()
+                    .any(|c| matches!(c, v4::SubscribeReasonCode::Failure))
+                {
+                    bail!("subscription to {filter} refused");
+                }
+                return Ok(buf);
+            }
+            Ok(_) => {}
+            Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {
+                match tokio::time::timeout(WAIT, s.read_buf(&mut buf)).await {
+                    Ok(Ok(n)) if n > 0 => {}
+                    Ok(Ok(_)) => bail!("the server closed the subscriber"),
+                    Ok(Err(e)) => return Err(e.into()),
+                    Err(_) => bail!("no SUBACK within {WAIT:?}"),
+                }
+            }
+            Err(e) => bail!("malformed packet from the server: {e:?}"),
+        }
+    }
 }

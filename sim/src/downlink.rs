@@ -6,7 +6,7 @@
 //! (`concurrency` in flight), the devices answering on a reply topic the publisher reads.
 //! Loopback only; bounded in count and time.
 
-use crate::bench::{percentile, start_mosquitto};
+use crate::bench::{percentile, start_mosquitto, subscribe_v4};
 use crate::cloud_process::{alink_connect, connect_raw, Cloud, WAIT};
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::BytesMut;
@@ -53,18 +53,6 @@ pub struct DownlinkResult {
     pub p99_ms: f64,
 }
 
-fn encode(p: &v4::Packet) -> Result<BytesMut> {
-    let mut b = BytesMut::new();
-    match p {
-        v4::Packet::Publish(x) => x.write(&mut b),
-        v4::Packet::Subscribe(x) => x.write(&mut b),
-        v4::Packet::PubAck(x) => x.write(&mut b),
-        _ => return Err(anyhow!("unexpected packet")),
-    }
-    .map_err(|e| anyhow!("{e:?}"))?;
-    Ok(b)
-}
-
 /// A device: subscribes to `sub`, and answers every message on `reply_to(topic)` with its id.
 async fn device(
     addr: SocketAddr,
@@ -74,28 +62,19 @@ async fn device(
     ready: mpsc::UnboundedSender<bool>,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
-    let mut permit = Some(permit);
     let Some(mut s) = connect_raw(addr, &connect).await else {
         let _ = ready.send(false);
         return;
     };
-    let mut subscribe = v4::Subscribe::new(&sub, QoS::AtLeastOnce);
-    subscribe.pkid = 1;
-    let Ok(b) = encode(&v4::Packet::Subscribe(subscribe)) else {
-        return;
-    };
-    if s.write_all(&b).await.is_err() {
+    let Ok(mut buf) = subscribe_v4(&mut s, &sub, QoS::AtLeastOnce).await else {
         let _ = ready.send(false);
         return;
-    }
-    let mut buf = BytesMut::new();
+    };
+    // Connected and subscribed: let the next device connect.
+    drop(permit);
+    let _ = ready.send(true);
     loop {
         match v4::Packet::read(&mut buf, 1 << 16) {
-            Ok(v4::Packet::SubAck(_)) => {
-                // Connected and subscribed: let the next device connect.
-                permit.take();
-                let _ = ready.send(true);
-            }
             Ok(v4::Packet::Publish(p)) => {
                 let _ = arrivals.send(Instant::now());
                 let v: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
@@ -303,7 +282,8 @@ async fn bench_mosquitto(o: &DownlinkBench) -> Result<DownlinkResult> {
             json!({"id": i.to_string(), "version": "1.0", "params": {"n": i}, "method": "thing.service.property.set"}).to_string(),
         );
         p.pkid = u16::try_from(i % 65_000 + 1).unwrap_or(1);
-        let b = encode(&v4::Packet::Publish(p))?;
+        let mut b = BytesMut::new();
+        p.write(&mut b).map_err(|e| anyhow!("{e:?}"))?;
         sent.push(Instant::now());
         wr.write_all(&b).await?;
         inflight += 1;

@@ -4,7 +4,7 @@
 //! the last device has the message, per-device latency percentiles, deliveries per second,
 //! messages missing. Loopback only; bounded in count and time.
 
-use crate::bench::{percentile, start_mosquitto};
+use crate::bench::{percentile, start_mosquitto, subscribe_v4};
 use crate::cloud_process::{alink_connect, connect_raw, Cloud, WAIT};
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::BytesMut;
@@ -59,14 +59,18 @@ pub struct FanoutResult {
 }
 
 /// A subscriber: reads broadcasts, acknowledges QoS 1, reports each arrival's round.
-async fn subscriber(mut s: TcpStream, qos: u8, arrivals: mpsc::UnboundedSender<(u16, Instant)>) {
-    let mut buf = BytesMut::new();
+async fn subscriber(
+    mut s: TcpStream,
+    mut buf: BytesMut,
+    qos: QoS,
+    arrivals: mpsc::UnboundedSender<(u16, Instant)>,
+) {
     loop {
         match v4::Packet::read(&mut buf, 1 << 16) {
             Ok(v4::Packet::Publish(p)) => {
                 let round = p.payload.first().map_or(0, |b| u16::from(*b));
                 let _ = arrivals.send((round, Instant::now()));
-                if qos == 1 {
+                if qos == QoS::AtLeastOnce {
                     let mut b = BytesMut::new();
                     if v4::PubAck::new(p.pkid).write(&mut b).is_err()
                         || s.write_all(&b).await.is_err()
@@ -111,43 +115,16 @@ async fn subscribe_all(
                 let _ = ready_tx.send(false);
                 return;
             };
-            let mut sub = v4::Subscribe::new(
-                &topic,
-                if qos == 1 {
-                    QoS::AtLeastOnce
-                } else {
-                    QoS::AtMostOnce
-                },
-            );
-            sub.pkid = 1;
-            let mut b = BytesMut::new();
-            if sub.write(&mut b).is_err() || s.write_all(&b).await.is_err() {
-                let _ = ready_tx.send(false);
-                return;
-            }
-            let mut buf = BytesMut::new();
-            let ok = loop {
-                match v4::Packet::read(&mut buf, 1 << 16) {
-                    Ok(v4::Packet::SubAck(a)) => {
-                        break a
-                            .return_codes
-                            .iter()
-                            .all(|c| !matches!(c, v4::SubscribeReasonCode::Failure));
-                    }
-                    Ok(_) => {}
-                    Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {
-                        match tokio::time::timeout(WAIT, s.read_buf(&mut buf)).await {
-                            Ok(Ok(n)) if n > 0 => {}
-                            _ => break false,
-                        }
-                    }
-                    Err(_) => break false,
-                }
+            let qos = if qos == 1 {
+                QoS::AtLeastOnce
+            } else {
+                QoS::AtMostOnce
             };
+            let subscribed = subscribe_v4(&mut s, &topic, qos).await;
             drop(permit);
-            let _ = ready_tx.send(ok);
-            if ok {
-                subscriber(s, qos, arrivals).await;
+            let _ = ready_tx.send(subscribed.is_ok());
+            if let Ok(buf) = subscribed {
+                subscriber(s, buf, qos, arrivals).await;
             }
         });
     }

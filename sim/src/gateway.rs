@@ -103,26 +103,7 @@ pub async fn run(o: &GatewayBench) -> Result<GatewayResult> {
         .as_str()
         .context("gateway secret")?
         .to_owned();
-    let mut subs: Vec<(String, String)> = Vec::with_capacity(o.subs);
-    while subs.len() < o.subs {
-        let n = (o.subs - subs.len()).min(1000);
-        let (s, v) = cloud
-            .api(
-                reqwest::Method::POST,
-                &format!("/products/{spk}/devices"),
-                Some(json!({"count": n})),
-            )
-            .await?;
-        if s != 201 {
-            bail!("creating sub-devices: {s} {v}");
-        }
-        for d in v["devices"].as_array().context("devices")? {
-            subs.push((
-                d["device_name"].as_str().context("name")?.to_owned(),
-                d["device_secret"].as_str().context("secret")?.to_owned(),
-            ));
-        }
-    }
+    let subs = cloud.create_devices(&spk, o.subs).await?;
     let signed: Vec<Value> = subs
         .iter()
         .map(|(dn, secret)| {

@@ -157,22 +157,10 @@ async fn ironlink_ingest(o: &IngestBench) -> Result<f64> {
     if s != 200 {
         bail!("importing the thing model: {s} {v}");
     }
-    let (s, v) = cloud
-        .api(
-            reqwest::Method::POST,
-            &format!("/products/{pk}/devices"),
-            Some(serde_json::json!({"count": o.devices})),
-        )
-        .await?;
-    if s != 201 {
-        bail!("creating devices: {s} {v}");
-    }
     let mut jobs = Vec::new();
-    for d in v["devices"].as_array().context("devices")? {
-        let dn = d["device_name"].as_str().context("device_name")?;
-        let secret = d["device_secret"].as_str().context("device_secret")?;
+    for (dn, secret) in cloud.create_devices(&pk, o.devices).await? {
         jobs.push((
-            alink_connect(&pk, dn, secret, 600)?,
+            alink_connect(&pk, &dn, &secret, 600)?,
             format!("/sys/{pk}/{dn}/thing/event/property/post"),
         ));
     }
