@@ -5,6 +5,7 @@
 
 use crate::bench::{percentile, start_mosquitto, subscribe_v4};
 use crate::cloud_process::{alink_connect, connect_raw, Cloud, WAIT};
+use crate::report::{latencies, tally, Probe, Report, TargetReport};
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::BytesMut;
 use fe2o3_amqp::connection::{Connection, ConnectionHandle};
@@ -40,25 +41,6 @@ pub struct AppsBench {
     pub cloud_bin: Option<PathBuf>,
 }
 
-/// One throughput target.
-#[derive(Debug, Clone, Serialize)]
-pub struct Throughput {
-    /// `ironlink amqp` or `mosquitto mqtt`.
-    pub target: String,
-    /// Messages received by the application.
-    pub received: usize,
-    /// Messages published.
-    pub published: usize,
-    /// Received per second.
-    pub per_sec: f64,
-    /// Publish-to-receive latency, ms.
-    pub p50_ms: f64,
-    /// p99, ms.
-    pub p99_ms: f64,
-    /// max, ms.
-    pub max_ms: f64,
-}
-
 /// Backlog phase.
 #[derive(Debug, Clone, Serialize)]
 pub struct Backlog {
@@ -72,15 +54,6 @@ pub struct Backlog {
     pub fresh_p50_ms: f64,
     /// p99, ms.
     pub fresh_p99_ms: f64,
-}
-
-/// All results.
-#[derive(Debug, Clone, Serialize)]
-pub struct AppsResult {
-    /// Throughput targets.
-    pub throughput: Vec<Throughput>,
-    /// Backlog phase.
-    pub backlog: Backlog,
 }
 
 pub(crate) fn now_ms_f64() -> f64 {
@@ -267,18 +240,31 @@ async fn receive_amqp(r: &mut Receiver, n: usize) -> Result<Vec<(u64, f64)>> {
     Ok(got)
 }
 
-fn summarize(target: &str, published: usize, got: &[(u64, f64)], secs: f64) -> Throughput {
-    let mut lat: Vec<f64> = got.iter().map(|g| g.1).collect();
-    lat.sort_by(f64::total_cmp);
-    Throughput {
+fn summarize(
+    target: &str,
+    published: usize,
+    got: &[(u64, f64)],
+    secs: f64,
+    probe: &Probe,
+    connections: usize,
+) -> Result<TargetReport> {
+    let (server_rss_kib, server_cpu_cores) = probe.finish()?;
+    let (received, duplicated) = tally(got.iter().map(|g| g.0));
+    let (p50_ms, p99_ms, max_ms) = latencies(got.iter().map(|g| g.1).collect());
+    Ok(TargetReport {
         target: target.into(),
-        received: got.len(),
-        published,
+        expected: published as u64,
+        received,
         per_sec: got.len() as f64 / secs.max(1e-9),
-        p50_ms: percentile(&lat, 0.5),
-        p99_ms: percentile(&lat, 0.99),
-        max_ms: lat.last().copied().unwrap_or(0.0),
-    }
+        p50_ms,
+        p99_ms,
+        max_ms,
+        server_rss_kib,
+        server_cpu_cores,
+        connections: connections as u64,
+        lost: (published as u64).saturating_sub(received),
+        duplicated,
+    })
 }
 
 /// An access key and a consumer group `name` subscribed to the property posts of product
@@ -389,7 +375,8 @@ async fn receive_mqtt(
 }
 
 /// Runs the benchmark.
-pub async fn run(o: &AppsBench) -> Result<AppsResult> {
+pub async fn run(o: &AppsBench) -> Result<Report> {
+    crate::cloud_process::fd_budget(o.devices)?;
     let dir = tempfile::tempdir()?;
     let cloud = Cloud::start_bench_with(
         o.cloud_bin.as_deref(),
@@ -405,6 +392,7 @@ pub async fn run(o: &AppsBench) -> Result<AppsResult> {
     // Throughput: every device publishes while the application receives.
     let total = o.devices * o.messages;
     let (conn, session, mut receiver) = amqp_receiver(&cloud, &key_id, &secret, &group).await?;
+    let probe = Probe::start(cloud.pid())?;
     let start = Instant::now();
     let pubs = spawn_publishers(cloud.mqtt, &pk, &devices, 0, o.messages)?;
     let got = receive_amqp(&mut receiver, total).await?;
@@ -412,7 +400,14 @@ pub async fn run(o: &AppsBench) -> Result<AppsResult> {
     for p in pubs {
         p.await??;
     }
-    let mut throughput = vec![summarize("ironlink amqp", total, &got, secs)];
+    let mut throughput = vec![summarize(
+        "ironlink amqp (consumer group)",
+        total,
+        &got,
+        secs,
+        &probe,
+        o.devices + 1,
+    )?];
     let _ = receiver.close().await;
     drop(session);
     drop(conn);
@@ -488,6 +483,7 @@ pub async fn run(o: &AppsBench) -> Result<AppsResult> {
         .await?;
         subs.push((app, buf));
     }
+    let probe = Probe::start(cloud.pid())?;
     let start = Instant::now();
     let pubs = spawn_publishers(cloud.mqtt, &pk, &devices, 20_000_000, o.messages)?;
     let (got, last) = receive_mqtt(subs, total).await?;
@@ -500,12 +496,14 @@ pub async fn run(o: &AppsBench) -> Result<AppsResult> {
         total,
         &got,
         secs,
-    ));
+        &probe,
+        o.devices + 2,
+    )?);
     drop(cloud);
 
     if o.vs_mosquitto {
         let mdir = tempfile::tempdir()?;
-        let (_m, addr) = start_mosquitto(mdir.path()).await?;
+        let (m, addr) = start_mosquitto(mdir.path()).await?;
         let mut sub = v4::Connect::new("bench-app");
         sub.keep_alive = 600;
         let mut b = BytesMut::new();
@@ -519,6 +517,7 @@ pub async fn run(o: &AppsBench) -> Result<AppsResult> {
             rumqttc::QoS::AtLeastOnce,
         )
         .await?;
+        let probe = Probe::start(m.0.id())?;
         let start = Instant::now();
         let mut pubs = Vec::new();
         for (i, (dn, _)) in devices.iter().enumerate() {
@@ -545,43 +544,22 @@ pub async fn run(o: &AppsBench) -> Result<AppsResult> {
             total,
             &got,
             secs,
-        ));
+            &probe,
+            o.devices + 1,
+        )?);
     }
-    Ok(AppsResult {
+    Ok(Report::new(
+        "apps",
+        "msgs/s",
+        json!({"devices": o.devices, "messages_per_device": o.messages, "qos": 1}),
         throughput,
-        backlog,
-    })
-}
-
-/// A Markdown table, with the ratio to mosquitto when it ran.
-pub fn table(r: &AppsResult) -> String {
-    let mut s = String::from("| target | received/published | msgs/s | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|---|\n");
-    for t in &r.throughput {
-        s.push_str(&format!(
-            "| {} | {}/{} | {:.0} | {:.2} | {:.2} | {:.2} |\n",
-            t.target, t.received, t.published, t.per_sec, t.p50_ms, t.p99_ms, t.max_ms
-        ));
-    }
-    if let [.., last] = &r.throughput[..] {
-        if last.target.starts_with("mosquitto") {
-            for t in r
-                .throughput
-                .iter()
-                .filter(|t| !t.target.starts_with("mosquitto"))
-            {
-                s.push_str(&format!(
-                    "\nratio msgs/s {} / mosquitto: {:.2}",
-                    t.target,
-                    t.per_sec / last.per_sec.max(1e-9)
-                ));
-            }
-            s.push('\n');
-        }
-    }
-    let b = &r.backlog;
-    s.push_str(&format!(
-        "\nbacklog {} replayed at {:.0} msgs/s; {} fresh messages meanwhile: p50 {:.2} ms, p99 {:.2} ms\n",
-        b.backlog, b.replay_per_sec, b.fresh, b.fresh_p50_ms, b.fresh_p99_ms
-    ));
-    s
+        serde_json::to_value(&backlog)?,
+        vec![
+            "latency: device publish to application receive (same clock)".into(),
+            format!(
+                "backlog: {} messages queued for the consumer group with no client, replayed at {:.0} msgs/s while {} fresh messages arrived (p50 {:.2} ms, p99 {:.2} ms)",
+                backlog.backlog, backlog.replay_per_sec, backlog.fresh, backlog.fresh_p50_ms, backlog.fresh_p99_ms
+            ),
+        ],
+    ))
 }

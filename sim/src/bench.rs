@@ -2,6 +2,7 @@
 //! Ironlink against mosquitto in the same run. Loopback only; bounded in count and time.
 
 use crate::cloud_process::{alink_connect, connect_raw, cpu_ticks, rss_kib, Cloud, WAIT};
+use crate::report::{Report, TargetReport};
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4;
@@ -53,6 +54,8 @@ pub struct TargetResult {
     pub rss_per_connection_bytes: f64,
     /// Server CPU seconds spent during the connect phase.
     pub server_cpu_sec: f64,
+    /// The same over the phase's wall time, cores.
+    pub server_cpu_cores: f64,
 }
 
 /// The `p` quantile (0..1) of sorted values; 0 when empty.
@@ -128,6 +131,9 @@ async fn drive(
                 (rss_loaded.saturating_sub(rss_idle) * 1024) as f64 / n as f64
             },
             server_cpu_sec: (cpu1.saturating_sub(cpu0)) as f64 / ticks_per_sec(),
+            server_cpu_cores: (cpu1.saturating_sub(cpu0)) as f64
+                / ticks_per_sec()
+                / elapsed.max(1e-9),
         },
         held,
     ))
@@ -243,45 +249,65 @@ async fn bench_mosquitto(o: &ConnectionsBench) -> Result<TargetResult> {
 }
 
 /// Runs the benchmark: Ironlink, then (optionally) mosquitto, one after the other.
-pub async fn run_connections(o: &ConnectionsBench) -> Result<Vec<TargetResult>> {
+pub async fn run_connections(o: &ConnectionsBench) -> Result<Report> {
+    crate::cloud_process::fd_budget(o.devices)?;
     let mut out = bench_ironlink(o).await?;
     if o.vs_mosquitto {
         out.push(bench_mosquitto(o).await?);
     }
-    Ok(out)
-}
-
-/// A Markdown table of results, with Ironlink/baseline ratios when a baseline ran.
-pub fn table(results: &[TargetResult]) -> String {
-    let mut s = String::from("| target | held | connects/s | p50 ms | p99 ms | max ms | RSS idle KiB | RSS loaded KiB | RSS/conn bytes | server CPU s |\n|---|---|---|---|---|---|---|---|---|---|\n");
-    for r in results {
-        s.push_str(&format!(
-            "| {} | {}/{} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {:.0} | {:.2} |\n",
-            r.target,
-            r.held,
-            r.attempted,
-            r.connects_per_sec,
-            r.latency_ms_p50,
-            r.latency_ms_p99,
-            r.latency_ms_max,
-            r.rss_idle_kib,
-            r.rss_loaded_kib,
-            r.rss_per_connection_bytes,
-            r.server_cpu_sec
-        ));
-    }
-    if let Some(b) = results.iter().find(|r| r.target == "mosquitto") {
-        for i in results.iter().filter(|r| r.target != "mosquitto") {
-            s.push_str(&format!(
-                "\n{} / mosquitto: connects/s {:.2}x, RSS per connection {:.2}x",
+    let details = out
+        .iter()
+        .map(|r| {
+            (
+                r.target.clone(),
+                serde_json::json!({
+                    "rss_idle_kib": r.rss_idle_kib,
+                    "rss_per_connection_bytes": r.rss_per_connection_bytes,
+                    "server_cpu_sec": r.server_cpu_sec,
+                }),
+            )
+        })
+        .collect::<serde_json::Map<_, _>>();
+    let mut notes = vec![
+        "latency: CONNECT to CONNACK; server RSS with every connection held; CPU over the connect phase".to_owned(),
+        "Ironlink checks each device's HMAC signature against the registry; mosquitto runs anonymous".to_owned(),
+    ];
+    if let Some(b) = out.iter().find(|r| r.target == "mosquitto") {
+        for i in out.iter().filter(|r| r.target != "mosquitto") {
+            notes.push(format!(
+                "{} / mosquitto: RSS per connection {:.0} / {:.0} bytes = {:.2}x",
                 i.target,
-                i.connects_per_sec / b.connects_per_sec.max(1e-9),
+                i.rss_per_connection_bytes,
+                b.rss_per_connection_bytes,
                 i.rss_per_connection_bytes / b.rss_per_connection_bytes.max(1e-9)
             ));
         }
-        s.push('\n');
     }
-    s
+    let targets = out
+        .iter()
+        .map(|r| TargetReport {
+            target: r.target.clone(),
+            expected: r.attempted as u64,
+            received: r.held as u64,
+            per_sec: r.connects_per_sec,
+            p50_ms: r.latency_ms_p50,
+            p99_ms: r.latency_ms_p99,
+            max_ms: r.latency_ms_max,
+            server_rss_kib: r.rss_loaded_kib,
+            server_cpu_cores: r.server_cpu_cores,
+            connections: r.held as u64,
+            lost: r.attempted.saturating_sub(r.held) as u64,
+            duplicated: 0,
+        })
+        .collect();
+    Ok(Report::new(
+        "connections",
+        "connects/s",
+        serde_json::json!({"devices": o.devices, "concurrency": o.concurrency}),
+        targets,
+        serde_json::Value::Object(details),
+        notes,
+    ))
 }
 
 /// Subscribes a connected MQTT 3.1.1 client to `filter` at `qos` and waits (bounded) for the

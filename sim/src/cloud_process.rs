@@ -312,6 +312,25 @@ pub fn rss_kib(pid: u32) -> Result<u64> {
         .context("no VmRSS in /proc status")
 }
 
+/// Fails with the reason when this process (and so the cloud or broker it starts, which
+/// inherit its limit) cannot open `needed` more files: each simulated connection costs one
+/// descriptor on each side.
+pub fn fd_budget(needed: usize) -> Result<()> {
+    let limits = std::fs::read_to_string("/proc/self/limits")?;
+    let soft: Option<usize> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse().ok());
+    match soft {
+        Some(max) if needed + 256 > max => bail!(
+            "{needed} connections need about {} open files per process; the limit here is {max} (ulimit -n)",
+            needed + 256
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// CPU time (user + system) of a process in clock ticks, from /proc.
 pub fn cpu_ticks(pid: u32) -> Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;

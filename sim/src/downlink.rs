@@ -6,13 +6,13 @@
 //! (`concurrency` in flight), the devices answering on a reply topic the publisher reads.
 //! Loopback only; bounded in count and time.
 
-use crate::bench::{percentile, start_mosquitto, subscribe_v4};
+use crate::bench::{start_mosquitto, subscribe_v4};
 use crate::cloud_process::{alink_connect, connect_raw, Cloud, WAIT};
+use crate::report::{latencies, tally, Probe, Report, TargetReport};
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4;
 use rumqttc::QoS;
-use serde::Serialize;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -36,29 +36,12 @@ pub struct DownlinkBench {
     pub cloud_bin: Option<PathBuf>,
 }
 
-/// One target's figures.
-#[derive(Debug, Clone, Serialize)]
-pub struct DownlinkResult {
-    /// `ironlink api` or `mosquitto`.
-    pub target: String,
-    /// Sets sent.
-    pub sets: usize,
-    /// Sets the devices received.
-    pub delivered: usize,
-    /// Delivered per second.
-    pub per_sec: f64,
-    /// Sender-to-device latency p50, ms.
-    pub p50_ms: f64,
-    /// p99 ms.
-    pub p99_ms: f64,
-}
-
 /// A device: subscribes to `sub`, and answers every message on `reply_to(topic)` with its id.
 async fn device(
     addr: SocketAddr,
     connect: BytesMut,
     sub: String,
-    arrivals: mpsc::UnboundedSender<Instant>,
+    arrivals: mpsc::UnboundedSender<(u64, Instant)>,
     ready: mpsc::UnboundedSender<bool>,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
@@ -76,8 +59,9 @@ async fn device(
     loop {
         match v4::Packet::read(&mut buf, 1 << 16) {
             Ok(v4::Packet::Publish(p)) => {
-                let _ = arrivals.send(Instant::now());
+                let at = Instant::now();
                 let v: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                let _ = arrivals.send((v["params"]["n"].as_u64().unwrap_or(u64::MAX), at));
                 let reply = v4::Publish::new(
                     format!("{}_reply", p.topic),
                     QoS::AtMostOnce,
@@ -108,7 +92,7 @@ async fn device(
 async fn devices(
     addr: SocketAddr,
     connects: Vec<(BytesMut, String)>,
-) -> Result<mpsc::UnboundedReceiver<Instant>> {
+) -> Result<mpsc::UnboundedReceiver<(u64, Instant)>> {
     let (arr_tx, arrivals) = mpsc::unbounded_channel();
     let (ready_tx, mut ready) = mpsc::unbounded_channel();
     let gate = Arc::new(Semaphore::new(256));
@@ -131,8 +115,11 @@ async fn devices(
     Ok(arrivals)
 }
 
-/// Collects `n` arrivals (bounded by WAIT after the last); returns their times.
-async fn collect(arrivals: &mut mpsc::UnboundedReceiver<Instant>, n: usize) -> Vec<Instant> {
+/// Collects `n` arrivals (bounded by WAIT after the last); returns their set numbers and times.
+async fn collect(
+    arrivals: &mut mpsc::UnboundedReceiver<(u64, Instant)>,
+    n: usize,
+) -> Vec<(u64, Instant)> {
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
         match tokio::time::timeout(WAIT, arrivals.recv()).await {
@@ -147,28 +134,41 @@ fn summarize(
     target: &str,
     sets: usize,
     sent_at: &[Instant],
-    got: &[Instant],
+    got: &[(u64, Instant)],
     t0: Instant,
-) -> DownlinkResult {
-    let end = got.iter().max().copied().unwrap_or(t0);
-    // Arrivals are matched to sends in order: a latency estimate, not per-message truth.
-    let mut lat: Vec<f64> = sent_at
+    probe: &Probe,
+    connections: usize,
+) -> Result<TargetReport> {
+    let end = got.iter().map(|g| g.1).max().unwrap_or(t0);
+    // Sends are numbered: each arrival is matched to its own send (the API path records
+    // when the request went out, the mosquitto path when the PUBLISH was written).
+    let lat = got
         .iter()
-        .zip(got)
-        .map(|(s, g)| g.saturating_duration_since(*s).as_secs_f64() * 1000.0)
+        .filter_map(|(n, at)| {
+            let sent = sent_at.get(usize::try_from(*n).ok()?)?;
+            Some(at.saturating_duration_since(*sent).as_secs_f64() * 1000.0)
+        })
         .collect();
-    lat.sort_by(f64::total_cmp);
-    DownlinkResult {
+    let (p50_ms, p99_ms, max_ms) = latencies(lat);
+    let (received, duplicated) = tally(got.iter().map(|g| g.0));
+    let (server_rss_kib, server_cpu_cores) = probe.finish()?;
+    Ok(TargetReport {
         target: target.into(),
-        sets,
-        delivered: got.len(),
+        expected: sets as u64,
+        received,
         per_sec: got.len() as f64 / end.duration_since(t0).as_secs_f64().max(1e-9),
-        p50_ms: percentile(&lat, 0.5),
-        p99_ms: percentile(&lat, 0.99),
-    }
+        p50_ms,
+        p99_ms,
+        max_ms,
+        server_rss_kib,
+        server_cpu_cores,
+        connections: connections as u64,
+        lost: (sets as u64).saturating_sub(received),
+        duplicated,
+    })
 }
 
-async fn bench_ironlink(o: &DownlinkBench) -> Result<DownlinkResult> {
+async fn bench_ironlink(o: &DownlinkBench) -> Result<TargetReport> {
     let dir = tempfile::tempdir()?;
     let cloud = Cloud::start_bench(
         o.cloud_bin.as_deref(),
@@ -187,6 +187,7 @@ async fn bench_ironlink(o: &DownlinkBench) -> Result<DownlinkResult> {
         })
         .collect::<Result<Vec<_>>>()?;
     let mut arrivals = devices(cloud.mqtt, connects).await?;
+    let probe = Probe::start(cloud.pid())?;
     let http = reqwest::Client::new();
     let gate = Arc::new(Semaphore::new(o.concurrency));
     let (sent_tx, mut sent_rx) = mpsc::unbounded_channel();
@@ -206,16 +207,18 @@ async fn bench_ironlink(o: &DownlinkBench) -> Result<DownlinkResult> {
             let at = Instant::now();
             let ok = matches!(req.send().await, Ok(r) if r.status().is_success());
             drop(permit);
-            let _ = sent_tx.send((at, ok));
+            let _ = sent_tx.send((i, at, ok));
         });
     }
     drop(sent_tx);
     let got = collect(&mut arrivals, o.sets).await;
-    let mut sent = Vec::new();
+    let mut sent = vec![t0; o.sets];
     let mut refused = 0;
-    while let Some((at, ok)) = sent_rx.recv().await {
+    while let Some((i, at, ok)) = sent_rx.recv().await {
         if ok {
-            sent.push(at);
+            if let Some(s) = sent.get_mut(i) {
+                *s = at;
+            }
         } else {
             refused += 1;
         }
@@ -223,13 +226,12 @@ async fn bench_ironlink(o: &DownlinkBench) -> Result<DownlinkResult> {
     if refused > 0 {
         bail!("{refused} property sets refused by the API");
     }
-    sent.sort();
-    Ok(summarize("ironlink api", o.sets, &sent, &got, t0))
+    summarize("ironlink api", o.sets, &sent, &got, t0, &probe, o.devices)
 }
 
-async fn bench_mosquitto(o: &DownlinkBench) -> Result<DownlinkResult> {
+async fn bench_mosquitto(o: &DownlinkBench) -> Result<TargetReport> {
     let dir = tempfile::tempdir()?;
-    let (_m, addr) = start_mosquitto(dir.path()).await?;
+    let (m, addr) = start_mosquitto(dir.path()).await?;
     let connects = (0..o.devices)
         .map(|i| {
             let mut c = v4::Connect::new(format!("dl-{i}"));
@@ -240,6 +242,7 @@ async fn bench_mosquitto(o: &DownlinkBench) -> Result<DownlinkResult> {
         })
         .collect::<Result<Vec<_>>>()?;
     let mut arrivals = devices(addr, connects).await?;
+    let probe = Probe::start(m.0.id())?;
     let mut c = v4::Connect::new("dl-app");
     c.keep_alive = 600;
     let mut b = BytesMut::new();
@@ -289,35 +292,25 @@ async fn bench_mosquitto(o: &DownlinkBench) -> Result<DownlinkResult> {
         inflight += 1;
     }
     let got = collect(&mut arrivals, o.sets).await;
-    Ok(summarize("mosquitto", o.sets, &sent, &got, t0))
+    summarize("mosquitto", o.sets, &sent, &got, t0, &probe, o.devices + 1)
 }
 
 /// Runs Ironlink, then (optionally) mosquitto.
-pub async fn run(o: &DownlinkBench) -> Result<Vec<DownlinkResult>> {
+pub async fn run(o: &DownlinkBench) -> Result<Report> {
+    crate::cloud_process::fd_budget(o.devices)?;
     let mut out = vec![bench_ironlink(o).await?];
     if o.vs_mosquitto {
         out.push(bench_mosquitto(o).await?);
     }
-    Ok(out)
-}
-
-/// A human-readable table.
-pub fn table(r: &[DownlinkResult]) -> String {
-    let mut s = format!(
-        "{:<14} {:>8} {:>9} {:>10} {:>8} {:>8}\n",
-        "target", "sets", "delivered", "per sec", "p50 ms", "p99 ms"
-    );
-    for x in r {
-        s.push_str(&format!(
-            "{:<14} {:>8} {:>9} {:>10.0} {:>8.1} {:>8.1}\n",
-            x.target, x.sets, x.delivered, x.per_sec, x.p50_ms, x.p99_ms
-        ));
-    }
-    if let [a, b] = r {
-        s.push_str(&format!(
-            "ratio Ironlink/mosquitto: {:.2}x\n",
-            a.per_sec / b.per_sec.max(1e-9)
-        ));
-    }
-    s
+    Ok(Report::new(
+        "downlinks",
+        "sets/s",
+        json!({"devices": o.devices, "sets": o.sets, "concurrency": o.concurrency}),
+        out,
+        serde_json::Value::Null,
+        vec![
+            "Ironlink: POST /devices/{pk}/{dn}/properties (a stored call each), devices reply; mosquitto: QoS 1 PUBLISH of the same JSON, no reply tracking".into(),
+            "latency: request sent (or PUBLISH written) to the device's arrival".into(),
+        ],
+    ))
 }

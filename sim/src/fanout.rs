@@ -6,11 +6,11 @@
 
 use crate::bench::{percentile, start_mosquitto, subscribe_v4};
 use crate::cloud_process::{alink_connect, connect_raw, Cloud, WAIT};
+use crate::report::{latencies, tally, Probe, Report, TargetReport};
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4;
 use rumqttc::QoS;
-use serde::Serialize;
 use serde_json::json;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -35,41 +35,23 @@ pub struct FanoutBench {
     pub cloud_bin: Option<PathBuf>,
 }
 
-/// One target's figures.
-#[derive(Debug, Clone, Serialize)]
-pub struct FanoutResult {
-    /// `ironlink` or `mosquitto`.
-    pub target: String,
-    /// Devices subscribed.
-    pub devices: usize,
-    /// QoS.
-    pub qos: u8,
-    /// Broadcasts.
-    pub rounds: usize,
-    /// Median over rounds of the time until the last device had the message, ms.
-    pub all_reached_ms: f64,
-    /// Deliveries per second (devices / that time).
-    pub deliveries_per_sec: f64,
-    /// Per-device latency over all rounds, p50 ms.
-    pub p50_ms: f64,
-    /// p99 ms.
-    pub p99_ms: f64,
-    /// Deliveries that never came.
-    pub missing: usize,
-}
+/// One target's figures: the common report, and the median time until the last device had a
+/// broadcast, ms.
+pub type FanoutResult = (TargetReport, f64);
 
 /// A subscriber: reads broadcasts, acknowledges QoS 1, reports each arrival's round.
 async fn subscriber(
     mut s: TcpStream,
     mut buf: BytesMut,
     qos: QoS,
-    arrivals: mpsc::UnboundedSender<(u16, Instant)>,
+    idx: usize,
+    arrivals: mpsc::UnboundedSender<(u16, usize, Instant)>,
 ) {
     loop {
         match v4::Packet::read(&mut buf, 1 << 16) {
             Ok(v4::Packet::Publish(p)) => {
                 let round = p.payload.first().map_or(0, |b| u16::from(*b));
-                let _ = arrivals.send((round, Instant::now()));
+                let _ = arrivals.send((round, idx, Instant::now()));
                 if qos == QoS::AtLeastOnce {
                     let mut b = BytesMut::new();
                     if v4::PubAck::new(p.pkid).write(&mut b).is_err()
@@ -97,12 +79,12 @@ async fn subscribe_all(
     connects: Vec<BytesMut>,
     topic: String,
     qos: u8,
-    arrivals: mpsc::UnboundedSender<(u16, Instant)>,
+    arrivals: mpsc::UnboundedSender<(u16, usize, Instant)>,
 ) -> Result<()> {
     let gate = Arc::new(Semaphore::new(256));
     let (ready_tx, mut ready) = mpsc::unbounded_channel::<bool>();
     let n = connects.len();
-    for c in connects {
+    for (idx, c) in connects.into_iter().enumerate() {
         let (gate, ready_tx, arrivals, topic) = (
             gate.clone(),
             ready_tx.clone(),
@@ -124,7 +106,7 @@ async fn subscribe_all(
             drop(permit);
             let _ = ready_tx.send(subscribed.is_ok());
             if let Ok(buf) = subscribed {
-                subscriber(s, buf, qos, arrivals).await;
+                subscriber(s, buf, qos, idx, arrivals).await;
             }
         });
     }
@@ -146,27 +128,29 @@ async fn subscribe_all(
 async fn rounds<F, Fut>(
     target: &str,
     o: &FanoutBench,
-    arrivals: &mut mpsc::UnboundedReceiver<(u16, Instant)>,
+    pid: u32,
+    arrivals: &mut mpsc::UnboundedReceiver<(u16, usize, Instant)>,
     mut publish: F,
 ) -> Result<FanoutResult>
 where
     F: FnMut(u8) -> Fut,
     Fut: std::future::Future<Output = Result<()>>,
 {
+    let probe = Probe::start(pid)?;
     let mut all = Vec::new();
     let mut lat = Vec::new();
-    let mut missing = 0;
+    let (mut received, mut duplicated) = (0, 0);
     for round in 1..=o.rounds {
         let r = u8::try_from(round % 256).unwrap_or(0);
         let t0 = Instant::now();
         publish(r).await?;
-        let mut got = 0;
+        let mut got = Vec::with_capacity(o.devices);
         let mut last = t0;
         let deadline = t0 + WAIT;
-        while got < o.devices {
+        while got.len() < o.devices {
             match tokio::time::timeout_at(deadline.into(), arrivals.recv()).await {
-                Ok(Some((rr, at))) if rr == u16::from(r) => {
-                    got += 1;
+                Ok(Some((rr, idx, at))) if rr == u16::from(r) => {
+                    got.push(idx);
                     last = at;
                     lat.push(at.duration_since(t0).as_secs_f64() * 1000.0);
                 }
@@ -174,25 +158,40 @@ where
                 _ => break,
             }
         }
-        missing += o.devices - got;
-        all.push(last.duration_since(t0).as_secs_f64() * 1000.0);
+        // Late copies of this round show up as duplicates too.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        while arrivals.try_recv().is_ok() {}
+        while let Ok((rr, idx, _)) = arrivals.try_recv() {
+            if rr == u16::from(r) {
+                got.push(idx);
+            }
+        }
+        let (distinct, dup) = tally(got);
+        received += distinct;
+        duplicated += dup;
+        all.push(last.duration_since(t0).as_secs_f64() * 1000.0);
     }
     all.sort_by(f64::total_cmp);
-    lat.sort_by(f64::total_cmp);
     let median = percentile(&all, 0.5);
-    Ok(FanoutResult {
-        target: target.into(),
-        devices: o.devices,
-        qos: o.qos,
-        rounds: o.rounds,
-        all_reached_ms: median,
-        deliveries_per_sec: o.devices as f64 / (median / 1000.0).max(1e-9),
-        p50_ms: percentile(&lat, 0.5),
-        p99_ms: percentile(&lat, 0.99),
-        missing,
-    })
+    let (server_rss_kib, server_cpu_cores) = probe.finish()?;
+    let (p50_ms, p99_ms, max_ms) = latencies(lat);
+    let expected = (o.devices * o.rounds) as u64;
+    Ok((
+        TargetReport {
+            target: target.into(),
+            expected,
+            received,
+            per_sec: o.devices as f64 / (median / 1000.0).max(1e-9),
+            p50_ms,
+            p99_ms,
+            max_ms,
+            server_rss_kib,
+            server_cpu_cores,
+            connections: o.devices as u64 + 1,
+            lost: expected.saturating_sub(received),
+            duplicated,
+        },
+        median,
+    ))
 }
 
 async fn bench_ironlink(o: &FanoutBench) -> Result<FanoutResult> {
@@ -220,7 +219,7 @@ async fn bench_ironlink(o: &FanoutBench) -> Result<FanoutResult> {
     .await?;
     let cloud = &cloud;
     let pk = &pk;
-    rounds("ironlink", o, &mut arrivals, |r| async move {
+    rounds("ironlink", o, cloud.pid(), &mut arrivals, |r| async move {
         let (s, v) = cloud
             .api(
                 reqwest::Method::POST,
@@ -246,7 +245,7 @@ fn base64_byte(b: u8) -> String {
 
 async fn bench_mosquitto(o: &FanoutBench) -> Result<FanoutResult> {
     let dir = tempfile::tempdir()?;
-    let (_m, addr) = start_mosquitto(dir.path()).await?;
+    let (m, addr) = start_mosquitto(dir.path()).await?;
     let connects = (0..o.devices)
         .map(|i| {
             let mut c = v4::Connect::new(format!("fan-{i}"));
@@ -264,7 +263,7 @@ async fn bench_mosquitto(o: &FanoutBench) -> Result<FanoutResult> {
     let publisher = connect_raw(addr, &b).await.context("publisher")?;
     let publisher = tokio::sync::Mutex::new(publisher);
     let publisher = &publisher;
-    rounds("mosquitto", o, &mut arrivals, |r| async move {
+    rounds("mosquitto", o, m.0.id(), &mut arrivals, |r| async move {
         let mut p = v4::Publish::new(
             "/broadcast/pk/cmd",
             if o.qos == 1 {
@@ -284,47 +283,25 @@ async fn bench_mosquitto(o: &FanoutBench) -> Result<FanoutResult> {
 }
 
 /// Runs Ironlink, then (optionally) mosquitto.
-pub async fn run(o: &FanoutBench) -> Result<Vec<FanoutResult>> {
+pub async fn run(o: &FanoutBench) -> Result<Report> {
+    crate::cloud_process::fd_budget(o.devices)?;
     let mut out = vec![bench_ironlink(o).await?];
     if o.vs_mosquitto {
         out.push(bench_mosquitto(o).await?);
     }
-    Ok(out)
-}
-
-/// A human-readable table, with the ratio to mosquitto when measured.
-pub fn table(r: &[FanoutResult]) -> String {
-    let mut s = format!(
-        "{:<10} {:>7} {:>3} {:>6} {:>14} {:>14} {:>8} {:>8} {:>7}\n",
-        "target",
-        "devices",
-        "qos",
-        "rounds",
-        "all reached ms",
+    let details = out
+        .iter()
+        .map(|(t, ms)| (t.target.clone(), json!({ "all_reached_ms_median": ms })))
+        .collect::<serde_json::Map<_, _>>();
+    Ok(Report::new(
+        "fanout",
         "deliveries/s",
-        "p50 ms",
-        "p99 ms",
-        "missing"
-    );
-    for x in r {
-        s.push_str(&format!(
-            "{:<10} {:>7} {:>3} {:>6} {:>14.1} {:>14.0} {:>8.1} {:>8.1} {:>7}\n",
-            x.target,
-            x.devices,
-            x.qos,
-            x.rounds,
-            x.all_reached_ms,
-            x.deliveries_per_sec,
-            x.p50_ms,
-            x.p99_ms,
-            x.missing
-        ));
-    }
-    if let [a, b] = r {
-        s.push_str(&format!(
-            "ratio Ironlink/mosquitto (deliveries/s): {:.2}x\n",
-            a.deliveries_per_sec / b.deliveries_per_sec.max(1e-9)
-        ));
-    }
-    s
+        json!({"devices": o.devices, "qos": o.qos, "rounds": o.rounds}),
+        out.into_iter().map(|(t, _)| t).collect(),
+        serde_json::Value::Object(details),
+        vec![
+            "deliveries/s: devices / median time until the last device had the broadcast".into(),
+            "latency: broadcast sent (API call or publish) to each device's arrival".into(),
+        ],
+    ))
 }

@@ -1,7 +1,8 @@
 //! `ironlink-sim`: thin binary over the library.
 
 use clap::{Parser, Subcommand};
-use ironlink_sim::bench::{run_connections, table, ConnectionsBench};
+use ironlink_sim::bench::{run_connections, ConnectionsBench};
+use ironlink_sim::report::Report;
 use std::path::PathBuf;
 
 /// Ironlink fleet simulator and load generator.
@@ -92,6 +93,9 @@ enum Bench {
         /// ironlink-cloud binary (default: next to this executable).
         #[arg(long)]
         cloud_bin: Option<PathBuf>,
+        /// Write the report as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// A product broadcast reaching N subscribed devices (QoS 0 or 1) vs mosquitto fanning
     /// one topic out to N subscribers.
@@ -133,6 +137,9 @@ enum Bench {
         /// ironlink-cloud binary (default: next to this executable).
         #[arg(long)]
         cloud_bin: Option<PathBuf>,
+        /// Write the report as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Sub-devices one gateway connection carries: topo/add, batch_login, one post each.
     Gateway {
@@ -219,6 +226,9 @@ async fn run() -> anyhow::Result<()> {
             if r.fleets.iter().any(|f| f.lost > 0) {
                 anyhow::bail!("acknowledged messages missing from storage");
             }
+            if r.gateways.iter().any(|g| g.lost > 0) {
+                anyhow::bail!("polls answered by meters missing from storage");
+            }
         }
         Cmd::Quickstart {
             data_dir,
@@ -261,19 +271,21 @@ async fn run() -> anyhow::Result<()> {
                     fresh_rate,
                     vs,
                     cloud_bin,
+                    json,
                 },
         } => {
+            if devices.saturating_mul(messages) > 10_000_000 {
+                anyhow::bail!("--devices x --messages: at most 10,000,000 messages per run");
+            }
             let o = ironlink_sim::apps_bench::AppsBench {
-                devices: devices.clamp(1, 5_000),
+                devices: devices.clamp(1, 100_000),
                 messages: messages.clamp(1, 100_000),
                 backlog: backlog.min(1_000_000),
                 fresh_rate: fresh_rate.clamp(1, 10_000),
                 vs_mosquitto: vs_mosquitto(vs.as_deref())?,
                 cloud_bin,
             };
-            let r = ironlink_sim::apps_bench::run(&o).await?;
-            print!("{}", ironlink_sim::apps_bench::table(&r));
-            println!("{}", serde_json::to_string(&r)?);
+            emit(&ironlink_sim::apps_bench::run(&o).await?, json.as_deref())?;
         }
         Cmd::Bench {
             which:
@@ -317,17 +329,13 @@ async fn run() -> anyhow::Result<()> {
                 anyhow::bail!("--qos: 0 or 1");
             }
             let o = ironlink_sim::fanout::FanoutBench {
-                devices: devices.clamp(1, 60_000),
+                devices: devices.clamp(1, 100_000),
                 qos,
                 rounds: rounds.clamp(1, 200),
                 vs_mosquitto: vs_mosquitto(vs.as_deref())?,
                 cloud_bin,
             };
-            let r = ironlink_sim::fanout::run(&o).await?;
-            print!("{}", ironlink_sim::fanout::table(&r));
-            if let Some(path) = json {
-                std::fs::write(&path, serde_json::to_string_pretty(&r)?)?;
-            }
+            emit(&ironlink_sim::fanout::run(&o).await?, json.as_deref())?;
         }
         Cmd::Bench {
             which:
@@ -337,18 +345,17 @@ async fn run() -> anyhow::Result<()> {
                     concurrency,
                     vs,
                     cloud_bin,
+                    json,
                 },
         } => {
             let o = ironlink_sim::downlink::DownlinkBench {
-                devices: devices.clamp(1, 20_000),
+                devices: devices.clamp(1, 100_000),
                 sets: sets.clamp(1, 1_000_000),
                 concurrency: concurrency.clamp(1, 1024),
                 vs_mosquitto: vs_mosquitto(vs.as_deref())?,
                 cloud_bin,
             };
-            let r = ironlink_sim::downlink::run(&o).await?;
-            print!("{}", ironlink_sim::downlink::table(&r));
-            println!("{}", serde_json::to_string(&r)?);
+            emit(&ironlink_sim::downlink::run(&o).await?, json.as_deref())?;
         }
         Cmd::Bench {
             which: Bench::Gateway { subs, cloud_bin },
@@ -398,12 +405,18 @@ async fn run() -> anyhow::Result<()> {
                 vs_mosquitto,
                 cloud_bin,
             };
-            let results = run_connections(&o).await?;
-            print!("{}", table(&results));
-            if let Some(path) = json {
-                std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
-            }
+            emit(&run_connections(&o).await?, json.as_deref())?;
         }
+    }
+    Ok(())
+}
+
+/// Prints the report's table; writes its JSON to `json` when given.
+fn emit(r: &Report, json: Option<&std::path::Path>) -> anyhow::Result<()> {
+    print!("{}", r.table());
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_string_pretty(r)?)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     }
     Ok(())
 }

@@ -22,15 +22,27 @@
 //! duration = "2s"
 //! magnitude = 15.0
 //!
+//! [[gateway]]               # an edge gateway polling simulated Modbus TCP meters
+//! product = "Power meter"   # the meters' product (sub-devices of the gateway)
+//! meters = 5
+//! interval = "1s"           # poll interval
+//! [gateway.properties.voltage]   # each property an f32 holding register pair, in name order
+//! generator = "sine"
+//! base = 230.0
+//! amplitude = 5.0
+//! period = "30s"
+//!
 //! [[fault]]
 //! kind = "link-cut"         # link-cut | storm | silent | malformed
-//! fleet = 0
+//! fleet = 0                 # or gateway = 0 (link-cut: its uplink; silent: its meters)
 //! at = "8s"
 //! duration = "3s"
 //! ```
 //!
 //! The report counts, per fleet, messages sent, acknowledged (PUBACK), and stored (read back
-//! through the API): an acknowledged message missing from storage is a loss. The anomalies'
+//! through the API): an acknowledged message missing from storage is a loss. Per gateway, the
+//! polls its meters answered and the readings stored: every answered poll must be stored
+//! exactly once, whatever happened to the uplink (the edge's queue keeps them). The anomalies'
 //! labels (device, property, kind, start, end) are written out for the analytics work.
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -68,6 +80,9 @@ pub struct Scenario {
     /// Direct-device fleets.
     #[serde(default)]
     pub fleet: Vec<Fleet>,
+    /// Edge gateways with Modbus meters.
+    #[serde(default)]
+    pub gateway: Vec<GatewayFleet>,
     /// Faults.
     #[serde(default)]
     pub fault: Vec<Fault>,
@@ -137,7 +152,22 @@ pub struct Anomaly {
     pub devices: Vec<usize>,
 }
 
-/// A fault injected into one fleet.
+/// An edge gateway (an `ironlink-edge` in this process) polling simulated Modbus TCP meters.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayFleet {
+    /// The meters' product name.
+    pub product: String,
+    /// Meters behind the gateway.
+    pub meters: usize,
+    /// Poll interval.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Property -> generator; each an f32 in two holding registers, in name order.
+    pub properties: BTreeMap<String, Generator>,
+}
+
+/// A fault injected into one fleet or gateway.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Fault {
@@ -147,7 +177,11 @@ pub struct Fault {
     /// frame; only its session may suffer).
     pub kind: String,
     /// Fleet index.
-    pub fleet: usize,
+    #[serde(default)]
+    pub fleet: Option<usize>,
+    /// Gateway index (link-cut: the gateway's uplink; silent: its meters stop answering).
+    #[serde(default)]
+    pub gateway: Option<usize>,
     /// When, from the start.
     #[serde(with = "humantime_serde")]
     pub at: Duration,
@@ -163,7 +197,8 @@ impl Scenario {
         if s.duration.is_zero() || s.duration > MAX_DURATION {
             bail!("duration: between 1 ms and {MAX_DURATION:?}");
         }
-        let devices: usize = s.fleet.iter().map(|f| f.count).sum();
+        let devices: usize = s.fleet.iter().map(|f| f.count).sum::<usize>()
+            + s.gateway.iter().map(|g| g.meters + 1).sum::<usize>();
         if devices > MAX_DEVICES {
             bail!("fleet: {devices} devices, at most {MAX_DEVICES}");
         }
@@ -175,34 +210,31 @@ impl Scenario {
                 bail!("fleet[{i}].properties: at least one");
             }
             for (id, g) in &f.properties {
-                let here = format!("fleet[{i}].properties.{id}");
-                match g.generator.as_str() {
-                    "constant" | "random-walk" => {}
-                    "sine" | "step" if g.period.is_some_and(|p| !p.is_zero()) => {}
-                    "sine" | "step" => bail!("{here}.period: required for {}", g.generator),
-                    other => bail!(
-                        "{here}.generator: `{other}` is not constant, sine, random-walk or step"
-                    ),
-                }
-                for (k, a) in g.anomalies.iter().enumerate() {
-                    if a.kind != "spike" && a.kind != "drift" {
-                        bail!(
-                            "{here}.anomalies[{k}].kind: `{}` is not spike or drift",
-                            a.kind
-                        );
-                    }
-                    if let Some(d) = a.devices.iter().find(|d| **d >= f.count) {
-                        bail!(
-                            "{here}.anomalies[{k}].devices: {d} is past the fleet's {} devices",
-                            f.count
-                        );
-                    }
-                }
+                check_generator(g, &format!("fleet[{i}].properties.{id}"), f.count)?;
+            }
+        }
+        for (i, g) in s.gateway.iter().enumerate() {
+            if g.meters == 0 || g.meters > 500 || g.interval < Duration::from_millis(100) {
+                bail!("gateway[{i}]: meters between 1 and 500, interval >= 100ms");
+            }
+            if g.properties.is_empty() || g.properties.len() > 60 {
+                bail!("gateway[{i}].properties: between 1 and 60");
+            }
+            for (id, gen) in &g.properties {
+                check_generator(gen, &format!("gateway[{i}].properties.{id}"), g.meters)?;
             }
         }
         for (i, f) in s.fault.iter().enumerate() {
-            if f.fleet >= s.fleet.len() {
-                bail!("fault[{i}].fleet: no fleet {}", f.fleet);
+            match (f.fleet, f.gateway) {
+                (Some(n), None) if n >= s.fleet.len() => bail!("fault[{i}].fleet: no fleet {n}"),
+                (None, Some(n)) if n >= s.gateway.len() => {
+                    bail!("fault[{i}].gateway: no gateway {n}")
+                }
+                (None, Some(_)) if !matches!(f.kind.as_str(), "link-cut" | "silent") => {
+                    bail!("fault[{i}].kind: a gateway takes link-cut or silent")
+                }
+                (Some(_), None) | (None, Some(_)) => {}
+                _ => bail!("fault[{i}]: name one fleet or one gateway"),
             }
             match f.kind.as_str() {
                 "link-cut" | "silent" if f.duration.is_zero() => {
@@ -216,6 +248,28 @@ impl Scenario {
         }
         Ok(s)
     }
+}
+
+/// Checks one generator of a group of `count` devices; `here` names it in errors.
+fn check_generator(g: &Generator, here: &str, count: usize) -> Result<()> {
+    match g.generator.as_str() {
+        "constant" | "random-walk" => {}
+        "sine" | "step" if g.period.is_some_and(|p| !p.is_zero()) => {}
+        "sine" | "step" => bail!("{here}.period: required for {}", g.generator),
+        other => bail!("{here}.generator: `{other}` is not constant, sine, random-walk or step"),
+    }
+    for (k, a) in g.anomalies.iter().enumerate() {
+        if a.kind != "spike" && a.kind != "drift" {
+            bail!(
+                "{here}.anomalies[{k}].kind: `{}` is not spike or drift",
+                a.kind
+            );
+        }
+        if let Some(d) = a.devices.iter().find(|d| **d >= count) {
+            bail!("{here}.anomalies[{k}].devices: {d} is past the group's {count} devices");
+        }
+    }
+    Ok(())
 }
 
 /// Deterministic noise in [-1, 1) from a seed and a sample number.
@@ -373,6 +427,8 @@ pub struct Report {
     pub seconds: f64,
     /// Per fleet.
     pub fleets: Vec<FleetReport>,
+    /// Per gateway.
+    pub gateways: Vec<GatewayReport>,
     /// Faults injected, as `kind@fleet+at`.
     pub faults: Vec<String>,
     /// Anomaly labels.
@@ -522,12 +578,87 @@ pub async fn run(s: &Scenario, dir: &Path) -> Result<Report> {
     config.apps.amqps_listen = None;
     config.http.listen = "127.0.0.1:0".parse()?;
     let cloud = ironlink_cloud::server::start(config).await?;
-    let result = run_against(s, &cloud).await;
+    let result = run_against(s, &cloud, dir).await;
     cloud.shutdown().await;
     result
 }
 
-async fn run_against(s: &Scenario, cloud: &ironlink_cloud::server::Running) -> Result<Report> {
+/// Creates `count` devices of product `pk` through the API (at most 1,000 per call).
+async fn create_devices<F, Fut>(call: &F, pk: &str, count: usize) -> Result<Vec<(String, String)>>
+where
+    F: Fn(reqwest::Method, String, Option<Value>) -> Fut,
+    Fut: std::future::Future<Output = Result<Value>>,
+{
+    let mut devices: Vec<(String, String)> = Vec::with_capacity(count);
+    while devices.len() < count {
+        let before = devices.len();
+        let v = call(
+            reqwest::Method::POST,
+            format!("/products/{pk}/devices"),
+            Some(json!({"count": (count - devices.len()).min(1000)})),
+        )
+        .await?;
+        devices.extend(
+            v["devices"]
+                .as_array()
+                .context("devices")?
+                .iter()
+                .filter_map(|d| {
+                    Some((
+                        d["device_name"].as_str()?.to_owned(),
+                        d["device_secret"].as_str()?.to_owned(),
+                    ))
+                }),
+        );
+        if devices.len() == before {
+            bail!("creating devices of {pk}: the API created none");
+        }
+    }
+    Ok(devices)
+}
+
+/// A running gateway of a scenario.
+struct Gateway {
+    mpk: String,
+    meters: Vec<String>,
+    controls: Vec<Arc<crate::modbus_slave::SlaveControl>>,
+    proxy: Proxy,
+    edge: ironlink_edge::run::Running,
+}
+
+/// Per device of an edge (its `/status`): (poll errors of every kind, points read).
+async fn edge_devices(
+    http: &reqwest::Client,
+    edge: &ironlink_edge::run::Running,
+) -> Result<BTreeMap<String, (u64, u64)>> {
+    let addr = edge.status_addr.context("edge without status endpoint")?;
+    let v: Value = http
+        .get(format!("http://{addr}/status"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    Ok(v["devices"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, d)| {
+            let n = d["errors"]
+                .as_object()
+                .into_iter()
+                .flat_map(|e| e.values())
+                .filter_map(Value::as_u64)
+                .sum();
+            (k.clone(), (n, d["points"].as_u64().unwrap_or(0)))
+        })
+        .collect())
+}
+
+async fn run_against(
+    s: &Scenario,
+    cloud: &ironlink_cloud::server::Running,
+    dir: &Path,
+) -> Result<Report> {
     let mqtt = cloud.mqtt_addr.context("no MQTT listener")?;
     let api = format!("http://{}/api/v1", cloud.http_addr);
     let http = reqwest::Client::new();
@@ -571,31 +702,7 @@ async fn run_against(s: &Scenario, cloud: &ironlink_cloud::server::Running) -> R
             Some(json!({"properties": properties, "events": [], "services": []})),
         )
         .await?;
-        let mut devices: Vec<(String, String)> = Vec::with_capacity(f.count);
-        while devices.len() < f.count {
-            let before = devices.len();
-            let v = call(
-                reqwest::Method::POST,
-                format!("/products/{pk}/devices"),
-                Some(json!({"count": (f.count - devices.len()).min(1000)})),
-            )
-            .await?;
-            devices.extend(
-                v["devices"]
-                    .as_array()
-                    .context("devices")?
-                    .iter()
-                    .filter_map(|d| {
-                        Some((
-                            d["device_name"].as_str()?.to_owned(),
-                            d["device_secret"].as_str()?.to_owned(),
-                        ))
-                    }),
-            );
-            if devices.len() == before {
-                bail!("creating devices of {pk}: the API created none");
-            }
-        }
+        let devices = create_devices(&call, &pk, f.count).await?;
         let proxy = proxy(mqtt).await?;
         let counters = Arc::new(Counters::default());
         let control = Arc::new(Control::default());
@@ -639,6 +746,100 @@ async fn run_against(s: &Scenario, cloud: &ironlink_cloud::server::Running) -> R
         }
         fleets.push((pk, devices, proxy, counters, control));
     }
+    let mut gateways = Vec::new();
+    for (gi, g) in s.gateway.iter().enumerate() {
+        let product = |name: String, node: &'static str| {
+            call(
+                reqwest::Method::POST,
+                "/products".into(),
+                Some(json!({"name": name, "node_type": node})),
+            )
+        };
+        let gpk = product(format!("{} gateway", g.product), "gateway").await?["product_key"]
+            .as_str()
+            .context("product_key")?
+            .to_owned();
+        let mpk = product(g.product.clone(), "sub-device").await?["product_key"]
+            .as_str()
+            .context("product_key")?
+            .to_owned();
+        let properties: Vec<Value> = g.properties.keys().map(|id| json!({"identifier": id, "name": id, "accessMode": "r", "dataType": {"type": "double", "specs": {"min": "-1e12", "max": "1e12"}}})).collect();
+        call(
+            reqwest::Method::PUT,
+            format!("/products/{mpk}/thing-model"),
+            Some(json!({"properties": properties, "services": [], "events": [
+                {"identifier": "ModbusFault", "name": "Modbus fault", "type": "error", "outputData": [
+                    {"identifier": "kind", "name": "Kind", "dataType": {"type": "text", "specs": {"length": "32"}}},
+                    {"identifier": "message", "name": "Message", "dataType": {"type": "text", "specs": {"length": "1024"}}}]}]})),
+        )
+        .await?;
+        let gw = create_devices(&call, &gpk, 1).await?;
+        let (gdn, gsecret) = gw.first().context("gateway device")?;
+        let meters = create_devices(&call, &mpk, g.meters).await?;
+        let proxy = proxy(mqtt).await?;
+        let mut edge_toml = format!(
+            "[gateway]\nproduct_key = \"{gpk}\"\ndevice_name = \"{gdn}\"\ndevice_secret = \"{gsecret}\"\n\
+             [uplink]\nhost = \"127.0.0.1\"\nport = {}\n[queue]\ndir = \"{}\"\n[status]\nlisten = \"127.0.0.1:0\"\n",
+            proxy.addr.port(),
+            dir.join(format!("edge-{gi}")).display(),
+        );
+        let mut controls = Vec::new();
+        for (di, (dn, secret)) in meters.iter().enumerate() {
+            let series = g
+                .properties
+                .values()
+                .enumerate()
+                .map(|(pi, gen)| {
+                    let seed = s.seed
+                        ^ (0xED6E << 48)
+                        ^ ((gi as u64) << 40)
+                        ^ ((di as u64) << 16)
+                        ^ pi as u64;
+                    Series::new(gen, di, seed)
+                })
+                .collect();
+            for (id, gen) in &g.properties {
+                for a in &gen.anomalies {
+                    if a.devices.is_empty() || a.devices.contains(&di) {
+                        let from = start_ms + a.at.as_millis() as i64;
+                        labels.push(Label {
+                            product_key: mpk.clone(),
+                            device: dn.clone(),
+                            property: id.clone(),
+                            kind: a.kind.clone(),
+                            start_ms: from,
+                            end_ms: from + a.duration.as_millis() as i64,
+                        });
+                    }
+                }
+            }
+            let control = Arc::new(crate::modbus_slave::SlaveControl::default());
+            let addr = crate::modbus_slave::serve(series, start, control.clone()).await?;
+            controls.push(control);
+            edge_toml.push_str(&format!(
+                "\n[[devices]]\nname = \"{dn}\"\nproduct_key = \"{mpk}\"\ndevice_secret = \"{secret}\"\n\
+                 transport = \"tcp\"\naddress = \"{addr}\"\npoll_interval = \"{}ms\"\ntimeout = \"500ms\"\nretries = 0\n",
+                g.interval.as_millis()
+            ));
+            for (j, id) in g.properties.keys().enumerate() {
+                edge_toml.push_str(&format!(
+                    "[[devices.points]]\nidentifier = \"{id}\"\nkind = \"holding\"\naddress = \"{}\"\ntype = \"f32\"\n",
+                    j * 2
+                ));
+            }
+        }
+        let name = format!("scenario gateway[{gi}]");
+        let config =
+            ironlink_edge::config::Config::parse(&name, &edge_toml).map_err(|e| anyhow!("{e}"))?;
+        let edge = ironlink_edge::run::start(config).map_err(|e| anyhow!("{name}: {e}"))?;
+        gateways.push(Gateway {
+            mpk,
+            meters: meters.into_iter().map(|m| m.0).collect(),
+            controls,
+            proxy,
+            edge,
+        });
+    }
     // Faults, in time order.
     let mut faults: Vec<&Fault> = s.fault.iter().collect();
     faults.sort_by_key(|f| f.at);
@@ -646,10 +847,45 @@ async fn run_against(s: &Scenario, cloud: &ironlink_cloud::server::Running) -> R
     let mut malformed_closed = Vec::new();
     for f in faults {
         tokio::time::sleep_until(start + f.at).await;
-        let Some((pk, devices, proxy, _, control)) = fleets.get(f.fleet) else {
+        if let Some(g) = f.gateway.and_then(|i| gateways.get(i)) {
+            done.push(format!(
+                "{}@gateway{}+{:?}",
+                f.kind,
+                f.gateway.unwrap_or_default(),
+                f.at
+            ));
+            if f.kind == "link-cut" {
+                let _ = g.proxy.cut.send(true);
+                let cut = g.proxy.cut.clone();
+                let d = f.duration;
+                tokio::spawn(async move {
+                    tokio::time::sleep(d).await;
+                    let _ = cut.send(false);
+                });
+            } else {
+                let controls = g.controls.clone();
+                for c in &controls {
+                    c.silent.store(true, Ordering::Relaxed);
+                }
+                let d = f.duration;
+                tokio::spawn(async move {
+                    tokio::time::sleep(d).await;
+                    for c in controls {
+                        c.silent.store(false, Ordering::Relaxed);
+                    }
+                });
+            }
+            continue;
+        }
+        let Some((pk, devices, proxy, _, control)) = f.fleet.and_then(|i| fleets.get(i)) else {
             continue;
         };
-        done.push(format!("{}@{}+{:?}", f.kind, f.fleet, f.at));
+        done.push(format!(
+            "{}@{}+{:?}",
+            f.kind,
+            f.fleet.unwrap_or_default(),
+            f.at
+        ));
         match f.kind.as_str() {
             "link-cut" => {
                 let _ = proxy.cut.send(true);
@@ -694,6 +930,94 @@ async fn run_against(s: &Scenario, cloud: &ironlink_cloud::server::Running) -> R
     if malformed_closed.contains(&false) {
         bail!("the cloud kept a connection open after a malformed frame");
     }
+    // Gateways: the meters stop answering, so the edge's count of readings taken is final once
+    // every meter's poller has seen a failure after that (a link polls one request at a time);
+    // then the edge's queue must empty into the cloud, and every reading be stored once.
+    tokio::time::sleep_until(end).await;
+    let mut gateway_out = Vec::new();
+    for g in gateways {
+        for c in &g.controls {
+            c.stopped.store(true, Ordering::Relaxed);
+        }
+        let at_stop = edge_devices(&http, &g.edge).await?;
+        let errors = |d: &BTreeMap<String, (u64, u64)>, m: &String| d.get(m).map_or(0, |e| e.0);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let last = loop {
+            let now = edge_devices(&http, &g.edge).await?;
+            if g.meters
+                .iter()
+                .all(|m| errors(&now, m) > errors(&at_stop, m))
+            {
+                break now;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "gateway {}: pollers did not notice the meters stopping within 30 s",
+                    g.mpk
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let _ = g.proxy.cut.send(false);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let depth = g
+                .edge
+                .queue
+                .lock()
+                .map(|q| q.stats().depth)
+                .unwrap_or(u64::MAX);
+            if depth == 0 {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "gateway {}: {depth} readings still queued at the edge after 60 s",
+                    g.mpk
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        g.edge.shutdown().await;
+        let poll_errors: u64 = last.values().map(|d| d.0).sum();
+        let points: u64 = last.values().map(|d| d.1).sum();
+        let answered: u64 = g
+            .controls
+            .iter()
+            .map(|c| c.answered.load(Ordering::Relaxed))
+            .sum();
+        let gf = s.gateway.get(gateway_out.len()).context("gateway")?;
+        let first = gf.properties.keys().next().context("no property")?;
+        let polled = points / gf.properties.len().max(1) as u64;
+        let mut stored = 0u64;
+        for dn in &g.meters {
+            let v = call(
+                reqwest::Method::GET,
+                format!(
+                    "/devices/{}/{dn}/properties/{first}/history?limit=100000",
+                    g.mpk
+                ),
+                None,
+            )
+            .await?;
+            let times: HashSet<i64> = v["points"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| p["time"].as_i64())
+                .collect();
+            stored += times.len() as u64;
+        }
+        gateway_out.push(GatewayReport {
+            product_key: g.mpk.clone(),
+            meters: g.meters.len(),
+            answered,
+            polled,
+            stored,
+            lost: polled.saturating_sub(stored),
+            poll_errors,
+        });
+    }
     // Storage: every acknowledged post must be there (history of the first property).
     let mut out = Vec::new();
     for ((pk, devices, _, counters, _), f) in fleets.iter().zip(&s.fleet) {
@@ -728,9 +1052,29 @@ async fn run_against(s: &Scenario, cloud: &ironlink_cloud::server::Running) -> R
         name: s.name.clone(),
         seconds: s.duration.as_secs_f64(),
         fleets: out,
+        gateways: gateway_out,
         faults: done,
         labels,
     })
+}
+
+/// One gateway's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct GatewayReport {
+    /// The meters' product key.
+    pub product_key: String,
+    /// Meters.
+    pub meters: usize,
+    /// Reads the meters answered with values (seen from the meters).
+    pub answered: u64,
+    /// Polls the gateway completed (its own count: each reading it took must be stored).
+    pub polled: u64,
+    /// Readings stored (distinct timestamps of the first property, over every meter).
+    pub stored: u64,
+    /// Polled but not stored.
+    pub lost: u64,
+    /// Polls that failed at the gateway (timeouts, exceptions; the end-of-run stop included).
+    pub poll_errors: u64,
 }
 
 /// A human-readable summary.
@@ -757,6 +1101,18 @@ pub fn table(r: &Report) -> String {
             "{:<14} {:>7} {:>8} {:>8} {:>8} {:>6} {:>11}\n",
             f.product_key, f.devices, f.sent, f.acked, f.stored, f.lost, f.disconnects
         ));
+    }
+    if !r.gateways.is_empty() {
+        s.push_str(&format!(
+            "{:<14} {:>7} {:>8} {:>8} {:>8} {:>6} {:>11}\n",
+            "gateway meters", "meters", "answered", "polled", "stored", "lost", "poll errors"
+        ));
+        for g in &r.gateways {
+            s.push_str(&format!(
+                "{:<14} {:>7} {:>8} {:>8} {:>8} {:>6} {:>11}\n",
+                g.product_key, g.meters, g.answered, g.polled, g.stored, g.lost, g.poll_errors
+            ));
+        }
     }
     s.push_str(&format!("{} anomaly labels\n", r.labels.len()));
     s
@@ -834,6 +1190,39 @@ duration = "1s"
             let e = Scenario::parse(&text).unwrap_err().to_string();
             assert!(e.contains(field), "{field} in: {e}");
         }
+        let gateway = "[[gateway]]\nproduct = \"M\"\nmeters = 2\ninterval = \"1s\"\n\
+                       [gateway.properties.v]\ngenerator = \"constant\"\nbase = 1.0\n";
+        let with = |fault: &str| {
+            format!("{GOOD}{gateway}[[fault]]\n{fault}\nat = \"1s\"\nduration = \"1s\"\n")
+        };
+        let s = Scenario::parse(&with("kind = \"link-cut\"\ngateway = 0")).unwrap();
+        assert_eq!(s.gateway[0].meters, 2);
+        assert_eq!(s.fault[1].gateway, Some(0));
+        for (fault, field) in [
+            (
+                "kind = \"storm\"\ngateway = 0",
+                "a gateway takes link-cut or silent",
+            ),
+            (
+                "kind = \"silent\"\ngateway = 1",
+                "fault[1].gateway: no gateway 1",
+            ),
+            (
+                "kind = \"silent\"\ngateway = 0\nfleet = 0",
+                "name one fleet or one gateway",
+            ),
+            ("kind = \"silent\"", "name one fleet or one gateway"),
+        ] {
+            let e = Scenario::parse(&with(fault)).unwrap_err().to_string();
+            assert!(e.contains(field), "{field} in: {e}");
+        }
+        let e = Scenario::parse(&format!(
+            "{GOOD}{}",
+            gateway.replace("meters = 2", "meters = 0")
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("gateway[0]: meters"), "{e}");
     }
 
     #[test]

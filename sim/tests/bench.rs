@@ -26,8 +26,16 @@ fn a_small_fanout_bench_writes_its_json() {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    assert_eq!(v[0]["target"], "ironlink");
-    assert_eq!(v[0]["devices"], 20);
-    assert_eq!(v[0]["missing"], 0, "{v}");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("deliveries/s"));
+    assert_eq!(v["bench"], "fanout");
+    assert_eq!(v["params"]["devices"], 20);
+    let t = &v["targets"][0];
+    assert_eq!(t["target"], "ironlink");
+    assert_eq!(t["expected"], 40);
+    assert_eq!(t["received"], 40, "{v}");
+    assert_eq!(t["lost"], 0, "{v}");
+    assert_eq!(t["duplicated"], 0, "{v}");
+    assert_eq!(t["connections"], 21);
+    assert!(t["server_rss_kib"].as_u64().unwrap() > 0, "{v}");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("| deliveries/s |"), "{table}");
 }
