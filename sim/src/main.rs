@@ -66,6 +66,9 @@ enum Bench {
         /// Baseline to measure in the same run (`mosquitto`).
         #[arg(long)]
         vs: Option<String>,
+        /// Runs, alternating Ironlink and the baseline; the median run of each is reported.
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
         /// ironlink-cloud binary (default: next to this executable).
         #[arg(long)]
         cloud_bin: Option<PathBuf>,
@@ -90,6 +93,9 @@ enum Bench {
         /// Baseline to measure in the same run (`mosquitto`).
         #[arg(long)]
         vs: Option<String>,
+        /// Runs, alternating Ironlink and the baseline; the median run of each is reported.
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
         /// ironlink-cloud binary (default: next to this executable).
         #[arg(long)]
         cloud_bin: Option<PathBuf>,
@@ -112,6 +118,9 @@ enum Bench {
         /// Baseline to measure in the same run (`mosquitto`).
         #[arg(long)]
         vs: Option<String>,
+        /// Runs, alternating Ironlink and the baseline; the median run of each is reported.
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
         /// ironlink-cloud binary (default: next to this executable).
         #[arg(long)]
         cloud_bin: Option<PathBuf>,
@@ -134,6 +143,9 @@ enum Bench {
         /// Baseline to measure in the same run (`mosquitto`).
         #[arg(long)]
         vs: Option<String>,
+        /// Runs, alternating Ironlink and the baseline; the median run of each is reported.
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
         /// ironlink-cloud binary (default: next to this executable).
         #[arg(long)]
         cloud_bin: Option<PathBuf>,
@@ -270,6 +282,7 @@ async fn run() -> anyhow::Result<()> {
                     backlog,
                     fresh_rate,
                     vs,
+                    repeat,
                     cloud_bin,
                     json,
                 },
@@ -285,7 +298,8 @@ async fn run() -> anyhow::Result<()> {
                 vs_mosquitto: vs_mosquitto(vs.as_deref())?,
                 cloud_bin,
             };
-            emit(&ironlink_sim::apps_bench::run(&o).await?, json.as_deref())?;
+            let r = repeat_runs(repeat, || ironlink_sim::apps_bench::run(&o)).await?;
+            emit(&r, json.as_deref())?;
         }
         Cmd::Bench {
             which:
@@ -321,6 +335,7 @@ async fn run() -> anyhow::Result<()> {
                     qos,
                     rounds,
                     vs,
+                    repeat,
                     cloud_bin,
                     json,
                 },
@@ -335,7 +350,8 @@ async fn run() -> anyhow::Result<()> {
                 vs_mosquitto: vs_mosquitto(vs.as_deref())?,
                 cloud_bin,
             };
-            emit(&ironlink_sim::fanout::run(&o).await?, json.as_deref())?;
+            let r = repeat_runs(repeat, || ironlink_sim::fanout::run(&o)).await?;
+            emit(&r, json.as_deref())?;
         }
         Cmd::Bench {
             which:
@@ -344,6 +360,7 @@ async fn run() -> anyhow::Result<()> {
                     sets,
                     concurrency,
                     vs,
+                    repeat,
                     cloud_bin,
                     json,
                 },
@@ -355,7 +372,8 @@ async fn run() -> anyhow::Result<()> {
                 vs_mosquitto: vs_mosquitto(vs.as_deref())?,
                 cloud_bin,
             };
-            emit(&ironlink_sim::downlink::run(&o).await?, json.as_deref())?;
+            let r = repeat_runs(repeat, || ironlink_sim::downlink::run(&o)).await?;
+            emit(&r, json.as_deref())?;
         }
         Cmd::Bench {
             which: Bench::Gateway { subs, cloud_bin },
@@ -394,6 +412,7 @@ async fn run() -> anyhow::Result<()> {
                     devices,
                     concurrency,
                     vs,
+                    repeat,
                     cloud_bin,
                     json,
                 },
@@ -405,10 +424,23 @@ async fn run() -> anyhow::Result<()> {
                 vs_mosquitto,
                 cloud_bin,
             };
-            emit(&run_connections(&o).await?, json.as_deref())?;
+            let r = repeat_runs(repeat, || run_connections(&o)).await?;
+            emit(&r, json.as_deref())?;
         }
     }
     Ok(())
+}
+
+/// `--repeat`: between 1 and 20 runs.
+async fn repeat_runs<F, Fut>(n: usize, run: F) -> anyhow::Result<Report>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Report>>,
+{
+    if !(1..=20).contains(&n) {
+        anyhow::bail!("--repeat: between 1 and 20");
+    }
+    ironlink_sim::report::repeat(n, run).await
 }
 
 /// Prints the report's table; writes its JSON to `json` when given.

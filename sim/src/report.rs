@@ -148,6 +148,69 @@ impl Report {
     }
 }
 
+/// Runs a benchmark `n` times (each run measures Ironlink, then the baseline, so the targets
+/// alternate) and keeps, per target, the run with the median rate; lost and duplicated are
+/// summed over every run, so that one bad run is not hidden. The notes give every run's rate.
+pub async fn repeat<F, Fut>(n: usize, mut run: F) -> Result<Report>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Report>>,
+{
+    let mut runs = Vec::new();
+    for _ in 0..n.max(1) {
+        runs.push(run().await?);
+    }
+    Ok(merge(runs))
+}
+
+/// See [`repeat`].
+pub fn merge(mut runs: Vec<Report>) -> Report {
+    if runs.len() < 2 {
+        return runs.pop().unwrap_or_else(|| {
+            Report::new("none", "", Value::Null, Vec::new(), Value::Null, Vec::new())
+        });
+    }
+    let first = runs.remove(0);
+    let n = runs.len() + 1;
+    let mut targets = Vec::new();
+    let mut notes = first.notes.clone();
+    for t in &first.targets {
+        let mut all: Vec<&TargetReport> = std::iter::once(t)
+            .chain(
+                runs.iter()
+                    .filter_map(|r| r.targets.iter().find(|x| x.target == t.target)),
+            )
+            .collect();
+        notes.push(format!(
+            "{}: {} per run: {}",
+            t.target,
+            first.unit,
+            all.iter()
+                .map(|x| format!("{:.0}", x.per_sec))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        let lost = all.iter().map(|x| x.lost).sum();
+        let duplicated = all.iter().map(|x| x.duplicated).sum();
+        all.sort_by(|a, b| a.per_sec.total_cmp(&b.per_sec));
+        let mut median = all[all.len() / 2].clone();
+        median.lost = lost;
+        median.duplicated = duplicated;
+        targets.push(median);
+    }
+    notes.push(format!(
+        "median of {n} runs, targets alternating; lost and dup summed over all runs"
+    ));
+    Report::new(
+        &first.bench,
+        &first.unit,
+        first.params,
+        targets,
+        first.details,
+        notes,
+    )
+}
+
 /// Samples a server process: CPU from the start, RSS at the end.
 #[derive(Debug, Clone, Copy)]
 pub struct Probe {
@@ -241,6 +304,46 @@ mod tests {
             vec![],
         );
         assert!(alone.ratios.is_empty());
+    }
+
+    #[test]
+    fn repeated_runs_keep_the_median_and_sum_losses() {
+        let run = |a: f64, b: f64, lost: u64| {
+            Report::new(
+                "x",
+                "msgs/s",
+                json!({}),
+                vec![
+                    TargetReport {
+                        target: "ironlink".into(),
+                        per_sec: a,
+                        lost,
+                        ..TargetReport::default()
+                    },
+                    TargetReport {
+                        target: "mosquitto".into(),
+                        per_sec: b,
+                        ..TargetReport::default()
+                    },
+                ],
+                Value::Null,
+                vec![],
+            )
+        };
+        let m = merge(vec![
+            run(10.0, 100.0, 0),
+            run(30.0, 50.0, 2),
+            run(20.0, 200.0, 1),
+        ]);
+        assert_eq!(m.targets[0].per_sec, 20.0);
+        assert_eq!(m.targets[0].lost, 3);
+        assert_eq!(m.targets[1].per_sec, 100.0);
+        assert!((m.ratios[0].per_sec - 0.2).abs() < 1e-9);
+        assert!(m
+            .notes
+            .iter()
+            .any(|n| n == "ironlink: msgs/s per run: 10, 30, 20"));
+        assert_eq!(merge(vec![run(1.0, 2.0, 0)]).targets[0].per_sec, 1.0);
     }
 
     #[test]

@@ -15,6 +15,10 @@ fn a_small_fanout_bench_writes_its_json() {
             "2",
             "--qos",
             "1",
+            "--vs",
+            "mosquitto",
+            "--repeat",
+            "2",
             "--json",
         ])
         .arg(&json)
@@ -36,6 +40,12 @@ fn a_small_fanout_bench_writes_its_json() {
     assert_eq!(t["duplicated"], 0, "{v}");
     assert_eq!(t["connections"], 21);
     assert!(t["server_rss_kib"].as_u64().unwrap() > 0, "{v}");
+    let m = &v["targets"][1];
+    assert_eq!(m["target"], "mosquitto");
+    assert_eq!(m["received"], 40, "{v}");
+    assert_eq!(v["ratios"][0]["baseline"], "mosquitto");
+    assert!(v["ratios"][0]["per_sec"].as_f64().unwrap() > 0.0, "{v}");
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("| deliveries/s |"), "{table}");
+    assert!(table.contains("median of 2 runs"), "{table}");
 }
