@@ -16,7 +16,7 @@ use crate::registry::now_ms;
 use crate::storage::{Db, StorageError};
 use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use store::NewRow;
@@ -168,6 +168,11 @@ struct Group {
     inflight: HashMap<i64, u64>,
     /// Accepted, not yet removed from the queue by the acker: the replay skips them.
     accepted: HashSet<i64>,
+    /// While the replay works through a page read from the database, ids the acker removed
+    /// from the database wait here (still in `accepted`): the page may hold them.
+    deleted: Vec<i64>,
+    /// The replay holds a page.
+    paging: bool,
     next: usize,
     wake: Arc<Notify>,
     replayer: bool,
@@ -204,6 +209,9 @@ pub struct Apps {
     next_message_id: AtomicU64,
     next_client: AtomicU64,
     metrics: Arc<Metrics>,
+    /// Highest queue row id the writer has finished offering in real time: the replay leaves
+    /// rows above it to the writer (else a fresh message could go out twice, once from each).
+    offered: AtomicI64,
 }
 
 impl std::fmt::Debug for Job {
@@ -238,7 +246,11 @@ impl Apps {
             next_message_id: AtomicU64::new(u64::try_from(now_ms()).unwrap_or(0) * 1000),
             next_client: AtomicU64::new(1),
             metrics,
+            offered: AtomicI64::new(0),
         });
+        // Rows queued before this start are the replay's from the first moment.
+        apps.offered
+            .store(apps.db.max_app_message_id().await?, Ordering::Relaxed);
         apps.reload().await?;
         let writer = tokio::spawn(writer(apps.clone(), rx, stop.clone()));
         let acker = tokio::spawn(acker(apps.clone(), acks_rx, stop.clone()));
@@ -430,7 +442,8 @@ impl Apps {
     }
 
     /// Offers a committed message to a client of its group in real time; false when no client
-    /// has room (it stays queued for the backlog replay).
+    /// has room (it stays queued for the backlog replay, which the writer wakes once its
+    /// watermark covers the message).
     fn offer(&self, group: &str, m: AppMessage) -> bool {
         let mut groups = self.lock();
         let Some(g) = groups.get_mut(group) else {
@@ -448,7 +461,6 @@ impl Apps {
                 return true;
             }
         }
-        g.wake.notify_one();
         false
     }
 
@@ -582,6 +594,8 @@ async fn writer(apps: Arc<Apps>, mut rx: mpsc::Receiver<Job>, mut stop: watch::R
         }
         let ok = stored.is_some();
         if let Some(ids) = stored {
+            let top = ids.iter().copied().max().unwrap_or(0);
+            let mut missed = HashSet::new();
             for (row, id) in rows.into_iter().zip(ids) {
                 let m = AppMessage {
                     id,
@@ -591,7 +605,14 @@ async fn writer(apps: Arc<Apps>, mut rx: mpsc::Receiver<Job>, mut stop: watch::R
                     generated_at: row.generated_at,
                     replayed: false,
                 };
-                apps.offer(&row.group_id, m);
+                if !apps.offer(&row.group_id, m) {
+                    missed.insert(row.group_id);
+                }
+            }
+            apps.offered.fetch_max(top, Ordering::Relaxed);
+            let groups = apps.lock();
+            for g in missed.iter().filter_map(|g| groups.get(g)) {
+                g.wake.notify_one();
             }
         } else {
             Metrics::inc(&apps.metrics.thing_store_failures);
@@ -628,7 +649,11 @@ async fn acker(
             let mut groups = apps.lock();
             for (g, id) in ids.drain(..) {
                 if let Some(g) = groups.get_mut(&g) {
-                    g.accepted.remove(&id);
+                    if g.paging {
+                        g.deleted.push(id);
+                    } else {
+                        g.accepted.remove(&id);
+                    }
                 }
             }
         }
@@ -643,10 +668,11 @@ async fn replay(apps: Arc<Apps>, group: String, wake: Arc<Notify>) {
     loop {
         wake.notified().await;
         let mut cursor = 0i64;
-        loop {
+        'pages: loop {
             if apps.clients(&group) == 0 {
                 break;
             }
+            paging(&apps, &group, true);
             let page = match apps.db.app_backlog(&group, cursor, 100).await {
                 Ok(p) => p,
                 Err(e) => {
@@ -654,20 +680,24 @@ async fn replay(apps: Arc<Apps>, group: String, wake: Arc<Notify>) {
                     break;
                 }
             };
-            let Some(last) = page.last().map(|r| r.id) else {
+            if page.is_empty() {
                 break;
-            };
-            cursor = last;
+            }
             for row in page {
+                if row.id > apps.offered.load(Ordering::Relaxed) {
+                    // Being offered by the writer right now; it wakes us if it could not.
+                    break 'pages;
+                }
                 // A client with room: wait for one, round robin.
                 let Some((client, permit)) = reserve(&apps, &group).await else {
-                    break;
+                    break 'pages;
                 };
                 {
                     let mut groups = apps.lock();
                     let Some(g) = groups.get_mut(&group) else {
-                        break;
+                        break 'pages;
                     };
+                    cursor = row.id;
                     if g.inflight.contains_key(&row.id) || g.accepted.contains(&row.id) {
                         continue;
                     }
@@ -686,6 +716,19 @@ async fn replay(apps: Arc<Apps>, group: String, wake: Arc<Notify>) {
                     .fetch_add(1, Ordering::Relaxed);
             }
         }
+        paging(&apps, &group, false);
+    }
+}
+
+/// The replay starts reading a page (`on`) or stops paging: either way, ids the acker removed
+/// from the database meanwhile can no longer be in a page still to come, and leave `accepted`.
+fn paging(apps: &Apps, group: &str, on: bool) {
+    let mut groups = apps.lock();
+    if let Some(g) = groups.get_mut(group) {
+        for id in std::mem::take(&mut g.deleted) {
+            g.accepted.remove(&id);
+        }
+        g.paging = on;
     }
 }
 

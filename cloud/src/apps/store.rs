@@ -222,6 +222,14 @@ impl Db {
         Ok(ids)
     }
 
+    /// The highest queue row id (0 when the queue is empty).
+    pub async fn max_app_message_id(&self) -> Result<i64, StorageError> {
+        let row = sqlx::query("SELECT COALESCE(MAX(id), 0) FROM app_messages")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get::<i64, _>(0)?)
+    }
+
     /// Up to `limit` queued messages of a group with ids above `after`, oldest first.
     pub async fn app_backlog(
         &self,
