@@ -6,5 +6,7 @@
 #[cfg(feature = "alloc")]
 extern crate alloc;
 
+#[cfg(feature = "alloc")]
+pub mod jt808;
 pub mod modbus;
 pub mod mqtt;

@@ -63,43 +63,63 @@ pub(crate) fn now_ms_f64() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Connects every publisher (256 connects in flight: a burst of thousands overflows the
+/// server's accept queue), before anyone publishes, so that the rate measured is publishing.
+async fn connect_all(addr: SocketAddr, connects: Vec<BytesMut>) -> Result<Vec<TcpStream>> {
+    let gate = Arc::new(tokio::sync::Semaphore::new(256));
+    let mut tasks = Vec::with_capacity(connects.len());
+    for c in connects {
+        let gate = gate.clone();
+        tasks.push(tokio::spawn(async move {
+            let _permit = gate.acquire_owned().await;
+            crate::cloud_process::connect_raw_why(addr, &c).await
+        }));
+    }
+    let mut out = Vec::with_capacity(tasks.len());
+    for (i, t) in tasks.into_iter().enumerate() {
+        out.push(t.await?.with_context(|| format!("publisher {i}"))?);
+    }
+    Ok(out)
+}
+
 /// Every device publishes `n` stamped messages on its property topic (sequence numbers from
-/// `base + i * n` for device `i`), as fast as its window allows.
-fn spawn_publishers(
+/// `base + i * n` for device `i`), as fast as its window allows; all connect first.
+async fn spawn_publishers(
     addr: SocketAddr,
     pk: &str,
     devices: &[(String, String)],
     base: usize,
     n: usize,
 ) -> Result<Vec<tokio::task::JoinHandle<Result<()>>>> {
-    devices
+    let connects = devices
         .iter()
+        .map(|(dn, secret)| alink_connect(pk, dn, secret, 600))
+        .collect::<Result<Vec<_>>>()?;
+    let streams = connect_all(addr, connects).await?;
+    Ok(streams
+        .into_iter()
+        .zip(devices)
         .enumerate()
-        .map(|(i, (dn, secret))| {
-            Ok(tokio::spawn(publish(
-                addr,
-                alink_connect(pk, dn, secret, 600)?,
+        .map(|(i, (s, (dn, _)))| {
+            tokio::spawn(publish(
+                s,
                 format!("/sys/{pk}/{dn}/thing/event/property/post"),
                 base + i * n,
                 n,
                 None,
-            )))
+            ))
         })
-        .collect()
+        .collect())
 }
 
 /// QoS 1 property posts carrying their send time; waits for every PUBACK.
 async fn publish(
-    addr: SocketAddr,
-    connect: BytesMut,
+    mut s: TcpStream,
     topic: String,
     first: usize,
     n: usize,
     rate: Option<u32>,
 ) -> Result<()> {
-    let mut s = connect_raw(addr, &connect)
-        .await
-        .context("publisher connect refused")?;
     let mut buf = BytesMut::new();
     let mut out = BytesMut::new();
     let start = Instant::now();
@@ -392,9 +412,9 @@ pub async fn run(o: &AppsBench) -> Result<Report> {
     // Throughput: every device publishes while the application receives.
     let total = o.devices * o.messages;
     let (conn, session, mut receiver) = amqp_receiver(&cloud, &key_id, &secret, &group).await?;
+    let pubs = spawn_publishers(cloud.mqtt, &pk, &devices, 0, o.messages).await?;
     let probe = Probe::start(cloud.pid())?;
     let start = Instant::now();
-    let pubs = spawn_publishers(cloud.mqtt, &pk, &devices, 0, o.messages)?;
     let got = receive_amqp(&mut receiver, total).await?;
     let secs = start.elapsed().as_secs_f64();
     for p in pubs {
@@ -415,7 +435,7 @@ pub async fn run(o: &AppsBench) -> Result<Report> {
     // Backlog: no client while `backlog` messages arrive; then a client connects while fresh
     // messages keep coming at `fresh_rate`.
     let per = o.backlog.div_ceil(devices.len().max(1));
-    let pubs = spawn_publishers(cloud.mqtt, &pk, &devices, 1_000_000, per)?;
+    let pubs = spawn_publishers(cloud.mqtt, &pk, &devices, 1_000_000, per).await?;
     for p in pubs {
         p.await??;
     }
@@ -423,9 +443,11 @@ pub async fn run(o: &AppsBench) -> Result<Report> {
     let fresh_n = (o.fresh_rate as usize * 2).max(1);
     let (_conn, _session, mut receiver) = amqp_receiver(&cloud, &key_id, &secret, &group).await?;
     let (dn, sec) = devices.first().context("no device")?.clone();
+    let fresh = connect_raw(cloud.mqtt, &alink_connect(&pk, &dn, &sec, 600)?)
+        .await
+        .context("fresh publisher: connect refused")?;
     let fresh_pub = tokio::spawn(publish(
-        cloud.mqtt,
-        alink_connect(&pk, &dn, &sec, 600)?,
+        fresh,
         topic(&dn),
         10_000_000,
         fresh_n,
@@ -483,9 +505,9 @@ pub async fn run(o: &AppsBench) -> Result<Report> {
         .await?;
         subs.push((app, buf));
     }
+    let pubs = spawn_publishers(cloud.mqtt, &pk, &devices, 20_000_000, o.messages).await?;
     let probe = Probe::start(cloud.pid())?;
     let start = Instant::now();
-    let pubs = spawn_publishers(cloud.mqtt, &pk, &devices, 20_000_000, o.messages)?;
     let (got, last) = receive_mqtt(subs, total).await?;
     let secs = last.duration_since(start).as_secs_f64();
     for p in pubs {
@@ -517,17 +539,21 @@ pub async fn run(o: &AppsBench) -> Result<Report> {
             rumqttc::QoS::AtLeastOnce,
         )
         .await?;
+        let connects = (0..devices.len())
+            .map(|i| {
+                let mut c = v4::Connect::new(format!("bench-{i}"));
+                c.keep_alive = 600;
+                let mut b = BytesMut::new();
+                c.write(&mut b).map(|_| b).map_err(|e| anyhow!("{e:?}"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let streams = connect_all(addr, connects).await?;
         let probe = Probe::start(m.0.id())?;
         let start = Instant::now();
         let mut pubs = Vec::new();
-        for (i, (dn, _)) in devices.iter().enumerate() {
-            let mut c = v4::Connect::new(format!("bench-{i}"));
-            c.keep_alive = 600;
-            let mut b = BytesMut::new();
-            c.write(&mut b).map_err(|e| anyhow!("{e:?}"))?;
+        for (i, (s, (dn, _))) in streams.into_iter().zip(&devices).enumerate() {
             pubs.push(tokio::spawn(publish(
-                addr,
-                b,
+                s,
                 format!("/sys/{pk}/{dn}/thing/event/property/post"),
                 i * o.messages,
                 o.messages,

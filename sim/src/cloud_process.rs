@@ -370,22 +370,28 @@ pub fn alink_connect(pk: &str, dn: &str, secret: &str, keep_alive: u16) -> Resul
 /// Sends a prepared CONNECT and waits (bounded) for CONNACK; the stream when accepted,
 /// `None` when refused or closed first.
 pub async fn connect_raw(addr: SocketAddr, connect: &[u8]) -> Option<TcpStream> {
-    let mut s = TcpStream::connect(addr).await.ok()?;
-    s.write_all(connect).await.ok()?;
+    connect_raw_why(addr, connect).await.ok()
+}
+
+/// [`connect_raw`], saying why a connection was not made.
+pub async fn connect_raw_why(addr: SocketAddr, connect: &[u8]) -> Result<TcpStream> {
+    let mut s = TcpStream::connect(addr).await.context("TCP connect")?;
+    s.write_all(connect).await.context("sending CONNECT")?;
     let mut buf = BytesMut::new();
     loop {
         match v4::Packet::read(&mut buf, 1024) {
-            Ok(v4::Packet::ConnAck(a)) if a.code == v4::ConnectReturnCode::Success => {
-                return Some(s)
-            }
-            Ok(_) => return None,
+            Ok(v4::Packet::ConnAck(a)) if a.code == v4::ConnectReturnCode::Success => return Ok(s),
+            Ok(v4::Packet::ConnAck(a)) => bail!("CONNACK {:?}", a.code),
+            Ok(p) => bail!("{p:?} before CONNACK"),
             Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {
                 match tokio::time::timeout(WAIT, s.read_buf(&mut buf)).await {
                     Ok(Ok(n)) if n > 0 => {}
-                    _ => return None,
+                    Ok(Ok(_)) => bail!("closed before CONNACK"),
+                    Ok(Err(e)) => bail!("reading CONNACK: {e}"),
+                    Err(_) => bail!("no CONNACK within {WAIT:?}"),
                 }
             }
-            Err(_) => return None,
+            Err(e) => bail!("malformed CONNACK: {e:?}"),
         }
     }
 }
