@@ -182,6 +182,37 @@ fn default_retries() -> u32 {
     2
 }
 
+/// A server for vehicle terminals (`[jt808]` or `[gb32960]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VehicleServer {
+    /// TCP listener.
+    pub listen: std::net::SocketAddr,
+    /// The terminals' product in the cloud: a sub-device product with dynamic registration on
+    /// (the thing model from `edge/tsl/`). Terminals become its devices, named by phone
+    /// number (JT/T 808) or VIN (GB/T 32960).
+    pub product_key: String,
+    /// A terminal silent this long is disconnected.
+    #[serde(with = "humantime_serde", default = "default_idle")]
+    pub idle_timeout: Duration,
+    /// How long a call from the cloud waits for the terminal's answer.
+    #[serde(with = "humantime_serde", default = "default_answer")]
+    pub answer_timeout: Duration,
+    /// Most terminals connected at once.
+    #[serde(default = "default_max_terminals")]
+    pub max_terminals: usize,
+}
+
+fn default_idle() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_answer() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_terminals() -> usize {
+    20_000
+}
+
 /// The local status endpoint.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -201,6 +232,10 @@ struct RawConfig {
     queue: QueueConfig,
     #[serde(default)]
     devices: Vec<RawDevice>,
+    #[serde(default)]
+    jt808: Option<VehicleServer>,
+    #[serde(default)]
+    gb32960: Option<VehicleServer>,
 }
 
 /// How a sub-device is reached.
@@ -298,6 +333,10 @@ pub struct Config {
     pub status: StatusConfig,
     /// Sub-devices.
     pub devices: Vec<Device>,
+    /// JT/T 808 terminal server.
+    pub jt808: Option<VehicleServer>,
+    /// GB/T 32960 vehicle server.
+    pub gb32960: Option<VehicleServer>,
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -568,12 +607,23 @@ impl Config {
                 fault_event: d.fault_event,
             });
         }
+        if let (Some(a), Some(b)) = (&raw.jt808, &raw.gb32960) {
+            if a.listen == b.listen && a.listen.port() != 0 {
+                let at = text.find("[gb32960]");
+                return Err(err(
+                    at,
+                    format!("gb32960.listen: {} is jt808's too", b.listen),
+                ));
+            }
+        }
         Ok(Self {
             gateway: raw.gateway,
             uplink: raw.uplink,
             queue: raw.queue,
             status: raw.status,
             devices,
+            jt808: raw.jt808,
+            gb32960: raw.gb32960,
         })
     }
 }

@@ -3,12 +3,16 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod config;
+pub mod gb32960;
+pub mod jt808;
 pub mod link;
 pub mod poller;
 pub mod queue;
 pub mod run;
 pub mod status;
+pub mod subdevices;
 pub mod uplink;
+pub mod vehicle;
 
 /// Version of the edge gateway, as reported to the cloud.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -89,6 +89,21 @@ pub struct Sink {
 }
 
 impl Sink {
+    /// Queues a record; true once it is in the queue's file (it then survives a kill of the
+    /// process), false when the queue refused it (full, or a disk error).
+    pub fn push(&self, now: i64, payload: &Value) -> bool {
+        let bytes = payload.to_string();
+        let ok = self
+            .queue
+            .lock()
+            .map(|mut q| q.append(now, bytes.as_bytes()).is_ok())
+            .unwrap_or(false);
+        if ok {
+            self.wake.notify_one();
+        }
+        ok
+    }
+
     fn append(&self, device: &str, now: i64, payload: &Value) {
         let bytes = payload.to_string();
         let appended = self.queue.lock().map_err(|_| ()).and_then(|mut q| {

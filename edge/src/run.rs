@@ -25,6 +25,10 @@ pub struct Running {
     pub status_addr: Option<std::net::SocketAddr>,
     /// Per-device status.
     pub status: Arc<Status>,
+    /// Bound address of the JT/T 808 server, when enabled.
+    pub jt808_addr: Option<std::net::SocketAddr>,
+    /// Bound address of the GB/T 32960 server, when enabled.
+    pub gb32960_addr: Option<std::net::SocketAddr>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -48,6 +52,19 @@ pub enum StartError {
     /// The queue could not be opened.
     #[error(transparent)]
     Queue(#[from] QueueError),
+    /// The run-time sub-devices file could not be read.
+    #[error("sub-devices file: {0}")]
+    SubDevices(std::io::Error),
+    /// A listener could not be bound.
+    #[error("{what} listener {addr}: {source}")]
+    Listen {
+        /// Which.
+        what: &'static str,
+        /// Address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The status listener could not be bound.
     #[error("status listener {addr}: {source}")]
     Status {
@@ -98,6 +115,42 @@ pub fn start(config: Config) -> Result<Running, StartError> {
             stop_rx.clone(),
         )));
     }
+    let subs = Arc::new(
+        crate::subdevices::SubDevices::open(&config.queue.dir).map_err(StartError::SubDevices)?,
+    );
+    let (rpc_tx, rpc_rx) = mpsc::channel(64);
+    let mut vehicle_counters = Vec::new();
+    let mut bound_addrs = [None, None];
+    for (i, (what, server)) in [("jt808", &config.jt808), ("gb32960", &config.gb32960)]
+        .into_iter()
+        .enumerate()
+    {
+        let Some(cfg) = server else { continue };
+        let addr = cfg.listen;
+        let l = std::net::TcpListener::bind(addr)
+            .and_then(|l| l.set_nonblocking(true).map(|_| l))
+            .and_then(tokio::net::TcpListener::from_std)
+            .map_err(|source| StartError::Listen { what, addr, source })?;
+        bound_addrs[i] = l.local_addr().ok();
+        let ctx = Arc::new(crate::vehicle::Ctx {
+            cfg: cfg.clone(),
+            sink: sink.clone(),
+            subs: subs.clone(),
+            rpc: rpc_tx.clone(),
+            stop: stop_rx.clone(),
+            counters: Arc::default(),
+        });
+        vehicle_counters.push((what, ctx.counters.clone()));
+        tasks.push(if i == 0 {
+            tokio::spawn(crate::vehicle::serve(l, ctx, |s, c| {
+                crate::jt808::connection(s, c)
+            }))
+        } else {
+            tokio::spawn(crate::vehicle::serve(l, ctx, |s, c| {
+                crate::gb32960::connection(s, c)
+            }))
+        });
+    }
     let mut status_addr = None;
     if let Some(addr) = config.status.listen {
         let bound = std::net::TcpListener::bind(addr)
@@ -105,7 +158,12 @@ pub fn start(config: Config) -> Result<Running, StartError> {
             .and_then(tokio::net::TcpListener::from_std)
             .map_err(|source| StartError::Status { addr, source })?;
         status_addr = bound.local_addr().ok();
-        let app = crate::status::router(status.clone(), queue.clone(), state.clone());
+        let app = crate::status::router(
+            status.clone(),
+            queue.clone(),
+            state.clone(),
+            vehicle_counters.clone(),
+        );
         let mut stop = stop_rx.clone();
         tasks.push(tokio::spawn(async move {
             let _ = axum::serve(bound, app)
@@ -147,6 +205,8 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         queue.clone(),
         wake,
         Arc::new(routes),
+        subs,
+        rpc_rx,
         state_tx,
         stop_rx,
     )));
@@ -155,6 +215,8 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         uplink: state,
         status_addr,
         status,
+        jt808_addr: bound_addrs[0],
+        gb32960_addr: bound_addrs[1],
         stop,
         tasks,
     })

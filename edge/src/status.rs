@@ -55,11 +55,15 @@ impl Status {
     }
 }
 
+/// The vehicle servers' counters, by protocol.
+pub type VehicleCounters = Vec<(&'static str, Arc<crate::vehicle::Counters>)>;
+
 #[derive(Clone)]
 struct Ctx {
     status: Arc<Status>,
     queue: Arc<Mutex<Queue>>,
     uplink: watch::Receiver<State>,
+    vehicles: VehicleCounters,
 }
 
 fn uplink_name(s: State) -> &'static str {
@@ -143,6 +147,40 @@ async fn metrics(AxState(c): AxState<Ctx>) -> impl IntoResponse {
             );
         }
     }
+    if !c.vehicles.is_empty() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let _ = writeln!(out, "# TYPE ironlink_edge_terminals gauge");
+        for (p, v) in &c.vehicles {
+            let _ = writeln!(
+                out,
+                "ironlink_edge_terminals{{protocol=\"{p}\"}} {}",
+                v.connected.load(Relaxed)
+            );
+        }
+        let _ = writeln!(out, "# TYPE ironlink_edge_frames_total counter");
+        for (p, v) in &c.vehicles {
+            let _ = writeln!(
+                out,
+                "ironlink_edge_frames_total{{protocol=\"{p}\"}} {}",
+                v.frames.load(Relaxed)
+            );
+        }
+        let _ = writeln!(out, "# TYPE ironlink_edge_refused_total counter");
+        for (p, v) in &c.vehicles {
+            let refused = v.refused.lock().map(|r| r.clone()).unwrap_or_default();
+            for (why, n) in refused {
+                let _ = writeln!(
+                    out,
+                    "ironlink_edge_refused_total{{protocol=\"{p}\",reason=\"{why}\"}} {n}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "ironlink_edge_refused_total{{protocol=\"{p}\",reason=\"too many terminals\"}} {}",
+                v.over_limit.load(Relaxed)
+            );
+        }
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
 
@@ -151,6 +189,7 @@ pub fn router(
     status: Arc<Status>,
     queue: Arc<Mutex<Queue>>,
     uplink: watch::Receiver<State>,
+    vehicles: VehicleCounters,
 ) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -160,5 +199,6 @@ pub fn router(
             status,
             queue,
             uplink,
+            vehicles,
         })
 }

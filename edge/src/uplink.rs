@@ -8,22 +8,43 @@
 //! order, with its original timestamps. The cloud's property sets, gets and service calls for
 //! a sub-device go to the link that reaches it, and the outcome comes back as the reply.
 //! Reconnects back off with jitter.
+//!
+//! Sub-devices that appear at run time (vehicle terminals) are logged in just before their
+//! first queued record of a session (the cloud applies a login before the packets behind it),
+//! and logged out by a queued record when their terminal goes, in order with their data.
+//! Requests of the servers to the cloud (`thing/sub/register`) go out as [`Rpc`]s.
 
 use crate::config::{Config, Device};
 use crate::link::{Command, Op, Outcome};
 use crate::now_ms;
 use crate::queue::{Queue, Record};
+use crate::subdevices::SubDevices;
 use ironlink_shared::credentials::write_device_credentials;
 use ironlink_shared::sign::{sign_connect, SignMethod};
 use rumqttc::{
     AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport,
 };
 use serde_json::{json, Value};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
+
+/// A request to the cloud on the gateway's own topics (`/sys/{gpk}/{gdn}/{path}`), answered by
+/// the `_reply` with the same id. Dropped (the receiver sees its sender closed) when the
+/// connection goes before the answer.
+#[derive(Debug)]
+pub struct Rpc {
+    /// Topic below the gateway, e.g. `thing/sub/register`.
+    pub path: String,
+    /// Alink method, e.g. `thing.sub.register`.
+    pub method: String,
+    /// Params.
+    pub params: Value,
+    /// The whole reply (`code`, `data`, `message`).
+    pub reply: oneshot::Sender<Value>,
+}
 
 /// Messages in flight (sent, not yet acknowledged by the cloud).
 const WINDOW: usize = 256;
@@ -112,27 +133,28 @@ fn tls_config(c: &Config) -> Result<rustls::ClientConfig, String> {
 
 /// The signed entry of one sub-device in topo/add and batch_login.
 fn signed(d: &Device) -> Value {
-    let cid = format!("{}.{}|_ss=1|", d.product_key, d.name);
+    signed_entry(&d.product_key, &d.name, &d.device_secret)
+}
+
+/// The signed entry of a sub-device given by its identity.
+pub fn signed_entry(pk: &str, dn: &str, secret: &str) -> Value {
+    let cid = format!("{pk}.{dn}|_ss=1|");
     let ts = now_ms().to_string();
-    let sign = sign_connect(
-        SignMethod::HmacSha256,
-        &d.device_secret,
-        &cid,
-        &d.name,
-        &d.product_key,
-        Some(&ts),
-    );
-    json!({"productKey": d.product_key, "deviceName": d.name, "clientId": cid, "timestamp": ts,
+    let sign = sign_connect(SignMethod::HmacSha256, secret, &cid, dn, pk, Some(&ts));
+    json!({"productKey": pk, "deviceName": dn, "clientId": cid, "timestamp": ts,
            "signmethod": "hmacSha256", "signMethod": "hmacSha256", "sign": sign.as_str()})
 }
 
 /// Runs the uplink until `stop`: connects, logs in, drains the queue; reconnects on failure.
 /// `wake` is notified when new readings are queued.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     config: Arc<Config>,
     queue: Arc<Mutex<Queue>>,
     wake: Arc<Notify>,
     routes: Arc<Routes>,
+    subs: Arc<SubDevices>,
+    mut rpc: mpsc::Receiver<Rpc>,
     state: watch::Sender<State>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -151,7 +173,7 @@ pub async fn run(
         };
         let mut up = false;
         let result = tokio::select! {
-            r = session(&config, options, &queue, &wake, &routes, &state, &mut up) => r,
+            r = session(&config, options, &queue, &wake, &routes, &subs, &mut rpc, &state, &mut up) => r,
             _ = stop.wait_for(|s| *s) => return,
         };
         if up {
@@ -264,12 +286,19 @@ impl Sender<'_> {
     }
 }
 
-/// The post for one queued record: topic and body.
-fn post_for(r: &Record, pk_of: &BTreeMap<&str, &str>) -> Option<(String, String)> {
+/// The post for one queued record: topic and body. `gw` is the gateway (pk, dn), for logouts.
+fn post_for(r: &Record, pk: &str, gw: (&str, &str)) -> Option<(String, String)> {
     let v: Value = serde_json::from_slice(&r.payload).ok()?;
     let dn = v["dn"].as_str()?;
-    let pk = pk_of.get(dn).copied()?;
     let id = r.seq.to_string();
+    if v["logout"] == true {
+        let (gpk, gdn) = gw;
+        return Some((
+            format!("/ext/session/{gpk}/{gdn}/combine/logout"),
+            json!({"id": id, "version": "1.0", "params": {"productKey": pk, "deviceName": dn}})
+                .to_string(),
+        ));
+    }
     // `sys.dedup`: the cloud drops a second copy of this id (at-least-once delivery).
     Some(match v["event"].as_str() {
         Some(event) => (
@@ -331,12 +360,15 @@ impl Pace {
 }
 
 /// One connection's life. Returns when the connection fails.
+#[allow(clippy::too_many_arguments)]
 async fn session(
     config: &Config,
     options: MqttOptions,
     queue: &Arc<Mutex<Queue>>,
     wake: &Notify,
     routes: &Routes,
+    subs: &SubDevices,
+    rpc: &mut mpsc::Receiver<Rpc>,
     state: &watch::Sender<State>,
     up: &mut bool,
 ) -> Result<(), String> {
@@ -356,8 +388,8 @@ async fn session(
         order: VecDeque::new(),
         pkids: HashMap::new(),
     };
-    let subs: Vec<Value> = config.devices.iter().map(signed).collect();
-    for (i, chunk) in subs.chunks(200).enumerate() {
+    let entries: Vec<Value> = config.devices.iter().map(signed).collect();
+    for (i, chunk) in entries.chunks(200).enumerate() {
         let add = json!({"id": format!("topo-{i}"), "version": "1.0", "params": chunk, "method": "thing.topo.add"});
         tx.publish(
             format!("/sys/{gpk}/{gdn}/thing/topo/add"),
@@ -375,7 +407,7 @@ async fn session(
         .await?;
     }
     // Wait for every batch_login reply (the cloud applies a login before later packets).
-    let mut pending_logins = subs.chunks(200).count();
+    let mut pending_logins = entries.chunks(200).count();
     while pending_logins > 0 {
         match events.poll().await.map_err(|e| e.to_string())? {
             Event::Incoming(Packet::Publish(p))
@@ -398,6 +430,21 @@ async fn session(
         .iter()
         .map(|d| (d.name.as_str(), d.product_key.as_str()))
         .collect();
+    let mut out = Out {
+        pk_of,
+        subs,
+        gw: (gpk, gdn),
+        logged_in: HashSet::new(),
+    };
+    // Terminals connected now are online again with the gateway.
+    for dn in subs.routed() {
+        if let Some(id) = subs.get(&dn) {
+            login_dynamic(&mut tx, (gpk, gdn), &dn, &id).await?;
+            out.logged_in.insert(dn);
+        }
+    }
+    let mut pending_rpcs: HashMap<String, oneshot::Sender<Value>> = HashMap::new();
+    let mut rpc_n = 0u64;
     // Everything queued so far is the backlog; what comes after is live.
     let (acked, backlog_end) = {
         let q = queue.lock().map_err(|_| "queue lock")?;
@@ -423,7 +470,7 @@ async fn session(
                 .map_err(|e| e.to_string())?;
             for r in records {
                 live_sent = r.seq;
-                send(&mut tx, queue, &r, &pk_of, &mut inflight).await?;
+                send(&mut tx, queue, &r, &mut out, &mut inflight).await?;
             }
         }
         // Then the backlog, paced, in its share of the window.
@@ -446,7 +493,7 @@ async fn session(
                 for r in records {
                     backlog_sent = r.seq;
                     let before = inflight;
-                    send(&mut tx, queue, &r, &pk_of, &mut inflight).await?;
+                    send(&mut tx, queue, &r, &mut out, &mut inflight).await?;
                     backlog_inflight += inflight - before;
                 }
             }
@@ -467,8 +514,13 @@ async fn session(
                         }
                     }
                     Event::Incoming(Packet::Publish(p)) => {
-                        if let Some((dn, id, op, reply)) = downlink(&p.topic, &p.payload) {
-                            dispatch(routes, gdn, dn, id, op, reply, &reply_tx);
+                        if p.topic.ends_with("_reply") {
+                            let v: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                            if let Some(waiting) = v["id"].as_str().and_then(|id| pending_rpcs.remove(id)) {
+                                let _ = waiting.send(v);
+                            }
+                        } else if let Some((dn, id, op, reply)) = downlink(&p.topic, &p.payload) {
+                            dispatch(routes, subs, gdn, dn, id, op, reply, &reply_tx);
                         }
                     }
                     Event::Incoming(Packet::Disconnect) => return Err("cloud sent DISCONNECT".into()),
@@ -482,6 +534,13 @@ async fn session(
                 }
                 tx.reply(topic, body.to_string());
             }
+            Some(r) = rpc.recv() => {
+                rpc_n += 1;
+                let id = format!("rpc-{rpc_n}");
+                let body = json!({"id": id, "version": "1.0", "params": r.params, "method": r.method});
+                tx.publish(format!("/sys/{gpk}/{gdn}/{}", r.path), body.to_string(), None).await?;
+                pending_rpcs.insert(id, r.reply);
+            }
             _ = wake.notified(), if inflight < WINDOW => {}
             _ = tokio::time::sleep_until(pace.next()), if backlog_waits => {}
         }
@@ -490,15 +549,77 @@ async fn session(
 
 /// Sends one record (or skips one this version cannot send, acknowledging it so it does not
 /// block the queue).
+/// Adds a run-time sub-device to the topology and logs it in (answers not awaited: the cloud
+/// applies them in order, before anything behind them).
+async fn login_dynamic(
+    tx: &mut Sender<'_>,
+    (gpk, gdn): (&str, &str),
+    dn: &str,
+    id: &crate::subdevices::Identity,
+) -> Result<(), String> {
+    let entry = signed_entry(&id.product_key, dn, &id.device_secret);
+    let add = json!({"id": format!("topo-{dn}"), "version": "1.0", "params": [entry.clone()], "method": "thing.topo.add"});
+    tx.publish(
+        format!("/sys/{gpk}/{gdn}/thing/topo/add"),
+        add.to_string(),
+        None,
+    )
+    .await?;
+    let login = json!({"id": format!("login-{dn}"), "version": "1.0", "params": entry});
+    tx.publish(
+        format!("/ext/session/{gpk}/{gdn}/combine/login"),
+        login.to_string(),
+        None,
+    )
+    .await
+}
+
+/// What a session needs to turn records into publishes.
+struct Out<'a> {
+    /// Configured sub-devices: name -> product key.
+    pk_of: BTreeMap<&'a str, &'a str>,
+    /// Run-time sub-devices.
+    subs: &'a SubDevices,
+    /// The gateway (pk, dn).
+    gw: (&'a str, &'a str),
+    /// Run-time sub-devices logged in during this session.
+    logged_in: HashSet<String>,
+}
+
 async fn send(
     tx: &mut Sender<'_>,
     queue: &Mutex<Queue>,
     r: &Record,
-    pk_of: &BTreeMap<&str, &str>,
+    out: &mut Out<'_>,
     inflight: &mut usize,
 ) -> Result<(), String> {
-    match post_for(r, pk_of) {
+    let dn = serde_json::from_slice::<Value>(&r.payload)
+        .ok()
+        .and_then(|v| v["dn"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let (pk, dynamic) = match out.pk_of.get(dn.as_str()) {
+        Some(pk) => ((*pk).to_owned(), None),
+        None => match out.subs.get(&dn) {
+            Some(id) => (id.product_key.clone(), Some(id)),
+            None => (String::new(), None),
+        },
+    };
+    let post = (!pk.is_empty()).then(|| post_for(r, &pk, out.gw)).flatten();
+    match post {
         Some((topic, body)) => {
+            let logout = topic.ends_with("/combine/logout");
+            if let Some(id) = dynamic {
+                if !logout && !out.logged_in.contains(&dn) {
+                    // Just in time: the cloud applies these before the post behind them.
+                    login_dynamic(tx, out.gw, &dn, &id).await?;
+                    out.logged_in.insert(dn.clone());
+                }
+            }
+            if logout && !out.logged_in.remove(&dn) {
+                // Not logged in during this session: nothing to log out.
+                queue.lock().map_err(|_| "queue lock")?.ack_one(r.seq);
+                return Ok(());
+            }
             tx.publish(topic, body, Some(r.seq)).await?;
             *inflight += 1;
         }
@@ -514,8 +635,10 @@ async fn send(
 }
 
 /// Hands a downlink to the link of its sub-device, or answers at once.
+#[allow(clippy::too_many_arguments)]
 fn dispatch(
     routes: &Routes,
+    subs: &SubDevices,
     gateway: &str,
     dn: String,
     id: String,
@@ -534,11 +657,14 @@ fn dispatch(
             },
         ));
     };
-    let Some(link) = routes.get(&dn) else {
+    let Some(link) = routes.get(&dn).cloned().or_else(|| subs.route_of(&dn)) else {
         // The gateway itself has no points: a get answers empty, anything else is refused
-        // (rather than left to time out). A sub-device this configuration no longer has is
-        // not ours to answer.
-        if dn == gateway {
+        // (rather than left to time out). A run-time sub-device whose terminal is not
+        // connected cannot be reached. A sub-device this configuration no longer has is not
+        // ours to answer.
+        if subs.get(&dn).is_some() {
+            answer(503, "the terminal is not connected to the edge gateway");
+        } else if dn == gateway {
             match op {
                 Op::Get(_) => answer(200, ""),
                 _ => answer(

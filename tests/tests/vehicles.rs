@@ -1,0 +1,589 @@
+//! End to end: simulated JT/T 808 terminals and GB/T 32960 vehicles (frames built with the
+//! codecs) -> the edge gateway's servers -> one Alink uplink -> the cloud process -> its API:
+//! registration against the registry, authentication, locations and vehicle data with their
+//! own times, re-issued data kept as history without replacing newer values, the cloud's calls
+//! answered by the terminal, bad frames skipped without dropping the connection.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use ironlink_protocols::gb32960 as g;
+use ironlink_protocols::jt808 as j;
+use ironlink_tests::*;
+use reqwest::Method;
+use serde_json::{json, Value};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const JT808_TSL: &str = include_str!("../../edge/tsl/jt808-terminal.json");
+const GB32960_TSL: &str = include_str!("../../edge/tsl/gb32960-vehicle.json");
+
+async fn create(c: &Cloud, path: &str, body: Value) -> Value {
+    let (s, v) = c.api(Method::POST, path, Some(body)).await.unwrap();
+    assert_eq!(s, 201, "{path}: {v}");
+    v
+}
+
+/// A cloud, a gateway, a terminal product with `tsl` and dynamic registration, and an edge
+/// with both vehicle servers.
+async fn setup(
+    dir: &std::path::Path,
+    tsl: &str,
+) -> (Cloud, ironlink_edge::run::Running, String, String) {
+    let cloud = Cloud::start(&dir.join("cloud"), &[]).unwrap();
+    let gpk = create(
+        &cloud,
+        "/products",
+        json!({"name": "edge", "node_type": "gateway"}),
+    )
+    .await["product_key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let gw = create(
+        &cloud,
+        &format!("/products/{gpk}/devices"),
+        json!({"device_name": "edge-01"}),
+    )
+    .await;
+    let tpk = create(
+        &cloud,
+        "/products",
+        json!({"name": "terminals", "node_type": "sub-device"}),
+    )
+    .await["product_key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (s, v) = cloud
+        .api(
+            Method::PUT,
+            &format!("/products/{tpk}/thing-model"),
+            Some(serde_json::from_str(tsl).unwrap()),
+        )
+        .await
+        .unwrap();
+    assert!(s == 200 || s == 201, "thing model: {s} {v}");
+    let (s, v) = cloud
+        .api(
+            Method::PATCH,
+            &format!("/products/{tpk}"),
+            Some(json!({"dynamic_register": true})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{v}");
+    let config = format!(
+        r#"
+[gateway]
+product_key = "{gpk}"
+device_name = "edge-01"
+device_secret = "{secret}"
+[uplink]
+host = "127.0.0.1"
+port = {port}
+[queue]
+dir = "{queue}"
+[status]
+listen = "127.0.0.1:0"
+[jt808]
+listen = "127.0.0.1:0"
+product_key = "{tpk}"
+answer_timeout = "5s"
+[gb32960]
+listen = "127.0.0.1:0"
+product_key = "{tpk}"
+answer_timeout = "5s"
+"#,
+        secret = gw["device_secret"].as_str().unwrap(),
+        port = cloud.mqtt.port(),
+        queue = dir.join("queue").display(),
+    );
+    let config = ironlink_edge::config::Config::parse("edge.toml", &config).unwrap();
+    let edge = ironlink_edge::run::start(config).unwrap();
+    let mut up = edge.uplink.clone();
+    tokio::time::timeout(
+        WAIT,
+        up.wait_for(|s| *s == ironlink_edge::uplink::State::Up),
+    )
+    .await
+    .expect("uplink up")
+    .unwrap();
+    (cloud, edge, gpk, tpk)
+}
+
+/// Waits (bounded) until `f` of a GET is true; returns the body.
+async fn until(cloud: &Cloud, path: &str, f: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (_, v) = cloud.api(Method::GET, path, None).await.unwrap();
+        if f(&v) {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "{path}: {v}");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+}
+
+fn prop(v: &Value, id: &str) -> Value {
+    v["properties"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["identifier"] == id)
+        .map(|p| p["value"].clone())
+        .unwrap_or(Value::Null)
+}
+
+async fn finished(cloud: &Cloud, pk: &str, dn: &str, id: &str) -> Value {
+    until(
+        cloud,
+        &format!("/devices/{pk}/{dn}/service-calls/{id}"),
+        |v| v["status"] != "pending",
+    )
+    .await
+}
+
+/// A terminal's side of a JT/T 808 connection.
+struct Terminal {
+    s: TcpStream,
+    d: j::Deframer,
+    got: std::collections::VecDeque<j::Frame>,
+    serial: u16,
+    phone: String,
+}
+
+impl Terminal {
+    async fn connect(addr: std::net::SocketAddr, phone: &str) -> Self {
+        Self {
+            s: TcpStream::connect(addr).await.unwrap(),
+            d: j::Deframer::new(),
+            got: Default::default(),
+            serial: 1,
+            phone: phone.into(),
+        }
+    }
+
+    async fn send(&mut self, m: &j::Message) -> u16 {
+        let serial = self.serial;
+        self.serial += 1;
+        let h = j::Header::new_2013(m.msg_id(), &self.phone, serial);
+        for f in j::encode_message(&h, m).unwrap() {
+            self.s.write_all(&f).await.unwrap();
+        }
+        serial
+    }
+
+    async fn next(&mut self) -> (j::Header, j::Message) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some(f) = self.got.pop_front() {
+                let m = j::decode(f.header.msg_id, false, &f.body).unwrap();
+                return (f.header, m);
+            }
+            let mut buf = [0u8; 4096];
+            let n = tokio::time::timeout_at(deadline, self.s.read(&mut buf))
+                .await
+                .expect("a frame from the edge in time")
+                .unwrap();
+            assert!(n > 0, "the edge closed the connection");
+            let mut out = Vec::new();
+            self.d.feed(&buf[..n], &mut out);
+            for f in out {
+                self.got.push_back(j::parse_frame(&f.unwrap()).unwrap());
+            }
+        }
+    }
+
+    /// Sends and expects the platform's general response with `result`.
+    async fn expect(&mut self, m: &j::Message, result: u8) {
+        let serial = self.send(m).await;
+        let (_, r) = self.next().await;
+        assert_eq!(
+            r,
+            j::Message::PlatformResponse(j::GeneralResponse {
+                serial,
+                msg_id: m.msg_id(),
+                result
+            })
+        );
+    }
+}
+
+fn location(t_ms: i64, lat: u32, speed: u16) -> j::Location {
+    j::Location {
+        alarm: 0,
+        status: 0x02,
+        lat,
+        lon: 116_397_128,
+        altitude: 44,
+        speed,
+        direction: 90,
+        time: j::Time::from_unix_ms(t_ms),
+        extras: vec![j::Extra::Mileage(123_456), j::Extra::Fuel(405)],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jt808_terminals_register_report_and_answer_the_cloud() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cloud, edge, gpk, tpk) = setup(dir.path(), JT808_TSL).await;
+    let addr = edge.jt808_addr.unwrap();
+    let dn = "13912345678";
+    let mut t = Terminal::connect(addr, dn).await;
+
+    // Before authenticating, a location is refused (result 1), and nothing is stored.
+    let now = ironlink_edge::now_ms() / 1000 * 1000;
+    t.expect(&j::Message::Location(location(now, 1, 1)), 1)
+        .await;
+
+    // Registration against the registry: the answer carries the authentication code.
+    let serial = t
+        .send(&j::Message::Register(j::Register {
+            province: 11,
+            city: 100,
+            maker: "70111".into(),
+            model: "IRONLINK-T1".into(),
+            terminal_id: "T000001".into(),
+            plate_color: 1,
+            plate: "京A12345".into(),
+        }))
+        .await;
+    let (_, r) = t.next().await;
+    let j::Message::RegisterResponse(r) = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!((r.serial, r.result), (serial, 0));
+    assert_eq!(r.auth_code.len(), 16);
+    // A wrong code is refused; the right one accepted.
+    t.expect(
+        &j::Message::Auth(j::Auth {
+            code: "wrong".into(),
+            imei: None,
+            software: None,
+        }),
+        1,
+    )
+    .await;
+    t.expect(
+        &j::Message::Auth(j::Auth {
+            code: r.auth_code.clone(),
+            imei: None,
+            software: None,
+        }),
+        0,
+    )
+    .await;
+
+    // A live location, then a blind-area batch of two older ones.
+    t.expect(&j::Message::Location(location(now, 39_908_692, 655)), 0)
+        .await;
+    t.expect(
+        &j::Message::Batch {
+            reissued: true,
+            locations: vec![
+                location(now - 120_000, 39_900_000, 300),
+                location(now - 60_000, 39_904_000, 400),
+            ],
+        },
+        0,
+    )
+    .await;
+    // Garbage and a frame with a bad check code between messages: skipped, the connection
+    // goes on.
+    t.s.write_all(&[0x01, 0x02, 0x7E, 0x00, 0x02, 0x00, 0x7E])
+        .await
+        .unwrap();
+    t.expect(&j::Message::Heartbeat, 0).await;
+
+    let path = format!("/devices/{tpk}/{dn}/properties");
+    let v = until(&cloud, &path, |v| {
+        v["properties"].as_array().is_some_and(|a| a.len() >= 10)
+    })
+    .await;
+    assert_eq!(prop(&v, "latitude"), json!(39.908692), "{v}");
+    assert_eq!(prop(&v, "speed"), json!(65.5));
+    assert_eq!(prop(&v, "mileage"), json!(12345.6));
+    assert_eq!(prop(&v, "fuel"), json!(40.5));
+    assert_eq!(prop(&v, "plate"), json!("京A12345"));
+    let h = until(
+        &cloud,
+        &format!("/devices/{tpk}/{dn}/properties/latitude/history?limit=100"),
+        |v| v["points"].as_array().is_some_and(|a| a.len() == 3),
+    )
+    .await;
+    let times: Vec<i64> = h["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["time"].as_i64().unwrap())
+        .collect();
+    assert!(
+        times.contains(&(now - 120_000)) && times.contains(&now),
+        "{h}"
+    );
+    // The terminal is an online sub-device of the gateway.
+    let subs = until(
+        &cloud,
+        &format!("/devices/{gpk}/edge-01/sub-devices"),
+        |v| v["sub_devices"][0]["online"] == true,
+    )
+    .await;
+    assert_eq!(subs["sub_devices"][0]["device_name"], dn, "{subs}");
+
+    // The cloud's calls: a text message, a location query.
+    let (s, call) = cloud
+        .api(
+            Method::POST,
+            &format!("/devices/{tpk}/{dn}/services/SendText"),
+            Some(json!({"params": {"text": "前方拥堵，请绕行", "flags": 12}})),
+        )
+        .await
+        .unwrap();
+    assert!(s == 200 || s == 202, "{s} {call}");
+    let (h, m) = t.next().await;
+    assert_eq!(
+        m,
+        j::Message::Text {
+            flags: 12,
+            kind: None,
+            text: "前方拥堵，请绕行".into()
+        }
+    );
+    t.send(&j::Message::TerminalResponse(j::GeneralResponse {
+        serial: h.serial,
+        msg_id: 0x8300,
+        result: 0,
+    }))
+    .await;
+    let c = finished(&cloud, &tpk, dn, call["id"].as_str().unwrap()).await;
+    assert_eq!(c["status"], "succeeded", "{c}");
+
+    let (_, call) = cloud
+        .api(
+            Method::POST,
+            &format!("/devices/{tpk}/{dn}/services/QueryLocation"),
+            Some(json!({})),
+        )
+        .await
+        .unwrap();
+    let (h, m) = t.next().await;
+    assert_eq!(m, j::Message::QueryLocation);
+    let serial = t
+        .send(&j::Message::LocationReply {
+            serial: h.serial,
+            location: location(now + 1000, 39_910_000, 100),
+        })
+        .await;
+    let (_, ack) = t.next().await;
+    assert!(matches!(ack, j::Message::PlatformResponse(g) if g.serial == serial && g.result == 0));
+    let c = finished(&cloud, &tpk, dn, call["id"].as_str().unwrap()).await;
+    assert_eq!(c["status"], "succeeded", "{c}");
+    assert_eq!(c["reply"]["latitude"], json!(39.91), "{c}");
+
+    // A call the terminal does not answer in time fails with the reason.
+    let (_, call) = cloud
+        .api(
+            Method::POST,
+            &format!("/devices/{tpk}/{dn}/services/QueryParams"),
+            Some(json!({})),
+        )
+        .await
+        .unwrap();
+    let (_, m) = t.next().await;
+    assert_eq!(m, j::Message::QueryParams);
+    let c = finished(&cloud, &tpk, dn, call["id"].as_str().unwrap()).await;
+    assert_ne!(c["status"], "succeeded", "{c}");
+
+    // The terminal goes: it is offline in the cloud.
+    drop(t);
+    until(
+        &cloud,
+        &format!("/devices/{gpk}/edge-01/sub-devices"),
+        |v| v["sub_devices"][0]["online"] == false,
+    )
+    .await;
+    let metrics = reqwest::get(format!("http://{}/metrics", edge.status_addr.unwrap()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            "ironlink_edge_refused_total{protocol=\"jt808\",reason=\"not authenticated\"} 1"
+        ),
+        "{metrics}"
+    );
+    edge.shutdown().await;
+}
+
+fn vehicle_report(t_ms: i64, soc: u8, speed: u16) -> g::Report {
+    g::Report {
+        time: g::Time::from_unix_ms(t_ms),
+        items: vec![
+            g::Info::Vehicle(g::Vehicle {
+                state: 1,
+                charging: 3,
+                mode: 1,
+                speed,
+                mileage: 123_456,
+                voltage: 3_801,
+                current: 10_250,
+                soc,
+                dcdc: 1,
+                gear: 0x0E,
+                insulation: 0xFFFF, // invalid: left out
+                accelerator: 20,
+                brake: 0,
+            }),
+            g::Info::Position(g::Position {
+                status: 0,
+                lon: 121_473_701,
+                lat: 31_230_416,
+            }),
+            g::Info::Alarms(g::Alarms {
+                level: 0,
+                general: 0,
+                storage: vec![],
+                motor: vec![],
+                engine: vec![],
+                other: vec![],
+            }),
+        ],
+        rest_error: None,
+    }
+}
+
+struct Vehicle {
+    s: TcpStream,
+    d: g::Deframer,
+    got: std::collections::VecDeque<g::Frame>,
+}
+
+impl Vehicle {
+    async fn send(&mut self, command: u8, m: &g::Message) {
+        let b = g::encode_frame(command, g::resp::COMMAND, VIN, &g::encode(m)).unwrap();
+        self.s.write_all(&b).await.unwrap();
+    }
+
+    async fn next(&mut self) -> g::Frame {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some(f) = self.got.pop_front() {
+                return f;
+            }
+            let mut buf = [0u8; 4096];
+            let n = tokio::time::timeout_at(deadline, self.s.read(&mut buf))
+                .await
+                .expect("a frame from the edge in time")
+                .unwrap();
+            assert!(n > 0, "the edge closed the connection");
+            let mut out = Vec::new();
+            self.d.feed(&buf[..n], &mut out);
+            self.got.extend(out.into_iter().map(Result::unwrap));
+        }
+    }
+
+    async fn expect(&mut self, command: u8, m: &g::Message, flag: u8) {
+        self.send(command, m).await;
+        let f = self.next().await;
+        assert_eq!((f.command, f.response), (command, flag), "{f:?}");
+    }
+}
+
+const VIN: &str = "LGHC4V1D9HE204406";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gb32960_vehicles_log_in_report_and_answer_the_cloud() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cloud, edge, _gpk, tpk) = setup(dir.path(), GB32960_TSL).await;
+    let mut v = Vehicle {
+        s: TcpStream::connect(edge.gb32960_addr.unwrap())
+            .await
+            .unwrap(),
+        d: g::Deframer::new(),
+        got: Default::default(),
+    };
+    let now = ironlink_edge::now_ms() / 1000 * 1000;
+    // Data before login: refused.
+    v.expect(
+        g::cmd::REALTIME,
+        &g::Message::Realtime(vehicle_report(now, 50, 100)),
+        g::resp::ERROR,
+    )
+    .await;
+    v.expect(
+        g::cmd::LOGIN,
+        &g::Message::Login(g::Login {
+            time: g::Time::from_unix_ms(now),
+            serial: 1,
+            iccid: "89860117795950089298".into(),
+            systems: vec!["BAT01".into()],
+        }),
+        g::resp::OK,
+    )
+    .await;
+    v.expect(
+        g::cmd::REALTIME,
+        &g::Message::Realtime(vehicle_report(now, 87, 652)),
+        g::resp::OK,
+    )
+    .await;
+    // Re-issued, older data: history only, the latest values stay.
+    v.expect(
+        g::cmd::REISSUE,
+        &g::Message::Reissue(vehicle_report(now - 300_000, 95, 0)),
+        g::resp::OK,
+    )
+    .await;
+    // A frame with a bad BCC: skipped; the heartbeat after it is answered.
+    let mut bad = g::encode_frame(g::cmd::HEARTBEAT, g::resp::COMMAND, VIN, &[]).unwrap();
+    *bad.last_mut().unwrap() ^= 0xFF;
+    v.s.write_all(&bad).await.unwrap();
+    v.expect(g::cmd::HEARTBEAT, &g::Message::Heartbeat, g::resp::OK)
+        .await;
+
+    let path = format!("/devices/{tpk}/{VIN}/properties");
+    let p = until(&cloud, &path, |v| prop(v, "soc") == json!(87)).await;
+    assert_eq!(prop(&p, "speed"), json!(65.2), "{p}");
+    assert_eq!(prop(&p, "totalCurrent"), json!(25.0));
+    assert_eq!(prop(&p, "latitude"), json!(31.230416));
+    assert_eq!(prop(&p, "iccid"), json!("89860117795950089298"));
+    assert_eq!(
+        prop(&p, "insulation"),
+        Value::Null,
+        "invalid values are left out"
+    );
+    let h = until(
+        &cloud,
+        &format!("/devices/{tpk}/{VIN}/properties/soc/history?limit=10"),
+        |v| v["points"].as_array().is_some_and(|a| a.len() == 2),
+    )
+    .await;
+    assert!(h["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["time"] == json!(now - 300_000) && p["value"] == json!(95)));
+
+    // The cloud's control command reaches the vehicle; its answer finishes the call.
+    let (_, call) = cloud
+        .api(
+            Method::POST,
+            &format!("/devices/{tpk}/{VIN}/services/Control"),
+            Some(json!({"params": {"command": 3, "params": ""}})),
+        )
+        .await
+        .unwrap();
+    let f = v.next().await;
+    assert_eq!((f.command, f.response), (g::cmd::CONTROL, g::resp::COMMAND));
+    let g::Message::Control { command, .. } = g::decode(&f).unwrap() else {
+        panic!()
+    };
+    assert_eq!(command, 3);
+    let answer = g::encode_frame(g::cmd::CONTROL, g::resp::OK, VIN, &f.data[..6]).unwrap();
+    v.s.write_all(&answer).await.unwrap();
+    let c = finished(&cloud, &tpk, VIN, call["id"].as_str().unwrap()).await;
+    assert_eq!(c["status"], "succeeded", "{c}");
+    edge.shutdown().await;
+}
