@@ -296,7 +296,7 @@ impl Deframer {
 fn plausible(b: &[u8]) -> bool {
     let command_ok = |c: u8| matches!(c, 0x01..=0x08 | 0x80..=0x82 | 0xC0..=0xFE);
     b.get(2).is_none_or(|c| command_ok(*c))
-        && b.get(3).is_none_or(|r| matches!(r, 0x01..=0x03 | 0xFE))
+        && b.get(3).is_none_or(|r| matches!(r, 0x01..=0x07 | 0xFE))
         && b.get(4..b.len().min(21))
             .is_none_or(|v| v.iter().all(u8::is_ascii_graphic))
         && b.get(21)
@@ -1311,14 +1311,14 @@ pub fn encode(m: &Message) -> Vec<u8> {
 }
 
 /// The platform's answer to a frame from a vehicle: the same command and VIN, flag `result`,
-/// and the time of what is answered (its first six data bytes) where the standard says so;
-/// `now` answers a time sync.
+/// and a time: the time of what is answered (its first six data bytes), or `now` for what
+/// carries none (heartbeat, time sync), as platforms and rtm-con expect every answer to.
 pub fn response(to: &Frame, result: u8, now: Time) -> Result<Vec<u8>, Error> {
     let mut data = Vec::new();
     match to.command {
-        cmd::HEARTBEAT => {}
-        cmd::TIME_SYNC => now.write(&mut data),
-        _ => data.extend_from_slice(&to.data[..to.data.len().min(6)]),
+        cmd::HEARTBEAT | cmd::TIME_SYNC => now.write(&mut data),
+        _ if to.data.len() < 6 => now.write(&mut data),
+        _ => data.extend_from_slice(&to.data[..6]),
     }
     encode_frame(to.command, result, &to.vin, &data)
 }

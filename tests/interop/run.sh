@@ -5,7 +5,8 @@
 #   - Alibaba's Python device SDK (aliyun-iot-linkkit): connect + downlink, dynamic
 #     registration over TLS, the thing model (properties, event, property set, service call)
 #     and a gateway with two sub-devices;
-#   - the edge gateway against pymodbus (TCP and RTU on a socat pty pair) and mbpoll.
+#   - the edge gateway against pymodbus (TCP and RTU on a socat pty pair) and mbpoll;
+#   - the edge's GB/T 32960 server against frames built and answers parsed by rtm-con.
 # Usage: tests/interop/run.sh PATH_TO_IRONLINK_CLOUD PYTHON_WITH_LINKKIT
 # Prints "N passed, N failed" last; exits non-zero on any failure.
 set -uo pipefail
@@ -235,7 +236,14 @@ rtu_device() { # name, unit
     cat "$MB/points.toml"
     rtu_device rtu-unit1 1
     rtu_device rtu-unit2 2
+    # GB/T 32960 vehicles on the same edge (product with the shipped thing model).
+    VPK=$("$BIN" product create gb32960-interop --node-type sub-device --dynamic-register --json | json "['product_key']")
+    "$BIN" product thing-model "$VPK" --import "$HERE/../../edge/tsl/gb32960-vehicle.json" >/dev/null
+    GB_PORT=$("$PY" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])")
+    printf '\n[gb32960]\nlisten = "127.0.0.1:%s"\nproduct_key = "%s"\n' "$GB_PORT" "$VPK"
+    echo "$VPK $GB_PORT" >"$MB/gb32960"
 } >"$MB/edge.toml"
+read -r VPK GB_PORT <"$MB/gb32960"
 "$EDGE_BIN" run --config "$MB/edge.toml" >"$MB/edge.out" 2>&1 &
 EDGE_PID=$!
 
@@ -284,6 +292,11 @@ edge_rtu() { # two unit ids on one RTU bus, each its own sub-device
     tail -20 "$MB/edge.out"; return 1
 }
 check "ironlink-edge polls two unit ids on one Modbus RTU bus (pymodbus over a socat pty pair)" edge_rtu
+
+gb32960_rtm() {
+    "$PY" "$HERE/gb32960_rtm.py" "$HTTP" "$IRONLINK_TOKEN" "$VPK" "$GB_PORT" || { tail -20 "$MB/edge.out"; return 1; }
+}
+check "GB/T 32960: frames built by rtm-con reach the cloud through ironlink-edge; its answers parse in rtm-con" gb32960_rtm
 kill "$EDGE_PID" "$FIELD_PID" "$SOCAT_PID" 2>/dev/null
 wait "$EDGE_PID" "$FIELD_PID" "$SOCAT_PID" 2>/dev/null
 
