@@ -14,3 +14,4 @@ pub mod modbus_slave;
 pub mod quickstart;
 pub mod report;
 pub mod scenario;
+pub mod vehicles;

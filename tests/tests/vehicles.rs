@@ -7,12 +7,12 @@
 
 use ironlink_protocols::gb32960 as g;
 use ironlink_protocols::jt808 as j;
+use ironlink_sim::vehicles::{location, report as vehicle_report, Terminal, Vehicle};
 use ironlink_tests::*;
 use reqwest::Method;
 use serde_json::{json, Value};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncWriteExt;
 
 const JT808_TSL: &str = include_str!("../../edge/tsl/jt808-terminal.json");
 const GB32960_TSL: &str = include_str!("../../edge/tsl/gb32960-vehicle.json");
@@ -143,84 +143,9 @@ async fn finished(cloud: &Cloud, pk: &str, dn: &str, id: &str) -> Value {
     .await
 }
 
-/// A terminal's side of a JT/T 808 connection.
-struct Terminal {
-    s: TcpStream,
-    d: j::Deframer,
-    got: std::collections::VecDeque<j::Frame>,
-    serial: u16,
-    phone: String,
-}
-
-impl Terminal {
-    async fn connect(addr: std::net::SocketAddr, phone: &str) -> Self {
-        Self {
-            s: TcpStream::connect(addr).await.unwrap(),
-            d: j::Deframer::new(),
-            got: Default::default(),
-            serial: 1,
-            phone: phone.into(),
-        }
-    }
-
-    async fn send(&mut self, m: &j::Message) -> u16 {
-        let serial = self.serial;
-        self.serial += 1;
-        let h = j::Header::new_2013(m.msg_id(), &self.phone, serial);
-        for f in j::encode_message(&h, m).unwrap() {
-            self.s.write_all(&f).await.unwrap();
-        }
-        serial
-    }
-
-    async fn next(&mut self) -> (j::Header, j::Message) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            if let Some(f) = self.got.pop_front() {
-                let m = j::decode(f.header.msg_id, false, &f.body).unwrap();
-                return (f.header, m);
-            }
-            let mut buf = [0u8; 4096];
-            let n = tokio::time::timeout_at(deadline, self.s.read(&mut buf))
-                .await
-                .expect("a frame from the edge in time")
-                .unwrap();
-            assert!(n > 0, "the edge closed the connection");
-            let mut out = Vec::new();
-            self.d.feed(&buf[..n], &mut out);
-            for f in out {
-                self.got.push_back(j::parse_frame(&f.unwrap()).unwrap());
-            }
-        }
-    }
-
-    /// Sends and expects the platform's general response with `result`.
-    async fn expect(&mut self, m: &j::Message, result: u8) {
-        let serial = self.send(m).await;
-        let (_, r) = self.next().await;
-        assert_eq!(
-            r,
-            j::Message::PlatformResponse(j::GeneralResponse {
-                serial,
-                msg_id: m.msg_id(),
-                result
-            })
-        );
-    }
-}
-
-fn location(t_ms: i64, lat: u32, speed: u16) -> j::Location {
-    j::Location {
-        alarm: 0,
-        status: 0x02,
-        lat,
-        lon: 116_397_128,
-        altitude: 44,
-        speed,
-        direction: 90,
-        time: j::Time::from_unix_ms(t_ms),
-        extras: vec![j::Extra::Mileage(123_456), j::Extra::Fuel(405)],
-    }
+/// Sends and checks the platform's general response.
+async fn expect(t: &mut Terminal, m: &j::Message, result: u8) {
+    assert_eq!(t.exchange(m).await.unwrap(), result, "{m:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -229,12 +154,11 @@ async fn jt808_terminals_register_report_and_answer_the_cloud() {
     let (cloud, edge, gpk, tpk) = setup(dir.path(), JT808_TSL).await;
     let addr = edge.jt808_addr.unwrap();
     let dn = "13912345678";
-    let mut t = Terminal::connect(addr, dn).await;
+    let mut t = Terminal::connect(addr, dn).await.unwrap();
 
     // Before authenticating, a location is refused (result 1), and nothing is stored.
     let now = ironlink_edge::now_ms() / 1000 * 1000;
-    t.expect(&j::Message::Location(location(now, 1, 1)), 1)
-        .await;
+    expect(&mut t, &j::Message::Location(location(now, 1, 1)), 1).await;
 
     // Registration against the registry: the answer carries the authentication code.
     let serial = t
@@ -247,15 +171,17 @@ async fn jt808_terminals_register_report_and_answer_the_cloud() {
             plate_color: 1,
             plate: "京A12345".into(),
         }))
-        .await;
-    let (_, r) = t.next().await;
+        .await
+        .unwrap();
+    let (_, r) = t.next().await.unwrap();
     let j::Message::RegisterResponse(r) = r else {
         panic!("{r:?}")
     };
     assert_eq!((r.serial, r.result), (serial, 0));
     assert_eq!(r.auth_code.len(), 16);
     // A wrong code is refused; the right one accepted.
-    t.expect(
+    expect(
+        &mut t,
         &j::Message::Auth(j::Auth {
             code: "wrong".into(),
             imei: None,
@@ -264,7 +190,8 @@ async fn jt808_terminals_register_report_and_answer_the_cloud() {
         1,
     )
     .await;
-    t.expect(
+    expect(
+        &mut t,
         &j::Message::Auth(j::Auth {
             code: r.auth_code.clone(),
             imei: None,
@@ -275,9 +202,14 @@ async fn jt808_terminals_register_report_and_answer_the_cloud() {
     .await;
 
     // A live location, then a blind-area batch of two older ones.
-    t.expect(&j::Message::Location(location(now, 39_908_692, 655)), 0)
-        .await;
-    t.expect(
+    expect(
+        &mut t,
+        &j::Message::Location(location(now, 39_908_692, 655)),
+        0,
+    )
+    .await;
+    expect(
+        &mut t,
         &j::Message::Batch {
             reissued: true,
             locations: vec![
@@ -290,10 +222,11 @@ async fn jt808_terminals_register_report_and_answer_the_cloud() {
     .await;
     // Garbage and a frame with a bad check code between messages: skipped, the connection
     // goes on.
-    t.s.write_all(&[0x01, 0x02, 0x7E, 0x00, 0x02, 0x00, 0x7E])
+    t.stream
+        .write_all(&[0x01, 0x02, 0x7E, 0x00, 0x02, 0x00, 0x7E])
         .await
         .unwrap();
-    t.expect(&j::Message::Heartbeat, 0).await;
+    expect(&mut t, &j::Message::Heartbeat, 0).await;
 
     let path = format!("/devices/{tpk}/{dn}/properties");
     let v = until(&cloud, &path, |v| {
@@ -340,7 +273,7 @@ async fn jt808_terminals_register_report_and_answer_the_cloud() {
         .await
         .unwrap();
     assert!(s == 200 || s == 202, "{s} {call}");
-    let (h, m) = t.next().await;
+    let (h, m) = t.next().await.unwrap();
     assert_eq!(
         m,
         j::Message::Text {
@@ -354,7 +287,8 @@ async fn jt808_terminals_register_report_and_answer_the_cloud() {
         msg_id: 0x8300,
         result: 0,
     }))
-    .await;
+    .await
+    .unwrap();
     let c = finished(&cloud, &tpk, dn, call["id"].as_str().unwrap()).await;
     assert_eq!(c["status"], "succeeded", "{c}");
 
@@ -366,15 +300,16 @@ async fn jt808_terminals_register_report_and_answer_the_cloud() {
         )
         .await
         .unwrap();
-    let (h, m) = t.next().await;
+    let (h, m) = t.next().await.unwrap();
     assert_eq!(m, j::Message::QueryLocation);
     let serial = t
         .send(&j::Message::LocationReply {
             serial: h.serial,
             location: location(now + 1000, 39_910_000, 100),
         })
-        .await;
-    let (_, ack) = t.next().await;
+        .await
+        .unwrap();
+    let (_, ack) = t.next().await.unwrap();
     assert!(matches!(ack, j::Message::PlatformResponse(g) if g.serial == serial && g.result == 0));
     let c = finished(&cloud, &tpk, dn, call["id"].as_str().unwrap()).await;
     assert_eq!(c["status"], "succeeded", "{c}");
@@ -389,7 +324,7 @@ async fn jt808_terminals_register_report_and_answer_the_cloud() {
         )
         .await
         .unwrap();
-    let (_, m) = t.next().await;
+    let (_, m) = t.next().await.unwrap();
     assert_eq!(m, j::Message::QueryParams);
     let c = finished(&cloud, &tpk, dn, call["id"].as_str().unwrap()).await;
     assert_ne!(c["status"], "succeeded", "{c}");
@@ -417,78 +352,8 @@ async fn jt808_terminals_register_report_and_answer_the_cloud() {
     edge.shutdown().await;
 }
 
-fn vehicle_report(t_ms: i64, soc: u8, speed: u16) -> g::Report {
-    g::Report {
-        time: g::Time::from_unix_ms(t_ms),
-        items: vec![
-            g::Info::Vehicle(g::Vehicle {
-                state: 1,
-                charging: 3,
-                mode: 1,
-                speed,
-                mileage: 123_456,
-                voltage: 3_801,
-                current: 10_250,
-                soc,
-                dcdc: 1,
-                gear: 0x0E,
-                insulation: 0xFFFF, // invalid: left out
-                accelerator: 20,
-                brake: 0,
-            }),
-            g::Info::Position(g::Position {
-                status: 0,
-                lon: 121_473_701,
-                lat: 31_230_416,
-            }),
-            g::Info::Alarms(g::Alarms {
-                level: 0,
-                general: 0,
-                storage: vec![],
-                motor: vec![],
-                engine: vec![],
-                other: vec![],
-            }),
-        ],
-        rest_error: None,
-    }
-}
-
-struct Vehicle {
-    s: TcpStream,
-    d: g::Deframer,
-    got: std::collections::VecDeque<g::Frame>,
-}
-
-impl Vehicle {
-    async fn send(&mut self, command: u8, m: &g::Message) {
-        let b = g::encode_frame(command, g::resp::COMMAND, VIN, &g::encode(m)).unwrap();
-        self.s.write_all(&b).await.unwrap();
-    }
-
-    async fn next(&mut self) -> g::Frame {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            if let Some(f) = self.got.pop_front() {
-                return f;
-            }
-            let mut buf = [0u8; 4096];
-            let n = tokio::time::timeout_at(deadline, self.s.read(&mut buf))
-                .await
-                .expect("a frame from the edge in time")
-                .unwrap();
-            assert!(n > 0, "the edge closed the connection");
-            let mut out = Vec::new();
-            self.d.feed(&buf[..n], &mut out);
-            self.got.extend(out.into_iter().map(Result::unwrap));
-        }
-    }
-
-    async fn expect(&mut self, command: u8, m: &g::Message, flag: u8) {
-        self.send(command, m).await;
-        let f = self.next().await;
-        assert_eq!((f.command, f.response), (command, flag), "{f:?}");
-    }
+async fn vexpect(v: &mut Vehicle, command: u8, m: &g::Message, flag: u8) {
+    assert_eq!(v.exchange(command, m).await.unwrap(), flag, "{m:?}");
 }
 
 const VIN: &str = "LGHC4V1D9HE204406";
@@ -497,22 +362,20 @@ const VIN: &str = "LGHC4V1D9HE204406";
 async fn gb32960_vehicles_log_in_report_and_answer_the_cloud() {
     let dir = tempfile::tempdir().unwrap();
     let (cloud, edge, _gpk, tpk) = setup(dir.path(), GB32960_TSL).await;
-    let mut v = Vehicle {
-        s: TcpStream::connect(edge.gb32960_addr.unwrap())
-            .await
-            .unwrap(),
-        d: g::Deframer::new(),
-        got: Default::default(),
-    };
+    let mut v = Vehicle::connect(edge.gb32960_addr.unwrap(), VIN)
+        .await
+        .unwrap();
     let now = ironlink_edge::now_ms() / 1000 * 1000;
     // Data before login: refused.
-    v.expect(
+    vexpect(
+        &mut v,
         g::cmd::REALTIME,
         &g::Message::Realtime(vehicle_report(now, 50, 100)),
         g::resp::ERROR,
     )
     .await;
-    v.expect(
+    vexpect(
+        &mut v,
         g::cmd::LOGIN,
         &g::Message::Login(g::Login {
             time: g::Time::from_unix_ms(now),
@@ -523,14 +386,16 @@ async fn gb32960_vehicles_log_in_report_and_answer_the_cloud() {
         g::resp::OK,
     )
     .await;
-    v.expect(
+    vexpect(
+        &mut v,
         g::cmd::REALTIME,
         &g::Message::Realtime(vehicle_report(now, 87, 652)),
         g::resp::OK,
     )
     .await;
     // Re-issued, older data: history only, the latest values stay.
-    v.expect(
+    vexpect(
+        &mut v,
         g::cmd::REISSUE,
         &g::Message::Reissue(vehicle_report(now - 300_000, 95, 0)),
         g::resp::OK,
@@ -539,9 +404,14 @@ async fn gb32960_vehicles_log_in_report_and_answer_the_cloud() {
     // A frame with a bad BCC: skipped; the heartbeat after it is answered.
     let mut bad = g::encode_frame(g::cmd::HEARTBEAT, g::resp::COMMAND, VIN, &[]).unwrap();
     *bad.last_mut().unwrap() ^= 0xFF;
-    v.s.write_all(&bad).await.unwrap();
-    v.expect(g::cmd::HEARTBEAT, &g::Message::Heartbeat, g::resp::OK)
-        .await;
+    v.stream.write_all(&bad).await.unwrap();
+    vexpect(
+        &mut v,
+        g::cmd::HEARTBEAT,
+        &g::Message::Heartbeat,
+        g::resp::OK,
+    )
+    .await;
 
     let path = format!("/devices/{tpk}/{VIN}/properties");
     let p = until(&cloud, &path, |v| prop(v, "soc") == json!(87)).await;
@@ -575,14 +445,14 @@ async fn gb32960_vehicles_log_in_report_and_answer_the_cloud() {
         )
         .await
         .unwrap();
-    let f = v.next().await;
+    let f = v.next().await.unwrap();
     assert_eq!((f.command, f.response), (g::cmd::CONTROL, g::resp::COMMAND));
     let g::Message::Control { command, .. } = g::decode(&f).unwrap() else {
         panic!()
     };
     assert_eq!(command, 3);
     let answer = g::encode_frame(g::cmd::CONTROL, g::resp::OK, VIN, &f.data[..6]).unwrap();
-    v.s.write_all(&answer).await.unwrap();
+    v.stream.write_all(&answer).await.unwrap();
     let c = finished(&cloud, &tpk, VIN, call["id"].as_str().unwrap()).await;
     assert_eq!(c["status"], "succeeded", "{c}");
     edge.shutdown().await;
