@@ -538,7 +538,7 @@ pub async fn connection(stream: TcpStream, ctx: Arc<Ctx>) {
         latest: Map::new(),
     };
     let mut deframer = Deframer::new();
-    let mut buf = vec![0u8; 16 * 1024];
+    let mut buf = vec![0u8; 4096];
     let mut routed: Option<String> = None;
     let mut stop = ctx.stop.clone();
     let mut tick = tokio::time::interval(Duration::from_secs(1));

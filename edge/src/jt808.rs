@@ -478,7 +478,7 @@ pub async fn connection(stream: TcpStream, ctx: Arc<Ctx>) {
     };
     let mut deframer = Deframer::new();
     let mut packages = Reassembler::new(1 << 20, 60_000);
-    let mut buf = vec![0u8; 16 * 1024];
+    let mut buf = vec![0u8; 4096];
     let mut routed: Option<String> = None;
     let mut stop = ctx.stop.clone();
     let mut tick = tokio::time::interval(Duration::from_secs(1));

@@ -15,3 +15,4 @@ pub mod quickstart;
 pub mod report;
 pub mod scenario;
 pub mod vehicles;
+pub mod vehicles_bench;

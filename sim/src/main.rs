@@ -190,6 +190,37 @@ enum Bench {
         #[arg(long)]
         edge_bin: Option<PathBuf>,
     },
+    /// JT/T 808 terminals reporting locations through the edge gateway process: reports per
+    /// second, answer latency, the edge's RSS per connected terminal and its CPU.
+    Vehicles {
+        /// Terminals.
+        #[arg(long, default_value_t = 1_000)]
+        terminals: usize,
+        /// Seconds between a terminal's reports.
+        #[arg(long, default_value_t = 10)]
+        interval_s: u64,
+        /// Reporting phase, s.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// ironlink-cloud binary (default: next to this executable).
+        #[arg(long)]
+        cloud_bin: Option<PathBuf>,
+        /// ironlink-edge binary (default: next to this executable).
+        #[arg(long)]
+        edge_bin: Option<PathBuf>,
+        /// Write the report as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Frames decoded per second on one core (JT/T 808, GB/T 32960).
+    Codecs {
+        /// Frames per protocol.
+        #[arg(long, default_value_t = 1_000_000)]
+        frames: usize,
+        /// Write the report as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// TSL-validated property ingest into storage vs a plain batched insert of the same rows.
     Ingest {
         /// Publishing devices.
@@ -373,6 +404,35 @@ async fn run() -> anyhow::Result<()> {
                 cloud_bin,
             };
             let r = repeat_runs(repeat, || ironlink_sim::downlink::run(&o)).await?;
+            emit(&r, json.as_deref())?;
+        }
+        Cmd::Bench {
+            which:
+                Bench::Vehicles {
+                    terminals,
+                    interval_s,
+                    seconds,
+                    cloud_bin,
+                    edge_bin,
+                    json,
+                },
+        } => {
+            let o = ironlink_sim::vehicles_bench::VehiclesBench {
+                terminals: terminals.clamp(1, 100_000),
+                interval: std::time::Duration::from_secs(interval_s.clamp(1, 3600)),
+                seconds: seconds.clamp(1, 3600),
+                cloud_bin,
+                edge_bin,
+            };
+            emit(
+                &ironlink_sim::vehicles_bench::run(&o).await?,
+                json.as_deref(),
+            )?;
+        }
+        Cmd::Bench {
+            which: Bench::Codecs { frames, json },
+        } => {
+            let r = ironlink_sim::vehicles_bench::codecs(frames.clamp(64, 100_000_000))?;
             emit(&r, json.as_deref())?;
         }
         Cmd::Bench {

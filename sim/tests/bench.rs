@@ -49,3 +49,37 @@ fn a_small_fanout_bench_writes_its_json() {
     assert!(table.contains("| deliveries/s |"), "{table}");
     assert!(table.contains("median of 2 runs"), "{table}");
 }
+
+/// Simulated JT/T 808 terminals (this crate's) -> the edge process -> the cloud process: every
+/// report acknowledged and delivered, and the report written.
+#[test]
+fn a_small_vehicles_bench_delivers_every_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("vehicles.json");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ironlink-sim"))
+        .args([
+            "bench",
+            "vehicles",
+            "--terminals",
+            "20",
+            "--interval-s",
+            "1",
+            "--seconds",
+            "3",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let t = &v["targets"][0];
+    assert_eq!(t["expected"], 60, "{v}");
+    assert_eq!(t["received"], 60, "{v}");
+    assert_eq!(t["connections"], 20);
+    assert!(v["details"]["edge_rss_per_terminal_bytes"].as_f64().is_some(), "{v}");
+}
