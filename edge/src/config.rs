@@ -189,7 +189,7 @@ pub struct VehicleServer {
     /// TCP listener.
     pub listen: std::net::SocketAddr,
     /// The terminals' product in the cloud: a sub-device product with dynamic registration on
-    /// (the thing model from `edge/tsl/`). Terminals become its devices, named by phone
+    /// (the thing model from `docs/tsl-templates/`). Terminals become its devices, named by phone
     /// number (JT/T 808) or VIN (GB/T 32960).
     pub product_key: String,
     /// A terminal silent this long is disconnected.

@@ -1,6 +1,6 @@
 //! The GB/T 32960 vehicle server: vehicle login by VIN against the cloud's registry (the VIN
 //! is the device name), real-time and re-issued data mapped onto the "GB/T 32960 vehicle"
-//! thing model (`edge/tsl/gb32960-vehicle.json`) at their own collection times, values the
+//! thing model (`docs/tsl-templates/gb32960-vehicle.json`) at their own collection times, values the
 //! standard marks abnormal or invalid left out (counted), alarms as events, heartbeats, time
 //! sync, logout, and the cloud's calls: `Query` (0x80), `Setup` (0x81), `Control` (0x82), each
 //! waiting for the vehicle's answer.

@@ -2,7 +2,7 @@
 //! registry (the answer carries an authentication code derived from the terminal's device
 //! secret, so nothing else need be stored), authentication, heartbeats, location reports
 //! (single, batch and blind-area re-issue, each with its own time) mapped onto the
-//! "JT/T 808 terminal" thing model (`edge/tsl/jt808-terminal.json`), multimedia events, and the
+//! "JT/T 808 terminal" thing model (`docs/tsl-templates/jt808-terminal.json`), multimedia events, and the
 //! cloud's calls: `SendText` (0x8300), `QueryLocation` (0x8201), `SetParams` (0x8103),
 //! `QueryParams` (0x8104), each waiting for the terminal's answer.
 //!

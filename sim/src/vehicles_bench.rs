@@ -68,7 +68,7 @@ pub async fn run(o: &VehiclesBench) -> Result<Report> {
         .create_product(json!({"name": "jt808", "node_type": "sub-device"}))
         .await?;
     let tsl: serde_json::Value =
-        serde_json::from_str(include_str!("../../edge/tsl/jt808-terminal.json"))?;
+        serde_json::from_str(include_str!("../../docs/tsl-templates/jt808-terminal.json"))?;
     let (s, v) = cloud
         .api(
             reqwest::Method::PUT,

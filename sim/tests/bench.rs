@@ -81,5 +81,10 @@ fn a_small_vehicles_bench_delivers_every_report() {
     assert_eq!(t["expected"], 60, "{v}");
     assert_eq!(t["received"], 60, "{v}");
     assert_eq!(t["connections"], 20);
-    assert!(v["details"]["edge_rss_per_terminal_bytes"].as_f64().is_some(), "{v}");
+    assert!(
+        v["details"]["edge_rss_per_terminal_bytes"]
+            .as_f64()
+            .is_some(),
+        "{v}"
+    );
 }

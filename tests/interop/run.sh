@@ -238,7 +238,7 @@ rtu_device() { # name, unit
     rtu_device rtu-unit2 2
     # GB/T 32960 vehicles on the same edge (product with the shipped thing model).
     VPK=$("$BIN" product create gb32960-interop --node-type sub-device --dynamic-register --json | json "['product_key']")
-    "$BIN" product thing-model "$VPK" --import "$HERE/../../edge/tsl/gb32960-vehicle.json" >/dev/null
+    "$BIN" product thing-model "$VPK" --import "$HERE/../../docs/tsl-templates/gb32960-vehicle.json" >/dev/null
     GB_PORT=$("$PY" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])")
     printf '\n[gb32960]\nlisten = "127.0.0.1:%s"\nproduct_key = "%s"\n' "$GB_PORT" "$VPK"
     echo "$VPK $GB_PORT" >"$MB/gb32960"

@@ -14,8 +14,8 @@ use serde_json::{json, Value};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
-const JT808_TSL: &str = include_str!("../../edge/tsl/jt808-terminal.json");
-const GB32960_TSL: &str = include_str!("../../edge/tsl/gb32960-vehicle.json");
+const JT808_TSL: &str = include_str!("../../docs/tsl-templates/jt808-terminal.json");
+const GB32960_TSL: &str = include_str!("../../docs/tsl-templates/gb32960-vehicle.json");
 
 async fn create(c: &Cloud, path: &str, body: Value) -> Value {
     let (s, v) = c.api(Method::POST, path, Some(body)).await.unwrap();
