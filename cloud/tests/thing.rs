@@ -760,3 +760,71 @@ async fn posts_marked_for_dedup_are_stored_once_per_id() {
         1
     );
 }
+
+/// A gateway pipelines topo/add, login and a post for each of many new sub-devices without
+/// waiting for answers (as the edge does for terminals that appear): every post is accepted.
+/// The login used to race the topo/add before it (both ran at once) and fail, and the post
+/// behind it was then refused by the ACL, costing the gateway its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_topo_add_login_and_post_are_applied_in_order() {
+    let srv = start(|_| {}).await;
+    let gpk = with_model(&srv, "gateway", "acme").await;
+    let spk = with_model(&srv, "sub-device", "acme").await;
+    let gsecret = srv.device(&gpk, "gw-00002").await;
+    let mut g = device_v4(&srv, &gpk, "gw-00002", &gsecret).await;
+    let mut subs = Vec::new();
+    for i in 0..30 {
+        let dn = format!("pipe-{i:04}");
+        let secret = srv.device(&spk, &dn).await;
+        subs.push((dn, secret));
+    }
+    let mut pkid = 1;
+    for (i, (dn, secret)) in subs.iter().enumerate() {
+        let entry = sub_sign(&spk, dn, secret);
+        for (topic, body) in [
+            (
+                format!("/sys/{gpk}/gw-00002/thing/topo/add"),
+                json!({"id": format!("a{i}"), "params": [entry.clone()]}),
+            ),
+            (
+                format!("/ext/session/{gpk}/gw-00002/combine/login"),
+                json!({"id": format!("l{i}"), "params": entry}),
+            ),
+            (
+                format!("/sys/{spk}/{dn}/thing/event/property/post"),
+                json!({"id": format!("p{i}"), "params": {"temperature": 20.5}}),
+            ),
+        ] {
+            post(&mut g, &topic, body, pkid).await;
+            pkid += 1;
+        }
+    }
+    // Every PUBACK is a success (an ACL refusal is "not authorized").
+    let mut acks = 0;
+    while acks < 90 {
+        match g.next_v4().await {
+            Some(v4::Packet::PubAck(_)) => acks += 1,
+            Some(_) => {}
+            None => panic!("the gateway was disconnected after {acks} acknowledgements"),
+        }
+    }
+    for (dn, _) in &subs {
+        let (s, v) = srv
+            .call(
+                reqwest::Method::GET,
+                &format!("/devices/{spk}/{dn}/properties"),
+                None,
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["properties"][0]["value"], 20.5, "{dn}: {v}");
+    }
+    assert_eq!(
+        srv.running
+            .shared
+            .metrics
+            .acl_publish_refused
+            .load(Ordering::Relaxed),
+        0
+    );
+}

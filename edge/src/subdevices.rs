@@ -50,6 +50,14 @@ impl SubDevices {
         })
     }
 
+    /// True when no run-time sub-device is known.
+    pub fn is_empty(&self) -> bool {
+        self.known
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
     /// The identity of `name`, if known.
     pub fn get(&self, name: &str) -> Option<Identity> {
         self.known

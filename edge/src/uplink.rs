@@ -251,6 +251,12 @@ struct Sender<'a> {
     order: VecDeque<Option<u64>>,
     /// Packet id -> record, for publishes on the wire.
     pkids: HashMap<u16, u64>,
+    /// Packet ids of QoS 1 publishes that carry no record (logins, requests).
+    untracked: HashSet<u16>,
+    /// Those not yet acknowledged: they count against the window like records, so that the
+    /// client's request channel never fills (a full channel would block this loop, which is
+    /// also what drives the connection).
+    extra: usize,
 }
 
 impl Sender<'_> {
@@ -264,6 +270,9 @@ impl Sender<'_> {
             .publish(topic, QoS::AtLeastOnce, false, body)
             .await
             .map_err(|e| e.to_string())?;
+        if record.is_none() {
+            self.extra += 1;
+        }
         self.order.push_back(record);
         Ok(())
     }
@@ -278,10 +287,21 @@ impl Sender<'_> {
 
     /// The network took the next publish with this packet id.
     fn outgoing(&mut self, pkid: u16) {
-        if let Some(Some(seq)) = self.order.pop_front() {
-            if pkid != 0 {
+        match self.order.pop_front() {
+            Some(Some(seq)) if pkid != 0 => {
                 self.pkids.insert(pkid, seq);
             }
+            Some(None) if pkid != 0 => {
+                self.untracked.insert(pkid);
+            }
+            _ => {}
+        }
+    }
+
+    /// A PUBACK for a publish that carried no record.
+    fn untracked_ack(&mut self, pkid: u16) {
+        if self.untracked.remove(&pkid) {
+            self.extra = self.extra.saturating_sub(1);
         }
     }
 }
@@ -387,6 +407,8 @@ async fn session(
         client: &client,
         order: VecDeque::new(),
         pkids: HashMap::new(),
+        untracked: HashSet::new(),
+        extra: 0,
     };
     let entries: Vec<Value> = config.devices.iter().map(signed).collect();
     for (i, chunk) in entries.chunks(200).enumerate() {
@@ -443,7 +465,7 @@ async fn session(
             out.logged_in.insert(dn);
         }
     }
-    let mut pending_rpcs: HashMap<String, oneshot::Sender<Value>> = HashMap::new();
+    let mut pending_rpcs: HashMap<String, (Instant, oneshot::Sender<Value>)> = HashMap::new();
     let mut rpc_n = 0u64;
     // Everything queued so far is the backlog; what comes after is live.
     let (acked, backlog_end) = {
@@ -461,12 +483,20 @@ async fn session(
     let mut pace = Pace::new(config.queue.drain_rate);
     let (reply_tx, mut replies) = mpsc::unbounded_channel::<((String, String), Outcome)>();
     loop {
+        // Requests the cloud never answered stop holding their place.
+        if !pending_rpcs.is_empty() {
+            pending_rpcs.retain(|_, (at, _)| at.elapsed() < Duration::from_secs(60));
+        }
+        // Each record may bring a login of its run-time sub-device (two more publishes).
+        let per = if out.subs.is_empty() { 1 } else { 3 };
         // Live first.
-        if inflight < WINDOW {
+        let busy = inflight + tx.extra;
+        if busy < WINDOW {
+            let room = ((WINDOW - busy) / per).max(1);
             let records = queue
                 .lock()
                 .map_err(|_| "queue lock")?
-                .read_range(live_sent, u64::MAX, WINDOW - inflight)
+                .read_range(live_sent, u64::MAX, room)
                 .map_err(|e| e.to_string())?;
             for r in records {
                 live_sent = r.seq;
@@ -475,8 +505,10 @@ async fn session(
         }
         // Then the backlog, paced, in its share of the window.
         let backlog_pending = backlog_sent < backlog_end;
-        if backlog_pending && inflight < WINDOW && backlog_inflight < BACKLOG_WINDOW {
-            let room = (WINDOW - inflight)
+        let busy = inflight + tx.extra;
+        if backlog_pending && busy < WINDOW && backlog_inflight < BACKLOG_WINDOW {
+            let room = ((WINDOW - busy) / per)
+                .max(1)
                 .min(BACKLOG_WINDOW - backlog_inflight)
                 .min(pace.available());
             if room > 0 {
@@ -498,13 +530,15 @@ async fn session(
                 }
             }
         }
+        let busy = inflight + tx.extra;
         let backlog_waits =
-            backlog_sent < backlog_end && inflight < WINDOW && backlog_inflight < BACKLOG_WINDOW;
+            backlog_sent < backlog_end && busy < WINDOW && backlog_inflight < BACKLOG_WINDOW;
         tokio::select! {
             ev = events.poll() => {
                 match ev.map_err(|e| e.to_string())? {
                     Event::Outgoing(Outgoing::Publish(pkid)) => tx.outgoing(pkid),
                     Event::Incoming(Packet::PubAck(a)) => {
+                        tx.untracked_ack(a.pkid);
                         if let Some(seq) = tx.pkids.remove(&a.pkid) {
                             inflight = inflight.saturating_sub(1);
                             if seq <= backlog_end {
@@ -516,7 +550,7 @@ async fn session(
                     Event::Incoming(Packet::Publish(p)) => {
                         if p.topic.ends_with("_reply") {
                             let v: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
-                            if let Some(waiting) = v["id"].as_str().and_then(|id| pending_rpcs.remove(id)) {
+                            if let Some((_, waiting)) = v["id"].as_str().and_then(|id| pending_rpcs.remove(id)) {
                                 let _ = waiting.send(v);
                             }
                         } else if let Some((dn, id, op, reply)) = downlink(&p.topic, &p.payload) {
@@ -534,14 +568,14 @@ async fn session(
                 }
                 tx.reply(topic, body.to_string());
             }
-            Some(r) = rpc.recv() => {
+            Some(r) = rpc.recv(), if busy + 1 < WINDOW && pending_rpcs.len() < 32 => {
                 rpc_n += 1;
                 let id = format!("rpc-{rpc_n}");
                 let body = json!({"id": id, "version": "1.0", "params": r.params, "method": r.method});
                 tx.publish(format!("/sys/{gpk}/{gdn}/{}", r.path), body.to_string(), None).await?;
-                pending_rpcs.insert(id, r.reply);
+                pending_rpcs.insert(id, (Instant::now(), r.reply));
             }
-            _ = wake.notified(), if inflight < WINDOW => {}
+            _ = wake.notified(), if busy < WINDOW => {}
             _ = tokio::time::sleep_until(pace.next()), if backlog_waits => {}
         }
     }

@@ -53,11 +53,18 @@ pub enum Uplink<'a> {
 
 impl Uplink<'_> {
     /// True when handling it changes what the connection may do (sub-device logins and
-    /// logouts): later packets of the same connection must wait for it.
+    /// logouts) or what a later login may find (topology changes, sub-device registration):
+    /// later packets of the same connection must wait for it.
     pub fn is_barrier(&self) -> bool {
         matches!(
             self,
-            Self::Login | Self::BatchLogin | Self::Logout | Self::BatchLogout
+            Self::Login
+                | Self::BatchLogin
+                | Self::Logout
+                | Self::BatchLogout
+                | Self::TopoAdd
+                | Self::TopoDelete
+                | Self::SubRegister
         )
     }
 }

@@ -114,7 +114,13 @@ impl Cloud {
             .args(extra)
             .env("IRONLINK_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            // Warnings and errors go to cloud.log in the data directory, for post-mortems.
+            .stderr(
+                std::fs::create_dir_all(data_dir)
+                    .and_then(|_| std::fs::File::create(data_dir.join("cloud.log")))
+                    .map(Stdio::from)
+                    .unwrap_or_else(|_| Stdio::null()),
+            )
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         let stdout = child.stdout.take().context("no stdout")?;
@@ -329,6 +335,13 @@ pub fn fd_budget(needed: usize) -> Result<()> {
         ),
         _ => Ok(()),
     }
+}
+
+/// The last `n` lines of the cloud's log in `data_dir` (empty when there is none).
+pub fn log_tail(data_dir: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(data_dir.join("cloud.log")).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// CPU time (user + system) of a process in clock ticks, from /proc.

@@ -121,7 +121,10 @@ pub async fn run(o: &VehiclesBench) -> Result<Report> {
         Command::new(&edge_bin)
             .args(["run", "--config"])
             .arg(&cfg)
-            .env("IRONLINK_LOG", "error")
+            .env(
+                "IRONLINK_LOG",
+                std::env::var("IRONLINK_EDGE_LOG").unwrap_or_else(|_| "error".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -158,7 +161,13 @@ pub async fn run(o: &VehiclesBench) -> Result<Report> {
     }
     let mut terminals = Vec::with_capacity(o.terminals);
     for (i, j) in joins.into_iter().enumerate() {
-        terminals.push(j.await?.with_context(|| format!("terminal {i}"))?);
+        match j.await? {
+            Ok(t) => terminals.push(t),
+            Err(e) => bail!(
+                "terminal {i}: {e:#}\ncloud log:\n{}",
+                crate::cloud_process::log_tail(&cloud_dir, 20)
+            ),
+        }
     }
     let registered_in = t0.elapsed().as_secs_f64();
 
