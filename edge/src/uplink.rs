@@ -482,6 +482,10 @@ async fn session(
     let (mut inflight, mut backlog_inflight) = (0usize, 0usize);
     let mut pace = Pace::new(config.queue.drain_rate);
     let (reply_tx, mut replies) = mpsc::unbounded_channel::<((String, String), Outcome)>();
+    // Run-time sub-devices logged in for their queued records whose terminals are gone (a
+    // restart after a crash, say) are logged out once the queue is caught up.
+    let mut stale = tokio::time::interval(Duration::from_secs(5));
+    stale.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         // Requests the cloud never answered stop holding their place.
         if !pending_rpcs.is_empty() {
@@ -574,6 +578,27 @@ async fn session(
                 let body = json!({"id": id, "version": "1.0", "params": r.params, "method": r.method});
                 tx.publish(format!("/sys/{gpk}/{gdn}/{}", r.path), body.to_string(), None).await?;
                 pending_rpcs.insert(id, (Instant::now(), r.reply));
+            }
+            _ = stale.tick(), if !out.logged_in.is_empty() => {
+                let caught_up = backlog_sent >= backlog_end
+                    && queue.lock().map_err(|_| "queue lock")?.last_seq() <= live_sent;
+                if caught_up {
+                    let routed: HashSet<String> = subs.routed().into_iter().collect();
+                    let gone: Vec<String> = out
+                        .logged_in
+                        .iter()
+                        .filter(|d| !routed.contains(*d))
+                        .cloned()
+                        .collect();
+                    for dn in gone {
+                        if let Some(id) = subs.get(&dn) {
+                            let body = json!({"id": format!("logout-{dn}"), "version": "1.0",
+                                              "params": {"productKey": id.product_key, "deviceName": dn}});
+                            tx.publish(format!("/ext/session/{gpk}/{gdn}/combine/logout"), body.to_string(), None).await?;
+                        }
+                        out.logged_in.remove(&dn);
+                    }
+                }
             }
             _ = wake.notified(), if busy < WINDOW => {}
             _ = tokio::time::sleep_until(pace.next()), if backlog_waits => {}

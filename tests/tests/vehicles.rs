@@ -457,3 +457,134 @@ async fn gb32960_vehicles_log_in_report_and_answer_the_cloud() {
     assert_eq!(c["status"], "succeeded", "{c}");
     edge.shutdown().await;
 }
+
+/// Locations the edge acknowledged while the cloud was down survive a kill -9 of the edge:
+/// after a restart (cloud back, the terminal gone) they reach the cloud's history as the
+/// terminal, which is then logged out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_locations_survive_kill_9_of_the_edge() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud_dir = dir.path().join("cloud");
+    let cloud = Cloud::start(&cloud_dir, &[]).unwrap();
+    let (mqtt, http) = (cloud.mqtt, cloud.http);
+    let create_product = |body: Value| {
+        let c = &cloud;
+        async move {
+            create(c, "/products", body).await["product_key"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    let gpk = create_product(json!({"name": "edge", "node_type": "gateway"})).await;
+    let gw = create(
+        &cloud,
+        &format!("/products/{gpk}/devices"),
+        json!({"device_name": "edge-09"}),
+    )
+    .await;
+    let tpk = create_product(json!({"name": "trucks", "node_type": "sub-device"})).await;
+    let (s, _) = cloud
+        .api(
+            Method::PUT,
+            &format!("/products/{tpk}/thing-model"),
+            Some(serde_json::from_str(JT808_TSL).unwrap()),
+        )
+        .await
+        .unwrap();
+    assert!(s < 300);
+    let (s, _) = cloud
+        .api(
+            Method::PATCH,
+            &format!("/products/{tpk}"),
+            Some(json!({"dynamic_register": true})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 200);
+    let jt_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = dir.path().join("edge.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[gateway]\nproduct_key = \"{gpk}\"\ndevice_name = \"edge-09\"\ndevice_secret = \"{}\"\n\
+             [uplink]\nhost = \"127.0.0.1\"\nport = {}\n[queue]\ndir = \"{}\"\n\
+             [jt808]\nlisten = \"127.0.0.1:{jt_port}\"\nproduct_key = \"{tpk}\"\n",
+            gw["device_secret"].as_str().unwrap(),
+            mqtt.port(),
+            dir.path().join("queue").display()
+        ),
+    )
+    .unwrap();
+    let bin = ironlink_sim::cloud_process::binary("edge", "ironlink-edge").unwrap();
+    let spawn = || {
+        std::process::Command::new(&bin)
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .env("IRONLINK_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut edge = spawn();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], jt_port).into();
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut t = loop {
+        match Terminal::connect(addr, "13800000009").await {
+            Ok(t) => break t,
+            Err(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("the edge does not listen: {e}"),
+        }
+    };
+    t.register_and_authenticate().await.unwrap();
+
+    // The cloud goes; the edge still acknowledges what it queued.
+    cloud.kill9().unwrap();
+    let t0 = ironlink_edge::now_ms() / 1000 * 1000 - 60_000;
+    for i in 0..5u32 {
+        let l = location(t0 + i64::from(i) * 1000, 39_000_000 + i, 100);
+        assert_eq!(t.exchange(&j::Message::Location(l)).await.unwrap(), 0);
+    }
+    drop(t);
+    edge.kill().unwrap(); // SIGKILL
+    edge.wait().unwrap();
+
+    let cloud = Cloud::start(
+        &cloud_dir,
+        &[
+            "--mqtt-listen",
+            &mqtt.to_string(),
+            "--http-listen",
+            &http.to_string(),
+        ],
+    )
+    .unwrap();
+    let mut edge = spawn();
+    let h = until(
+        &cloud,
+        &format!("/devices/{tpk}/13800000009/properties/latitude/history?limit=100"),
+        |v| {
+            v["points"].as_array().is_some_and(|a| {
+                (0..5).all(|i| a.iter().any(|p| p["time"] == json!(t0 + i * 1000)))
+            })
+        },
+    )
+    .await;
+    assert_eq!(h["points"].as_array().unwrap().len(), 5, "each once: {h}");
+    // Its terminal is gone: once the queue is caught up, the sub-device is logged out.
+    until(
+        &cloud,
+        &format!("/devices/{gpk}/edge-09/sub-devices"),
+        |v| v["sub_devices"][0]["online"] == false,
+    )
+    .await;
+    edge.kill().unwrap();
+    edge.wait().unwrap();
+}
