@@ -7,6 +7,8 @@
 extern crate alloc;
 
 #[cfg(feature = "alloc")]
+pub mod coap;
+#[cfg(feature = "alloc")]
 pub mod gb32960;
 #[cfg(feature = "alloc")]
 pub mod jt808;
