@@ -9,6 +9,7 @@ pub mod link;
 pub mod poller;
 pub mod queue;
 pub mod run;
+pub mod semtech;
 pub mod status;
 pub mod subdevices;
 pub mod uplink;
