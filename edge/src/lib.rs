@@ -6,6 +6,7 @@ pub mod config;
 pub mod gb32960;
 pub mod jt808;
 pub mod link;
+pub mod lora;
 pub mod poller;
 pub mod queue;
 pub mod run;
