@@ -213,6 +213,53 @@ fn default_max_terminals() -> usize {
     20_000
 }
 
+/// The LoRaWAN network server for packet forwarders on site (`[lorawan]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraServer {
+    /// UDP listener for Semtech packet forwarders (usually port 1700).
+    pub listen: std::net::SocketAddr,
+    /// The nodes' product in the cloud (sub-device, dynamic registration on); nodes are named
+    /// by DevEUI (lowercase hex).
+    pub product_key: String,
+    /// RX1 delay after the uplink.
+    #[serde(with = "humantime_serde", default = "default_rx1")]
+    pub rx1_delay: Duration,
+    /// How long a `Downlink` call waits for its node's next uplink.
+    #[serde(with = "humantime_serde", default = "default_class_a")]
+    pub answer_timeout: Duration,
+    /// The nodes (ABP).
+    #[serde(default)]
+    pub devices: Vec<LoraDevice>,
+}
+
+fn default_rx1() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_class_a() -> Duration {
+    Duration::from_secs(600)
+}
+
+/// A LoRa node (ABP: DevAddr and session keys, MSB first as network servers print them).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraDevice {
+    /// DevEUI (16 hex digits).
+    pub dev_eui: String,
+    /// DevAddr (8 hex digits).
+    #[serde(default)]
+    pub dev_addr: Option<String>,
+    /// NwkSKey (32 hex digits).
+    #[serde(default)]
+    pub nwk_skey: Option<String>,
+    /// AppSKey (32 hex digits).
+    #[serde(default)]
+    pub app_skey: Option<String>,
+    /// `cayenne` (default) or `raw` (the payload as hex in property `payload`).
+    #[serde(default)]
+    pub decoder: Option<String>,
+}
+
 /// The local status endpoint.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -236,6 +283,8 @@ struct RawConfig {
     jt808: Option<VehicleServer>,
     #[serde(default)]
     gb32960: Option<VehicleServer>,
+    #[serde(default)]
+    lorawan: Option<LoraServer>,
 }
 
 /// How a sub-device is reached.
@@ -337,6 +386,8 @@ pub struct Config {
     pub jt808: Option<VehicleServer>,
     /// GB/T 32960 vehicle server.
     pub gb32960: Option<VehicleServer>,
+    /// LoRaWAN network server.
+    pub lorawan: Option<LoraServer>,
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -607,6 +658,14 @@ impl Config {
                 fault_event: d.fault_event,
             });
         }
+        if let Some(l) = &raw.lorawan {
+            for (i, d) in l.devices.iter().enumerate() {
+                if let Err(e) = crate::lorawan_server::node(d) {
+                    let at = text.find(&d.dev_eui);
+                    return Err(err(at, format!("lorawan.devices[{i}]: {e}")));
+                }
+            }
+        }
         if let (Some(a), Some(b)) = (&raw.jt808, &raw.gb32960) {
             if a.listen == b.listen && a.listen.port() != 0 {
                 let at = text.find("[gb32960]");
@@ -624,6 +683,7 @@ impl Config {
             devices,
             jt808: raw.jt808,
             gb32960: raw.gb32960,
+            lorawan: raw.lorawan,
         })
     }
 }

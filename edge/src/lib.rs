@@ -7,6 +7,7 @@ pub mod gb32960;
 pub mod jt808;
 pub mod link;
 pub mod lora;
+pub mod lorawan_server;
 pub mod lpp;
 pub mod poller;
 pub mod queue;

@@ -29,6 +29,8 @@ pub struct Running {
     pub jt808_addr: Option<std::net::SocketAddr>,
     /// Bound address of the GB/T 32960 server, when enabled.
     pub gb32960_addr: Option<std::net::SocketAddr>,
+    /// Bound UDP address of the LoRaWAN packet forwarder server, when enabled.
+    pub lorawan_addr: Option<std::net::SocketAddr>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -151,6 +153,47 @@ pub fn start(config: Config) -> Result<Running, StartError> {
             }))
         });
     }
+    let mut lorawan_addr = None;
+    if let Some(l) = &config.lorawan {
+        let addr = l.listen;
+        let sock = std::net::UdpSocket::bind(addr)
+            .and_then(|s| s.set_nonblocking(true).map(|_| s))
+            .and_then(tokio::net::UdpSocket::from_std)
+            .map_err(|source| StartError::Listen {
+                what: "lorawan",
+                addr,
+                source,
+            })?;
+        lorawan_addr = sock.local_addr().ok();
+        let ctx = Arc::new(crate::vehicle::Ctx {
+            cfg: crate::config::VehicleServer {
+                listen: addr,
+                product_key: l.product_key.clone(),
+                idle_timeout: Duration::from_secs(3600),
+                answer_timeout: Duration::from_secs(10),
+                max_terminals: 0,
+            },
+            sink: sink.clone(),
+            subs: subs.clone(),
+            rpc: rpc_tx.clone(),
+            stop: stop_rx.clone(),
+            counters: Arc::default(),
+        });
+        vehicle_counters.push(("lorawan", ctx.counters.clone()));
+        // Checked when the configuration was loaded.
+        let nodes = l
+            .devices
+            .iter()
+            .filter_map(|d| crate::lorawan_server::node(d).ok())
+            .collect();
+        tasks.push(tokio::spawn(crate::lorawan_server::serve(
+            sock,
+            ctx,
+            l.clone(),
+            nodes,
+            config.queue.dir.clone(),
+        )));
+    }
     let mut status_addr = None;
     if let Some(addr) = config.status.listen {
         let bound = std::net::TcpListener::bind(addr)
@@ -217,6 +260,7 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         status,
         jt808_addr: bound_addrs[0],
         gb32960_addr: bound_addrs[1],
+        lorawan_addr,
         stop,
         tasks,
     })

@@ -1,0 +1,292 @@
+//! End to end: a simulated Semtech packet forwarder (UDP) with an ABP LoRa node's frames,
+//! built and encrypted by the `lorawan` crate's creator -> the edge's LoRaWAN server -> the
+//! cloud process -> its API: Cayenne LPP values as properties, a confirmed uplink
+//! acknowledged in RX1 through PULL_RESP, the same uplink from a second gateway taken once,
+//! and a cloud `Downlink` call sent at the node's next uplink.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use base64::Engine;
+use ironlink_tests::*;
+use lorawan::creator::DataPayloadCreator;
+use lorawan::keys::{AppSKey, NewSKey, AES128};
+use lorawan::parser::{parse, DataHeader, DataPayload, FRMPayload, PhyPayload};
+use reqwest::Method;
+use serde_json::{json, Value};
+use std::time::Duration;
+use tokio::net::UdpSocket;
+
+const NWK: [u8; 16] = [
+    0x44, 0x02, 0x42, 0x41, 0xed, 0x4c, 0xe9, 0xa6, 0x8c, 0x6a, 0x8b, 0xc0, 0x55, 0x23, 0x3f, 0xd3,
+];
+const APP: [u8; 16] = [
+    0xec, 0x92, 0x58, 0x02, 0xae, 0x43, 0x0c, 0xa7, 0x7f, 0xd3, 0xdd, 0x73, 0xcb, 0x2c, 0xc5, 0x88,
+];
+const DEV_ADDR: u32 = 0x49BE_7DF1;
+
+fn uplink(fcnt: u32, confirmed: bool, payload: &[u8]) -> Vec<u8> {
+    let mut phy = DataPayloadCreator::new();
+    phy.set_uplink(true)
+        .set_confirmed(confirmed)
+        .set_f_port(1)
+        .set_dev_addr(&DEV_ADDR.to_le_bytes())
+        .set_fctrl(&lorawan::parser::FCtrl::new(0, true))
+        .set_fcnt(fcnt);
+    phy.build(payload, &[], &NewSKey::from(NWK), &AppSKey::from(APP))
+        .unwrap()
+        .to_vec()
+}
+
+fn push(gw: u8, token: u16, phy: &[u8]) -> Vec<u8> {
+    let t = token.to_be_bytes();
+    let mut b = vec![2, t[0], t[1], 0x00, 0xAA, 0, 0, 0, 0, 0, 0, gw];
+    let data = base64::engine::general_purpose::STANDARD.encode(phy);
+    b.extend_from_slice(
+        json!({"rxpk": [{"tmst": 1_000_000, "freq": 868.1, "chan": 0, "rfch": 0, "stat": 1, "modu": "LORA",
+                         "datr": "SF7BW125", "codr": "4/5", "rssi": -60, "lsnr": 7.5, "size": phy.len(), "data": data}]})
+        .to_string()
+        .as_bytes(),
+    );
+    b
+}
+
+async fn recv(s: &UdpSocket) -> Vec<u8> {
+    let mut buf = vec![0u8; 4096];
+    let (n, _) = tokio::time::timeout(WAIT, s.recv_from(&mut buf))
+        .await
+        .expect("a datagram from the edge in time")
+        .unwrap();
+    buf.truncate(n);
+    buf
+}
+
+/// Receives until a PULL_RESP; returns its PHYPayload and txpk.
+async fn pull_resp(s: &UdpSocket) -> (Vec<u8>, Value) {
+    loop {
+        let d = recv(s).await;
+        if d.get(3) == Some(&0x03) {
+            let v: Value = serde_json::from_slice(&d[4..]).unwrap();
+            let phy = base64::engine::general_purpose::STANDARD
+                .decode(v["txpk"]["data"].as_str().unwrap())
+                .unwrap();
+            return (phy, v["txpk"].clone());
+        }
+    }
+}
+
+async fn create(c: &Cloud, path: &str, body: Value) -> Value {
+    let (s, v) = c.api(Method::POST, path, Some(body)).await.unwrap();
+    assert_eq!(s, 201, "{path}: {v}");
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abp_node_reports_through_a_packet_forwarder_and_gets_its_downlinks() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Cloud::start(&dir.path().join("cloud"), &[]).unwrap();
+    let gpk = create(
+        &cloud,
+        "/products",
+        json!({"name": "edge", "node_type": "gateway"}),
+    )
+    .await["product_key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let gw = create(
+        &cloud,
+        &format!("/products/{gpk}/devices"),
+        json!({"device_name": "edge-lora"}),
+    )
+    .await;
+    let npk = create(
+        &cloud,
+        "/products",
+        json!({"name": "lora-nodes", "node_type": "sub-device"}),
+    )
+    .await["product_key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let num = |id: &str| json!({"identifier": id, "name": id, "accessMode": "r", "dataType": {"type": "double", "specs": {"min": "-1000", "max": "4294967295"}}});
+    let tsl = json!({"properties": [num("temperature_1"), num("humidity_2"), num("rssi"), num("snr"), num("fcnt")],
+        "events": [], "services": [{"identifier": "Downlink", "name": "Downlink", "callType": "async", "inputData": [
+            {"identifier": "fport", "name": "FPort", "dataType": {"type": "int", "specs": {"min": "1", "max": "223"}}},
+            {"identifier": "payload", "name": "Payload (hex)", "dataType": {"type": "text", "specs": {"length": "102"}}}], "outputData": []}]});
+    let (s, v) = cloud
+        .api(
+            Method::PUT,
+            &format!("/products/{npk}/thing-model"),
+            Some(tsl),
+        )
+        .await
+        .unwrap();
+    assert!(s < 300, "{v}");
+    let (s, _) = cloud
+        .api(
+            Method::PATCH,
+            &format!("/products/{npk}"),
+            Some(json!({"dynamic_register": true})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 200);
+    let config = format!(
+        r#"
+[gateway]
+product_key = "{gpk}"
+device_name = "edge-lora"
+device_secret = "{secret}"
+[uplink]
+host = "127.0.0.1"
+port = {port}
+[queue]
+dir = "{queue}"
+[status]
+listen = "127.0.0.1:0"
+[lorawan]
+listen = "127.0.0.1:0"
+product_key = "{npk}"
+[[lorawan.devices]]
+dev_eui = "70B3D57ED0000001"
+dev_addr = "49BE7DF1"
+nwk_skey = "44024241ed4ce9a68c6a8bc055233fd3"
+app_skey = "ec925802ae430ca77fd3dd73cb2cc588"
+"#,
+        secret = gw["device_secret"].as_str().unwrap(),
+        port = cloud.mqtt.port(),
+        queue = dir.path().join("queue").display(),
+    );
+    let edge = ironlink_edge::run::start(
+        ironlink_edge::config::Config::parse("edge.toml", &config).unwrap(),
+    )
+    .unwrap();
+    let mut up = edge.uplink.clone();
+    tokio::time::timeout(
+        WAIT,
+        up.wait_for(|s| *s == ironlink_edge::uplink::State::Up),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let lns = edge.lorawan_addr.unwrap();
+    let fwd = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let fwd2 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    fwd.send_to(&[2, 0, 1, 0x02, 0xAA, 0, 0, 0, 0, 0, 0, 1], lns)
+        .await
+        .unwrap();
+    assert_eq!(recv(&fwd).await, vec![2, 0, 1, 0x04], "PULL_ACK");
+
+    // A confirmed uplink: Cayenne LPP temperature 21.5 (channel 1), humidity 45 % (channel 2).
+    let lpp = [0x01, 0x67, 0x00, 0xD7, 0x02, 0x68, 0x5A];
+    let phy = uplink(1, true, &lpp);
+    fwd.send_to(&push(1, 7, &phy), lns).await.unwrap();
+    // The same frame heard by a second gateway: taken once.
+    fwd2.send_to(&push(2, 8, &phy), lns).await.unwrap();
+    assert_eq!(recv(&fwd2).await, vec![2, 0, 8, 0x01], "PUSH_ACK");
+    let (down, txpk) = pull_resp(&fwd).await;
+    assert_eq!(txpk["tmst"], 2_000_000, "RX1: one second after the uplink");
+    assert_eq!(txpk["freq"], 868.1);
+    assert_eq!(txpk["ipol"], true);
+    let Ok(PhyPayload::Data(DataPayload::Encrypted(d))) = parse(down) else {
+        panic!("not a data downlink")
+    };
+    assert!(
+        d.fhdr().fctrl().ack(),
+        "the confirmed uplink is acknowledged"
+    );
+    assert!(d.validate_mic(&AES128(NWK), 0));
+
+    let dn = "70b3d57ed0000001";
+    let deadline = std::time::Instant::now() + WAIT;
+    let props = loop {
+        let (_, v) = cloud
+            .api(
+                Method::GET,
+                &format!("/devices/{npk}/{dn}/properties"),
+                None,
+            )
+            .await
+            .unwrap();
+        if v["properties"].as_array().is_some_and(|a| a.len() >= 5) {
+            break v;
+        }
+        assert!(std::time::Instant::now() < deadline, "{v}");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    };
+    let get = |id: &str| {
+        props["properties"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["identifier"] == id)
+            .map(|p| p["value"].clone())
+            .unwrap()
+    };
+    assert_eq!(get("temperature_1"), json!(21.5));
+    assert_eq!(get("humidity_2"), json!(45.0));
+    assert_eq!(get("rssi"), json!(-60.0));
+    assert_eq!(get("fcnt").as_f64(), Some(1.0));
+
+    // A downlink from the cloud waits for the next uplink, then goes in its RX1.
+    let (s, call) = cloud
+        .api(
+            Method::POST,
+            &format!("/devices/{npk}/{dn}/services/Downlink"),
+            Some(json!({"params": {"fport": 5, "payload": "0102"}})),
+        )
+        .await
+        .unwrap();
+    assert!(s == 200 || s == 202, "{s} {call}");
+    // The node reports on (class A) until its next uplink carries the downlink back: the call
+    // may reach the edge after an uplink or two.
+    let mut fcnt = 1;
+    let down = loop {
+        fcnt += 1;
+        assert!(fcnt < 40, "the downlink never came");
+        fwd.send_to(&push(1, 9, &uplink(fcnt, false, &lpp)), lns)
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_millis(500), pull_resp(&fwd)).await;
+        if let Ok((down, _)) = got {
+            break down;
+        }
+    };
+    let Ok(PhyPayload::Data(DataPayload::Encrypted(d))) = parse(down) else {
+        panic!("not a data downlink")
+    };
+    assert_eq!(d.f_port(), Some(5));
+    let dec = d
+        .decrypt(Some(&AES128(NWK)), Some(&AES128(APP)), 1)
+        .unwrap();
+    let FRMPayload::Data(p) = dec.frm_payload() else {
+        panic!()
+    };
+    assert_eq!(p, &[1, 2]);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (_, c) = cloud
+            .api(
+                Method::GET,
+                &format!(
+                    "/devices/{npk}/{dn}/service-calls/{}",
+                    call["id"].as_str().unwrap()
+                ),
+                None,
+            )
+            .await
+            .unwrap();
+        if c["status"] == "succeeded" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{c}");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let metrics = reqwest::get(format!("http://{}/metrics", edge.status_addr.unwrap()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("ironlink_edge_refused_total{protocol=\"lorawan\",reason=\"duplicate (another gateway)\"} 1"), "{metrics}");
+    edge.shutdown().await;
+}
