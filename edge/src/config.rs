@@ -240,7 +240,8 @@ fn default_class_a() -> Duration {
     Duration::from_secs(600)
 }
 
-/// A LoRa node (ABP: DevAddr and session keys, MSB first as network servers print them).
+/// A LoRa node: OTAA (`app_key`) or ABP (DevAddr and session keys), keys and EUIs MSB first
+/// as network servers print them.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoraDevice {
@@ -258,6 +259,12 @@ pub struct LoraDevice {
     /// `cayenne` (default) or `raw` (the payload as hex in property `payload`).
     #[serde(default)]
     pub decoder: Option<String>,
+    /// OTAA: AppKey (32 hex digits); the node joins with its DevEUI.
+    #[serde(default)]
+    pub app_key: Option<String>,
+    /// OTAA: JoinEUI / AppEUI (not checked; kept for reference).
+    #[serde(default)]
+    pub app_eui: Option<String>,
 }
 
 /// The local status endpoint.
@@ -660,7 +667,7 @@ impl Config {
         }
         if let Some(l) = &raw.lorawan {
             for (i, d) in l.devices.iter().enumerate() {
-                if let Err(e) = crate::lorawan_server::node(d) {
+                if let Err(e) = crate::lorawan_server::resolve(d) {
                     let at = text.find(&d.dev_eui);
                     return Err(err(at, format!("lorawan.devices[{i}]: {e}")));
                 }

@@ -1,5 +1,8 @@
 //! A small LoRaWAN network server in the edge for the LoRa gateways on site: Semtech UDP
-//! packet forwarders push what they hear; activated (ABP) devices' uplinks are checked and
+//! packet forwarders push what they hear; nodes join over the air (OTAA: the join request's
+//! MIC checked with the AppKey, DevNonces never reused, a DevAddr derived from the DevEUI,
+//! session keys derived, the join accept sent through PULL_RESP at JOIN_ACCEPT_DELAY1) or are
+//! activated by personalisation (ABP); their uplinks are checked and
 //! decrypted (`lora`), decoded (Cayenne LPP, or the raw bytes as hex) and posted as properties
 //! of the node, a sub-device of the edge named by its DevEUI (registered in the cloud's
 //! registry like vehicle terminals). Confirmed uplinks and LinkCheckReq are answered in RX1
@@ -12,9 +15,10 @@ use crate::link::{Command, Op, Outcome};
 use crate::lora::{Dedup, Session};
 use crate::semtech::{self, ident, TxPk, Up};
 use crate::vehicle::{self, answer, at, Ctx};
-use lorawan::creator::DataPayloadCreator;
-use lorawan::keys::{AppSKey, NewSKey};
+use lorawan::creator::{DataPayloadCreator, JoinAcceptCreator};
+use lorawan::keys::{AppKey, AppSKey, NewSKey, AES128};
 use lorawan::maccommands::SerializableMacCommand;
+use lorawan::parser::{parse, DecryptedJoinAcceptPayload, PhyPayload};
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -52,19 +56,48 @@ fn hex_bytes<const N: usize>(s: &str, what: &str) -> Result<[u8; N], String> {
     Ok(out)
 }
 
-/// Resolves a configured device (ABP).
-pub fn node(d: &LoraDevice) -> Result<Node, String> {
+/// A node over the air, before or between joins.
+#[derive(Debug, Clone)]
+pub struct Otaa {
+    /// DevEUI, lowercase hex.
+    pub dev_eui: String,
+    /// AppKey.
+    pub app_key: [u8; 16],
+    /// Decoder.
+    pub decoder: String,
+}
+
+/// A configured node.
+#[derive(Debug, Clone)]
+pub enum Resolved {
+    /// Activated by personalisation.
+    Abp(Node),
+    /// Joins over the air.
+    Otaa(Otaa),
+}
+
+/// Resolves a configured device: OTAA with `app_key`, else ABP with `dev_addr`, `nwk_skey`
+/// and `app_skey`.
+pub fn resolve(d: &LoraDevice) -> Result<Resolved, String> {
     let eui = hex_bytes::<8>(&d.dev_eui, "dev_eui")?;
-    let (Some(addr), Some(nwk), Some(app)) = (&d.dev_addr, &d.nwk_skey, &d.app_skey) else {
-        return Err(
-            "ABP needs dev_addr, nwk_skey and app_skey (OTAA is not implemented yet)".into(),
-        );
-    };
     let decoder = d.decoder.clone().unwrap_or_else(|| "cayenne".into());
     if decoder != "cayenne" && decoder != "raw" {
         return Err(format!("decoder: `{decoder}` is not cayenne or raw"));
     }
-    Ok(Node {
+    if let Some(k) = &d.app_key {
+        if d.dev_addr.is_some() || d.nwk_skey.is_some() || d.app_skey.is_some() {
+            return Err("either app_key (OTAA) or dev_addr, nwk_skey and app_skey (ABP)".into());
+        }
+        return Ok(Resolved::Otaa(Otaa {
+            dev_eui: eui.iter().map(|b| format!("{b:02x}")).collect(),
+            app_key: hex_bytes::<16>(k, "app_key")?,
+            decoder,
+        }));
+    }
+    let (Some(addr), Some(nwk), Some(app)) = (&d.dev_addr, &d.nwk_skey, &d.app_skey) else {
+        return Err("ABP needs dev_addr, nwk_skey and app_skey; OTAA needs app_key".into());
+    };
+    Ok(Resolved::Abp(Node {
         dev_eui: eui.iter().map(|b| format!("{b:02x}")).collect(),
         session: Session {
             dev_addr: u32::from_be_bytes(hex_bytes::<4>(addr, "dev_addr")?),
@@ -74,7 +107,21 @@ pub fn node(d: &LoraDevice) -> Result<Node, String> {
             fcnt_down: 0,
         },
         decoder,
-    })
+    }))
+}
+
+/// The DevAddr given to an OTAA node: NwkID 0, the other 25 bits from the DevEUI (FNV-1a),
+/// moved on while another node holds it.
+fn dev_addr_for(dev_eui: &str, taken: impl Fn(u32) -> bool) -> u32 {
+    let mut h: u32 = 0x811C_9DC5;
+    for b in dev_eui.bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    let mut a = h & 0x01FF_FFFF;
+    while taken(a) {
+        a = (a + 1) & 0x01FF_FFFF;
+    }
+    a
 }
 
 /// Where a gateway's downlinks go.
@@ -91,6 +138,8 @@ struct State {
     ctx: Arc<Ctx>,
     cfg: LoraServer,
     nodes: HashMap<u32, Node>,
+    /// OTAA nodes by DevEUI (wire order: little-endian bytes), with the DevNonces they used.
+    otaa: HashMap<[u8; 8], (Otaa, Vec<u16>)>,
     gateways: HashMap<u64, Gateway>,
     dedup: Dedup,
     /// Class A downlinks waiting for their node's next uplink, by DevEUI.
@@ -101,16 +150,23 @@ struct State {
 
 impl State {
     fn save_counters(&self) {
-        let m: BTreeMap<&str, Value> = self
+        let hex = |k: &[u8]| k.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        let mut m: BTreeMap<&str, Value> = self
             .nodes
             .values()
             .map(|n| {
                 (
                     n.dev_eui.as_str(),
-                    json!({"fcnt_up": n.session.fcnt_up, "fcnt_down": n.session.fcnt_down}),
+                    json!({"fcnt_up": n.session.fcnt_up, "fcnt_down": n.session.fcnt_down,
+                           "dev_addr": n.session.dev_addr, "nwk_skey": hex(&n.session.nwk_skey),
+                           "app_skey": hex(&n.session.app_skey)}),
                 )
             })
             .collect();
+        for (o, nonces) in self.otaa.values() {
+            let e = m.entry(o.dev_eui.as_str()).or_insert_with(|| json!({}));
+            e["dev_nonces"] = json!(nonces);
+        }
         let tmp = self.counters_file.with_extension("json.tmp");
         if std::fs::write(&tmp, serde_json::to_vec(&m).unwrap_or_default())
             .and_then(|_| std::fs::rename(&tmp, &self.counters_file))
@@ -134,6 +190,42 @@ impl State {
                 n.session.fcnt_down = v["fcnt_down"].as_u64().unwrap_or(0) as u32;
             }
         }
+        // Joined OTAA nodes keep their sessions; every node keeps its used DevNonces.
+        for (o, nonces) in self.otaa.values_mut() {
+            let Some(v) = m.get(&o.dev_eui) else { continue };
+            nonces.extend(
+                v["dev_nonces"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|n| n.as_u64().map(|n| n as u16)),
+            );
+            let (Some(addr), Some(nwk), Some(app)) = (
+                v["dev_addr"].as_u64(),
+                v["nwk_skey"]
+                    .as_str()
+                    .and_then(|k| hex_bytes::<16>(k, "").ok()),
+                v["app_skey"]
+                    .as_str()
+                    .and_then(|k| hex_bytes::<16>(k, "").ok()),
+            ) else {
+                continue;
+            };
+            self.nodes.insert(
+                addr as u32,
+                Node {
+                    dev_eui: o.dev_eui.clone(),
+                    session: Session {
+                        dev_addr: addr as u32,
+                        nwk_skey: nwk,
+                        app_skey: app,
+                        fcnt_up: v["fcnt_up"].as_u64().map(|x| x as u32),
+                        fcnt_down: v["fcnt_down"].as_u64().unwrap_or(0) as u32,
+                    },
+                    decoder: o.decoder.clone(),
+                },
+            );
+        }
     }
 
     async fn push(&mut self, sock: &UdpSocket, from: SocketAddr, rx: semtech::RxPk, gw: u64) {
@@ -151,6 +243,10 @@ impl State {
         };
         if !self.dedup.first(&phy, crate::now_ms()) {
             c.refuse("duplicate (another gateway)");
+            return;
+        }
+        if phy.first().is_some_and(|m| m >> 5 == 0) {
+            self.join(sock, &rx, &phy, gw).await;
             return;
         }
         let Some(addr) = phy
@@ -293,6 +389,97 @@ impl State {
         }
     }
 
+    /// A join request: checked, answered with a join accept in JOIN_ACCEPT_DELAY1 (5 s).
+    async fn join(&mut self, sock: &UdpSocket, rx: &semtech::RxPk, phy: &[u8], gw: u64) {
+        let c = self.ctx.counters.clone();
+        let Ok(PhyPayload::JoinRequest(jr)) = parse(phy.to_vec()) else {
+            c.refuse("malformed join request");
+            return;
+        };
+        let mut eui = [0u8; 8];
+        eui.copy_from_slice(jr.dev_eui().as_ref());
+        let Some((node, nonces)) = self.otaa.get(&eui).cloned() else {
+            c.refuse("join from an unknown DevEUI");
+            return;
+        };
+        if !jr.validate_mic(&AES128(node.app_key)) {
+            c.refuse("bad join MIC");
+            return;
+        }
+        let dn = jr.dev_nonce();
+        let nonce = u16::from_le_bytes([dn.as_ref()[0], dn.as_ref()[1]]);
+        if nonces.contains(&nonce) {
+            c.refuse("DevNonce used before (replayed join)");
+            return;
+        }
+        let Some(best) = self.gateways.get(&gw).copied() else {
+            c.refuse("no PULL_DATA from the gateway yet: downlink not sent");
+            return;
+        };
+        // A fresh session: the old one (if any) goes.
+        self.nodes.retain(|_, n| n.dev_eui != node.dev_eui);
+        let dev_addr = dev_addr_for(&node.dev_eui, |a| self.nodes.contains_key(&a));
+        let t = (crate::now_ms() as u64) ^ (u64::from(nonce) << 20);
+        let app_nonce = [(t >> 16) as u8, (t >> 8) as u8, t as u8];
+        let mut ja = JoinAcceptCreator::new();
+        ja.set_app_nonce(&app_nonce)
+            .set_net_id(&[0, 0, 0])
+            .set_dev_addr(&dev_addr.to_le_bytes())
+            .set_dl_settings(0)
+            .set_rx_delay(1);
+        // Without a CFList the accept is 17 bytes; `build` hands back its whole 33-byte buffer.
+        let Ok(encrypted) = ja
+            .build(&AES128(node.app_key))
+            .map(|b| b.get(..17).unwrap_or(b).to_vec())
+        else {
+            c.refuse("join accept not built");
+            return;
+        };
+        let app_key = AppKey::from(node.app_key);
+        let Ok(dec) = DecryptedJoinAcceptPayload::new(encrypted.clone(), &app_key) else {
+            c.refuse("join accept not built");
+            return;
+        };
+        let nwk_skey = dec.derive_newskey(&dn, &app_key).inner().0;
+        let app_skey = dec.derive_appskey(&dn, &app_key).inner().0;
+        self.nodes.insert(
+            dev_addr,
+            Node {
+                dev_eui: node.dev_eui.clone(),
+                session: Session {
+                    dev_addr,
+                    nwk_skey,
+                    app_skey,
+                    fcnt_up: None,
+                    fcnt_down: 0,
+                },
+                decoder: node.decoder.clone(),
+            },
+        );
+        if let Some((_, used)) = self.otaa.get_mut(&eui) {
+            used.push(nonce);
+            if used.len() > 1000 {
+                used.remove(0);
+            }
+        }
+        self.save_counters();
+        let tx = TxPk::lora(
+            rx.tmst.wrapping_add(5_000_000),
+            rx.freq,
+            &rx.data_rate(),
+            14,
+            &encrypted,
+        );
+        self.token = self.token.wrapping_add(1);
+        let _ = sock
+            .send_to(
+                &semtech::pull_resp(best.version, self.token, &tx),
+                best.addr,
+            )
+            .await;
+        tracing::info!(dev_eui = %node.dev_eui, dev_addr = format!("{dev_addr:08X}"), "LoRaWAN node joined");
+    }
+
     fn call(&mut self, cmd: Command) {
         match &cmd.op {
             Op::Service(name, p) if name == "Downlink" => {
@@ -349,17 +536,35 @@ pub async fn serve(
     sock: UdpSocket,
     ctx: Arc<Ctx>,
     cfg: LoraServer,
-    nodes: Vec<Node>,
+    resolved: Vec<Resolved>,
     dir: PathBuf,
 ) {
     let (tx, mut calls) = mpsc::channel::<Command>(64);
-    for n in &nodes {
-        ctx.subs.route(&n.dev_eui, tx.clone());
+    let mut nodes = Vec::new();
+    let mut otaa = HashMap::new();
+    for r in resolved {
+        match r {
+            Resolved::Abp(n) => nodes.push(n),
+            Resolved::Otaa(o) => {
+                let mut wire = hex_bytes::<8>(&o.dev_eui, "dev_eui").unwrap_or_default();
+                wire.reverse();
+                otaa.insert(wire, (o, Vec::new()));
+            }
+        }
+    }
+    let names: Vec<String> = nodes
+        .iter()
+        .map(|n| n.dev_eui.clone())
+        .chain(otaa.values().map(|(o, _)| o.dev_eui.clone()))
+        .collect();
+    for n in &names {
+        ctx.subs.route(n, tx.clone());
     }
     let mut st = State {
         ctx: ctx.clone(),
         cfg,
         nodes: nodes.into_iter().map(|n| (n.session.dev_addr, n)).collect(),
+        otaa,
         gateways: HashMap::new(),
         dedup: Dedup::new(2_000, 100_000),
         queued: HashMap::new(),
@@ -418,7 +623,7 @@ pub async fn serve(
             _ = stop.changed() => break,
         }
     }
-    for n in st.nodes.values() {
-        st.ctx.subs.unroute(&n.dev_eui, &tx);
+    for n in &names {
+        st.ctx.subs.unroute(n, &tx);
     }
 }

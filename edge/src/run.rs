@@ -184,7 +184,7 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         let nodes = l
             .devices
             .iter()
-            .filter_map(|d| crate::lorawan_server::node(d).ok())
+            .filter_map(|d| crate::lorawan_server::resolve(d).ok())
             .collect();
         tasks.push(tokio::spawn(crate::lorawan_server::serve(
             sock,

@@ -7,9 +7,11 @@
 
 use base64::Engine;
 use ironlink_tests::*;
-use lorawan::creator::DataPayloadCreator;
-use lorawan::keys::{AppSKey, NewSKey, AES128};
-use lorawan::parser::{parse, DataHeader, DataPayload, FRMPayload, PhyPayload};
+use lorawan::creator::{DataPayloadCreator, JoinRequestCreator};
+use lorawan::keys::{AppKey, AppSKey, NewSKey, AES128};
+use lorawan::parser::{
+    parse, DataHeader, DataPayload, DecryptedJoinAcceptPayload, DevNonce, FRMPayload, PhyPayload,
+};
 use reqwest::Method;
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -288,5 +290,138 @@ app_skey = "ec925802ae430ca77fd3dd73cb2cc588"
         .await
         .unwrap();
     assert!(metrics.contains("ironlink_edge_refused_total{protocol=\"lorawan\",reason=\"duplicate (another gateway)\"} 1"), "{metrics}");
+    edge.shutdown().await;
+}
+
+/// OTAA: a node's join request (built by the lorawan crate with its AppKey) is answered with a
+/// join accept five seconds later (JOIN_ACCEPT_DELAY1) through PULL_RESP; the node derives its
+/// session keys from it and its uplinks reach the cloud.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_otaa_node_joins_and_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Cloud::start(&dir.path().join("cloud"), &[]).unwrap();
+    let gpk = create(
+        &cloud,
+        "/products",
+        json!({"name": "edge", "node_type": "gateway"}),
+    )
+    .await["product_key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let gw = create(
+        &cloud,
+        &format!("/products/{gpk}/devices"),
+        json!({"device_name": "edge-otaa"}),
+    )
+    .await;
+    let npk = create(
+        &cloud,
+        "/products",
+        json!({"name": "otaa-nodes", "node_type": "sub-device"}),
+    )
+    .await["product_key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (s, _) = cloud
+        .api(
+            Method::PATCH,
+            &format!("/products/{npk}"),
+            Some(json!({"dynamic_register": true})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 200);
+    let config = format!(
+        "[gateway]\nproduct_key = \"{gpk}\"\ndevice_name = \"edge-otaa\"\ndevice_secret = \"{}\"\n\
+         [uplink]\nhost = \"127.0.0.1\"\nport = {}\n[queue]\ndir = \"{}\"\n\
+         [status]\nlisten = \"127.0.0.1:0\"\n\
+         [lorawan]\nlisten = \"127.0.0.1:0\"\nproduct_key = \"{npk}\"\n\
+         [[lorawan.devices]]\ndev_eui = \"0004A30B001C0530\"\napp_key = \"98929b92c49edba9676d646d3b612456\"\n",
+        gw["device_secret"].as_str().unwrap(),
+        cloud.mqtt.port(),
+        dir.path().join("queue").display(),
+    );
+    let edge = ironlink_edge::run::start(
+        ironlink_edge::config::Config::parse("edge.toml", &config).unwrap(),
+    )
+    .unwrap();
+    let mut up = edge.uplink.clone();
+    tokio::time::timeout(
+        WAIT,
+        up.wait_for(|s| *s == ironlink_edge::uplink::State::Up),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let lns = edge.lorawan_addr.unwrap();
+    let fwd = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    fwd.send_to(&[2, 0, 1, 0x02, 0xAA, 0, 0, 0, 0, 0, 0, 1], lns)
+        .await
+        .unwrap();
+    assert_eq!(recv(&fwd).await, vec![2, 0, 1, 0x04]);
+
+    let app_key = [
+        0x98, 0x92, 0x9b, 0x92, 0xc4, 0x9e, 0xdb, 0xa9, 0x67, 0x6d, 0x64, 0x6d, 0x3b, 0x61, 0x24,
+        0x56,
+    ];
+    let mut jr = JoinRequestCreator::new();
+    let mut dev_eui = [0x00, 0x04, 0xA3, 0x0B, 0x00, 0x1C, 0x05, 0x30];
+    dev_eui.reverse(); // little-endian on the wire
+    jr.set_app_eui(&[1, 2, 3, 4, 5, 6, 7, 8])
+        .set_dev_eui(&dev_eui)
+        .set_dev_nonce(&[0x2D, 0x10]);
+    let join = jr.build(&AppKey::from(app_key)).to_vec();
+    fwd.send_to(&push(1, 3, &join), lns).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), pull_resp(&fwd)).await;
+    let metrics = reqwest::get(format!("http://{}/metrics", edge.status_addr.unwrap()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let (accept, txpk) = got.unwrap_or_else(|_| panic!("no join accept: {metrics}"));
+    assert_eq!(
+        txpk["tmst"], 6_000_000,
+        "JOIN_ACCEPT_DELAY1: five seconds after the request"
+    );
+    let ja = DecryptedJoinAcceptPayload::new(accept, &AppKey::from(app_key)).unwrap();
+    assert!(ja.validate_mic(&AppKey::from(app_key)));
+    let mut addr = [0u8; 4];
+    addr.copy_from_slice(ja.dev_addr().as_ref());
+    let nonce = DevNonce::new(&[0x2D, 0x10][..]).unwrap();
+    let nwk = ja.derive_newskey(&nonce, &AppKey::from(app_key));
+    let app = ja.derive_appskey(&nonce, &AppKey::from(app_key));
+    let mut phy = DataPayloadCreator::new();
+    phy.set_uplink(true)
+        .set_confirmed(false)
+        .set_f_port(1)
+        .set_dev_addr(&addr)
+        .set_fctrl(&lorawan::parser::FCtrl::new(0, true))
+        .set_fcnt(1);
+    let data = phy
+        .build(&[0x01, 0x67, 0x00, 0xD7], &[], &nwk, &app)
+        .unwrap()
+        .to_vec();
+    fwd.send_to(&push(1, 4, &data), lns).await.unwrap();
+    let dn = "0004a30b001c0530";
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (_, v) = cloud
+            .api(
+                Method::GET,
+                &format!("/devices/{npk}/{dn}/properties"),
+                None,
+            )
+            .await
+            .unwrap();
+        // No thing model on this product: properties are kept as posted.
+        if v.to_string().contains("temperature_1") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{v}");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
     edge.shutdown().await;
 }
