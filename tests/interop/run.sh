@@ -6,7 +6,9 @@
 #     registration over TLS, the thing model (properties, event, property set, service call)
 #     and a gateway with two sub-devices;
 #   - the edge gateway against pymodbus (TCP and RTU on a socat pty pair) and mbpoll;
-#   - the edge's GB/T 32960 server against frames built and answers parsed by rtm-con.
+#   - the edge's GB/T 32960 server against frames built and answers parsed by rtm-con;
+#   - the edge's LoRaWAN server against frames built and downlinks verified by lora-packet (npm,
+#     found through NODE_PATH).
 # Usage: tests/interop/run.sh PATH_TO_IRONLINK_CLOUD PYTHON_WITH_LINKKIT
 # Prints "N passed, N failed" last; exits non-zero on any failure.
 set -uo pipefail
@@ -242,8 +244,15 @@ rtu_device() { # name, unit
     GB_PORT=$("$PY" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])")
     printf '\n[gb32960]\nlisten = "127.0.0.1:%s"\nproduct_key = "%s"\n' "$GB_PORT" "$VPK"
     echo "$VPK $GB_PORT" >"$MB/gb32960"
+    # LoRa nodes (ABP) on the same edge.
+    LPK=$("$BIN" product create lora-interop --node-type sub-device --dynamic-register --json | json "['product_key']")
+    LORA_PORT=$("$PY" -c "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])")
+    printf '\n[lorawan]\nlisten = "127.0.0.1:%s"\nproduct_key = "%s"\n' "$LORA_PORT" "$LPK"
+    printf '[[lorawan.devices]]\ndev_eui = "70B3D57ED0000042"\ndev_addr = "26011BDA"\nnwk_skey = "44024241ed4ce9a68c6a8bc055233fd3"\napp_skey = "ec925802ae430ca77fd3dd73cb2cc588"\n'
+    echo "$LPK $LORA_PORT" >"$MB/lorawan"
 } >"$MB/edge.toml"
 read -r VPK GB_PORT <"$MB/gb32960"
+read -r LPK LORA_PORT <"$MB/lorawan"
 "$EDGE_BIN" run --config "$MB/edge.toml" >"$MB/edge.out" 2>&1 &
 EDGE_PID=$!
 
@@ -297,6 +306,11 @@ gb32960_rtm() {
     "$PY" "$HERE/gb32960_rtm.py" "$HTTP" "$IRONLINK_TOKEN" "$VPK" "$GB_PORT" || { tail -20 "$MB/edge.out"; return 1; }
 }
 check "GB/T 32960: frames built by rtm-con reach the cloud through ironlink-edge; its answers parse in rtm-con" gb32960_rtm
+
+lora_packet() {
+    node "$HERE/lora_packet.js" "$LORA_PORT" "$HTTP" "$IRONLINK_TOKEN" "$LPK" || { tail -20 "$MB/edge.out"; return 1; }
+}
+check "LoRaWAN: a confirmed uplink built by lora-packet (npm) reaches the cloud through a forwarder's UDP; lora-packet verifies the ACK downlink" lora_packet
 kill "$EDGE_PID" "$FIELD_PID" "$SOCAT_PID" 2>/dev/null
 wait "$EDGE_PID" "$FIELD_PID" "$SOCAT_PID" 2>/dev/null
 
