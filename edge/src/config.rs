@@ -213,6 +213,17 @@ fn default_max_terminals() -> usize {
     20_000
 }
 
+/// The CoAP server for NB-IoT devices (`[coap]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoapServer {
+    /// UDP listener (usually port 5683).
+    pub listen: std::net::SocketAddr,
+    /// The devices' product in the cloud (sub-device, dynamic registration on); `/auth`
+    /// requests for other products are refused.
+    pub product_key: String,
+}
+
 /// The LoRaWAN network server for packet forwarders on site (`[lorawan]`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -292,6 +303,8 @@ struct RawConfig {
     gb32960: Option<VehicleServer>,
     #[serde(default)]
     lorawan: Option<LoraServer>,
+    #[serde(default)]
+    coap: Option<CoapServer>,
 }
 
 /// How a sub-device is reached.
@@ -395,6 +408,8 @@ pub struct Config {
     pub gb32960: Option<VehicleServer>,
     /// LoRaWAN network server.
     pub lorawan: Option<LoraServer>,
+    /// CoAP server.
+    pub coap: Option<CoapServer>,
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -691,6 +706,7 @@ impl Config {
             jt808: raw.jt808,
             gb32960: raw.gb32960,
             lorawan: raw.lorawan,
+            coap: raw.coap,
         })
     }
 }

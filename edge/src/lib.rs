@@ -2,6 +2,7 @@
 #![warn(missing_docs)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod coap_server;
 pub mod config;
 pub mod gb32960;
 pub mod jt808;

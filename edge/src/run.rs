@@ -31,6 +31,8 @@ pub struct Running {
     pub gb32960_addr: Option<std::net::SocketAddr>,
     /// Bound UDP address of the LoRaWAN packet forwarder server, when enabled.
     pub lorawan_addr: Option<std::net::SocketAddr>,
+    /// Bound UDP address of the CoAP server, when enabled.
+    pub coap_addr: Option<std::net::SocketAddr>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -194,6 +196,35 @@ pub fn start(config: Config) -> Result<Running, StartError> {
             config.queue.dir.clone(),
         )));
     }
+    let mut coap_addr = None;
+    if let Some(c) = &config.coap {
+        let addr = c.listen;
+        let sock = std::net::UdpSocket::bind(addr)
+            .and_then(|s| s.set_nonblocking(true).map(|_| s))
+            .and_then(tokio::net::UdpSocket::from_std)
+            .map_err(|source| StartError::Listen {
+                what: "coap",
+                addr,
+                source,
+            })?;
+        coap_addr = sock.local_addr().ok();
+        let ctx = Arc::new(crate::vehicle::Ctx {
+            cfg: crate::config::VehicleServer {
+                listen: addr,
+                product_key: c.product_key.clone(),
+                idle_timeout: Duration::from_secs(3600),
+                answer_timeout: Duration::from_secs(10),
+                max_terminals: 0,
+            },
+            sink: sink.clone(),
+            subs: subs.clone(),
+            rpc: rpc_tx.clone(),
+            stop: stop_rx.clone(),
+            counters: Arc::default(),
+        });
+        vehicle_counters.push(("coap", ctx.counters.clone()));
+        tasks.push(tokio::spawn(crate::coap_server::serve(sock, ctx)));
+    }
     let mut status_addr = None;
     if let Some(addr) = config.status.listen {
         let bound = std::net::TcpListener::bind(addr)
@@ -261,6 +292,7 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         jt808_addr: bound_addrs[0],
         gb32960_addr: bound_addrs[1],
         lorawan_addr,
+        coap_addr,
         stop,
         tasks,
     })
