@@ -8,7 +8,8 @@
 #   - the edge gateway against pymodbus (TCP and RTU on a socat pty pair) and mbpoll;
 #   - the edge's GB/T 32960 server against frames built and answers parsed by rtm-con;
 #   - the edge's LoRaWAN server against frames built and downlinks verified by lora-packet (npm,
-#     found through NODE_PATH).
+#     found through NODE_PATH);
+#   - the edge's CoAP server against aiocoap (PyPI) and coap-client-notls (Debian libcoap3-bin).
 # Usage: tests/interop/run.sh PATH_TO_IRONLINK_CLOUD PYTHON_WITH_LINKKIT
 # Prints "N passed, N failed" last; exits non-zero on any failure.
 set -uo pipefail
@@ -250,9 +251,17 @@ rtu_device() { # name, unit
     printf '\n[lorawan]\nlisten = "127.0.0.1:%s"\nproduct_key = "%s"\n' "$LORA_PORT" "$LPK"
     printf '[[lorawan.devices]]\ndev_eui = "70B3D57ED0000042"\ndev_addr = "26011BDA"\nnwk_skey = "44024241ed4ce9a68c6a8bc055233fd3"\napp_skey = "ec925802ae430ca77fd3dd73cb2cc588"\n'
     echo "$LPK $LORA_PORT" >"$MB/lorawan"
+    # NB-IoT devices over CoAP on the same edge.
+    CPK=$("$BIN" product create coap-interop --node-type sub-device --dynamic-register --json | json "['product_key']")
+    "$BIN" device create "$CPK" nb-aio01 >/dev/null
+    "$BIN" device create "$CPK" nb-lib01 >/dev/null
+    COAP_PORT=$("$PY" -c "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])")
+    printf '\n[coap]\nlisten = "127.0.0.1:%s"\nproduct_key = "%s"\n' "$COAP_PORT" "$CPK"
+    echo "$CPK $COAP_PORT" >"$MB/coap"
 } >"$MB/edge.toml"
 read -r VPK GB_PORT <"$MB/gb32960"
 read -r LPK LORA_PORT <"$MB/lorawan"
+read -r CPK COAP_PORT <"$MB/coap"
 "$EDGE_BIN" run --config "$MB/edge.toml" >"$MB/edge.out" 2>&1 &
 EDGE_PID=$!
 
@@ -311,6 +320,12 @@ lora_packet() {
     node "$HERE/lora_packet.js" "$LORA_PORT" "$HTTP" "$IRONLINK_TOKEN" "$LPK" || { tail -20 "$MB/edge.out"; return 1; }
 }
 check "LoRaWAN: a confirmed uplink built by lora-packet (npm) reaches the cloud through a forwarder's UDP; lora-packet verifies the ACK downlink" lora_packet
+
+coap_devices() {
+    "$PY" "$HERE/coap_devices.py" "$HTTP" "$IRONLINK_TOKEN" "$CPK" "$COAP_PORT" \
+        nb-aio01 "$(secret_of "$CPK" nb-aio01)" nb-lib01 "$(secret_of "$CPK" nb-lib01)" || { tail -20 "$MB/edge.out"; return 1; }
+}
+check "CoAP: aiocoap and coap-client-notls authenticate (Alibaba /auth) and post through ironlink-edge into the cloud" coap_devices
 kill "$EDGE_PID" "$FIELD_PID" "$SOCAT_PID" 2>/dev/null
 wait "$EDGE_PID" "$FIELD_PID" "$SOCAT_PID" 2>/dev/null
 
