@@ -12,9 +12,9 @@
 
 use crate::config::{LoraDevice, LoraServer};
 use crate::link::{Command, Op, Outcome};
-use crate::lora::{Dedup, Session};
-use crate::semtech::{self, ident, TxPk, Up};
 use crate::vehicle::{self, answer, at, Ctx};
+use ironlink_protocols::lorawan::{Dedup, Session};
+use ironlink_protocols::semtech::{self, ident, TxPk, Up};
 use lorawan::creator::{DataPayloadCreator, JoinAcceptCreator};
 use lorawan::keys::{AppKey, AppSKey, NewSKey, AES128};
 use lorawan::maccommands::SerializableMacCommand;
@@ -265,9 +265,9 @@ impl State {
             Err(e) => {
                 tracing::info!(dev_addr = format!("{addr:08X}"), error = %e, "LoRaWAN uplink dropped");
                 c.refuse(match e {
-                    crate::lora::Drop::Mic => "bad MIC",
-                    crate::lora::Drop::Replay(..) => "replayed frame counter",
-                    crate::lora::Drop::NotUplink(_) => "not a data uplink",
+                    ironlink_protocols::lorawan::Drop::Mic => "bad MIC",
+                    ironlink_protocols::lorawan::Drop::Replay(..) => "replayed frame counter",
+                    ironlink_protocols::lorawan::Drop::NotUplink(_) => "not a data uplink",
                     _ => "malformed PHYPayload",
                 });
                 return;

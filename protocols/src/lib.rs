@@ -12,5 +12,9 @@ pub mod coap;
 pub mod gb32960;
 #[cfg(feature = "alloc")]
 pub mod jt808;
+#[cfg(feature = "std")]
+pub mod lorawan;
 pub mod modbus;
 pub mod mqtt;
+#[cfg(feature = "std")]
+pub mod semtech;

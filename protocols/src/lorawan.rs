@@ -4,8 +4,8 @@
 //! NwkSKey, others with the AppSKey), MAC commands in FOpts or FPort 0 listed, and the same
 //! uplink heard by several gateways taken once.
 
-use lorawan::keys::AES128;
-use lorawan::parser::{parse, DataHeader, DataPayload, FRMPayload, MHDRAble, MType, PhyPayload};
+use ::lorawan::keys::AES128;
+use ::lorawan::parser::{parse, DataHeader, DataPayload, FRMPayload, MHDRAble, MType, PhyPayload};
 use std::collections::{HashMap, VecDeque};
 
 /// Why an uplink was dropped (each counted by its reason).
