@@ -267,7 +267,8 @@ pub struct LoraDevice {
     /// AppSKey (32 hex digits).
     #[serde(default)]
     pub app_skey: Option<String>,
-    /// `cayenne` (default) or `raw` (the payload as hex in property `payload`).
+    /// `cayenne` (default), `layout` (see `layout`) or `raw` (the payload as hex in property
+    /// `payload`).
     #[serde(default)]
     pub decoder: Option<String>,
     /// OTAA: AppKey (32 hex digits); the node joins with its DevEUI.
@@ -276,6 +277,13 @@ pub struct LoraDevice {
     /// OTAA: JoinEUI / AppEUI (not checked; kept for reference).
     #[serde(default)]
     pub app_eui: Option<String>,
+    /// `decoder = "layout"`: the payload's fields; the same layout encodes property sets into
+    /// downlinks.
+    #[serde(default)]
+    pub layout: Vec<crate::layout::Field>,
+    /// FPort of downlinks encoding property sets (default 1).
+    #[serde(default)]
+    pub downlink_fport: Option<u8>,
 }
 
 /// The local status endpoint.

@@ -6,6 +6,7 @@ pub mod coap_server;
 pub mod config;
 pub mod gb32960;
 pub mod jt808;
+pub mod layout;
 pub mod link;
 pub mod lorawan_server;
 pub mod lpp;

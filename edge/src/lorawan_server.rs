@@ -36,8 +36,12 @@ pub struct Node {
     pub dev_eui: String,
     /// Its session.
     pub session: Session,
-    /// "cayenne" or "raw".
+    /// "cayenne", "layout" or "raw".
     pub decoder: String,
+    /// The byte layout (decoder "layout"; also encodes property sets).
+    pub layout: Vec<crate::layout::Field>,
+    /// FPort of property-set downlinks.
+    pub downlink_fport: u8,
 }
 
 fn hex_bytes<const N: usize>(s: &str, what: &str) -> Result<[u8; N], String> {
@@ -65,6 +69,10 @@ pub struct Otaa {
     pub app_key: [u8; 16],
     /// Decoder.
     pub decoder: String,
+    /// The byte layout.
+    pub layout: Vec<crate::layout::Field>,
+    /// FPort of property-set downlinks.
+    pub downlink_fport: u8,
 }
 
 /// A configured node.
@@ -81,9 +89,22 @@ pub enum Resolved {
 pub fn resolve(d: &LoraDevice) -> Result<Resolved, String> {
     let eui = hex_bytes::<8>(&d.dev_eui, "dev_eui")?;
     let decoder = d.decoder.clone().unwrap_or_else(|| "cayenne".into());
-    if decoder != "cayenne" && decoder != "raw" {
-        return Err(format!("decoder: `{decoder}` is not cayenne or raw"));
+    if !matches!(decoder.as_str(), "cayenne" | "raw" | "layout") {
+        return Err(format!(
+            "decoder: `{decoder}` is not cayenne, layout or raw"
+        ));
     }
+    if decoder == "layout" && d.layout.is_empty() {
+        return Err("decoder = \"layout\" needs [[lorawan.devices.layout]] fields".into());
+    }
+    for f in &d.layout {
+        f.check()?;
+    }
+    let downlink_fport = d.downlink_fport.unwrap_or(1);
+    if !(1..=223).contains(&downlink_fport) {
+        return Err("downlink_fport: 1-223".into());
+    }
+    let layout = d.layout.clone();
     if let Some(k) = &d.app_key {
         if d.dev_addr.is_some() || d.nwk_skey.is_some() || d.app_skey.is_some() {
             return Err("either app_key (OTAA) or dev_addr, nwk_skey and app_skey (ABP)".into());
@@ -92,6 +113,8 @@ pub fn resolve(d: &LoraDevice) -> Result<Resolved, String> {
             dev_eui: eui.iter().map(|b| format!("{b:02x}")).collect(),
             app_key: hex_bytes::<16>(k, "app_key")?,
             decoder,
+            layout,
+            downlink_fport,
         }));
     }
     let (Some(addr), Some(nwk), Some(app)) = (&d.dev_addr, &d.nwk_skey, &d.app_skey) else {
@@ -107,6 +130,8 @@ pub fn resolve(d: &LoraDevice) -> Result<Resolved, String> {
             fcnt_down: 0,
         },
         decoder,
+        layout,
+        downlink_fport,
     }))
 }
 
@@ -223,6 +248,8 @@ impl State {
                         fcnt_down: v["fcnt_down"].as_u64().unwrap_or(0) as u32,
                     },
                     decoder: o.decoder.clone(),
+                    layout: o.layout.clone(),
+                    downlink_fport: o.downlink_fport,
                 },
             );
         }
@@ -285,6 +312,13 @@ impl State {
                     Ok(m) => params.extend(m.into_iter().map(|(k, v)| (k, at(v, now)))),
                     Err(e) => {
                         tracing::info!(dev_eui = %node.dev_eui, error = %e, "LPP payload not decoded");
+                        c.refuse("payload not decoded");
+                    }
+                },
+                "layout" => match crate::layout::decode(&node.layout, &up.payload) {
+                    Ok(m) => params.extend(m.into_iter().map(|(k, v)| (k, at(v, now)))),
+                    Err(e) => {
+                        tracing::info!(dev_eui = %node.dev_eui, error = %e, "payload not decoded");
                         c.refuse("payload not decoded");
                     }
                 },
@@ -454,6 +488,8 @@ impl State {
                     fcnt_down: 0,
                 },
                 decoder: node.decoder.clone(),
+                layout: node.layout.clone(),
+                downlink_fport: node.downlink_fport,
             },
         );
         if let Some((_, used)) = self.otaa.get_mut(&eui) {
@@ -481,6 +517,39 @@ impl State {
     }
 
     fn call(&mut self, cmd: Command) {
+        let layout = self
+            .nodes
+            .values()
+            .find(|n| n.dev_eui == cmd.device)
+            .map(|n| (n.layout.clone(), n.downlink_fport))
+            .or_else(|| {
+                self.otaa
+                    .values()
+                    .find(|(o, _)| o.dev_eui == cmd.device)
+                    .map(|(o, _)| (o.layout.clone(), o.downlink_fport))
+            });
+        if let (Op::Set(set), Some((layout, fport))) = (&cmd.op, &layout) {
+            if !layout.is_empty() {
+                match crate::layout::encode(layout, set) {
+                    Ok(b) if b.len() <= 51 => {
+                        let q = self.queued.entry(cmd.device.clone()).or_default();
+                        if q.len() >= 8 {
+                            answer(
+                                cmd,
+                                503,
+                                json!({}),
+                                "8 downlinks already wait for this node",
+                            );
+                        } else {
+                            q.push_back((*fport, b, cmd, std::time::Instant::now()));
+                        }
+                    }
+                    Ok(_) => answer(cmd, 460, json!({}), "the layout is longer than a downlink"),
+                    Err(e) => answer(cmd, 460, json!({}), &e),
+                }
+                return;
+            }
+        }
         match &cmd.op {
             Op::Service(name, p) if name == "Downlink" => {
                 let fport = p.get("fport").and_then(Value::as_u64).unwrap_or(1);

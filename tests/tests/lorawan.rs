@@ -333,12 +333,26 @@ async fn an_otaa_node_joins_and_reports() {
         .await
         .unwrap();
     assert_eq!(s, 200);
+    let prop = |id: &str, mode: &str| json!({"identifier": id, "name": id, "accessMode": mode, "dataType": {"type": "double", "specs": {"min": "-1000", "max": "4294967295"}}});
+    let tsl = json!({"properties": [prop("temperature", "r"), prop("setpoint", "rw"), prop("rssi", "r"), prop("snr", "r"), prop("fcnt", "r")], "events": [], "services": []});
+    let (s, v) = cloud
+        .api(
+            Method::PUT,
+            &format!("/products/{npk}/thing-model"),
+            Some(tsl),
+        )
+        .await
+        .unwrap();
+    assert!(s < 300, "{v}");
     let config = format!(
         "[gateway]\nproduct_key = \"{gpk}\"\ndevice_name = \"edge-otaa\"\ndevice_secret = \"{}\"\n\
          [uplink]\nhost = \"127.0.0.1\"\nport = {}\n[queue]\ndir = \"{}\"\n\
          [status]\nlisten = \"127.0.0.1:0\"\n\
          [lorawan]\nlisten = \"127.0.0.1:0\"\nproduct_key = \"{npk}\"\n\
-         [[lorawan.devices]]\ndev_eui = \"0004A30B001C0530\"\napp_key = \"98929b92c49edba9676d646d3b612456\"\n",
+         [[lorawan.devices]]\ndev_eui = \"0004A30B001C0530\"\napp_key = \"98929b92c49edba9676d646d3b612456\"\n\
+         decoder = \"layout\"\ndownlink_fport = 7\n\
+         [[lorawan.devices.layout]]\nidentifier = \"temperature\"\noffset = 0\ntype = \"i16\"\nscale = 0.01\n\
+         [[lorawan.devices.layout]]\nidentifier = \"setpoint\"\noffset = 2\ntype = \"u8\"\nscale = 0.5\n",
         gw["device_secret"].as_str().unwrap(),
         cloud.mqtt.port(),
         dir.path().join("queue").display(),
@@ -400,8 +414,9 @@ async fn an_otaa_node_joins_and_reports() {
         .set_dev_addr(&addr)
         .set_fctrl(&lorawan::parser::FCtrl::new(0, true))
         .set_fcnt(1);
+    // The layout: temperature i16 x 0.01 (21.50), setpoint u8 x 0.5 (20.0).
     let data = phy
-        .build(&[0x01, 0x67, 0x00, 0xD7], &[], &nwk, &app)
+        .build(&[0x08, 0x66, 40], &[], &nwk, &app)
         .unwrap()
         .to_vec();
     fwd.send_to(&push(1, 4, &data), lns).await.unwrap();
@@ -416,12 +431,56 @@ async fn an_otaa_node_joins_and_reports() {
             )
             .await
             .unwrap();
-        // No thing model on this product: properties are kept as posted.
-        if v.to_string().contains("temperature_1") {
+        let t = v["properties"]
+            .as_array()
+            .and_then(|a| a.iter().find(|p| p["identifier"] == "temperature"))
+            .map(|p| p["value"].clone());
+        if t == Some(json!(21.5)) {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "{v}");
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
+    // A property set from the cloud is encoded with the layout and sent at the next uplink.
+    let (s, call) = cloud
+        .api(
+            Method::POST,
+            &format!("/devices/{npk}/{dn}/properties"),
+            Some(json!({"params": {"setpoint": 22.0}})),
+        )
+        .await
+        .unwrap();
+    assert!(s == 200 || s == 202, "{s} {call}");
+    let mut fcnt = 1;
+    let down = loop {
+        fcnt += 1;
+        assert!(fcnt < 40, "the downlink never came");
+        let mut phy = DataPayloadCreator::new();
+        phy.set_uplink(true)
+            .set_confirmed(false)
+            .set_f_port(1)
+            .set_dev_addr(&addr)
+            .set_fctrl(&lorawan::parser::FCtrl::new(0, true))
+            .set_fcnt(fcnt);
+        let data = phy
+            .build(&[0x08, 0x66, 40], &[], &nwk, &app)
+            .unwrap()
+            .to_vec();
+        fwd.send_to(&push(1, 5, &data), lns).await.unwrap();
+        if let Ok((down, _)) =
+            tokio::time::timeout(Duration::from_millis(500), pull_resp(&fwd)).await
+        {
+            break down;
+        }
+    };
+    let Ok(PhyPayload::Data(DataPayload::Encrypted(d))) = parse(down) else {
+        panic!("not a data downlink")
+    };
+    assert_eq!(d.f_port(), Some(7));
+    let dec = d.decrypt(Some(nwk.inner()), Some(app.inner()), 0).unwrap();
+    let FRMPayload::Data(p) = dec.frm_payload() else {
+        panic!()
+    };
+    assert_eq!(p, &[0, 0, 44], "setpoint 22.0 / 0.5");
     edge.shutdown().await;
 }
