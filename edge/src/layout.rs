@@ -183,7 +183,11 @@ mod tests {
     fn decode_and_encode_are_inverse() {
         let b = [0xF8, 0x30, 0x24, 0x10, 0x27, 0, 0, 1];
         let v = decode(&fields(), &b).unwrap();
-        assert_eq!(v["temperature"], json!(-20), "whole values are JSON integers");
+        assert_eq!(
+            v["temperature"],
+            json!(-20),
+            "whole values are JSON integers"
+        );
         assert_eq!(v["battery"], json!(3.6));
         assert_eq!(v["count"], json!(10_000));
         assert_eq!(v["valve"], json!(1));

@@ -171,6 +171,8 @@ struct State {
     queued: HashMap<String, VecDeque<Queued>>,
     counters_file: PathBuf,
     token: u16,
+    /// When each node last answered (or was asked) DevStatusReq.
+    dev_status_at: HashMap<String, std::time::Instant>,
 }
 
 impl State {
@@ -333,6 +335,16 @@ impl State {
             params.insert("snr".into(), at(vehicle::round(snr, 1), now));
         }
         params.insert("fcnt".into(), at(json!(up.fcnt), now));
+        // DevStatusAns: battery (0 external power, 1-254 level, 255 unknown), SNR margin (dB).
+        for (cid, p) in uplink_mac(&up.mac) {
+            if let (0x06, [battery, margin]) = (cid, p.as_slice()) {
+                params.insert("battery".into(), at(json!(battery), now));
+                let m = ((*margin as i8) << 2) >> 2;
+                params.insert("margin".into(), at(json!(m), now));
+                self.dev_status_at
+                    .insert(node.dev_eui.clone(), std::time::Instant::now());
+            }
+        }
         let queued = match vehicle::identity(&self.ctx, &node.dev_eui).await {
             Ok(_) => vehicle::post(&self.ctx, &node.dev_eui, params),
             Err(_) => false,
@@ -343,7 +355,8 @@ impl State {
             return;
         }
         // The downlink: ACK, LinkCheckAns, or a queued application payload.
-        let link_check = up.mac.first() == Some(&0x02);
+        let mac = uplink_mac(&up.mac);
+        let link_check = mac.iter().any(|(cid, _)| *cid == 0x02);
         let app = self
             .queued
             .get_mut(&node.dev_eui)
@@ -365,8 +378,19 @@ impl State {
         let built = {
             let margin = rx.lsnr.map_or(0, |s| (s + 20.0).clamp(0.0, 254.0) as u8);
             let lca = LinkCheckAns([margin, 1]);
-            let cmds: Vec<&dyn SerializableMacCommand> =
+            let dsr = DevStatusReq;
+            let mut cmds: Vec<&dyn SerializableMacCommand> =
                 if link_check { vec![&lca] } else { vec![] };
+            // Ask for the device's status with a downlink going anyway, once a day at most.
+            if self
+                .dev_status_at
+                .get(&node.dev_eui)
+                .is_none_or(|t| t.elapsed() > Duration::from_secs(24 * 3600))
+            {
+                cmds.push(&dsr);
+                self.dev_status_at
+                    .insert(node.dev_eui.clone(), std::time::Instant::now());
+            }
             let (fport, payload) = app
                 .as_ref()
                 .map_or((None, &[][..]), |(p, b, _, _)| (Some(*p), b.as_slice()));
@@ -585,6 +609,41 @@ impl State {
     }
 }
 
+/// The MAC commands of an uplink (LoRaWAN 1.0.x lengths); stops at an unknown CID.
+pub fn uplink_mac(b: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while let Some(&cid) = b.get(at) {
+        let len = match cid {
+            0x02 | 0x04 | 0x08 => 0,
+            0x03 | 0x05 | 0x07 | 0x0A => 1,
+            0x06 => 2,
+            _ => break,
+        };
+        let Some(p) = b.get(at + 1..at + 1 + len) else {
+            break;
+        };
+        out.push((cid, p.to_vec()));
+        at += 1 + len;
+    }
+    out
+}
+
+/// DevStatusReq (CID 0x06, no payload).
+struct DevStatusReq;
+
+impl SerializableMacCommand for DevStatusReq {
+    fn payload_bytes(&self) -> &[u8] {
+        &[]
+    }
+    fn cid(&self) -> u8 {
+        0x06
+    }
+    fn payload_len(&self) -> usize {
+        0
+    }
+}
+
 /// LinkCheckAns (CID 0x03): margin, gateway count.
 struct LinkCheckAns([u8; 2]);
 
@@ -639,6 +698,7 @@ pub async fn serve(
         queued: HashMap::new(),
         counters_file: dir.join("lorawan-sessions.json"),
         token: 0,
+        dev_status_at: HashMap::new(),
     };
     st.load_counters();
     let mut stop = ctx.stop.clone();
@@ -694,5 +754,20 @@ pub async fn serve(
     }
     for n in &names {
         st.ctx.subs.unroute(n, &tx);
+    }
+}
+
+#[cfg(test)]
+mod mac_tests {
+    use super::*;
+
+    #[test]
+    fn uplink_mac_commands_split_by_their_lengths() {
+        assert_eq!(
+            uplink_mac(&[0x02, 0x06, 0xFE, 0x3F, 0x03, 0x07]),
+            vec![(0x02, vec![]), (0x06, vec![0xFE, 0x3F]), (0x03, vec![0x07])]
+        );
+        assert_eq!(uplink_mac(&[0x06, 0x01]), vec![], "truncated");
+        assert_eq!(uplink_mac(&[0x80, 1, 2]), vec![], "proprietary: stops");
     }
 }
