@@ -10,6 +10,7 @@ pub mod edge_bench;
 pub mod fanout;
 pub mod gateway;
 pub mod ingest;
+pub mod lora_bench;
 pub mod modbus_slave;
 pub mod quickstart;
 pub mod report;

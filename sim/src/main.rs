@@ -212,6 +212,30 @@ enum Bench {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// ABP LoRa nodes behind Semtech packet forwarders through the edge's LoRaWAN server.
+    Lora {
+        /// Nodes.
+        #[arg(long, default_value_t = 1_000)]
+        nodes: usize,
+        /// Packet forwarders.
+        #[arg(long, default_value_t = 5)]
+        forwarders: usize,
+        /// Seconds between a node's uplinks.
+        #[arg(long, default_value_t = 10)]
+        interval_s: u64,
+        /// Measured phase, s.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// ironlink-cloud binary (default: next to this executable).
+        #[arg(long)]
+        cloud_bin: Option<PathBuf>,
+        /// ironlink-edge binary (default: next to this executable).
+        #[arg(long)]
+        edge_bin: Option<PathBuf>,
+        /// Write the report as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Frames decoded per second on one core (JT/T 808, GB/T 32960).
     Codecs {
         /// Frames per protocol.
@@ -428,6 +452,28 @@ async fn run() -> anyhow::Result<()> {
                 &ironlink_sim::vehicles_bench::run(&o).await?,
                 json.as_deref(),
             )?;
+        }
+        Cmd::Bench {
+            which:
+                Bench::Lora {
+                    nodes,
+                    forwarders,
+                    interval_s,
+                    seconds,
+                    cloud_bin,
+                    edge_bin,
+                    json,
+                },
+        } => {
+            let o = ironlink_sim::lora_bench::LoraBench {
+                nodes: nodes.clamp(1, 100_000),
+                forwarders: forwarders.clamp(1, 100),
+                interval: std::time::Duration::from_secs(interval_s.clamp(1, 3600)),
+                seconds: seconds.clamp(1, 3600),
+                cloud_bin,
+                edge_bin,
+            };
+            emit(&ironlink_sim::lora_bench::run(&o).await?, json.as_deref())?;
         }
         Cmd::Bench {
             which: Bench::Codecs { frames, json },
