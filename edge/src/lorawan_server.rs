@@ -8,7 +8,8 @@
 //! registry like vehicle terminals). Confirmed uplinks and LinkCheckReq are answered in RX1
 //! through the gateway that heard the uplink best; the cloud's `Downlink` calls wait for the
 //! node's next uplink (class A). Frame counters survive restarts (`lorawan-sessions.json`
-//! beside the queue). Every dropped packet is counted by its reason.
+//! beside the queue, written once a second and at shutdown; joins at once). Every dropped
+//! packet is counted by its reason.
 
 use crate::config::{LoraDevice, LoraServer};
 use crate::link::{Command, Op, Outcome};
@@ -173,6 +174,8 @@ struct State {
     token: u16,
     /// When each node last answered (or was asked) DevStatusReq.
     dev_status_at: HashMap<String, std::time::Instant>,
+    /// Frame counters changed since the last save.
+    dirty: bool,
 }
 
 impl State {
@@ -303,7 +306,8 @@ impl State {
             }
         };
         let node = node.clone();
-        self.save_counters();
+        // Written once a second (and at shutdown), not per uplink: the file holds every node.
+        self.dirty = true;
         c.frames.fetch_add(1, Ordering::Relaxed);
         // Properties.
         let now = crate::now_ms();
@@ -374,7 +378,7 @@ impl State {
             fcnt_down = n.session.fcnt_down;
             n.session.fcnt_down = n.session.fcnt_down.wrapping_add(1);
         }
-        self.save_counters();
+        self.dirty = true;
         let built = {
             let margin = rx.lsnr.map_or(0, |s| (s + 20.0).clamp(0.0, 254.0) as u8);
             let lca = LinkCheckAns([margin, 1]);
@@ -688,6 +692,37 @@ pub async fn serve(
     for n in &names {
         ctx.subs.route(n, tx.clone());
     }
+    // Register the configured nodes in the cloud's registry ahead of their first uplink (16 at
+    // a time); an uplink of a node not registered yet waits for its own registration.
+    {
+        let ctx = ctx.clone();
+        let pending: Vec<String> = names
+            .iter()
+            .filter(|n| ctx.subs.get(n).is_none())
+            .cloned()
+            .collect();
+        tokio::spawn(async move {
+            let gate = Arc::new(tokio::sync::Semaphore::new(16));
+            let mut set = tokio::task::JoinSet::new();
+            for n in pending {
+                let Ok(permit) = gate.clone().acquire_owned().await else {
+                    return;
+                };
+                let ctx = ctx.clone();
+                set.spawn(async move {
+                    let _permit = permit;
+                    for _ in 0..3 {
+                        if vehicle::identity(&ctx, &n).await.is_ok() || *ctx.stop.borrow() {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                });
+                while set.try_join_next().is_some() {}
+            }
+            while set.join_next().await.is_some() {}
+        });
+    }
     let mut st = State {
         ctx: ctx.clone(),
         cfg,
@@ -699,6 +734,7 @@ pub async fn serve(
         counters_file: dir.join("lorawan-sessions.json"),
         token: 0,
         dev_status_at: HashMap::new(),
+        dirty: false,
     };
     st.load_counters();
     let mut stop = ctx.stop.clone();
@@ -735,6 +771,10 @@ pub async fn serve(
             }
             Some(cmd) = calls.recv() => st.call(cmd),
             _ = expire.tick() => {
+                if st.dirty {
+                    st.save_counters();
+                    st.dirty = false;
+                }
                 // Calls whose node never came back in time fail with the reason.
                 let wait = st.cfg.answer_timeout;
                 for q in st.queued.values_mut() {
@@ -751,6 +791,9 @@ pub async fn serve(
             }
             _ = stop.changed() => break,
         }
+    }
+    if st.dirty {
+        st.save_counters();
     }
     for n in &names {
         st.ctx.subs.unroute(n, &tx);

@@ -247,6 +247,7 @@ pub fn start(config: Config) -> Result<Running, StartError> {
                 .await;
         }));
     }
+    let subs_sync = subs.clone();
     {
         let queue = queue.clone();
         let mut stop = stop_rx.clone();
@@ -258,8 +259,12 @@ pub fn start(config: Config) -> Result<Running, StartError> {
                     _ = stop.wait_for(|s| *s) => return,
                 }
                 let q = queue.clone();
+                let subs = subs_sync.clone();
                 // The fsyncs run without the queue's lock: pollers and the uplink go on.
                 let _ = tokio::task::spawn_blocking(move || {
+                    if let Err(e) = subs.sync() {
+                        tracing::error!(error = %e, "sub-devices file sync failed");
+                    }
                     let job = q.lock().map(|mut q| q.begin_sync());
                     let Ok(job) = job else { return };
                     let done = job.and_then(|j| j.run());

@@ -1,7 +1,12 @@
-//! Sub-devices that appear at run time (JT/T 808 terminals, GB/T 32960 vehicles): their
-//! product key and secret, learnt from the cloud's registry (`thing/sub/register`), kept in a
-//! file beside the queue so that readings queued before a restart can still be sent as them,
-//! and the routes from their device names to the tasks serving them.
+//! Sub-devices that appear at run time (JT/T 808 terminals, GB/T 32960 vehicles, LoRa nodes,
+//! CoAP devices): their product key and secret, learnt from the cloud's registry
+//! (`thing/sub/register`), kept in a file beside the queue so that readings queued before a
+//! restart can still be sent as them, and the routes from their device names to the tasks
+//! serving them.
+//!
+//! The file (`subdevices.jsonl`) is append-only, one identity per line (the last line for a
+//! name wins; a torn last line is ignored): remembering one costs one write however many are
+//! known. It is fsynced with the queue, once a second ([`SubDevices::sync`]).
 
 use crate::link::Command;
 use serde::{Deserialize, Serialize};
@@ -26,27 +31,61 @@ pub struct SubDevices {
     path: PathBuf,
     known: RwLock<BTreeMap<String, Identity>>,
     routes: RwLock<HashMap<String, mpsc::Sender<Command>>>,
+    /// The open log and whether it has lines not yet fsynced.
+    log: std::sync::Mutex<(Option<std::fs::File>, bool)>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Line {
+    name: String,
+    #[serde(flatten)]
+    id: Identity,
 }
 
 impl SubDevices {
-    /// Loads `dir/subdevices.json` (absent: none yet). A file that cannot be read is an error:
-    /// starting without it would strand queued readings.
+    /// Loads `dir/subdevices.jsonl` (absent: none yet; an older `subdevices.json` is read
+    /// too). A file that cannot be read is an error: starting without it would strand queued
+    /// readings.
     pub fn open(dir: &Path) -> std::io::Result<Self> {
-        let path = dir.join("subdevices.json");
-        let known = match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+        let path = dir.join("subdevices.jsonl");
+        let mut known = BTreeMap::new();
+        let old = dir.join("subdevices.json");
+        if let Ok(b) = std::fs::read(&old) {
+            let m: BTreeMap<String, Identity> = serde_json::from_slice(&b).map_err(|e| {
                 std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
-                    format!("{}: {e}", path.display()),
+                    format!("{}: {e}", old.display()),
                 )
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            })?;
+            known.extend(m);
+        }
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let lines: Vec<&str> = text.lines().collect();
+                for (i, l) in lines.iter().enumerate() {
+                    match serde_json::from_str::<Line>(l) {
+                        Ok(line) => {
+                            known.insert(line.name, line.id);
+                        }
+                        // A torn last line (a crash mid-write): the identity is asked again.
+                        Err(_) if i + 1 == lines.len() => {}
+                        Err(e) => {
+                            return Err(std::io::Error::new(
+                                std::io::ErrorKind::InvalidData,
+                                format!("{} line {}: {e}", path.display(), i + 1),
+                            ))
+                        }
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
-        };
+        }
         Ok(Self {
             path,
             known: RwLock::new(known),
             routes: RwLock::default(),
+            log: std::sync::Mutex::new((None, false)),
         })
     }
 
@@ -67,22 +106,48 @@ impl SubDevices {
             .cloned()
     }
 
-    /// Remembers an identity, durably (written to a temporary file, synced, renamed).
+    /// Remembers an identity: one line appended to the log (in the page cache at once, so a
+    /// kill of the process loses nothing; fsynced by [`SubDevices::sync`]).
     pub fn remember(&self, name: &str, id: Identity) -> std::io::Result<()> {
-        let mut known = self.known.write().unwrap_or_else(|e| e.into_inner());
-        if known.get(name) == Some(&id) {
-            return Ok(());
-        }
-        known.insert(name.to_owned(), id);
-        let tmp = self.path.with_extension("json.tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(&*known).map_err(std::io::Error::other)?)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &self.path)?;
-        if let Some(dir) = self.path.parent() {
-            if let Ok(d) = std::fs::File::open(dir) {
-                let _ = d.sync_all();
+        {
+            let known = self.known.read().unwrap_or_else(|e| e.into_inner());
+            if known.get(name) == Some(&id) {
+                return Ok(());
             }
+        }
+        let mut line = serde_json::to_vec(&Line {
+            name: name.to_owned(),
+            id: id.clone(),
+        })
+        .map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        if log.0.is_none() {
+            log.0 = Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.path)?,
+            );
+        }
+        if let Some(f) = log.0.as_mut() {
+            f.write_all(&line)?;
+        }
+        log.1 = true;
+        drop(log);
+        self.known
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_owned(), id);
+        Ok(())
+    }
+
+    /// Fsyncs what was remembered since the last call.
+    pub fn sync(&self) -> std::io::Result<()> {
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        if let (Some(f), true) = (log.0.as_ref(), log.1) {
+            f.sync_data()?;
+            log.1 = false;
         }
         Ok(())
     }
@@ -138,8 +203,18 @@ mod tests {
         };
         s.remember("v1", id.clone()).unwrap();
         let again = SubDevices::open(dir.path()).unwrap();
-        assert_eq!(again.get("v1"), Some(id));
-        std::fs::write(dir.path().join("subdevices.json"), b"{not json").unwrap();
+        assert_eq!(again.get("v1"), Some(id.clone()));
+        again.sync().unwrap();
+        // A torn last line is ignored; a bad line before it is an error.
+        let log = dir.path().join("subdevices.jsonl");
+        let mut text = std::fs::read_to_string(&log).unwrap();
+        text.push_str("{\"name\": \"v2\", \"produ");
+        std::fs::write(&log, &text).unwrap();
+        assert_eq!(
+            SubDevices::open(dir.path()).unwrap().get("v1"),
+            Some(id.clone())
+        );
+        std::fs::write(&log, format!("{{not json\n{text}")).unwrap();
         assert!(SubDevices::open(dir.path()).is_err());
     }
 }

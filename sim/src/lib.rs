@@ -5,6 +5,7 @@
 pub mod apps_bench;
 pub mod bench;
 pub mod cloud_process;
+pub mod coap_bench;
 pub mod downlink;
 pub mod edge_bench;
 pub mod fanout;

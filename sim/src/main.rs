@@ -236,6 +236,27 @@ enum Bench {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// NB-IoT devices posting over CoAP (Alibaba /auth, option 2088) through the edge.
+    Coap {
+        /// Devices.
+        #[arg(long, default_value_t = 1_000)]
+        devices: usize,
+        /// Seconds between a device's posts.
+        #[arg(long, default_value_t = 10)]
+        interval_s: u64,
+        /// Measured phase, s.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// ironlink-cloud binary (default: next to this executable).
+        #[arg(long)]
+        cloud_bin: Option<PathBuf>,
+        /// ironlink-edge binary (default: next to this executable).
+        #[arg(long)]
+        edge_bin: Option<PathBuf>,
+        /// Write the report as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Frames decoded per second on one core (JT/T 808, GB/T 32960).
     Codecs {
         /// Frames per protocol.
@@ -474,6 +495,26 @@ async fn run() -> anyhow::Result<()> {
                 edge_bin,
             };
             emit(&ironlink_sim::lora_bench::run(&o).await?, json.as_deref())?;
+        }
+        Cmd::Bench {
+            which:
+                Bench::Coap {
+                    devices,
+                    interval_s,
+                    seconds,
+                    cloud_bin,
+                    edge_bin,
+                    json,
+                },
+        } => {
+            let o = ironlink_sim::coap_bench::CoapBench {
+                devices: devices.clamp(1, 100_000),
+                interval: std::time::Duration::from_secs(interval_s.clamp(1, 3600)),
+                seconds: seconds.clamp(1, 3600),
+                cloud_bin,
+                edge_bin,
+            };
+            emit(&ironlink_sim::coap_bench::run(&o).await?, json.as_deref())?;
         }
         Cmd::Bench {
             which: Bench::Codecs { frames, json },
