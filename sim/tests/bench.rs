@@ -88,3 +88,68 @@ fn a_small_vehicles_bench_delivers_every_report() {
         "{v}"
     );
 }
+
+/// Simulated packet forwarders and ABP nodes -> the edge's LoRaWAN server -> the cloud: every
+/// uplink accepted and delivered.
+#[test]
+fn a_small_lora_bench_accepts_every_uplink() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("lora.json");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ironlink-sim"))
+        .args([
+            "bench",
+            "lora",
+            "--nodes",
+            "20",
+            "--forwarders",
+            "2",
+            "--interval-s",
+            "1",
+            "--seconds",
+            "2",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let t = &v["targets"][0];
+    assert_eq!(t["expected"], 40, "{v}");
+    assert_eq!(t["received"], 40, "{v}");
+}
+
+/// NB-IoT devices over CoAP -> the edge -> the cloud: every post answered and delivered.
+#[test]
+fn a_small_coap_bench_answers_every_post() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("coap.json");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ironlink-sim"))
+        .args([
+            "bench",
+            "coap",
+            "--devices",
+            "20",
+            "--interval-s",
+            "1",
+            "--seconds",
+            "2",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let t = &v["targets"][0];
+    assert_eq!(t["expected"], 40, "{v}");
+    assert_eq!(t["received"], 40, "{v}");
+}
