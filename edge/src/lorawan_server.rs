@@ -176,6 +176,8 @@ struct State {
     dev_status_at: HashMap<String, std::time::Instant>,
     /// Frame counters changed since the last save.
     dirty: bool,
+    /// RX2 variants of downlinks sent in RX1, by PULL_RESP token, until their TX_ACK.
+    rx2: HashMap<u16, (Gateway, TxPk, std::time::Instant)>,
 }
 
 impl State {
@@ -432,20 +434,7 @@ impl State {
             }
         };
         let rx1 = self.cfg.rx1_delay.as_micros() as u32;
-        let tx = TxPk::lora(
-            rx.tmst.wrapping_add(rx1),
-            rx.freq,
-            &rx.data_rate(),
-            14,
-            &bytes,
-        );
-        self.token = self.token.wrapping_add(1);
-        let _ = sock
-            .send_to(
-                &semtech::pull_resp(best.version, self.token, &tx),
-                best.addr,
-            )
-            .await;
+        self.send_down(sock, best, &rx, rx1, &bytes).await;
         if let Some((_, _, cmd, _)) = app {
             answer(cmd, 200, json!({"fcnt_down": fcnt_down}), "");
         }
@@ -527,21 +516,47 @@ impl State {
             }
         }
         self.save_counters();
-        let tx = TxPk::lora(
-            rx.tmst.wrapping_add(5_000_000),
+        self.send_down(sock, best, rx, 5_000_000, &encrypted).await;
+        tracing::info!(dev_eui = %node.dev_eui, dev_addr = format!("{dev_addr:08X}"), "LoRaWAN node joined");
+    }
+
+    /// Sends a downlink in RX1 (`delay_us` after the uplink, its frequency and data rate); a
+    /// version 2 forwarder that answers TX_ACK with an error gets it again for RX2 (one second
+    /// later, 869.525 MHz SF12BW125, EU868's RX2 defaults).
+    async fn send_down(
+        &mut self,
+        sock: &UdpSocket,
+        gw: Gateway,
+        rx: &semtech::RxPk,
+        delay_us: u32,
+        phy: &[u8],
+    ) {
+        let rx1 = TxPk::lora(
+            rx.tmst.wrapping_add(delay_us),
             rx.freq,
             &rx.data_rate(),
             14,
-            &encrypted,
+            phy,
+        );
+        let rx2 = TxPk::lora(
+            rx.tmst.wrapping_add(delay_us + 1_000_000),
+            869.525,
+            "SF12BW125",
+            27,
+            phy,
         );
         self.token = self.token.wrapping_add(1);
+        if gw.version >= 2 {
+            self.rx2
+                .insert(self.token, (gw, rx2, std::time::Instant::now()));
+            if self.rx2.len() > 10_000 {
+                self.rx2
+                    .retain(|_, (_, _, at)| at.elapsed() < Duration::from_secs(10));
+            }
+        }
         let _ = sock
-            .send_to(
-                &semtech::pull_resp(best.version, self.token, &tx),
-                best.addr,
-            )
+            .send_to(&semtech::pull_resp(gw.version, self.token, &rx1), gw.addr)
             .await;
-        tracing::info!(dev_eui = %node.dev_eui, dev_addr = format!("{dev_addr:08X}"), "LoRaWAN node joined");
     }
 
     fn call(&mut self, cmd: Command) {
@@ -735,6 +750,7 @@ pub async fn serve(
         token: 0,
         dev_status_at: HashMap::new(),
         dirty: false,
+        rx2: HashMap::new(),
     };
     st.load_counters();
     let mut stop = ctx.stop.clone();
@@ -758,11 +774,18 @@ pub async fn serve(
                         st.gateways.insert(gateway, Gateway { addr: from, version });
                         let _ = sock.send_to(&semtech::ack(version, token, ident::PULL_ACK), from).await;
                     }
-                    Ok(Up::TxAck { error: Some(e), .. }) => {
+                    Ok(Up::TxAck { error: Some(e), token, .. }) => {
                         tracing::info!(error = %e, "a gateway did not send a downlink");
                         st.ctx.counters.refuse("downlink refused by the gateway");
+                        // Too late, too early, busy...: try RX2 once.
+                        if let Some((gw, tx, _)) = st.rx2.remove(&token) {
+                            st.token = st.token.wrapping_add(1);
+                            let _ = sock.send_to(&semtech::pull_resp(gw.version, st.token, &tx), gw.addr).await;
+                        }
                     }
-                    Ok(Up::TxAck { .. }) => {}
+                    Ok(Up::TxAck { token, .. }) => {
+                        st.rx2.remove(&token);
+                    }
                     Err(e) => {
                         tracing::info!(%from, error = %e, "packet forwarder datagram dropped");
                         st.ctx.counters.refuse("malformed forwarder datagram");

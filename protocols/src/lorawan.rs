@@ -295,3 +295,28 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod join_vector {
+    /// `shared/vectors/lorawan.toml` `[[join_request]]` (source: lora-packet's tests): its MIC
+    /// verifies with the AppKey given, and not with another.
+    #[test]
+    fn the_join_request_vector_verifies_with_its_app_key() {
+        let hex = |s: &str| -> Vec<u8> {
+            (0..s.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+                .collect()
+        };
+        let phy = hex("0039363463336913AA05693574323831330489C65B1304");
+        let mut key = [0u8; 16];
+        key.copy_from_slice(&hex("98929b92c49edba9676d646d3b612456"));
+        let Ok(::lorawan::parser::PhyPayload::JoinRequest(jr)) = ::lorawan::parser::parse(phy)
+        else {
+            panic!("not a join request")
+        };
+        assert!(jr.validate_mic(&::lorawan::keys::AES128(key)));
+        key[0] ^= 1;
+        assert!(!jr.validate_mic(&::lorawan::keys::AES128(key)));
+    }
+}

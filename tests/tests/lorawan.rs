@@ -63,6 +63,12 @@ async fn recv(s: &UdpSocket) -> Vec<u8> {
 
 /// Receives until a PULL_RESP; returns its PHYPayload and txpk.
 async fn pull_resp(s: &UdpSocket) -> (Vec<u8>, Value) {
+    let (phy, txpk, _) = pull_resp_token(s).await;
+    (phy, txpk)
+}
+
+/// The same, with the PULL_RESP's token (for the TX_ACK).
+async fn pull_resp_token(s: &UdpSocket) -> (Vec<u8>, Value, [u8; 2]) {
     loop {
         let d = recv(s).await;
         if d.get(3) == Some(&0x03) {
@@ -70,7 +76,7 @@ async fn pull_resp(s: &UdpSocket) -> (Vec<u8>, Value) {
             let phy = base64::engine::general_purpose::STANDARD
                 .decode(v["txpk"]["data"].as_str().unwrap())
                 .unwrap();
-            return (phy, v["txpk"].clone());
+            return (phy, v["txpk"].clone(), [d[1], d[2]]);
         }
     }
 }
@@ -185,8 +191,22 @@ app_skey = "ec925802ae430ca77fd3dd73cb2cc588"
     // The same frame heard by a second gateway: taken once.
     fwd2.send_to(&push(2, 8, &phy), lns).await.unwrap();
     assert_eq!(recv(&fwd2).await, vec![2, 0, 8, 0x01], "PUSH_ACK");
-    let (down, txpk) = pull_resp(&fwd).await;
+    let (down, txpk, token) = pull_resp_token(&fwd).await;
     assert_eq!(txpk["tmst"], 2_000_000, "RX1: one second after the uplink");
+    // The forwarder could not send it in RX1 (TX_ACK TOO_LATE): the same frame comes for RX2.
+    let mut tx_ack = vec![2, token[0], token[1], 0x05, 0xAA, 0, 0, 0, 0, 0, 0, 1];
+    tx_ack.extend_from_slice(br#"{"txpk_ack":{"error":"TOO_LATE"}}"#);
+    fwd.send_to(&tx_ack, lns).await.unwrap();
+    let (again, rx2) = pull_resp(&fwd).await;
+    assert_eq!(again, down);
+    assert_eq!(
+        (
+            rx2["tmst"].clone(),
+            rx2["freq"].clone(),
+            rx2["datr"].clone()
+        ),
+        (json!(3_000_000), json!(869.525), json!("SF12BW125"))
+    );
     assert_eq!(txpk["freq"], 868.1);
     assert_eq!(txpk["ipol"], true);
     let Ok(PhyPayload::Data(DataPayload::Encrypted(d))) = parse(down) else {
