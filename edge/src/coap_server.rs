@@ -8,7 +8,8 @@
 //! the cloud as the device, a sub-device of the edge). Devices are keyed by their token, not by
 //! their address (NAT rebinding). Confirmable retransmissions are answered from a cache
 //! without being processed twice; large bodies arrive block-wise (RFC 7959 Block1, 64 KiB at
-//! most); every refusal is counted by its reason.
+//! most); every refusal is counted by its reason. A device is online with the gateway from its
+//! first post until 10 minutes after its last (as Alibaba shows CoAP devices).
 
 use crate::vehicle::{self, Ctx, Unknown};
 use ironlink_protocols::coap::{self, opt, Block, Code, Kind, Message};
@@ -58,6 +59,10 @@ struct Partial {
 
 struct State {
     ctx: Arc<Ctx>,
+    /// Devices that posted in the last 10 minutes (Alibaba shows a CoAP device online that
+    /// long): routed, so the uplink keeps them logged in with the gateway.
+    seen: HashMap<String, Instant>,
+    calls: tokio::sync::mpsc::Sender<crate::link::Command>,
     tokens: HashMap<String, (String, Instant)>,
     dedup: coap::Dedup<SocketAddr>,
     partial: HashMap<(SocketAddr, String), Partial>,
@@ -275,6 +280,9 @@ impl State {
                 mid,
             );
         }
+        if self.seen.insert(dn.clone(), Instant::now()).is_none() {
+            self.ctx.subs.route(&dn, self.calls.clone());
+        }
         self.ctx
             .counters
             .frames
@@ -292,8 +300,11 @@ impl State {
 
 /// Serves CoAP on `sock` until stopped.
 pub async fn serve(sock: UdpSocket, ctx: Arc<Ctx>) {
+    let (calls_tx, mut calls) = tokio::sync::mpsc::channel::<crate::link::Command>(64);
     let mut st = State {
         ctx: ctx.clone(),
+        seen: HashMap::new(),
+        calls: calls_tx,
         tokens: HashMap::new(),
         dedup: coap::Dedup::new(100_000, 247_000),
         partial: HashMap::new(),
@@ -341,8 +352,21 @@ pub async fn serve(sock: UdpSocket, ctx: Arc<Ctx>) {
                     let _ = sock.send_to(&bytes, from).await;
                 }
             }
+            Some(cmd) = calls.recv() => {
+                vehicle::answer(cmd, 460, json!({}), "a CoAP device takes no calls from the cloud (it only posts)");
+            }
             _ = sweep.tick() => {
                 st.partial.retain(|_, p| p.at.elapsed() < Duration::from_secs(60));
+                let gone: Vec<String> = st
+                    .seen
+                    .iter()
+                    .filter(|(_, at)| at.elapsed() > Duration::from_secs(600))
+                    .map(|(dn, _)| dn.clone())
+                    .collect();
+                for dn in gone {
+                    st.seen.remove(&dn);
+                    st.ctx.subs.unroute(&dn, &st.calls);
+                }
                 st.tokens.retain(|_, (_, at)| at.elapsed() < TOKEN_LIFETIME);
             }
             _ = stop.changed() => break,

@@ -410,7 +410,25 @@ async fn session(
         untracked: HashSet::new(),
         extra: 0,
     };
-    let entries: Vec<Value> = config.devices.iter().map(signed).collect();
+    // Configured sub-devices, and run-time ones whose terminals are connected now (their
+    // logins travel in the same batches: thousands of single logins would fill the client's
+    // channel before the loop that drives the connection runs).
+    let routed: Vec<(String, crate::subdevices::Identity)> = subs
+        .routed()
+        .into_iter()
+        .filter(|dn| !config.devices.iter().any(|d| &d.name == dn))
+        .filter_map(|dn| subs.get(&dn).map(|id| (dn, id)))
+        .collect();
+    let entries: Vec<Value> = config
+        .devices
+        .iter()
+        .map(signed)
+        .chain(
+            routed
+                .iter()
+                .map(|(dn, id)| signed_entry(&id.product_key, dn, &id.device_secret)),
+        )
+        .collect();
     for (i, chunk) in entries.chunks(200).enumerate() {
         let add = json!({"id": format!("topo-{i}"), "version": "1.0", "params": chunk, "method": "thing.topo.add"});
         tx.publish(
@@ -458,13 +476,7 @@ async fn session(
         gw: (gpk, gdn),
         logged_in: HashSet::new(),
     };
-    // Terminals connected now are online again with the gateway.
-    for dn in subs.routed() {
-        if let Some(id) = subs.get(&dn) {
-            login_dynamic(&mut tx, (gpk, gdn), &dn, &id).await?;
-            out.logged_in.insert(dn);
-        }
-    }
+    out.logged_in.extend(routed.into_iter().map(|(dn, _)| dn));
     let mut pending_rpcs: HashMap<String, (Instant, oneshot::Sender<Value>)> = HashMap::new();
     let mut rpc_n = 0u64;
     // Everything queued so far is the backlog; what comes after is live.

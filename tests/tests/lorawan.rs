@@ -504,3 +504,145 @@ async fn an_otaa_node_joins_and_reports() {
     assert_eq!(p, &[0, 0, 44], "setpoint 22.0 / 0.5");
     edge.shutdown().await;
 }
+
+/// Hundreds of run-time sub-devices are logged in again when the uplink reconnects (in
+/// batches: one login each used to fill the MQTT client's channel before the loop that drives
+/// the connection ran, and the uplink never came back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_uplink_comes_back_with_hundreds_of_nodes_to_log_in() {
+    const NODES: usize = 400;
+    let dir = tempfile::tempdir().unwrap();
+    let cloud_dir = dir.path().join("cloud");
+    let cloud = Cloud::start(&cloud_dir, &[]).unwrap();
+    let (mqtt, http) = (cloud.mqtt, cloud.http);
+    let gpk = create(
+        &cloud,
+        "/products",
+        json!({"name": "edge", "node_type": "gateway"}),
+    )
+    .await["product_key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let gw = create(
+        &cloud,
+        &format!("/products/{gpk}/devices"),
+        json!({"device_name": "edge-many"}),
+    )
+    .await;
+    let npk = create(
+        &cloud,
+        "/products",
+        json!({"name": "many", "node_type": "sub-device"}),
+    )
+    .await["product_key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (s, _) = cloud
+        .api(
+            Method::PATCH,
+            &format!("/products/{npk}"),
+            Some(json!({"dynamic_register": true})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 200);
+    let mut config = format!(
+        "[gateway]\nproduct_key = \"{gpk}\"\ndevice_name = \"edge-many\"\ndevice_secret = \"{}\"\n\
+         [uplink]\nhost = \"127.0.0.1\"\nport = {}\n[queue]\ndir = \"{}\"\n\
+         [lorawan]\nlisten = \"127.0.0.1:0\"\nproduct_key = \"{npk}\"\n",
+        gw["device_secret"].as_str().unwrap(),
+        mqtt.port(),
+        dir.path().join("queue").display(),
+    );
+    for i in 0..NODES {
+        config.push_str(&format!(
+            "[[lorawan.devices]]\ndev_eui = \"{:016x}\"\ndev_addr = \"{:08x}\"\nnwk_skey = \"{}\"\napp_skey = \"{}\"\n",
+            0x70B3_D57E_0000_0000u64 | i as u64,
+            0x0200_0000 | i,
+            "44024241ed4ce9a68c6a8bc055233fd3",
+            "ec925802ae430ca77fd3dd73cb2cc588",
+        ));
+    }
+    let edge = ironlink_edge::run::start(
+        ironlink_edge::config::Config::parse("edge.toml", &config).unwrap(),
+    )
+    .unwrap();
+    // Every node registered ahead of its first uplink (the identity log has them all).
+    let log = dir.path().join("queue").join("subdevices.jsonl");
+    let deadline = std::time::Instant::now() + WAIT * 4;
+    while std::fs::read_to_string(&log).map_or(0, |t| t.lines().count()) < NODES {
+        assert!(std::time::Instant::now() < deadline, "nodes not registered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The cloud goes and comes back on the same ports: the uplink must be up again.
+    cloud.kill9().unwrap();
+    let mut up = edge.uplink.clone();
+    tokio::time::timeout(
+        WAIT,
+        up.wait_for(|s| *s != ironlink_edge::uplink::State::Up),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let cloud = Cloud::start(
+        &cloud_dir,
+        &[
+            "--mqtt-listen",
+            &mqtt.to_string(),
+            "--http-listen",
+            &http.to_string(),
+        ],
+    )
+    .unwrap();
+    tokio::time::timeout(
+        WAIT * 2,
+        up.wait_for(|s| *s == ironlink_edge::uplink::State::Up),
+    )
+    .await
+    .expect("the uplink is up again")
+    .unwrap();
+    // ...and carrying data: a node's uplink reaches the cloud.
+    let mut phy = DataPayloadCreator::new();
+    phy.set_uplink(true)
+        .set_confirmed(false)
+        .set_f_port(1)
+        .set_dev_addr(&0x0200_0007u32.to_le_bytes())
+        .set_fctrl(&lorawan::parser::FCtrl::new(0, true))
+        .set_fcnt(1);
+    let data = phy
+        .build(
+            &[0x01, 0x67, 0x00, 0xD7],
+            &[],
+            &NewSKey::from(NWK),
+            &AppSKey::from(APP),
+        )
+        .unwrap()
+        .to_vec();
+    let fwd = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    fwd.send_to(&push(1, 1, &data), edge.lorawan_addr.unwrap())
+        .await
+        .unwrap();
+    let dn = format!("{:016x}", 0x70B3_D57E_0000_0007u64);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (_, v) = cloud
+            .api(
+                Method::GET,
+                &format!("/devices/{npk}/{dn}/properties"),
+                None,
+            )
+            .await
+            .unwrap();
+        if v.to_string().contains("temperature_1") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no data after the reconnect: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    edge.shutdown().await;
+}
