@@ -206,14 +206,11 @@ impl State {
         if !want.eq_ignore_ascii_case(sign) {
             return self.refuse(req, Code::UNAUTHORIZED, "bad sign", mid);
         }
-        let token: String = {
-            let mut b = [0u8; 16];
-            let t = crate::now_ms() as u128 ^ ((self.tokens.len() as u128) << 64);
-            for (i, x) in b.iter_mut().enumerate() {
-                *x = (t >> ((i % 8) * 8)) as u8 ^ want.as_bytes().get(i).copied().unwrap_or(0);
-            }
-            b.iter().map(|x| format!("{x:02x}")).collect()
-        };
+        let token = format!(
+            "{:016x}{:016x}",
+            vehicle::random_u64(),
+            vehicle::random_u64()
+        );
         self.tokens
             .retain(|_, (d, at)| d != dn && at.elapsed() < TOKEN_LIFETIME);
         self.tokens

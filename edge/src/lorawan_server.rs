@@ -470,7 +470,7 @@ impl State {
         // A fresh session: the old one (if any) goes.
         self.nodes.retain(|_, n| n.dev_eui != node.dev_eui);
         let dev_addr = dev_addr_for(&node.dev_eui, |a| self.nodes.contains_key(&a));
-        let t = (crate::now_ms() as u64) ^ (u64::from(nonce) << 20);
+        let t = vehicle::random_u64();
         let app_nonce = [(t >> 16) as u8, (t >> 8) as u8, t as u8];
         let mut ja = JoinAcceptCreator::new();
         ja.set_app_nonce(&app_nonce)

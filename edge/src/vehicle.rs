@@ -179,6 +179,17 @@ pub fn round(v: f64, digits: i32) -> Value {
     json!((v * m).round() / m)
 }
 
+/// 64 unpredictable bits: std's per-process random SipHash keys (seeded by the OS) hashing a
+/// counter and the time. Enough for tokens and nonces without another dependency.
+pub fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(N.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    h.write_i64(crate::now_ms());
+    h.finish()
+}
+
 /// A call from the cloud waiting for the terminal's answer.
 #[derive(Debug)]
 pub struct Waiting {
