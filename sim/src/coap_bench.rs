@@ -4,15 +4,15 @@
 //! per second, the answer latency, the edge's RSS and CPU; every answered post must leave the
 //! edge's queue for the cloud. Loopback only; bounded in count and time.
 
-use crate::cloud_process::{binary, cpu_ticks, rss_kib, Cloud, WAIT};
+use crate::cloud_process::{cpu_ticks, rss_kib, Cloud};
+use crate::edge_process::{wait_drained, wait_uplink, EdgeProcess};
 use crate::report::{latencies, Report, TargetReport};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use ironlink_protocols::coap::{self, opt, Code, Kind, Message};
 use ironlink_shared::sign::SignMethod;
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
@@ -30,27 +30,6 @@ pub struct CoapBench {
     pub cloud_bin: Option<PathBuf>,
     /// ironlink-edge binary.
     pub edge_bin: Option<PathBuf>,
-}
-
-struct EdgeProcess(Child);
-
-impl Drop for EdgeProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn metric(status: &str, name: &str) -> Result<f64> {
-    let text = reqwest::get(format!("http://{status}/metrics"))
-        .await?
-        .text()
-        .await?;
-    Ok(text
-        .lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
 }
 
 /// One CON request and its answer (bounded wait, retransmitted twice like a real client).
@@ -95,74 +74,30 @@ pub async fn run(o: &CoapBench) -> Result<Report> {
     let cloud_dir = dir.path().join("cloud");
     std::fs::create_dir_all(&cloud_dir)?;
     let cloud = Cloud::start_bench(o.cloud_bin.as_deref(), &cloud_dir, "")?;
-    let gpk = cloud
-        .create_product(json!({"name": "coap-gw", "node_type": "gateway"}))
-        .await?;
-    let pk = cloud
-        .create_product(json!({"name": "nb-iot", "node_type": "sub-device"}))
-        .await?;
-    let (s, v) = cloud
-        .api(
-            reqwest::Method::PATCH,
-            &format!("/products/{pk}"),
-            Some(json!({"dynamic_register": true})),
-        )
-        .await?;
-    if s != 200 {
-        bail!("dynamic registration: {s} {v}");
-    }
+    let (gpk, gsecret) = crate::edge_process::gateway(&cloud, "coap-edge").await?;
+    let pk = crate::edge_process::sub_product(&cloud, "nb-iot", None).await?;
     let devices = cloud.create_devices(&pk, o.devices).await?;
-    let (_, gw) = cloud
-        .api(
-            reqwest::Method::POST,
-            &format!("/products/{gpk}/devices"),
-            Some(json!({"device_name": "coap-edge"})),
-        )
-        .await?;
     let status_port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
     let coap_port = std::net::UdpSocket::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let config = format!(
-        "[gateway]\nproduct_key = \"{gpk}\"\ndevice_name = \"coap-edge\"\ndevice_secret = \"{}\"\n\
-         [uplink]\nhost = \"127.0.0.1\"\nport = {}\n[queue]\ndir = \"{}\"\n\
-         [status]\nlisten = \"127.0.0.1:{status_port}\"\n\
-         [coap]\nlisten = \"127.0.0.1:{coap_port}\"\nproduct_key = \"{pk}\"\n",
-        gw["device_secret"].as_str().context("gateway secret")?,
-        cloud.mqtt.port(),
-        dir.path().join("queue").display(),
-    );
+    let config =
+        crate::edge_process::config_head(
+            &gpk,
+            "coap-edge",
+            &gsecret,
+            cloud.mqtt.port(),
+            &dir.path().join("queue"),
+            status_port,
+        ) + &format!("[coap]\nlisten = \"127.0.0.1:{coap_port}\"\nproduct_key = \"{pk}\"\n");
     let cfg = dir.path().join("edge.toml");
     std::fs::write(&cfg, config)?;
-    let edge_bin = match &o.edge_bin {
-        Some(b) => b.clone(),
-        None => binary("edge", "ironlink-edge")?,
-    };
-    let edge = EdgeProcess(
-        Command::new(&edge_bin)
-            .args(["run", "--config"])
-            .arg(&cfg)
-            .env("IRONLINK_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("starting {}", edge_bin.display()))?,
-    );
-    let pid = edge.0.id();
+    let edge = EdgeProcess::spawn(o.edge_bin.as_deref(), &cfg)?;
+    let pid = edge.pid();
     let status = format!("127.0.0.1:{status_port}");
-    let deadline = Instant::now() + WAIT;
-    while metric(&status, "ironlink_edge_uplink_up")
-        .await
-        .unwrap_or(0.0)
-        < 1.0
-    {
-        if Instant::now() > deadline {
-            bail!("the edge's uplink did not come up");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_uplink(&status).await?;
     let srv: std::net::SocketAddr = ([127, 0, 0, 1], coap_port).into();
     // One socket per 500 devices; each socket's devices take turns (one exchange at a time).
     let groups: Vec<Vec<(String, String)>> = devices.chunks(500).map(<[_]>::to_vec).collect();
@@ -241,17 +176,7 @@ pub async fn run(o: &CoapBench) -> Result<Report> {
     let secs = start.elapsed().as_secs_f64();
     let cpu = (cpu_ticks(pid)?.saturating_sub(cpu0)) as f64 / 100.0 / secs.max(1e-9);
     let rss = rss_kib(pid)?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let depth = metric(&status, "ironlink_edge_queue_depth").await?;
-        if depth == 0.0 {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("{depth} posts still queued at the edge 120 s after the run");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_drained(&status, "posts").await?;
     drop(edge);
     let (p50_ms, p99_ms, max_ms) = latencies(lat);
     Ok(Report::new(

@@ -11,7 +11,8 @@
 
 use crate::apps_bench::{amqp_receiver, now_ms_f64, property_group};
 use crate::bench::percentile;
-use crate::cloud_process::{binary, cpu_ticks, Cloud, WAIT};
+use crate::cloud_process::{cpu_ticks, Cloud, WAIT};
+use crate::edge_process::{metric, EdgeProcess};
 use anyhow::{anyhow, bail, Context, Result};
 use fe2o3_amqp::link::Receiver;
 use fe2o3_amqp::types::messaging::Body;
@@ -20,7 +21,6 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use std::future;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -142,19 +142,6 @@ async fn meter(points: u16) -> Result<std::net::SocketAddr> {
     Ok(addr)
 }
 
-/// Sum of a metric over its label sets.
-async fn metric(status: &str, name: &str) -> Result<f64> {
-    let text = reqwest::get(format!("http://{status}/metrics"))
-        .await?
-        .text()
-        .await?;
-    Ok(text
-        .lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
-}
-
 /// Receives for `dur`; returns (poll time ms, latency ms, points) per message.
 async fn collect(r: &mut Receiver, dur: Duration) -> Result<Vec<(f64, f64, usize)>> {
     let end = Instant::now() + dur;
@@ -187,15 +174,6 @@ async fn collect(r: &mut Receiver, dur: Duration) -> Result<Vec<(f64, f64, usize
                 out.push((t, now - t, items.len()));
             }
         }
-    }
-}
-
-struct EdgeProcess(Child);
-
-impl Drop for EdgeProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
@@ -258,20 +236,7 @@ pub async fn run(o: &EdgeBench) -> Result<EdgeResult> {
     }
     let cfg = dir.path().join("edge.toml");
     std::fs::write(&cfg, config)?;
-    let edge_bin = match &o.edge_bin {
-        Some(b) => b.clone(),
-        None => binary("edge", "ironlink-edge")?,
-    };
-    let edge = EdgeProcess(
-        Command::new(&edge_bin)
-            .args(["run", "--config"])
-            .arg(&cfg)
-            .env("IRONLINK_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("starting {}", edge_bin.display()))?,
-    );
+    let edge = EdgeProcess::spawn(o.edge_bin.as_deref(), &cfg)?;
     let status = format!("127.0.0.1:{status_port}");
     let (conn, session, mut receiver) = amqp_receiver(&cloud, &key_id, &secret, &group).await?;
     // Warm up until every device is polled and the uplink is up.
@@ -304,7 +269,7 @@ pub async fn run(o: &EdgeBench) -> Result<EdgeResult> {
 
     // Phase 1: steady state.
     let tck = 100.0; // USER_HZ on Linux
-    let (epid, cpid) = (edge.0.id(), cloud.pid());
+    let (epid, cpid) = (edge.pid(), cloud.pid());
     let (p0, e0, c0) = (
         metric(&status, "ironlink_edge_points_total").await?,
         cpu_ticks(epid)?,

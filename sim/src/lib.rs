@@ -8,6 +8,7 @@ pub mod cloud_process;
 pub mod coap_bench;
 pub mod downlink;
 pub mod edge_bench;
+pub mod edge_process;
 pub mod fanout;
 pub mod gateway;
 pub mod ingest;

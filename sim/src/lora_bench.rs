@@ -5,15 +5,15 @@
 //! accepted per second (its counter), the edge's RSS and CPU; the run fails unless the edge's
 //! queue drains into the cloud afterwards. Loopback only; bounded in count and time.
 
-use crate::cloud_process::{binary, cpu_ticks, rss_kib, Cloud, WAIT};
+use crate::cloud_process::{cpu_ticks, rss_kib, Cloud};
+use crate::edge_process::{metric, wait_drained, wait_uplink, EdgeProcess};
 use crate::report::{Report, TargetReport};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use base64::Engine;
 use lorawan::creator::DataPayloadCreator;
 use lorawan::keys::{AppSKey, NewSKey};
 use serde_json::json;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
 
@@ -32,27 +32,6 @@ pub struct LoraBench {
     pub cloud_bin: Option<PathBuf>,
     /// ironlink-edge binary.
     pub edge_bin: Option<PathBuf>,
-}
-
-struct EdgeProcess(Child);
-
-impl Drop for EdgeProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn metric(status: &str, name: &str) -> Result<f64> {
-    let text = reqwest::get(format!("http://{status}/metrics"))
-        .await?
-        .text()
-        .await?;
-    Ok(text
-        .lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
 }
 
 fn key(i: usize, salt: u8) -> [u8; 16] {
@@ -105,44 +84,23 @@ pub async fn run(o: &LoraBench) -> Result<Report> {
     let cloud_dir = dir.path().join("cloud");
     std::fs::create_dir_all(&cloud_dir)?;
     let cloud = Cloud::start_bench(o.cloud_bin.as_deref(), &cloud_dir, "")?;
-    let gpk = cloud
-        .create_product(json!({"name": "lora-gw", "node_type": "gateway"}))
-        .await?;
-    let npk = cloud
-        .create_product(json!({"name": "lora-nodes", "node_type": "sub-device"}))
-        .await?;
-    let (s, v) = cloud
-        .api(
-            reqwest::Method::PATCH,
-            &format!("/products/{npk}"),
-            Some(json!({"dynamic_register": true})),
-        )
-        .await?;
-    if s != 200 {
-        bail!("dynamic registration: {s} {v}");
-    }
-    let (_, gw) = cloud
-        .api(
-            reqwest::Method::POST,
-            &format!("/products/{gpk}/devices"),
-            Some(json!({"device_name": "lora-edge"})),
-        )
-        .await?;
+    let (gpk, gsecret) = crate::edge_process::gateway(&cloud, "lora-edge").await?;
+    let npk = crate::edge_process::sub_product(&cloud, "lora-nodes", None).await?;
     let status_port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
     let lora_port = std::net::UdpSocket::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let mut config = format!(
-        "[gateway]\nproduct_key = \"{gpk}\"\ndevice_name = \"lora-edge\"\ndevice_secret = \"{}\"\n\
-         [uplink]\nhost = \"127.0.0.1\"\nport = {}\n[queue]\ndir = \"{}\"\n\
-         [status]\nlisten = \"127.0.0.1:{status_port}\"\n\
-         [lorawan]\nlisten = \"127.0.0.1:{lora_port}\"\nproduct_key = \"{npk}\"\n",
-        gw["device_secret"].as_str().context("gateway secret")?,
-        cloud.mqtt.port(),
-        dir.path().join("queue").display(),
-    );
+    let mut config =
+        crate::edge_process::config_head(
+            &gpk,
+            "lora-edge",
+            &gsecret,
+            cloud.mqtt.port(),
+            &dir.path().join("queue"),
+            status_port,
+        ) + &format!("[lorawan]\nlisten = \"127.0.0.1:{lora_port}\"\nproduct_key = \"{npk}\"\n");
     let hex = |k: &[u8]| k.iter().map(|b| format!("{b:02x}")).collect::<String>();
     for i in 0..o.nodes {
         config.push_str(&format!(
@@ -155,33 +113,10 @@ pub async fn run(o: &LoraBench) -> Result<Report> {
     }
     let cfg = dir.path().join("edge.toml");
     std::fs::write(&cfg, config)?;
-    let edge_bin = match &o.edge_bin {
-        Some(b) => b.clone(),
-        None => binary("edge", "ironlink-edge")?,
-    };
-    let edge = EdgeProcess(
-        Command::new(&edge_bin)
-            .args(["run", "--config"])
-            .arg(&cfg)
-            .env("IRONLINK_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("starting {}", edge_bin.display()))?,
-    );
-    let pid = edge.0.id();
+    let edge = EdgeProcess::spawn(o.edge_bin.as_deref(), &cfg)?;
+    let pid = edge.pid();
     let status = format!("127.0.0.1:{status_port}");
-    let deadline = Instant::now() + WAIT;
-    while metric(&status, "ironlink_edge_uplink_up")
-        .await
-        .unwrap_or(0.0)
-        < 1.0
-    {
-        if Instant::now() > deadline {
-            bail!("the edge's uplink did not come up");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_uplink(&status).await?;
     let lns: std::net::SocketAddr = ([127, 0, 0, 1], lora_port).into();
     let mut fwds = Vec::new();
     for g in 0..o.forwarders.max(1) {
@@ -263,17 +198,7 @@ pub async fn run(o: &LoraBench) -> Result<Report> {
     let rss = rss_kib(pid)?;
     let refused =
         metric(&status, "ironlink_edge_refused_total{protocol=\"lorawan\"").await? - refused_before;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let depth = metric(&status, "ironlink_edge_queue_depth").await?;
-        if depth == 0.0 {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("{depth} uplinks still queued at the edge 120 s after the run");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_drained(&status, "uplinks").await?;
     drop(edge);
     let accepted = accepted as u64;
     Ok(Report::new(

@@ -6,14 +6,14 @@
 //! `bench codecs`: frames decoded per second on one core, JT/T 808 and GB/T 32960.
 //! Loopback only; bounded in count and time.
 
-use crate::cloud_process::{binary, cpu_ticks, rss_kib, Cloud, WAIT};
+use crate::cloud_process::{cpu_ticks, rss_kib, Cloud};
+use crate::edge_process::{wait_drained, wait_uplink, EdgeProcess};
 use crate::report::{latencies, Report, TargetReport};
 use crate::vehicles::{location, Terminal};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use ironlink_protocols::{gb32960 as g, jt808 as j};
 use serde_json::json;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
@@ -33,27 +33,6 @@ pub struct VehiclesBench {
     pub edge_bin: Option<PathBuf>,
 }
 
-struct EdgeProcess(Child);
-
-impl Drop for EdgeProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn metric(status: &str, name: &str) -> Result<f64> {
-    let text = reqwest::get(format!("http://{status}/metrics"))
-        .await?
-        .text()
-        .await?;
-    Ok(text
-        .lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
-}
-
 /// Runs the benchmark.
 pub async fn run(o: &VehiclesBench) -> Result<Report> {
     crate::cloud_process::fd_budget(o.terminals)?;
@@ -61,88 +40,32 @@ pub async fn run(o: &VehiclesBench) -> Result<Report> {
     let cloud_dir = dir.path().join("cloud");
     std::fs::create_dir_all(&cloud_dir)?;
     let cloud = Cloud::start_bench(o.cloud_bin.as_deref(), &cloud_dir, "")?;
-    let gpk = cloud
-        .create_product(json!({"name": "vehicles-gw", "node_type": "gateway"}))
-        .await?;
-    let tpk = cloud
-        .create_product(json!({"name": "jt808", "node_type": "sub-device"}))
-        .await?;
+    let (gpk, gsecret) = crate::edge_process::gateway(&cloud, "vehicles-edge").await?;
     let tsl: serde_json::Value =
         serde_json::from_str(include_str!("../../docs/tsl-templates/jt808-terminal.json"))?;
-    let (s, v) = cloud
-        .api(
-            reqwest::Method::PUT,
-            &format!("/products/{tpk}/thing-model"),
-            Some(tsl),
-        )
-        .await?;
-    if s >= 300 {
-        bail!("thing model: {s} {v}");
-    }
-    let (s, v) = cloud
-        .api(
-            reqwest::Method::PATCH,
-            &format!("/products/{tpk}"),
-            Some(json!({"dynamic_register": true})),
-        )
-        .await?;
-    if s != 200 {
-        bail!("dynamic registration: {s} {v}");
-    }
-    let (_, gw) = cloud
-        .api(
-            reqwest::Method::POST,
-            &format!("/products/{gpk}/devices"),
-            Some(json!({"device_name": "vehicles-edge"})),
-        )
-        .await?;
+    let tpk = crate::edge_process::sub_product(&cloud, "jt808", Some(tsl)).await?;
     let free = || -> Result<u16> {
         Ok(std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port())
     };
     let (status_port, jt_port) = (free()?, free()?);
-    let config = format!(
-        "[gateway]\nproduct_key = \"{gpk}\"\ndevice_name = \"vehicles-edge\"\ndevice_secret = \"{}\"\n\
-         [uplink]\nhost = \"127.0.0.1\"\nport = {}\n[queue]\ndir = \"{}\"\n\
-         [status]\nlisten = \"127.0.0.1:{status_port}\"\n\
-         [jt808]\nlisten = \"127.0.0.1:{jt_port}\"\nproduct_key = \"{tpk}\"\nanswer_timeout = \"30s\"\n",
-        gw["device_secret"].as_str().context("gateway secret")?,
+    let config = crate::edge_process::config_head(
+        &gpk,
+        "vehicles-edge",
+        &gsecret,
         cloud.mqtt.port(),
-        dir.path().join("queue").display(),
+        &dir.path().join("queue"),
+        status_port,
+    ) + &format!(
+        "[jt808]\nlisten = \"127.0.0.1:{jt_port}\"\nproduct_key = \"{tpk}\"\nanswer_timeout = \"30s\"\n"
     );
     let cfg = dir.path().join("edge.toml");
     std::fs::write(&cfg, config)?;
-    let edge_bin = match &o.edge_bin {
-        Some(b) => b.clone(),
-        None => binary("edge", "ironlink-edge")?,
-    };
-    let edge = EdgeProcess(
-        Command::new(&edge_bin)
-            .args(["run", "--config"])
-            .arg(&cfg)
-            .env(
-                "IRONLINK_LOG",
-                std::env::var("IRONLINK_EDGE_LOG").unwrap_or_else(|_| "error".into()),
-            )
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("starting {}", edge_bin.display()))?,
-    );
-    let pid = edge.0.id();
+    let edge = EdgeProcess::spawn(o.edge_bin.as_deref(), &cfg)?;
+    let pid = edge.pid();
     let status = format!("127.0.0.1:{status_port}");
-    let deadline = Instant::now() + WAIT;
-    while metric(&status, "ironlink_edge_uplink_up")
-        .await
-        .unwrap_or(0.0)
-        < 1.0
-    {
-        if Instant::now() > deadline {
-            bail!("the edge's uplink did not come up");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_uplink(&status).await?;
     let rss_idle = rss_kib(pid)?;
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], jt_port).into();
 
@@ -212,17 +135,7 @@ pub async fn run(o: &VehiclesBench) -> Result<Report> {
     let cpu = (cpu_ticks(pid)?.saturating_sub(cpu0)) as f64 / 100.0 / secs.max(1e-9);
     let rss_loaded = rss_kib(pid)?;
     // Everything acknowledged must reach the cloud: the edge's queue empties.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let depth = metric(&status, "ironlink_edge_queue_depth").await?;
-        if depth == 0.0 {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("{depth} reports still queued at the edge 120 s after the run");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_drained(&status, "reports").await?;
     let acked = sent - refused;
     let per_terminal =
         (rss_loaded.saturating_sub(rss_idle) * 1024) as f64 / held.len().max(1) as f64;
