@@ -2,3 +2,21 @@
 //! use come from `ironlink-sim`, which the simulator and benchmarks share.
 
 pub use ironlink_sim::cloud_process::*;
+pub use ironlink_sim::edge_process::{gateway, sub_product};
+
+/// Starts an edge gateway in this process from its configuration (TOML) and waits (bounded)
+/// until its uplink is up.
+pub async fn start_edge(config: &str) -> Result<ironlink_edge::run::Running, String> {
+    let config =
+        ironlink_edge::config::Config::parse("edge.toml", config).map_err(|e| e.to_string())?;
+    let edge = ironlink_edge::run::start(config).map_err(|e| e.to_string())?;
+    let mut up = edge.uplink.clone();
+    tokio::time::timeout(
+        WAIT,
+        up.wait_for(|s| *s == ironlink_edge::uplink::State::Up),
+    )
+    .await
+    .map_err(|_| "the edge's uplink did not come up".to_owned())?
+    .map_err(|e| e.to_string())?;
+    Ok(edge)
+}

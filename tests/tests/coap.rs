@@ -41,39 +41,8 @@ fn post(mid: u16, path: &str, token: Option<&str>, body: &Value) -> Message {
 async fn an_nb_iot_device_authenticates_and_posts_over_coap() {
     let dir = tempfile::tempdir().unwrap();
     let cloud = Cloud::start(&dir.path().join("cloud"), &[]).unwrap();
-    let gpk = create(
-        &cloud,
-        "/products",
-        json!({"name": "edge", "node_type": "gateway"}),
-    )
-    .await["product_key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let gw = create(
-        &cloud,
-        &format!("/products/{gpk}/devices"),
-        json!({"device_name": "edge-coap"}),
-    )
-    .await;
-    let pk = create(
-        &cloud,
-        "/products",
-        json!({"name": "nb", "node_type": "sub-device"}),
-    )
-    .await["product_key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let (s, _) = cloud
-        .api(
-            Method::PATCH,
-            &format!("/products/{pk}"),
-            Some(json!({"dynamic_register": true})),
-        )
-        .await
-        .unwrap();
-    assert_eq!(s, 200);
+    let (gpk, gsecret) = gateway(&cloud, "edge-coap").await.unwrap();
+    let pk = sub_product(&cloud, "nb", None).await.unwrap();
     let secret = create(
         &cloud,
         &format!("/products/{pk}/devices"),
@@ -87,22 +56,11 @@ async fn an_nb_iot_device_authenticates_and_posts_over_coap() {
         "[gateway]\nproduct_key = \"{gpk}\"\ndevice_name = \"edge-coap\"\ndevice_secret = \"{}\"\n\
          [uplink]\nhost = \"127.0.0.1\"\nport = {}\n[queue]\ndir = \"{}\"\n\
          [coap]\nlisten = \"127.0.0.1:0\"\nproduct_key = \"{pk}\"\n",
-        gw["device_secret"].as_str().unwrap(),
+        gsecret,
         cloud.mqtt.port(),
         dir.path().join("queue").display(),
     );
-    let edge = ironlink_edge::run::start(
-        ironlink_edge::config::Config::parse("edge.toml", &config).unwrap(),
-    )
-    .unwrap();
-    let mut up = edge.uplink.clone();
-    tokio::time::timeout(
-        WAIT,
-        up.wait_for(|s| *s == ironlink_edge::uplink::State::Up),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let edge = start_edge(&config).await.unwrap();
     let srv = edge.coap_addr.unwrap();
     let dev = UdpSocket::bind("127.0.0.1:0").await.unwrap();
 

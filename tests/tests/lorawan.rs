@@ -81,63 +81,17 @@ async fn pull_resp_token(s: &UdpSocket) -> (Vec<u8>, Value, [u8; 2]) {
     }
 }
 
-async fn create(c: &Cloud, path: &str, body: Value) -> Value {
-    let (s, v) = c.api(Method::POST, path, Some(body)).await.unwrap();
-    assert_eq!(s, 201, "{path}: {v}");
-    v
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abp_node_reports_through_a_packet_forwarder_and_gets_its_downlinks() {
     let dir = tempfile::tempdir().unwrap();
     let cloud = Cloud::start(&dir.path().join("cloud"), &[]).unwrap();
-    let gpk = create(
-        &cloud,
-        "/products",
-        json!({"name": "edge", "node_type": "gateway"}),
-    )
-    .await["product_key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let gw = create(
-        &cloud,
-        &format!("/products/{gpk}/devices"),
-        json!({"device_name": "edge-lora"}),
-    )
-    .await;
-    let npk = create(
-        &cloud,
-        "/products",
-        json!({"name": "lora-nodes", "node_type": "sub-device"}),
-    )
-    .await["product_key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (gpk, gsecret) = gateway(&cloud, "edge-lora").await.unwrap();
     let num = |id: &str| json!({"identifier": id, "name": id, "accessMode": "r", "dataType": {"type": "double", "specs": {"min": "-1000", "max": "4294967295"}}});
     let tsl = json!({"properties": [num("temperature_1"), num("humidity_2"), num("rssi"), num("snr"), num("fcnt")],
         "events": [], "services": [{"identifier": "Downlink", "name": "Downlink", "callType": "async", "inputData": [
             {"identifier": "fport", "name": "FPort", "dataType": {"type": "int", "specs": {"min": "1", "max": "223"}}},
             {"identifier": "payload", "name": "Payload (hex)", "dataType": {"type": "text", "specs": {"length": "102"}}}], "outputData": []}]});
-    let (s, v) = cloud
-        .api(
-            Method::PUT,
-            &format!("/products/{npk}/thing-model"),
-            Some(tsl),
-        )
-        .await
-        .unwrap();
-    assert!(s < 300, "{v}");
-    let (s, _) = cloud
-        .api(
-            Method::PATCH,
-            &format!("/products/{npk}"),
-            Some(json!({"dynamic_register": true})),
-        )
-        .await
-        .unwrap();
-    assert_eq!(s, 200);
+    let npk = sub_product(&cloud, "lora-nodes", Some(tsl)).await.unwrap();
     let config = format!(
         r#"
 [gateway]
@@ -160,22 +114,11 @@ dev_addr = "49BE7DF1"
 nwk_skey = "44024241ed4ce9a68c6a8bc055233fd3"
 app_skey = "ec925802ae430ca77fd3dd73cb2cc588"
 "#,
-        secret = gw["device_secret"].as_str().unwrap(),
+        secret = gsecret,
         port = cloud.mqtt.port(),
         queue = dir.path().join("queue").display(),
     );
-    let edge = ironlink_edge::run::start(
-        ironlink_edge::config::Config::parse("edge.toml", &config).unwrap(),
-    )
-    .unwrap();
-    let mut up = edge.uplink.clone();
-    tokio::time::timeout(
-        WAIT,
-        up.wait_for(|s| *s == ironlink_edge::uplink::State::Up),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let edge = start_edge(&config).await.unwrap();
     let lns = edge.lorawan_addr.unwrap();
     let fwd = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let fwd2 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -320,39 +263,8 @@ app_skey = "ec925802ae430ca77fd3dd73cb2cc588"
 async fn an_otaa_node_joins_and_reports() {
     let dir = tempfile::tempdir().unwrap();
     let cloud = Cloud::start(&dir.path().join("cloud"), &[]).unwrap();
-    let gpk = create(
-        &cloud,
-        "/products",
-        json!({"name": "edge", "node_type": "gateway"}),
-    )
-    .await["product_key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let gw = create(
-        &cloud,
-        &format!("/products/{gpk}/devices"),
-        json!({"device_name": "edge-otaa"}),
-    )
-    .await;
-    let npk = create(
-        &cloud,
-        "/products",
-        json!({"name": "otaa-nodes", "node_type": "sub-device"}),
-    )
-    .await["product_key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let (s, _) = cloud
-        .api(
-            Method::PATCH,
-            &format!("/products/{npk}"),
-            Some(json!({"dynamic_register": true})),
-        )
-        .await
-        .unwrap();
-    assert_eq!(s, 200);
+    let (gpk, gsecret) = gateway(&cloud, "edge-otaa").await.unwrap();
+    let npk = sub_product(&cloud, "otaa-nodes", None).await.unwrap();
     let prop = |id: &str, mode: &str| json!({"identifier": id, "name": id, "accessMode": mode, "dataType": {"type": "double", "specs": {"min": "-1000", "max": "4294967295"}}});
     let tsl = json!({"properties": [prop("temperature", "r"), prop("setpoint", "rw"), prop("rssi", "r"), prop("snr", "r"), prop("fcnt", "r")], "events": [], "services": []});
     let (s, v) = cloud
@@ -373,22 +285,11 @@ async fn an_otaa_node_joins_and_reports() {
          decoder = \"layout\"\ndownlink_fport = 7\n\
          [[lorawan.devices.layout]]\nidentifier = \"temperature\"\noffset = 0\ntype = \"i16\"\nscale = 0.01\n\
          [[lorawan.devices.layout]]\nidentifier = \"setpoint\"\noffset = 2\ntype = \"u8\"\nscale = 0.5\n",
-        gw["device_secret"].as_str().unwrap(),
+        gsecret,
         cloud.mqtt.port(),
         dir.path().join("queue").display(),
     );
-    let edge = ironlink_edge::run::start(
-        ironlink_edge::config::Config::parse("edge.toml", &config).unwrap(),
-    )
-    .unwrap();
-    let mut up = edge.uplink.clone();
-    tokio::time::timeout(
-        WAIT,
-        up.wait_for(|s| *s == ironlink_edge::uplink::State::Up),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let edge = start_edge(&config).await.unwrap();
     let lns = edge.lorawan_addr.unwrap();
     let fwd = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     fwd.send_to(&[2, 0, 1, 0x02, 0xAA, 0, 0, 0, 0, 0, 0, 1], lns)
@@ -515,44 +416,13 @@ async fn the_uplink_comes_back_with_hundreds_of_nodes_to_log_in() {
     let cloud_dir = dir.path().join("cloud");
     let cloud = Cloud::start(&cloud_dir, &[]).unwrap();
     let (mqtt, http) = (cloud.mqtt, cloud.http);
-    let gpk = create(
-        &cloud,
-        "/products",
-        json!({"name": "edge", "node_type": "gateway"}),
-    )
-    .await["product_key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let gw = create(
-        &cloud,
-        &format!("/products/{gpk}/devices"),
-        json!({"device_name": "edge-many"}),
-    )
-    .await;
-    let npk = create(
-        &cloud,
-        "/products",
-        json!({"name": "many", "node_type": "sub-device"}),
-    )
-    .await["product_key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let (s, _) = cloud
-        .api(
-            Method::PATCH,
-            &format!("/products/{npk}"),
-            Some(json!({"dynamic_register": true})),
-        )
-        .await
-        .unwrap();
-    assert_eq!(s, 200);
+    let (gpk, gsecret) = gateway(&cloud, "edge-many").await.unwrap();
+    let npk = sub_product(&cloud, "many", None).await.unwrap();
     let mut config = format!(
         "[gateway]\nproduct_key = \"{gpk}\"\ndevice_name = \"edge-many\"\ndevice_secret = \"{}\"\n\
          [uplink]\nhost = \"127.0.0.1\"\nport = {}\n[queue]\ndir = \"{}\"\n\
          [lorawan]\nlisten = \"127.0.0.1:0\"\nproduct_key = \"{npk}\"\n",
-        gw["device_secret"].as_str().unwrap(),
+        gsecret,
         mqtt.port(),
         dir.path().join("queue").display(),
     );

@@ -30,48 +30,14 @@ async fn setup(
     tsl: &str,
 ) -> (Cloud, ironlink_edge::run::Running, String, String) {
     let cloud = Cloud::start(&dir.join("cloud"), &[]).unwrap();
-    let gpk = create(
+    let (gpk, gsecret) = gateway(&cloud, "edge-01").await.unwrap();
+    let tpk = sub_product(
         &cloud,
-        "/products",
-        json!({"name": "edge", "node_type": "gateway"}),
+        "terminals",
+        Some(serde_json::from_str(tsl).unwrap()),
     )
-    .await["product_key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let gw = create(
-        &cloud,
-        &format!("/products/{gpk}/devices"),
-        json!({"device_name": "edge-01"}),
-    )
-    .await;
-    let tpk = create(
-        &cloud,
-        "/products",
-        json!({"name": "terminals", "node_type": "sub-device"}),
-    )
-    .await["product_key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let (s, v) = cloud
-        .api(
-            Method::PUT,
-            &format!("/products/{tpk}/thing-model"),
-            Some(serde_json::from_str(tsl).unwrap()),
-        )
-        .await
-        .unwrap();
-    assert!(s == 200 || s == 201, "thing model: {s} {v}");
-    let (s, v) = cloud
-        .api(
-            Method::PATCH,
-            &format!("/products/{tpk}"),
-            Some(json!({"dynamic_register": true})),
-        )
-        .await
-        .unwrap();
-    assert_eq!(s, 200, "{v}");
+    .await
+    .unwrap();
     let config = format!(
         r#"
 [gateway]
@@ -94,20 +60,11 @@ listen = "127.0.0.1:0"
 product_key = "{tpk}"
 answer_timeout = "5s"
 "#,
-        secret = gw["device_secret"].as_str().unwrap(),
+        secret = gsecret,
         port = cloud.mqtt.port(),
         queue = dir.join("queue").display(),
     );
-    let config = ironlink_edge::config::Config::parse("edge.toml", &config).unwrap();
-    let edge = ironlink_edge::run::start(config).unwrap();
-    let mut up = edge.uplink.clone();
-    tokio::time::timeout(
-        WAIT,
-        up.wait_for(|s| *s == ironlink_edge::uplink::State::Up),
-    )
-    .await
-    .expect("uplink up")
-    .unwrap();
+    let edge = start_edge(&config).await.unwrap();
     (cloud, edge, gpk, tpk)
 }
 
