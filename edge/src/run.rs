@@ -155,22 +155,16 @@ pub fn start(config: Config) -> Result<Running, StartError> {
             }))
         });
     }
-    let mut lorawan_addr = None;
-    if let Some(l) = &config.lorawan {
-        let addr = l.listen;
+    // UDP servers: a socket and a context (the registry, the queue, counters) each.
+    let udp = |what: &'static str, addr: std::net::SocketAddr, product_key: &str| {
         let sock = std::net::UdpSocket::bind(addr)
             .and_then(|s| s.set_nonblocking(true).map(|_| s))
             .and_then(tokio::net::UdpSocket::from_std)
-            .map_err(|source| StartError::Listen {
-                what: "lorawan",
-                addr,
-                source,
-            })?;
-        lorawan_addr = sock.local_addr().ok();
+            .map_err(|source| StartError::Listen { what, addr, source })?;
         let ctx = Arc::new(crate::vehicle::Ctx {
             cfg: crate::config::VehicleServer {
                 listen: addr,
-                product_key: l.product_key.clone(),
+                product_key: product_key.to_owned(),
                 idle_timeout: Duration::from_secs(3600),
                 answer_timeout: Duration::from_secs(10),
                 max_terminals: 0,
@@ -181,6 +175,12 @@ pub fn start(config: Config) -> Result<Running, StartError> {
             stop: stop_rx.clone(),
             counters: Arc::default(),
         });
+        Ok::<_, StartError>((sock, ctx))
+    };
+    let mut lorawan_addr = None;
+    if let Some(l) = &config.lorawan {
+        let (sock, ctx) = udp("lorawan", l.listen, &l.product_key)?;
+        lorawan_addr = sock.local_addr().ok();
         vehicle_counters.push(("lorawan", ctx.counters.clone()));
         // Checked when the configuration was loaded.
         let nodes = l
@@ -198,30 +198,8 @@ pub fn start(config: Config) -> Result<Running, StartError> {
     }
     let mut coap_addr = None;
     if let Some(c) = &config.coap {
-        let addr = c.listen;
-        let sock = std::net::UdpSocket::bind(addr)
-            .and_then(|s| s.set_nonblocking(true).map(|_| s))
-            .and_then(tokio::net::UdpSocket::from_std)
-            .map_err(|source| StartError::Listen {
-                what: "coap",
-                addr,
-                source,
-            })?;
+        let (sock, ctx) = udp("coap", c.listen, &c.product_key)?;
         coap_addr = sock.local_addr().ok();
-        let ctx = Arc::new(crate::vehicle::Ctx {
-            cfg: crate::config::VehicleServer {
-                listen: addr,
-                product_key: c.product_key.clone(),
-                idle_timeout: Duration::from_secs(3600),
-                answer_timeout: Duration::from_secs(10),
-                max_terminals: 0,
-            },
-            sink: sink.clone(),
-            subs: subs.clone(),
-            rpc: rpc_tx.clone(),
-            stop: stop_rx.clone(),
-            counters: Arc::default(),
-        });
         vehicle_counters.push(("coap", ctx.counters.clone()));
         tasks.push(tokio::spawn(crate::coap_server::serve(sock, ctx)));
     }
