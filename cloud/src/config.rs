@@ -26,6 +26,8 @@ pub struct Config {
     pub thing: ThingConfig,
     /// Application access (consumer groups, AMQP).
     pub apps: AppsConfig,
+    /// Rules engine and data-parsing scripts.
+    pub rules: RulesConfig,
 }
 
 impl Default for Config {
@@ -39,6 +41,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             thing: ThingConfig::default(),
             apps: AppsConfig::default(),
+            rules: RulesConfig::default(),
         }
     }
 }
@@ -160,6 +163,39 @@ impl Default for AppsConfig {
             queue_max_messages: 1_000_000,
             realtime_window: 256,
             mqtt_session_queue: 65_536,
+        }
+    }
+}
+
+/// Rules engine and data-parsing scripts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RulesConfig {
+    /// Device messages waiting for evaluation at most; when full, messages are dropped for the
+    /// rules (counted in `ironlink_rules_input_dropped_total`), never for storage.
+    pub queue: usize,
+    /// Groups a windowed rule keeps at most (further groups' messages are dropped, counted).
+    pub max_groups: usize,
+    /// Values a sliding window keeps per group at most.
+    pub max_window_values: usize,
+    /// Rules at most.
+    pub max_rules: usize,
+    /// Time limit of one data-parsing script call.
+    #[serde(with = "humantime_serde")]
+    pub script_time_limit: Duration,
+    /// Memory limit of a product's script runtime, MiB.
+    pub script_memory_mib: usize,
+}
+
+impl Default for RulesConfig {
+    fn default() -> Self {
+        Self {
+            queue: 65_536,
+            max_groups: 100_000,
+            max_window_values: 10_000,
+            max_rules: 10_000,
+            script_time_limit: Duration::from_millis(50),
+            script_memory_mib: 16,
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod presence;
 pub mod registry;
 pub mod router;
+pub mod rules;
 pub mod server;
 pub mod storage;
 pub mod thing;

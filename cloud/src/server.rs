@@ -43,6 +43,8 @@ pub struct Running {
     tasks: Vec<JoinHandle<()>>,
     presence_task: JoinHandle<()>,
     thing_tasks: Vec<JoinHandle<()>>,
+    rules_stop: watch::Sender<bool>,
+    rules_task: JoinHandle<()>,
 }
 
 fn load_or_create_token(config: &Config) -> anyhow::Result<(String, bool)> {
@@ -106,6 +108,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         presence_stop_rx.clone(),
     );
     let sessions = Arc::new(Sessions::default());
+    let scripts = Arc::new(crate::rules::script::Scripts::new(
+        crate::rules::script::Limits {
+            time: config.rules.script_time_limit,
+            memory: config.rules.script_memory_mib.max(1) * 1024 * 1024,
+        },
+    ));
     let (thing, more) = crate::thing::Thing::start(
         db.clone(),
         router.clone(),
@@ -113,9 +121,29 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         metrics.clone(),
         config.clone(),
         apps.clone(),
+        scripts.clone(),
         presence_stop_rx.clone(),
     );
     thing_tasks.extend(more);
+    let (rules_stop, rules_stop_rx) = watch::channel(false);
+    let (rules, rules_task) = crate::rules::Engine::start(
+        crate::rules::actions::Deps {
+            db: db.clone(),
+            router: router.clone(),
+            thing: Arc::downgrade(&thing),
+            http: reqwest::Client::new(),
+        },
+        crate::rules::Limits {
+            queue: config.rules.queue,
+            max_groups: config.rules.max_groups,
+            max_window_values: config.rules.max_window_values,
+            max_rules: config.rules.max_rules,
+        },
+        scripts,
+        rules_stop_rx,
+    )
+    .await?;
+    apps.set_rules(rules.clone());
     let shared = Arc::new(Shared {
         config: config.clone(),
         db,
@@ -125,6 +153,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         metrics,
         thing,
         apps,
+        rules,
     });
     let limiter = Arc::new(ConnectLimiter::new(
         config.mqtt.connects_per_second,
@@ -207,6 +236,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tasks,
         presence_task,
         thing_tasks,
+        rules_stop,
+        rules_task,
     })
 }
 
@@ -230,6 +261,9 @@ impl Running {
         for t in self.thing_tasks {
             let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
         }
+        // Last: every device message is in, so the window state saved is complete.
+        let _ = self.rules_stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.rules_task).await;
         self.shared.db.close().await;
     }
 }

@@ -348,6 +348,7 @@ impl Db {
             "DELETE FROM raw_messages WHERE product_key = $1",
             "DELETE FROM topology WHERE gateway_product_key = $1",
             "DELETE FROM devices WHERE product_key = $1",
+            "DELETE FROM product_scripts WHERE product_key = $1",
         ] {
             sqlx::query(sql).bind(pk).execute(&mut *tx).await?;
         }

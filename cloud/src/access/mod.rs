@@ -37,6 +37,8 @@ pub struct Shared {
     pub thing: Arc<crate::thing::Thing>,
     /// Application access.
     pub apps: Arc<crate::apps::Apps>,
+    /// Rules engine and data-parsing scripts.
+    pub rules: Arc<crate::rules::Engine>,
 }
 
 /// Token bucket for new connections.

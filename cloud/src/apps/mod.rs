@@ -212,6 +212,9 @@ pub struct Apps {
     /// Highest queue row id the writer has finished offering in real time: the replay leaves
     /// rows above it to the writer (else a fresh message could go out twice, once from each).
     offered: AtomicI64,
+    /// The rules engine, which sees every device message consumer groups could (set once at
+    /// start, after the thing layer it acts through exists).
+    rules: std::sync::OnceLock<Arc<crate::rules::Engine>>,
 }
 
 impl std::fmt::Debug for Job {
@@ -247,6 +250,7 @@ impl Apps {
             next_client: AtomicU64::new(1),
             metrics,
             offered: AtomicI64::new(0),
+            rules: std::sync::OnceLock::new(),
         });
         // Rows queued before this start are the replay's from the first moment.
         apps.offered
@@ -384,8 +388,16 @@ impl Apps {
         self.groups.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// True when some group takes `kind` messages of `pk`.
+    /// Connects the rules engine.
+    pub fn set_rules(&self, engine: Arc<crate::rules::Engine>) {
+        let _ = self.rules.set(engine);
+    }
+
+    /// True when some group, or a rule, takes `kind` messages of `pk`.
     pub fn wants(&self, pk: &str, kind: MessageType) -> bool {
+        if self.rules.get().is_some_and(|r| r.wants(pk, kind)) {
+            return true;
+        }
         self.subs
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -401,6 +413,11 @@ impl Apps {
 
     /// Like [`Apps::publish`] for several messages, committed together.
     pub async fn publish_many(&self, messages: Vec<Outgoing>) -> bool {
+        if let Some(rules) = self.rules.get() {
+            for m in &messages {
+                rules.offer(m);
+            }
+        }
         let mut rows = Vec::new();
         {
             let subs = self.subs.read().unwrap_or_else(|e| e.into_inner());

@@ -126,6 +126,8 @@ pub struct Thing {
     ext_rrpc: Mutex<std::collections::HashSet<(String, String)>>,
     /// Application access: what devices send, for consumer groups.
     pub apps: Arc<crate::apps::Apps>,
+    /// Per-product data-parsing scripts (raw uplinks and downlinks).
+    pub scripts: Arc<crate::rules::script::Scripts>,
 }
 
 impl Thing {
@@ -138,6 +140,7 @@ impl Thing {
         metrics: Arc<Metrics>,
         config: Arc<Config>,
         apps: Arc<crate::apps::Apps>,
+        scripts: Arc<crate::rules::script::Scripts>,
         stop: watch::Receiver<bool>,
     ) -> (Arc<Self>, Vec<JoinHandle<()>>) {
         let (tx, rx) = mpsc::channel(16_384);
@@ -161,6 +164,7 @@ impl Thing {
             calls: calls::Pending::default(),
             ext_rrpc: Mutex::default(),
             apps,
+            scripts,
         });
         let sweeper = tokio::spawn(calls::sweep(thing.clone(), stop));
         (thing, vec![writer_task, sweeper])
@@ -227,6 +231,29 @@ impl Thing {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .contains(&(pk.to_owned(), dn.to_owned()))
+    }
+
+    /// Stores values a rule derived as property values of a device (time series), at `ts`.
+    /// False when they could not be stored.
+    pub async fn store_derived(
+        &self,
+        pk: &str,
+        dn: &str,
+        values: &serde_json::Map<String, Value>,
+        ts: i64,
+    ) -> bool {
+        let rows = values
+            .iter()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(id, v)| {
+                (
+                    (pk.to_owned(), dn.to_owned(), id.clone()),
+                    ts,
+                    v.to_string(),
+                )
+            })
+            .collect();
+        self.store(rows, Vec::new(), Vec::new()).await
     }
 
     /// Queues rows for storage and waits for their commit; false when they could not be stored.

@@ -1,0 +1,768 @@
+//! Rule actions. Each action of each rule runs behind its own bounded queue, on its own
+//! tasks: a slow webhook fills its own queue (and then drops, counted, with the reason), never
+//! the evaluation of other rules or device ingestion. Failed deliveries are retried with
+//! exponential backoff; after the last attempt the output goes to the dead-letter store.
+
+use super::eval::text;
+use crate::registry::now_ms;
+use crate::router::{Message, Router};
+use crate::storage::Db;
+use crate::thing::calls::Kind;
+use crate::thing::Thing;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// What an action does.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ActionKind {
+    /// Publishes the output (JSON) on a topic of the platform's broker: an application's
+    /// topic or a device's downlink (`/{pk}/{dn}/user/...`).
+    Republish {
+        /// Topic; `${field}`, `${productKey}`, `${deviceName}` are replaced.
+        topic: String,
+        /// QoS 0 or 1.
+        #[serde(default)]
+        qos: u8,
+    },
+    /// POSTs the output as JSON to a URL.
+    Webhook {
+        /// http:// or https:// URL.
+        url: String,
+        /// Extra headers.
+        #[serde(default)]
+        headers: BTreeMap<String, String>,
+        /// Per-request timeout.
+        #[serde(default = "default_timeout_ms")]
+        timeout_ms: u64,
+        /// Requests in flight at once.
+        #[serde(default = "default_concurrency")]
+        concurrency: usize,
+    },
+    /// Appends the output to a user table in the platform's database
+    /// (`GET /api/v1/rule-tables/{table}`).
+    Table {
+        /// Table name.
+        table: String,
+    },
+    /// Stores the output's fields as property values of a device (derived series), in the
+    /// time-series storage.
+    Timeseries {
+        /// Product; the message's when absent.
+        #[serde(default)]
+        product_key: Option<String>,
+        /// Device; the message's when absent.
+        #[serde(default)]
+        device_name: Option<String>,
+    },
+    /// Inserts the output as a row of an external PostgreSQL table: one column per field.
+    Postgres {
+        /// `postgres://...` URL.
+        url: String,
+        /// Table (`name` or `schema.name`).
+        table: String,
+    },
+    /// Publishes the output to an external MQTT broker.
+    Mqtt {
+        /// Broker host.
+        host: String,
+        /// Broker port.
+        #[serde(default = "default_mqtt_port")]
+        port: u16,
+        /// Topic; templated like republish.
+        topic: String,
+        /// QoS 0 or 1.
+        #[serde(default)]
+        qos: u8,
+        /// Client id (generated when absent).
+        #[serde(default)]
+        client_id: Option<String>,
+        /// User name.
+        #[serde(default)]
+        username: Option<String>,
+        /// Password.
+        #[serde(default)]
+        password: Option<String>,
+    },
+    /// Scene linkage: sets properties of, or calls a service on, a device.
+    Scene {
+        /// Product of the target device.
+        product_key: String,
+        /// Target device; `${deviceName}` targets the message's own device.
+        device_name: String,
+        /// Service to call; properties are set when absent.
+        #[serde(default)]
+        service: Option<String>,
+        /// Parameters; a string that is exactly `${field}` takes the field's value.
+        params: Value,
+        /// How long to wait for the device's reply.
+        #[serde(default = "default_timeout_ms")]
+        timeout_ms: u64,
+    },
+}
+
+fn default_timeout_ms() -> u64 {
+    5_000
+}
+fn default_concurrency() -> usize {
+    4
+}
+fn default_mqtt_port() -> u16 {
+    1883
+}
+fn default_queue() -> usize {
+    1_024
+}
+fn default_backoff_ms() -> u64 {
+    500
+}
+
+/// An action with its delivery settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ActionSpec {
+    /// What it does.
+    #[serde(flatten)]
+    pub kind: ActionKind,
+    /// Outputs waiting at most; more are dropped and counted.
+    #[serde(default = "default_queue")]
+    pub queue: usize,
+    /// Attempts after the first failure (webhook, postgres, mqtt default 3; others 0).
+    #[serde(default)]
+    pub retries: Option<u32>,
+    /// First retry delay; doubled each time, at most 60 s.
+    #[serde(default = "default_backoff_ms")]
+    pub backoff_ms: u64,
+}
+
+fn is_ident(s: &str) -> bool {
+    s.split('.').all(|p| {
+        !p.is_empty()
+            && p.len() <= 63
+            && p.chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    }) && s.split('.').count() <= 2
+}
+
+impl ActionSpec {
+    /// Checks the settings; the error says which and why.
+    pub fn check(&self) -> Result<(), String> {
+        if self.queue == 0 || self.queue > 1_000_000 {
+            return Err("queue must be between 1 and 1,000,000".into());
+        }
+        if self.retries.is_some_and(|r| r > 20) {
+            return Err("retries must be at most 20".into());
+        }
+        match &self.kind {
+            ActionKind::Republish { topic, qos } | ActionKind::Mqtt { topic, qos, .. } => {
+                if topic.is_empty() || topic.contains('+') || topic.contains('#') {
+                    return Err(format!(
+                        "`{topic}` is not a topic to publish on (no wildcards, not empty)"
+                    ));
+                }
+                if *qos > 1 {
+                    return Err("qos must be 0 or 1".into());
+                }
+                if let ActionKind::Mqtt { host, .. } = &self.kind {
+                    if host.is_empty() {
+                        return Err("mqtt needs a host".into());
+                    }
+                }
+            }
+            ActionKind::Webhook {
+                url,
+                concurrency,
+                timeout_ms,
+                headers,
+            } => {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(format!(
+                        "webhook url `{url}` must start with http:// or https://"
+                    ));
+                }
+                reqwest::Url::parse(url).map_err(|e| format!("webhook url `{url}`: {e}"))?;
+                if *concurrency == 0 || *concurrency > 64 {
+                    return Err("concurrency must be between 1 and 64".into());
+                }
+                if *timeout_ms == 0 || *timeout_ms > 120_000 {
+                    return Err("timeout_ms must be between 1 and 120000".into());
+                }
+                for k in headers.keys() {
+                    reqwest::header::HeaderName::from_bytes(k.as_bytes())
+                        .map_err(|_| format!("`{k}` is not a header name"))?;
+                }
+            }
+            ActionKind::Table { table } => {
+                if !is_ident(table) || table.contains('.') {
+                    return Err(format!(
+                        "table `{table}` must be a name of letters, digits and _"
+                    ));
+                }
+            }
+            ActionKind::Timeseries { .. } => {}
+            ActionKind::Postgres { url, table } => {
+                if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                    return Err("postgres url must start with postgres://".into());
+                }
+                if !is_ident(table) {
+                    return Err(format!(
+                        "table `{table}` must be `name` or `schema.name` (letters, digits, _)"
+                    ));
+                }
+            }
+            ActionKind::Scene {
+                product_key,
+                device_name,
+                params,
+                timeout_ms,
+                service,
+            } => {
+                if product_key.is_empty() || device_name.is_empty() {
+                    return Err("scene needs product_key and device_name".into());
+                }
+                if service.is_none() && !params.as_object().is_some_and(|o| !o.is_empty()) {
+                    return Err("a property set needs params: an object of property values".into());
+                }
+                if *timeout_ms == 0 || *timeout_ms > 120_000 {
+                    return Err("timeout_ms must be between 1 and 120000".into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The kind's name.
+    pub fn name(&self) -> &'static str {
+        match self.kind {
+            ActionKind::Republish { .. } => "republish",
+            ActionKind::Webhook { .. } => "webhook",
+            ActionKind::Table { .. } => "table",
+            ActionKind::Timeseries { .. } => "timeseries",
+            ActionKind::Postgres { .. } => "postgres",
+            ActionKind::Mqtt { .. } => "mqtt",
+            ActionKind::Scene { .. } => "scene",
+        }
+    }
+
+    fn retries(&self) -> u32 {
+        self.retries.unwrap_or(match self.kind {
+            ActionKind::Webhook { .. } | ActionKind::Postgres { .. } | ActionKind::Mqtt { .. } => 3,
+            _ => 0,
+        })
+    }
+}
+
+/// Replaces `${name}` with the output's field (or the message's productKey/deviceName).
+pub fn template(s: &str, row: &Map<String, Value>, ctx: &JobCtx) -> String {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(i) = rest.find("${") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 2..];
+        let Some(j) = after.find('}') else {
+            out.push_str(&rest[i..]);
+            return out;
+        };
+        let name = &after[..j];
+        match name {
+            "productKey" => out.push_str(&ctx.product_key),
+            "deviceName" => out.push_str(&ctx.device_name),
+            _ => {
+                if let Some(v) = row.get(name) {
+                    out.push_str(&text(v));
+                }
+            }
+        }
+        rest = &after[j + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn template_value(v: &Value, row: &Map<String, Value>, ctx: &JobCtx) -> Value {
+    match v {
+        Value::String(s) => {
+            if let Some(name) = s.strip_prefix("${").and_then(|x| x.strip_suffix('}')) {
+                if !name.contains("${") {
+                    if let Some(x) = row.get(name) {
+                        return x.clone();
+                    }
+                }
+            }
+            Value::String(template(s, row, ctx))
+        }
+        Value::Object(o) => Value::Object(
+            o.iter()
+                .map(|(k, x)| (k.clone(), template_value(x, row, ctx)))
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(|x| template_value(x, row, ctx)).collect()),
+        other => other.clone(),
+    }
+}
+
+/// Where an output came from.
+#[derive(Debug, Clone)]
+pub struct JobCtx {
+    /// Rule id.
+    pub rule_id: String,
+    /// The message's product.
+    pub product_key: String,
+    /// The message's device.
+    pub device_name: String,
+    /// The message's time, ms.
+    pub at: i64,
+}
+
+/// One output for one action.
+#[derive(Debug)]
+pub struct Job {
+    /// The output row.
+    pub row: Map<String, Value>,
+    /// Its origin.
+    pub ctx: JobCtx,
+    /// When it was queued.
+    pub queued: Instant,
+}
+
+/// Counters of one action.
+#[derive(Debug, Default)]
+pub struct ActionCounters {
+    /// Delivered.
+    pub done: AtomicU64,
+    /// Failed attempts (each retry counts).
+    pub failed: AtomicU64,
+    /// Given up and stored as dead letters.
+    pub dead_lettered: AtomicU64,
+    /// Dropped because the queue was full.
+    pub dropped_queue_full: AtomicU64,
+    /// Dropped because the dead-letter store failed too.
+    pub dropped_store_failed: AtomicU64,
+    /// Sum of queue-to-done latencies, µs.
+    pub latency_us_sum: AtomicU64,
+    /// Largest queue-to-done latency, µs.
+    pub latency_us_max: AtomicU64,
+    /// Last error and when.
+    pub last_error: Mutex<Option<(String, i64)>>,
+}
+
+/// What actions need of the platform.
+#[derive(Debug, Clone)]
+pub struct Deps {
+    /// Database.
+    pub db: Db,
+    /// Broker.
+    pub router: Arc<Router>,
+    /// Thing model, storage and calls (weak: the thing layer owns the engine's input).
+    pub thing: Weak<Thing>,
+    /// HTTP client for webhooks.
+    pub http: reqwest::Client,
+}
+
+/// A running action.
+#[derive(Debug)]
+pub struct Runner {
+    /// Its settings.
+    pub spec: ActionSpec,
+    tx: mpsc::Sender<Job>,
+    /// Its counters.
+    pub counters: Arc<ActionCounters>,
+}
+
+impl Runner {
+    /// Starts the tasks of action `index` of rule `rule_id`.
+    pub fn start(spec: ActionSpec, index: usize, deps: Deps) -> Self {
+        let (tx, rx) = mpsc::channel(spec.queue);
+        let counters = Arc::new(ActionCounters::default());
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        let workers = match &spec.kind {
+            ActionKind::Webhook { concurrency, .. } => *concurrency,
+            _ => 1,
+        };
+        let target = Arc::new(Target::new(&spec.kind));
+        for _ in 0..workers {
+            let (rx, spec, deps, counters, target) = (
+                rx.clone(),
+                spec.clone(),
+                deps.clone(),
+                counters.clone(),
+                target.clone(),
+            );
+            tokio::spawn(async move {
+                loop {
+                    let job = { rx.lock().await.recv().await };
+                    let Some(job) = job else { break };
+                    deliver(&spec, index, &deps, &counters, &target, job).await;
+                }
+            });
+        }
+        Self { spec, tx, counters }
+    }
+
+    /// Queues an output; false (and counted) when the queue is full.
+    pub fn offer(&self, job: Job) -> bool {
+        match self.tx.try_send(job) {
+            Ok(()) => true,
+            Err(_) => {
+                self.counters
+                    .dropped_queue_full
+                    .fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    /// Outputs waiting.
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+}
+
+/// Connections an action keeps.
+enum Target {
+    None,
+    Postgres(tokio::sync::OnceCell<sqlx::PgPool>),
+    Mqtt(tokio::sync::OnceCell<rumqttc::AsyncClient>),
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Target")
+    }
+}
+
+impl Target {
+    fn new(kind: &ActionKind) -> Self {
+        match kind {
+            ActionKind::Postgres { .. } => Target::Postgres(tokio::sync::OnceCell::new()),
+            ActionKind::Mqtt { .. } => Target::Mqtt(tokio::sync::OnceCell::new()),
+            _ => Target::None,
+        }
+    }
+}
+
+async fn deliver(
+    spec: &ActionSpec,
+    index: usize,
+    deps: &Deps,
+    counters: &ActionCounters,
+    target: &Target,
+    job: Job,
+) {
+    let retries = spec.retries();
+    let mut delay = Duration::from_millis(spec.backoff_ms.max(1));
+    let mut attempt = 0u32;
+    loop {
+        match once(spec, deps, target, &job).await {
+            Ok(()) => {
+                counters.done.fetch_add(1, Ordering::Relaxed);
+                let us = job.queued.elapsed().as_micros() as u64;
+                counters.latency_us_sum.fetch_add(us, Ordering::Relaxed);
+                counters.latency_us_max.fetch_max(us, Ordering::Relaxed);
+                return;
+            }
+            Err(e) => {
+                counters.failed.fetch_add(1, Ordering::Relaxed);
+                *counters
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some((e.clone(), now_ms()));
+                tracing::warn!(rule = %job.ctx.rule_id, action = index, kind = spec.name(), attempt, error = %e, "rule action failed");
+                if attempt >= retries {
+                    let letter = super::store::DeadLetter {
+                        id: 0,
+                        rule_id: job.ctx.rule_id.clone(),
+                        action: index as i64,
+                        kind: spec.name().to_owned(),
+                        payload: Value::Object(job.row.clone()).to_string(),
+                        error: e,
+                        attempts: i64::from(attempt) + 1,
+                        at: now_ms(),
+                    };
+                    match deps.db.insert_dead_letter(&letter).await {
+                        Ok(()) => counters.dead_lettered.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            tracing::error!(rule = %job.ctx.rule_id, error = %e, "dead letter not stored: output lost");
+                            counters
+                                .dropped_store_failed
+                                .fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                    return;
+                }
+                attempt += 1;
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(60));
+            }
+        }
+    }
+}
+
+async fn once(spec: &ActionSpec, deps: &Deps, target: &Target, job: &Job) -> Result<(), String> {
+    let row = &job.row;
+    let body = Value::Object(row.clone()).to_string();
+    match &spec.kind {
+        ActionKind::Republish { topic, qos } => {
+            deps.router.publish(Message {
+                topic: template(topic, row, &job.ctx),
+                payload: body.into(),
+                qos: *qos,
+                retain: false,
+            });
+            Ok(())
+        }
+        ActionKind::Webhook {
+            url,
+            headers,
+            timeout_ms,
+            ..
+        } => {
+            let mut req = deps
+                .http
+                .post(url)
+                .timeout(Duration::from_millis(*timeout_ms))
+                .header("content-type", "application/json")
+                .header("x-ironlink-rule", &job.ctx.rule_id);
+            for (k, v) in headers {
+                req = req.header(k, template(v, row, &job.ctx));
+            }
+            let resp = req.body(body).send().await.map_err(|e| {
+                if e.is_timeout() {
+                    format!("webhook timed out after {timeout_ms} ms")
+                } else {
+                    format!("webhook: {e}")
+                }
+            })?;
+            if resp.status().is_success() {
+                Ok(())
+            } else {
+                Err(format!("webhook answered {}", resp.status()))
+            }
+        }
+        ActionKind::Table { table } => deps
+            .db
+            .insert_rule_rows(table, &job.ctx.rule_id, &[body], job.ctx.at)
+            .await
+            .map_err(|e| format!("table `{table}`: {e}")),
+        ActionKind::Timeseries {
+            product_key,
+            device_name,
+        } => {
+            let Some(thing) = deps.thing.upgrade() else {
+                return Err("the platform is shutting down".into());
+            };
+            let pk = product_key
+                .clone()
+                .unwrap_or_else(|| job.ctx.product_key.clone());
+            let dn = match device_name.as_deref() {
+                Some(d) => template(d, row, &job.ctx),
+                None => job.ctx.device_name.clone(),
+            };
+            if thing.store_derived(&pk, &dn, row, job.ctx.at).await {
+                Ok(())
+            } else {
+                Err(format!("time series of {pk}/{dn} could not be stored"))
+            }
+        }
+        ActionKind::Postgres { url, table } => {
+            let Target::Postgres(cell) = target else {
+                return Err("internal: no connection".into());
+            };
+            let pool = cell
+                .get_or_try_init(|| async {
+                    sqlx::postgres::PgPoolOptions::new()
+                        .max_connections(2)
+                        .acquire_timeout(Duration::from_secs(5))
+                        .connect(url)
+                        .await
+                })
+                .await
+                .map_err(|e| format!("postgres: {e}"))?;
+            if row.is_empty() {
+                return Err("the output has no fields to insert".into());
+            }
+            let mut cols = Vec::new();
+            for k in row.keys() {
+                if !is_ident(k) || k.contains('.') {
+                    return Err(format!(
+                        "field `{k}` is not a column name (letters, digits, _)"
+                    ));
+                }
+                cols.push(format!("\"{k}\""));
+            }
+            let table_sql = table
+                .split('.')
+                .map(|p| format!("\"{p}\""))
+                .collect::<Vec<_>>()
+                .join(".");
+            let params = (1..=cols.len())
+                .map(|i| format!("${i}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "INSERT INTO {table_sql} ({}) VALUES ({params})",
+                cols.join(", ")
+            );
+            let mut q = sqlx::query(&sql);
+            for v in row.values() {
+                q = match v {
+                    Value::Null => q.bind(None::<String>),
+                    Value::Bool(b) => q.bind(*b),
+                    Value::Number(n) => match n.as_i64() {
+                        Some(i) => q.bind(i),
+                        None => q.bind(n.as_f64().unwrap_or(0.0)),
+                    },
+                    Value::String(s) => q.bind(s.clone()),
+                    other => q.bind(other.to_string()),
+                };
+            }
+            q.execute(pool)
+                .await
+                .map_err(|e| format!("postgres insert into {table}: {e}"))?;
+            Ok(())
+        }
+        ActionKind::Mqtt {
+            host,
+            port,
+            topic,
+            qos,
+            client_id,
+            username,
+            password,
+        } => {
+            let Target::Mqtt(cell) = target else {
+                return Err("internal: no connection".into());
+            };
+            let client = cell
+                .get_or_init(|| async {
+                    let id = client_id.clone().unwrap_or_else(|| format!("ironlink-rule-{}", &job.ctx.rule_id));
+                    let mut o = rumqttc::MqttOptions::new(id, host.clone(), *port);
+                    o.set_keep_alive(Duration::from_secs(30));
+                    if let Some(u) = username {
+                        o.set_credentials(u.clone(), password.clone().unwrap_or_default());
+                    }
+                    let (client, mut events) = rumqttc::AsyncClient::new(o, 64);
+                    let rule = job.ctx.rule_id.clone();
+                    tokio::spawn(async move {
+                        loop {
+                            match events.poll().await {
+                                Ok(_) => {}
+                                Err(rumqttc::ConnectionError::RequestsDone) => break,
+                                Err(e) => {
+                                    tracing::warn!(%rule, error = %e, "external MQTT broker: connection failed, retrying");
+                                    tokio::time::sleep(Duration::from_secs(1)).await;
+                                }
+                            }
+                        }
+                    });
+                    client
+                })
+                .await;
+            let q = if *qos == 1 {
+                rumqttc::QoS::AtLeastOnce
+            } else {
+                rumqttc::QoS::AtMostOnce
+            };
+            client
+                .try_publish(template(topic, row, &job.ctx), q, false, body)
+                .map_err(|e| {
+                    format!("external MQTT broker: {e} (not connected, or its queue is full)")
+                })
+        }
+        ActionKind::Scene {
+            product_key,
+            device_name,
+            service,
+            params,
+            timeout_ms,
+        } => {
+            let Some(thing) = deps.thing.upgrade() else {
+                return Err("the platform is shutting down".into());
+            };
+            let dn = template(device_name, row, &job.ctx);
+            let pk = template(product_key, row, &job.ctx);
+            let params = template_value(params, row, &job.ctx);
+            let kind = match service.as_deref() {
+                Some(s) => Kind::Service(s),
+                None => Kind::PropertySet,
+            };
+            let call = thing
+                .call(
+                    &pk,
+                    &dn,
+                    kind,
+                    params,
+                    Some(Duration::from_millis(*timeout_ms)),
+                )
+                .await
+                .map_err(|e| format!("scene on {pk}/{dn}: {e}"))?;
+            match call.code {
+                Some(200) => Ok(()),
+                // An async service was sent; its reply comes later.
+                None if call.status == "pending" => Ok(()),
+                code => Err(format!(
+                    "scene on {pk}/{dn}: the device answered {} ({})",
+                    code.map_or("nothing".to_owned(), |c| c.to_string()),
+                    call.status
+                )),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn templates_take_fields_and_the_device() {
+        let row = json!({"t": 31.5, "id": "x"}).as_object().unwrap().clone();
+        let ctx = JobCtx {
+            rule_id: "r".into(),
+            product_key: "pk".into(),
+            device_name: "dn".into(),
+            at: 0,
+        };
+        assert_eq!(
+            template("/${productKey}/${deviceName}/user/${id}/${t}${", &row, &ctx),
+            "/pk/dn/user/x/31.5${"
+        );
+        let v = template_value(
+            &json!({"target": "${t}", "label": "t=${t}", "k": [1]}),
+            &row,
+            &ctx,
+        );
+        assert_eq!(v, json!({"target": 31.5, "label": "t=31.5", "k": [1]}));
+    }
+
+    #[test]
+    fn settings_are_checked() {
+        let bad = [
+            json!({"type": "webhook", "url": "ftp://x"}),
+            json!({"type": "republish", "topic": "/a/+/b"}),
+            json!({"type": "republish", "topic": "/a", "qos": 2}),
+            json!({"type": "postgres", "url": "postgres://h/db", "table": "x; drop"}),
+            json!({"type": "table", "table": "a.b"}),
+            json!({"type": "scene", "product_key": "p", "device_name": "d", "params": {}}),
+            json!({"type": "webhook", "url": "http://x", "queue": 0}),
+        ];
+        for b in bad {
+            let spec: ActionSpec = serde_json::from_value(b.clone()).unwrap();
+            assert!(spec.check().is_err(), "{b}");
+        }
+        let spec: ActionSpec =
+            serde_json::from_value(json!({"type": "webhook", "url": "http://127.0.0.1:1/x"}))
+                .unwrap();
+        spec.check().unwrap();
+        assert_eq!(spec.retries(), 3);
+        assert_eq!(spec.queue, 1_024);
+        assert!(serde_json::from_value::<ActionSpec>(json!({"type": "carrier_pigeon"})).is_err());
+    }
+}

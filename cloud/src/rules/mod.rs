@@ -1,0 +1,970 @@
+//! The rules engine: SQL over device messages, time windows and actions (white paper 3.2), and
+//! per-product data-parsing scripts (3.6).
+//!
+//! Device messages reach the engine in the same form consumer groups get them (Alibaba's
+//! server-side subscription format, on Alibaba's rule topics such as
+//! `/{pk}/{dn}/thing/event/property/post`), through a bounded queue: when it is full a message
+//! is dropped for the rules (counted, with the reason) and ingestion goes on. One task
+//! evaluates every rule on a message, parsing its JSON once; outputs go to each action's own
+//! bounded queue (see [`actions`]). Window state is saved at a clean shutdown and restored at
+//! the next start; after a crash it is declared lost on the rule, never silently.
+
+pub mod actions;
+pub mod eval;
+pub mod script;
+pub mod sql;
+pub mod store;
+pub mod window;
+
+use crate::apps::{MessageType, Outgoing};
+use crate::registry::now_ms;
+use crate::storage::{Db, StorageError};
+use actions::{ActionSpec, Deps, Job, JobCtx, Runner};
+use eval::Msg;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use sql::Query;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use store::RuleRow;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use window::{LastMsg, Windows};
+
+/// Engine limits (config `[rules]`).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Messages waiting for evaluation at most.
+    pub queue: usize,
+    /// Groups a windowed rule keeps at most.
+    pub max_groups: usize,
+    /// Values a sliding window keeps per group at most.
+    pub max_window_values: usize,
+    /// Rules at most.
+    pub max_rules: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            queue: 65_536,
+            max_groups: 100_000,
+            max_window_values: 10_000,
+            max_rules: 10_000,
+        }
+    }
+}
+
+/// A rule as the API takes it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    /// Unique name.
+    pub name: String,
+    /// Free text.
+    #[serde(default)]
+    pub description: String,
+    /// The SQL.
+    pub sql: String,
+    /// Actions.
+    #[serde(default)]
+    pub actions: Vec<Value>,
+    /// Enabled at once (default true).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Why a rule was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RuleError {
+    /// The SQL does not parse or check.
+    #[error("sql: {0}")]
+    Sql(#[from] sql::SqlError),
+    /// An action is wrong.
+    #[error("action {0}: {1}")]
+    Action(usize, String),
+    /// Something else in the definition.
+    #[error("{0}")]
+    Invalid(String),
+    /// No such rule.
+    #[error("no rule `{0}`")]
+    NotFound(String),
+    /// Storage.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// Counters of one rule.
+#[derive(Debug, Default)]
+pub struct RuleCounters {
+    /// Messages on a topic the rule reads.
+    pub matched: AtomicU64,
+    /// Messages (or window rows) that passed WHERE/HAVING and were output.
+    pub passed: AtomicU64,
+    /// Messages WHERE (or rows HAVING) did not let through.
+    pub filtered: AtomicU64,
+    /// Messages whose evaluation failed.
+    pub failed: AtomicU64,
+    /// Messages dropped, by reason.
+    pub dropped: Mutex<BTreeMap<&'static str, u64>>,
+    /// Evaluation time, ns.
+    pub eval_ns: AtomicU64,
+    /// Last error and when.
+    pub last_error: Mutex<Option<(String, i64)>>,
+    /// Set when window state was lost at a restart.
+    pub window_state: Mutex<Option<String>>,
+}
+
+impl RuleCounters {
+    fn dropped(&self, reason: &'static str) {
+        *self
+            .dropped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(reason)
+            .or_default() += 1;
+    }
+
+    fn error(&self, e: String) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some((e, now_ms()));
+    }
+}
+
+/// A rule ready to run.
+#[derive(Debug)]
+pub struct Live {
+    /// Definition.
+    pub row: RuleRow,
+    /// Parsed SQL.
+    pub query: Query,
+    /// Running actions.
+    pub actions: Vec<Runner>,
+    windows: Option<Mutex<Windows>>,
+    /// Counters.
+    pub counters: Arc<RuleCounters>,
+    /// Message kinds the FROM topic can select.
+    kinds: u32,
+}
+
+/// Topic shapes of each message kind, to tell which kinds a FROM filter selects.
+fn kind_pattern(kind: MessageType) -> &'static str {
+    match kind {
+        MessageType::Property => "/+/+/thing/event/property/post",
+        MessageType::Event => "/+/+/thing/event/+/post",
+        MessageType::Raw => "/+/+/thing/model/up_raw",
+        MessageType::Custom => "/+/+/user/#",
+        MessageType::Lifecycle => "/as/mqtt/status/+/+",
+        MessageType::Topology => "/+/+/thing/topo/lifecycle",
+        MessageType::ServiceReply => "/+/+/thing/downlink/reply/message",
+    }
+}
+
+fn kind_bit(kind: MessageType) -> u32 {
+    1 << (kind as u32)
+}
+
+/// Compiles a definition: SQL, actions. Nothing starts.
+pub fn compile(spec: &RuleSpec) -> Result<(Query, Vec<ActionSpec>), RuleError> {
+    if spec.name.trim().is_empty() || spec.name.len() > 128 {
+        return Err(RuleError::Invalid(
+            "name must be 1 to 128 characters".into(),
+        ));
+    }
+    if spec.sql.len() > 64 * 1024 {
+        return Err(RuleError::Invalid("the SQL is longer than 64 KiB".into()));
+    }
+    let query = sql::parse(&spec.sql)?;
+    if spec.actions.len() > 16 {
+        return Err(RuleError::Invalid("a rule has at most 16 actions".into()));
+    }
+    let mut actions = Vec::new();
+    for (i, a) in spec.actions.iter().enumerate() {
+        let a: ActionSpec =
+            serde_json::from_value(a.clone()).map_err(|e| RuleError::Action(i, e.to_string()))?;
+        a.check().map_err(|e| RuleError::Action(i, e))?;
+        actions.push(a);
+    }
+    Ok((query, actions))
+}
+
+/// One message for the rules.
+#[derive(Debug)]
+struct Input {
+    topic: String,
+    product_key: String,
+    device_name: String,
+    payload: Vec<u8>,
+    at: i64,
+}
+
+/// The engine.
+#[derive(Debug)]
+pub struct Engine {
+    db: Db,
+    deps: Deps,
+    limits: Limits,
+    rules: RwLock<Arc<Vec<Arc<Live>>>>,
+    wants: RwLock<HashMap<(String, u32), bool>>,
+    tx: mpsc::Sender<Input>,
+    next_id: AtomicU64,
+    /// Messages dropped because the engine's queue was full.
+    pub input_dropped: AtomicU64,
+    /// Messages taken.
+    pub inputs: AtomicU64,
+    any_rules: AtomicBool,
+    /// Data-parsing scripts.
+    pub scripts: Arc<script::Scripts>,
+}
+
+impl Engine {
+    /// Loads the rules and starts evaluating; the task ends when `stop` turns true, after
+    /// saving window state.
+    pub async fn start(
+        deps: Deps,
+        limits: Limits,
+        scripts: Arc<script::Scripts>,
+        stop: watch::Receiver<bool>,
+    ) -> Result<(Arc<Self>, JoinHandle<()>), StorageError> {
+        let (tx, rx) = mpsc::channel(limits.queue.max(1));
+        for (pk, src, _) in deps.db.list_scripts().await? {
+            if let Err(e) = scripts.set(&pk, &src) {
+                tracing::error!(product_key = %pk, error = %e, "stored data-parsing script does not load");
+            }
+        }
+        let engine = Arc::new(Self {
+            db: deps.db.clone(),
+            deps,
+            limits,
+            rules: RwLock::new(Arc::new(Vec::new())),
+            wants: RwLock::new(HashMap::new()),
+            tx,
+            next_id: AtomicU64::new(1),
+            input_dropped: AtomicU64::new(0),
+            inputs: AtomicU64::new(0),
+            any_rules: AtomicBool::new(false),
+            scripts,
+        });
+        let saved: HashMap<String, (String, i64)> = engine
+            .db
+            .take_rule_states()
+            .await?
+            .into_iter()
+            .map(|(id, s, at)| (id, (s, at)))
+            .collect();
+        let mut live = Vec::new();
+        for row in engine.db.list_rules().await? {
+            match engine.build(row.clone()) {
+                Ok(l) => {
+                    if let Some(w) = &l.windows {
+                        let note = match saved.get(&row.rule_id) {
+                            Some((s, at)) => match serde_json::from_str::<Windows>(s) {
+                                Ok(state) if fits(&state, &l.query) => {
+                                    *w.lock().unwrap_or_else(|e| e.into_inner()) = state;
+                                    format!("window state restored (saved at a clean shutdown, {at} ms)")
+                                }
+                                _ => format!("window state saved at {at} ms did not fit the rule and was dropped"),
+                            },
+                            None => "window state was lost: the previous run ended without saving it (killed or crashed); windows open then were not emitted".to_owned(),
+                        };
+                        if !note.starts_with("window state restored") {
+                            tracing::warn!(rule = %row.name, %note, "rule window state");
+                        }
+                        *l.counters
+                            .window_state
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner()) = Some(note);
+                    }
+                    live.push(Arc::new(l));
+                }
+                Err(e) => {
+                    tracing::error!(rule = %row.name, error = %e, "stored rule does not compile; it is not running")
+                }
+            }
+        }
+        engine.install(live);
+        let task = tokio::spawn(run(engine.clone(), rx, stop));
+        Ok((engine, task))
+    }
+
+    fn build(&self, row: RuleRow) -> Result<Live, RuleError> {
+        let spec = RuleSpec {
+            name: row.name.clone(),
+            description: row.description.clone(),
+            sql: row.sql_text.clone(),
+            actions: serde_json::from_str(&row.actions)
+                .map_err(|e| RuleError::Invalid(format!("stored actions: {e}")))?,
+            enabled: row.enabled != 0,
+        };
+        let (query, actions) = compile(&spec)?;
+        let runners = if row.enabled != 0 {
+            actions
+                .into_iter()
+                .enumerate()
+                .map(|(i, a)| Runner::start(a, i, self.deps.clone()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let windows = query.window.map(|w| {
+            Mutex::new(Windows::new(
+                w,
+                query.aggregates.iter().map(|a| a.0).collect(),
+                self.limits.max_groups,
+                self.limits.max_window_values,
+            ))
+        });
+        let kinds = MessageType::ALL
+            .iter()
+            .filter(|(k, _)| sql::filters_overlap(&query.topic, kind_pattern(*k)))
+            .fold(0, |m, (k, _)| m | kind_bit(*k));
+        Ok(Live {
+            row,
+            query,
+            actions: runners,
+            windows,
+            counters: Arc::new(RuleCounters::default()),
+            kinds,
+        })
+    }
+
+    fn install(&self, rules: Vec<Arc<Live>>) {
+        self.any_rules
+            .store(rules.iter().any(|r| r.row.enabled != 0), Ordering::Relaxed);
+        *self.rules.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(rules);
+        self.wants
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    /// The running rules.
+    pub fn rules(&self) -> Arc<Vec<Arc<Live>>> {
+        self.rules.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// True when an enabled rule reads `kind` messages of product `pk`.
+    pub fn wants(&self, pk: &str, kind: MessageType) -> bool {
+        if !self.any_rules.load(Ordering::Relaxed) {
+            return false;
+        }
+        let key = (pk.to_owned(), kind_bit(kind));
+        if let Some(w) = self
+            .wants
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            return *w;
+        }
+        let pattern = match kind {
+            MessageType::Lifecycle => format!("/as/mqtt/status/{pk}/+"),
+            _ => kind_pattern(kind).replacen("/+/", &format!("/{pk}/"), 1),
+        };
+        let w = self.rules().iter().any(|r| {
+            r.row.enabled != 0
+                && r.kinds & kind_bit(kind) != 0
+                && sql::filters_overlap(&r.query.topic, &pattern)
+        });
+        let mut cache = self.wants.write().unwrap_or_else(|e| e.into_inner());
+        if cache.len() > 100_000 {
+            cache.clear();
+        }
+        cache.insert(key, w);
+        w
+    }
+
+    /// Hands a device message to the rules; never waits. False when it was dropped because
+    /// the engine's queue is full (counted).
+    pub fn offer(&self, m: &Outgoing) -> bool {
+        if !self.wants(&m.product_key, m.kind) {
+            return true;
+        }
+        let device_name = device_of(m);
+        let input = Input {
+            topic: m.topic.clone(),
+            product_key: m.product_key.clone(),
+            device_name,
+            payload: m.payload.clone(),
+            at: m.generated_at,
+        };
+        match self.tx.try_send(input) {
+            Ok(()) => true,
+            Err(_) => {
+                self.input_dropped.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    /// Creates a rule.
+    pub async fn create(&self, spec: RuleSpec) -> Result<Arc<Live>, RuleError> {
+        compile(&spec)?;
+        if self.rules().len() >= self.limits.max_rules {
+            return Err(RuleError::Invalid(format!(
+                "at most {} rules (rules.max_rules)",
+                self.limits.max_rules
+            )));
+        }
+        let now = now_ms();
+        let row = RuleRow {
+            rule_id: crate::registry::new_secret()[..16].to_lowercase(),
+            name: spec.name.clone(),
+            description: spec.description.clone(),
+            sql_text: spec.sql.clone(),
+            actions: Value::Array(spec.actions.clone()).to_string(),
+            enabled: i64::from(spec.enabled),
+            created_at: now,
+            updated_at: now,
+        };
+        self.db.insert_rule(&row).await?;
+        let live = Arc::new(self.build(row)?);
+        let mut all: Vec<Arc<Live>> = self.rules().iter().cloned().collect();
+        all.push(live.clone());
+        self.install(all);
+        Ok(live)
+    }
+
+    /// Replaces a rule's definition (its windows and counters start again).
+    pub async fn update(&self, id: &str, spec: RuleSpec) -> Result<Arc<Live>, RuleError> {
+        compile(&spec)?;
+        let old = self
+            .get(id)
+            .ok_or_else(|| RuleError::NotFound(id.to_owned()))?;
+        let row = RuleRow {
+            rule_id: id.to_owned(),
+            name: spec.name.clone(),
+            description: spec.description.clone(),
+            sql_text: spec.sql.clone(),
+            actions: Value::Array(spec.actions.clone()).to_string(),
+            enabled: i64::from(spec.enabled),
+            created_at: old.row.created_at,
+            updated_at: now_ms(),
+        };
+        if !self.db.update_rule(&row).await? {
+            return Err(RuleError::NotFound(id.to_owned()));
+        }
+        self.replace(id, row)
+    }
+
+    fn replace(&self, id: &str, row: RuleRow) -> Result<Arc<Live>, RuleError> {
+        let live = Arc::new(self.build(row)?);
+        let all: Vec<Arc<Live>> = self
+            .rules()
+            .iter()
+            .map(|r| {
+                if r.row.rule_id == id {
+                    live.clone()
+                } else {
+                    r.clone()
+                }
+            })
+            .collect();
+        self.install(all);
+        Ok(live)
+    }
+
+    /// Enables or disables a rule.
+    pub async fn set_enabled(&self, id: &str, on: bool) -> Result<Arc<Live>, RuleError> {
+        let old = self
+            .get(id)
+            .ok_or_else(|| RuleError::NotFound(id.to_owned()))?;
+        if (old.row.enabled != 0) == on {
+            return Ok(old);
+        }
+        let mut row = old.row.clone();
+        row.enabled = i64::from(on);
+        row.updated_at = now_ms();
+        if !self.db.update_rule(&row).await? {
+            return Err(RuleError::NotFound(id.to_owned()));
+        }
+        self.replace(id, row)
+    }
+
+    /// Deletes a rule.
+    pub async fn delete(&self, id: &str) -> Result<(), RuleError> {
+        if !self.db.delete_rule(id).await? {
+            return Err(RuleError::NotFound(id.to_owned()));
+        }
+        let all = self
+            .rules()
+            .iter()
+            .filter(|r| r.row.rule_id != id)
+            .cloned()
+            .collect();
+        self.install(all);
+        Ok(())
+    }
+
+    /// A rule by id or name.
+    pub fn get(&self, id: &str) -> Option<Arc<Live>> {
+        self.rules()
+            .iter()
+            .find(|r| r.row.rule_id == id || r.row.name == id)
+            .cloned()
+    }
+
+    /// Saves window state (at shutdown).
+    pub async fn save(&self) {
+        let mut states = Vec::new();
+        for r in self.rules().iter() {
+            if let Some(w) = &r.windows {
+                let w = w.lock().unwrap_or_else(|e| e.into_inner());
+                if let Ok(s) = serde_json::to_string(&*w) {
+                    states.push((r.row.rule_id.clone(), s));
+                }
+            }
+        }
+        if states.is_empty() {
+            return;
+        }
+        match self.db.save_rule_states(&states, now_ms()).await {
+            Ok(()) => tracing::info!(rules = states.len(), "rule window state saved"),
+            Err(e) => {
+                tracing::error!(error = %e, "rule window state could not be saved: it is lost")
+            }
+        }
+    }
+
+    /// The rule's state for the API.
+    pub fn describe(&self, r: &Live) -> Value {
+        let c = &r.counters;
+        let dropped = c.dropped.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let actions: Vec<Value> = if r.row.enabled != 0 {
+            r.actions
+                .iter()
+                .map(|a| {
+                    let ac = &a.counters;
+                    let done = ac.done.load(Ordering::Relaxed);
+                    json!({
+                        "spec": a.spec,
+                        "queued": a.queued(),
+                        "done": done,
+                        "failed_attempts": ac.failed.load(Ordering::Relaxed),
+                        "dead_lettered": ac.dead_lettered.load(Ordering::Relaxed),
+                        "dropped": {
+                            "queue full": ac.dropped_queue_full.load(Ordering::Relaxed),
+                            "dead-letter store failed": ac.dropped_store_failed.load(Ordering::Relaxed),
+                        },
+                        "latency_ms_avg": if done > 0 { ac.latency_us_sum.load(Ordering::Relaxed) as f64 / done as f64 / 1000.0 } else { 0.0 },
+                        "latency_ms_max": ac.latency_us_max.load(Ordering::Relaxed) as f64 / 1000.0,
+                        "last_error": ac.last_error.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|(e, at)| json!({"error": e, "at": at})),
+                    })
+                })
+                .collect()
+        } else {
+            serde_json::from_str::<Vec<Value>>(&r.row.actions)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|spec| json!({"spec": spec}))
+                .collect()
+        };
+        let matched = c.matched.load(Ordering::Relaxed);
+        json!({
+            "rule_id": r.row.rule_id,
+            "name": r.row.name,
+            "description": r.row.description,
+            "sql": r.row.sql_text,
+            "enabled": r.row.enabled != 0,
+            "created_at": r.row.created_at,
+            "updated_at": r.row.updated_at,
+            "stats": {
+                "matched": matched,
+                "passed": c.passed.load(Ordering::Relaxed),
+                "filtered": c.filtered.load(Ordering::Relaxed),
+                "failed": c.failed.load(Ordering::Relaxed),
+                "dropped": dropped,
+                "eval_us_avg": if matched > 0 { c.eval_ns.load(Ordering::Relaxed) as f64 / matched as f64 / 1000.0 } else { 0.0 },
+                "last_error": c.last_error.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|(e, at)| json!({"error": e, "at": at})),
+                "window_state": c.window_state.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+                "window_groups": r.windows.as_ref().map(|w| w.lock().unwrap_or_else(|e| e.into_inner()).groups()),
+            },
+            "actions": actions,
+        })
+    }
+
+    /// Prometheus series.
+    pub fn render_metrics(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(s, "# TYPE ironlink_rules_input_dropped_total counter");
+        let _ = writeln!(
+            s,
+            "ironlink_rules_input_dropped_total{{reason=\"queue full\"}} {}",
+            self.input_dropped.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(s, "# TYPE ironlink_rules_inputs_total counter");
+        let _ = writeln!(
+            s,
+            "ironlink_rules_inputs_total {}",
+            self.inputs.load(Ordering::Relaxed)
+        );
+        let rules = self.rules();
+        let _ = writeln!(s, "# TYPE ironlink_rule_messages_total counter");
+        for r in rules.iter() {
+            let c = &r.counters;
+            let n = escape(&r.row.name);
+            for (what, v) in [
+                ("matched", c.matched.load(Ordering::Relaxed)),
+                ("passed", c.passed.load(Ordering::Relaxed)),
+                ("filtered", c.filtered.load(Ordering::Relaxed)),
+                ("failed", c.failed.load(Ordering::Relaxed)),
+            ] {
+                let _ = writeln!(
+                    s,
+                    "ironlink_rule_messages_total{{rule=\"{n}\",outcome=\"{what}\"}} {v}"
+                );
+            }
+            for (reason, v) in c.dropped.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                let _ = writeln!(s, "ironlink_rule_messages_total{{rule=\"{n}\",outcome=\"dropped\",reason=\"{reason}\"}} {v}");
+            }
+        }
+        let _ = writeln!(s, "# TYPE ironlink_rule_eval_seconds_total counter");
+        for r in rules.iter() {
+            let _ = writeln!(
+                s,
+                "ironlink_rule_eval_seconds_total{{rule=\"{}\"}} {}",
+                escape(&r.row.name),
+                r.counters.eval_ns.load(Ordering::Relaxed) as f64 / 1e9
+            );
+        }
+        let _ = writeln!(s, "# TYPE ironlink_rule_action_total counter");
+        for r in rules.iter() {
+            let n = escape(&r.row.name);
+            for (i, a) in r.actions.iter().enumerate() {
+                let c = &a.counters;
+                for (what, v) in [
+                    ("done", c.done.load(Ordering::Relaxed)),
+                    ("failed_attempt", c.failed.load(Ordering::Relaxed)),
+                    ("dead_lettered", c.dead_lettered.load(Ordering::Relaxed)),
+                    (
+                        "dropped_queue_full",
+                        c.dropped_queue_full.load(Ordering::Relaxed),
+                    ),
+                    (
+                        "dropped_store_failed",
+                        c.dropped_store_failed.load(Ordering::Relaxed),
+                    ),
+                ] {
+                    let _ = writeln!(s, "ironlink_rule_action_total{{rule=\"{n}\",action=\"{i}\",kind=\"{}\",outcome=\"{what}\"}} {v}", a.spec.name());
+                }
+            }
+        }
+        let _ = writeln!(s, "# TYPE ironlink_rule_action_queued gauge");
+        for r in rules.iter() {
+            for (i, a) in r.actions.iter().enumerate() {
+                let _ = writeln!(
+                    s,
+                    "ironlink_rule_action_queued{{rule=\"{}\",action=\"{i}\"}} {}",
+                    escape(&r.row.name),
+                    a.queued()
+                );
+            }
+        }
+        s.push_str(&self.scripts.render_metrics());
+        s
+    }
+
+    fn message_id(&self) -> String {
+        self.next_id.fetch_add(1, Ordering::Relaxed).to_string()
+    }
+}
+
+fn fits(state: &Windows, q: &Query) -> bool {
+    let aggs: Vec<sql::AggKind> = q.aggregates.iter().map(|a| a.0).collect();
+    q.window.is_some_and(|w| state.fits(w, &aggs))
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn device_of(m: &Outgoing) -> String {
+    let levels: Vec<&str> = m.topic.split('/').collect();
+    let i = if m.kind == MessageType::Lifecycle {
+        5
+    } else {
+        2
+    };
+    levels.get(i).map_or_else(String::new, |s| (*s).to_owned())
+}
+
+/// Evaluates one message against every rule; outputs go to the actions.
+pub fn evaluate(
+    rules: &[Arc<Live>],
+    topic: &str,
+    raw: &[u8],
+    pk: &str,
+    dn: &str,
+    message_id: &str,
+    at: i64,
+) {
+    let mut parsed: Option<Value> = None;
+    for r in rules {
+        if r.row.enabled == 0 || !sql::topic_matches(&r.query.topic, topic) {
+            continue;
+        }
+        let payload =
+            parsed.get_or_insert_with(|| serde_json::from_slice(raw).unwrap_or(Value::Null));
+        let started = Instant::now();
+        let m = Msg {
+            topic,
+            raw,
+            payload,
+            product_key: pk,
+            device_name: dn,
+            message_id,
+            now_ms: at,
+            window: None,
+        };
+        let c = &r.counters;
+        c.matched.fetch_add(1, Ordering::Relaxed);
+        let outcome = step(r, &m, at);
+        c.eval_ns
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        match outcome {
+            Ok(rows) => {
+                for (row, pk, dn) in rows {
+                    dispatch(r, row, &pk, &dn, at);
+                }
+            }
+            Err(e) => c.error(e),
+        }
+    }
+}
+
+type Output = (Map<String, Value>, String, String);
+
+fn step(r: &Live, m: &Msg<'_>, at: i64) -> Result<Vec<Output>, String> {
+    let c = &r.counters;
+    if let Some(cond) = &r.query.condition {
+        if !eval::holds(cond, m, &[])? {
+            c.filtered.fetch_add(1, Ordering::Relaxed);
+            return Ok(Vec::new());
+        }
+    }
+    let Some(w) = &r.windows else {
+        c.passed.fetch_add(1, Ordering::Relaxed);
+        let row = eval::project(&r.query, m, &[])?;
+        return Ok(vec![(
+            row,
+            m.product_key.to_owned(),
+            m.device_name.to_owned(),
+        )]);
+    };
+    let mut key = Vec::with_capacity(r.query.group_keys.len());
+    for k in &r.query.group_keys {
+        key.push(eval::eval(k, m, &[])?);
+    }
+    let mut args = Vec::with_capacity(r.query.aggregates.len());
+    for (_, a) in &r.query.aggregates {
+        args.push(match a {
+            Some(e) => Some(eval::eval(e, m, &[])?),
+            None => None,
+        });
+    }
+    let last = LastMsg {
+        topic: m.topic.to_owned(),
+        raw: m.raw.to_vec(),
+        payload: m.payload.clone(),
+        product_key: m.product_key.to_owned(),
+        device_name: m.device_name.to_owned(),
+        message_id: m.message_id.to_owned(),
+    };
+    let pushed = w.lock().unwrap_or_else(|e| e.into_inner()).push(
+        at,
+        Value::Array(key).to_string(),
+        args,
+        last,
+    );
+    match pushed {
+        Ok(Some(emit)) => Ok(emitted(r, vec![emit], at)),
+        Ok(None) => Ok(Vec::new()),
+        Err(why) => {
+            c.dropped(why.reason());
+            Ok(Vec::new())
+        }
+    }
+}
+
+/// Rows of windows that closed: HAVING, then SELECT over the group's latest message.
+fn emitted(r: &Live, emits: Vec<window::Emit>, now: i64) -> Vec<Output> {
+    let c = &r.counters;
+    let mut out = Vec::new();
+    for e in emits {
+        let l = &e.last;
+        let m = Msg {
+            topic: &l.topic,
+            raw: &l.raw,
+            payload: &l.payload,
+            product_key: &l.product_key,
+            device_name: &l.device_name,
+            message_id: &l.message_id,
+            now_ms: now,
+            window: Some(e.window),
+        };
+        if let Some(h) = &r.query.having {
+            match eval::holds(h, &m, &e.aggs) {
+                Ok(true) => {}
+                Ok(false) => {
+                    c.filtered.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                Err(x) => {
+                    c.error(x);
+                    continue;
+                }
+            }
+        }
+        match eval::project(&r.query, &m, &e.aggs) {
+            Ok(row) => {
+                c.passed.fetch_add(1, Ordering::Relaxed);
+                out.push((row, l.product_key.clone(), l.device_name.clone()));
+            }
+            Err(x) => c.error(x),
+        }
+    }
+    out
+}
+
+fn dispatch(r: &Live, row: Map<String, Value>, pk: &str, dn: &str, at: i64) {
+    let n = r.actions.len();
+    let mut row = Some(row);
+    for (i, a) in r.actions.iter().enumerate() {
+        let row = if i + 1 == n {
+            row.take().unwrap_or_default()
+        } else {
+            row.clone().unwrap_or_default()
+        };
+        a.offer(Job {
+            row,
+            ctx: JobCtx {
+                rule_id: r.row.rule_id.clone(),
+                product_key: pk.to_owned(),
+                device_name: dn.to_owned(),
+                at,
+            },
+            queued: Instant::now(),
+        });
+    }
+}
+
+async fn run(engine: Arc<Engine>, mut rx: mpsc::Receiver<Input>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            input = rx.recv() => {
+                let Some(input) = input else { break };
+                engine.inputs.fetch_add(1, Ordering::Relaxed);
+                let rules = engine.rules();
+                let id = engine.message_id();
+                evaluate(&rules, &input.topic, &input.payload, &input.product_key, &input.device_name, &id, input.at);
+                // Evaluate everything already waiting before looking at the clock again.
+                let mut n = 0;
+                while n < 256 {
+                    let Ok(input) = rx.try_recv() else { break };
+                    n += 1;
+                    engine.inputs.fetch_add(1, Ordering::Relaxed);
+                    let id = engine.message_id();
+                    evaluate(&rules, &input.topic, &input.payload, &input.product_key, &input.device_name, &id, input.at);
+                }
+            }
+            _ = tick.tick() => tick_windows(&engine.rules(), now_ms()),
+            _ = stop.changed() => {
+                if *stop.borrow() {
+                    // What is queued is evaluated first, so its windows are saved.
+                    while let Ok(input) = rx.try_recv() {
+                        let id = engine.message_id();
+                        evaluate(&engine.rules(), &input.topic, &input.payload, &input.product_key, &input.device_name, &id, input.at);
+                    }
+                    engine.save().await;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Emits every window that closed by `now`.
+pub fn tick_windows(rules: &[Arc<Live>], now: i64) {
+    for r in rules {
+        let Some(w) = &r.windows else { continue };
+        if r.row.enabled == 0 {
+            continue;
+        }
+        let emits = w.lock().unwrap_or_else(|e| e.into_inner()).tick(now);
+        if emits.is_empty() {
+            continue;
+        }
+        for (row, pk, dn) in emitted(r, emits, now) {
+            dispatch(r, row, &pk, &dn, now);
+        }
+    }
+}
+
+/// Runs a rule's SQL on a sample message without running actions (the test endpoint).
+pub fn test_sql(
+    sql_text: &str,
+    topic: &str,
+    payload: &Value,
+    pk: &str,
+    dn: &str,
+) -> Result<Value, RuleError> {
+    let q = sql::parse(sql_text)?;
+    if !sql::topic_matches(&q.topic, topic) {
+        return Ok(
+            json!({"matched": false, "passed": false, "reason": format!("topic `{topic}` does not match FROM \"{}\"", q.topic)}),
+        );
+    }
+    let raw = payload.to_string();
+    let m = Msg {
+        topic,
+        raw: raw.as_bytes(),
+        payload,
+        product_key: pk,
+        device_name: dn,
+        message_id: "test",
+        now_ms: now_ms(),
+        window: None,
+    };
+    if let Some(c) = &q.condition {
+        match eval::holds(c, &m, &[]) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Ok(
+                    json!({"matched": true, "passed": false, "reason": "WHERE does not hold"}),
+                )
+            }
+            Err(e) => return Ok(json!({"matched": true, "passed": false, "error": e})),
+        }
+    }
+    if q.window.is_some() {
+        let args: Vec<Value> = q
+            .aggregates
+            .iter()
+            .map(|(_, a)| {
+                a.as_ref()
+                    .map_or(json!(1), |e| eval::eval(e, &m, &[]).unwrap_or(Value::Null))
+            })
+            .collect();
+        return match eval::project(&q, &m, &args) {
+            Ok(row) => Ok(
+                json!({"matched": true, "passed": true, "output": row, "note": "windowed rule: aggregates shown over this one message"}),
+            ),
+            Err(e) => Ok(json!({"matched": true, "passed": false, "error": e})),
+        };
+    }
+    match eval::project(&q, &m, &[]) {
+        Ok(row) => Ok(json!({"matched": true, "passed": true, "output": row})),
+        Err(e) => Ok(json!({"matched": true, "passed": false, "error": e})),
+    }
+}
