@@ -113,6 +113,7 @@ where
 type ApiResult<T> = Result<T, ApiError>;
 
 mod apps;
+mod rules;
 mod thing;
 
 /// Builds the router.
@@ -142,6 +143,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/devices/:pk/:dn/tags", axum::routing::put(put_tags))
         .merge(thing::routes())
         .merge(apps::routes())
+        .merge(rules::routes())
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
         .route("/openapi.json", get(openapi));
     Router::new()
@@ -188,7 +190,9 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
     let sh = &s.shared;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        sh.metrics.render(sh.router.routed(), sh.router.dropped()) + &sh.apps.render_metrics(),
+        sh.metrics.render(sh.router.routed(), sh.router.dropped())
+            + &sh.apps.render_metrics()
+            + &sh.rules.render_metrics(),
     )
 }
 

@@ -3,6 +3,7 @@
 //! with its status: pending, succeeded, failed or timed_out.
 
 use super::store::ServiceCall;
+use bytes::Bytes;
 use super::{code, to_device, Thing};
 use crate::metrics::Metrics;
 use crate::registry::now_ms;
@@ -227,6 +228,29 @@ impl Thing {
             Some(rx)
         } else {
             None
+        };
+        // A product with a data-parsing script gets its downlinks as raw bytes on `down_raw`,
+        // encoded by `protocolToRawData`.
+        let (topic, body) = if self.scripts.has(pk) {
+            use crate::rules::script::{Answer, Call};
+            let json: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+            match self.scripts.call(pk, Call::Encode(json)).await {
+                Ok(Answer::Bytes(b)) => (format!("/sys/{pk}/{dn}/thing/model/down_raw"), Bytes::from(b)),
+                other => {
+                    self.calls.lock().remove(&key);
+                    let why = match other {
+                        Err(e) => format!("not sent: {e}"),
+                        _ => "not sent: protocolToRawData() returned no bytes".to_owned(),
+                    };
+                    return Ok(self
+                        .db
+                        .finish_call(pk, dn, &id, "failed", None, Some(&json!({"error": why}).to_string()), now_ms())
+                        .await?
+                        .unwrap_or(call));
+                }
+            }
+        } else {
+            (topic, Bytes::from(body))
         };
         if self.send(to_device(topic.clone(), body)) == 0 {
             self.calls.lock().remove(&key);

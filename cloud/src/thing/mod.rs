@@ -299,7 +299,27 @@ impl Thing {
         let (pk, dn) = (dev.product_key.to_owned(), dev.device_name.to_owned());
         let reply_topic = format!("{topic}_reply");
         match kind {
-            Uplink::UpRaw => return self.up_raw(&pk, &dn, payload).await,
+            Uplink::UpRaw => {
+                let out = self.up_raw(&pk, &dn, payload.clone()).await;
+                if out.failed || !self.scripts.has(&pk) {
+                    return out;
+                }
+                return Box::pin(self.clone().decode_raw(origin, &pk, &dn, payload)).await;
+            }
+            Uplink::DownRawReply if self.scripts.has(&pk) => {
+                use crate::rules::script::{Answer, Call};
+                match self.scripts.call(&pk, Call::Decode(payload.to_vec())).await {
+                    Ok(Answer::Json(v)) => {
+                        self.on_reply(&pk, &dn, None, v.to_string().as_bytes()).await;
+                    }
+                    Ok(Answer::Bytes(_)) => {}
+                    Err(e) => {
+                        Metrics::inc(&self.metrics.alink_malformed);
+                        tracing::warn!(product_key = %pk, device_name = %dn, error = %e, "raw reply not decoded by the product's script");
+                    }
+                }
+                return Outcome::default();
+            }
             Uplink::DownRawReply => {
                 let ok = self
                     .store(
@@ -628,6 +648,48 @@ impl Thing {
         }
         Metrics::inc(&self.metrics.events_stored);
         self.success(&req, reply_topic, &method)
+    }
+
+    /// A raw uplink of a product with a data-parsing script: `rawDataToProtocol` turns it
+    /// into Alink JSON, handled as if the device had sent it on the method's topic; the
+    /// replies go back through `protocolToRawData` on `up_raw_reply`.
+    async fn decode_raw(self: Arc<Self>, origin: Origin, pk: &str, dn: &str, payload: Bytes) -> Outcome {
+        use crate::rules::script::{Answer, Call};
+        let decoded = match self.scripts.call(pk, Call::Decode(payload.to_vec())).await {
+            Ok(Answer::Json(v)) => v,
+            Ok(Answer::Bytes(_)) => return Outcome::default(),
+            Err(e) => {
+                Metrics::inc(&self.metrics.alink_malformed);
+                tracing::warn!(product_key = pk, device_name = dn, error = %e, "raw uplink not decoded by the product's script (stored raw)");
+                return Outcome::default();
+            }
+        };
+        let method = decoded.get("method").and_then(Value::as_str).unwrap_or_default();
+        let topic = match method.strip_prefix("thing.event.").and_then(|m| m.strip_suffix(".post")) {
+            Some("property") => format!("/sys/{pk}/{dn}/thing/event/property/post"),
+            Some(event) if !event.is_empty() && !event.contains('/') => {
+                format!("/sys/{pk}/{dn}/thing/event/{event}/post")
+            }
+            _ => {
+                Metrics::inc(&self.metrics.alink_malformed);
+                tracing::warn!(product_key = pk, device_name = dn, %method, "the script decoded a raw uplink to a method Ironlink does not take from raw data (thing.event.property.post, thing.event.{{id}}.post); stored raw");
+                return Outcome::default();
+            }
+        };
+        let mut out = self.clone().handle(origin, topic, Bytes::from(decoded.to_string())).await;
+        let mut replies = Vec::new();
+        for r in std::mem::take(&mut out.replies) {
+            let Ok(json) = serde_json::from_slice::<Value>(&r.payload) else {
+                continue;
+            };
+            match self.scripts.call(pk, Call::Encode(json)).await {
+                Ok(Answer::Bytes(b)) => replies.push(to_device(format!("/sys/{pk}/{dn}/thing/model/up_raw_reply"), b)),
+                Ok(Answer::Json(_)) => {}
+                Err(e) => tracing::warn!(product_key = pk, device_name = dn, error = %e, "reply not encoded by the product's script: not sent"),
+            }
+        }
+        out.replies = replies;
+        out
     }
 
     async fn up_raw(&self, pk: &str, dn: &str, payload: Bytes) -> Outcome {

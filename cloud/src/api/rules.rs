@@ -1,0 +1,325 @@
+//! Rules engine endpoints: rules (create, update, enable, disable, delete, test), their dead
+//! letters, rule tables, and per-product data-parsing scripts (set, show, delete, test).
+
+use super::{unknown_product, ApiError, ApiJson, ApiResult, ApiState};
+use crate::registry::now_ms;
+use crate::rules::script::{Answer, Call, ScriptError};
+use crate::rules::{RuleError, RuleSpec};
+use crate::storage::StorageError;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+pub(super) fn routes() -> Router<ApiState> {
+    Router::new()
+        .route("/rules", post(create).get(list))
+        .route("/rules/test", post(test))
+        .route("/rules/:id", get(show).put(update).delete(remove))
+        .route("/rules/:id/enable", post(enable))
+        .route("/rules/:id/disable", post(disable))
+        .route(
+            "/rules/:id/dead-letters",
+            get(dead_letters).delete(clear_dead_letters),
+        )
+        .route("/rule-tables/:table", get(table_rows))
+        .route(
+            "/products/:pk/script",
+            get(get_script).put(put_script).delete(delete_script),
+        )
+        .route("/products/:pk/script/test", post(test_script))
+}
+
+impl From<RuleError> for ApiError {
+    fn from(e: RuleError) -> Self {
+        match e {
+            RuleError::Sql(e) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_sql", format!("sql: {e}"))
+            }
+            RuleError::Action(..) | RuleError::Invalid(_) => ApiError::invalid(e.to_string()),
+            RuleError::NotFound(_) => ApiError::not_found(e.to_string()),
+            RuleError::Storage(StorageError::Conflict(m)) => {
+                ApiError::new(StatusCode::CONFLICT, "conflict", m)
+            }
+            RuleError::Storage(e) => e.into(),
+        }
+    }
+}
+
+impl From<ScriptError> for ApiError {
+    fn from(e: ScriptError) -> Self {
+        let code = match e {
+            ScriptError::NoScript(_) => return ApiError::not_found(e.to_string()),
+            ScriptError::Invalid(_) => "invalid_script",
+            ScriptError::Timeout(_) => "script_timeout",
+            ScriptError::Memory(_) => "script_memory",
+            ScriptError::Thrown(_) | ScriptError::BadResult(_) => "script_error",
+            ScriptError::Gone => "script_unavailable",
+        };
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, e.to_string())
+    }
+}
+
+fn engine(s: &ApiState) -> &crate::rules::Engine {
+    &s.shared.rules
+}
+
+fn find(s: &ApiState, id: &str) -> ApiResult<std::sync::Arc<crate::rules::Live>> {
+    engine(s)
+        .get(id)
+        .ok_or_else(|| ApiError::not_found(format!("no rule `{id}` (by id or name)")))
+}
+
+async fn create(
+    State(s): State<ApiState>,
+    ApiJson(spec): ApiJson<RuleSpec>,
+) -> ApiResult<impl IntoResponse> {
+    let live = engine(&s).create(spec).await?;
+    Ok((StatusCode::CREATED, Json(engine(&s).describe(&live))))
+}
+
+async fn list(State(s): State<ApiState>) -> Json<Value> {
+    let e = engine(&s);
+    Json(Value::Array(
+        e.rules().iter().map(|r| e.describe(r)).collect(),
+    ))
+}
+
+async fn show(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let r = find(&s, &id)?;
+    Ok(Json(engine(&s).describe(&r)))
+}
+
+async fn update(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    ApiJson(spec): ApiJson<RuleSpec>,
+) -> ApiResult<Json<Value>> {
+    let id = find(&s, &id)?.row.rule_id.clone();
+    let live = engine(&s).update(&id, spec).await?;
+    Ok(Json(engine(&s).describe(&live)))
+}
+
+async fn remove(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    let id = find(&s, &id)?.row.rule_id.clone();
+    engine(&s).delete(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn enable(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let id = find(&s, &id)?.row.rule_id.clone();
+    let live = engine(&s).set_enabled(&id, true).await?;
+    Ok(Json(engine(&s).describe(&live)))
+}
+
+async fn disable(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let id = find(&s, &id)?.row.rule_id.clone();
+    let live = engine(&s).set_enabled(&id, false).await?;
+    Ok(Json(engine(&s).describe(&live)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TestBody {
+    sql: String,
+    /// The topic the sample came on; default: the FROM topic with `+` as `pk`/`dn`.
+    topic: Option<String>,
+    payload: Value,
+    product_key: Option<String>,
+    device_name: Option<String>,
+}
+
+async fn test(State(_s): State<ApiState>, ApiJson(b): ApiJson<TestBody>) -> ApiResult<Json<Value>> {
+    let q = crate::rules::sql::parse(&b.sql).map_err(RuleError::from)?;
+    let topic = b.topic.unwrap_or_else(|| {
+        let mut n = 0;
+        q.topic
+            .split('/')
+            .map(|l| match l {
+                "+" => {
+                    n += 1;
+                    if n == 1 { "pk".to_owned() } else { "dn".to_owned() }
+                }
+                "#" => "x".to_owned(),
+                other => other.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("/")
+    });
+    let levels: Vec<&str> = topic.split('/').collect();
+    let pk = b
+        .product_key
+        .unwrap_or_else(|| levels.get(1).copied().unwrap_or_default().to_owned());
+    let dn = b
+        .device_name
+        .unwrap_or_else(|| levels.get(2).copied().unwrap_or_default().to_owned());
+    Ok(Json(crate::rules::test_sql(&b.sql, &topic, &b.payload, &pk, &dn)?))
+}
+
+#[derive(Debug, Deserialize)]
+struct Limit {
+    limit: Option<i64>,
+    after: Option<i64>,
+}
+
+async fn dead_letters(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    Query(l): Query<Limit>,
+) -> ApiResult<Json<Value>> {
+    let id = find(&s, &id)?.row.rule_id.clone();
+    let rows = s
+        .shared
+        .db
+        .list_dead_letters(Some(&id), l.limit.unwrap_or(100).clamp(1, 10_000))
+        .await?;
+    Ok(Json(json!(rows)))
+}
+
+async fn clear_dead_letters(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let id = find(&s, &id)?.row.rule_id.clone();
+    let n = s.shared.db.delete_dead_letters(&id, None).await?;
+    Ok(Json(json!({"deleted": n})))
+}
+
+async fn table_rows(
+    State(s): State<ApiState>,
+    Path(table): Path<String>,
+    Query(l): Query<Limit>,
+) -> ApiResult<Json<Value>> {
+    let rows = s
+        .shared
+        .db
+        .list_rule_rows(&table, l.after.unwrap_or(0), l.limit.unwrap_or(100).clamp(1, 10_000))
+        .await?;
+    Ok(Json(Value::Array(
+        rows.into_iter()
+            .map(|(id, rule, row, at)| {
+                json!({"id": id, "rule_id": rule, "at": at,
+                       "row": serde_json::from_str::<Value>(&row).unwrap_or(Value::Null)})
+            })
+            .collect(),
+    )))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScriptBody {
+    script: String,
+}
+
+async fn get_script(State(s): State<ApiState>, Path(pk): Path<String>) -> ApiResult<Json<Value>> {
+    let all = s.shared.db.list_scripts().await?;
+    let Some((_, script, at)) = all.into_iter().find(|(p, _, _)| *p == pk) else {
+        return Err(ApiError::not_found(format!(
+            "product `{pk}` has no data-parsing script: PUT one to /api/v1/products/{pk}/script"
+        )));
+    };
+    let c = s.shared.rules.scripts.counters(&pk);
+    let n = |f: fn(&crate::rules::script::ScriptCounters) -> u64| c.as_ref().map_or(0, |c| f(c));
+    use std::sync::atomic::Ordering::Relaxed;
+    Ok(Json(json!({
+        "product_key": pk, "script": script, "updated_at": at,
+        "stats": {
+            "ok": n(|c| c.ok.load(Relaxed)),
+            "errors": n(|c| c.errors.load(Relaxed)),
+            "timeouts": n(|c| c.timeouts.load(Relaxed)),
+            "memory": n(|c| c.memory.load(Relaxed)),
+            "time_ms_total": n(|c| c.time_us.load(Relaxed)) as f64 / 1000.0,
+        },
+        "limits": {
+            "time_ms": s.shared.rules.scripts.limits().time.as_millis() as u64,
+            "memory_mib": s.shared.rules.scripts.limits().memory / (1024 * 1024),
+        },
+    })))
+}
+
+async fn put_script(
+    State(s): State<ApiState>,
+    Path(pk): Path<String>,
+    ApiJson(b): ApiJson<ScriptBody>,
+) -> ApiResult<Json<Value>> {
+    if s.shared.db.get_product(&pk).await?.is_none() {
+        return Err(unknown_product(&pk));
+    }
+    if b.script.len() > 256 * 1024 {
+        return Err(ApiError::invalid("a script is at most 256 KiB"));
+    }
+    // Compiled (and checked) before it is stored.
+    s.shared.rules.scripts.set(&pk, &b.script)?;
+    s.shared.db.put_script(&pk, &b.script, now_ms()).await?;
+    Ok(Json(json!({"product_key": pk, "updated_at": now_ms()})))
+}
+
+async fn delete_script(State(s): State<ApiState>, Path(pk): Path<String>) -> ApiResult<StatusCode> {
+    if !s.shared.db.delete_script(&pk).await? {
+        return Err(ApiError::not_found(format!(
+            "product `{pk}` has no data-parsing script"
+        )));
+    }
+    s.shared.rules.scripts.remove(&pk);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScriptTest {
+    /// A script to try; the product's installed one when absent.
+    script: Option<String>,
+    /// `up` (rawDataToProtocol), `down` (protocolToRawData) or `custom` (transformPayload).
+    direction: String,
+    /// Raw bytes as hex, for `up` and `custom`.
+    payload_hex: Option<String>,
+    /// Alink JSON, for `down`.
+    json: Option<Value>,
+    /// Custom topic, for `custom`.
+    topic: Option<String>,
+}
+
+async fn test_script(
+    State(s): State<ApiState>,
+    Path(pk): Path<String>,
+    ApiJson(b): ApiJson<ScriptTest>,
+) -> ApiResult<Json<Value>> {
+    let bytes = || -> ApiResult<Vec<u8>> {
+        let h = b.payload_hex.as_deref().ok_or_else(|| {
+            ApiError::invalid("payload_hex is needed for direction up and custom")
+        })?;
+        hex::decode(h.trim().trim_start_matches("0x"))
+            .map_err(|e| ApiError::invalid(format!("payload_hex: {e}")))
+    };
+    let call = match b.direction.as_str() {
+        "up" => Call::Decode(bytes()?),
+        "custom" => Call::Transform(
+            b.topic
+                .clone()
+                .ok_or_else(|| ApiError::invalid("topic is needed for direction custom"))?,
+            bytes()?,
+        ),
+        "down" => Call::Encode(
+            b.json
+                .clone()
+                .ok_or_else(|| ApiError::invalid("json is needed for direction down"))?,
+        ),
+        other => {
+            return Err(ApiError::invalid(format!(
+                "direction `{other}`: use up, down or custom"
+            )))
+        }
+    };
+    let scripts = &s.shared.rules.scripts;
+    let answer = match &b.script {
+        Some(src) => scripts.test(src, call).await?,
+        None => scripts.call(&pk, call).await?,
+    };
+    Ok(Json(match answer {
+        Answer::Json(v) => json!({"output": v}),
+        Answer::Bytes(b) => json!({"output_hex": hex::encode(b)}),
+    }))
+}
