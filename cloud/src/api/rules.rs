@@ -134,17 +134,16 @@ struct TestBody {
 
 async fn test(State(_s): State<ApiState>, ApiJson(b): ApiJson<TestBody>) -> ApiResult<Json<Value>> {
     let q = crate::rules::sql::parse(&b.sql).map_err(RuleError::from)?;
+    // Wildcards become `pk` / `dn` where Alink topics keep them, `x` elsewhere.
     let topic = b.topic.unwrap_or_else(|| {
-        let mut n = 0;
         q.topic
             .split('/')
-            .map(|l| match l {
-                "+" => {
-                    n += 1;
-                    if n == 1 { "pk".to_owned() } else { "dn".to_owned() }
-                }
-                "#" => "x".to_owned(),
-                other => other.to_owned(),
+            .enumerate()
+            .map(|(i, l)| match (l, i) {
+                ("+", 1) => "pk".to_owned(),
+                ("+", 2) => "dn".to_owned(),
+                ("+" | "#", _) => "x".to_owned(),
+                (other, _) => other.to_owned(),
             })
             .collect::<Vec<_>>()
             .join("/")
@@ -156,7 +155,9 @@ async fn test(State(_s): State<ApiState>, ApiJson(b): ApiJson<TestBody>) -> ApiR
     let dn = b
         .device_name
         .unwrap_or_else(|| levels.get(2).copied().unwrap_or_default().to_owned());
-    Ok(Json(crate::rules::test_sql(&b.sql, &topic, &b.payload, &pk, &dn)?))
+    Ok(Json(crate::rules::test_sql(
+        &b.sql, &topic, &b.payload, &pk, &dn,
+    )?))
 }
 
 #[derive(Debug, Deserialize)]
@@ -196,7 +197,11 @@ async fn table_rows(
     let rows = s
         .shared
         .db
-        .list_rule_rows(&table, l.after.unwrap_or(0), l.limit.unwrap_or(100).clamp(1, 10_000))
+        .list_rule_rows(
+            &table,
+            l.after.unwrap_or(0),
+            l.limit.unwrap_or(100).clamp(1, 10_000),
+        )
         .await?;
     Ok(Json(Value::Array(
         rows.into_iter()

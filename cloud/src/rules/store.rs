@@ -181,13 +181,15 @@ impl Db {
     ) -> Result<Vec<DeadLetter>, StorageError> {
         let cols = "id, rule_id, action, kind, payload, error, attempts, at";
         Ok(match rule {
-            Some(r) => sqlx::query_as(&format!(
+            Some(r) => {
+                sqlx::query_as(&format!(
                 "SELECT {cols} FROM rule_dead_letters WHERE rule_id = $1 ORDER BY id DESC LIMIT $2"
             ))
-            .bind(r)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?,
+                .bind(r)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?
+            }
             None => {
                 sqlx::query_as(&format!(
                     "SELECT {cols} FROM rule_dead_letters ORDER BY id DESC LIMIT $1"

@@ -3,10 +3,10 @@
 //! with its status: pending, succeeded, failed or timed_out.
 
 use super::store::ServiceCall;
-use bytes::Bytes;
 use super::{code, to_device, Thing};
 use crate::metrics::Metrics;
 use crate::registry::now_ms;
+use bytes::Bytes;
 use ironlink_shared::tsl::{AccessMode, DataType};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -235,7 +235,10 @@ impl Thing {
             use crate::rules::script::{Answer, Call};
             let json: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
             match self.scripts.call(pk, Call::Encode(json)).await {
-                Ok(Answer::Bytes(b)) => (format!("/sys/{pk}/{dn}/thing/model/down_raw"), Bytes::from(b)),
+                Ok(Answer::Bytes(b)) => (
+                    format!("/sys/{pk}/{dn}/thing/model/down_raw"),
+                    Bytes::from(b),
+                ),
                 other => {
                     self.calls.lock().remove(&key);
                     let why = match other {
@@ -244,7 +247,15 @@ impl Thing {
                     };
                     return Ok(self
                         .db
-                        .finish_call(pk, dn, &id, "failed", None, Some(&json!({"error": why}).to_string()), now_ms())
+                        .finish_call(
+                            pk,
+                            dn,
+                            &id,
+                            "failed",
+                            None,
+                            Some(&json!({"error": why}).to_string()),
+                            now_ms(),
+                        )
                         .await?
                         .unwrap_or(call));
                 }

@@ -310,7 +310,8 @@ impl Thing {
                 use crate::rules::script::{Answer, Call};
                 match self.scripts.call(&pk, Call::Decode(payload.to_vec())).await {
                     Ok(Answer::Json(v)) => {
-                        self.on_reply(&pk, &dn, None, v.to_string().as_bytes()).await;
+                        self.on_reply(&pk, &dn, None, v.to_string().as_bytes())
+                            .await;
                     }
                     Ok(Answer::Bytes(_)) => {}
                     Err(e) => {
@@ -653,7 +654,13 @@ impl Thing {
     /// A raw uplink of a product with a data-parsing script: `rawDataToProtocol` turns it
     /// into Alink JSON, handled as if the device had sent it on the method's topic; the
     /// replies go back through `protocolToRawData` on `up_raw_reply`.
-    async fn decode_raw(self: Arc<Self>, origin: Origin, pk: &str, dn: &str, payload: Bytes) -> Outcome {
+    async fn decode_raw(
+        self: Arc<Self>,
+        origin: Origin,
+        pk: &str,
+        dn: &str,
+        payload: Bytes,
+    ) -> Outcome {
         use crate::rules::script::{Answer, Call};
         let decoded = match self.scripts.call(pk, Call::Decode(payload.to_vec())).await {
             Ok(Answer::Json(v)) => v,
@@ -664,8 +671,14 @@ impl Thing {
                 return Outcome::default();
             }
         };
-        let method = decoded.get("method").and_then(Value::as_str).unwrap_or_default();
-        let topic = match method.strip_prefix("thing.event.").and_then(|m| m.strip_suffix(".post")) {
+        let method = decoded
+            .get("method")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let topic = match method
+            .strip_prefix("thing.event.")
+            .and_then(|m| m.strip_suffix(".post"))
+        {
             Some("property") => format!("/sys/{pk}/{dn}/thing/event/property/post"),
             Some(event) if !event.is_empty() && !event.contains('/') => {
                 format!("/sys/{pk}/{dn}/thing/event/{event}/post")
@@ -676,16 +689,24 @@ impl Thing {
                 return Outcome::default();
             }
         };
-        let mut out = self.clone().handle(origin, topic, Bytes::from(decoded.to_string())).await;
+        let mut out = self
+            .clone()
+            .handle(origin, topic, Bytes::from(decoded.to_string()))
+            .await;
         let mut replies = Vec::new();
         for r in std::mem::take(&mut out.replies) {
             let Ok(json) = serde_json::from_slice::<Value>(&r.payload) else {
                 continue;
             };
             match self.scripts.call(pk, Call::Encode(json)).await {
-                Ok(Answer::Bytes(b)) => replies.push(to_device(format!("/sys/{pk}/{dn}/thing/model/up_raw_reply"), b)),
+                Ok(Answer::Bytes(b)) => replies.push(to_device(
+                    format!("/sys/{pk}/{dn}/thing/model/up_raw_reply"),
+                    b,
+                )),
                 Ok(Answer::Json(_)) => {}
-                Err(e) => tracing::warn!(product_key = pk, device_name = dn, error = %e, "reply not encoded by the product's script: not sent"),
+                Err(e) => {
+                    tracing::warn!(product_key = pk, device_name = dn, error = %e, "reply not encoded by the product's script: not sent")
+                }
             }
         }
         out.replies = replies;
