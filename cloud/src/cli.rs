@@ -51,6 +51,24 @@ pub enum Command {
         #[command(subcommand)]
         cmd: AppCmd,
     },
+    /// Rules: SQL over device messages, windows and actions.
+    Rule {
+        /// Server connection.
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Rule action.
+        #[command(subcommand)]
+        cmd: RuleCmd,
+    },
+    /// Per-product data-parsing scripts (JavaScript, Alibaba's script contract).
+    Script {
+        /// Server connection.
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Script action.
+        #[command(subcommand)]
+        cmd: ScriptCmd,
+    },
     /// Publish a downlink message to one of a device's topics.
     Pub {
         /// Server connection.
@@ -243,6 +261,157 @@ pub enum AppCmd {
         product_key: String,
         /// Consumer group id.
         group_id: String,
+    },
+}
+
+/// A rule's definition on the command line.
+#[derive(Debug, Args)]
+pub struct RuleDef {
+    /// Unique name.
+    pub name: String,
+    /// The SQL (or --sql-file).
+    #[arg(long, conflicts_with = "sql_file")]
+    pub sql: Option<String>,
+    /// A file with the SQL.
+    #[arg(long)]
+    pub sql_file: Option<PathBuf>,
+    /// An action as JSON, e.g. '{"type":"webhook","url":"http://..."}' (repeatable).
+    #[arg(long = "action")]
+    pub actions: Vec<String>,
+    /// Free text.
+    #[arg(long, default_value = "")]
+    pub description: String,
+    /// Create it disabled.
+    #[arg(long)]
+    pub disabled: bool,
+}
+
+impl RuleDef {
+    fn body(&self) -> anyhow::Result<Value> {
+        let sql = match (&self.sql, &self.sql_file) {
+            (Some(s), _) => s.clone(),
+            (None, Some(f)) => {
+                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
+            }
+            (None, None) => bail!("give the rule's SQL with --sql or --sql-file"),
+        };
+        let mut actions = Vec::new();
+        for (i, a) in self.actions.iter().enumerate() {
+            actions.push(
+                serde_json::from_str::<Value>(a)
+                    .with_context(|| format!("--action {} is not JSON", i + 1))?,
+            );
+        }
+        Ok(
+            json!({"name": self.name, "sql": sql, "actions": actions, "description": self.description, "enabled": !self.disabled}),
+        )
+    }
+}
+
+/// Rule actions.
+#[derive(Debug, Subcommand)]
+pub enum RuleCmd {
+    /// Create a rule (the SQL is checked; errors name line and column).
+    Create(RuleDef),
+    /// List rules with their counters.
+    List,
+    /// Show a rule (by id or name): SQL, counters, actions' counters and last errors.
+    Show {
+        /// Rule id or name.
+        rule: String,
+    },
+    /// Replace a rule's definition.
+    Update {
+        /// Rule id or name.
+        rule: String,
+        /// The new definition.
+        #[command(flatten)]
+        def: RuleDef,
+    },
+    /// Enable a rule.
+    Enable {
+        /// Rule id or name.
+        rule: String,
+    },
+    /// Disable a rule.
+    Disable {
+        /// Rule id or name.
+        rule: String,
+    },
+    /// Delete a rule.
+    Delete {
+        /// Rule id or name.
+        rule: String,
+    },
+    /// Run SQL on a sample payload without creating a rule.
+    Test {
+        /// The SQL.
+        #[arg(long)]
+        sql: String,
+        /// Sample payload (JSON).
+        #[arg(long)]
+        payload: String,
+        /// The topic the sample came on.
+        #[arg(long)]
+        topic: Option<String>,
+    },
+    /// Outputs an action gave up on (dead letters); --clear deletes them.
+    DeadLetters {
+        /// Rule id or name.
+        rule: String,
+        /// Delete them instead.
+        #[arg(long)]
+        clear: bool,
+    },
+    /// Rows rules appended to a rule table.
+    Table {
+        /// Table name.
+        table: String,
+        /// Rows after this id.
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+    },
+}
+
+/// Script actions.
+#[derive(Debug, Subcommand)]
+pub enum ScriptCmd {
+    /// Install a product's script from a file (compiled and checked first).
+    Set {
+        /// Product key.
+        product_key: String,
+        /// JavaScript file.
+        file: PathBuf,
+    },
+    /// Show a product's script and its counters.
+    Show {
+        /// Product key.
+        product_key: String,
+    },
+    /// Remove a product's script.
+    Delete {
+        /// Product key.
+        product_key: String,
+    },
+    /// Run a script on a sample: `up` (rawDataToProtocol, --hex), `down` (protocolToRawData,
+    /// --json) or `custom` (transformPayload, --topic and --hex).
+    Test {
+        /// Product key.
+        product_key: String,
+        /// up, down or custom.
+        direction: String,
+        /// Raw bytes in hex.
+        #[arg(long)]
+        hex: Option<String>,
+        /// Alink JSON.
+        #[arg(long)]
+        json: Option<String>,
+        /// Custom topic.
+        #[arg(long)]
+        topic: Option<String>,
+        /// Try this file instead of the installed script.
+        #[arg(long)]
+        file: Option<PathBuf>,
     },
 }
 
@@ -1128,6 +1297,178 @@ pub async fn run_admin(command: Command) -> anyhow::Result<()> {
                         Method::DELETE,
                         &format!("/subscriptions/{product_key}/{group_id}"),
                         None,
+                    )
+                    .await?;
+                }
+            }
+        }
+        Command::Rule { client, cmd } => {
+            let c = Client::new(&client)?;
+            let rule_cols: &[&str] = &[
+                "rule_id",
+                "name",
+                "enabled",
+                "matched",
+                "passed",
+                "filtered",
+                "failed",
+                "updated_at",
+            ];
+            match cmd {
+                RuleCmd::Create(def) => {
+                    let v = c.call(Method::POST, "/rules", Some(def.body()?)).await?;
+                    output(&c, &v, None);
+                }
+                RuleCmd::List => {
+                    let v = c.call(Method::GET, "/rules", None).await?;
+                    let rows: Vec<Value> = v
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|mut r| {
+                            if let Some(stats) = r["stats"].as_object().cloned() {
+                                for (k, x) in stats {
+                                    r[k.as_str()] = x;
+                                }
+                            }
+                            r
+                        })
+                        .collect();
+                    output(&c, &json!({"rules": rows}), Some(("rules", rule_cols)));
+                }
+                RuleCmd::Show { rule } => {
+                    c.record(Method::GET, &format!("/rules/{rule}"), None)
+                        .await?
+                }
+                RuleCmd::Update { rule, def } => {
+                    c.record(Method::PUT, &format!("/rules/{rule}"), Some(def.body()?))
+                        .await?;
+                }
+                RuleCmd::Enable { rule } => {
+                    c.record(
+                        Method::POST,
+                        &format!("/rules/{rule}/enable"),
+                        Some(json!({})),
+                    )
+                    .await?
+                }
+                RuleCmd::Disable { rule } => {
+                    c.record(
+                        Method::POST,
+                        &format!("/rules/{rule}/disable"),
+                        Some(json!({})),
+                    )
+                    .await?
+                }
+                RuleCmd::Delete { rule } => {
+                    c.call(Method::DELETE, &format!("/rules/{rule}"), None)
+                        .await?;
+                    println!("deleted");
+                }
+                RuleCmd::Test {
+                    sql,
+                    payload,
+                    topic,
+                } => {
+                    let payload: Value =
+                        serde_json::from_str(&payload).context("--payload is not JSON")?;
+                    c.record(
+                        Method::POST,
+                        "/rules/test",
+                        Some(json!({"sql": sql, "payload": payload, "topic": topic})),
+                    )
+                    .await?;
+                }
+                RuleCmd::DeadLetters { rule, clear: true } => {
+                    c.record(Method::DELETE, &format!("/rules/{rule}/dead-letters"), None)
+                        .await?;
+                }
+                RuleCmd::DeadLetters { rule, clear: false } => {
+                    let v = c
+                        .call(Method::GET, &format!("/rules/{rule}/dead-letters"), None)
+                        .await?;
+                    output(
+                        &c,
+                        &json!({"letters": v}),
+                        Some((
+                            "letters",
+                            &["id", "action", "kind", "attempts", "at", "error", "payload"],
+                        )),
+                    );
+                }
+                RuleCmd::Table { table, after } => {
+                    let v = c
+                        .call(
+                            Method::GET,
+                            &format!("/rule-tables/{table}?after={after}&limit=1000"),
+                            None,
+                        )
+                        .await?;
+                    output(
+                        &c,
+                        &json!({"rows": v}),
+                        Some(("rows", &["id", "at", "rule_id", "row"])),
+                    );
+                }
+            }
+        }
+        Command::Script { client, cmd } => {
+            let c = Client::new(&client)?;
+            match cmd {
+                ScriptCmd::Set { product_key, file } => {
+                    let script = std::fs::read_to_string(&file)
+                        .with_context(|| format!("reading {}", file.display()))?;
+                    c.record(
+                        Method::PUT,
+                        &format!("/products/{product_key}/script"),
+                        Some(json!({"script": script})),
+                    )
+                    .await?;
+                }
+                ScriptCmd::Show { product_key } => {
+                    c.record(
+                        Method::GET,
+                        &format!("/products/{product_key}/script"),
+                        None,
+                    )
+                    .await?;
+                }
+                ScriptCmd::Delete { product_key } => {
+                    c.call(
+                        Method::DELETE,
+                        &format!("/products/{product_key}/script"),
+                        None,
+                    )
+                    .await?;
+                    println!("deleted");
+                }
+                ScriptCmd::Test {
+                    product_key,
+                    direction,
+                    hex,
+                    json: sample,
+                    topic,
+                    file,
+                } => {
+                    let script = match file {
+                        Some(f) => Some(
+                            std::fs::read_to_string(&f)
+                                .with_context(|| format!("reading {}", f.display()))?,
+                        ),
+                        None => None,
+                    };
+                    let sample = match sample {
+                        Some(j) => {
+                            Some(serde_json::from_str::<Value>(&j).context("--json is not JSON")?)
+                        }
+                        None => None,
+                    };
+                    let body = json!({"script": script, "direction": direction, "payload_hex": hex, "json": sample, "topic": topic});
+                    c.record(
+                        Method::POST,
+                        &format!("/products/{product_key}/script/test"),
+                        Some(body),
                     )
                     .await?;
                 }

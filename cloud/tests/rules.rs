@@ -494,7 +494,10 @@ async fn rows_go_into_a_postgresql_table() {
             .unwrap();
     assert_eq!(
         rows,
-        vec![("dev1".into(), 12.0, 7, false), ("dev1".into(), 31.5, 7, true)]
+        vec![
+            ("dev1".into(), 12.0, 7, false),
+            ("dev1".into(), 31.5, 7, true)
+        ]
     );
     drop(target);
     sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
