@@ -7,6 +7,7 @@
 use super::sql::{BinOp, Expr, Item, Query, Seg};
 use base64::Engine as _;
 use serde_json::{Map, Number, Value};
+use std::borrow::Cow;
 
 /// Algorithms `crypto()` knows.
 pub const CRYPTO_ALGORITHMS: [&str; 5] = ["MD5", "SHA1", "SHA-256", "SHA-384", "SHA-512"];
@@ -34,65 +35,72 @@ pub struct Msg<'a> {
 
 /// Evaluates `e`; `aggs` holds the aggregate results of a windowed rule.
 pub fn eval(e: &Expr, m: &Msg<'_>, aggs: &[Value]) -> Result<Value, String> {
-    Ok(match e {
-        Expr::Lit(v) => v.clone(),
-        Expr::Path(segs, _) => lookup(m.payload, segs).cloned().unwrap_or(Value::Null),
-        Expr::Agg(i) => aggs.get(*i).cloned().unwrap_or(Value::Null),
+    ev(e, m, aggs).map(Cow::into_owned)
+}
+
+static NULL: Value = Value::Null;
+
+/// Like [`eval`], borrowing literals and payload fields instead of copying them.
+fn ev<'a>(e: &'a Expr, m: &Msg<'a>, aggs: &'a [Value]) -> Result<Cow<'a, Value>, String> {
+    Ok(Cow::Owned(match e {
+        Expr::Lit(v) => return Ok(Cow::Borrowed(v)),
+        Expr::Path(segs, _) => return Ok(Cow::Borrowed(lookup(m.payload, segs).unwrap_or(&NULL))),
+        Expr::Agg(i) => return Ok(Cow::Borrowed(aggs.get(*i).unwrap_or(&NULL))),
         Expr::Call(name, args, _) => {
             let mut vals = Vec::with_capacity(args.len());
             for a in args {
-                vals.push(eval(a, m, aggs)?);
+                vals.push(ev(a, m, aggs)?.into_owned());
             }
             call(name, &vals, m)?
         }
         Expr::Bin(BinOp::And, l, r, _) => {
-            let l = truth(&eval(l, m, aggs)?);
+            let l = truth(ev(l, m, aggs)?.as_ref());
             if l == Some(false) {
-                return Ok(Value::Bool(false));
+                return Ok(Cow::Owned(Value::Bool(false)));
             }
-            match (l, truth(&eval(r, m, aggs)?)) {
+            match (l, truth(ev(r, m, aggs)?.as_ref())) {
                 (_, Some(false)) => Value::Bool(false),
                 (Some(true), Some(true)) => Value::Bool(true),
                 _ => Value::Null,
             }
         }
         Expr::Bin(BinOp::Or, l, r, _) => {
-            let l = truth(&eval(l, m, aggs)?);
+            let l = truth(ev(l, m, aggs)?.as_ref());
             if l == Some(true) {
-                return Ok(Value::Bool(true));
+                return Ok(Cow::Owned(Value::Bool(true)));
             }
-            match (l, truth(&eval(r, m, aggs)?)) {
+            match (l, truth(ev(r, m, aggs)?.as_ref())) {
                 (_, Some(true)) => Value::Bool(true),
                 (Some(false), Some(false)) => Value::Bool(false),
                 _ => Value::Null,
             }
         }
-        Expr::Bin(op, l, r, _) => binary(*op, eval(l, m, aggs)?, eval(r, m, aggs)?)?,
-        Expr::Not(e) => match truth(&eval(e, m, aggs)?) {
+        Expr::Bin(op, l, r, _) => binary(*op, ev(l, m, aggs)?.as_ref(), ev(r, m, aggs)?.as_ref())?,
+        Expr::Not(e) => match truth(ev(e, m, aggs)?.as_ref()) {
             Some(b) => Value::Bool(!b),
             None => Value::Null,
         },
-        Expr::Neg(e, _) => match eval(e, m, aggs)? {
+        Expr::Neg(e, _) => match ev(e, m, aggs)?.as_ref() {
             Value::Null => Value::Null,
-            v => binary(BinOp::Sub, Value::from(0), v)?,
+            v => binary(BinOp::Sub, &Value::from(0), v)?,
         },
-        Expr::IsNull(e, negated) => Value::Bool(eval(e, m, aggs)?.is_null() != *negated),
+        Expr::IsNull(e, negated) => Value::Bool(ev(e, m, aggs)?.is_null() != *negated),
         Expr::In(e, list, negated) => {
-            let v = eval(e, m, aggs)?;
+            let v = ev(e, m, aggs)?;
             if v.is_null() {
-                return Ok(Value::Null);
+                return Ok(Cow::Owned(Value::Null));
             }
             let mut found = false;
             for x in list {
-                if compare(&v, &eval(x, m, aggs)?) == Some(std::cmp::Ordering::Equal) {
+                if compare(&v, ev(x, m, aggs)?.as_ref()) == Some(std::cmp::Ordering::Equal) {
                     found = true;
                     break;
                 }
             }
             Value::Bool(found != *negated)
         }
-        Expr::Like(e, pattern, negated) => match eval(e, m, aggs)? {
-            Value::String(s) => Value::Bool(like(&s, pattern) != *negated),
+        Expr::Like(e, pattern, negated) => match ev(e, m, aggs)?.as_ref() {
+            Value::String(s) => Value::Bool(like(s, pattern) != *negated),
             Value::Null => Value::Null,
             other => Value::Bool(like(&other.to_string(), pattern) != *negated),
         },
@@ -102,30 +110,30 @@ pub fn eval(e: &Expr, m: &Msg<'_>, aggs: &[Value]) -> Result<Value, String> {
             otherwise,
         } => {
             let subject = match operand {
-                Some(o) => Some(eval(o, m, aggs)?),
+                Some(o) => Some(ev(o, m, aggs)?),
                 None => None,
             };
             for (w, t) in arms {
-                let w = eval(w, m, aggs)?;
+                let w = ev(w, m, aggs)?;
                 let hit = match &subject {
                     Some(s) => compare(s, &w) == Some(std::cmp::Ordering::Equal),
                     None => truth(&w) == Some(true),
                 };
                 if hit {
-                    return eval(t, m, aggs);
+                    return ev(t, m, aggs);
                 }
             }
             match otherwise {
-                Some(o) => eval(o, m, aggs)?,
+                Some(o) => ev(o, m, aggs)?.into_owned(),
                 None => Value::Null,
             }
         }
-    })
+    }))
 }
 
 /// True when a condition holds (null and non-booleans other than numbers do not).
 pub fn holds(e: &Expr, m: &Msg<'_>, aggs: &[Value]) -> Result<bool, String> {
-    Ok(truth(&eval(e, m, aggs)?) == Some(true))
+    Ok(truth(ev(e, m, aggs)?.as_ref()) == Some(true))
 }
 
 /// The output row of a rule: SELECT items over the message. Null values are left out.
@@ -141,7 +149,7 @@ pub fn project(q: &Query, m: &Msg<'_>, aggs: &[Value]) -> Result<Map<String, Val
                 }
             }
             Item::Expr(e, name) => {
-                let v = eval(e, m, aggs)?;
+                let v = ev(e, m, aggs)?.into_owned();
                 if matches!(e, Expr::Call(f, _, _) if f == "thingpropertyflatmap") {
                     if let Value::Object(o) = v {
                         out.extend(o);
@@ -213,29 +221,29 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
-fn binary(op: BinOp, l: Value, r: Value) -> Result<Value, String> {
+fn binary(op: BinOp, l: &Value, r: &Value) -> Result<Value, String> {
     use std::cmp::Ordering::*;
     if op == BinOp::Concat {
         if l.is_null() || r.is_null() {
             return Ok(Value::Null);
         }
-        return Ok(Value::String(format!("{}{}", text(&l), text(&r))));
+        return Ok(Value::String(format!("{}{}", text(l), text(r))));
     }
     if l.is_null() || r.is_null() {
         return Ok(Value::Null);
     }
     let cmp = |want: &dyn Fn(std::cmp::Ordering) -> bool| -> Value {
-        match compare(&l, &r) {
+        match compare(l, r) {
             Some(o) => Value::Bool(want(o)),
             None => Value::Null,
         }
     };
     Ok(match op {
-        BinOp::Eq => match compare(&l, &r) {
+        BinOp::Eq => match compare(l, r) {
             Some(o) => Value::Bool(o == Equal),
             None => Value::Bool(l == r),
         },
-        BinOp::Ne => match compare(&l, &r) {
+        BinOp::Ne => match compare(l, r) {
             Some(o) => Value::Bool(o != Equal),
             None => Value::Bool(l != r),
         },
@@ -244,8 +252,8 @@ fn binary(op: BinOp, l: Value, r: Value) -> Result<Value, String> {
         BinOp::Gt => cmp(&|o| o == Greater),
         BinOp::Ge => cmp(&|o| o != Less),
         _ => {
-            let (Some(a), Some(b)) = (num(&l), num(&r)) else {
-                let bad = if num(&l).is_none() { &l } else { &r };
+            let (Some(a), Some(b)) = (num(l), num(r)) else {
+                let bad = if num(l).is_none() { l } else { r };
                 return Err(format!("arithmetic on {} ({bad})", kind(bad)));
             };
             if let (Some(x), Some(y)) = (l.as_i64(), r.as_i64()) {
@@ -353,7 +361,7 @@ fn call(name: &str, args: &[Value], m: &Msg<'_>) -> Result<Value, String> {
             },
         },
         "mod" => match (arg_num(0), arg_num(1)) {
-            (Some(a), Some(b)) => binary(BinOp::Mod, number(a), number(b))?,
+            (Some(a), Some(b)) => binary(BinOp::Mod, &number(a), &number(b))?,
             _ => Value::Null,
         },
         "power" => match (arg_num(0), arg_num(1)) {

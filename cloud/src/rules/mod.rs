@@ -151,6 +151,9 @@ pub struct Live {
     pub counters: Arc<RuleCounters>,
     /// Message kinds the FROM topic can select.
     kinds: u32,
+    /// The FROM filter's text before its first wildcard: a topic not starting with it
+    /// cannot match (checked first, it is a memory compare).
+    prefix: String,
 }
 
 /// Topic shapes of each message kind, to tell which kinds a FROM filter selects.
@@ -324,7 +327,12 @@ impl Engine {
             .iter()
             .filter(|(k, _)| sql::filters_overlap(&query.topic, kind_pattern(*k)))
             .fold(0, |m, (k, _)| m | kind_bit(*k));
+        let prefix = match query.topic.find(['+', '#']) {
+            Some(i) => query.topic[..i].to_owned(),
+            None => query.topic.clone(),
+        };
         Ok(Live {
+            prefix,
             row,
             query,
             actions: runners,
@@ -709,7 +717,10 @@ pub fn evaluate(
 ) {
     let mut parsed: Option<Value> = None;
     for r in rules {
-        if r.row.enabled == 0 || !sql::topic_matches(&r.query.topic, topic) {
+        if r.row.enabled == 0
+            || !topic.starts_with(&r.prefix)
+            || !sql::topic_matches(&r.query.topic, topic)
+        {
             continue;
         }
         let payload =
