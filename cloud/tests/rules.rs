@@ -615,3 +615,40 @@ async fn a_script_decodes_raw_uplinks_encodes_downlinks_and_a_runaway_call_is_cu
     assert_eq!(&down[8..12], &1.5f32.to_be_bytes());
     let _ = call.await;
 }
+
+#[tokio::test]
+async fn lifecycle_changes_and_custom_topics_reach_rules() {
+    let srv = start(|_| {}).await;
+    let (pk, _) = srv.product(false).await;
+    let secret = srv.device(&pk, "dev1").await;
+    create_rule(
+        &srv,
+        json!({"name": "presence", "sql": format!("SELECT status, deviceName() AS dev FROM \"/as/mqtt/status/{pk}/+\""),
+               "actions": [{"type": "table", "table": "presence"}]}),
+    )
+    .await;
+    create_rule(
+        &srv,
+        json!({"name": "custom", "sql": format!("SELECT payload() AS text, topic(4) AS leaf, deviceName() AS dev FROM \"/{pk}/+/user/#\""),
+               "actions": [{"type": "table", "table": "custom"}]}),
+    )
+    .await;
+    let mut d = device_v4(&srv, &pk, "dev1", &secret).await;
+    let rows = table_until(&srv, "presence", 1).await;
+    assert_eq!(rows[0]["row"], json!({"status": "online", "dev": "dev1"}));
+    d.publish_v4(
+        &format!("/{pk}/dev1/user/update"),
+        b"not json, kept as text",
+        QoS::AtLeastOnce,
+        80,
+    )
+    .await;
+    let rows = table_until(&srv, "custom", 1).await;
+    assert_eq!(
+        rows[0]["row"],
+        json!({"text": "not json, kept as text", "leaf": "update", "dev": "dev1"})
+    );
+    drop(d);
+    let rows = table_until(&srv, "presence", 2).await;
+    assert_eq!(rows[1]["row"]["status"], "offline");
+}
