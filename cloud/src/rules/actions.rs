@@ -226,7 +226,7 @@ impl ActionSpec {
                 if product_key.is_empty() || device_name.is_empty() {
                     return Err("scene needs product_key and device_name".into());
                 }
-                if service.is_none() && !params.as_object().is_some_and(|o| !o.is_empty()) {
+                if service.is_none() && params.as_object().is_none_or(|o| o.is_empty()) {
                     return Err("a property set needs params: an object of property values".into());
                 }
                 if *timeout_ms == 0 || *timeout_ms > 120_000 {

@@ -133,6 +133,7 @@ pub struct Thing {
 impl Thing {
     /// Starts the storage writer and the call-expiry sweeper; both end when `stop` turns true
     /// (the writer after storing what is queued).
+    #[allow(clippy::too_many_arguments)] // the layer's collaborators, wired once at start
     pub fn start(
         db: Db,
         router: Arc<Router>,
