@@ -182,23 +182,10 @@ async fn products_update_and_device_tags() {
 /// The whole device path on PostgreSQL (when IRONLINK_TEST_POSTGRES_URL is set; CI sets it).
 #[tokio::test]
 async fn devices_connect_and_presence_is_stored_on_postgres() {
-    let Ok(admin) = std::env::var("IRONLINK_TEST_POSTGRES_URL") else {
-        assert_ne!(
-            std::env::var("CI").as_deref(),
-            Ok("true"),
-            "CI must set IRONLINK_TEST_POSTGRES_URL"
-        );
-        eprintln!("IRONLINK_TEST_POSTGRES_URL not set: skipped");
+    let Some(pg) = postgres_database("ironlink_e2e").await else {
         return;
     };
-    use sqlx::Connection;
-    let name = format!("ironlink_e2e_{}", ironlink_cloud::registry::new_secret());
-    let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
-    sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {name}").as_str())
-        .await
-        .unwrap();
-    let url = format!("{}/{name}", admin.rsplit_once('/').unwrap().0);
-    let srv = start(|c| c.database_url = Some(url)).await;
+    let srv = start(|c| c.database_url = Some(pg.url.clone())).await;
     let (pk, _) = srv.product(false).await;
     let secret = srv.device(&pk, "pg-dev-1").await;
     let mut presence = srv.running.shared.presence.subscribe();
@@ -216,7 +203,7 @@ async fn devices_connect_and_presence_is_stored_on_postgres() {
     assert_eq!(reasons[1], "connected", "{h}");
     assert!(reasons[0].starts_with("connection lost"), "{h}");
     srv.running.shutdown().await;
-    let _ = sqlx::Executor::execute(&mut conn, format!("DROP DATABASE {name}").as_str()).await;
+    pg.drop_db().await;
 }
 
 #[tokio::test]

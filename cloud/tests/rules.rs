@@ -447,26 +447,11 @@ async fn scene_linkage_sets_a_property_of_another_device() {
 
 #[tokio::test]
 async fn rows_go_into_a_postgresql_table() {
-    let Ok(admin) = std::env::var("IRONLINK_TEST_POSTGRES_URL") else {
-        assert_ne!(
-            std::env::var("CI").as_deref(),
-            Ok("true"),
-            "CI must set IRONLINK_TEST_POSTGRES_URL"
-        );
-        eprintln!("IRONLINK_TEST_POSTGRES_URL not set: skipped");
+    let Some(pg) = postgres_database("ironlink_rules").await else {
         return;
     };
     use sqlx::Connection;
-    let name = format!(
-        "ironlink_rules_{}",
-        ironlink_cloud::registry::new_secret().to_lowercase()
-    );
-    let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    let url = format!("{}/{name}", admin.rsplit_once('/').unwrap().0);
+    let url = pg.url.clone();
     let mut target = sqlx::PgConnection::connect(&url).await.unwrap();
     sqlx::query(
         "CREATE TABLE readings (dev TEXT NOT NULL, temp DOUBLE PRECISION, n BIGINT, hot BOOLEAN)",
@@ -500,10 +485,7 @@ async fn rows_go_into_a_postgresql_table() {
         ]
     );
     drop(target);
-    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
-        .execute(&mut conn)
-        .await
-        .unwrap();
+    pg.drop_db().await;
 }
 
 const RAW_TSL: &str = r#"{"properties": [

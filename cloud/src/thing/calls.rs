@@ -102,6 +102,23 @@ fn check_params(params: &Value, inputs: &[ironlink_shared::tsl::Param]) -> Resul
 }
 
 impl Thing {
+    /// Records a call that never reached the device as failed, with the reason.
+    async fn unsent(&self, call: ServiceCall, why: &str) -> Result<ServiceCall, CallError> {
+        let done = self
+            .db
+            .finish_call(
+                &call.product_key,
+                &call.device_name,
+                &call.message_id,
+                "failed",
+                None,
+                Some(&json!({"error": why}).to_string()),
+                now_ms(),
+            )
+            .await?;
+        Ok(done.unwrap_or(call))
+    }
+
     /// Calls a device. Property set/get and sync services wait up to `timeout` for the reply
     /// and return the finished call; async services return the pending call at once (it is
     /// marked timed_out after `timeout`).
@@ -245,19 +262,7 @@ impl Thing {
                         Err(e) => format!("not sent: {e}"),
                         _ => "not sent: protocolToRawData() returned no bytes".to_owned(),
                     };
-                    return Ok(self
-                        .db
-                        .finish_call(
-                            pk,
-                            dn,
-                            &id,
-                            "failed",
-                            None,
-                            Some(&json!({"error": why}).to_string()),
-                            now_ms(),
-                        )
-                        .await?
-                        .unwrap_or(call));
+                    return self.unsent(call, &why).await;
                 }
             }
         } else {
@@ -267,19 +272,7 @@ impl Thing {
             self.calls.lock().remove(&key);
             let why =
                 format!("not delivered: the device is online but not subscribed to `{topic}`");
-            return Ok(self
-                .db
-                .finish_call(
-                    pk,
-                    dn,
-                    &id,
-                    "failed",
-                    None,
-                    Some(&json!({"error": why}).to_string()),
-                    now_ms(),
-                )
-                .await?
-                .unwrap_or(call));
+            return self.unsent(call, &why).await;
         }
         let Some(rx) = waiter else {
             return Ok(call);

@@ -316,3 +316,49 @@ pub async fn device_v4(srv: &TestServer, pk: &str, dn: &str, secret: &str) -> Ra
     );
     c
 }
+
+/// A fresh PostgreSQL database for one test, dropped with it; None (the test is skipped)
+/// when IRONLINK_TEST_POSTGRES_URL is not set, which CI (CI=true) does not allow.
+pub struct PgDb {
+    pub url: String,
+    admin: sqlx::PgConnection,
+    name: String,
+}
+
+pub async fn postgres_database(prefix: &str) -> Option<PgDb> {
+    use sqlx::Connection;
+    let Ok(admin) = std::env::var("IRONLINK_TEST_POSTGRES_URL") else {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI must set IRONLINK_TEST_POSTGRES_URL"
+        );
+        eprintln!("IRONLINK_TEST_POSTGRES_URL not set: skipped");
+        return None;
+    };
+    let name = format!(
+        "{prefix}_{}",
+        ironlink_cloud::registry::new_secret().to_lowercase()
+    );
+    let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
+    sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {name}").as_str())
+        .await
+        .unwrap();
+    let url = format!("{}/{name}", admin.rsplit_once('/').unwrap().0);
+    Some(PgDb {
+        url,
+        admin: conn,
+        name,
+    })
+}
+
+impl PgDb {
+    /// Drops the database (connections to it are ended).
+    pub async fn drop_db(mut self) {
+        let _ = sqlx::Executor::execute(
+            &mut self.admin,
+            format!("DROP DATABASE {} WITH (FORCE)", self.name).as_str(),
+        )
+        .await;
+    }
+}
