@@ -1,0 +1,179 @@
+//! The rules engine with the cloud as a process: a rule's output forwarded to an external
+//! mosquitto broker, and window state across SIGTERM (saved, restored) and kill -9 (declared
+//! lost on the rule).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use ironlink_tests::*;
+use reqwest::Method;
+use serde_json::{json, Value};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn device(c: &Cloud, dn: &str) -> (String, String) {
+    let (s, p) = c
+        .api(Method::POST, "/products", Some(json!({"name": "rules"})))
+        .await
+        .unwrap();
+    assert_eq!(s, 201, "{p}");
+    let pk = p["product_key"].as_str().unwrap().to_owned();
+    let (s, v) = c
+        .api(
+            Method::POST,
+            &format!("/products/{pk}/devices"),
+            Some(json!({"device_names": [dn]})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 201, "{v}");
+    (
+        pk,
+        v["devices"][0]["device_secret"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
+    )
+}
+
+/// Posts `temps` as QoS 1 property posts and waits for every PUBACK.
+async fn post(c: &Cloud, pk: &str, dn: &str, secret: &str, temps: &[f64]) {
+    let mut dev = connect_device(c.mqtt, pk, dn, secret)
+        .await
+        .expect("connected");
+    let topic = format!("/sys/{pk}/{dn}/thing/event/property/post");
+    let mut out = bytes::BytesMut::new();
+    for (i, t) in temps.iter().enumerate() {
+        let body = json!({"id": i.to_string(), "params": {"temp": t}});
+        let mut p = rumqttc::mqttbytes::v4::Publish::new(
+            &topic,
+            rumqttc::QoS::AtLeastOnce,
+            body.to_string().into_bytes(),
+        );
+        p.pkid = u16::try_from(i + 1).unwrap();
+        p.write(&mut out).unwrap();
+    }
+    dev.write_all(&out).await.unwrap();
+    let mut acks = vec![0u8; 4 * temps.len()];
+    tokio::time::timeout(WAIT, dev.read_exact(&mut acks))
+        .await
+        .expect("all PUBACKs in time")
+        .unwrap();
+}
+
+async fn rule(c: &Cloud, name: &str) -> Value {
+    let (s, v) = c
+        .api(Method::GET, &format!("/rules/{name}"), None)
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{v}");
+    v
+}
+
+#[tokio::test]
+async fn rule_outputs_reach_an_external_mosquitto_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_mosquitto, broker) = ironlink_sim::bench::start_mosquitto(dir.path())
+        .await
+        .expect("mosquitto (apt-get install mosquitto)");
+    let cloud = Cloud::start(&dir.path().join("cloud"), &[]).unwrap();
+    let (pk, secret) = device(&cloud, "boiler-1").await;
+    // A subscriber on mosquitto, subscribed before anything is published.
+    let mut o = rumqttc::MqttOptions::new("rules-sub", broker.ip().to_string(), broker.port());
+    o.set_keep_alive(Duration::from_secs(30));
+    let (sub, mut events) = rumqttc::AsyncClient::new(o, 16);
+    sub.subscribe("plant/+/temp", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    loop {
+        let e = tokio::time::timeout(WAIT, events.poll())
+            .await
+            .unwrap()
+            .unwrap();
+        if matches!(e, rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) {
+            break;
+        }
+    }
+    let sql = format!(
+        "SELECT deviceName() AS dev, items.temp.value AS t FROM \"/{pk}/+/thing/event/property/post\" WHERE items.temp.value >= 50"
+    );
+    let (s, v) = cloud
+        .api(
+            Method::POST,
+            "/rules",
+            Some(json!({"name": "to-mosquitto", "sql": sql, "actions": [
+                {"type": "mqtt", "host": broker.ip().to_string(), "port": broker.port(), "topic": "plant/${dev}/temp", "qos": 1}
+            ]})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 201, "{v}");
+    post(&cloud, &pk, "boiler-1", &secret, &[40.0, 55.0, 60.5]).await;
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let e = tokio::time::timeout(WAIT, events.poll())
+            .await
+            .expect("forwarded in time")
+            .unwrap();
+        if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = e {
+            assert_eq!(p.topic, "plant/boiler-1/temp");
+            got.push(serde_json::from_slice::<Value>(&p.payload).unwrap());
+        }
+    }
+    // The action's first output may have waited for its connection; order is not promised.
+    got.sort_by(|a, b| {
+        a["t"]
+            .as_f64()
+            .unwrap()
+            .total_cmp(&b["t"].as_f64().unwrap())
+    });
+    assert_eq!(
+        got,
+        vec![
+            json!({"dev": "boiler-1", "t": 55.0}),
+            json!({"dev": "boiler-1", "t": 60.5})
+        ]
+    );
+}
+
+#[tokio::test]
+async fn window_state_is_restored_after_sigterm_and_declared_lost_after_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Cloud::start(dir.path(), &[]).unwrap();
+    let (pk, secret) = device(&cloud, "meter-01").await;
+    let sql = format!(
+        "SELECT deviceName() AS dev, count(*) AS n, avg(items.temp.value) AS a FROM \"/{pk}/+/thing/event/property/post\" GROUP BY TUMBLINGWINDOW(hh, 1), deviceName()"
+    );
+    let (s, v) = cloud
+        .api(Method::POST, "/rules", Some(json!({"name": "hourly", "sql": sql, "actions": [{"type": "table", "table": "hourly"}]})))
+        .await
+        .unwrap();
+    assert_eq!(s, 201, "{v}");
+    post(&cloud, &pk, "meter-01", &secret, &[1.0, 2.0, 3.0]).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while rule(&cloud, "hourly").await["stats"]["matched"] != 3 {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cloud.signal("TERM").unwrap();
+    assert!(cloud.wait_exit().unwrap(), "clean exit");
+    let cloud = Cloud::start(dir.path(), &[]).unwrap();
+    let v = rule(&cloud, "hourly").await;
+    assert_eq!(v["stats"]["window_groups"], 1, "{v:#}");
+    assert!(
+        v["stats"]["window_state"]
+            .as_str()
+            .unwrap()
+            .starts_with("window state restored"),
+        "{v:#}"
+    );
+    cloud.kill9().unwrap();
+    let cloud = Cloud::start(dir.path(), &[]).unwrap();
+    let v = rule(&cloud, "hourly").await;
+    assert_eq!(v["stats"]["window_groups"], 0, "{v:#}");
+    assert!(
+        v["stats"]["window_state"]
+            .as_str()
+            .unwrap()
+            .contains("was lost"),
+        "{v:#}"
+    );
+}
