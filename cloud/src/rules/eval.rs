@@ -293,18 +293,29 @@ pub fn compare(l: &Value, r: &Value) -> Option<std::cmp::Ordering> {
     }
 }
 
+/// SQL LIKE: `%` any run, `_` one character. Linear backtracking on the last `%` (no
+/// exponential blow-up on patterns like `%a%a%a%b`).
 fn like(s: &str, pattern: &str) -> bool {
-    fn go(s: &[char], p: &[char]) -> bool {
-        match p.first() {
-            None => s.is_empty(),
-            Some('%') => (0..=s.len()).any(|i| go(&s[i..], &p[1..])),
-            Some('_') => !s.is_empty() && go(&s[1..], &p[1..]),
-            Some(c) => s.first() == Some(c) && go(&s[1..], &p[1..]),
-        }
-    }
     let s: Vec<char> = s.chars().collect();
     let p: Vec<char> = pattern.chars().collect();
-    go(&s, &p)
+    let (mut i, mut j) = (0usize, 0usize);
+    let mut star: Option<(usize, usize)> = None;
+    while i < s.len() {
+        if j < p.len() && (p[j] == '_' || (p[j] != '%' && p[j] == s[i])) {
+            i += 1;
+            j += 1;
+        } else if j < p.len() && p[j] == '%' {
+            star = Some((j, i));
+            j += 1;
+        } else if let Some((sj, si)) = star {
+            j = sj + 1;
+            i = si + 1;
+            star = Some((sj, si + 1));
+        } else {
+            return false;
+        }
+    }
+    p[j..].iter().all(|c| *c == '%')
 }
 
 /// A value as text: strings as they are, everything else as JSON.
@@ -731,6 +742,26 @@ mod tests {
         };
         let e = project(&q, &m, &[]).unwrap_err();
         assert!(e.contains("arithmetic on a string"), "{e}");
+    }
+
+    #[test]
+    fn like_matches_and_stays_linear() {
+        for (s, p, want) in [
+            ("dev1", "dev_", true),
+            ("dev12", "dev_", false),
+            ("abc", "%", true),
+            ("", "%", true),
+            ("", "_", false),
+            ("a-b-c", "a%c", true),
+            ("a-b-c", "%b%", true),
+            ("a-b-c", "%d%", false),
+            ("abcabc", "%abc", true),
+            ("mississippi", "m%iss%pi", true),
+        ] {
+            assert_eq!(like(s, p), want, "{s} LIKE {p}");
+        }
+        let long = "a".repeat(10_000);
+        assert!(!like(&long, &format!("{}b", "%a".repeat(30))));
     }
 
     #[test]

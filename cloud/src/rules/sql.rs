@@ -520,7 +520,12 @@ struct Parser {
     at: usize,
     /// Aggregates found so far (when GROUP BY allows them, checked later).
     aggregates: Vec<(AggKind, Option<Expr>, Pos)>,
+    /// Nesting depth of the expression being parsed (bounded: parsing and evaluation recurse).
+    depth: usize,
 }
+
+/// Deepest expression nesting accepted.
+const MAX_DEPTH: usize = 64;
 
 fn is_kw(t: &Tok, kw: &str) -> bool {
     matches!(t, Tok::Ident(s) if s.eq_ignore_ascii_case(kw))
@@ -586,7 +591,21 @@ impl Parser {
     }
 
     fn expr(&mut self) -> Result<Expr, SqlError> {
-        self.or()
+        self.nested(Self::or)
+    }
+
+    /// Runs `f` one level deeper, refusing expressions nested deeper than [`MAX_DEPTH`].
+    fn nested(&mut self, f: fn(&mut Self) -> Result<Expr, SqlError>) -> Result<Expr, SqlError> {
+        if self.depth >= MAX_DEPTH {
+            return err(
+                self.pos(),
+                format!("the expression is nested deeper than {MAX_DEPTH} levels"),
+            );
+        }
+        self.depth += 1;
+        let r = f(self);
+        self.depth -= 1;
+        r
     }
 
     fn or(&mut self) -> Result<Expr, SqlError> {
@@ -611,7 +630,7 @@ impl Parser {
 
     fn not(&mut self) -> Result<Expr, SqlError> {
         if self.eat_kw("not") {
-            return Ok(Expr::Not(Box::new(self.not()?)));
+            return Ok(Expr::Not(Box::new(self.nested(Self::not)?)));
         }
         self.comparison()
     }
@@ -721,7 +740,7 @@ impl Parser {
     fn unary(&mut self) -> Result<Expr, SqlError> {
         let pos = self.pos();
         if self.eat_sym("-") {
-            let e = self.unary()?;
+            let e = self.nested(Self::unary)?;
             return Ok(match e {
                 Expr::Lit(serde_json::Value::Number(n)) => Expr::Lit(match n.as_i64() {
                     Some(i) => serde_json::Value::from(-i),
@@ -731,7 +750,7 @@ impl Parser {
             });
         }
         if self.eat_sym("+") {
-            return self.unary();
+            return self.nested(Self::unary);
         }
         self.primary()
     }
@@ -943,6 +962,7 @@ pub fn parse(src: &str) -> Result<Query, SqlError> {
         toks,
         at: 0,
         aggregates: Vec::new(),
+        depth: 0,
     };
     p.expect_kw("select")?;
     let mut items = Vec::new();
@@ -1441,6 +1461,69 @@ mod tests {
         assert!(x.message.contains("not closed"), "{x}");
         let x = e("SELECT a FROM \"t\" extra");
         assert!(x.message.contains("after the statement"), "{x}");
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_not_a_stack_overflow() {
+        for deep in [
+            format!(
+                "SELECT {}1{} FROM \"t\"",
+                "(".repeat(50_000),
+                ")".repeat(50_000)
+            ),
+            format!("SELECT {}1 FROM \"t\"", "- ".repeat(50_000)),
+            format!("SELECT 1 FROM \"t\" WHERE {}a", "NOT ".repeat(50_000)),
+            format!(
+                "SELECT {}1{} FROM \"t\"",
+                "abs(".repeat(50_000),
+                ")".repeat(50_000)
+            ),
+        ] {
+            let e = parse(&deep).unwrap_err();
+            assert!(e.message.contains("nested deeper than 64"), "{e}");
+        }
+        parse(&format!(
+            "SELECT {}1{} FROM \"t\"",
+            "(".repeat(20),
+            ")".repeat(20)
+        ))
+        .unwrap();
+    }
+
+    #[test]
+    fn mutated_statements_never_panic() {
+        let seeds = [
+            "SELECT items.temp.value AS t, deviceName() FROM \"/p/+/thing/event/property/post\" WHERE items.temp.value > 30 AND x IN (1, 'a') OR NOT y LIKE 'a%'",
+            "SELECT avg(a.b[0]) AS x, CASE WHEN a THEN 1 ELSE 2 END FROM \"t/#\" GROUP BY HOPPINGWINDOW(ss, 60, 10), deviceName() HAVING count(*) > 1",
+            "SELECT -1.5e3 + `odd name` * (2 - 3) / 4 % 5 || 'x' FROM 't' WHERE a BETWEEN 1 AND 2 AND b IS NOT NULL",
+        ];
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let alphabet: Vec<char> =
+            "SELECTFROMWHEREGROUPBY()[]'\",.*+-/%<>=!`#_ 0123456789abcAND OR NOT"
+                .chars()
+                .collect();
+        for _ in 0..20_000 {
+            let seed = seeds[(next() % 3) as usize];
+            let mut chars: Vec<char> = seed.chars().collect();
+            for _ in 0..=(next() % 4) {
+                let at = (next() as usize) % (chars.len() + 1);
+                match next() % 3 {
+                    0 if at < chars.len() => {
+                        chars.remove(at);
+                    }
+                    1 => chars.insert(at, alphabet[(next() as usize) % alphabet.len()]),
+                    _ => chars.truncate(at),
+                }
+            }
+            let text: String = chars.into_iter().collect();
+            let _ = parse(&text);
+        }
     }
 
     #[test]
