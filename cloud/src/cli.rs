@@ -394,7 +394,7 @@ pub enum ScriptCmd {
         product_key: String,
     },
     /// Run a script on a sample: `up` (rawDataToProtocol, --hex), `down` (protocolToRawData,
-    /// --json) or `custom` (transformPayload, --topic and --hex).
+    /// --alink) or `custom` (transformPayload, --topic and --hex).
     Test {
         /// Product key.
         product_key: String,
@@ -405,7 +405,7 @@ pub enum ScriptCmd {
         hex: Option<String>,
         /// Alink JSON.
         #[arg(long)]
-        json: Option<String>,
+        alink: Option<String>,
         /// Custom topic.
         #[arg(long)]
         topic: Option<String>,
@@ -1447,7 +1447,7 @@ pub async fn run_admin(command: Command) -> anyhow::Result<()> {
                     product_key,
                     direction,
                     hex,
-                    json: sample,
+                    alink: sample,
                     topic,
                     file,
                 } => {

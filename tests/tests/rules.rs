@@ -177,3 +177,93 @@ async fn window_state_is_restored_after_sigterm_and_declared_lost_after_kill_9()
         "{v:#}"
     );
 }
+
+/// Runs the admin CLI against `c`; stdout, or the failure with stderr.
+fn cli(c: &Cloud, args: &[&str]) -> Result<String, String> {
+    let out = std::process::Command::new(binary("cloud", "ironlink-cloud").unwrap())
+        .args(args)
+        .args(["--url", &format!("http://{}", c.http), "--token", &c.token])
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[tokio::test]
+async fn the_cli_manages_rules_and_scripts() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Cloud::start(dir.path(), &[]).unwrap();
+    let (pk, _) = device(&cloud, "meter-01").await;
+    let sql = format!("SELECT items.temp.value AS t FROM \"/{pk}/+/thing/event/property/post\"");
+    let err = cli(
+        &cloud,
+        &[
+            "rule",
+            "create",
+            "bad",
+            "--sql",
+            "SELECT a FROM \"t\"\nWHERE upper(1)",
+        ],
+    )
+    .unwrap_err();
+    assert!(err.contains("line 2, column 7"), "{err}");
+    cli(
+        &cloud,
+        &[
+            "rule",
+            "create",
+            "to-table",
+            "--sql",
+            &sql,
+            "--action",
+            r#"{"type":"table","table":"t1"}"#,
+        ],
+    )
+    .unwrap();
+    let list = cli(&cloud, &["rule", "list"]).unwrap();
+    assert!(
+        list.contains("to-table") && list.contains("MATCHED"),
+        "{list}"
+    );
+    cli(&cloud, &["rule", "disable", "to-table"]).unwrap();
+    let shown: Value =
+        serde_json::from_str(&cli(&cloud, &["rule", "show", "to-table", "--json"]).unwrap())
+            .unwrap();
+    assert_eq!(shown["enabled"], false);
+    let tested: Value = serde_json::from_str(
+        &cli(
+            &cloud,
+            &[
+                "rule",
+                "test",
+                "--sql",
+                &sql,
+                "--payload",
+                r#"{"items":{"temp":{"value":3}}}"#,
+                "--json",
+            ],
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(tested["output"], json!({"t": 3}));
+    let script = dir.path().join("decoder.js");
+    std::fs::write(&script, "function rawDataToProtocol(b) { return {method: 'thing.event.property.post', params: {first: b[0]}}; }").unwrap();
+    cli(&cloud, &["script", "set", &pk, script.to_str().unwrap()]).unwrap();
+    let out: Value = serde_json::from_str(
+        &cli(
+            &cloud,
+            &["script", "test", &pk, "up", "--hex", "2a00", "--json"],
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(out["output"]["params"]["first"], 42);
+    cli(&cloud, &["rule", "delete", "to-table"]).unwrap();
+    assert!(cli(&cloud, &["rule", "show", "to-table"])
+        .unwrap_err()
+        .contains("404"));
+}
