@@ -576,12 +576,17 @@ async fn a_script_decodes_raw_uplinks_encodes_downlinks_and_a_runaway_call_is_cu
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["stats"]["timeouts"], 1, "{v}");
     assert_eq!(v["stats"]["errors"], 1, "{v}");
-    // A property set goes down as bytes.
+    // A property set goes down as bytes; the device's raw reply (COMMAND_SET_REPLY, the id,
+    // 200) is decoded by the script and finishes the call.
     let srv2 = Arc::new(srv);
     let s3 = srv2.clone();
     let pk2 = pk.clone();
     let call = tokio::spawn(async move {
-        s3.post(&format!("/devices/{pk2}/raw1/properties"), json!({"params": {"prop_int16": 7, "prop_bool": 0, "prop_float": 1.5}, "timeout_ms": 100})).await
+        s3.post(
+            &format!("/devices/{pk2}/raw1/properties"),
+            json!({"params": {"prop_int16": 7, "prop_bool": 0, "prop_float": 1.5}, "timeout_ms": 10000}),
+        )
+        .await
     });
     let down = loop {
         match d.next_v4().await {
@@ -595,7 +600,20 @@ async fn a_script_decodes_raw_uplinks_encodes_downlinks_and_a_runaway_call_is_cu
     assert_eq!(down[0], 0x01);
     assert_eq!(&down[5..8], &[0x00, 0x07, 0x00]);
     assert_eq!(&down[8..12], &1.5f32.to_be_bytes());
-    let _ = call.await;
+    let mut reply = vec![0x03];
+    reply.extend_from_slice(&down[1..5]);
+    reply.push(0xc8);
+    d.publish_v4(
+        &format!("/sys/{pk}/raw1/thing/model/down_raw_reply"),
+        &reply,
+        QoS::AtMostOnce,
+        0,
+    )
+    .await;
+    let (s, v) = call.await.unwrap();
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["status"], "succeeded", "{v}");
+    assert_eq!(v["code"], 200, "{v}");
 }
 
 #[tokio::test]

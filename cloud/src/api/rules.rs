@@ -257,7 +257,7 @@ async fn put_script(
         return Err(ApiError::invalid("a script is at most 256 KiB"));
     }
     // Compiled (and checked) before it is stored.
-    s.shared.rules.scripts.set(&pk, &b.script)?;
+    s.shared.rules.scripts.set(&pk, &b.script).await?;
     s.shared.db.put_script(&pk, &b.script, now_ms()).await?;
     Ok(Json(json!({"product_key": pk, "updated_at": now_ms()})))
 }

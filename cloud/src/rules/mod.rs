@@ -237,7 +237,7 @@ impl Engine {
     ) -> Result<(Arc<Self>, JoinHandle<()>), StorageError> {
         let (tx, rx) = mpsc::channel(limits.queue.max(1));
         for (pk, src, _) in deps.db.list_scripts().await? {
-            if let Err(e) = scripts.set(&pk, &src) {
+            if let Err(e) = scripts.set(&pk, &src).await {
                 tracing::error!(product_key = %pk, error = %e, "stored data-parsing script does not load");
             }
         }
@@ -890,8 +890,9 @@ async fn run(engine: Arc<Engine>, mut rx: mpsc::Receiver<Input>, mut stop: watch
                 }
             }
             _ = tick.tick() => tick_windows(&engine.rules(), now_ms()),
-            _ = stop.changed() => {
-                if *stop.borrow() {
+            r = stop.changed() => {
+                // Stop asked, or the server dropped without a shutdown: either way, end.
+                if r.is_err() || *stop.borrow() {
                     // What is queued is evaluated first, so its windows are saved.
                     while let Ok(input) = rx.try_recv() {
                         let id = engine.message_id();

@@ -137,8 +137,8 @@ impl Scripts {
     }
 
     /// Compiles and installs a product's script (replacing the previous one).
-    pub fn set(&self, pk: &str, source: &str) -> Result<(), ScriptError> {
-        let host = start_host(source.to_owned(), self.limits)?;
+    pub async fn set(&self, pk: &str, source: &str) -> Result<(), ScriptError> {
+        let host = start_host(source.to_owned(), self.limits).await?;
         self.hosts
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -176,7 +176,7 @@ impl Scripts {
 
     /// Runs a script that is not installed on one input (the test endpoint).
     pub async fn test(&self, source: &str, call: Call) -> Result<Answer, ScriptError> {
-        let host = start_host(source.to_owned(), self.limits)?;
+        let host = start_host(source.to_owned(), self.limits).await?;
         host_call(&host, call).await
     }
 
@@ -399,9 +399,10 @@ impl Engine {
     }
 }
 
-fn start_host(source: String, limits: Limits) -> Result<Host, ScriptError> {
+/// Starts a script's thread; it compiles the script there (the caller's task does not block).
+async fn start_host(source: String, limits: Limits) -> Result<Host, ScriptError> {
     let (tx, rx) = smpsc::channel::<Req>();
-    let (ready_tx, ready_rx) = smpsc::channel();
+    let (ready_tx, ready_rx) = oneshot::channel();
     std::thread::Builder::new()
         .name("ironlink-script".into())
         .spawn(move || {
@@ -432,7 +433,7 @@ fn start_host(source: String, limits: Limits) -> Result<Host, ScriptError> {
             }
         })
         .map_err(|e| ScriptError::Invalid(format!("cannot start a script thread: {e}")))?;
-    match ready_rx.recv() {
+    match ready_rx.await {
         Ok(Ok(())) => Ok(Host {
             tx,
             counters: Arc::new(ScriptCounters::default()),
@@ -461,7 +462,7 @@ mod tests {
     #[tokio::test]
     async fn the_documented_examples_of_alibabas_sample_decode_and_encode() {
         let s = Scripts::new(limits());
-        s.set("pk", ALIBABA_SAMPLE).unwrap();
+        s.set("pk", ALIBABA_SAMPLE).await.unwrap();
         let hex = |h: &str| hex::decode(h).unwrap();
         let Answer::Json(v) = s
             .call("pk", Call::Decode(hex("000000000100320100000000")))
@@ -514,7 +515,7 @@ mod tests {
     #[tokio::test]
     async fn a_loop_forever_is_cut_off_and_the_next_call_works() {
         let s = Scripts::new(limits());
-        s.set("pk", "function rawDataToProtocol(b) { if (b[0] === 1) { while (true) {} } return {n: b.length}; }").unwrap();
+        s.set("pk", "function rawDataToProtocol(b) { if (b[0] === 1) { while (true) {} } return {n: b.length}; }").await.unwrap();
         assert_eq!(
             s.call("pk", Call::Decode(vec![1])).await,
             Err(ScriptError::Timeout(200))
@@ -531,7 +532,7 @@ mod tests {
     #[tokio::test]
     async fn memory_limit_and_errors_are_clear() {
         let s = Scripts::new(limits());
-        s.set("pk", "function rawDataToProtocol(b) { var a = []; while (true) { a.push(new Array(100000).fill(1)); } }\nfunction transformPayload(t, b) { throw new Error('bad ' + t); }").unwrap();
+        s.set("pk", "function rawDataToProtocol(b) { var a = []; while (true) { a.push(new Array(100000).fill(1)); } }\nfunction transformPayload(t, b) { throw new Error('bad ' + t); }").await.unwrap();
         let e = s.call("pk", Call::Decode(vec![1])).await.unwrap_err();
         assert!(
             matches!(e, ScriptError::Memory(8) | ScriptError::Timeout(_)),
@@ -548,15 +549,15 @@ mod tests {
             "{e}"
         );
         assert!(matches!(
-            Scripts::new(limits()).set("p", "function ("),
+            Scripts::new(limits()).set("p", "function (").await,
             Err(ScriptError::Invalid(_))
         ));
         assert!(matches!(
-            Scripts::new(limits()).set("p", "var x = 1;"),
+            Scripts::new(limits()).set("p", "var x = 1;").await,
             Err(ScriptError::Invalid(_))
         ));
         assert!(matches!(
-            Scripts::new(limits()).set("p", "while(true){}"),
+            Scripts::new(limits()).set("p", "while(true){}").await,
             Err(ScriptError::Timeout(_))
         ));
         assert_eq!(

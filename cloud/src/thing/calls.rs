@@ -316,9 +316,13 @@ impl Thing {
                 return;
             }
         };
+        // A number, or a number as text (what data-parsing scripts often return).
         let code = v
             .get("code")
-            .and_then(Value::as_i64)
+            .and_then(|c| {
+                c.as_i64()
+                    .or_else(|| c.as_str().and_then(|s| s.trim().parse().ok()))
+            })
             .or(rrpc_id.map(|_| code::OK));
         let data = match (rrpc_id, v.get("data")) {
             (None, Some(d)) => d.clone(),
