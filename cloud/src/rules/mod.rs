@@ -214,7 +214,9 @@ pub struct Engine {
     deps: Deps,
     limits: Limits,
     rules: RwLock<Arc<Vec<Arc<Live>>>>,
-    wants: RwLock<HashMap<(String, u32), bool>>,
+    /// Per product: which kinds are known (low 16 bits) and which of those rules want
+    /// (high 16 bits); filled on first use, cleared when the rules change.
+    wants: RwLock<HashMap<String, u32>>,
     tx: mpsc::Sender<Input>,
     next_id: AtomicU64,
     /// Messages dropped because the engine's queue was full.
@@ -362,29 +364,33 @@ impl Engine {
         if !self.any_rules.load(Ordering::Relaxed) {
             return false;
         }
-        let key = (pk.to_owned(), kind_bit(kind));
-        if let Some(w) = self
+        let bit = kind_bit(kind);
+        if let Some(m) = self
             .wants
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
+            .get(pk)
+            .filter(|m| *m & bit != 0)
         {
-            return *w;
+            return m & (bit << 16) != 0;
         }
         let pattern = match kind {
             MessageType::Lifecycle => format!("/as/mqtt/status/{pk}/+"),
             _ => kind_pattern(kind).replacen("/+/", &format!("/{pk}/"), 1),
         };
+        // Computed under the cache's lock: `install` replaces the rules, then clears the cache
+        // under the same lock, so an answer from rules being replaced cannot outlive them.
+        let mut cache = self.wants.write().unwrap_or_else(|e| e.into_inner());
         let w = self.rules().iter().any(|r| {
             r.row.enabled != 0
-                && r.kinds & kind_bit(kind) != 0
+                && r.kinds & bit != 0
                 && sql::filters_overlap(&r.query.topic, &pattern)
         });
-        let mut cache = self.wants.write().unwrap_or_else(|e| e.into_inner());
         if cache.len() > 100_000 {
             cache.clear();
         }
-        cache.insert(key, w);
+        let m = cache.entry(pk.to_owned()).or_default();
+        *m |= bit | if w { bit << 16 } else { 0 };
         w
     }
 
