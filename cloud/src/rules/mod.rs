@@ -33,6 +33,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use window::{LastMsg, Windows};
 
+/// How long after its end a window stays open for messages stamped within it that were still
+/// waiting for evaluation.
+pub const ALLOWED_LATENESS_MS: i64 = 1_000;
+
 /// Engine limits (config `[rules]`).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -895,7 +899,10 @@ async fn run(engine: Arc<Engine>, mut rx: mpsc::Receiver<Input>, mut stop: watch
                     evaluate(&rules, &input.topic, &input.payload, &input.product_key, &input.device_name, &id, input.at);
                 }
             }
-            _ = tick.tick() => tick_windows(&engine.rules(), now_ms()),
+            // Messages are stamped when they are stored and may wait in the queue a little:
+            // windows close ALLOWED_LATENESS_MS after their end, so such a message still
+            // counts in its own window.
+            _ = tick.tick() => tick_windows(&engine.rules(), now_ms() - ALLOWED_LATENESS_MS),
             r = stop.changed() => {
                 // Stop asked, or the server dropped without a shutdown: either way, end.
                 if r.is_err() || *stop.borrow() {
