@@ -230,6 +230,9 @@ pub struct Engine {
     any_rules: AtomicBool,
     /// Data-parsing scripts.
     pub scripts: Arc<script::Scripts>,
+    /// Held while the rule set changes (two API calls must not each install the set they
+    /// read before the other's change).
+    edit: tokio::sync::Mutex<()>,
 }
 
 impl Engine {
@@ -259,6 +262,7 @@ impl Engine {
             inputs: AtomicU64::new(0),
             any_rules: AtomicBool::new(false),
             scripts,
+            edit: tokio::sync::Mutex::new(()),
         });
         let saved: HashMap<String, (String, i64)> = engine
             .db
@@ -423,6 +427,7 @@ impl Engine {
 
     /// Creates a rule.
     pub async fn create(&self, spec: RuleSpec) -> Result<Arc<Live>, RuleError> {
+        let _edit = self.edit.lock().await;
         compile(&spec)?;
         if self.rules().len() >= self.limits.max_rules {
             return Err(RuleError::Invalid(format!(
@@ -451,6 +456,7 @@ impl Engine {
 
     /// Replaces a rule's definition (its windows and counters start again).
     pub async fn update(&self, id: &str, spec: RuleSpec) -> Result<Arc<Live>, RuleError> {
+        let _edit = self.edit.lock().await;
         compile(&spec)?;
         let old = self
             .get(id)
@@ -490,6 +496,7 @@ impl Engine {
 
     /// Enables or disables a rule.
     pub async fn set_enabled(&self, id: &str, on: bool) -> Result<Arc<Live>, RuleError> {
+        let _edit = self.edit.lock().await;
         let old = self
             .get(id)
             .ok_or_else(|| RuleError::NotFound(id.to_owned()))?;
@@ -507,6 +514,7 @@ impl Engine {
 
     /// Deletes a rule.
     pub async fn delete(&self, id: &str) -> Result<(), RuleError> {
+        let _edit = self.edit.lock().await;
         if !self.db.delete_rule(id).await? {
             return Err(RuleError::NotFound(id.to_owned()));
         }
