@@ -284,6 +284,9 @@ pub struct RuleDef {
     /// Create it disabled.
     #[arg(long)]
     pub disabled: bool,
+    /// At least once: messages and outputs go through a durable queue.
+    #[arg(long)]
+    pub durable: bool,
 }
 
 impl RuleDef {
@@ -303,7 +306,7 @@ impl RuleDef {
             );
         }
         Ok(
-            json!({"name": self.name, "sql": sql, "actions": actions, "description": self.description, "enabled": !self.disabled}),
+            json!({"name": self.name, "sql": sql, "actions": actions, "description": self.description, "enabled": !self.disabled, "durable": self.durable}),
         )
     }
 }

@@ -215,6 +215,9 @@ pub struct Apps {
     /// The rules engine, which sees every device message consumer groups could (set once at
     /// start, after the thing layer it acts through exists).
     rules: std::sync::OnceLock<Arc<crate::rules::Engine>>,
+    /// Internal groups (durable rules): group, topic filter, message types. A message on a
+    /// matching topic is committed to the group's queue like any group's.
+    internal: RwLock<Vec<(String, String, u32)>>,
 }
 
 impl std::fmt::Debug for Job {
@@ -251,6 +254,7 @@ impl Apps {
             metrics,
             offered: AtomicI64::new(0),
             rules: std::sync::OnceLock::new(),
+            internal: RwLock::default(),
         });
         // Rows queued before this start are the replay's from the first moment.
         apps.offered
@@ -388,6 +392,19 @@ impl Apps {
         self.groups.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Replaces the internal groups: (group, topic filter, message types as
+    /// [`MessageType`] bits).
+    pub fn set_internal(&self, groups: Vec<(String, String, MessageType)>) {
+        let mut merged: Vec<(String, String, u32)> = Vec::new();
+        for (g, filter, kind) in groups {
+            match merged.iter_mut().find(|(x, f, _)| *x == g && *f == filter) {
+                Some(e) => e.2 |= kind.bit(),
+                None => merged.push((g, filter, kind.bit())),
+            }
+        }
+        *self.internal.write().unwrap_or_else(|e| e.into_inner()) = merged;
+    }
+
     /// Connects the rules engine.
     pub fn set_rules(&self, engine: Arc<crate::rules::Engine>) {
         let _ = self.rules.set(engine);
@@ -421,14 +438,23 @@ impl Apps {
         let mut rows = Vec::new();
         {
             let subs = self.subs.read().unwrap_or_else(|e| e.into_inner());
+            let internal = self.internal.read().unwrap_or_else(|e| e.into_inner());
             for m in messages {
-                let Some(v) = subs.get(&m.product_key) else {
-                    continue;
-                };
-                let groups: Vec<&String> = v
-                    .iter()
+                let groups: Vec<&String> = subs
+                    .get(&m.product_key)
+                    .into_iter()
+                    .flatten()
                     .filter(|(_, mask)| mask & m.kind.bit() != 0)
                     .map(|(g, _)| g)
+                    .chain(
+                        internal
+                            .iter()
+                            .filter(|(_, filter, mask)| {
+                                mask & m.kind.bit() != 0
+                                    && crate::rules::sql::topic_matches(filter, &m.topic)
+                            })
+                            .map(|(g, _, _)| g),
+                    )
                     .collect();
                 if groups.is_empty() {
                     continue;

@@ -373,6 +373,9 @@ pub struct Runner {
     tx: mpsc::Sender<Job>,
     /// Its counters.
     pub counters: Arc<ActionCounters>,
+    index: usize,
+    deps: Deps,
+    target: Arc<Target>,
 }
 
 impl Runner {
@@ -402,7 +405,28 @@ impl Runner {
                 }
             });
         }
-        Self { spec, tx, counters }
+        Self {
+            spec,
+            tx,
+            counters,
+            index,
+            deps,
+            target,
+        }
+    }
+
+    /// Delivers an output now, with the retries, and dead-letters it if they all fail
+    /// (durable rules: the message leaves its queue only after this).
+    pub async fn run_now(&self, job: Job) {
+        deliver(
+            &self.spec,
+            self.index,
+            &self.deps,
+            &self.counters,
+            &self.target,
+            job,
+        )
+        .await;
     }
 
     /// Queues an output; false (and counted) when the queue is full.

@@ -78,6 +78,11 @@ pub struct RuleSpec {
     /// Enabled at once (default true).
     #[serde(default = "yes")]
     pub enabled: bool,
+    /// At least once: the rule's messages are committed to a durable queue before the device
+    /// is acknowledged, and leave it only when every action has delivered the outputs (or
+    /// dead-lettered them). Not for windowed rules.
+    #[serde(default)]
+    pub durable: bool,
 }
 
 fn yes() -> bool {
@@ -158,6 +163,10 @@ pub struct Live {
     /// The FROM filter's text before its first wildcard: a topic not starting with it
     /// cannot match (checked first, it is a memory compare).
     prefix: String,
+    /// Durable: evaluated by its own task from its durable queue, not by [`evaluate`].
+    durable: bool,
+    /// Dropped with the rule: ends its durable task.
+    _durable_stop: Option<watch::Sender<()>>,
 }
 
 /// Topic shapes of each message kind, to tell which kinds a FROM filter selects.
@@ -188,6 +197,11 @@ pub fn compile(spec: &RuleSpec) -> Result<(Query, Vec<ActionSpec>), RuleError> {
         return Err(RuleError::Invalid("the SQL is longer than 64 KiB".into()));
     }
     let query = sql::parse(&spec.sql)?;
+    if spec.durable && query.window.is_some() {
+        return Err(RuleError::Invalid(
+            "durable applies to rules without windows (a window's state is saved at a clean shutdown, and declared lost otherwise)".into(),
+        ));
+    }
     if spec.actions.len() > 16 {
         return Err(RuleError::Invalid("a rule has at most 16 actions".into()));
     }
@@ -273,7 +287,7 @@ impl Engine {
             .collect();
         let mut live = Vec::new();
         for row in engine.db.list_rules().await? {
-            match engine.build(row.clone()) {
+            match engine.live(row.clone()) {
                 Ok(l) => {
                     if let Some(w) = &l.windows {
                         let note = match saved.get(&row.rule_id) {
@@ -294,7 +308,7 @@ impl Engine {
                             .lock()
                             .unwrap_or_else(|e| e.into_inner()) = Some(note);
                     }
-                    live.push(Arc::new(l));
+                    live.push(l);
                 }
                 Err(e) => {
                     tracing::error!(rule = %row.name, error = %e, "stored rule does not compile; it is not running")
@@ -306,7 +320,23 @@ impl Engine {
         Ok((engine, task))
     }
 
-    fn build(&self, row: RuleRow) -> Result<Live, RuleError> {
+    /// Builds a rule and, for a durable enabled one, starts the task that evaluates it from
+    /// its durable queue.
+    fn live(&self, row: RuleRow) -> Result<Arc<Live>, RuleError> {
+        let (live, stop) = self.build(row)?;
+        let live = Arc::new(live);
+        if let (Some(stop), Some(thing)) = (stop, self.deps.thing.upgrade()) {
+            tokio::spawn(durable(
+                Arc::downgrade(&live),
+                thing.apps.clone(),
+                durable_group(&live.row.rule_id),
+                stop,
+            ));
+        }
+        Ok(live)
+    }
+
+    fn build(&self, row: RuleRow) -> Result<(Live, Option<watch::Receiver<()>>), RuleError> {
         let spec = RuleSpec {
             name: row.name.clone(),
             description: row.description.clone(),
@@ -314,6 +344,7 @@ impl Engine {
             actions: serde_json::from_str(&row.actions)
                 .map_err(|e| RuleError::Invalid(format!("stored actions: {e}")))?,
             enabled: row.enabled != 0,
+            durable: row.durable != 0,
         };
         let (query, actions) = compile(&spec)?;
         let runners = if row.enabled != 0 {
@@ -341,20 +372,45 @@ impl Engine {
             Some(i) => query.topic[..i].to_owned(),
             None => query.topic.clone(),
         };
-        Ok(Live {
-            prefix,
-            row,
-            query,
-            actions: runners,
-            windows,
-            counters: Arc::new(RuleCounters::default()),
-            kinds,
-        })
+        let durable = row.durable != 0;
+        let (stop_tx, stop_rx) = if durable && row.enabled != 0 {
+            let (tx, rx) = watch::channel(());
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        Ok((
+            Live {
+                prefix,
+                row,
+                query,
+                actions: runners,
+                windows,
+                counters: Arc::new(RuleCounters::default()),
+                kinds,
+                durable,
+                _durable_stop: stop_tx,
+            },
+            stop_rx,
+        ))
     }
 
     fn install(&self, rules: Vec<Arc<Live>>) {
         self.any_rules
             .store(rules.iter().any(|r| r.row.enabled != 0), Ordering::Relaxed);
+        // Durable rules' messages go to their own queues (consumer groups of the platform).
+        if let Some(thing) = self.deps.thing.upgrade() {
+            let mut internal = Vec::new();
+            for r in rules.iter().filter(|r| r.durable && r.row.enabled != 0) {
+                for (k, _) in MessageType::ALL
+                    .iter()
+                    .filter(|(k, _)| r.kinds & kind_bit(*k) != 0)
+                {
+                    internal.push((durable_group(&r.row.rule_id), r.query.topic.clone(), *k));
+                }
+            }
+            thing.apps.set_internal(internal);
+        }
         *self.rules.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(rules);
         self.wants
             .write()
@@ -445,9 +501,10 @@ impl Engine {
             enabled: i64::from(spec.enabled),
             created_at: now,
             updated_at: now,
+            durable: i64::from(spec.durable),
         };
         self.db.insert_rule(&row).await?;
-        let live = Arc::new(self.build(row)?);
+        let live = self.live(row)?;
         let mut all: Vec<Arc<Live>> = self.rules().iter().cloned().collect();
         all.push(live.clone());
         self.install(all);
@@ -470,6 +527,7 @@ impl Engine {
             enabled: i64::from(spec.enabled),
             created_at: old.row.created_at,
             updated_at: now_ms(),
+            durable: i64::from(spec.durable),
         };
         if !self.db.update_rule(&row).await? {
             return Err(RuleError::NotFound(id.to_owned()));
@@ -478,7 +536,7 @@ impl Engine {
     }
 
     fn replace(&self, id: &str, row: RuleRow) -> Result<Arc<Live>, RuleError> {
-        let live = Arc::new(self.build(row)?);
+        let live = self.live(row)?;
         let all: Vec<Arc<Live>> = self
             .rules()
             .iter()
@@ -525,6 +583,8 @@ impl Engine {
             .cloned()
             .collect();
         self.install(all);
+        // What its durable queue still held goes with it.
+        self.db.delete_group(&durable_group(id)).await?;
         Ok(())
     }
 
@@ -598,6 +658,7 @@ impl Engine {
             "description": r.row.description,
             "sql": r.row.sql_text,
             "enabled": r.row.enabled != 0,
+            "durable": r.durable,
             "created_at": r.row.created_at,
             "updated_at": r.row.updated_at,
             "stats": {
@@ -736,6 +797,7 @@ pub fn evaluate(
     let mut parsed: Option<Value> = None;
     for r in rules {
         if r.row.enabled == 0
+            || r.durable
             || !topic.starts_with(&r.prefix)
             || !sql::topic_matches(&r.query.topic, topic)
         {
@@ -743,7 +805,6 @@ pub fn evaluate(
         }
         let payload =
             parsed.get_or_insert_with(|| serde_json::from_slice(raw).unwrap_or(Value::Null));
-        let started = Instant::now();
         let m = Msg {
             topic,
             raw,
@@ -754,18 +815,95 @@ pub fn evaluate(
             now_ms: at,
             window: None,
         };
-        let c = &r.counters;
-        c.matched.fetch_add(1, Ordering::Relaxed);
-        let outcome = step(r, &m, at);
-        c.eval_ns
-            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        match outcome {
-            Ok(rows) => {
-                for (row, pk, dn) in rows {
-                    dispatch(r, row, &pk, &dn, at);
-                }
+        for (row, pk, dn) in evaluate_one(r, &m, at) {
+            dispatch(r, row, &pk, &dn, at);
+        }
+    }
+}
+
+/// One rule on one message: its outputs (errors are counted on the rule).
+fn evaluate_one(r: &Live, m: &Msg<'_>, at: i64) -> Vec<Output> {
+    let started = Instant::now();
+    let c = &r.counters;
+    c.matched.fetch_add(1, Ordering::Relaxed);
+    let outcome = step(r, m, at);
+    c.eval_ns
+        .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    match outcome {
+        Ok(rows) => rows,
+        Err(e) => {
+            c.error(e);
+            Vec::new()
+        }
+    }
+}
+
+/// The consumer group holding a durable rule's messages.
+fn durable_group(rule_id: &str) -> String {
+    format!("$rule:{rule_id}")
+}
+
+/// Product key and device name of a rule topic.
+fn topic_device(topic: &str) -> (String, String) {
+    let levels: Vec<&str> = topic.split('/').collect();
+    let at = if topic.starts_with(crate::rules::LIFECYCLE_PREFIX) {
+        4
+    } else {
+        1
+    };
+    let get = |i: usize| levels.get(i).map_or_else(String::new, |s| (*s).to_owned());
+    (get(at), get(at + 1))
+}
+
+const LIFECYCLE_PREFIX: &str = ironlink_shared::LIFECYCLE_TOPIC_PREFIX;
+
+/// A durable rule's task: takes its messages from its queue in order, evaluates the rule, has
+/// every action deliver every output (retries, then dead letters), and only then removes the
+/// message from the queue. After a crash the messages not removed come again (at least once).
+async fn durable(
+    live: std::sync::Weak<Live>,
+    apps: Arc<crate::apps::Apps>,
+    group: String,
+    mut stop: watch::Receiver<()>,
+) {
+    let mut consumer = apps.attach(&group);
+    loop {
+        let m = tokio::select! {
+            m = consumer.next() => m,
+            _ = stop.changed() => None,
+        };
+        let Some(m) = m else { break };
+        let Some(r) = live.upgrade() else { break };
+        let (pk, dn) = topic_device(&m.topic);
+        let payload: Value = serde_json::from_slice(&m.payload).unwrap_or(Value::Null);
+        let msg = Msg {
+            topic: &m.topic,
+            raw: &m.payload,
+            payload: &payload,
+            product_key: &pk,
+            device_name: &dn,
+            message_id: &m.message_id,
+            now_ms: m.generated_at,
+            window: None,
+        };
+        for (row, pk, dn) in evaluate_one(&r, &msg, m.generated_at) {
+            for a in &r.actions {
+                a.run_now(Job {
+                    row: row.clone(),
+                    ctx: JobCtx {
+                        rule_id: r.row.rule_id.clone(),
+                        product_key: pk.clone(),
+                        device_name: dn.clone(),
+                        at: m.generated_at,
+                    },
+                    queued: Instant::now(),
+                })
+                .await;
             }
-            Err(e) => c.error(e),
+        }
+        drop(r);
+        if let Err(e) = consumer.settle(m.id, true).await {
+            tracing::error!(%group, error = %e, "durable rule: a done message could not be removed from its queue (it will come again)");
         }
     }
 }

@@ -20,6 +20,8 @@ pub struct RuleRow {
     pub actions: String,
     /// 1 when enabled.
     pub enabled: i64,
+    /// 1 when its messages and outputs go through a durable queue (at least once).
+    pub durable: i64,
     /// ms since the Unix epoch.
     pub created_at: i64,
     /// ms since the Unix epoch.
@@ -48,7 +50,7 @@ pub struct DeadLetter {
 }
 
 const RULE_COLS: &str =
-    "rule_id, name, description, sql_text, actions, enabled, created_at, updated_at";
+    "rule_id, name, description, sql_text, actions, enabled, created_at, updated_at, durable";
 
 fn conflict(e: sqlx::Error, name: &str) -> StorageError {
     if let sqlx::Error::Database(d) = &e {
@@ -64,7 +66,7 @@ impl Db {
     /// Inserts a rule.
     pub async fn insert_rule(&self, r: &RuleRow) -> Result<(), StorageError> {
         let sql =
-            format!("INSERT INTO rules ({RULE_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)");
+            format!("INSERT INTO rules ({RULE_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)");
         sqlx::query(&sql)
             .bind(&r.rule_id)
             .bind(&r.name)
@@ -74,6 +76,7 @@ impl Db {
             .bind(r.enabled)
             .bind(r.created_at)
             .bind(r.updated_at)
+            .bind(r.durable)
             .execute(&self.pool)
             .await
             .map_err(|e| conflict(e, &r.name))?;
@@ -83,7 +86,7 @@ impl Db {
     /// Replaces a rule's definition; false when there is no such rule.
     pub async fn update_rule(&self, r: &RuleRow) -> Result<bool, StorageError> {
         let done = sqlx::query(
-            "UPDATE rules SET name = $2, description = $3, sql_text = $4, actions = $5, enabled = $6, updated_at = $7 WHERE rule_id = $1",
+            "UPDATE rules SET name = $2, description = $3, sql_text = $4, actions = $5, enabled = $6, updated_at = $7, durable = $8 WHERE rule_id = $1",
         )
         .bind(&r.rule_id)
         .bind(&r.name)
@@ -92,6 +95,7 @@ impl Db {
         .bind(&r.actions)
         .bind(r.enabled)
         .bind(r.updated_at)
+        .bind(r.durable)
         .execute(&self.pool)
         .await
         .map_err(|e| conflict(e, &r.name))?;
