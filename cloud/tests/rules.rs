@@ -652,3 +652,73 @@ async fn lifecycle_changes_and_custom_topics_reach_rules() {
     let rows = table_until(&srv, "presence", 2).await;
     assert_eq!(rows[1]["row"]["status"], "offline");
 }
+
+#[tokio::test]
+async fn a_durable_rule_takes_its_messages_from_its_own_queue() {
+    let srv = start(|_| {}).await;
+    let (pk, _) = srv.product(false).await;
+    let secret = srv.device(&pk, "dev1").await;
+    let (s, v) = srv
+        .post("/rules", json!({"name": "w", "durable": true, "sql": "SELECT count(*) AS n FROM \"/p/#\" GROUP BY TUMBLINGWINDOW(ss, 10)"}))
+        .await;
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("durable applies to rules without windows"),
+        "{v}"
+    );
+    let id = create_rule(
+        &srv,
+        json!({"name": "kept", "durable": true,
+               "sql": format!("SELECT items.temp.value AS t FROM \"/{pk}/+/thing/event/property/post\" WHERE items.temp.value > 1"),
+               "actions": [{"type": "table", "table": "kept"}]}),
+    )
+    .await;
+    let mut d = device_v4(&srv, &pk, "dev1", &secret).await;
+    for (i, t) in [1.0, 2.0, 3.0].into_iter().enumerate() {
+        post_temp(&mut d, &pk, "dev1", t, 90 + i as u16).await;
+    }
+    let rows = table_until(&srv, "kept", 2).await;
+    let mut ts: Vec<f64> = rows
+        .iter()
+        .map(|r| r["row"]["t"].as_f64().unwrap())
+        .collect();
+    ts.sort_by(f64::total_cmp);
+    assert_eq!(ts, vec![2.0, 3.0]);
+    let v = rule_until(&srv, &id, |v| v["stats"]["matched"] == 3).await;
+    assert_eq!(
+        (
+            v["durable"].clone(),
+            v["stats"]["passed"].clone(),
+            v["stats"]["filtered"].clone()
+        ),
+        (json!(true), json!(2), json!(1))
+    );
+    // Its queue is a consumer group of the platform, visible on /metrics, and empties.
+    let group = format!("$rule:{id}");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let metrics = reqwest::get(format!("http://{}/metrics", srv.running.http_addr))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let acked = metrics
+            .lines()
+            .find(|l| l.contains(&group) && l.contains("acknowledged"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|n| n.parse::<u64>().ok());
+        if acked == Some(3) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (s, _) = srv
+        .call(reqwest::Method::DELETE, &format!("/rules/{id}"), None)
+        .await;
+    assert_eq!(s, 204);
+}
