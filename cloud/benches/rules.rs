@@ -109,6 +109,7 @@ async fn main() {
                         sql: sql.into(),
                         actions,
                         enabled: true,
+                        durable: false,
                     })
                     .await
                     .unwrap();
@@ -183,6 +184,7 @@ async fn main() {
                 sql: "SELECT items.temp.value AS t, deviceName() AS dev FROM \"/other/+/thing/event/property/post\" WHERE items.temp.value > 50".into(),
                 actions: vec![json!({"type": "republish", "topic": "/other/${dev}/user/x"})],
                 enabled: true,
+                durable: false,
             })
             .await
             .unwrap();
@@ -215,6 +217,7 @@ async fn main() {
             "raw",
             include_str!("../tests/data/alibaba_sample_script.js"),
         )
+        .await
         .unwrap();
     let frame = hex::decode("0000003009014d0142f6e76d").unwrap();
     let start = Instant::now();
