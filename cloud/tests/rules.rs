@@ -654,6 +654,99 @@ async fn lifecycle_changes_and_custom_topics_reach_rules() {
 }
 
 #[tokio::test]
+async fn a_custom_topic_with_the_parsing_tag_is_parsed_by_transform_payload() {
+    let srv = start(|c| c.rules.script_time_limit = Duration::from_secs(10)).await;
+    let (pk, _) = srv.product(false).await;
+    // Alibaba's documented form, plus a frame the script refuses (it throws on 0xee), and a
+    // slow first frame, so the messages after it arrive while it is still being parsed.
+    let script = format!(
+        "{}\nvar parse = transformPayload;\ntransformPayload = function (t, b) {{ if ((b[0] & 0xff) == 0xee) {{ throw new Error('bad frame'); }} if ((b[1] & 0xff) == 0x32) {{ var end = Date.now() + 200; while (Date.now() < end) {{}} }} return parse(t, b); }};\n",
+        include_str!("data/alibaba_sample_script.js")
+    );
+    let (s, v) = srv
+        .call(
+            reqwest::Method::PUT,
+            &format!("/products/{pk}/script"),
+            Some(json!({ "script": script })),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    create_rule(
+        &srv,
+        json!({"name": "parsed", "sql": format!("SELECT prop_int16, prop_bool, topic() AS t, payload('hex') AS hex FROM \"/{pk}/+/user/#\""),
+               "actions": [{"type": "table", "table": "parsed"}]}),
+    )
+    .await;
+    let secret = srv.device(&pk, "dev1").await;
+    let mut d = device_v4(&srv, &pk, "dev1", &secret).await;
+    let topic = format!("/{pk}/dev1/user/update");
+    d.subscribe_v4(&topic, 1).await;
+    d.publish_v4(
+        &format!("{topic}?_sn=default"),
+        &[0x00, 0x32, 0x01],
+        QoS::AtLeastOnce,
+        2,
+    )
+    .await;
+    // Untagged: as sent, even though the product has a script.
+    d.publish_v4(&topic, &[0x00, 0x33, 0x00], QoS::AtLeastOnce, 3)
+        .await;
+    // Tagged, but the script throws: the payload goes on as sent, the error is counted.
+    d.publish_v4(
+        &format!("{topic}?_sn=default"),
+        &[0xee],
+        QoS::AtLeastOnce,
+        4,
+    )
+    .await;
+    let mut got = Vec::new();
+    let mut acks = Vec::new();
+    while got.len() < 3 || acks.len() < 3 {
+        match tokio::time::timeout(WAIT, d.next_v4())
+            .await
+            .expect("in time")
+        {
+            Some(v4::Packet::Publish(p)) => got.push((p.topic.clone(), p.payload.to_vec())),
+            Some(v4::Packet::PubAck(a)) => acks.push(a.pkid),
+            Some(_) => {}
+            None => panic!("closed"),
+        }
+    }
+    assert_eq!(acks, vec![2, 3, 4], "acknowledged in order");
+    // The subscriber sees the topic without the tag, and the parsed JSON.
+    assert!(got.iter().all(|(t, _)| *t == topic), "{got:?}");
+    let first: Value = serde_json::from_slice(&got[0].1).unwrap();
+    assert_eq!(
+        first,
+        json!({"topic": topic, "prop_int16": 50, "prop_bool": 1})
+    );
+    assert_eq!(got[1].1, vec![0x00, 0x33, 0x00]);
+    assert_eq!(got[2].1, vec![0xee]);
+    let rows = table_until(&srv, "parsed", 3).await;
+    let rows: Vec<&Value> = rows.iter().map(|r| &r["row"]).collect();
+    assert!(
+        rows.contains(&&json!({"prop_int16": 50, "prop_bool": 1, "t": topic,
+                               "hex": hex::encode(first.to_string())})),
+        "{rows:?}"
+    );
+    assert!(
+        rows.contains(&&json!({"t": topic, "hex": "003300"})),
+        "{rows:?}"
+    );
+    assert!(
+        rows.contains(&&json!({"t": topic, "hex": "ee"})),
+        "{rows:?}"
+    );
+    let (s, v) = srv.get(&format!("/products/{pk}/script")).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        (v["stats"]["ok"].as_u64(), v["stats"]["errors"].as_u64()),
+        (Some(1), Some(1)),
+        "{v}"
+    );
+}
+
+#[tokio::test]
 async fn a_durable_rule_takes_its_messages_from_its_own_queue() {
     let srv = start(|_| {}).await;
     let (pk, _) = srv.product(false).await;

@@ -501,6 +501,9 @@ struct Connection {
     work: FuturesOrdered<Work>,
     /// True while a sub-device login/logout is in `work`: later packets wait for it.
     barrier: bool,
+    /// Set while a custom-topic message waits for its `transformPayload`: the session's later
+    /// custom-topic messages reach subscribers and groups after it, in the order they came.
+    route_after: Option<tokio::sync::oneshot::Receiver<()>>,
     /// Kick signals of logged-in sub-devices (created at the first login: most connections
     /// are not gateways and should not pay for it).
     sub_kicks: Option<FuturesUnordered<SubKick>>,
@@ -541,6 +544,7 @@ impl Connection {
             subs: Subs::default(),
             work: FuturesOrdered::new(),
             barrier: false,
+            route_after: None,
             sub_kicks: None,
             app,
         }
@@ -705,6 +709,20 @@ impl Connection {
     }
 
     /// The ACL: the connection's own topics, and those of its logged-in sub-devices.
+    /// True while an earlier custom-topic message of this session still waits for its script.
+    fn routing_pending(&mut self) -> bool {
+        let pending = self.route_after.as_mut().is_some_and(|r| {
+            matches!(
+                r.try_recv(),
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+            )
+        });
+        if !pending {
+            self.route_after = None;
+        }
+        pending
+    }
+
     fn may(&self, access: Access, topic: &str) -> bool {
         if let Some(products) = &self.app {
             return access == Access::Subscribe && app_may_subscribe(products, topic);
@@ -909,11 +927,50 @@ impl Connection {
                     return self
                         .protocol_error(reason::MALFORMED_PACKET, "topic is not UTF-8".into());
                 };
+                // Alibaba's parsing tag: a custom topic published as `<topic>?_sn=default` is
+                // the topic without the tag, its payload turned into JSON by the product's
+                // `transformPayload` before subscribers, consumer groups and rules see it.
+                let (topic, parse) = match topic.strip_suffix(PARSE_TAG) {
+                    Some(t) => (t.to_owned(), true),
+                    None => (topic, false),
+                };
                 let allowed = self.may(Access::Publish, &topic);
                 let ack = (qos == 1).then_some(pkid).flatten();
                 if allowed {
                     Metrics::inc(&self.shared.metrics.messages_in);
                     let system = classify(&topic);
+                    let tagged = parse
+                        && system.is_none()
+                        && custom_topic(&topic).is_some_and(|pk| self.shared.thing.scripts.has(pk));
+                    if tagged || (system.is_none() && self.routing_pending()) {
+                        let pk = custom_topic(&topic).map(str::to_owned);
+                        let (shared, retain) = (self.shared.clone(), publish.retain);
+                        let raw = publish.payload;
+                        let before = self.route_after.take();
+                        let (done, after) = tokio::sync::oneshot::channel();
+                        self.route_after = Some(after);
+                        self.work.push_back(Box::pin(async move {
+                            let payload = match (&pk, tagged) {
+                                (Some(pk), true) => transform(&shared, pk, &topic, raw).await,
+                                _ => raw,
+                            };
+                            if let Some(before) = before {
+                                let _ = before.await;
+                            }
+                            let failed =
+                                publish_custom(&shared, pk.as_deref(), topic, payload, qos, retain)
+                                    .await;
+                            let _ = done.send(());
+                            (
+                                ack,
+                                Outcome {
+                                    failed,
+                                    ..Outcome::default()
+                                },
+                            )
+                        }));
+                        return Step::Continue;
+                    }
                     // A device's uplinks on system topics are for the platform: never echoed
                     // back to the device's own subscriptions.
                     let origin = system.and(self.sid);
@@ -943,21 +1000,11 @@ impl Connection {
                         return Step::Continue;
                     }
                     // A custom topic that a consumer group takes: acknowledged once queued.
-                    if let Some(d) = topic_device(&topic).filter(|d| {
-                        !d.device_name.is_empty()
-                            && topic
-                                .strip_prefix('/')
-                                .and_then(|t| t.strip_prefix(d.product_key))
-                                .and_then(|t| t.strip_prefix('/'))
-                                .and_then(|t| t.strip_prefix(d.device_name))
-                                .is_some_and(|t| t.starts_with("/user/"))
-                            && self
-                                .shared
-                                .apps
-                                .wants(d.product_key, crate::apps::MessageType::Custom)
-                    }) {
+                    if let Some(pk) = custom_topic(&topic)
+                        .filter(|pk| self.shared.apps.wants(pk, crate::apps::MessageType::Custom))
+                    {
                         let m = crate::apps::Outgoing {
-                            product_key: d.product_key.to_owned(),
+                            product_key: pk.to_owned(),
                             kind: crate::apps::MessageType::Custom,
                             topic: topic.clone(),
                             payload: payload.to_vec(),
@@ -1202,5 +1249,69 @@ fn packet_name(p: &Packet) -> &'static str {
         Packet::UnsubAck(..) => "UNSUBACK",
         Packet::PingResp(..) => "PINGRESP",
         _ => "unexpected",
+    }
+}
+
+/// The tag a device appends to a custom topic to have its payload parsed by the product's
+/// `transformPayload` (Alibaba's `?_sn=default`).
+const PARSE_TAG: &str = "?_sn=default";
+
+/// The product key of a custom topic (`/{pk}/{dn}/user/...`).
+fn custom_topic(topic: &str) -> Option<&str> {
+    let d = topic_device(topic)?;
+    let tail = topic
+        .strip_prefix('/')?
+        .strip_prefix(d.product_key)?
+        .strip_prefix('/')?
+        .strip_prefix(d.device_name)?;
+    (!d.device_name.is_empty() && tail.starts_with("/user/")).then_some(d.product_key)
+}
+
+/// A tagged custom topic's payload as the product's `transformPayload` returns it (JSON). When
+/// the script fails, the payload goes on as it came (nothing is lost) and the failure is counted
+/// in the script's counters and logged with the reason.
+async fn transform(shared: &Shared, pk: &str, topic: &str, raw: bytes::Bytes) -> bytes::Bytes {
+    use crate::rules::script::{Answer, Call};
+    let call = Call::Transform(topic.to_owned(), raw.to_vec());
+    match shared.thing.scripts.call(pk, call).await {
+        Ok(Answer::Json(v)) => bytes::Bytes::from(v.to_string()),
+        Ok(Answer::Bytes(_)) => raw,
+        Err(e) => {
+            tracing::warn!(product_key = %pk, %topic, error = %e, "transformPayload failed: the payload goes on unparsed");
+            raw
+        }
+    }
+}
+
+/// Publishes a device's message to subscribers and, for a custom topic (`pk`) that a consumer
+/// group or rule takes, to them. True when queueing for them failed.
+async fn publish_custom(
+    shared: &Shared,
+    pk: Option<&str>,
+    topic: String,
+    payload: bytes::Bytes,
+    qos: u8,
+    retain: bool,
+) -> bool {
+    let wanted = pk.filter(|pk| shared.apps.wants(pk, crate::apps::MessageType::Custom));
+    let m = wanted.map(|pk| crate::apps::Outgoing {
+        product_key: pk.to_owned(),
+        kind: crate::apps::MessageType::Custom,
+        topic: topic.clone(),
+        payload: payload.to_vec(),
+        generated_at: now_ms(),
+    });
+    shared.router.publish_from(
+        Message {
+            topic,
+            payload,
+            qos,
+            retain,
+        },
+        None,
+    );
+    match m {
+        Some(m) => !shared.apps.publish(m).await,
+        None => false,
     }
 }
