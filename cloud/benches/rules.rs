@@ -45,6 +45,19 @@ fn post(i: u64) -> Vec<u8> {
 
 const TOPIC: &str = "/pk1/dev-0001/thing/event/property/post";
 
+/// A post as the engine receives it.
+fn incoming(raw: &[u8], at: i64) -> rules::Incoming<'_> {
+    rules::Incoming {
+        topic: TOPIC,
+        raw,
+        product_key: "pk1",
+        device_name: "dev-0001",
+        message_id: "1",
+        at,
+        tags: None,
+    }
+}
+
 /// Runs `f` on `msgs` until `budget` is spent; messages per second.
 fn rate(msgs: &[Vec<u8>], budget: Duration, mut f: impl FnMut(&[u8])) -> f64 {
     let start = Instant::now();
@@ -76,6 +89,84 @@ async fn main() {
     let running = ironlink_cloud::server::start(config).await.unwrap();
     let engine = running.shared.rules.clone();
     let msgs: Vec<Vec<u8>> = (0..1_000).map(post).collect();
+
+    // Through the platform's path (`Apps::publish_many`, as a device's posts are, batches of
+    // 100): one rule with a republish action, in memory and durable (committed to the rule's
+    // own queue before publish_many returns, evaluated by its own task, removed once the
+    // action delivered). Measured first, with no other rules in the engine.
+    let path_n: u64 = if quick { 2_000 } else { 20_000 };
+    let mut path_rates = Vec::new();
+    for durable in [false, true] {
+        let rule = engine
+            .create(RuleSpec {
+                name: format!("path-{durable}"),
+                description: String::new(),
+                sql: "SELECT items.temp.value AS t, deviceName() AS dev FROM \"/pk9/+/thing/event/property/post\"".into(),
+                actions: vec![json!({"type": "republish", "topic": "/pk9/${dev}/user/out"})],
+                enabled: true,
+                durable,
+            })
+            .await
+            .unwrap();
+        let apps = running.shared.apps.clone();
+        let start = Instant::now();
+        let mut sent = 0u64;
+        while sent < path_n {
+            let batch = (sent..sent + 100)
+                .map(|i| ironlink_cloud::apps::Outgoing {
+                    product_key: "pk9".into(),
+                    kind: ironlink_cloud::apps::MessageType::Property,
+                    topic: "/pk9/dev-0001/thing/event/property/post".into(),
+                    payload: post(i),
+                    generated_at: 1_700_000_000_000 + i as i64,
+                })
+                .collect();
+            assert!(apps.publish_many(batch).await, "publish_many failed");
+            sent += 100;
+            // Kept under the action's queue bound (a burst beyond it is dropped and counted,
+            // which is not what this measures).
+            while rule.actions[0].queued() >= 512 {
+                tokio::time::sleep(Duration::from_micros(100)).await;
+            }
+        }
+        let accepted = start.elapsed();
+        let deadline = Instant::now() + Duration::from_secs(600);
+        let counter =
+            |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        let done = || counter(&rule.actions[0].counters.done);
+        let dropped = || counter(&rule.actions[0].counters.dropped_queue_full);
+        while done() + dropped() < path_n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let total = start.elapsed();
+        assert_eq!(
+            done() + dropped(),
+            path_n,
+            "every output delivered or dropped"
+        );
+        path_rates.push((
+            durable,
+            dropped(),
+            path_n as f64 / accepted.as_secs_f64(),
+            path_n as f64 / total.as_secs_f64(),
+        ));
+        engine.delete(&rule.row.rule_id).await.unwrap();
+    }
+    println!("| one rule with a republish action, {path_n} posts through Apps::publish_many | accepted/s | delivered/s | dropped | delivered / in-memory rule |");
+    println!("|---|---:|---:|---:|---:|");
+    let base = path_rates[0].3;
+    for (durable, dropped, accepted, delivered) in &path_rates {
+        let kind = if *durable {
+            "durable (at least once)"
+        } else {
+            "in memory (default)"
+        };
+        println!(
+            "| {kind} | {accepted:.0} | {delivered:.0} | {dropped} | {:.2} |",
+            delivered / base
+        );
+    }
+    println!();
 
     let parse = rate(&msgs, budget, |m| {
         black_box(serde_json::from_slice::<Value>(m).unwrap());
@@ -127,7 +218,7 @@ async fn main() {
         let mut id = 0i64;
         let r = rate(&msgs, budget, |m| {
             id += 1;
-            rules::evaluate(&eval_only, TOPIC, m, "pk1", "dev-0001", "1", id);
+            rules::evaluate(&eval_only, &incoming(m, id));
         });
         let per_msg = 1e9 / r;
         // The JSON parse happens once per message, whatever the number of rules.
@@ -143,7 +234,7 @@ async fn main() {
         while start.elapsed() < budget {
             for m in &msgs {
                 id += 1;
-                rules::evaluate(&acting, TOPIC, m, "pk1", "dev-0001", "1", id);
+                rules::evaluate(&acting, &incoming(m, id));
             }
             done += msgs.len() as u64;
             while acting
@@ -202,9 +293,7 @@ async fn main() {
         .filter(|r| r.row.name.starts_with('m'))
         .cloned()
         .collect();
-    let r = rate(&msgs, budget, |m| {
-        rules::evaluate(&others, TOPIC, m, "pk1", "dev-0001", "1", 0)
-    });
+    let r = rate(&msgs, budget, |m| rules::evaluate(&others, &incoming(m, 0)));
     println!(
         "2,000 rules on another product's topic: {r:.0} messages/s ({:.0} ns per message)",
         1e9 / r

@@ -7,6 +7,8 @@ use serde::Serialize;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::migrate::Migrator;
 use sqlx::{AnyPool, Executor, Row};
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -43,6 +45,54 @@ pub enum Engine {
 pub struct Db {
     pub(crate) pool: AnyPool,
     engine: Engine,
+    /// Devices' tags as rules read them (`attribute()`), by device.
+    tags: Arc<TagCache>,
+}
+
+/// Devices' tags read by the rules engine for each message: kept in memory, dropped when this
+/// process changes them or deletes the device, and re-read after [`TAGS_FRESH`] (so a change
+/// made by another instance on the same database shows within that time).
+#[derive(Debug, Default)]
+struct TagCache {
+    by_device: std::sync::Mutex<HashMap<(String, String), CachedTags>>,
+}
+
+/// Tags and when they were read.
+type CachedTags = (std::time::Instant, Arc<TagMap>);
+
+/// A device's tags.
+pub type TagMap = serde_json::Map<String, serde_json::Value>;
+
+/// How long cached tags are used without reading them again.
+const TAGS_FRESH: std::time::Duration = std::time::Duration::from_secs(30);
+/// Devices whose tags are cached at most (then the cache starts over).
+const TAGS_CACHED_MAX: usize = 100_000;
+
+impl TagCache {
+    fn get(&self, pk: &str, dn: &str) -> Option<Arc<TagMap>> {
+        let map = self.by_device.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&(pk.to_owned(), dn.to_owned()))
+            .filter(|(at, _)| at.elapsed() < TAGS_FRESH)
+            .map(|(_, t)| t.clone())
+    }
+
+    fn put(&self, pk: &str, dn: &str, tags: Arc<TagMap>) {
+        let mut map = self.by_device.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= TAGS_CACHED_MAX {
+            map.clear();
+        }
+        map.insert(
+            (pk.to_owned(), dn.to_owned()),
+            (std::time::Instant::now(), tags),
+        );
+    }
+
+    fn forget(&self, pk: &str, dn: &str) {
+        self.by_device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(pk.to_owned(), dn.to_owned()));
+    }
 }
 
 /// A product as stored.
@@ -188,7 +238,11 @@ impl Db {
             Engine::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
             Engine::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
         }
-        Ok(Self { pool, engine })
+        Ok(Self {
+            pool,
+            engine,
+            tags: Arc::default(),
+        })
     }
 
     /// The engine behind this pool.
@@ -299,7 +353,25 @@ impl Db {
         dn: &str,
         tags: &str,
     ) -> Result<bool, StorageError> {
-        self.update_device(DeviceColumn::Tags, tags, pk, dn).await
+        let r = self.update_device(DeviceColumn::Tags, tags, pk, dn).await;
+        self.tags.forget(pk, dn);
+        r
+    }
+
+    /// A device's tags (empty when it has none or does not exist), from memory when read
+    /// recently: what the rules engine's `attribute()` reads for each message.
+    pub async fn device_tags(&self, pk: &str, dn: &str) -> Result<Arc<TagMap>, StorageError> {
+        if let Some(t) = self.tags.get(pk, dn) {
+            return Ok(t);
+        }
+        let tags = self
+            .get_device(pk, dn)
+            .await?
+            .and_then(|d| serde_json::from_str::<TagMap>(&d.tags).ok())
+            .unwrap_or_default();
+        let tags = Arc::new(tags);
+        self.tags.put(pk, dn, tags.clone());
+        Ok(tags)
     }
 
     /// Sets one column of a device; false when no such device.
@@ -519,6 +591,7 @@ impl Db {
 
     /// Deletes a device. False when no such device.
     pub async fn delete_device(&self, pk: &str, dn: &str) -> Result<bool, StorageError> {
+        self.tags.forget(pk, dn);
         let mut tx = self.write_tx().await?;
         for sql in [
             "DELETE FROM property_history WHERE series_id IN (SELECT id FROM property_series WHERE product_key = $1 AND device_name = $2)",

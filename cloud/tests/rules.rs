@@ -747,6 +747,73 @@ async fn a_custom_topic_with_the_parsing_tag_is_parsed_by_transform_payload() {
 }
 
 #[tokio::test]
+async fn attribute_reads_the_device_tags_as_they_change() {
+    let srv = start(|_| {}).await;
+    let (pk, _) = srv.product(false).await;
+    let secret = srv.device(&pk, "dev1").await;
+    let (s, v) = srv
+        .call(
+            reqwest::Method::PUT,
+            &format!("/devices/{pk}/dev1/tags"),
+            Some(json!({"room": "B2"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    create_rule(
+        &srv,
+        json!({"name": "tagged", "sql": format!("SELECT attribute('room') AS room, attribute('none') AS none, items.temp.value AS t FROM \"/{pk}/+/thing/event/property/post\""),
+               "actions": [{"type": "table", "table": "tagged"}]}),
+    )
+    .await;
+    let mut d = device_v4(&srv, &pk, "dev1", &secret).await;
+    post_temp(&mut d, &pk, "dev1", 1.0, 1).await;
+    let rows = table_until(&srv, "tagged", 1).await;
+    assert_eq!(rows[0]["row"], json!({"room": "B2", "t": 1.0}));
+    // Changed through the API: the next message sees the new value.
+    let (s, v) = srv
+        .call(
+            reqwest::Method::PUT,
+            &format!("/devices/{pk}/dev1/tags"),
+            Some(json!({"room": "C3"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    post_temp(&mut d, &pk, "dev1", 2.0, 2).await;
+    let rows = table_until(&srv, "tagged", 2).await;
+    assert_eq!(rows[1]["row"], json!({"room": "C3", "t": 2.0}));
+    // Changed by the device itself (Alink deviceinfo/update), acknowledged once stored.
+    let body =
+        json!({"id": "3", "version": "1.0", "params": [{"attrKey": "room", "attrValue": "D4"}]});
+    d.publish_v4(
+        &format!("/sys/{pk}/dev1/thing/deviceinfo/update"),
+        body.to_string().as_bytes(),
+        QoS::AtLeastOnce,
+        3,
+    )
+    .await;
+    loop {
+        match d.next_v4().await {
+            Some(v4::Packet::PubAck(a)) if a.pkid == 3 => break,
+            Some(_) => {}
+            None => panic!("closed before PUBACK"),
+        }
+    }
+    post_temp(&mut d, &pk, "dev1", 3.0, 4).await;
+    let rows = table_until(&srv, "tagged", 3).await;
+    assert_eq!(rows[2]["row"], json!({"room": "D4", "t": 3.0}));
+    // The test endpoint has no device: attribute() is null there (as in Alibaba's debugging).
+    let (s, v) = srv
+        .post(
+            "/rules/test",
+            json!({"sql": format!("SELECT attribute('room') AS room, 1 AS one FROM \"/{pk}/+/user/x\""),
+                   "topic": format!("/{pk}/dev1/user/x"), "payload": {}}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["output"], json!({"one": 1}), "{v}");
+}
+
+#[tokio::test]
 async fn a_durable_rule_takes_its_messages_from_its_own_queue() {
     let srv = start(|_| {}).await;
     let (pk, _) = srv.product(false).await;

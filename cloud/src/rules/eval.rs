@@ -31,6 +31,8 @@ pub struct Msg<'a> {
     pub now_ms: i64,
     /// The window a windowed rule emits for: start and end, ms.
     pub window: Option<(i64, i64)>,
+    /// The device's tags, for `attribute()` (looked up only for rules that call it).
+    pub tags: Option<&'a crate::storage::TagMap>,
 }
 
 /// Evaluates `e`; `aggs` holds the aggregate results of a windowed rule.
@@ -456,6 +458,10 @@ fn call(name: &str, args: &[Value], m: &Msg<'_>) -> Result<Value, String> {
             (None | Some(Value::Null), _) | (_, None) => Value::Null,
             (Some(v), Some(alg)) => Value::String(crypto(&text(v), &alg)?),
         },
+        "attribute" => match (string_arg(args, 0), m.tags) {
+            (Some(key), Some(tags)) => tags.get(&*key).cloned().unwrap_or(Value::Null),
+            _ => Value::Null,
+        },
         "devicename" => Value::String(m.device_name.to_owned()),
         "productkey" => Value::String(m.product_key.to_owned()),
         "messageid" => Value::String(m.message_id.to_owned()),
@@ -660,6 +666,7 @@ mod tests {
     fn run(sql: &str, payload: Value) -> Option<Map<String, Value>> {
         let q = parse(sql).unwrap();
         let raw = payload.to_string();
+        let tags: crate::storage::TagMap = [("room".to_owned(), json!("B2"))].into_iter().collect();
         let m = Msg {
             topic: "/pk1/dev1/thing/event/property/post",
             raw: raw.as_bytes(),
@@ -669,6 +676,7 @@ mod tests {
             message_id: "42",
             now_ms: 1_700_000_000_123,
             window: None,
+            tags: Some(&tags),
         };
         if let Some(c) = &q.condition {
             if !holds(c, &m, &[]).unwrap() {
@@ -691,6 +699,9 @@ mod tests {
             // A missing field is null: the condition does not hold, and it is left out.
             ("SELECT items.nope.value AS n FROM \"#\" WHERE items.nope.value > 1", post(json!(1)), None),
             ("SELECT items.nope.value AS n, 1 AS one FROM \"#\"", post(json!(1)), Some(json!({"one": 1}))),
+            // The device's tags; a tag it does not have is null.
+            ("SELECT attribute('room') AS r, attribute('none') AS n FROM \"#\" WHERE attribute('room') = 'B2'", post(json!(1)), Some(json!({"r": "B2"}))),
+            ("SELECT 1 AS one FROM \"#\" WHERE attribute('room') = 'C3'", post(json!(1)), None),
             ("SELECT items.temp.value * 2 + 1 AS x, items.temp.value / 4 AS q, 7 % 3 AS r FROM \"#\"", post(json!(10)), Some(json!({"x": 21, "q": 2.5, "r": 1}))),
             ("SELECT deviceName() AS d, productKey() AS p, topic(2) AS t2, topic() AS t, messageId() AS id FROM \"#\"", post(json!(1)),
                 Some(json!({"d": "dev1", "p": "pk1", "t2": "dev1", "t": "/pk1/dev1/thing/event/property/post", "id": "42"}))),
@@ -739,6 +750,7 @@ mod tests {
             message_id: "1",
             now_ms: 0,
             window: None,
+            tags: None,
         };
         let e = project(&q, &m, &[]).unwrap_err();
         assert!(e.contains("arithmetic on a string"), "{e}");

@@ -225,6 +225,24 @@ struct Input {
     at: i64,
 }
 
+impl Input {
+    fn incoming<'a>(
+        &'a self,
+        message_id: &'a str,
+        tags: Option<&'a crate::storage::TagMap>,
+    ) -> Incoming<'a> {
+        Incoming {
+            topic: &self.topic,
+            raw: &self.payload,
+            product_key: &self.product_key,
+            device_name: &self.device_name,
+            message_id,
+            at: self.at,
+            tags,
+        }
+    }
+}
+
 /// The engine.
 #[derive(Debug)]
 pub struct Engine {
@@ -328,6 +346,7 @@ impl Engine {
         if let (Some(stop), Some(thing)) = (stop, self.deps.thing.upgrade()) {
             tokio::spawn(durable(
                 Arc::downgrade(&live),
+                self.db.clone(),
                 thing.apps.clone(),
                 durable_group(&live.row.rule_id),
                 stop,
@@ -784,39 +803,51 @@ fn device_of(m: &Outgoing) -> String {
     levels.get(i).map_or_else(String::new, |s| (*s).to_owned())
 }
 
+/// One message as the engine evaluates it.
+#[derive(Debug, Clone, Copy)]
+pub struct Incoming<'a> {
+    /// Rule topic.
+    pub topic: &'a str,
+    /// Payload as sent (parsed as JSON once, when a rule matches).
+    pub raw: &'a [u8],
+    /// Product key.
+    pub product_key: &'a str,
+    /// Device name.
+    pub device_name: &'a str,
+    /// Message id.
+    pub message_id: &'a str,
+    /// When it was stored, ms since the Unix epoch.
+    pub at: i64,
+    /// The device's tags, for rules that call `attribute()`.
+    pub tags: Option<&'a crate::storage::TagMap>,
+}
+
 /// Evaluates one message against every rule; outputs go to the actions.
-pub fn evaluate(
-    rules: &[Arc<Live>],
-    topic: &str,
-    raw: &[u8],
-    pk: &str,
-    dn: &str,
-    message_id: &str,
-    at: i64,
-) {
+pub fn evaluate(rules: &[Arc<Live>], i: &Incoming<'_>) {
     let mut parsed: Option<Value> = None;
     for r in rules {
         if r.row.enabled == 0
             || r.durable
-            || !topic.starts_with(&r.prefix)
-            || !sql::topic_matches(&r.query.topic, topic)
+            || !i.topic.starts_with(&r.prefix)
+            || !sql::topic_matches(&r.query.topic, i.topic)
         {
             continue;
         }
         let payload =
-            parsed.get_or_insert_with(|| serde_json::from_slice(raw).unwrap_or(Value::Null));
+            parsed.get_or_insert_with(|| serde_json::from_slice(i.raw).unwrap_or(Value::Null));
         let m = Msg {
-            topic,
-            raw,
+            topic: i.topic,
+            raw: i.raw,
             payload,
-            product_key: pk,
-            device_name: dn,
-            message_id,
-            now_ms: at,
+            product_key: i.product_key,
+            device_name: i.device_name,
+            message_id: i.message_id,
+            now_ms: i.at,
             window: None,
+            tags: i.tags,
         };
-        for (row, pk, dn) in evaluate_one(r, &m, at) {
-            dispatch(r, row, &pk, &dn, at);
+        for (row, pk, dn) in evaluate_one(r, &m, i.at) {
+            dispatch(r, row, &pk, &dn, i.at);
         }
     }
 }
@@ -857,11 +888,43 @@ fn topic_device(topic: &str) -> (String, String) {
 
 const LIFECYCLE_PREFIX: &str = ironlink_shared::LIFECYCLE_TOPIC_PREFIX;
 
+/// A device's tags for `attribute()`; a storage error is logged and reads as no tags.
+async fn tags_of(db: &Db, pk: &str, dn: &str) -> Option<Arc<crate::storage::TagMap>> {
+    match db.device_tags(pk, dn).await {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::warn!(product_key = %pk, device_name = %dn, error = %e, "rules: device tags could not be read: attribute() is null for this message");
+            None
+        }
+    }
+}
+
+/// The device's tags when a rule that calls `attribute()` takes this topic.
+async fn tags_for(
+    engine: &Engine,
+    rules: &[Arc<Live>],
+    input: &Input,
+) -> Option<Arc<crate::storage::TagMap>> {
+    let wanted = rules.iter().any(|r| {
+        r.query.reads_tags
+            && r.row.enabled != 0
+            && !r.durable
+            && input.topic.starts_with(&r.prefix)
+            && sql::topic_matches(&r.query.topic, &input.topic)
+    });
+    if wanted {
+        tags_of(&engine.db, &input.product_key, &input.device_name).await
+    } else {
+        None
+    }
+}
+
 /// A durable rule's task: takes its messages from its queue in order, evaluates the rule, has
 /// every action deliver every output (retries, then dead letters), and only then removes the
 /// message from the queue. After a crash the messages not removed come again (at least once).
 async fn durable(
     live: std::sync::Weak<Live>,
+    db: Db,
     apps: Arc<crate::apps::Apps>,
     group: String,
     mut stop: watch::Receiver<()>,
@@ -876,6 +939,11 @@ async fn durable(
         let Some(r) = live.upgrade() else { break };
         let (pk, dn) = topic_device(&m.topic);
         let payload: Value = serde_json::from_slice(&m.payload).unwrap_or(Value::Null);
+        let tags = if r.query.reads_tags {
+            tags_of(&db, &pk, &dn).await
+        } else {
+            None
+        };
         let msg = Msg {
             topic: &m.topic,
             raw: &m.payload,
@@ -885,6 +953,7 @@ async fn durable(
             message_id: &m.message_id,
             now_ms: m.generated_at,
             window: None,
+            tags: tags.as_deref(),
         };
         for (row, pk, dn) in evaluate_one(&r, &msg, m.generated_at) {
             for a in &r.actions {
@@ -945,6 +1014,7 @@ fn step(r: &Live, m: &Msg<'_>, at: i64) -> Result<Vec<Output>, String> {
         product_key: m.product_key.to_owned(),
         device_name: m.device_name.to_owned(),
         message_id: m.message_id.to_owned(),
+        tags: m.tags.filter(|_| r.query.reads_tags).cloned(),
     };
     let pushed = w.lock().unwrap_or_else(|e| e.into_inner()).push(
         at,
@@ -977,6 +1047,7 @@ fn emitted(r: &Live, emits: Vec<window::Emit>, now: i64) -> Vec<Output> {
             message_id: &l.message_id,
             now_ms: now,
             window: Some(e.window),
+            tags: l.tags.as_ref(),
         };
         if let Some(h) = &r.query.having {
             match eval::holds(h, &m, &e.aggs) {
@@ -1033,16 +1104,20 @@ async fn run(engine: Arc<Engine>, mut rx: mpsc::Receiver<Input>, mut stop: watch
                 let Some(input) = input else { break };
                 engine.inputs.fetch_add(1, Ordering::Relaxed);
                 let rules = engine.rules();
+                // Rules calling attribute() need the device's tags (looked up only then).
+                let any_tags = rules.iter().any(|r| r.query.reads_tags);
+                let tags = if any_tags { tags_for(&engine, &rules, &input).await } else { None };
                 let id = engine.message_id();
-                evaluate(&rules, &input.topic, &input.payload, &input.product_key, &input.device_name, &id, input.at);
+                evaluate(&rules, &input.incoming(&id, tags.as_deref()));
                 // Evaluate everything already waiting before looking at the clock again.
                 let mut n = 0;
                 while n < 256 {
                     let Ok(input) = rx.try_recv() else { break };
                     n += 1;
                     engine.inputs.fetch_add(1, Ordering::Relaxed);
+                    let tags = if any_tags { tags_for(&engine, &rules, &input).await } else { None };
                     let id = engine.message_id();
-                    evaluate(&rules, &input.topic, &input.payload, &input.product_key, &input.device_name, &id, input.at);
+                    evaluate(&rules, &input.incoming(&id, tags.as_deref()));
                 }
             }
             // Messages are stamped when they are stored and may wait in the queue a little:
@@ -1054,8 +1129,10 @@ async fn run(engine: Arc<Engine>, mut rx: mpsc::Receiver<Input>, mut stop: watch
                 if r.is_err() || *stop.borrow() {
                     // What is queued is evaluated first, so its windows are saved.
                     while let Ok(input) = rx.try_recv() {
+                        let rules = engine.rules();
+                        let tags = tags_for(&engine, &rules, &input).await;
                         let id = engine.message_id();
-                        evaluate(&engine.rules(), &input.topic, &input.payload, &input.product_key, &input.device_name, &id, input.at);
+                        evaluate(&rules, &input.incoming(&id, tags.as_deref()));
                     }
                     engine.save().await;
                     break;
@@ -1106,6 +1183,8 @@ pub fn test_sql(
         message_id: "test",
         now_ms: now_ms(),
         window: None,
+        // No real device here: `attribute()` is null, as in Alibaba's SQL debugging.
+        tags: None,
     };
     if let Some(c) = &q.condition {
         match eval::holds(c, &m, &[]) {

@@ -406,6 +406,8 @@ pub struct Query {
     pub having: Option<Expr>,
     /// Aggregates referenced by [`Expr::Agg`]: kind and argument (None for `count(*)`).
     pub aggregates: Vec<(AggKind, Option<Expr>)>,
+    /// True when the rule calls `attribute()` (the device's tags are looked up for it).
+    pub reads_tags: bool,
 }
 
 /// Static types, for checking at creation.
@@ -477,6 +479,7 @@ const FUNCTIONS: &[Sig] = &[
     sig("tonumber", 1, 1, &[A], Ty::Any),
     sig("nanvl", 2, 2, &[A, A], Ty::Any),
     sig("crypto", 2, 2, &[A, S], Ty::Str),
+    sig("attribute", 1, 1, &[S], Ty::Any),
     sig("devicename", 0, 0, &[], Ty::Str),
     sig("productkey", 0, 0, &[], Ty::Str),
     sig("topic", 0, 1, &[N], Ty::Str),
@@ -522,6 +525,8 @@ struct Parser {
     aggregates: Vec<(AggKind, Option<Expr>, Pos)>,
     /// Nesting depth of the expression being parsed (bounded: parsing and evaluation recurse).
     depth: usize,
+    /// True once `attribute()` is called: the rule reads the device's tags.
+    reads_tags: bool,
 }
 
 /// Deepest expression nesting accepted.
@@ -849,6 +854,7 @@ impl Parser {
                 self.expect_sym(",")?;
             }
         }
+        self.reads_tags |= lower == "attribute";
         Ok(Expr::Call(lower, args, pos))
     }
 
@@ -963,6 +969,7 @@ pub fn parse(src: &str) -> Result<Query, SqlError> {
         at: 0,
         aggregates: Vec::new(),
         depth: 0,
+        reads_tags: false,
     };
     p.expect_kw("select")?;
     let mut items = Vec::new();
@@ -1090,6 +1097,7 @@ pub fn parse(src: &str) -> Result<Query, SqlError> {
         group_keys,
         having,
         aggregates,
+        reads_tags: p.reads_tags,
     };
     check(&q, &items)?;
     Ok(q)

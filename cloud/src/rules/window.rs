@@ -26,6 +26,9 @@ pub struct LastMsg {
     pub device_name: String,
     /// Message id.
     pub message_id: String,
+    /// The device's tags, kept for rules that call `attribute()`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tags: Option<crate::storage::TagMap>,
 }
 
 /// One aggregate's running state.
@@ -375,6 +378,7 @@ mod tests {
             product_key: "p".into(),
             device_name: dn.into(),
             message_id: "1".into(),
+            tags: None,
         }
     }
 
