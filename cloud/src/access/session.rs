@@ -708,7 +708,6 @@ impl Connection {
         DeviceRef::new(&self.pk, &self.dn)
     }
 
-    /// The ACL: the connection's own topics, and those of its logged-in sub-devices.
     /// True while an earlier custom-topic message of this session still waits for its script.
     fn routing_pending(&mut self) -> bool {
         let pending = self.route_after.as_mut().is_some_and(|r| {
@@ -723,6 +722,7 @@ impl Connection {
         pending
     }
 
+    /// The ACL: the connection's own topics, and those of its logged-in sub-devices.
     fn may(&self, access: Access, topic: &str) -> bool {
         if let Some(products) = &self.app {
             return access == Access::Subscribe && app_may_subscribe(products, topic);
