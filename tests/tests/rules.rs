@@ -1,5 +1,5 @@
 //! The rules engine with the cloud as a process: a rule's output forwarded to an external
-//! mosquitto broker, and window state across SIGTERM (saved, restored) and kill -9 (declared
+//! mosquitto broker (plain and over TLS), and window state across SIGTERM (saved, restored) and kill -9 (declared
 //! lost on the rule).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -68,6 +68,25 @@ async fn rule(c: &Cloud, name: &str) -> Value {
     v
 }
 
+/// A subscriber on the mosquitto at 127.0.0.1:`port`, subscribed (SUBACK seen) to `filter`.
+async fn subscriber(port: u16, filter: &str) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+    let mut o = rumqttc::MqttOptions::new(format!("sub-{port}"), "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(30));
+    let (sub, mut events) = rumqttc::AsyncClient::new(o, 16);
+    sub.subscribe(filter, rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, async {
+        while !matches!(
+            events.poll().await.unwrap(),
+            rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))
+        ) {}
+    })
+    .await
+    .expect("subscribed in time");
+    (sub, events)
+}
+
 #[tokio::test]
 async fn rule_outputs_reach_an_external_mosquitto_broker() {
     let dir = tempfile::tempdir().unwrap();
@@ -77,21 +96,7 @@ async fn rule_outputs_reach_an_external_mosquitto_broker() {
     let cloud = Cloud::start(&dir.path().join("cloud"), &[]).unwrap();
     let (pk, secret) = device(&cloud, "boiler-1").await;
     // A subscriber on mosquitto, subscribed before anything is published.
-    let mut o = rumqttc::MqttOptions::new("rules-sub", broker.ip().to_string(), broker.port());
-    o.set_keep_alive(Duration::from_secs(30));
-    let (sub, mut events) = rumqttc::AsyncClient::new(o, 16);
-    sub.subscribe("plant/+/temp", rumqttc::QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    loop {
-        let e = tokio::time::timeout(WAIT, events.poll())
-            .await
-            .unwrap()
-            .unwrap();
-        if matches!(e, rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) {
-            break;
-        }
-    }
+    let (_sub, mut events) = subscriber(broker.port(), "plant/+/temp").await;
     let sql = format!(
         "SELECT deviceName() AS dev, items.temp.value AS t FROM \"/{pk}/+/thing/event/property/post\" WHERE items.temp.value >= 50"
     );
@@ -108,16 +113,19 @@ async fn rule_outputs_reach_an_external_mosquitto_broker() {
     assert_eq!(s, 201, "{v}");
     post(&cloud, &pk, "boiler-1", &secret, &[40.0, 55.0, 60.5]).await;
     let mut got = Vec::new();
-    while got.len() < 2 {
-        let e = tokio::time::timeout(WAIT, events.poll())
-            .await
-            .expect("forwarded in time")
-            .unwrap();
-        if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = e {
-            assert_eq!(p.topic, "plant/boiler-1/temp");
-            got.push(serde_json::from_slice::<Value>(&p.payload).unwrap());
+    // One deadline for the whole wait (keep-alive pings would satisfy a per-poll one).
+    tokio::time::timeout(WAIT, async {
+        while got.len() < 2 {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) =
+                events.poll().await.unwrap()
+            {
+                assert_eq!(p.topic, "plant/boiler-1/temp");
+                got.push(serde_json::from_slice::<Value>(&p.payload).unwrap());
+            }
         }
-    }
+    })
+    .await
+    .expect("forwarded in time");
     // The action's first output may have waited for its connection; order is not promised.
     got.sort_by(|a, b| {
         a["t"]
@@ -132,6 +140,144 @@ async fn rule_outputs_reach_an_external_mosquitto_broker() {
             json!({"dev": "boiler-1", "t": 60.5})
         ]
     );
+}
+
+/// mosquitto with a plain listener (for the test's subscriber) and a TLS listener using the
+/// certificate the cloud generated for itself (CA `tls/ca.pem`, SAN 127.0.0.1).
+async fn mosquitto_with_tls(
+    dir: &std::path::Path,
+    tls: &std::path::Path,
+) -> (std::process::Child, u16, u16) {
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (plain, secure) = (free(), free());
+    // Started as root, mosquitto would switch to its own user, which cannot read the cloud's
+    // key (mode 0600): it stays the user running the test.
+    let me = std::process::Command::new("id")
+        .arg("-un")
+        .output()
+        .unwrap();
+    let me = String::from_utf8(me.stdout).unwrap();
+    let conf = dir.join("mosquitto-tls.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "user {}\nper_listener_settings false\nallow_anonymous true\npersistence false\nlog_type error\n\
+             listener {plain} 127.0.0.1\n\
+             listener {secure} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n",
+            me.trim(),
+            tls.join("ca.pem").display(),
+            tls.join("server.pem").display(),
+            tls.join("server.key").display()
+        ),
+    )
+    .unwrap();
+    let child = std::process::Command::new("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("mosquitto (apt-get install mosquitto)");
+    for port in [plain, secure] {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "mosquitto did not listen on {port}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    (child, plain, secure)
+}
+
+#[tokio::test]
+async fn rule_outputs_reach_mosquitto_over_tls_verified_against_the_given_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    // The cloud generates its own CA and server certificate for its MQTT/TLS listener.
+    let cloud = Cloud::start(
+        &dir.path().join("cloud"),
+        &["--mqtts-listen", "127.0.0.1:0"],
+    )
+    .unwrap();
+    let tls = dir.path().join("cloud").join("tls");
+    let (mut mosquitto, plain, secure) = mosquitto_with_tls(dir.path(), &tls).await;
+    let ca = std::fs::read_to_string(tls.join("ca.pem")).unwrap();
+    let (pk, secret) = device(&cloud, "boiler-1").await;
+    let (_sub, mut events) = subscriber(plain, "secure/+/temp").await;
+    // Settings that cannot work are refused when the rule is created, with the reason.
+    let sql = format!("SELECT deviceName() AS dev, items.temp.value AS t FROM \"/{pk}/+/thing/event/property/post\"");
+    for (action, why) in [
+        (
+            json!({"type": "mqtt", "host": "127.0.0.1", "port": secure, "topic": "x", "tls": true, "ca_pem": "not a certificate"}),
+            "ca_pem",
+        ),
+        (
+            json!({"type": "mqtt", "host": "127.0.0.1", "port": secure, "topic": "x", "ca_pem": ca}),
+            "tls",
+        ),
+        (
+            json!({"type": "mqtt", "host": "127.0.0.1", "port": secure, "topic": "x", "tls": true, "ca_pem": ca, "client_cert_pem": ca}),
+            "go together",
+        ),
+    ] {
+        let (s, v) = cloud
+            .api(
+                Method::POST,
+                "/rules",
+                Some(json!({"name": "bad", "sql": sql, "actions": [action]})),
+            )
+            .await
+            .unwrap();
+        assert_eq!(s, 400, "{v}");
+        assert!(v.to_string().contains(why), "{why}: {v}");
+    }
+    let (s, v) = cloud
+        .api(
+            Method::POST,
+            "/rules",
+            Some(json!({"name": "to-mosquitto-tls", "sql": sql, "actions": [
+                {"type": "mqtt", "host": "127.0.0.1", "port": secure, "topic": "secure/${dev}/temp",
+                 "qos": 1, "tls": true, "ca_pem": ca}
+            ]})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 201, "{v}");
+    post(&cloud, &pk, "boiler-1", &secret, &[21.5]).await;
+    // One deadline for the whole wait (keep-alive pings would satisfy a per-poll one).
+    let got = tokio::time::timeout(WAIT, async {
+        loop {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) =
+                events.poll().await.unwrap()
+            {
+                break (
+                    p.topic,
+                    serde_json::from_slice::<Value>(&p.payload).unwrap(),
+                );
+            }
+        }
+    })
+    .await
+    .expect("forwarded over TLS in time");
+    assert_eq!(
+        got,
+        (
+            "secure/boiler-1/temp".to_owned(),
+            json!({"dev": "boiler-1", "t": 21.5})
+        )
+    );
+    let _ = mosquitto.kill();
+    let _ = mosquitto.wait();
 }
 
 #[tokio::test]

@@ -88,6 +88,19 @@ pub enum ActionKind {
         /// Password.
         #[serde(default)]
         password: Option<String>,
+        /// TLS to the broker: its certificate is verified against `ca_pem`, or against the
+        /// system's CAs when that is absent.
+        #[serde(default)]
+        tls: bool,
+        /// PEM CA certificate(s) the broker's certificate must chain to.
+        #[serde(default)]
+        ca_pem: Option<String>,
+        /// PEM client certificate chain, for brokers that require mutual TLS (with the key).
+        #[serde(default)]
+        client_cert_pem: Option<String>,
+        /// PEM private key of the client certificate.
+        #[serde(default)]
+        client_key_pem: Option<String>,
     },
     /// Scene linkage: sets properties of, or calls a service on, a device.
     Scene {
@@ -169,9 +182,29 @@ impl ActionSpec {
                 if *qos > 1 {
                     return Err("qos must be 0 or 1".into());
                 }
-                if let ActionKind::Mqtt { host, .. } = &self.kind {
+                if let ActionKind::Mqtt {
+                    host,
+                    tls,
+                    ca_pem,
+                    client_cert_pem,
+                    client_key_pem,
+                    ..
+                } = &self.kind
+                {
                     if host.is_empty() {
                         return Err("mqtt needs a host".into());
+                    }
+                    let tls_settings =
+                        ca_pem.is_some() || client_cert_pem.is_some() || client_key_pem.is_some();
+                    if tls_settings && !tls {
+                        return Err("ca_pem and client certificates need \"tls\": true".into());
+                    }
+                    if *tls {
+                        mqtt_tls(
+                            ca_pem.as_deref(),
+                            client_cert_pem.as_deref(),
+                            client_key_pem.as_deref(),
+                        )?;
                     }
                 }
             }
@@ -659,9 +692,26 @@ async fn once(spec: &ActionSpec, deps: &Deps, target: &Target, job: &Job) -> Res
             client_id,
             username,
             password,
+            tls,
+            ca_pem,
+            client_cert_pem,
+            client_key_pem,
         } => {
             let Target::Mqtt(cell) = target else {
                 return Err("internal: no connection".into());
+            };
+            // Checked when the rule was created; built once, with the connection.
+            let tls_config = if *tls {
+                match cell.get() {
+                    Some(_) => None,
+                    None => Some(mqtt_tls(
+                        ca_pem.as_deref(),
+                        client_cert_pem.as_deref(),
+                        client_key_pem.as_deref(),
+                    )?),
+                }
+            } else {
+                None
             };
             let client = cell
                 .get_or_init(|| async {
@@ -670,6 +720,11 @@ async fn once(spec: &ActionSpec, deps: &Deps, target: &Target, job: &Job) -> Res
                     o.set_keep_alive(Duration::from_secs(30));
                     if let Some(u) = username {
                         o.set_credentials(u.clone(), password.clone().unwrap_or_default());
+                    }
+                    if let Some(c) = tls_config {
+                        o.set_transport(rumqttc::Transport::Tls(
+                            rumqttc::TlsConfiguration::Rustls(Arc::new(c)),
+                        ));
                     }
                     let (client, mut events) = rumqttc::AsyncClient::new(o, 64);
                     let rule = job.ctx.rule_id.clone();
@@ -740,10 +795,91 @@ async fn once(spec: &ActionSpec, deps: &Deps, target: &Target, job: &Job) -> Res
     }
 }
 
+/// The system's bundle of public CAs (Debian's path), used when an mqtt action sets no
+/// `ca_pem`.
+const SYSTEM_CAS: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// The TLS client configuration of an mqtt action: the broker verified against `ca_pem` (or
+/// the system's CAs), TLS 1.2 or later, a client certificate when one is given. Errors say
+/// which setting is wrong.
+fn mqtt_tls(
+    ca_pem: Option<&str>,
+    cert_pem: Option<&str>,
+    key_pem: Option<&str>,
+) -> Result<rustls::ClientConfig, String> {
+    let (what, pem) = match ca_pem {
+        Some(p) => ("ca_pem", p.as_bytes().to_vec()),
+        None => (
+            SYSTEM_CAS,
+            std::fs::read(SYSTEM_CAS).map_err(|e| format!("no ca_pem, and {SYSTEM_CAS}: {e}"))?,
+        ),
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        let cert = cert.map_err(|e| format!("{what}: {e}"))?;
+        roots.add(cert).map_err(|e| format!("{what}: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{what}: no PEM certificate in it"));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
+    match (cert_pem, key_pem) {
+        (None, None) => Ok(builder.with_no_client_auth()),
+        (Some(cert), Some(key)) => {
+            let chain = rustls_pemfile::certs(&mut cert.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("client_cert_pem: {e}"))?;
+            if chain.is_empty() {
+                return Err("client_cert_pem: no PEM certificate in it".into());
+            }
+            let key = rustls_pemfile::private_key(&mut key.as_bytes())
+                .map_err(|e| format!("client_key_pem: {e}"))?
+                .ok_or("client_key_pem: no PEM private key in it")?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("client certificate: {e}"))
+        }
+        _ => Err("client_cert_pem and client_key_pem go together".into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn mqtt_tls_settings_are_checked_and_take_a_client_certificate() {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca.self_signed(&ca_key).unwrap();
+        let client_key = rcgen::KeyPair::generate().unwrap();
+        let client = rcgen::CertificateParams::new(vec!["rule".to_owned()])
+            .unwrap()
+            .signed_by(&client_key, &ca, &ca_key)
+            .unwrap();
+        let (ca_pem, cert_pem, key_pem) = (ca.pem(), client.pem(), client_key.serialize_pem());
+        assert!(mqtt_tls(Some(&ca_pem), None, None).is_ok());
+        assert!(mqtt_tls(Some(&ca_pem), Some(&cert_pem), Some(&key_pem)).is_ok());
+        let e = |r: Result<rustls::ClientConfig, String>| r.err().unwrap();
+        assert!(e(mqtt_tls(Some("junk"), None, None)).contains("ca_pem"));
+        assert!(e(mqtt_tls(Some(&ca_pem), Some(&cert_pem), None)).contains("go together"));
+        assert!(
+            e(mqtt_tls(Some(&ca_pem), Some("junk"), Some(&key_pem))).contains("client_cert_pem")
+        );
+        assert!(
+            e(mqtt_tls(Some(&ca_pem), Some(&cert_pem), Some("junk"))).contains("client_key_pem")
+        );
+        // A key that is not the certificate's is refused with the reason.
+        let other = rcgen::KeyPair::generate().unwrap().serialize_pem();
+        assert!(e(mqtt_tls(Some(&ca_pem), Some(&cert_pem), Some(&other)))
+            .contains("client certificate"));
+    }
 
     #[test]
     fn templates_take_fields_and_the_device() {
