@@ -814,6 +814,74 @@ async fn attribute_reads_the_device_tags_as_they_change() {
 }
 
 #[tokio::test]
+async fn action_secrets_are_hidden_and_kept_when_a_rule_is_sent_back() {
+    let srv = start(|_| {}).await;
+    let (pk, _) = srv.product(false).await;
+    let secret = srv.device(&pk, "dev1").await;
+    // A webhook receiver that hands over the Authorization header it got.
+    let (tx, mut auth) = mpsc::unbounded_channel::<String>();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |h: axum::http::HeaderMap| {
+            let tx = tx.clone();
+            async move {
+                let a = h
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                let _ = tx.send(a.to_owned());
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await });
+    let sql = format!("SELECT items.temp.value AS t FROM \"/{pk}/+/thing/event/property/post\"");
+    let id = create_rule(
+        &srv,
+        json!({"name": "hook", "sql": sql, "actions": [{"type": "webhook", "url": url,
+               "headers": {"Authorization": "Bearer s3cret", "X-Plain": "visible"}}]}),
+    )
+    .await;
+    let mqtt = create_rule(
+        &srv,
+        json!({"name": "broker", "sql": format!("SELECT 1 AS one FROM \"/{pk}/+/user/never\""),
+               "actions": [{"type": "mqtt", "host": "127.0.0.1", "topic": "x",
+                            "username": "u", "password": "pw"},
+                           {"type": "postgres", "url": "postgres://u:dbpass@127.0.0.1:1/db", "table": "t"}]}),
+    )
+    .await;
+    let (_, v) = srv.get(&format!("/rules/{mqtt}")).await;
+    let text = v.to_string();
+    assert!(!text.contains("\"pw\"") && !text.contains("dbpass"), "{v}");
+    assert_eq!(v["actions"][0]["spec"]["password"], "***", "{v}");
+    let (_, v) = srv.get(&format!("/rules/{id}")).await;
+    let spec = v["actions"][0]["spec"].clone();
+    assert_eq!(
+        spec["headers"],
+        json!({"Authorization": "***", "X-Plain": "visible"}),
+        "{v}"
+    );
+    // Sent back as read, with a new SQL: the header keeps its stored value.
+    let (s, v) = srv
+        .call(
+            reqwest::Method::PUT,
+            &format!("/rules/{id}"),
+            Some(json!({"name": "hook", "sql": format!("{sql} WHERE items.temp.value > 0"), "actions": [spec]})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let mut d = device_v4(&srv, &pk, "dev1", &secret).await;
+    post_temp(&mut d, &pk, "dev1", 5.0, 1).await;
+    let got = tokio::time::timeout(WAIT, auth.recv())
+        .await
+        .expect("webhook called")
+        .unwrap();
+    assert_eq!(got, "Bearer s3cret");
+}
+
+#[tokio::test]
 async fn a_durable_rule_takes_its_messages_from_its_own_queue() {
     let srv = start(|_| {}).await;
     let (pk, _) = srv.product(false).await;

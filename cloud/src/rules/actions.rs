@@ -795,6 +795,86 @@ async fn once(spec: &ActionSpec, deps: &Deps, target: &Target, job: &Job) -> Res
     }
 }
 
+/// What the API shows in place of a secret setting.
+pub const REDACTED: &str = "***";
+
+/// Header names whose values are credentials.
+fn secret_header(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    [
+        "auth",
+        "token",
+        "key",
+        "secret",
+        "cookie",
+        "signature",
+        "password",
+    ]
+    .iter()
+    .any(|w| n.contains(w))
+}
+
+/// An action's settings as the API shows them: passwords, private keys, credential headers
+/// and the password inside a URL replaced by [`REDACTED`].
+pub fn redact(spec: &Value) -> Value {
+    let mut v = spec.clone();
+    let Some(o) = v.as_object_mut() else {
+        return v;
+    };
+    for k in ["password", "client_key_pem"] {
+        if o.get(k).is_some_and(|x| !x.is_null()) {
+            o.insert(k.into(), Value::String(REDACTED.into()));
+        }
+    }
+    if let Some(Value::Object(h)) = o.get_mut("headers") {
+        for (name, value) in h.iter_mut() {
+            if secret_header(name) {
+                *value = Value::String(REDACTED.into());
+            }
+        }
+    }
+    if let Some(Value::String(u)) = o.get_mut("url") {
+        if let Ok(mut url) = reqwest::Url::parse(u) {
+            if url.password().is_some() && url.set_password(Some(REDACTED)).is_ok() {
+                *u = url.to_string();
+            }
+        }
+    }
+    v
+}
+
+/// An action sent back as the API showed it keeps its secrets: every setting of `new` that
+/// equals the redacted form of the same setting of `old` (same action type) is taken from
+/// `old`.
+pub fn unredact(new: &mut Value, old: &Value) {
+    if new.get("type") != old.get("type") {
+        return;
+    }
+    let shown = redact(old);
+    let (Some(n), Some(o), Some(sh)) = (new.as_object_mut(), old.as_object(), shown.as_object())
+    else {
+        return;
+    };
+    for k in ["password", "client_key_pem", "url"] {
+        if n.get(k).is_some() && n.get(k) == sh.get(k) {
+            if let Some(v) = o.get(k) {
+                n.insert(k.into(), v.clone());
+            }
+        }
+    }
+    if let (Some(Value::Object(nh)), Some(Value::Object(oh)), Some(Value::Object(shh))) =
+        (n.get_mut("headers"), o.get("headers"), sh.get("headers"))
+    {
+        for (name, value) in nh.iter_mut() {
+            if value.as_str() == Some(REDACTED) && shh.get(name) == Some(value) {
+                if let Some(v) = oh.get(name) {
+                    *value = v.clone();
+                }
+            }
+        }
+    }
+}
+
 /// The system's bundle of public CAs (Debian's path), used when an mqtt action sets no
 /// `ca_pem`.
 const SYSTEM_CAS: &str = "/etc/ssl/certs/ca-certificates.crt";

@@ -531,12 +531,17 @@ impl Engine {
     }
 
     /// Replaces a rule's definition (its windows and counters start again).
-    pub async fn update(&self, id: &str, spec: RuleSpec) -> Result<Arc<Live>, RuleError> {
+    pub async fn update(&self, id: &str, mut spec: RuleSpec) -> Result<Arc<Live>, RuleError> {
         let _edit = self.edit.lock().await;
-        compile(&spec)?;
         let old = self
             .get(id)
             .ok_or_else(|| RuleError::NotFound(id.to_owned()))?;
+        // Secrets sent back as the API showed them ("***") keep their stored values.
+        let before: Vec<Value> = serde_json::from_str(&old.row.actions).unwrap_or_default();
+        for (new, old) in spec.actions.iter_mut().zip(&before) {
+            actions::unredact(new, old);
+        }
+        compile(&spec)?;
         let row = RuleRow {
             rule_id: id.to_owned(),
             name: spec.name.clone(),
@@ -648,7 +653,7 @@ impl Engine {
                     let ac = &a.counters;
                     let done = ac.done.load(Ordering::Relaxed);
                     json!({
-                        "spec": a.spec,
+                        "spec": actions::redact(&serde_json::to_value(&a.spec).unwrap_or_default()),
                         "queued": a.queued(),
                         "done": done,
                         "failed_attempts": ac.failed.load(Ordering::Relaxed),
@@ -667,7 +672,7 @@ impl Engine {
             serde_json::from_str::<Vec<Value>>(&r.row.actions)
                 .unwrap_or_default()
                 .into_iter()
-                .map(|spec| json!({"spec": spec}))
+                .map(|spec| json!({"spec": actions::redact(&spec)}))
                 .collect()
         };
         let matched = c.matched.load(Ordering::Relaxed);
