@@ -882,6 +882,38 @@ async fn action_secrets_are_hidden_and_kept_when_a_rule_is_sent_back() {
 }
 
 #[tokio::test]
+async fn an_mqtt_output_the_broker_never_acknowledges_is_dead_lettered_not_done() {
+    let srv = start(|_| {}).await;
+    let (pk, _) = srv.product(false).await;
+    let secret = srv.device(&pk, "dev1").await;
+    // A port nothing listens on: the action's client keeps failing to connect.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let id = create_rule(
+        &srv,
+        json!({"name": "down", "sql": format!("SELECT items.temp.value AS t FROM \"/{pk}/+/thing/event/property/post\""),
+               "actions": [{"type": "mqtt", "host": "127.0.0.1", "port": port, "topic": "x", "qos": 1,
+                            "timeout_ms": 300, "retries": 0}]}),
+    )
+    .await;
+    let mut d = device_v4(&srv, &pk, "dev1", &secret).await;
+    post_temp(&mut d, &pk, "dev1", 7.0, 1).await;
+    let v = rule_until(&srv, &id, |v| v["actions"][0]["dead_lettered"] == 1).await;
+    assert_eq!(v["actions"][0]["done"], 0, "{v:#}");
+    let e = v["actions"][0]["last_error"]["error"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(e.contains("not acknowledged (PUBACK) within 300 ms"), "{e}");
+    let (s, letters) = srv.get(&format!("/rules/{id}/dead-letters")).await;
+    assert_eq!(s, 200);
+    assert_eq!(letters.as_array().unwrap().len(), 1, "{letters}");
+}
+
+#[tokio::test]
 async fn a_durable_rule_takes_its_messages_from_its_own_queue() {
     let srv = start(|_| {}).await;
     let (pk, _) = srv.product(false).await;

@@ -11,11 +11,11 @@ use crate::thing::calls::Kind;
 use crate::thing::Thing;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 /// What an action does.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -101,6 +101,9 @@ pub enum ActionKind {
         /// PEM private key of the client certificate.
         #[serde(default)]
         client_key_pem: Option<String>,
+        /// How long an output waits for the broker (written for QoS 0, PUBACK for QoS 1).
+        #[serde(default = "default_timeout_ms")]
+        timeout_ms: u64,
     },
     /// Scene linkage: sets properties of, or calls a service on, a device.
     Scene {
@@ -485,7 +488,7 @@ impl Runner {
 enum Target {
     None,
     Postgres(tokio::sync::OnceCell<sqlx::PgPool>),
-    Mqtt(tokio::sync::OnceCell<rumqttc::AsyncClient>),
+    Mqtt(tokio::sync::OnceCell<MqttLink>),
 }
 
 impl std::fmt::Debug for Target {
@@ -696,6 +699,7 @@ async fn once(spec: &ActionSpec, deps: &Deps, target: &Target, job: &Job) -> Res
             ca_pem,
             client_cert_pem,
             client_key_pem,
+            timeout_ms,
         } => {
             let Target::Mqtt(cell) = target else {
                 return Err("internal: no connection".into());
@@ -713,9 +717,11 @@ async fn once(spec: &ActionSpec, deps: &Deps, target: &Target, job: &Job) -> Res
             } else {
                 None
             };
-            let client = cell
+            let link = cell
                 .get_or_init(|| async {
-                    let id = client_id.clone().unwrap_or_else(|| format!("ironlink-rule-{}", &job.ctx.rule_id));
+                    let id = client_id
+                        .clone()
+                        .unwrap_or_else(|| format!("ironlink-rule-{}", &job.ctx.rule_id));
                     let mut o = rumqttc::MqttOptions::new(id, host.clone(), *port);
                     o.set_keep_alive(Duration::from_secs(30));
                     if let Some(u) = username {
@@ -726,21 +732,17 @@ async fn once(spec: &ActionSpec, deps: &Deps, target: &Target, job: &Job) -> Res
                             rumqttc::TlsConfiguration::Rustls(Arc::new(c)),
                         ));
                     }
-                    let (client, mut events) = rumqttc::AsyncClient::new(o, 64);
-                    let rule = job.ctx.rule_id.clone();
-                    tokio::spawn(async move {
-                        loop {
-                            match events.poll().await {
-                                Ok(_) => {}
-                                Err(rumqttc::ConnectionError::RequestsDone) => break,
-                                Err(e) => {
-                                    tracing::warn!(%rule, error = %e, "external MQTT broker: connection failed, retrying");
-                                    tokio::time::sleep(Duration::from_secs(1)).await;
-                                }
-                            }
-                        }
-                    });
-                    client
+                    let (client, events) = rumqttc::AsyncClient::new(o, 64);
+                    let link = MqttLink {
+                        client,
+                        waiting: Arc::default(),
+                    };
+                    tokio::spawn(drive_mqtt(
+                        events,
+                        link.waiting.clone(),
+                        job.ctx.rule_id.clone(),
+                    ));
+                    link
                 })
                 .await;
             let q = if *qos == 1 {
@@ -748,11 +750,40 @@ async fn once(spec: &ActionSpec, deps: &Deps, target: &Target, job: &Job) -> Res
             } else {
                 rumqttc::QoS::AtMostOnce
             };
-            client
-                .try_publish(template(topic, row, &job.ctx), q, false, body)
-                .map_err(|e| {
-                    format!("external MQTT broker: {e} (not connected, or its queue is full)")
-                })
+            let (done, sent) = oneshot::channel();
+            {
+                // Under the lock: requests and their waiters stay in the same order.
+                let mut w = link.waiting.lock().unwrap_or_else(|e| e.into_inner());
+                link.client
+                    .try_publish(template(topic, row, &job.ctx), q, false, body)
+                    .map_err(|e| {
+                        let why = w.last_error.clone().unwrap_or_default();
+                        format!(
+                            "external MQTT broker: {e} (not connected, or its queue is full) {why}"
+                        )
+                    })?;
+                w.queued.push_back(done);
+            }
+            match tokio::time::timeout(Duration::from_millis(*timeout_ms), sent).await {
+                Ok(Ok(())) => Ok(()),
+                _ => {
+                    let why = link
+                        .waiting
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .last_error
+                        .clone()
+                        .map_or_else(String::new, |e| format!(": {e}"));
+                    Err(format!(
+                        "external MQTT broker: not {} within {timeout_ms} ms{why}",
+                        if *qos == 1 {
+                            "acknowledged (PUBACK)"
+                        } else {
+                            "written"
+                        }
+                    ))
+                }
+            }
         }
         ActionKind::Scene {
             product_key,
@@ -790,6 +821,65 @@ async fn once(spec: &ActionSpec, deps: &Deps, target: &Target, job: &Job) -> Res
                     code.map_or("nothing".to_owned(), |c| c.to_string()),
                     call.status
                 )),
+            }
+        }
+    }
+}
+
+/// An mqtt action's connection: the client, and the outputs waiting for the broker.
+struct MqttLink {
+    client: rumqttc::AsyncClient,
+    waiting: Arc<std::sync::Mutex<MqttWaiting>>,
+}
+
+/// Outputs handed to the client (in request order) and those sent with QoS 1 (by packet id),
+/// each told when the broker has it.
+#[derive(Default)]
+struct MqttWaiting {
+    queued: std::collections::VecDeque<oneshot::Sender<()>>,
+    by_pkid: HashMap<u16, oneshot::Sender<()>>,
+    last_error: Option<String>,
+}
+
+/// Drives an mqtt action's connection: reconnects after a second, tells each output when it
+/// was written (QoS 0) or acknowledged (QoS 1). A QoS 1 publish sent again after a reconnect
+/// keeps its packet id and its waiter.
+async fn drive_mqtt(
+    mut events: rumqttc::EventLoop,
+    waiting: Arc<std::sync::Mutex<MqttWaiting>>,
+    rule: String,
+) {
+    use rumqttc::{Event, Outgoing, Packet};
+    loop {
+        match events.poll().await {
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                let mut w = waiting.lock().unwrap_or_else(|e| e.into_inner());
+                if pkid != 0 && w.by_pkid.contains_key(&pkid) {
+                    continue; // sent again after a reconnect
+                }
+                if let Some(done) = w.queued.pop_front() {
+                    if pkid == 0 {
+                        let _ = done.send(());
+                    } else {
+                        w.by_pkid.insert(pkid, done);
+                    }
+                }
+            }
+            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                let mut w = waiting.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(done) = w.by_pkid.remove(&ack.pkid) {
+                    let _ = done.send(());
+                }
+            }
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                waiting.lock().unwrap_or_else(|e| e.into_inner()).last_error = None;
+            }
+            Ok(_) => {}
+            Err(rumqttc::ConnectionError::RequestsDone) => break,
+            Err(e) => {
+                tracing::warn!(%rule, error = %e, "external MQTT broker: connection failed, retrying");
+                waiting.lock().unwrap_or_else(|e| e.into_inner()).last_error = Some(e.to_string());
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
     }
