@@ -253,7 +253,36 @@ async fn rule_outputs_reach_mosquitto_over_tls_verified_against_the_given_ca() {
         .await
         .unwrap();
     assert_eq!(s, 201, "{v}");
+    // The same broker checked against the system's CAs: its certificate is refused, and the
+    // output ends in the dead-letter store with the reason instead of counting as done.
+    let (s, v) = cloud
+        .api(
+            Method::POST,
+            "/rules",
+            Some(json!({"name": "untrusted", "sql": sql, "actions": [
+                {"type": "mqtt", "host": "127.0.0.1", "port": secure, "topic": "secure/${dev}/temp",
+                 "qos": 1, "tls": true, "timeout_ms": 500, "retries": 0}
+            ]})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 201, "{v}");
     post(&cloud, &pk, "boiler-1", &secret, &[21.5]).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let v = loop {
+        let v = rule(&cloud, "untrusted").await;
+        if v["actions"][0]["dead_lettered"] == 1 {
+            break v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{v:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(v["actions"][0]["done"], 0, "{v:#}");
+    let e = v["actions"][0]["last_error"]["error"].as_str().unwrap();
+    assert!(
+        e.contains("certificate") || e.contains("Certificate"),
+        "{e}"
+    );
     // One deadline for the whole wait (keep-alive pings would satisfy a per-poll one).
     let got = tokio::time::timeout(WAIT, async {
         loop {
