@@ -5,7 +5,7 @@
 //! edge's queue for the cloud. Loopback only; bounded in count and time.
 
 use crate::cloud_process::{cpu_ticks, rss_kib, Cloud};
-use crate::edge_process::{wait_drained, wait_uplink, EdgeProcess};
+use crate::edge_process::{start_edge, wait_drained};
 use crate::report::{latencies, Report, TargetReport};
 use anyhow::{bail, Result};
 use ironlink_protocols::coap::{self, opt, Code, Kind, Message};
@@ -92,12 +92,9 @@ pub async fn run(o: &CoapBench) -> Result<Report> {
             &dir.path().join("queue"),
             status_port,
         ) + &format!("[coap]\nlisten = \"127.0.0.1:{coap_port}\"\nproduct_key = \"{pk}\"\n");
-    let cfg = dir.path().join("edge.toml");
-    std::fs::write(&cfg, config)?;
-    let edge = EdgeProcess::spawn(o.edge_bin.as_deref(), &cfg)?;
+    let (edge, status) =
+        start_edge(o.edge_bin.as_deref(), dir.path(), &config, status_port).await?;
     let pid = edge.pid();
-    let status = format!("127.0.0.1:{status_port}");
-    wait_uplink(&status).await?;
     let srv: std::net::SocketAddr = ([127, 0, 0, 1], coap_port).into();
     // One socket per 500 devices; each socket's devices take turns (one exchange at a time).
     let groups: Vec<Vec<(String, String)>> = devices.chunks(500).map(<[_]>::to_vec).collect();

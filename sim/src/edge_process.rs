@@ -143,6 +143,22 @@ pub async fn sub_product(cloud: &Cloud, name: &str, tsl: Option<Value>) -> Resul
     Ok(pk)
 }
 
+/// Writes `config` as `edge.toml` in `dir`, starts the edge process on it and waits until its
+/// uplink is up; returns the process and its status address (`127.0.0.1:status_port`).
+pub async fn start_edge(
+    bin: Option<&Path>,
+    dir: &Path,
+    config: &str,
+    status_port: u16,
+) -> Result<(EdgeProcess, String)> {
+    let cfg = dir.join("edge.toml");
+    std::fs::write(&cfg, config)?;
+    let edge = EdgeProcess::spawn(bin, &cfg)?;
+    let status = format!("127.0.0.1:{status_port}");
+    wait_uplink(&status).await?;
+    Ok((edge, status))
+}
+
 /// The common head of an edge configuration: identity, uplink, queue, status.
 pub fn config_head(
     gpk: &str,

@@ -6,7 +6,7 @@
 //! queue drains into the cloud afterwards. Loopback only; bounded in count and time.
 
 use crate::cloud_process::{cpu_ticks, rss_kib, Cloud};
-use crate::edge_process::{metric, wait_drained, wait_uplink, EdgeProcess};
+use crate::edge_process::{metric, start_edge, wait_drained};
 use crate::report::{Report, TargetReport};
 use anyhow::{bail, Result};
 use base64::Engine;
@@ -111,12 +111,9 @@ pub async fn run(o: &LoraBench) -> Result<Report> {
             hex(&key(i, 0x22)),
         ));
     }
-    let cfg = dir.path().join("edge.toml");
-    std::fs::write(&cfg, config)?;
-    let edge = EdgeProcess::spawn(o.edge_bin.as_deref(), &cfg)?;
+    let (edge, status) =
+        start_edge(o.edge_bin.as_deref(), dir.path(), &config, status_port).await?;
     let pid = edge.pid();
-    let status = format!("127.0.0.1:{status_port}");
-    wait_uplink(&status).await?;
     let lns: std::net::SocketAddr = ([127, 0, 0, 1], lora_port).into();
     let mut fwds = Vec::new();
     for g in 0..o.forwarders.max(1) {

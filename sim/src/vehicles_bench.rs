@@ -7,7 +7,7 @@
 //! Loopback only; bounded in count and time.
 
 use crate::cloud_process::{cpu_ticks, rss_kib, Cloud};
-use crate::edge_process::{wait_drained, wait_uplink, EdgeProcess};
+use crate::edge_process::{start_edge, wait_drained};
 use crate::report::{latencies, Report, TargetReport};
 use crate::vehicles::{location, Terminal};
 use anyhow::{bail, Result};
@@ -60,12 +60,9 @@ pub async fn run(o: &VehiclesBench) -> Result<Report> {
     ) + &format!(
         "[jt808]\nlisten = \"127.0.0.1:{jt_port}\"\nproduct_key = \"{tpk}\"\nanswer_timeout = \"30s\"\n"
     );
-    let cfg = dir.path().join("edge.toml");
-    std::fs::write(&cfg, config)?;
-    let edge = EdgeProcess::spawn(o.edge_bin.as_deref(), &cfg)?;
+    let (edge, status) =
+        start_edge(o.edge_bin.as_deref(), dir.path(), &config, status_port).await?;
     let pid = edge.pid();
-    let status = format!("127.0.0.1:{status_port}");
-    wait_uplink(&status).await?;
     let rss_idle = rss_kib(pid)?;
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], jt_port).into();
 
