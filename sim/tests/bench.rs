@@ -3,33 +3,19 @@
 
 #[test]
 fn a_small_fanout_bench_writes_its_json() {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("fanout.json");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ironlink-sim"))
-        .args([
-            "bench",
-            "fanout",
-            "--devices",
-            "20",
-            "--rounds",
-            "2",
-            "--qos",
-            "1",
-            "--vs",
-            "mosquitto",
-            "--repeat",
-            "2",
-            "--json",
-        ])
-        .arg(&json)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let (v, table) = bench_report(&[
+        "fanout",
+        "--devices",
+        "20",
+        "--rounds",
+        "2",
+        "--qos",
+        "1",
+        "--vs",
+        "mosquitto",
+        "--repeat",
+        "2",
+    ]);
     assert_eq!(v["bench"], "fanout");
     assert_eq!(v["params"]["devices"], 20);
     let t = &v["targets"][0];
@@ -45,29 +31,19 @@ fn a_small_fanout_bench_writes_its_json() {
     assert_eq!(m["received"], 40, "{v}");
     assert_eq!(v["ratios"][0]["baseline"], "mosquitto");
     assert!(v["ratios"][0]["per_sec"].as_f64().unwrap() > 0.0, "{v}");
-    let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("| deliveries/s |"), "{table}");
     assert!(table.contains("median of 2 runs"), "{table}");
 }
 
-/// Simulated JT/T 808 terminals (this crate's) -> the edge process -> the cloud process: every
-/// report acknowledged and delivered, and the report written.
-#[test]
-fn a_small_vehicles_bench_delivers_every_report() {
+/// Runs `ironlink-sim bench ARGS --json FILE`, checks it succeeded, and returns the JSON
+/// report and the table it printed.
+fn bench_report(args: &[&str]) -> (serde_json::Value, String) {
     let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("vehicles.json");
+    let json = dir.path().join("report.json");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ironlink-sim"))
-        .args([
-            "bench",
-            "vehicles",
-            "--terminals",
-            "20",
-            "--interval-s",
-            "1",
-            "--seconds",
-            "3",
-            "--json",
-        ])
+        .arg("bench")
+        .args(args)
+        .arg("--json")
         .arg(&json)
         .output()
         .unwrap();
@@ -76,7 +52,25 @@ fn a_small_vehicles_bench_delivers_every_report() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    (
+        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// Simulated JT/T 808 terminals (this crate's) -> the edge process -> the cloud process: every
+/// report acknowledged and delivered, and the report written.
+#[test]
+fn a_small_vehicles_bench_delivers_every_report() {
+    let (v, _) = bench_report(&[
+        "vehicles",
+        "--terminals",
+        "20",
+        "--interval-s",
+        "1",
+        "--seconds",
+        "3",
+    ]);
     let t = &v["targets"][0];
     assert_eq!(t["expected"], 60, "{v}");
     assert_eq!(t["received"], 60, "{v}");
@@ -93,31 +87,17 @@ fn a_small_vehicles_bench_delivers_every_report() {
 /// uplink accepted and delivered.
 #[test]
 fn a_small_lora_bench_accepts_every_uplink() {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("lora.json");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ironlink-sim"))
-        .args([
-            "bench",
-            "lora",
-            "--nodes",
-            "20",
-            "--forwarders",
-            "2",
-            "--interval-s",
-            "1",
-            "--seconds",
-            "2",
-            "--json",
-        ])
-        .arg(&json)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let (v, _) = bench_report(&[
+        "lora",
+        "--nodes",
+        "20",
+        "--forwarders",
+        "2",
+        "--interval-s",
+        "1",
+        "--seconds",
+        "2",
+    ]);
     let t = &v["targets"][0];
     assert_eq!(t["expected"], 40, "{v}");
     assert_eq!(t["received"], 40, "{v}");
@@ -126,29 +106,15 @@ fn a_small_lora_bench_accepts_every_uplink() {
 /// NB-IoT devices over CoAP -> the edge -> the cloud: every post answered and delivered.
 #[test]
 fn a_small_coap_bench_answers_every_post() {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("coap.json");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ironlink-sim"))
-        .args([
-            "bench",
-            "coap",
-            "--devices",
-            "20",
-            "--interval-s",
-            "1",
-            "--seconds",
-            "2",
-            "--json",
-        ])
-        .arg(&json)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let (v, _) = bench_report(&[
+        "coap",
+        "--devices",
+        "20",
+        "--interval-s",
+        "1",
+        "--seconds",
+        "2",
+    ]);
     let t = &v["targets"][0];
     assert_eq!(t["expected"], 40, "{v}");
     assert_eq!(t["received"], 40, "{v}");
