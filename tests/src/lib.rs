@@ -20,3 +20,26 @@ pub async fn start_edge(config: &str) -> Result<ironlink_edge::run::Running, Str
     .map_err(|e| e.to_string())?;
     Ok(edge)
 }
+
+/// GETs `path` from the cloud's API until `done` holds for the answer (bounded by [`WAIT`]);
+/// returns that answer. The test fails with `what` and the last answer otherwise.
+#[allow(clippy::expect_used)] // test support: an API that does not answer fails the test
+pub async fn get_until(
+    cloud: &Cloud,
+    path: &str,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (_, v) = cloud
+            .api(reqwest::Method::GET, path, None)
+            .await
+            .expect("the cloud's API answers");
+        if done(&v) {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: {v}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

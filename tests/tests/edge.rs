@@ -125,25 +125,13 @@ deadband = 1.0
     let edge = ironlink_edge::run::start(config).unwrap();
 
     // The sub-device's properties appear in the cloud (bounded wait for an eventual state).
-    let deadline = std::time::Instant::now() + WAIT;
-    let props = loop {
-        let (_, v) = cloud
-            .api(
-                Method::GET,
-                &format!("/devices/{spk}/meter-01/properties"),
-                None,
-            )
-            .await
-            .unwrap();
-        if v["properties"].as_array().is_some_and(|a| a.len() == 2) {
-            break v;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no readings in the cloud: {v}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    let props = get_until(
+        &cloud,
+        &format!("/devices/{spk}/meter-01/properties"),
+        "no readings in the cloud",
+        |v| v["properties"].as_array().is_some_and(|a| a.len() == 2),
+    )
+    .await;
     let by_id = |id: &str| {
         props["properties"]
             .as_array()
@@ -406,25 +394,13 @@ const PLC_TSL: &str = r#"{
 
 /// Waits until a service call has finished and returns it.
 async fn finished(cloud: &Cloud, pk: &str, dn: &str, id: &str) -> Value {
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let (_, v) = cloud
-            .api(
-                Method::GET,
-                &format!("/devices/{pk}/{dn}/service-calls/{id}"),
-                None,
-            )
-            .await
-            .unwrap();
-        if v["status"] != "pending" {
-            return v;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "call never finished: {v}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    get_until(
+        cloud,
+        &format!("/devices/{pk}/{dn}/service-calls/{id}"),
+        "call never finished",
+        |v| v["status"] != "pending",
+    )
+    .await
 }
 
 /// Property sets and service calls from the cloud's API become Modbus writes (adjacent points
@@ -673,22 +649,13 @@ type = "u16"
     assert_eq!(call["status"], "failed", "{call}");
     assert_eq!(call["code"], 503, "{call}");
     // And its fault event is in the cloud.
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let (_, v) = cloud
-            .api(
-                Method::GET,
-                &format!("/devices/{spk}/plc-gone/events"),
-                None,
-            )
-            .await
-            .unwrap();
-        if v.to_string().contains("unreachable") {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "no fault event: {v}");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    get_until(
+        &cloud,
+        &format!("/devices/{spk}/plc-gone/events"),
+        "no fault event",
+        |v| v.to_string().contains("unreachable"),
+    )
+    .await;
     edge.shutdown().await;
 }
 

@@ -495,24 +495,12 @@ async fn the_uplink_comes_back_with_hundreds_of_nodes_to_log_in() {
         .await
         .unwrap();
     let dn = format!("{:016x}", 0x70B3_D57E_0000_0007u64);
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let (_, v) = cloud
-            .api(
-                Method::GET,
-                &format!("/devices/{npk}/{dn}/properties"),
-                None,
-            )
-            .await
-            .unwrap();
-        if v.to_string().contains("temperature_1") {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no data after the reconnect: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    get_until(
+        &cloud,
+        &format!("/devices/{npk}/{dn}/properties"),
+        "no data after the reconnect",
+        |v| v.to_string().contains("temperature_1"),
+    )
+    .await;
     edge.shutdown().await;
 }
