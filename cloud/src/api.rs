@@ -2,6 +2,7 @@
 
 use crate::access::sessions::Kick;
 use crate::access::Shared;
+use crate::lifecycle::{self, Action, Change};
 use crate::registry::{self, NewProduct, RegistryError};
 use crate::router::Message;
 use crate::storage::{Device, StorageError};
@@ -110,6 +111,152 @@ where
     }
 }
 
+/// An optional JSON body: none (or only white space) is `None`; anything else must be JSON
+/// of the right shape (an `Option<ApiJson<T>>` would take a broken body as no body).
+#[derive(Debug)]
+pub struct OptionalJson<T>(pub Option<T>);
+
+#[axum::async_trait]
+impl<S, T> FromRequest<S> for OptionalJson<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let json_type = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                let v = v.split(';').next().unwrap_or("").trim();
+                v == "application/json" || v.ends_with("+json")
+            });
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiError::new(e.status(), "invalid_body", e.body_text()))?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self(None));
+        }
+        if !json_type {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send the body as JSON with `Content-Type: application/json`",
+            ));
+        }
+        serde_json::from_slice(&bytes)
+            .map(|v| Self(Some(v)))
+            .map_err(|e| {
+                let status = if e.is_data() {
+                    StatusCode::UNPROCESSABLE_ENTITY
+                } else {
+                    StatusCode::BAD_REQUEST
+                };
+                ApiError::new(status, "invalid_json", format!("request body: {e}"))
+            })
+    }
+}
+
+/// A query string; a malformed or unknown parameter is a JSON error (the query structs deny
+/// unknown fields, so a misspelt filter is not silently ignored).
+#[derive(Debug)]
+pub struct ApiQuery<T>(pub T);
+
+#[axum::async_trait]
+impl<S, T> axum::extract::FromRequestParts<S> for ApiQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(v)) => Ok(Self(v)),
+            Err(e) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                e.body_text(),
+            )),
+        }
+    }
+}
+
+/// One line per request at info: method, path (never the query's or headers' secrets:
+/// the token travels in a header), status and duration.
+async fn access_log(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let started = std::time::Instant::now();
+    let res = next.run(req).await;
+    let seconds = started.elapsed().as_secs_f64();
+    tracing::info!(
+        target: "ironlink_cloud::http",
+        method = %method,
+        path,
+        status = res.status().as_u16(),
+        duration_ms = format!("{:.1}", seconds * 1000.0),
+        "HTTP request"
+    );
+    res
+}
+
+/// Turns every error answer that is not already the JSON error object (path parameters,
+/// unknown methods, framework refusals) into one, keeping its status and headers.
+async fn json_errors(res: Response) -> Response {
+    let status = res.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return res;
+    }
+    let is_json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json {
+        return res;
+    }
+    let (parts, body) = res.into_parts();
+    let text = axum::body::to_bytes(body, 16 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let (code, fallback) = match status {
+        StatusCode::BAD_REQUEST => ("invalid_request", "the request is malformed"),
+        StatusCode::NOT_FOUND => ("not_found", "no such endpoint: see /api/v1/openapi.json"),
+        StatusCode::METHOD_NOT_ALLOWED => (
+            "method_not_allowed",
+            "this path does not take this method: see /api/v1/openapi.json",
+        ),
+        StatusCode::PAYLOAD_TOO_LARGE => ("payload_too_large", "the request body is too large"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => (
+            "unsupported_media_type",
+            "send the body as JSON with `Content-Type: application/json`",
+        ),
+        StatusCode::UNPROCESSABLE_ENTITY => ("invalid_json", "the request body does not fit"),
+        StatusCode::REQUEST_TIMEOUT => ("timeout", "the request took too long to arrive"),
+        s if s.is_server_error() => ("internal", "the server failed; see its log"),
+        _ => ("invalid_request", "the request was refused"),
+    };
+    let message = if text.is_empty() {
+        fallback.to_owned()
+    } else {
+        text
+    };
+    let mut out = ApiError::new(status, code, message).into_response();
+    for (k, v) in &parts.headers {
+        if k != header::CONTENT_TYPE && k != header::CONTENT_LENGTH {
+            out.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    out
+}
+
 type ApiResult<T> = Result<T, ApiError>;
 
 mod apps;
@@ -135,7 +282,9 @@ pub fn router(state: ApiState) -> Router {
             "/products/:pk/thing-model",
             get(get_thing_model).put(put_thing_model),
         )
+        .route("/products/:pk/credentials", get(product_credentials))
         .route("/devices/:pk/:dn", get(get_device).delete(delete_device))
+        .route("/devices/:pk/:dn/credentials", get(device_credentials))
         .route("/devices/:pk/:dn/disable", post(disable_device))
         .route("/devices/:pk/:dn/enable", post(enable_device))
         .route("/devices/:pk/:dn/messages", post(publish_to_device))
@@ -151,6 +300,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .fallback(|| async { ApiError::not_found("no such endpoint: see /api/v1/openapi.json") })
+        .layer(middleware::map_response(json_errors))
+        .layer(middleware::from_fn(access_log))
         .with_state(state)
 }
 
@@ -169,12 +320,17 @@ async fn require_token(State(state): State<ApiState>, req: Request, next: Next) 
             .fold(0u8, |acc, (a, b)| acc | (a ^ b))
             == 0;
     if !ok {
-        return ApiError::new(
+        let mut r = ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "missing or wrong bearer token: send `Authorization: Bearer <admin token>` (printed at first start, kept in {data_dir}/admin-token)",
         )
         .into_response();
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer realm=\"ironlink\""),
+        );
+        return r;
     }
     next.run(req).await
 }
@@ -205,15 +361,62 @@ async fn create_product(
 }
 
 async fn list_products(State(s): State<ApiState>) -> ApiResult<impl IntoResponse> {
-    let products = s.shared.db.list_products().await?;
+    let products: Vec<Value> = s
+        .shared
+        .db
+        .list_products()
+        .await?
+        .into_iter()
+        .map(product_json)
+        .collect();
     Ok(Json(json!({ "products": products })))
+}
+
+/// A product as lists and gets show it: without its secret (see `product_credentials`).
+fn product_json(p: crate::storage::Product) -> Value {
+    let mut v = serde_json::to_value(&p).unwrap_or(Value::Null);
+    if let Some(o) = v.as_object_mut() {
+        o.remove("product_secret");
+    }
+    v
 }
 
 async fn get_product(
     State(s): State<ApiState>,
     Path(pk): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    Ok(Json(require_product(&s, &pk).await?))
+    Ok(Json(product_json(require_product(&s, &pk).await?)))
+}
+
+/// The product secret (dynamic registration), on an explicit call that is logged for audit.
+async fn product_credentials(
+    State(s): State<ApiState>,
+    Path(pk): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    let p = require_product(&s, &pk).await?;
+    tracing::info!(target: "ironlink_cloud::audit", product_key = %pk, "product secret read through the API");
+    Ok(Json(json!({
+        "product_key": p.product_key,
+        "product_secret": p.product_secret,
+        "dynamic_register": p.dynamic_register != 0,
+    })))
+}
+
+/// A device's secret and where to connect, on an explicit call that is logged for audit.
+async fn device_credentials(
+    State(s): State<ApiState>,
+    Path((pk, dn)): Path<(String, String)>,
+) -> ApiResult<impl IntoResponse> {
+    let d = require_device(&s, &pk, &dn).await?;
+    tracing::info!(target: "ironlink_cloud::audit", product_key = %pk, device_name = %dn, "device secret read through the API");
+    let ports = s.shared.listeners.get().copied().unwrap_or_default();
+    Ok(Json(json!({
+        "product_key": d.product_key,
+        "device_name": d.device_name,
+        "device_secret": d.device_secret,
+        "mqtt_port": ports.mqtt,
+        "mqtts_port": ports.mqtts,
+    })))
 }
 
 fn unknown_product(pk: &str) -> ApiError {
@@ -276,7 +479,7 @@ async fn update_product(
             .await?;
     }
     let p = require_product(&s, &pk).await?;
-    Ok(Json(p))
+    Ok(Json(product_json(p)))
 }
 
 async fn put_tags(
@@ -333,6 +536,7 @@ async fn put_thing_model(
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct VersionQuery {
     version: Option<i64>,
 }
@@ -340,7 +544,7 @@ struct VersionQuery {
 async fn get_thing_model(
     State(s): State<ApiState>,
     Path(pk): Path<String>,
-    Query(q): Query<VersionQuery>,
+    ApiQuery(q): ApiQuery<VersionQuery>,
 ) -> ApiResult<impl IntoResponse> {
     require_product(&s, &pk).await?;
     match s.shared.db.get_thing_model(&pk, q.version).await? {
@@ -387,9 +591,9 @@ struct CreateDevices {
 async fn create_devices(
     State(s): State<ApiState>,
     Path(pk): Path<String>,
-    body: Option<ApiJson<CreateDevices>>,
+    OptionalJson(body): OptionalJson<CreateDevices>,
 ) -> ApiResult<impl IntoResponse> {
-    let body = body.map(|b| b.0).unwrap_or(CreateDevices {
+    let body = body.unwrap_or(CreateDevices {
         device_name: None,
         device_names: vec![],
         count: None,
@@ -411,6 +615,16 @@ async fn create_devices(
         (false, _) => usize::from(names.is_empty()),
     };
     let devices = registry::create_devices(&s.shared.db, &pk, names, generate).await?;
+    let changes = devices
+        .iter()
+        .map(|d| Change {
+            product_key: d.product_key.clone(),
+            device_name: d.device_name.clone(),
+            action: Action::Create,
+            device_secret: Some(d.device_secret.clone()),
+        })
+        .collect();
+    announce(&s, changes).await;
     if batch {
         Ok((StatusCode::CREATED, Json(json!({ "devices": devices }))))
     } else {
@@ -418,7 +632,13 @@ async fn create_devices(
             .into_iter()
             .next()
             .ok_or_else(|| ApiError::invalid("no device created"))?;
-        Ok((StatusCode::CREATED, Json(device_json(&s, d))))
+        let secret = d.device_secret.clone();
+        let mut v = device_json(&s, d);
+        if let Some(o) = v.as_object_mut() {
+            // Shown at creation, then only through the audited credentials call.
+            o.insert("device_secret".into(), json!(secret));
+        }
+        Ok((StatusCode::CREATED, Json(v)))
     }
 }
 
@@ -432,6 +652,7 @@ fn device_json(s: &ApiState, d: Device) -> Value {
             (false, "online") => "offline",
             (false, other) => other,
         };
+        obj.remove("device_secret");
         obj.insert("status".into(), json!(status));
         obj.insert("online".into(), json!(online));
         obj.insert(
@@ -443,15 +664,20 @@ fn device_json(s: &ApiState, d: Device) -> Value {
 }
 
 #[derive(Debug, Deserialize)]
-struct Page {
+#[serde(deny_unknown_fields)]
+struct DeviceFilter {
     page: Option<i64>,
     page_size: Option<i64>,
+    /// `online`, `offline` or `unactive` (as stored; follows the sessions within a moment).
+    status: Option<String>,
+    /// `KEY:VALUE`: devices whose tag KEY is VALUE.
+    tag: Option<String>,
 }
 
 async fn list_devices(
     State(s): State<ApiState>,
     Path(pk): Path<String>,
-    Query(q): Query<Page>,
+    ApiQuery(q): ApiQuery<DeviceFilter>,
 ) -> ApiResult<impl IntoResponse> {
     require_product(&s, &pk).await?;
     let page = q.page.unwrap_or(1);
@@ -461,10 +687,29 @@ async fn list_devices(
             "page must be >= 1 and page_size between 1 and 1000",
         ));
     }
+    if let Some(st) = q.status.as_deref() {
+        if !matches!(st, "online" | "offline" | "unactive") {
+            return Err(ApiError::invalid(format!(
+                "status `{st}` must be online, offline or unactive"
+            )));
+        }
+    }
+    let tag = match q.tag.as_deref() {
+        None => None,
+        Some(t) => Some(
+            t.split_once(':')
+                .filter(|(k, _)| !k.is_empty())
+                .ok_or_else(|| ApiError::invalid(format!("tag `{t}` must be KEY:VALUE")))?,
+        ),
+    };
+    let filter = crate::storage::DeviceFilter {
+        status: q.status.as_deref(),
+        tag,
+    };
     let (devices, total) = s
         .shared
         .db
-        .list_devices(&pk, (page - 1) * size, size)
+        .list_devices(&pk, &filter, (page - 1) * size, size)
         .await?;
     let devices: Vec<Value> = devices.into_iter().map(|d| device_json(&s, d)).collect();
     Ok(Json(
@@ -492,6 +737,7 @@ async fn delete_device(
         .shared
         .sessions
         .kick(&pk, &dn, Kick::Admin("device deleted".into()));
+    announce(&s, vec![change(&pk, &dn, Action::Delete)]).await;
     Ok(Json(
         json!({"deleted": format!("{pk}/{dn}"), "disconnected": kicked}),
     ))
@@ -505,12 +751,38 @@ async fn set_enabled(s: &ApiState, pk: &str, dn: &str, enabled: bool) -> ApiResu
         && s.shared
             .sessions
             .kick(pk, dn, Kick::Admin("device disabled".into()));
+    let action = if enabled {
+        Action::Enable
+    } else {
+        Action::Disable
+    };
+    announce(s, vec![change(pk, dn, action)]).await;
     let d = require_device(s, pk, dn).await?;
     let mut v = device_json(s, d);
     if let Some(o) = v.as_object_mut() {
         o.insert("disconnected".into(), json!(kicked));
     }
     Ok(Json(v))
+}
+
+fn change(pk: &str, dn: &str, action: Action) -> Change {
+    Change {
+        product_key: pk.to_owned(),
+        device_name: dn.to_owned(),
+        action,
+        device_secret: None,
+    }
+}
+
+/// Device lifecycle messages for applications and rules; the change itself is already made.
+async fn announce(s: &ApiState, changes: Vec<Change>) {
+    lifecycle::announce(
+        &s.shared.apps,
+        &s.shared.router,
+        changes,
+        registry::now_ms(),
+    )
+    .await;
 }
 
 async fn disable_device(
@@ -648,6 +920,7 @@ async fn broadcast(
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct HistoryQuery {
     limit: Option<i64>,
 }
@@ -655,7 +928,7 @@ struct HistoryQuery {
 async fn presence_history(
     State(s): State<ApiState>,
     Path((pk, dn)): Path<(String, String)>,
-    Query(q): Query<HistoryQuery>,
+    ApiQuery(q): ApiQuery<HistoryQuery>,
 ) -> ApiResult<impl IntoResponse> {
     require_device(&s, &pk, &dn).await?;
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);

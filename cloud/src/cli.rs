@@ -92,7 +92,7 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// TOML config file (see ironlink-cloud.example.toml).
-    #[arg(long, env = "IRONLINK_CONFIG")]
+    #[arg(long, hide_env_values = true, env = "IRONLINK_CONFIG")]
     pub config: Option<PathBuf>,
     /// Data directory (SQLite database, generated certificates, admin token).
     #[arg(long)]
@@ -110,11 +110,14 @@ pub struct ServeArgs {
     #[arg(long)]
     pub http_listen: Option<SocketAddr>,
     /// sqlite://PATH or postgres://...
-    #[arg(long, env = "IRONLINK_DATABASE_URL")]
+    #[arg(long, hide_env_values = true, env = "IRONLINK_DATABASE_URL")]
     pub database_url: Option<String>,
     /// API bearer token (generated and printed once when absent).
-    #[arg(long, env = "IRONLINK_ADMIN_TOKEN")]
+    #[arg(long, hide_env_values = true, env = "IRONLINK_ADMIN_TOKEN")]
     pub admin_token: Option<String>,
+    /// Log line format: text (coloured only on a terminal) or json (one object per line).
+    #[arg(long, hide_env_values = true, env = "IRONLINK_LOG_FORMAT", default_value = "text")]
+    pub log_format: crate::logging::Format,
 }
 
 fn listen_flag(v: &str, flag: &str) -> anyhow::Result<Option<SocketAddr>> {
@@ -164,13 +167,13 @@ pub struct ClientArgs {
     /// Base URL of the HTTP API.
     #[arg(
         long,
-        env = "IRONLINK_URL",
+        hide_env_values = true, env = "IRONLINK_URL",
         default_value = "http://127.0.0.1:8080",
         global = true
     )]
     pub url: String,
     /// API token; default: $IRONLINK_TOKEN, else ./ironlink-data/admin-token.
-    #[arg(long, env = "IRONLINK_TOKEN", global = true)]
+    #[arg(long, hide_env_values = true, env = "IRONLINK_TOKEN", global = true)]
     pub token: Option<String>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
@@ -196,8 +199,13 @@ pub enum ProductCmd {
     },
     /// List products.
     List,
-    /// Show one product.
+    /// Show one product (without its secret: see `credentials`).
     Show {
+        /// Product key.
+        product_key: String,
+    },
+    /// Print the product secret (dynamic registration); the read is logged by the server.
+    Credentials {
         /// Product key.
         product_key: String,
     },
@@ -510,7 +518,8 @@ pub enum DeviceCmd {
         /// Device name.
         device_name: String,
     },
-    /// Print the MQTT client id, username and password of a device.
+    /// Print the MQTT client id, username, password and secret of a device, with the host
+    /// and port to use; the read is logged by the server.
     Credentials {
         /// Product key.
         product_key: String,
@@ -832,6 +841,14 @@ pub async fn run_admin(command: Command) -> anyhow::Result<()> {
                     c.record(Method::GET, &format!("/products/{product_key}"), None)
                         .await?;
                 }
+                ProductCmd::Credentials { product_key } => {
+                    c.record(
+                        Method::GET,
+                        &format!("/products/{product_key}/credentials"),
+                        None,
+                    )
+                    .await?;
+                }
                 ProductCmd::Update {
                     product_key,
                     name,
@@ -984,14 +1001,14 @@ pub async fn run_admin(command: Command) -> anyhow::Result<()> {
                     let d = c
                         .call(
                             Method::GET,
-                            &format!("/devices/{product_key}/{device_name}"),
+                            &format!("/devices/{product_key}/{device_name}/credentials"),
                             None,
                         )
                         .await?;
                     let secret = d["device_secret"]
                         .as_str()
                         .context("server returned no device_secret")?;
-                    let v = credentials(
+                    let mut v = credentials(
                         &product_key,
                         &device_name,
                         secret,
@@ -999,18 +1016,31 @@ pub async fn run_admin(command: Command) -> anyhow::Result<()> {
                         tls,
                         crate::registry::now_ms(),
                     );
+                    let host = reqwest::Url::parse(&c.url)
+                        .ok()
+                        .and_then(|u| u.host_str().map(str::to_owned))
+                        .unwrap_or_else(|| "127.0.0.1".into());
+                    let port = if tls { &d["mqtts_port"] } else { &d["mqtt_port"] };
+                    let Some(port) = port.as_u64() else {
+                        anyhow::bail!(
+                            "the server has no {} listener: start it with {}",
+                            if tls { "MQTT/TLS" } else { "plain MQTT" },
+                            if tls { "--mqtts-listen" } else { "--mqtt-listen" }
+                        );
+                    };
+                    if let Some(o) = v.as_object_mut() {
+                        o.insert("host".into(), json!(host));
+                        o.insert("port".into(), json!(port));
+                        o.insert("device_secret".into(), json!(secret));
+                    }
                     if c.json {
                         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
                     } else {
                         print_record(&v);
-                        let host = reqwest::Url::parse(&c.url)
-                            .ok()
-                            .and_then(|u| u.host_str().map(str::to_owned))
-                            .unwrap_or_else(|| "127.0.0.1".into());
-                        let (port, tls_arg) = if tls {
-                            (8883, " --cafile ironlink-data/tls/ca.pem")
+                        let tls_arg = if tls {
+                            " --cafile ironlink-data/tls/ca.pem"
                         } else {
-                            (1883, "")
+                            ""
                         };
                         println!(
                             "\ntry:\n  mosquitto_pub -h {host} -p {port}{tls_arg} -V mqttv311 -i '{}' -u '{}' -P '{}' -t '/sys/{product_key}/{device_name}/thing/event/property/post' -m '{{\"id\":\"1\",\"version\":\"1.0\",\"params\":{{\"temperature\":21.5}},\"method\":\"thing.event.property.post\"}}'",

@@ -16,6 +16,9 @@ pub struct Config {
     pub database_url: Option<String>,
     /// Bearer token for the HTTP API; generated into `{data_dir}/admin-token` when absent.
     pub admin_token: Option<String>,
+    /// Log filter (`info`, `ironlink_cloud::access=debug,info`, ...); `IRONLINK_LOG` and
+    /// `RUST_LOG` win over it. Changed at run time by SIGHUP.
+    pub log: Option<String>,
     /// Device access over MQTT.
     pub mqtt: MqttConfig,
     /// HTTP API.
@@ -36,6 +39,7 @@ impl Default for Config {
             data_dir: PathBuf::from("ironlink-data"),
             database_url: None,
             admin_token: None,
+            log: None,
             mqtt: MqttConfig::default(),
             http: HttpConfig::default(),
             tls: TlsConfig::default(),

@@ -20,14 +20,8 @@ async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
-            tracing_subscriber::fmt()
-                .with_writer(std::io::stderr)
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_env("IRONLINK_LOG")
-                        .unwrap_or_else(|_| "info".into()),
-                )
-                .init();
             let config = args.config()?;
+            let mut logging = ironlink_cloud::logging::init(args.log_format, config.log.as_deref())?;
             let running = server::start(config).await?;
             if let Some(a) = running.mqtt_addr {
                 println!("MQTT        mqtt://{a}  (Alink securemode=3)");
@@ -48,19 +42,76 @@ async fn run() -> anyhow::Result<()> {
                 "HTTP API    http://{}/api/v1  (OpenAPI: /api/v1/openapi.json)",
                 running.http_addr
             );
+            let config = &running.shared.config;
             if running.token_generated {
                 println!(
                     "Admin token {}  (shown once; kept in the data dir as admin-token)",
                     running.admin_token
                 );
+            } else if config.admin_token.is_some() {
+                println!("Admin token from --admin-token / IRONLINK_ADMIN_TOKEN / the config file");
+            } else {
+                println!(
+                    "Admin token in {} (the CLI reads it from there)",
+                    config.data_dir.join("admin-token").display()
+                );
             }
-            println!("Ironlink cloud ready (Ctrl-C to stop)");
-            shutdown_signal().await;
+            println!("Ironlink cloud ready (Ctrl-C to stop, SIGHUP to reload the log filter and TLS certificate)");
+            #[cfg(unix)]
+            let mut hangups =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+            loop {
+                #[cfg(unix)]
+                let hangup = hangups.recv();
+                #[cfg(not(unix))]
+                let hangup = std::future::pending::<Option<()>>();
+                tokio::select! {
+                    _ = shutdown_signal() => break,
+                    _ = hangup => reload(&args, &running, &mut logging),
+                }
+            }
             tracing::info!("shutting down");
             running.shutdown().await;
             Ok(())
         }
         other => run_admin(other).await,
+    }
+}
+
+/// SIGHUP: reads the configuration again and applies what can change while running.
+fn reload(
+    args: &ironlink_cloud::cli::ServeArgs,
+    running: &server::Running,
+    logging: &mut ironlink_cloud::logging::Logging,
+) {
+    let config = match args.config() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("SIGHUP: configuration not reloaded: {e:#}");
+            return;
+        }
+    };
+    let mut report = running.reload(&config);
+    let src = ironlink_cloud::logging::choose(config.log.as_deref());
+    match logging.set_filter(src) {
+        Ok(true) => report.applied.push(format!(
+            "log filter now `{}` (from {})",
+            logging.source.filter, logging.source.from
+        )),
+        Ok(false) => {}
+        Err(e) => report.failed.push(format!("{e:#}")),
+    }
+    for a in &report.applied {
+        tracing::info!("SIGHUP: applied: {a}");
+    }
+    for f in &report.failed {
+        tracing::error!("SIGHUP: not applied, the old value stays: {f}");
+    }
+    if !report.needs_restart.is_empty() {
+        tracing::warn!(
+            "SIGHUP: changed but taken only at the next start: {}",
+            report.needs_restart.join(", ")
+        );
     }
 }
 

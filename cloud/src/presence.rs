@@ -170,15 +170,15 @@ async fn writer(
             });
             let topic = format!(
                 "{}{}/{}",
-                ironlink_shared::LIFECYCLE_TOPIC_PREFIX,
+                ironlink_shared::STATUS_TOPIC_PREFIX,
                 e.product_key,
                 e.device_name
             );
             let body = payload.to_string();
-            if apps.wants(&e.product_key, MessageType::Lifecycle) {
+            if apps.wants(&e.product_key, MessageType::Status) {
                 for_apps.push(Outgoing {
                     product_key: e.product_key.clone(),
-                    kind: MessageType::Lifecycle,
+                    kind: MessageType::Status,
                     topic: topic.clone(),
                     payload: body.clone().into_bytes(),
                     generated_at: e.at,

@@ -45,6 +45,21 @@ pub struct Running {
     thing_tasks: Vec<JoinHandle<()>>,
     rules_stop: watch::Sender<bool>,
     rules_task: JoinHandle<()>,
+    /// Held until the server is dropped.
+    _lock: crate::datadir::DataDirLock,
+    /// The TLS certificate in use and the files it came from (SIGHUP reloads it).
+    tls_cert: Option<(Arc<tls::ReloadableCert>, tls::TlsMaterial)>,
+}
+
+/// What a reload did.
+#[derive(Debug, Default)]
+pub struct ReloadReport {
+    /// Applied at once.
+    pub applied: Vec<String>,
+    /// Changed in the file but only taken at the next start.
+    pub needs_restart: Vec<String>,
+    /// Could not be applied (the old value stays).
+    pub failed: Vec<String>,
 }
 
 fn load_or_create_token(config: &Config) -> anyhow::Result<(String, bool)> {
@@ -71,9 +86,9 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 
 /// Starts everything the configuration asks for.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+    let lock = crate::datadir::prepare(&config.data_dir)?;
     let config = Arc::new(config);
+    crate::datadir::create_private_sqlite(&config.database_url());
     let db = Db::connect(&config.database_url())
         .await
         .with_context(|| format!("opening database {}", config.database_url()))?;
@@ -154,6 +169,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         thing,
         apps,
         rules,
+        listeners: std::sync::OnceLock::new(),
     });
     let limiter = Arc::new(ConnectLimiter::new(
         config.mqtt.connects_per_second,
@@ -175,14 +191,17 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let mut mqtts_addr = None;
     let mut amqps_addr = None;
     let mut generated_ca = None;
+    let mut tls_cert = None;
     if config.mqtt.tls_listen.is_some() || config.apps.amqps_listen.is_some() {
         let material = tls::resolve(
             config.tls.cert_file.as_deref(),
             config.tls.key_file.as_deref(),
             &config.data_dir,
         )?;
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(&material)?);
-        generated_ca = material.generated_ca;
+        let (server_tls, cert) = tls::server_config(&material)?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(server_tls);
+        generated_ca = material.generated_ca.clone();
+        tls_cert = Some((cert, material));
         if let Some(addr) = config.mqtt.tls_listen {
             let l = bind(addr, "MQTT over TLS").await?;
             mqtts_addr = Some(l.local_addr()?);
@@ -205,6 +224,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             )));
         }
     }
+    let _ = shared.listeners.set(crate::access::Listeners {
+        mqtt: mqtt_addr.map(|a| a.port()),
+        mqtts: mqtts_addr.map(|a| a.port()),
+    });
     let http = bind(config.http.listen, "HTTP").await?;
     let http_addr = http.local_addr()?;
     let app = api::router(ApiState {
@@ -238,10 +261,51 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         thing_tasks,
         rules_stop,
         rules_task,
+        _lock: lock,
+        tls_cert,
     })
 }
 
 impl Running {
+    /// Applies what can change while running from a configuration read again (SIGHUP): the
+    /// TLS certificate files are read again; every other changed key is reported as needing
+    /// a restart. The log filter is the caller's (it owns the logger).
+    pub fn reload(&self, new: &Config) -> ReloadReport {
+        let mut report = ReloadReport::default();
+        let old = &self.shared.config;
+        if let Some((cert, material)) = &self.tls_cert {
+            let material = if new.tls.cert_file == old.tls.cert_file
+                && new.tls.key_file == old.tls.key_file
+            {
+                Ok(material.clone())
+            } else {
+                tls::resolve(
+                    new.tls.cert_file.as_deref(),
+                    new.tls.key_file.as_deref(),
+                    &old.data_dir,
+                )
+            };
+            match material.and_then(|m| cert.reload(&m)) {
+                Ok(()) => report
+                    .applied
+                    .push("tls: certificate and key read again".into()),
+                Err(e) => report.failed.push(format!("tls: {e}")),
+            }
+        }
+        let (Ok(o), Ok(n)) = (serde_json::to_value(&**old), serde_json::to_value(new)) else {
+            return report;
+        };
+        let mut changed = Vec::new();
+        diff_keys("", &o, &n, &mut changed);
+        for key in changed {
+            if key == "log" || key.starts_with("tls.") && self.tls_cert.is_some() {
+                continue;
+            }
+            report.needs_restart.push(key);
+        }
+        report
+    }
+
     /// Stops accepting, disconnects every device (recording why), stores pending presence
     /// changes and closes the database.
     pub async fn shutdown(self) {
@@ -265,5 +329,27 @@ impl Running {
         let _ = self.rules_stop.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(10), self.rules_task).await;
         self.shared.db.close().await;
+    }
+}
+
+/// Dotted names of the keys whose values differ.
+fn diff_keys(prefix: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+    match (a, b) {
+        (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
+            let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                let name = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                let null = serde_json::Value::Null;
+                diff_keys(&name, x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null), out);
+            }
+        }
+        (x, y) if x != y => out.push(prefix.to_owned()),
+        _ => {}
     }
 }

@@ -119,6 +119,31 @@ pub struct Product {
     pub tenant: String,
 }
 
+/// Which devices a list shows.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DeviceFilter<'a> {
+    /// Stored status: `online`, `offline` or `unactive`.
+    pub status: Option<&'a str>,
+    /// A tag's key and value.
+    pub tag: Option<(&'a str, &'a str)>,
+}
+
+fn json_string(s: &str) -> String {
+    serde_json::Value::String(s.to_owned()).to_string()
+}
+
+/// Escapes LIKE's wildcards with `\`.
+fn like_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// A device as stored.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct Device {
@@ -548,22 +573,43 @@ impl Db {
     pub async fn list_devices(
         &self,
         pk: &str,
+        filter: &DeviceFilter<'_>,
         offset: i64,
         limit: i64,
     ) -> Result<(Vec<Device>, i64), StorageError> {
+        // Tags are a JSON object serialised without spaces: a tag is the text `"k":"v"`.
+        let tag_pattern = filter.tag.map(|(k, v)| {
+            let text = format!("{}:{}", json_string(k), json_string(v));
+            format!("%{}%", like_escape(&text))
+        });
+        let mut cond = String::from("product_key = $1");
+        let mut n = 1;
+        if filter.status.is_some() {
+            n += 1;
+            cond.push_str(&format!(" AND status = ${n}"));
+        }
+        if tag_pattern.is_some() {
+            n += 1;
+            cond.push_str(&format!(" AND tags LIKE ${n} ESCAPE '\\'"));
+        }
         let sql = format!(
-            "SELECT {DEVICE_COLS} FROM devices WHERE product_key = $1 ORDER BY device_name LIMIT $2 OFFSET $3"
+            "SELECT {DEVICE_COLS} FROM devices WHERE {cond} ORDER BY device_name LIMIT ${} OFFSET ${}",
+            n + 1,
+            n + 2
         );
-        let rows = sqlx::query_as(&sql)
-            .bind(pk)
-            .bind(limit)
-            .bind(offset)
-            .fetch_all(&self.pool)
-            .await?;
-        let total: AnyRow = sqlx::query("SELECT COUNT(*) AS n FROM devices WHERE product_key = $1")
-            .bind(pk)
-            .fetch_one(&self.pool)
-            .await?;
+        let mut q = sqlx::query_as(&sql).bind(pk);
+        let count_sql = format!("SELECT COUNT(*) AS n FROM devices WHERE {cond}");
+        let mut c = sqlx::query(&count_sql).bind(pk);
+        if let Some(st) = filter.status {
+            q = q.bind(st);
+            c = c.bind(st);
+        }
+        if let Some(t) = &tag_pattern {
+            q = q.bind(t.clone());
+            c = c.bind(t.clone());
+        }
+        let rows = q.bind(limit).bind(offset).fetch_all(&self.pool).await?;
+        let total: AnyRow = c.fetch_one(&self.pool).await?;
         Ok((rows, total.try_get::<i64, _>("n")?))
     }
 

@@ -118,8 +118,30 @@ pub fn write_private(path: &Path, data: &[u8]) -> Result<(), TlsError> {
     f.write_all(data).map_err(io(path))
 }
 
-/// Builds a rustls server configuration (ring provider, TLS 1.2 and 1.3).
-pub fn server_config(m: &TlsMaterial) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+/// The server certificate, replaceable while the server runs (SIGHUP): new handshakes take
+/// the new one, established connections keep theirs.
+#[derive(Debug)]
+pub struct ReloadableCert(std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>);
+
+impl ReloadableCert {
+    /// Reads the files again and swaps the certificate in; the old one stays on any error.
+    pub fn reload(&self, m: &TlsMaterial) -> Result<(), TlsError> {
+        let key = certified_key(m)?;
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = key;
+        Ok(())
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ReloadableCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+}
+
+fn certified_key(m: &TlsMaterial) -> Result<Arc<rustls::sign::CertifiedKey>, TlsError> {
     let pem = std::fs::read(&m.cert_file).map_err(io(&m.cert_file))?;
     let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut pem.as_slice())
         .collect::<Result<_, _>>()
@@ -137,11 +159,28 @@ pub fn server_config(m: &TlsMaterial) -> Result<Arc<rustls::ServerConfig>, TlsEr
             path: m.key_file.clone(),
             what: "no PRIVATE KEY block found",
         })?;
+    let signing = rustls::crypto::ring::default_provider()
+        .key_provider
+        .load_private_key(key)?;
+    let ck = rustls::sign::CertifiedKey::new(certs, signing);
+    ck.keys_match().map_err(|_| TlsError::Pem {
+        path: m.key_file.clone(),
+        what: "the private key does not belong to the certificate",
+    })?;
+    Ok(Arc::new(ck))
+}
+
+/// Builds a rustls server configuration (ring provider, TLS 1.2 and 1.3) whose certificate
+/// can be replaced through the returned handle.
+pub fn server_config(
+    m: &TlsMaterial,
+) -> Result<(Arc<rustls::ServerConfig>, Arc<ReloadableCert>), TlsError> {
+    let cert = Arc::new(ReloadableCert(std::sync::RwLock::new(certified_key(m)?)));
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()?
     .with_no_client_auth()
-    .with_single_cert(certs, key)?;
-    Ok(Arc::new(config))
+    .with_cert_resolver(cert.clone());
+    Ok((Arc::new(config), cert))
 }

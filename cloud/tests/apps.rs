@@ -55,11 +55,11 @@ fn value_of(m: &AppMessage) -> i64 {
 }
 
 #[tokio::test]
-async fn a_group_gets_lifecycle_and_properties_in_alibaba_form() {
+async fn a_group_gets_status_and_properties_in_alibaba_form() {
     let srv = start(|_| {}).await;
     let (pk, _) = srv.product(false).await;
     let secret = srv.device(&pk, "app-0001").await;
-    let gid = group_for(&srv, &pk, &["property", "lifecycle"]).await;
+    let gid = group_for(&srv, &pk, &["property", "status"]).await;
     let mut c = srv.running.shared.apps.attach(&gid);
     let mut d = device_v4(&srv, &pk, "app-0001", &secret).await;
     let m = next(&mut c).await;
@@ -103,6 +103,90 @@ async fn a_group_gets_lifecycle_and_properties_in_alibaba_form() {
         )
         .await;
     assert_eq!(s, 400, "{v}");
+}
+
+/// `lifecycle` is Alibaba's device lifecycle (`/{pk}/{dn}/thing/lifecycle`: created,
+/// disabled, enabled, deleted); online/offline is `status`. The old meaning of `lifecycle`
+/// still comes along for one release, and the binding says so.
+#[tokio::test]
+async fn lifecycle_messages_are_device_lifecycle_changes_and_status_is_separate() {
+    let srv = start(|_| {}).await;
+    let (pk, _) = srv.product(false).await;
+    let (s, g) = srv
+        .post("/consumer-groups", json!({"name": "lifecycle-only"}))
+        .await;
+    assert_eq!(s, 201, "{g}");
+    let gid = g["group_id"].as_str().unwrap().to_owned();
+    let (s, v) = srv
+        .post(
+            "/subscriptions",
+            json!({"product_key": pk, "group_ids": [gid], "message_types": ["lifecycle"]}),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["message_types"], json!(["status", "lifecycle"]), "{v}");
+    assert!(v["warnings"][0].as_str().unwrap().contains("status"), "{v}");
+    let status_only = group_for(&srv, &pk, &["status"]).await;
+    let mut c = srv.running.shared.apps.attach(&gid);
+    let mut st = srv.running.shared.apps.attach(&status_only);
+    let secret = srv.device(&pk, "life-01").await;
+    let expect = |m: &AppMessage, action: &str| {
+        assert_eq!(m.topic, format!("/{pk}/life-01/thing/lifecycle"));
+        let v: Value = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(v["action"], action, "{v}");
+        assert_eq!(v["productKey"], pk.as_str());
+        assert_eq!(v["deviceName"], "life-01");
+        assert_eq!(v["iotId"], format!("{pk}.life-01"));
+        assert!(v["messageCreateTime"].as_i64().unwrap() > 0);
+        v
+    };
+    let m = next(&mut c).await;
+    let v = expect(&m, "create");
+    assert_eq!(v["deviceSecret"], secret.as_str(), "create carries the secret");
+    c.settle(m.id, true).await.unwrap();
+    // Online/offline arrives as status to both groups (the alias keeps it for `lifecycle`).
+    let d = device_v4(&srv, &pk, "life-01", &secret).await;
+    let m = next(&mut st).await;
+    assert_eq!(m.topic, format!("/as/mqtt/status/{pk}/life-01"));
+    st.settle(m.id, true).await.unwrap();
+    let m = next(&mut c).await;
+    assert_eq!(m.topic, format!("/as/mqtt/status/{pk}/life-01"));
+    c.settle(m.id, true).await.unwrap();
+    drop(d);
+    let m = next(&mut st).await;
+    assert_eq!(m.topic, format!("/as/mqtt/status/{pk}/life-01"));
+    st.settle(m.id, true).await.unwrap();
+    let m = next(&mut c).await;
+    assert_eq!(m.topic, format!("/as/mqtt/status/{pk}/life-01"));
+    c.settle(m.id, true).await.unwrap();
+    for (path, action) in [("disable", "disable"), ("enable", "enable")] {
+        let (s, v) = srv
+            .post(&format!("/devices/{pk}/life-01/{path}"), json!({}))
+            .await;
+        assert_eq!(s, 200, "{v}");
+        let m = next(&mut c).await;
+        let v = expect(&m, action);
+        assert!(v.get("deviceSecret").is_none(), "{v}");
+        c.settle(m.id, true).await.unwrap();
+    }
+    let (s, v) = srv
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/devices/{pk}/life-01"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let m = next(&mut c).await;
+    expect(&m, "delete");
+    c.settle(m.id, true).await.unwrap();
+    // The status-only group saw no lifecycle message.
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(200), st.next())
+            .await
+            .is_err(),
+        "a status binding takes no lifecycle messages"
+    );
 }
 
 #[tokio::test]

@@ -1,9 +1,10 @@
 //! CoAP (RFC 7252 over UDP) for NB-IoT devices, following Alibaba Cloud IoT's CoAP access with
 //! symmetric signatures as publicly documented (without DTLS and without the AES payload
 //! encryption): `POST /auth` with a JSON body (`productKey`, `deviceName`, `clientId`, `sign`,
-//! optional `signmethod` (hmacmd5 by default, hmacsha1, hmacsha256), `timestamp`, `seq`; the
-//! sign is the HMAC, keyed with the device secret, of every other field name and value sorted
-//! by name) answers 2.05 `{"token": ...}`; then `POST /topic/${topic}` with the token in option
+//! optional `signmethod` (hmacmd5 by default, hmacsha1, hmacsha256), `timestamp`, `seq`,
+//! `version`, `resources`; the sign is the HMAC, keyed with the device secret, of every other
+//! field name and value sorted by name, `version` and `resources` left out as Alibaba
+//! documents (signed copies of them are accepted too)) answers 2.05 `{"token": ...}`; then `POST /topic/${topic}` with the token in option
 //! 2088 publishes on the device's own Alink topics (property and event posts are queued for
 //! the cloud as the device, a sub-device of the edge). Devices are keyed by their token, not by
 //! their address (NAT rebinding). Confirmable retransmissions are answered from a cache
@@ -28,12 +29,43 @@ pub const MAX_BODY: usize = 64 * 1024;
 /// How long a token is valid.
 pub const TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
+/// Fields that never enter the signature: the signature itself and its method.
+const UNSIGNED: [&str; 2] = ["sign", "signmethod"];
+/// Fields Alibaba's HTTP/CoAP access documents as left out of the signature as well
+/// (`version` of the auth API, `resources` the device asks for); some SDKs sign them anyway.
+const UNSIGNED_DOCUMENTED: [&str; 2] = ["version", "resources"];
+
 /// The signature Alibaba's `/auth` expects: HMAC over `k1v1k2v2...` of every field except
-/// `sign` and `signmethod`, sorted by name.
+/// `sign`, `signmethod`, `version` and `resources`, sorted by name (Alibaba's documented
+/// content: `clientId`, `deviceName`, `productKey`, and `seq` and `timestamp` when sent).
 pub fn auth_sign(method: SignMethod, secret: &str, fields: &Map<String, Value>) -> String {
+    sign_fields(method, secret, fields, &UNSIGNED_DOCUMENTED)
+}
+
+/// True when `sign` is the device's signature of `fields`, in the documented form or in the
+/// form of SDKs that also sign `version` and `resources` (both keyed with the device secret).
+pub fn auth_sign_matches(
+    method: SignMethod,
+    secret: &str,
+    fields: &Map<String, Value>,
+    sign: &str,
+) -> bool {
+    if auth_sign(method, secret, fields).eq_ignore_ascii_case(sign) {
+        return true;
+    }
+    UNSIGNED_DOCUMENTED.iter().any(|k| fields.contains_key(*k))
+        && sign_fields(method, secret, fields, &[]).eq_ignore_ascii_case(sign)
+}
+
+fn sign_fields(
+    method: SignMethod,
+    secret: &str,
+    fields: &Map<String, Value>,
+    also_unsigned: &[&str],
+) -> String {
     let mut parts: Vec<(String, String)> = fields
         .iter()
-        .filter(|(k, _)| *k != "sign" && *k != "signmethod")
+        .filter(|(k, _)| !UNSIGNED.contains(&k.as_str()) && !also_unsigned.contains(&k.as_str()))
         .map(|(k, v)| {
             let v = match v {
                 Value::String(s) => s.clone(),
@@ -202,8 +234,7 @@ impl State {
                 )
             }
         };
-        let want = auth_sign(method, &id.device_secret, &f);
-        if !want.eq_ignore_ascii_case(sign) {
+        if !auth_sign_matches(method, &id.device_secret, &f, sign) {
             return self.refuse(req, Code::UNAUTHORIZED, "bad sign", mid);
         }
         let token = format!(
@@ -388,5 +419,27 @@ mod tests {
             b"clientIda1NUjcV&ff1a11deviceNameff1a11productKeya1NUjcVseq10timestamp1524448722000";
         let want = sign_parts(SignMethod::HmacMd5, b"secret", &[content]);
         assert_eq!(auth_sign(SignMethod::HmacMd5, "secret", &f), want.as_str());
+    }
+
+    /// A device sending every documented field (`version` and `resources` too) signs only
+    /// the identity fields, as Alibaba documents; it authenticates, and so does one that
+    /// signed all fields. A signature keyed with another secret never does.
+    #[test]
+    fn version_and_resources_stay_out_of_the_signature() {
+        let f: Map<String, Value> = serde_json::from_value(json!({
+            "version": "default", "resources": "/topic/x", "productKey": "a1NUjcV",
+            "deviceName": "ff1a11", "clientId": "a1NUjcV&ff1a11", "seq": "10",
+            "timestamp": "1524448722000", "sign": "x", "signmethod": "hmacsha1"
+        }))
+        .unwrap();
+        let documented =
+            b"clientIda1NUjcV&ff1a11deviceNameff1a11productKeya1NUjcVseq10timestamp1524448722000";
+        let sign = sign_parts(SignMethod::HmacSha1, b"secret", &[documented]);
+        assert!(auth_sign_matches(SignMethod::HmacSha1, "secret", &f, sign.as_str()));
+        let all = b"clientIda1NUjcV&ff1a11deviceNameff1a11productKeya1NUjcVresources/topic/xseq10timestamp1524448722000versiondefault";
+        let sign = sign_parts(SignMethod::HmacSha1, b"secret", &[all]);
+        assert!(auth_sign_matches(SignMethod::HmacSha1, "secret", &f, sign.as_str()));
+        let sign = sign_parts(SignMethod::HmacSha1, b"other", &[documented]);
+        assert!(!auth_sign_matches(SignMethod::HmacSha1, "secret", &f, sign.as_str()));
     }
 }

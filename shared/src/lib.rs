@@ -34,4 +34,4 @@ impl<'a> DeviceRef<'a> {
 
 /// Topic on which the cloud publishes a device's online/offline lifecycle messages
 /// (the layout Alibaba uses for its server-side subscription).
-pub const LIFECYCLE_TOPIC_PREFIX: &str = "/as/mqtt/status/";
+pub const STATUS_TOPIC_PREFIX: &str = "/as/mqtt/status/";

@@ -35,11 +35,13 @@ fn err<T>(path: &str, message: impl Into<String>) -> Result<T, TslError> {
     })
 }
 
-/// Read-only or read-write property.
+/// Read-only, write-only or read-write property.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AccessMode {
-    /// `r`
+    /// `r`: reported by the device, never set by the cloud.
     Read,
+    /// `w`: set by the cloud; Alibaba's export writes it for command-like properties.
+    Write,
     /// `rw`
     ReadWrite,
 }
@@ -219,6 +221,17 @@ fn required_number(o: &Map<String, Value>, key: &str, path: &str) -> Result<f64,
     number(o.get(key), &p)?.map_or_else(|| err(&p, "is required"), Ok)
 }
 
+/// A bound that Alibaba's export may leave out (array items carry no specs): absent means
+/// the type's own limit, so no range check.
+fn optional_number(
+    o: &Map<String, Value>,
+    key: &str,
+    path: &str,
+    absent: f64,
+) -> Result<f64, TslError> {
+    Ok(number(o.get(key), &format!("{path}.{key}"))?.unwrap_or(absent))
+}
+
 /// True for a whole number (`f64::fract` is not in `core`).
 fn whole(f: f64) -> bool {
     f.is_finite() && f == (f as i64) as f64
@@ -292,9 +305,9 @@ fn param(v: &Value, path: &str, allow_nested: bool) -> Result<Param, TslError> {
     })
 }
 
-fn real(specs: &Map<String, Value>, path: &str) -> Result<Real, TslError> {
-    let min = required_number(specs, "min", path)?;
-    let max = required_number(specs, "max", path)?;
+fn real(specs: &Map<String, Value>, path: &str, limit: f64) -> Result<Real, TslError> {
+    let min = optional_number(specs, "min", path, -limit)?;
+    let max = optional_number(specs, "max", path, limit)?;
     if min > max {
         return err(&format!("{path}.max"), format!("{max} is below min {min}"));
     }
@@ -326,8 +339,8 @@ fn data_type(v: &Value, path: &str, allow_nested: bool) -> Result<DataType, TslE
     Ok(match kind {
         "int" => {
             let specs = specs_obj()?;
-            let min = int_bound(required_number(specs, "min", &specs_path)?, &format!("{specs_path}.min"))?;
-            let max = int_bound(required_number(specs, "max", &specs_path)?, &format!("{specs_path}.max"))?;
+            let min = int_bound(optional_number(specs, "min", &specs_path, f64::from(i32::MIN))?, &format!("{specs_path}.min"))?;
+            let max = int_bound(optional_number(specs, "max", &specs_path, f64::from(i32::MAX))?, &format!("{specs_path}.max"))?;
             if min > max {
                 return err(&format!("{specs_path}.max"), format!("{max} is below min {min}"));
             }
@@ -348,11 +361,12 @@ fn data_type(v: &Value, path: &str, allow_nested: bool) -> Result<DataType, TslE
                 unit: unit(specs),
             }
         }
-        "float" => DataType::Float(real(specs_obj()?, &specs_path)?),
-        "double" => DataType::Double(real(specs_obj()?, &specs_path)?),
+        "float" => DataType::Float(real(specs_obj()?, &specs_path, f64::from(f32::MAX))?),
+        "double" => DataType::Double(real(specs_obj()?, &specs_path, f64::MAX)?),
         "text" => {
             let p = format!("{specs_path}.length");
-            let n = required_number(specs_obj()?, "length", &specs_path)?;
+            // Alibaba's console defaults a text's length to the most it allows.
+            let n = optional_number(specs_obj()?, "length", &specs_path, MAX_TEXT_LENGTH as f64)?;
             if !whole(n) || n < 1.0 || n > MAX_TEXT_LENGTH as f64 {
                 return err(&p, format!("must be a whole number from 1 to {MAX_TEXT_LENGTH}"));
             }
@@ -423,6 +437,19 @@ pub fn parse(json: &str) -> Result<ThingModel, TslError> {
         message: format!("not JSON: {e}"),
     })?;
     let root = obj(&v, "$")?;
+    // A misspelt list (`propertys`) would otherwise leave an empty model that refuses every
+    // post: only the keys of Alibaba's export (default and custom modules) are taken.
+    for key in root.keys() {
+        if !TOP_LEVEL_KEYS.contains(&key.as_str()) {
+            return err(
+                key,
+                format!(
+                    "is not a key of a TSL document: use {}",
+                    TOP_LEVEL_KEYS.join(", ")
+                ),
+            );
+        }
+    }
     let mut model = ThingModel::default();
     let mut seen: Vec<String> = Vec::new();
     let mut unique = |id: &str, path: &str| -> Result<(), TslError> {
@@ -446,11 +473,12 @@ pub fn parse(json: &str) -> Result<ThingModel, TslError> {
             let o = obj(p, &path)?;
             let access_mode = match o.get("accessMode").and_then(Value::as_str) {
                 Some("r") => AccessMode::Read,
+                Some("w") => AccessMode::Write,
                 Some("rw") | None => AccessMode::ReadWrite,
                 Some(other) => {
                     return err(
                         &format!("{path}.accessMode"),
-                        format!("`{other}` must be r or rw"),
+                        format!("`{other}` must be r, w or rw"),
                     )
                 }
             };
@@ -516,8 +544,26 @@ pub fn parse(json: &str) -> Result<ThingModel, TslError> {
             });
         }
     }
+    if model.properties.is_empty() && model.events.is_empty() && model.services.is_empty() {
+        return err(
+            "$",
+            "the thing model defines no property, event or service (the implicit post, set and get do not count)",
+        );
+    }
     Ok(model)
 }
+
+/// The top-level keys of Alibaba's TSL export, for the default and custom modules.
+pub const TOP_LEVEL_KEYS: &[&str] = &[
+    "schema",
+    "profile",
+    "link",
+    "properties",
+    "events",
+    "services",
+    "functionBlockId",
+    "functionBlockName",
+];
 
 impl ThingModel {
     /// The property with this identifier.
@@ -752,6 +798,52 @@ mod tests {
             .data_type
             .validate(&json!([{"v": 1}, {"v": 10}]), "samples");
         assert_eq!(e.unwrap_err().path, "samples[1].v");
+    }
+
+    /// Alibaba's console exports array items without specs, and may leave out bounds, units
+    /// and lengths; each is optional, with no check where it is absent.
+    #[test]
+    fn alibaba_export_forms_without_optional_specs_are_taken() {
+        let m = parse(
+            r#"{"schema": "https://iotx-tsl.oss-ap-southeast-1.aliyuncs.com/schema.json",
+                "link": "/sys/a1xxxx/dev/thing/",
+                "profile": {"productKey": "a1xxxx", "deviceName": "dev"},
+                "properties": [
+                  {"identifier": "ints", "name": "Ints", "accessMode": "rw", "required": false,
+                   "dataType": {"type": "array", "specs": {"size": "4", "item": {"type": "int"}}}},
+                  {"identifier": "reals", "dataType": {"type": "array", "specs": {"size": "2", "item": {"type": "double"}}}},
+                  {"identifier": "names", "dataType": {"type": "array", "specs": {"size": "2", "item": {"type": "text"}}}},
+                  {"identifier": "level", "accessMode": "w", "dataType": {"type": "int", "specs": {"unit": "", "unitName": "无"}}},
+                  {"identifier": "note", "dataType": {"type": "text", "specs": {}}}
+                ],
+                "events": [{"identifier": "post", "type": "info", "outputData": []}],
+                "services": [{"identifier": "set", "inputData": []}, {"identifier": "get", "inputData": []}]}"#,
+        )
+        .unwrap();
+        let ints = &m.property("ints").unwrap().param.data_type;
+        assert!(ints.validate(&json!([1, -2_000_000_000, 3]), "ints").is_ok());
+        assert!(ints.validate(&json!([1, 2, 3, 4, 5]), "ints").is_err());
+        assert!(ints.validate(&json!([1.5]), "ints").is_err());
+        let reals = &m.property("reals").unwrap().param.data_type;
+        assert!(reals.validate(&json!([1e300, -0.5]), "reals").is_ok());
+        let names = &m.property("names").unwrap().param.data_type;
+        assert!(names.validate(&json!(["a", "b"]), "names").is_ok());
+        assert_eq!(m.property("level").unwrap().access_mode, AccessMode::Write);
+        let note = &m.property("note").unwrap().param.data_type;
+        assert_eq!(note, &DataType::Text { length: MAX_TEXT_LENGTH });
+    }
+
+    #[test]
+    fn a_document_that_is_not_a_thing_model_is_refused() {
+        for (json, path) in [
+            (r#"{"foo": 1}"#, "foo"),
+            (r#"{"propertys": [{"identifier": "t", "dataType": {"type": "date"}}]}"#, "propertys"),
+            (r#"{}"#, "$"),
+            (r#"{"properties": [], "events": [{"identifier": "post"}], "services": [{"identifier": "set"}]}"#, "$"),
+        ] {
+            let e = parse(json).unwrap_err();
+            assert_eq!(e.path, path, "{json}: {e}");
+        }
     }
 
     #[test]

@@ -55,7 +55,7 @@ IRONLINK_TOKEN=$(cat "$WORK/data/admin-token")
 json() { "$PY" -c "import json,sys; print(json.load(sys.stdin)$1)"; }
 
 PK=$("$BIN" product create interop --dynamic-register --json | json "['product_key']")
-PS=$("$BIN" product show "$PK" --json | json "['product_secret']")
+PS=$("$BIN" product credentials "$PK" --json | json "['product_secret']")
 "$BIN" device create "$PK" mosq-0001 >/dev/null
 "$BIN" device create "$PK" lk-000001 >/dev/null
 "$BIN" device create "$PK" reg-00001 >/dev/null
@@ -107,11 +107,11 @@ acl_publish() {
 }
 check "ACL: publishing on another device's topic is refused (MQTT 5 PUBACK 'not authorized')" acl_publish
 
-L=$("$BIN" device show "$PK" lk-000001 --json | json "['device_secret']")
+L=$("$BIN" device credentials "$PK" lk-000001 --json | json "['device_secret']")
 check "aliyun-iot-linkkit connects (TCP), shows online, receives a downlink" \
     "$PY" "$HERE/linkkit_device.py" "$HTTP" "$IRONLINK_TOKEN" connect "$PK" lk-000001 "$L" 127.0.0.1 "$MQTT_PORT"
 
-REG_SECRET=$("$BIN" device show "$PK" reg-00001 --json | json "['device_secret']")
+REG_SECRET=$("$BIN" device credentials "$PK" reg-00001 --json | json "['device_secret']")
 linkkit_register() {
     "$PY" "$HERE/linkkit_device.py" "$HTTP" "$IRONLINK_TOKEN" register "$PK" reg-00001 "$PS" localhost "$MQTTS_PORT" "$CA" |
         tee /dev/stderr | grep -q "\"secret\": \"$REG_SECRET\""
@@ -126,7 +126,7 @@ check "presence history records the linkkit session" \
 TPK=$("$BIN" product create thing-interop --json | json "['product_key']")
 "$BIN" product thing-model "$TPK" --import "$HERE/thing-model.json" >/dev/null
 "$BIN" device create "$TPK" lk-thing1 >/dev/null
-TS=$("$BIN" device show "$TPK" lk-thing1 --json | json "['device_secret']")
+TS=$("$BIN" device credentials "$TPK" lk-thing1 --json | json "['device_secret']")
 check "aliyun-iot-linkkit thing model: properties, event, property set, async and sync (RRPC) service calls" \
     "$PY" "$HERE/linkkit_device.py" "$HTTP" "$IRONLINK_TOKEN" thing "$TPK" lk-thing1 "$TS" 127.0.0.1 "$MQTT_PORT" "$HERE/thing-model.json"
 
@@ -141,7 +141,7 @@ SPK=$("$BIN" product create sub-interop --node-type sub-device --json | json "['
 "$BIN" device create "$GPK" lk-gw0001 >/dev/null
 "$BIN" device create "$SPK" lk-sub001 >/dev/null
 "$BIN" device create "$SPK" lk-sub002 >/dev/null
-secret_of() { "$BIN" device show "$1" "$2" --json | json "['device_secret']"; }
+secret_of() { "$BIN" device credentials "$1" "$2" --json | json "['device_secret']"; }
 check "aliyun-iot-linkkit gateway: topo/add, batch_login, sub-device properties over one connection" \
     "$PY" "$HERE/linkkit_device.py" "$HTTP" "$IRONLINK_TOKEN" gateway "$GPK" lk-gw0001 "$(secret_of "$GPK" lk-gw0001)" \
     "$SPK" lk-sub001 "$(secret_of "$SPK" lk-sub001)" lk-sub002 "$(secret_of "$SPK" lk-sub002)" 127.0.0.1 "$MQTT_PORT"
@@ -153,7 +153,7 @@ APK=$("$BIN" product create amqp-interop --json | json "['product_key']")
 AK=$("$BIN" app access-key create --json)
 AKID=$(json "['access_key_id']" <<<"$AK"); AKSECRET=$(json "['access_key_secret']" <<<"$AK")
 GID=$("$BIN" app group create interop-group --json | json "['group_id']")
-"$BIN" app subscribe "$APK" "$GID" property lifecycle >/dev/null
+"$BIN" app subscribe "$APK" "$GID" property status >/dev/null
 amqp_consumer() {
     "$PY" "$HERE/amqp_consumer.py" localhost "$AMQPS_PORT" "$CA" "$AKID" "$AKSECRET" "$GID" 3 >"$WORK/amqp.txt" 2>&1 &
     local consumer=$!

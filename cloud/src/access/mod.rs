@@ -39,6 +39,17 @@ pub struct Shared {
     pub apps: Arc<crate::apps::Apps>,
     /// Rules engine and data-parsing scripts.
     pub rules: Arc<crate::rules::Engine>,
+    /// Bound device ports, set once the listeners are up.
+    pub listeners: std::sync::OnceLock<Listeners>,
+}
+
+/// The ports devices connect to, as bound (a configured port 0 becomes the real one).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Listeners {
+    /// Plain MQTT (securemode=3).
+    pub mqtt: Option<u16>,
+    /// MQTT over TLS (securemode=2).
+    pub mqtts: Option<u16>,
 }
 
 /// Token bucket for new connections.

@@ -1,7 +1,7 @@
 //! Application access endpoints: access keys, consumer groups (with their counters) and
 //! subscriptions.
 
-use super::{unknown_product, ApiError, ApiJson, ApiResult, ApiState};
+use super::{unknown_product, ApiError, ApiJson, ApiResult, ApiState, OptionalJson};
 use crate::apps::store::{AccessKey, ConsumerGroup};
 use crate::apps::MessageType;
 use crate::registry::{new_secret, now_ms};
@@ -39,9 +39,14 @@ struct NewKey {
 
 async fn create_key(
     State(s): State<ApiState>,
-    body: Option<ApiJson<NewKey>>,
+    OptionalJson(body): OptionalJson<NewKey>,
 ) -> ApiResult<impl IntoResponse> {
-    let description = body.map(|b| b.0.description).unwrap_or_default();
+    let description = body.map(|b| b.description).unwrap_or_default();
+    if description.chars().count() > 256 || description.chars().any(char::is_control) {
+        return Err(ApiError::invalid(
+            "description must be at most 256 characters, without control characters",
+        ));
+    }
     let key = AccessKey {
         access_key_id: format!(
             "LTAI{}",
@@ -195,10 +200,15 @@ async fn subscribe(
         .put_subscriptions(&body.product_key, &body.group_ids, &types, now_ms())
         .await?;
     reload(&s).await?;
+    let mut warnings = Vec::new();
+    if body.message_types.iter().any(|t| t == "lifecycle") {
+        tracing::warn!(product_key = %body.product_key, "{}", MessageType::LIFECYCLE_ALIAS_WARNING);
+        warnings.push(MessageType::LIFECYCLE_ALIAS_WARNING);
+    }
     Ok((
         StatusCode::CREATED,
         Json(
-            json!({"product_key": body.product_key, "group_ids": body.group_ids, "message_types": types.split(',').collect::<Vec<_>>()}),
+            json!({"product_key": body.product_key, "group_ids": body.group_ids, "message_types": types.split(',').collect::<Vec<_>>(), "warnings": warnings}),
         ),
     ))
 }

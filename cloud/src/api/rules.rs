@@ -1,12 +1,12 @@
 //! Rules engine endpoints: rules (create, update, enable, disable, delete, test), their dead
 //! letters, rule tables, and per-product data-parsing scripts (set, show, delete, test).
 
-use super::{unknown_product, ApiError, ApiJson, ApiResult, ApiState};
+use super::{unknown_product, ApiError, ApiJson, ApiQuery, ApiResult, ApiState};
 use crate::registry::now_ms;
 use crate::rules::script::{Answer, Call, ScriptError};
 use crate::rules::{RuleError, RuleSpec};
 use crate::storage::StorageError;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
@@ -161,6 +161,7 @@ async fn test(State(_s): State<ApiState>, ApiJson(b): ApiJson<TestBody>) -> ApiR
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Limit {
     limit: Option<i64>,
     after: Option<i64>,
@@ -169,7 +170,7 @@ struct Limit {
 async fn dead_letters(
     State(s): State<ApiState>,
     Path(id): Path<String>,
-    Query(l): Query<Limit>,
+    ApiQuery(l): ApiQuery<Limit>,
 ) -> ApiResult<Json<Value>> {
     let id = find(&s, &id)?.row.rule_id.clone();
     let rows = s
@@ -192,7 +193,7 @@ async fn clear_dead_letters(
 async fn table_rows(
     State(s): State<ApiState>,
     Path(table): Path<String>,
-    Query(l): Query<Limit>,
+    ApiQuery(l): ApiQuery<Limit>,
 ) -> ApiResult<Json<Value>> {
     let rows = s
         .shared

@@ -1,12 +1,12 @@
 //! Thing data endpoints: properties (latest, history, set, get), events, service calls,
 //! shadows, sub-devices and raw data. Times are epoch milliseconds.
 
-use super::{payload_bytes, require_device, ApiError, ApiJson, ApiResult, ApiState};
+use super::{payload_bytes, require_device, ApiError, ApiJson, ApiQuery, ApiResult, ApiState};
 use crate::registry::now_ms;
 use crate::thing::calls::Kind;
 use crate::thing::store::ServiceCall;
 use crate::thing::{shadow, to_device, CallError};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
@@ -108,7 +108,7 @@ impl Range {
 async fn history(
     State(s): State<ApiState>,
     Path((pk, dn, id)): Path<(String, String, String)>,
-    Query(q): Query<Range>,
+    ApiQuery(q): ApiQuery<Range>,
 ) -> ApiResult<impl IntoResponse> {
     require_device(&s, &pk, &dn).await?;
     let (from, to, limit) = q.bounds()?;
@@ -136,7 +136,7 @@ async fn history(
 async fn events(
     State(s): State<ApiState>,
     Path((pk, dn)): Path<(String, String)>,
-    Query(q): Query<Range>,
+    ApiQuery(q): ApiQuery<Range>,
 ) -> ApiResult<impl IntoResponse> {
     require_device(&s, &pk, &dn).await?;
     let (from, to, limit) = q.bounds()?;
@@ -245,7 +245,7 @@ async fn call_service(
 async fn list_calls(
     State(s): State<ApiState>,
     Path((pk, dn)): Path<(String, String)>,
-    Query(q): Query<Range>,
+    ApiQuery(q): ApiQuery<Range>,
 ) -> ApiResult<impl IntoResponse> {
     require_device(&s, &pk, &dn).await?;
     let (_, _, limit) = q.bounds()?;
@@ -326,7 +326,7 @@ async fn sub_devices(
 async fn raw_messages(
     State(s): State<ApiState>,
     Path((pk, dn)): Path<(String, String)>,
-    Query(q): Query<Range>,
+    ApiQuery(q): ApiQuery<Range>,
 ) -> ApiResult<impl IntoResponse> {
     require_device(&s, &pk, &dn).await?;
     let (_, _, limit) = q.bounds()?;

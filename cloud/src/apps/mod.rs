@@ -34,25 +34,32 @@ pub enum MessageType {
     Raw,
     /// Custom topics (`/{pk}/{dn}/user/...`).
     Custom,
-    /// Online/offline changes.
-    Lifecycle,
+    /// Online/offline changes (`/as/mqtt/status/{pk}/{dn}`). Kept at the bit that stored
+    /// bindings named `lifecycle` before that name took Alibaba's meaning.
+    Status,
     /// Sub-devices added to or removed from a gateway.
     Topology,
     /// Devices' replies to calls.
     ServiceReply,
+    /// Devices created, deleted, enabled or disabled (`/{pk}/{dn}/thing/lifecycle`).
+    Lifecycle,
 }
 
 impl MessageType {
     /// Every type, with its name in the API.
-    pub const ALL: [(MessageType, &'static str); 7] = [
+    pub const ALL: [(MessageType, &'static str); 8] = [
         (Self::Property, "property"),
         (Self::Event, "event"),
         (Self::Raw, "raw"),
         (Self::Custom, "custom"),
+        (Self::Status, "status"),
         (Self::Lifecycle, "lifecycle"),
         (Self::Topology, "topology"),
         (Self::ServiceReply, "service_reply"),
     ];
+
+    /// Said when a binding names `lifecycle`: until release 0.3 it also takes `status`.
+    pub const LIFECYCLE_ALIAS_WARNING: &'static str = "`lifecycle` now means Alibaba's device lifecycle (created, deleted, enabled, disabled); until release 0.3 it also delivers online/offline `status` messages as it did before: name `status` for those";
 
     fn bit(self) -> u32 {
         1 << (self as u32)
@@ -65,6 +72,11 @@ impl MessageType {
             if s == "upstream" {
                 mask |=
                     Self::Property.bit() | Self::Event.bit() | Self::Raw.bit() | Self::Custom.bit();
+                continue;
+            }
+            if s == "lifecycle" {
+                // Deprecated alias: the old name of `status` (see LIFECYCLE_ALIAS_WARNING).
+                mask |= Self::Lifecycle.bit() | Self::Status.bit();
                 continue;
             }
             match Self::ALL.iter().find(|(_, n)| n == s) {

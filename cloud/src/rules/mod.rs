@@ -176,7 +176,8 @@ fn kind_pattern(kind: MessageType) -> &'static str {
         MessageType::Event => "/+/+/thing/event/+/post",
         MessageType::Raw => "/+/+/thing/model/up_raw",
         MessageType::Custom => "/+/+/user/#",
-        MessageType::Lifecycle => "/as/mqtt/status/+/+",
+        MessageType::Status => "/as/mqtt/status/+/+",
+        MessageType::Lifecycle => "/+/+/thing/lifecycle",
         MessageType::Topology => "/+/+/thing/topo/lifecycle",
         MessageType::ServiceReply => "/+/+/thing/downlink/reply/message",
     }
@@ -458,7 +459,7 @@ impl Engine {
             return m & (bit << 16) != 0;
         }
         let pattern = match kind {
-            MessageType::Lifecycle => format!("/as/mqtt/status/{pk}/+"),
+            MessageType::Status => format!("/as/mqtt/status/{pk}/+"),
             _ => kind_pattern(kind).replacen("/+/", &format!("/{pk}/"), 1),
         };
         // Computed under the cache's lock: `install` replaces the rules, then clears the cache
@@ -800,7 +801,7 @@ fn escape(s: &str) -> String {
 
 fn device_of(m: &Outgoing) -> String {
     let levels: Vec<&str> = m.topic.split('/').collect();
-    let i = if m.kind == MessageType::Lifecycle {
+    let i = if m.kind == MessageType::Status {
         5
     } else {
         2
@@ -882,7 +883,7 @@ fn durable_group(rule_id: &str) -> String {
 /// Product key and device name of a rule topic.
 fn topic_device(topic: &str) -> (String, String) {
     let levels: Vec<&str> = topic.split('/').collect();
-    let at = if topic.starts_with(crate::rules::LIFECYCLE_PREFIX) {
+    let at = if topic.starts_with(crate::rules::STATUS_PREFIX) {
         4
     } else {
         1
@@ -891,7 +892,7 @@ fn topic_device(topic: &str) -> (String, String) {
     (get(at), get(at + 1))
 }
 
-const LIFECYCLE_PREFIX: &str = ironlink_shared::LIFECYCLE_TOPIC_PREFIX;
+const STATUS_PREFIX: &str = ironlink_shared::STATUS_TOPIC_PREFIX;
 
 /// A device's tags for `attribute()`; a storage error is logged and reads as no tags.
 async fn tags_of(db: &Db, pk: &str, dn: &str) -> Option<Arc<crate::storage::TagMap>> {

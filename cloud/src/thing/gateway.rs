@@ -331,6 +331,7 @@ async fn run(
         Uplink::SubRegister => {
             let items = list(&req.params, max, "sub-devices")?;
             let mut out = Vec::with_capacity(items.len());
+            let mut created = Vec::new();
             for (i, item) in items.iter().enumerate() {
                 let path = format!("params[{i}]");
                 let (pk, dn) = id_of(item, &path)?;
@@ -364,15 +365,25 @@ async fn run(
                         }
                         d
                     }
-                    None => crate::registry::create_devices(&thing.db, &pk, vec![dn.clone()], 0)
-                        .await
-                        .map_err(|e| (code::INVALID_PARAMS, format!("{path}: {e}")))?
-                        .into_iter()
-                        .next()
-                        .ok_or((code::INTERNAL, "device not created".to_owned()))?,
+                    None => {
+                        let d = crate::registry::create_devices(&thing.db, &pk, vec![dn.clone()], 0)
+                            .await
+                            .map_err(|e| (code::INVALID_PARAMS, format!("{path}: {e}")))?
+                            .into_iter()
+                            .next()
+                            .ok_or((code::INTERNAL, "device not created".to_owned()))?;
+                        created.push(crate::lifecycle::Change {
+                            product_key: pk.clone(),
+                            device_name: dn.clone(),
+                            action: crate::lifecycle::Action::Create,
+                            device_secret: Some(d.device_secret.clone()),
+                        });
+                        d
+                    }
                 };
                 out.push(json!({"productKey": pk, "deviceName": dn, "deviceSecret": device.device_secret, "iotId": format!("{pk}.{dn}")}));
             }
+            crate::lifecycle::announce(&thing.apps, &thing.router, created, crate::registry::now_ms()).await;
             Ok((Value::Array(out), None))
         }
         Uplink::Login | Uplink::BatchLogin => {
