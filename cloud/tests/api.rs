@@ -316,3 +316,147 @@ async fn thing_models_import_with_versions_and_refuse_bad_specs_by_path() {
         .await;
     assert_eq!(s, 200, "a product with thing models can be deleted");
 }
+
+/// Every refusal is the JSON error object, query strings included; misspelt parameters are
+/// refused instead of ignored; 401s say how to authenticate; optional bodies are checked.
+#[tokio::test]
+async fn every_error_is_json_and_unknown_query_parameters_are_refused() {
+    let srv = start(|_| {}).await;
+    let (pk, _) = srv.product(false).await;
+    let get = |path: String| {
+        let http = srv.http.clone();
+        let url = format!("{}{path}", srv.base);
+        async move {
+            let r = http.get(url).bearer_auth("test-token").send().await.unwrap();
+            let status = r.status().as_u16();
+            let ct = r
+                .headers()
+                .get("content-type")
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default();
+            (status, ct, r.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    for path in [
+        format!("/products/{pk}/devices?page=abc"),
+        format!("/products/{pk}/devices?statu=online"),
+        format!("/products/{pk}/devices?status=sleeping"),
+        format!("/products/{pk}/devices?tag=nocolon"),
+        format!("/products/{pk}/thing-model?version=x"),
+        "/rules/x/dead-letters?limit=1&bogus=2".to_owned(),
+    ] {
+        let (s, ct, v) = get(path.clone()).await;
+        assert_eq!(s, 400, "{path}: {v}");
+        assert!(ct.starts_with("application/json"), "{path}: {ct}");
+        assert!(v["code"].is_string() && v["message"].is_string(), "{path}: {v}");
+    }
+    // A method the path does not take: still the JSON error object.
+    let r = srv
+        .http
+        .put(format!("{}/products", srv.base))
+        .bearer_auth("test-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["code"], "method_not_allowed", "{v}");
+    // 401 names the scheme.
+    let r = srv
+        .http
+        .get(format!("{}/products", srv.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r
+        .headers()
+        .get("www-authenticate")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .starts_with("Bearer"));
+    // An optional body that is there must be right.
+    for (body, status) in [("{\"descripton\": 1}", 422), ("{oops", 400)] {
+        let r = srv
+            .http
+            .post(format!("{}/access-keys", srv.base))
+            .bearer_auth("test-token")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{body}");
+    }
+    let r = srv
+        .http
+        .post(format!("{}/products/{pk}/devices", srv.base))
+        .bearer_auth("test-token")
+        .header("content-type", "application/json")
+        .body("{\"device_nam\": \"x\"}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422, "a misspelt field is not an empty body");
+    // Filters that exist work.
+    srv.device(&pk, "tagged-01").await;
+    srv.device(&pk, "plain-001").await;
+    let r = srv
+        .http
+        .put(format!("{}/devices/{pk}/tagged-01/tags", srv.base))
+        .bearer_auth("test-token")
+        .json(&json!({"site": "north"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (s, _, v) = get(format!("/products/{pk}/devices?tag=site:north&status=unactive")).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["total"], 1, "{v}");
+    assert_eq!(v["devices"][0]["device_name"], "tagged-01");
+}
+
+/// Secrets leave the API only at creation and through the credentials calls.
+#[tokio::test]
+async fn secrets_are_shown_only_on_creation_and_through_credentials() {
+    let srv = start(|_| {}).await;
+    let (pk, product_secret) = srv.product(true).await;
+    let secret = srv.device(&pk, "secret-01").await;
+    let (_, v) = srv.get("/products").await;
+    assert!(!v.to_string().contains(&product_secret), "{v}");
+    let (_, v) = srv.get(&format!("/products/{pk}")).await;
+    assert!(v.get("product_secret").is_none(), "{v}");
+    let (_, v) = srv.get(&format!("/products/{pk}/devices")).await;
+    assert!(!v.to_string().contains(&secret), "{v}");
+    let (_, v) = srv.get(&format!("/devices/{pk}/secret-01")).await;
+    assert!(v.get("device_secret").is_none(), "{v}");
+    let (s, v) = srv.get(&format!("/devices/{pk}/secret-01/credentials")).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["device_secret"], secret.as_str());
+    assert_eq!(v["mqtt_port"], srv.mqtt().port());
+    assert_eq!(v["mqtts_port"], srv.mqtts().port());
+    let (s, v) = srv.get(&format!("/products/{pk}/credentials")).await;
+    assert_eq!((s, v["product_secret"].as_str()), (200, Some(product_secret.as_str())));
+}
+
+/// A document that is not a thing model is refused with the offending key, and Alibaba's
+/// export form of an int array (items without specs) is taken.
+#[tokio::test]
+async fn thing_model_documents_that_are_not_models_are_refused() {
+    let srv = start(|_| {}).await;
+    let (pk, _) = srv.product(false).await;
+    let path = format!("/products/{pk}/thing-model");
+    let put = |body: serde_json::Value| srv.call(reqwest::Method::PUT, &path, Some(body));
+    let (s, v) = put(json!({"foo": 1})).await;
+    assert_eq!((s, v["code"].as_str()), (400, Some("invalid_thing_model")), "{v}");
+    assert!(v["message"].as_str().unwrap().contains("foo"), "{v}");
+    let (s, v) = put(json!({"propertys": []})).await;
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = put(json!({"properties": []})).await;
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = put(json!({"properties": [{"identifier": "levels", "name": "Levels", "accessMode": "rw",
+        "dataType": {"type": "array", "specs": {"size": "4", "item": {"type": "int"}}}}]}))
+    .await;
+    assert_eq!(s, 200, "{v}");
+}

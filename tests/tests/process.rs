@@ -73,7 +73,11 @@ async fn kill_9_loses_no_registry_data_and_marks_devices_offline() {
         "and is printed only once"
     );
     let (s, d) = cloud
-        .api(Method::GET, &format!("/devices/{pk}/pump-002"), None)
+        .api(
+            Method::GET,
+            &format!("/devices/{pk}/pump-002/credentials"),
+            None,
+        )
         .await
         .unwrap();
     assert_eq!(s, 200);
