@@ -420,6 +420,73 @@ pub struct Config {
     pub coap: Option<CoapServer>,
 }
 
+/// Where `key = ...` stands in the table around `anchor` (a span inside that table).
+fn key_in_table(text: &str, anchor: usize, key: &str) -> Option<usize> {
+    let anchor = anchor.min(text.len());
+    let start = text.get(..anchor)?.rfind("\n[").map_or(0, |i| i + 1);
+    let end = text
+        .get(anchor..)?
+        .find("\n[")
+        .map_or(text.len(), |i| anchor + i);
+    let mut at = start;
+    for line in text.get(start..end)?.split_inclusive('\n') {
+        let t = line.trim_start();
+        if let Some(rest) = t.strip_prefix(key) {
+            if rest.trim_start().starts_with('=') {
+                return Some(at + (line.len() - t.len()));
+            }
+        }
+        at += line.len();
+    }
+    None
+}
+
+/// The dotted path of the key whose value starts at `offset`, with array-of-tables
+/// indices (`devices[0].points[2].address`): serde's type errors name only the type.
+fn key_path(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset)?;
+    let mut table: Vec<String> = Vec::new();
+    let mut counts: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for line in before.lines() {
+        let t = line.trim();
+        if let Some(name) = t.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+            let name = name.trim().to_owned();
+            *counts.entry(name.clone()).or_insert(0) += 1;
+            counts.retain(|k, _| !k.starts_with(&format!("{name}.")));
+            table = vec![name];
+        } else if let Some(name) = t.strip_prefix('[').and_then(|r| r.split(']').next()) {
+            table = vec![name.trim().to_owned()];
+        }
+    }
+    let mut path = String::new();
+    if let Some(name) = table.first() {
+        let mut prefix = String::new();
+        for seg in name.split('.') {
+            if !prefix.is_empty() {
+                prefix.push('.');
+                path.push('.');
+            }
+            prefix.push_str(seg);
+            path.push_str(seg);
+            if let Some(n) = counts.get(&prefix) {
+                path.push_str(&format!("[{}]", n.saturating_sub(1)));
+            }
+        }
+    }
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = text.get(line_start..offset)?;
+    let key = line.split_once('=').map(|(k, _)| k.trim().trim_matches('"'))?;
+    if key.is_empty() {
+        return None;
+    }
+    Some(if path.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{path}.{key}")
+    })
+}
+
 fn line_of(text: &str, offset: usize) -> usize {
     text.get(..offset.min(text.len()))
         .map_or(0, |t| t.bytes().filter(|b| *b == b'\n').count() + 1)
@@ -445,7 +512,13 @@ impl Config {
         };
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let message = e.message().trim().to_owned();
-            err(e.span().map(|s| s.start), message)
+            let at = e.span().map(|s| s.start);
+            // Type errors point at the value and name only the type: name the key too.
+            let message = match at.and_then(|o| key_path(text, o)) {
+                Some(path) if !message.contains(&path) => format!("{path}: {message}"),
+                _ => message,
+            };
+            err(at, message)
         })?;
         if let (false, Some(_)) = (raw.uplink.tls, &raw.uplink.ca_file) {
             let at = text.find("ca_file");
@@ -618,17 +691,20 @@ impl Config {
                         format!("{}: the point runs past address 65535", here("address")),
                     ));
                 }
-                if p.scale == 0.0
-                    || !p.scale.is_finite()
-                    || !p.offset.is_finite()
-                    || p.deadband < 0.0
-                {
+                let anchor = p.address.span().start;
+                let bad = if p.scale == 0.0 || !p.scale.is_finite() {
+                    Some(("scale", "must be finite and non-zero"))
+                } else if !p.offset.is_finite() {
+                    Some(("offset", "must be finite"))
+                } else if p.deadband < 0.0 || !p.deadband.is_finite() {
+                    Some(("deadband", "must be finite and >= 0"))
+                } else {
+                    None
+                };
+                if let Some((key, what)) = bad {
                     return Err(err(
-                        Some(p.address.span().start),
-                        format!(
-                            "{}: scale must be finite and non-zero, offset finite, deadband >= 0",
-                            here("scale")
-                        ),
+                        Some(key_in_table(text, anchor, key).unwrap_or(anchor)),
+                        format!("{}: {what}", here(key)),
                     ));
                 }
                 points.push(Point {
@@ -844,6 +920,19 @@ scale = 0.1
                 "devices[0].services[0].set: `nope` is not a point",
             ),
         ];
+        let scale_zero = GOOD.replace("scale = 0.1", "scale = 0");
+        let typed_address = GOOD.replace("\"40001\"", "40001");
+        let cases = cases.into_iter().chain([
+            // The scale line, not the address line.
+            (scale_zero, 24, "devices[0].points[0].scale"),
+            // A type error names its key, not only the type.
+            (typed_address, 21, "devices[0].points[0].address"),
+            (
+                GOOD.replace("poll_interval = \"100ms\"", "poll_interval = 5"),
+                16,
+                "devices[0].poll_interval",
+            ),
+        ]);
         for (text, line, field) in cases {
             let e = Config::parse("edge.toml", &text).unwrap_err();
             let shown = e.to_string();

@@ -24,11 +24,12 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 /// The thing-model properties of a report, at its collection time; the second value counts
-/// readings left out as abnormal or invalid.
-pub fn report_params(r: &Report) -> (Map<String, Value>, u64) {
+/// readings left out as abnormal or invalid, the third the manufacturer blocks passed over.
+pub fn report_params(r: &Report) -> (Map<String, Value>, u64, u64) {
     let t = r.time.unix_ms();
     let mut p = Map::new();
     let mut skipped = 0u64;
+    let mut custom = 0u64;
     macro_rules! put {
         ($k:expr, $v:expr, $digits:expr) => {
             match $v {
@@ -166,10 +167,12 @@ pub fn report_params(r: &Report) -> (Map<String, Value>, u64) {
                     at(json!(Value::Object(obj).to_string()), t),
                 );
             }
-            Info::Custom { .. } => skipped += 1,
+            // Manufacturer blocks (0x80 and up) have no standard layout: passed over, and
+            // counted as such, not as bad values.
+            Info::Custom { .. } => custom += 1,
         }
     }
-    (p, skipped)
+    (p, skipped, custom)
 }
 
 fn params_json(ps: &[Param]) -> Value {
@@ -256,11 +259,12 @@ impl Conn {
     }
 
     fn report(&mut self, vin: &str, r: &Report) -> bool {
-        let (params, skipped) = report_params(r);
-        if skipped > 0 {
-            for _ in 0..skipped {
-                self.ctx.counters.refuse("abnormal or invalid value");
-            }
+        let (params, skipped, custom) = report_params(r);
+        for _ in 0..skipped {
+            self.ctx.counters.refuse("abnormal or invalid value");
+        }
+        for _ in 0..custom {
+            self.ctx.counters.skip("custom information block");
         }
         for (k, v) in &params {
             self.latest.insert(k.clone(), v["value"].clone());

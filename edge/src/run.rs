@@ -215,6 +215,7 @@ pub fn start(config: Config) -> Result<Running, StartError> {
             queue.clone(),
             state.clone(),
             vehicle_counters.clone(),
+            Some(subs.clone()),
         );
         let mut stop = stop_rx.clone();
         tasks.push(tokio::spawn(async move {

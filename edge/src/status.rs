@@ -1,6 +1,8 @@
-//! Local status over HTTP: `/healthz`, `/status` (JSON: uplink, queue, each sub-device) and
-//! `/metrics` (Prometheus: points polled, errors by kind, queue depth, bytes and drops by
-//! reason, uplink state).
+//! Local status over HTTP: `/livez` (the process answers), `/healthz` (503 with the reasons
+//! while the uplink is down or every polled device is unreachable), `/status` (JSON: uplink,
+//! queue, each Modbus device, each run-time sub-device of the JT/T 808, GB/T 32960, LoRaWAN
+//! and CoAP servers) and `/metrics` (Prometheus: points polled, errors by kind, device
+//! states, queue depth, bytes and drops by reason, uplink state, terminals and refusals).
 
 use crate::queue::Queue;
 use crate::uplink::State;
@@ -64,6 +66,41 @@ struct Ctx {
     queue: Arc<Mutex<Queue>>,
     uplink: watch::Receiver<State>,
     vehicles: VehicleCounters,
+    subs: Option<Arc<crate::subdevices::SubDevices>>,
+}
+
+/// A Prometheus label value: letters, digits and underscores only.
+fn label(v: &str) -> String {
+    v.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
+}
+
+/// Why the gateway is not healthy; empty when it is.
+fn unhealthy(c: &Ctx) -> Vec<String> {
+    let mut why = Vec::new();
+    let up = *c.uplink.borrow();
+    if up != State::Up {
+        why.push(format!("uplink is {}", uplink_name(up)));
+    }
+    let devices = c.status.snapshot();
+    let polled: Vec<&DeviceStatus> = devices.values().filter(|d| !d.state.is_empty()).collect();
+    if !polled.is_empty() && polled.iter().all(|d| d.state != "ok") {
+        why.push(format!("all {} polled devices are unreachable or failing", polled.len()));
+    }
+    why
+}
+
+async fn healthz(AxState(c): AxState<Ctx>) -> impl IntoResponse {
+    let why = unhealthy(&c);
+    if why.is_empty() {
+        (axum::http::StatusCode::OK, Json(json!({"status": "ok"})))
+    } else {
+        (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "unhealthy", "reasons": why})),
+        )
+    }
 }
 
 fn uplink_name(s: State) -> &'static str {
@@ -84,10 +121,38 @@ async fn status_json(AxState(c): AxState<Ctx>) -> impl IntoResponse {
             (k, json!({"state": d.state, "last_ok_ms": d.last_ok_ms, "last_error": d.last_error, "points": d.points, "errors": d.errors, "writes_ok": d.writes_ok, "writes_failed": d.writes_failed}))
         })
         .collect();
+    let (routed, known) = c.subs.as_ref().map_or_else(Default::default, |s| {
+        (
+            s.routed().into_iter().collect::<std::collections::HashSet<_>>(),
+            s.known(),
+        )
+    });
+    let sub_devices: BTreeMap<String, serde_json::Value> = known
+        .into_iter()
+        .map(|(name, pk)| {
+            let connected = routed.contains(&name);
+            (name, json!({"product_key": pk, "connected": connected}))
+        })
+        .collect();
+    let servers: BTreeMap<&str, serde_json::Value> = c
+        .vehicles
+        .iter()
+        .map(|(p, v)| {
+            use std::sync::atomic::Ordering::Relaxed;
+            let refused = v.refused.lock().map(|r| r.clone()).unwrap_or_default();
+            let skipped = v.skipped.lock().map(|r| r.clone()).unwrap_or_default();
+            (*p, json!({"connected": v.connected.load(Relaxed), "frames": v.frames.load(Relaxed), "refused": refused, "skipped": skipped, "over_limit": v.over_limit.load(Relaxed)}))
+        })
+        .collect();
+    let why = unhealthy(&c);
     Json(json!({
+        "healthy": why.is_empty(),
+        "reasons": why,
         "uplink": uplink_name(*c.uplink.borrow()),
         "queue": {"depth": q.depth, "bytes": q.bytes, "dropped_full": q.dropped_full, "refused_full": q.refused_full, "dropped_age": q.dropped_age, "truncated_bytes": q.truncated_bytes},
         "devices": devices,
+        "sub_devices": sub_devices,
+        "servers": servers,
     }))
 }
 
@@ -120,7 +185,24 @@ async fn metrics(AxState(c): AxState<Ctx>) -> impl IntoResponse {
     ] {
         let _ = writeln!(out, "# TYPE {name} {kind}\n{name} {v}");
     }
+    let _ = writeln!(
+        out,
+        "# HELP ironlink_edge_healthy 1 when /healthz answers ok\n# TYPE ironlink_edge_healthy gauge\nironlink_edge_healthy {}",
+        u8::from(unhealthy(&c).is_empty())
+    );
     let devices = c.status.snapshot();
+    let _ = writeln!(
+        out,
+        "# HELP ironlink_edge_device_up 1 while the device's last poll succeeded\n# TYPE ironlink_edge_device_up gauge"
+    );
+    for (name, d) in &devices {
+        let _ = writeln!(
+            out,
+            "ironlink_edge_device_up{{device=\"{}\"}} {}",
+            label(name),
+            u8::from(d.state == "ok")
+        );
+    }
     let _ = writeln!(out, "# TYPE ironlink_edge_points_total counter");
     for (name, d) in &devices {
         let _ = writeln!(
@@ -171,14 +253,29 @@ async fn metrics(AxState(c): AxState<Ctx>) -> impl IntoResponse {
             for (why, n) in refused {
                 let _ = writeln!(
                     out,
-                    "ironlink_edge_refused_total{{protocol=\"{p}\",reason=\"{why}\"}} {n}"
+                    "ironlink_edge_refused_total{{protocol=\"{p}\",reason=\"{}\"}} {n}",
+                    label(why)
                 );
             }
             let _ = writeln!(
                 out,
-                "ironlink_edge_refused_total{{protocol=\"{p}\",reason=\"too many terminals\"}} {}",
+                "ironlink_edge_refused_total{{protocol=\"{p}\",reason=\"too_many_terminals\"}} {}",
                 v.over_limit.load(Relaxed)
             );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ironlink_edge_skipped_total parts of valid messages passed over on purpose\n# TYPE ironlink_edge_skipped_total counter"
+        );
+        for (p, v) in &c.vehicles {
+            let skipped = v.skipped.lock().map(|r| r.clone()).unwrap_or_default();
+            for (what, n) in skipped {
+                let _ = writeln!(
+                    out,
+                    "ironlink_edge_skipped_total{{protocol=\"{p}\",what=\"{}\"}} {n}",
+                    label(what)
+                );
+            }
         }
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
@@ -190,9 +287,11 @@ pub fn router(
     queue: Arc<Mutex<Queue>>,
     uplink: watch::Receiver<State>,
     vehicles: VehicleCounters,
+    subs: Option<Arc<crate::subdevices::SubDevices>>,
 ) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/livez", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/status", get(status_json))
         .route("/metrics", get(metrics))
         .with_state(Ctx {
@@ -200,5 +299,37 @@ pub fn router(
             queue,
             uplink,
             vehicles,
+            subs,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_needs_the_uplink_and_one_answering_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = Arc::new(Mutex::new(
+            Queue::open(dir.path(), Default::default()).unwrap(),
+        ));
+        let (tx, rx) = watch::channel(State::Down);
+        let c = Ctx {
+            status: Arc::new(Status::default()),
+            queue,
+            uplink: rx,
+            vehicles: Vec::new(),
+            subs: None,
+        };
+        assert_eq!(unhealthy(&c), vec!["uplink is down".to_owned()]);
+        tx.send(State::Up).unwrap();
+        assert!(unhealthy(&c).is_empty(), "no device polled yet");
+        c.status.update("m1", |d| d.state = "unreachable".into());
+        c.status.update("m2", |d| d.state = "error".into());
+        let why = unhealthy(&c);
+        assert!(why[0].contains("all 2 polled devices"), "{why:?}");
+        c.status.update("m2", |d| d.state = "ok".into());
+        assert!(unhealthy(&c).is_empty());
+        assert_eq!(label("too many terminals"), "too_many_terminals");
+    }
 }

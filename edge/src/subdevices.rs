@@ -168,6 +168,16 @@ impl SubDevices {
         }
     }
 
+    /// Every known run-time sub-device: name and product key.
+    pub fn known(&self) -> Vec<(String, String)> {
+        self.known
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(n, id)| (n.clone(), id.product_key.clone()))
+            .collect()
+    }
+
     /// Names with a route (their terminals are connected).
     pub fn routed(&self) -> Vec<String> {
         self.routes

@@ -26,9 +26,21 @@ pub struct Counters {
     pub refused: Mutex<BTreeMap<&'static str, u64>>,
     /// Connections refused because `max_terminals` were connected.
     pub over_limit: AtomicU64,
+    /// Parts of valid messages passed over on purpose (e.g. GB/T 32960 custom blocks).
+    pub skipped: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Counters {
+    /// Counts a part passed over on purpose.
+    pub fn skip(&self, what: &'static str) {
+        *self
+            .skipped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(what)
+            .or_default() += 1;
+    }
+
     /// Counts a refusal.
     pub fn refuse(&self, why: &'static str) {
         *self
