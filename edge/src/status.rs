@@ -69,11 +69,20 @@ struct Ctx {
     subs: Option<Arc<crate::subdevices::SubDevices>>,
 }
 
-/// A Prometheus label value: letters, digits and underscores only.
+/// A Prometheus label value: letters and digits, each run of anything else one underscore.
 fn label(v: &str) -> String {
-    v.chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect()
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        if c.is_ascii_alphanumeric() {
+            out.push(c);
+        } else if !out.is_empty() && !out.ends_with('_') {
+            out.push('_');
+        }
+    }
+    while out.ends_with('_') {
+        out.pop();
+    }
+    out
 }
 
 /// Why the gateway is not healthy; empty when it is.
@@ -331,5 +340,6 @@ mod tests {
         c.status.update("m2", |d| d.state = "ok".into());
         assert!(unhealthy(&c).is_empty());
         assert_eq!(label("too many terminals"), "too_many_terminals");
+        assert_eq!(label("duplicate (another gateway)"), "duplicate_another_gateway");
     }
 }

@@ -252,7 +252,7 @@ app_skey = "ec925802ae430ca77fd3dd73cb2cc588"
         .text()
         .await
         .unwrap();
-    assert!(metrics.contains("ironlink_edge_refused_total{protocol=\"lorawan\",reason=\"duplicate (another gateway)\"} 1"), "{metrics}");
+    assert!(metrics.contains("ironlink_edge_refused_total{protocol=\"lorawan\",reason=\"duplicate_another_gateway\"} 1"), "{metrics}");
     edge.shutdown().await;
 }
 

@@ -302,7 +302,7 @@ async fn jt808_terminals_register_report_and_answer_the_cloud() {
         .unwrap();
     assert!(
         metrics.contains(
-            "ironlink_edge_refused_total{protocol=\"jt808\",reason=\"not authenticated\"} 1"
+            "ironlink_edge_refused_total{protocol=\"jt808\",reason=\"not_authenticated\"} 1"
         ),
         "{metrics}"
     );
