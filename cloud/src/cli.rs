@@ -88,6 +88,91 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// True when the admin command asked for JSON (its errors are JSON too).
+    pub fn wants_json(&self) -> bool {
+        match self {
+            Command::Serve(_) => false,
+            Command::Product { client, .. }
+            | Command::Device { client, .. }
+            | Command::App { client, .. }
+            | Command::Rule { client, .. }
+            | Command::Script { client, .. }
+            | Command::Pub { client, .. } => client.json,
+        }
+    }
+}
+
+/// An answer of the API that is not a success, as the CLI reports it.
+#[derive(Debug, thiserror::Error)]
+#[error("{status} ({code}): {message}")]
+pub struct ApiCallError {
+    /// HTTP status.
+    pub status: u16,
+    /// The API's error code.
+    pub code: String,
+    /// The API's message, its HTTP hints turned into CLI commands.
+    pub message: String,
+}
+
+/// A call whose device answered with an error, or did not answer in time.
+#[derive(Debug, thiserror::Error)]
+#[error("call {id} {status}{}", code.map(|c| format!(" (code {c})")).unwrap_or_default())]
+pub struct CallFailed {
+    /// Message id of the call.
+    pub id: String,
+    /// `failed` or `timed_out`.
+    pub status: String,
+    /// The device's Alink code, if it answered.
+    pub code: Option<i64>,
+}
+
+/// The API's hints name HTTP paths; a CLI user needs the command instead.
+fn cli_hints(message: &str) -> String {
+    const HINTS: [(&str, &str); 6] = [
+        ("GET /api/v1/products/{pk}/devices", "ironlink-cloud device list PRODUCT_KEY"),
+        ("GET /api/v1/products", "ironlink-cloud product list"),
+        ("PUT /api/v1/products/{pk}/thing-model", "ironlink-cloud product thing-model PRODUCT_KEY --import FILE"),
+        ("POST /api/v1/consumer-groups", "ironlink-cloud app group create NAME"),
+        ("see /api/v1/openapi.json", "see ironlink-cloud --help"),
+        ("`Authorization: Bearer <admin token>`", "--token or IRONLINK_TOKEN"),
+    ];
+    let mut out = message.to_owned();
+    for (http, cli) in HINTS {
+        if let Some((prefix, _)) = http.split_once("{pk}") {
+            // The message carries the real key in place of {pk}.
+            if let Some(i) = out.find(prefix) {
+                let rest = &out[i + prefix.len()..];
+                let key_end = rest.find('/').unwrap_or(rest.len());
+                let (key, tail) = rest.split_at(key_end);
+                let suffix = http.split_once("{pk}").map_or("", |(_, s)| s);
+                if let Some(after) = tail.strip_prefix(suffix) {
+                    out = format!("{}{}{after}", &out[..i], cli.replace("PRODUCT_KEY", key));
+                }
+            }
+        } else {
+            out = out.replace(http, cli);
+        }
+    }
+    out
+}
+
+/// A base URL with a scheme: `host:port` becomes `http://host:port`.
+pub fn normalize_url(url: &str) -> anyhow::Result<String> {
+    let url = url.trim().trim_end_matches('/');
+    let full = if url.contains("://") {
+        url.to_owned()
+    } else {
+        format!("http://{url}")
+    };
+    let parsed = reqwest::Url::parse(&full)
+        .with_context(|| format!("--url `{url}` is not a URL like http://127.0.0.1:8080"))?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+        bail!("--url `{url}` must be http://HOST:PORT or https://HOST:PORT");
+    }
+    Ok(full)
+}
+
 /// `serve` flags; each overrides the same key of the config file.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -475,9 +560,18 @@ pub enum DeviceCmd {
         product_key: String,
         /// Device names.
         names: Vec<String>,
-        /// How many devices with generated names.
+        /// How many devices with generated names (sent in batches of 1,000, the API's
+        /// most per request, with a progress bar on a terminal).
         #[arg(long)]
         count: Option<usize>,
+    },
+    /// Create devices from a CSV file with a `device_name` column (a header row; other
+    /// columns become tags), in batches of 1,000.
+    Import {
+        /// Product key.
+        product_key: String,
+        /// CSV file.
+        file: PathBuf,
     },
     /// List a product's devices.
     List {
@@ -586,7 +680,8 @@ pub enum DeviceCmd {
         #[arg(long, default_value_t = 100)]
         limit: i64,
     },
-    /// Set properties (thing.service.property.set) and wait for the device's answer.
+    /// Set properties (thing.service.property.set) and wait for the device's answer; exits
+    /// non-zero when the device refuses or does not answer in time.
     Set {
         /// Product key.
         product_key: String,
@@ -612,6 +707,10 @@ pub enum DeviceCmd {
         /// Timeout, ms.
         #[arg(long)]
         timeout_ms: Option<u64>,
+        /// For async services: wait until the device answers or the call times out (exits
+        /// non-zero unless it succeeded).
+        #[arg(long)]
+        wait: bool,
     },
     /// Recent calls (property set/get and services) and their status.
     Calls {
@@ -664,7 +763,7 @@ impl Client {
         };
         Ok(Self {
             http: reqwest::Client::new(),
-            url: a.url.trim_end_matches('/').to_owned(),
+            url: normalize_url(&a.url)?,
             token,
             json: a.json,
         })
@@ -699,18 +798,18 @@ impl Client {
         let status = resp.status();
         let v: Value = resp.json().await.unwrap_or(Value::Null);
         if !status.is_success() {
-            bail!(
-                "{} ({}): {}",
-                status,
-                v["code"].as_str().unwrap_or("error"),
-                v["message"].as_str().unwrap_or("no message")
-            );
+            return Err(ApiCallError {
+                status: status.as_u16(),
+                code: v["code"].as_str().unwrap_or("error").to_owned(),
+                message: cli_hints(v["message"].as_str().unwrap_or("no message")),
+            }
+            .into());
         }
         Ok(v)
     }
 }
 
-/// Epoch milliseconds as UTC `YYYY-MM-DD HH:MM:SS.mmm` (proleptic Gregorian).
+/// Epoch milliseconds as `YYYY-MM-DD HH:MM:SS.mmm UTC` (proleptic Gregorian).
 pub fn format_ms(ms: i64) -> String {
     let (days, rem) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
     // Civil-from-days (H. Hinnant's algorithm).
@@ -724,7 +823,7 @@ pub fn format_ms(ms: i64) -> String {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}.{:03}",
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}.{:03} UTC",
         rem / 3_600_000,
         rem / 60_000 % 60,
         rem / 1000 % 60,
@@ -814,6 +913,126 @@ fn output(c: &Client, v: &Value, list_key: Option<(&str, &[&str])>) {
     match list_key {
         Some((key, cols)) => print_table(v[key].as_array().map(Vec::as_slice).unwrap_or(&[]), cols),
         None => print_record(v),
+    }
+}
+
+/// Most devices the API creates in one request.
+const CREATE_BATCH: usize = 1000;
+
+/// Creates the named devices (with their tags, when not null) and `generate` more with
+/// generated names, in batches the API takes, with a progress bar on a terminal. Each batch
+/// is all or none; a failing batch stops the run and says how many were created before it.
+async fn create_in_batches(
+    c: &Client,
+    pk: &str,
+    named: Vec<(String, Value)>,
+    generate: usize,
+) -> anyhow::Result<Vec<Value>> {
+    let total = named.len() + generate;
+    let bar = if c.json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(total as u64)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} devices {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let path = format!("/products/{pk}/devices");
+    let mut created: Vec<Value> = Vec::with_capacity(total);
+    let mut named = named.into_iter().peekable();
+    let mut left = generate;
+    while named.peek().is_some() || left > 0 {
+        let batch: Vec<(String, Value)> = named.by_ref().take(CREATE_BATCH).collect();
+        let count = (CREATE_BATCH - batch.len()).min(left);
+        left -= count;
+        let names: Vec<&str> = batch.iter().map(|(n, _)| n.as_str()).collect();
+        let body = json!({"device_names": names, "count": (count > 0).then_some(count)});
+        let v = c
+            .call(reqwest::Method::POST, &path, Some(body))
+            .await
+            .with_context(|| format!("after {} of {total} devices were created", created.len()))?;
+        for (name, tags) in batch.iter().filter(|(_, t)| !t.is_null()) {
+            c.call(
+                reqwest::Method::PUT,
+                &format!("/devices/{pk}/{name}/tags"),
+                Some(tags.clone()),
+            )
+            .await
+            .with_context(|| format!("tags of `{name}`"))?;
+        }
+        let devices = v["devices"].as_array().cloned().unwrap_or_default();
+        bar.inc(devices.len() as u64);
+        created.extend(devices);
+    }
+    bar.finish_and_clear();
+    Ok(created)
+}
+
+/// Rows of a device CSV: `device_name` plus tag columns (empty cells are no tag).
+fn read_devices_csv(file: &std::path::Path) -> anyhow::Result<Vec<(String, Value)>> {
+    let mut r = csv::ReaderBuilder::new()
+        .trim(csv::Trim::All)
+        .from_path(file)
+        .with_context(|| format!("reading {}", file.display()))?;
+    let headers = r
+        .headers()
+        .with_context(|| format!("{}: no header row", file.display()))?
+        .clone();
+    let name_col = headers
+        .iter()
+        .position(|h| h == "device_name")
+        .with_context(|| format!("{}: the header row has no `device_name` column", file.display()))?;
+    let mut rows = Vec::new();
+    for (i, rec) in r.records().enumerate() {
+        let rec = rec.with_context(|| format!("{}: row {}", file.display(), i + 2))?;
+        let name = rec.get(name_col).unwrap_or_default().to_owned();
+        if name.is_empty() {
+            bail!("{}: row {}: device_name is empty", file.display(), i + 2);
+        }
+        let tags: serde_json::Map<String, Value> = headers
+            .iter()
+            .zip(rec.iter())
+            .enumerate()
+            .filter(|(j, (_, v))| *j != name_col && !v.is_empty())
+            .map(|(_, (k, v))| (k.to_owned(), json!(v)))
+            .collect();
+        rows.push((name, if tags.is_empty() { Value::Null } else { Value::Object(tags) }));
+    }
+    if rows.is_empty() {
+        bail!("{}: no devices in the file", file.display());
+    }
+    Ok(rows)
+}
+
+/// Polls an async call until it is no longer pending (its deadline bounds the wait).
+async fn wait_for_call(c: &Client, pk: &str, dn: &str, mut v: Value) -> anyhow::Result<Value> {
+    let id = v["id"].as_str().unwrap_or_default().to_owned();
+    let mut delay = std::time::Duration::from_millis(50);
+    while v["status"] == "pending" {
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(std::time::Duration::from_secs(1));
+        v = c
+            .call(
+                reqwest::Method::GET,
+                &format!("/devices/{pk}/{dn}/service-calls/{id}"),
+                None,
+            )
+            .await?;
+    }
+    Ok(v)
+}
+
+/// An error for a call that failed or timed out (pending and succeeded calls are fine).
+fn call_outcome(v: &Value) -> anyhow::Result<()> {
+    match v["status"].as_str() {
+        Some(s @ ("failed" | "timed_out")) => Err(CallFailed {
+            id: v["id"].as_str().unwrap_or_default().to_owned(),
+            status: s.to_owned(),
+            code: v["code"].as_i64(),
+        }
+        .into()),
+        _ => Ok(()),
     }
 }
 
@@ -921,10 +1140,25 @@ pub async fn run_admin(command: Command) -> anyhow::Result<()> {
                         let body = json!({"device_name": names.first()});
                         c.record(Method::POST, &path, Some(body)).await?;
                     } else {
-                        let body = json!({"device_names": names, "count": count});
-                        let v = c.call(Method::POST, &path, Some(body)).await?;
-                        output(&c, &v, Some(("devices", &["device_name", "device_secret"])));
+                        let rows: Vec<(String, Value)> =
+                            names.into_iter().map(|n| (n, Value::Null)).collect();
+                        let created =
+                            create_in_batches(&c, &product_key, rows, count.unwrap_or(0)).await?;
+                        output(
+                            &c,
+                            &json!({"devices": created}),
+                            Some(("devices", &["device_name", "device_secret"])),
+                        );
                     }
+                }
+                DeviceCmd::Import { product_key, file } => {
+                    let rows = read_devices_csv(&file)?;
+                    let created = create_in_batches(&c, &product_key, rows, 0).await?;
+                    output(
+                        &c,
+                        &json!({"devices": created}),
+                        Some(("devices", &["device_name", "device_secret"])),
+                    );
                 }
                 DeviceCmd::List {
                     product_key,
@@ -1137,6 +1371,7 @@ pub async fn run_admin(command: Command) -> anyhow::Result<()> {
                         )
                         .await?;
                     output(&c, &v, None);
+                    call_outcome(&v)?;
                 }
                 DeviceCmd::Call {
                     product_key: pk,
@@ -1144,17 +1379,22 @@ pub async fn run_admin(command: Command) -> anyhow::Result<()> {
                     service,
                     params,
                     timeout_ms,
+                    wait,
                 } => {
                     let body =
                         json!({"params": json_arg(&params, "params")?, "timeout_ms": timeout_ms});
-                    let v = c
+                    let mut v = c
                         .call(
                             Method::POST,
                             &format!("/devices/{pk}/{dn}/services/{service}"),
                             Some(body),
                         )
                         .await?;
+                    if wait {
+                        v = wait_for_call(&c, &pk, &dn, v).await?;
+                    }
                     output(&c, &v, None);
+                    call_outcome(&v)?;
                 }
                 DeviceCmd::Calls {
                     product_key: pk,
@@ -1565,9 +1805,9 @@ mod tests {
 
     #[test]
     fn epoch_ms_print_as_utc() {
-        assert_eq!(format_ms(0), "1970-01-01 00:00:00.000");
-        assert_eq!(format_ms(1_700_000_000_123), "2023-11-14 22:13:20.123");
-        assert_eq!(format_ms(951_782_400_000), "2000-02-29 00:00:00.000");
-        assert_eq!(format_ms(-1), "1969-12-31 23:59:59.999");
+        assert_eq!(format_ms(0), "1970-01-01 00:00:00.000 UTC");
+        assert_eq!(format_ms(1_700_000_000_123), "2023-11-14 22:13:20.123 UTC");
+        assert_eq!(format_ms(951_782_400_000), "2000-02-29 00:00:00.000 UTC");
+        assert_eq!(format_ms(-1), "1969-12-31 23:59:59.999 UTC");
     }
 }

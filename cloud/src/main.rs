@@ -6,9 +6,22 @@ use ironlink_cloud::server;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    // Errors are for people: the message and its causes, without a backtrace.
-    match run().await {
+    let cli = Cli::parse();
+    let json = cli.command.wants_json();
+    // Errors are for people: the message and its causes, without a backtrace; or one JSON
+    // object under --json.
+    match run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if json => {
+            let mut v = serde_json::json!({"error": format!("{e:#}")});
+            if let Some(api) = e.downcast_ref::<ironlink_cloud::cli::ApiCallError>() {
+                v = serde_json::json!({"error": api.message, "status": api.status, "code": api.code});
+            } else if let Some(call) = e.downcast_ref::<ironlink_cloud::cli::CallFailed>() {
+                v = serde_json::json!({"error": call.to_string(), "id": call.id, "status": call.status, "code": call.code});
+            }
+            eprintln!("{v}");
+            std::process::ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
@@ -16,8 +29,7 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let config = args.config()?;
