@@ -78,6 +78,9 @@ impl From<RegistryError> for ApiError {
 
 impl From<StorageError> for ApiError {
     fn from(e: StorageError) -> Self {
+        if let StorageError::Conflict(m) = e {
+            return Self::new(StatusCode::CONFLICT, "conflict", m);
+        }
         tracing::error!(error = %e, "storage error in API");
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -259,7 +262,43 @@ async fn json_errors(res: Response) -> Response {
 
 type ApiResult<T> = Result<T, ApiError>;
 
+/// Whole numbers in request bodies: JSON Schema's `integer` includes `1.0`, serde's integers
+/// do not, so a client that writes `1.0` would be refused for a value it may send.
+pub(crate) mod int {
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer};
+
+    fn whole<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i128>, D::Error> {
+        let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
+            return Ok(None);
+        };
+        n.as_i64()
+            .map(i128::from)
+            .or_else(|| n.as_u64().map(i128::from))
+            .or_else(|| {
+                n.as_f64()
+                    .filter(|f| f.fract() == 0.0 && f.abs() < 9.0e18)
+                    .map(|f| f as i128)
+            })
+            .map(Some)
+            .ok_or_else(|| D::Error::custom(format!("{n} is not a whole number")))
+    }
+
+    /// An optional whole number (absent or null is `None`).
+    pub fn opt<'de, D: Deserializer<'de>, T: TryFrom<i128>>(d: D) -> Result<Option<T>, D::Error> {
+        whole(d)?
+            .map(|v| T::try_from(v).map_err(|_| D::Error::custom(format!("{v} is out of range"))))
+            .transpose()
+    }
+
+    /// A whole number (with `#[serde(default)]` for absent ones).
+    pub fn req<'de, D: Deserializer<'de>, T: TryFrom<i128>>(d: D) -> Result<T, D::Error> {
+        opt(d)?.ok_or_else(|| D::Error::custom("a whole number is required"))
+    }
+}
+
 mod apps;
+pub mod doc;
 mod rules;
 mod thing;
 
@@ -336,9 +375,10 @@ async fn require_token(State(state): State<ApiState>, req: Request, next: Next) 
 }
 
 async fn openapi() -> impl IntoResponse {
+    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     (
         [(header::CONTENT_TYPE, "application/json")],
-        include_str!("openapi.json"),
+        DOC.get_or_init(doc::json).clone(),
     )
 }
 
@@ -352,6 +392,15 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
     )
 }
 
+#[utoipa::path(
+    post,
+    path = "/products",
+    tag = "products",
+    operation_id = "create_product",
+    summary = "Create a product (its secret is shown here and through its credentials only)",
+    request_body = NewProduct,
+    responses((status = 201, description = "Created", body = doc::ProductCreated))
+)]
 async fn create_product(
     State(s): State<ApiState>,
     ApiJson(body): ApiJson<NewProduct>,
@@ -360,6 +409,14 @@ async fn create_product(
     Ok((StatusCode::CREATED, Json(p)))
 }
 
+#[utoipa::path(
+    get,
+    path = "/products",
+    tag = "products",
+    operation_id = "list_products",
+    summary = "List products (without secrets)",
+    responses((status = 200, description = "Products", body = doc::ProductList))
+)]
 async fn list_products(State(s): State<ApiState>) -> ApiResult<impl IntoResponse> {
     let products: Vec<Value> = s
         .shared
@@ -381,6 +438,15 @@ fn product_json(p: crate::storage::Product) -> Value {
     v
 }
 
+#[utoipa::path(
+    get,
+    path = "/products/{pk}",
+    tag = "products",
+    operation_id = "get_product",
+    summary = "Show a product (without its secret)",
+    params(("pk" = String, Path, description = "Product key")),
+    responses((status = 200, description = "The product", body = doc::ProductView), (status = 404, description = "No such product", body = doc::ErrorBody))
+)]
 async fn get_product(
     State(s): State<ApiState>,
     Path(pk): Path<String>,
@@ -389,6 +455,15 @@ async fn get_product(
 }
 
 /// The product secret (dynamic registration), on an explicit call that is logged for audit.
+#[utoipa::path(
+    get,
+    path = "/products/{pk}/credentials",
+    tag = "products",
+    operation_id = "product_credentials",
+    summary = "The product secret for dynamic registration (audited in the log)",
+    params(("pk" = String, Path, description = "Product key")),
+    responses((status = 200, description = "Secret", body = doc::ProductCredentials), (status = 404, description = "No such product", body = doc::ErrorBody))
+)]
 async fn product_credentials(
     State(s): State<ApiState>,
     Path(pk): Path<String>,
@@ -403,6 +478,15 @@ async fn product_credentials(
 }
 
 /// A device's secret and where to connect, on an explicit call that is logged for audit.
+#[utoipa::path(
+    get,
+    path = "/devices/{pk}/{dn}/credentials",
+    tag = "devices",
+    operation_id = "device_credentials",
+    summary = "A device's secret and the ports to connect to (audited in the log)",
+    params(("pk" = String, Path, description = "Product key"), ("dn" = String, Path, description = "Device name")),
+    responses((status = 200, description = "Secret and ports", body = doc::DeviceCredentials), (status = 404, description = "No such device", body = doc::ErrorBody))
+)]
 async fn device_credentials(
     State(s): State<ApiState>,
     Path((pk, dn)): Path<(String, String)>,
@@ -449,14 +533,25 @@ async fn require_device(s: &ApiState, pk: &str, dn: &str) -> ApiResult<Device> {
         .ok_or_else(|| unknown_device(pk, dn))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ProductUpdate {
+    #[schema(min_length = 1, max_length = 64, pattern = r"\S")]
     name: Option<String>,
     description: Option<String>,
     dynamic_register: Option<bool>,
 }
 
+#[utoipa::path(
+    patch,
+    path = "/products/{pk}",
+    tag = "products",
+    operation_id = "update_product",
+    summary = "Change a product's name, description or dynamic registration",
+    params(("pk" = String, Path, description = "Product key")),
+    request_body = ProductUpdate,
+    responses((status = 200, description = "The product", body = doc::ProductView), (status = 404, description = "No such product", body = doc::ErrorBody))
+)]
 async fn update_product(
     State(s): State<ApiState>,
     Path(pk): Path<String>,
@@ -482,6 +577,16 @@ async fn update_product(
     Ok(Json(product_json(p)))
 }
 
+#[utoipa::path(
+    put,
+    path = "/devices/{pk}/{dn}/tags",
+    tag = "devices",
+    operation_id = "put_tags",
+    summary = "Replace a device's tags",
+    params(("pk" = String, Path, description = "Product key"), ("dn" = String, Path, description = "Device name")),
+    request_body = doc::Tags,
+    responses((status = 200, description = "The device", body = doc::DeviceView), (status = 404, description = "No such device", body = doc::ErrorBody))
+)]
 async fn put_tags(
     State(s): State<ApiState>,
     Path((pk, dn)): Path<(String, String)>,
@@ -506,6 +611,16 @@ async fn put_tags(
     Ok(Json(device_json(&s, d)))
 }
 
+#[utoipa::path(
+    put,
+    path = "/products/{pk}/thing-model",
+    tag = "thing model",
+    operation_id = "put_thing_model",
+    summary = "Import a thing model (Alibaba TSL JSON) as a new version",
+    params(("pk" = String, Path, description = "Product key")),
+    request_body = doc::ThingModelDoc,
+    responses((status = 200, description = "Stored", body = doc::ThingModelStored), (status = 404, description = "No such product", body = doc::ErrorBody))
+)]
 async fn put_thing_model(
     State(s): State<ApiState>,
     Path(pk): Path<String>,
@@ -535,12 +650,24 @@ async fn put_thing_model(
     })))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct VersionQuery {
+    /// A version number; default the newest.
+    #[param(minimum = 1)]
     version: Option<i64>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/products/{pk}/thing-model",
+    tag = "thing model",
+    operation_id = "get_thing_model",
+    summary = "The current (or a given) thing model version",
+    params(("pk" = String, Path, description = "Product key"), VersionQuery),
+    responses((status = 200, description = "The model", body = doc::ThingModelVersion), (status = 404, description = "No such product or version", body = doc::ErrorBody))
+)]
 async fn get_thing_model(
     State(s): State<ApiState>,
     Path(pk): Path<String>,
@@ -563,6 +690,15 @@ async fn get_thing_model(
     }
 }
 
+#[utoipa::path(
+    delete,
+    path = "/products/{pk}",
+    tag = "products",
+    operation_id = "delete_product",
+    summary = "Delete a product with its devices (they are disconnected)",
+    params(("pk" = String, Path, description = "Product key")),
+    responses((status = 200, description = "Deleted", body = doc::Deleted), (status = 404, description = "No such product", body = doc::ErrorBody))
+)]
 async fn delete_product(
     State(s): State<ApiState>,
     Path(pk): Path<String>,
@@ -579,15 +715,31 @@ async fn delete_product(
     Ok(Json(json!({"deleted": pk, "disconnected": kicked})))
 }
 
-#[derive(Debug, Deserialize)]
+/// One device (`device_name`, or nothing for one with a generated name) or a batch
+/// (`device_names` and/or `count`, 1,000 devices at most in all, names unique).
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateDevices {
+    #[schema(value_type = Option<doc::DeviceName>)]
     device_name: Option<String>,
     #[serde(default)]
+    #[schema(value_type = Vec<doc::DeviceName>, max_items = 500)]
     device_names: Vec<String>,
+    #[serde(default, deserialize_with = "int::opt")]
+    #[schema(minimum = 0, maximum = 500)]
     count: Option<usize>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/products/{pk}/devices",
+    tag = "devices",
+    operation_id = "create_devices",
+    summary = "Create one device (device_name, or none for a generated name) or a batch (device_names and/or count, 1,000 at most)",
+    params(("pk" = String, Path, description = "Product key")),
+    request_body = CreateDevices,
+    responses((status = 201, description = "Created: one device, or `devices` for a batch", body = doc::DeviceCreatedOrBatch), (status = 404, description = "No such product", body = doc::ErrorBody), (status = 409, description = "A name is taken", body = doc::ErrorBody))
+)]
 async fn create_devices(
     State(s): State<ApiState>,
     Path(pk): Path<String>,
@@ -598,21 +750,19 @@ async fn create_devices(
         device_names: vec![],
         count: None,
     });
-    let batch = !body.device_names.is_empty() || body.count.is_some();
-    if batch && body.device_name.is_some() {
-        return Err(ApiError::invalid(
-            "give either device_name (one device) or device_names/count (a batch), not both",
-        ));
-    }
+    // `device_name` alone (or nothing) is one device; with `device_names` or a count it is
+    // one more name of the batch.
+    let count = body.count.unwrap_or(0);
+    let batch = !body.device_names.is_empty() || count > 0;
     let names: Vec<String> = body
         .device_name
         .into_iter()
         .chain(body.device_names)
         .collect();
-    let generate = match (batch, body.count) {
-        (true, Some(n)) => n,
-        (true, None) => 0,
-        (false, _) => usize::from(names.is_empty()),
+    let generate = if batch {
+        count
+    } else {
+        usize::from(names.is_empty())
     };
     let devices = registry::create_devices(&s.shared.db, &pk, names, generate).await?;
     let changes = devices
@@ -626,20 +776,26 @@ async fn create_devices(
         .collect();
     announce(&s, changes).await;
     if batch {
+        let devices: Vec<Value> = devices.into_iter().map(|d| created_json(&s, d)).collect();
         Ok((StatusCode::CREATED, Json(json!({ "devices": devices }))))
     } else {
         let d = devices
             .into_iter()
             .next()
             .ok_or_else(|| ApiError::invalid("no device created"))?;
-        let secret = d.device_secret.clone();
-        let mut v = device_json(&s, d);
-        if let Some(o) = v.as_object_mut() {
-            // Shown at creation, then only through the audited credentials call.
-            o.insert("device_secret".into(), json!(secret));
-        }
-        Ok((StatusCode::CREATED, Json(v)))
+        Ok((StatusCode::CREATED, Json(created_json(&s, d))))
     }
+}
+
+/// A new device as the API shows it, with its secret (shown at creation, then only through
+/// the audited credentials call).
+fn created_json(s: &ApiState, d: Device) -> Value {
+    let secret = d.device_secret.clone();
+    let mut v = device_json(s, d);
+    if let Some(o) = v.as_object_mut() {
+        o.insert("device_secret".into(), json!(secret));
+    }
+    v
 }
 
 fn device_json(s: &ApiState, d: Device) -> Value {
@@ -663,17 +819,33 @@ fn device_json(s: &ApiState, d: Device) -> Value {
     v
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct DeviceFilter {
+    /// Page number, from 1.
+    #[param(minimum = 1)]
     page: Option<i64>,
+    /// Devices per page, 1 to 1,000 (default 50).
+    #[param(minimum = 1, maximum = 1000)]
     page_size: Option<i64>,
     /// `online`, `offline` or `unactive` (as stored; follows the sessions within a moment).
+    #[param(pattern = "^(online|offline|unactive)$")]
     status: Option<String>,
     /// `KEY:VALUE`: devices whose tag KEY is VALUE.
+    #[param(pattern = "^[^:]+:")]
     tag: Option<String>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/products/{pk}/devices",
+    tag = "devices",
+    operation_id = "list_devices",
+    summary = "List a product's devices, filtered by status and tag",
+    params(("pk" = String, Path, description = "Product key"), DeviceFilter),
+    responses((status = 200, description = "A page of devices", body = doc::DeviceList), (status = 404, description = "No such product", body = doc::ErrorBody))
+)]
 async fn list_devices(
     State(s): State<ApiState>,
     Path(pk): Path<String>,
@@ -717,6 +889,15 @@ async fn list_devices(
     ))
 }
 
+#[utoipa::path(
+    get,
+    path = "/devices/{pk}/{dn}",
+    tag = "devices",
+    operation_id = "get_device",
+    summary = "Show a device (without its secret)",
+    params(("pk" = String, Path, description = "Product key"), ("dn" = String, Path, description = "Device name")),
+    responses((status = 200, description = "The device", body = doc::DeviceView), (status = 404, description = "No such device", body = doc::ErrorBody))
+)]
 async fn get_device(
     State(s): State<ApiState>,
     Path((pk, dn)): Path<(String, String)>,
@@ -725,6 +906,15 @@ async fn get_device(
     Ok(Json(device_json(&s, d)))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/devices/{pk}/{dn}",
+    tag = "devices",
+    operation_id = "delete_device",
+    summary = "Delete a device (it is disconnected)",
+    params(("pk" = String, Path, description = "Product key"), ("dn" = String, Path, description = "Device name")),
+    responses((status = 200, description = "Deleted", body = doc::Deleted), (status = 404, description = "No such device", body = doc::ErrorBody))
+)]
 async fn delete_device(
     State(s): State<ApiState>,
     Path((pk, dn)): Path<(String, String)>,
@@ -785,6 +975,15 @@ async fn announce(s: &ApiState, changes: Vec<Change>) {
     .await;
 }
 
+#[utoipa::path(
+    post,
+    path = "/devices/{pk}/{dn}/disable",
+    tag = "devices",
+    operation_id = "disable_device",
+    summary = "Disable a device (it is disconnected at once)",
+    params(("pk" = String, Path, description = "Product key"), ("dn" = String, Path, description = "Device name")),
+    responses((status = 200, description = "The device", body = doc::DeviceView), (status = 404, description = "No such device", body = doc::ErrorBody))
+)]
 async fn disable_device(
     State(s): State<ApiState>,
     Path((pk, dn)): Path<(String, String)>,
@@ -792,6 +991,15 @@ async fn disable_device(
     set_enabled(&s, &pk, &dn, false).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/devices/{pk}/{dn}/enable",
+    tag = "devices",
+    operation_id = "enable_device",
+    summary = "Enable a device",
+    params(("pk" = String, Path, description = "Product key"), ("dn" = String, Path, description = "Device name")),
+    responses((status = 200, description = "The device", body = doc::DeviceView), (status = 404, description = "No such device", body = doc::ErrorBody))
+)]
 async fn enable_device(
     State(s): State<ApiState>,
     Path((pk, dn)): Path<(String, String)>,
@@ -799,15 +1007,18 @@ async fn enable_device(
     set_enabled(&s, &pk, &dn, true).await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PublishBody {
+    /// One of the device's topics: /sys/{pk}/{dn}/..., /{pk}/{dn}/user/..., ...
     topic: String,
     /// A string is sent as is; any other JSON value is sent serialized.
+    #[schema(value_type = Option<Object>)]
     payload: Option<Value>,
     /// Binary payloads, base64 (standard alphabet).
     payload_base64: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "int::req")]
+    #[schema(minimum = 0, maximum = 1)]
     qos: u8,
 }
 
@@ -850,6 +1061,16 @@ fn decode_base64(s: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
+#[utoipa::path(
+    post,
+    path = "/devices/{pk}/{dn}/messages",
+    tag = "devices",
+    operation_id = "publish_to_device",
+    summary = "Publish a message on one of an online device's topics",
+    params(("pk" = String, Path, description = "Product key"), ("dn" = String, Path, description = "Device name")),
+    request_body = PublishBody,
+    responses((status = 200, description = "Published", body = doc::Published), (status = 404, description = "No such device", body = doc::ErrorBody), (status = 409, description = "The device is offline", body = doc::ErrorBody))
+)]
 async fn publish_to_device(
     State(s): State<ApiState>,
     Path((pk, dn)): Path<(String, String)>,
@@ -882,17 +1103,33 @@ async fn publish_to_device(
     Ok(Json(json!({"topic": body.topic, "delivered": delivered})))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct BroadcastBody {
+    /// Published as /broadcast/{pk}/{topic}; no + or #.
+    #[schema(min_length = 1, pattern = "^[^+#]*[^/+#][^+#]*$")]
     topic: String,
+    #[schema(value_type = Option<Object>)]
     payload: Option<Value>,
+    /// Bytes, base64 (standard alphabet); not with `payload`.
+    #[schema(pattern = r"^[A-Za-z0-9+/\s]*=*$")]
     payload_base64: Option<String>,
     /// 0 (default) or 1; each device receives at most its subscription's QoS.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "int::req")]
+    #[schema(minimum = 0, maximum = 1)]
     qos: u8,
 }
 
+#[utoipa::path(
+    post,
+    path = "/products/{pk}/broadcast",
+    tag = "devices",
+    operation_id = "broadcast",
+    summary = "Broadcast to a product's devices on /broadcast/{pk}/{topic}",
+    params(("pk" = String, Path, description = "Product key")),
+    request_body = BroadcastBody,
+    responses((status = 200, description = "Published", body = doc::Published), (status = 404, description = "No such product", body = doc::ErrorBody))
+)]
 async fn broadcast(
     State(s): State<ApiState>,
     Path(pk): Path<String>,
@@ -919,12 +1156,23 @@ async fn broadcast(
     Ok(Json(json!({"topic": topic, "delivered": delivered})))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct HistoryQuery {
+    /// Most events (1 to 1,000, default 100).
     limit: Option<i64>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/devices/{pk}/{dn}/presence",
+    tag = "devices",
+    operation_id = "presence_history",
+    summary = "Online/offline history with reasons",
+    params(("pk" = String, Path, description = "Product key"), ("dn" = String, Path, description = "Device name"), HistoryQuery),
+    responses((status = 200, description = "Events, newest first", body = doc::PresenceList), (status = 404, description = "No such device", body = doc::ErrorBody))
+)]
 async fn presence_history(
     State(s): State<ApiState>,
     Path((pk, dn)): Path<(String, String)>,

@@ -73,16 +73,19 @@ pub fn validate_device_name(name: &str) -> Result<(), RegistryError> {
 }
 
 /// What a new product is made of.
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewProduct {
-    /// 1 to 64 characters.
+    /// 1 to 64 characters, not only white space.
+    #[schema(min_length = 1, max_length = 64, pattern = r"\S")]
     pub name: String,
     /// `direct` (default), `gateway` or `sub-device`.
     #[serde(default = "default_node_type")]
+    #[schema(pattern = "^(direct|gateway|sub-device)$")]
     pub node_type: String,
     /// `alink-json` (default) or `raw`.
     #[serde(default = "default_data_format")]
+    #[schema(pattern = "^(alink-json|raw)$")]
     pub data_format: String,
     /// Allow dynamic registration with the product secret.
     #[serde(default)]
@@ -92,6 +95,7 @@ pub struct NewProduct {
     pub description: String,
     /// Owner; gateways only carry sub-devices of their own tenant. Default `default`.
     #[serde(default = "default_tenant")]
+    #[schema(min_length = 1, max_length = 64)]
     pub tenant: String,
 }
 
@@ -122,7 +126,7 @@ pub async fn create_product(db: &Db, p: NewProduct) -> Result<Product, RegistryE
             NODE_TYPES.join(", ")
         )));
     }
-    if p.tenant.is_empty() || p.tenant.len() > 64 {
+    if p.tenant.is_empty() || p.tenant.chars().count() > 64 {
         return Err(RegistryError::Invalid(
             "tenant must be 1 to 64 characters".into(),
         ));

@@ -218,7 +218,7 @@ async fn openapi_and_metrics_are_served() {
         .json()
         .await
         .unwrap();
-    assert_eq!(v["openapi"], "3.0.3");
+    assert!(v["openapi"].as_str().unwrap().starts_with("3."), "{}", v["openapi"]);
     for path in [
         "/products",
         "/products/{pk}/devices",
@@ -239,9 +239,32 @@ async fn openapi_and_metrics_are_served() {
         "/consumer-groups",
         "/consumer-groups/{id}",
         "/subscriptions",
+        "/devices/{pk}/{dn}/credentials",
+        "/products/{pk}/credentials",
+        "/rules",
+        "/products/{pk}/script",
     ] {
         assert!(v["paths"][path].is_object(), "{path} documented");
     }
+    // Generated from the handlers: every operation has an id, a tag, its success and the
+    // errors every handler can give, each with a schema.
+    let mut ids = std::collections::HashSet::new();
+    for (path, item) in v["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let id = op["operationId"].as_str().unwrap_or_else(|| panic!("{method} {path}"));
+            assert!(ids.insert(id.to_owned()), "{id} twice");
+            assert!(op["tags"][0].is_string(), "{id}");
+            let r = op["responses"].as_object().unwrap();
+            assert!(r.keys().any(|k| k.starts_with('2')), "{id}: {r:?}");
+            for code in ["400", "401", "503"] {
+                assert!(
+                    r[code]["content"]["application/json"]["schema"].is_object(),
+                    "{id}: {code}"
+                );
+            }
+        }
+    }
+    assert!(ids.len() >= 56, "{}", ids.len());
     let text = srv
         .http
         .get(format!("http://{}/metrics", srv.running.http_addr))

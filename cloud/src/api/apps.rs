@@ -1,7 +1,7 @@
 //! Application access endpoints: access keys, consumer groups (with their counters) and
 //! subscriptions.
 
-use super::{unknown_product, ApiError, ApiJson, ApiResult, ApiState, OptionalJson};
+use super::{doc, unknown_product, ApiError, ApiJson, ApiResult, ApiState, OptionalJson};
 use crate::apps::store::{AccessKey, ConsumerGroup};
 use crate::apps::MessageType;
 use crate::registry::{new_secret, now_ms};
@@ -30,13 +30,24 @@ async fn reload(s: &ApiState) -> ApiResult<()> {
     Ok(())
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewKey {
+    /// At most 256 characters, no control characters.
     #[serde(default)]
+    #[schema(max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$")]
     description: String,
 }
 
+#[utoipa::path(
+    post,
+    path = "/access-keys",
+    tag = "applications",
+    operation_id = "create_key",
+    summary = "Create an access key (its secret is shown once)",
+    request_body = NewKey,
+    responses((status = 201, description = "Created", body = doc::Object))
+)]
 async fn create_key(
     State(s): State<ApiState>,
     OptionalJson(body): OptionalJson<NewKey>,
@@ -61,6 +72,14 @@ async fn create_key(
     Ok((StatusCode::CREATED, Json(json!(key))))
 }
 
+#[utoipa::path(
+    get,
+    path = "/access-keys",
+    tag = "applications",
+    operation_id = "list_keys",
+    summary = "List access keys (without secrets)",
+    responses((status = 200, description = "Keys", body = doc::Object))
+)]
 async fn list_keys(State(s): State<ApiState>) -> ApiResult<impl IntoResponse> {
     // Secrets are shown once, at creation.
     let keys: Vec<Value> = s
@@ -74,6 +93,15 @@ async fn list_keys(State(s): State<ApiState>) -> ApiResult<impl IntoResponse> {
     Ok(Json(json!({ "access_keys": keys })))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/access-keys/{id}",
+    tag = "applications",
+    operation_id = "delete_key",
+    summary = "Delete an access key",
+    params(("id" = String, Path, description = "Identifier")),
+    responses((status = 200, description = "Deleted", body = doc::Deleted), (status = 404, description = "No such key", body = doc::ErrorBody))
+)]
 async fn delete_key(
     State(s): State<ApiState>,
     Path(id): Path<String>,
@@ -87,9 +115,11 @@ async fn delete_key(
     Ok(Json(json!({ "deleted": id })))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewGroup {
+    /// 1 to 64 characters, not only white space.
+    #[schema(min_length = 1, max_length = 64, pattern = r"\S")]
     name: String,
 }
 
@@ -111,6 +141,15 @@ fn group_json(s: &ApiState, g: &ConsumerGroup) -> Value {
     })
 }
 
+#[utoipa::path(
+    post,
+    path = "/consumer-groups",
+    tag = "applications",
+    operation_id = "create_group",
+    summary = "Create a consumer group",
+    request_body = NewGroup,
+    responses((status = 201, description = "Created", body = doc::Object), (status = 409, description = "A group has this name", body = doc::ErrorBody))
+)]
 async fn create_group(
     State(s): State<ApiState>,
     ApiJson(body): ApiJson<NewGroup>,
@@ -129,6 +168,14 @@ async fn create_group(
     Ok((StatusCode::CREATED, Json(group_json(&s, &g))))
 }
 
+#[utoipa::path(
+    get,
+    path = "/consumer-groups",
+    tag = "applications",
+    operation_id = "list_groups",
+    summary = "List consumer groups with their counters",
+    responses((status = 200, description = "Groups", body = doc::Object))
+)]
 async fn list_groups(State(s): State<ApiState>) -> ApiResult<impl IntoResponse> {
     let groups: Vec<Value> = s
         .shared
@@ -141,6 +188,15 @@ async fn list_groups(State(s): State<ApiState>) -> ApiResult<impl IntoResponse> 
     Ok(Json(json!({ "consumer_groups": groups })))
 }
 
+#[utoipa::path(
+    get,
+    path = "/consumer-groups/{id}",
+    tag = "applications",
+    operation_id = "get_group",
+    summary = "One consumer group's counters",
+    params(("id" = String, Path, description = "Identifier")),
+    responses((status = 200, description = "The group", body = doc::Object), (status = 404, description = "No such group", body = doc::ErrorBody))
+)]
 async fn get_group(
     State(s): State<ApiState>,
     Path(id): Path<String>,
@@ -153,6 +209,15 @@ async fn get_group(
     }
 }
 
+#[utoipa::path(
+    delete,
+    path = "/consumer-groups/{id}",
+    tag = "applications",
+    operation_id = "delete_group",
+    summary = "Delete a consumer group with its queue",
+    params(("id" = String, Path, description = "Identifier")),
+    responses((status = 200, description = "Deleted", body = doc::Deleted), (status = 404, description = "No such group", body = doc::ErrorBody))
+)]
 async fn delete_group(
     State(s): State<ApiState>,
     Path(id): Path<String>,
@@ -166,14 +231,27 @@ async fn delete_group(
     Ok(Json(json!({ "deleted": id })))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewSubscription {
     product_key: String,
+    /// Consumer group ids.
+    #[schema(min_items = 1)]
     group_ids: Vec<String>,
+    /// property, event, raw, custom, status, lifecycle, topology, service_reply, upstream.
+    #[schema(min_items = 1)]
     message_types: Vec<String>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/subscriptions",
+    tag = "applications",
+    operation_id = "subscribe",
+    summary = "Bind consumer groups to a product's message types (property, event, raw, custom, status, lifecycle, topology, service_reply; upstream = the first four)",
+    request_body = NewSubscription,
+    responses((status = 201, description = "Bound", body = doc::Object), (status = 404, description = "No such product or group", body = doc::ErrorBody))
+)]
 async fn subscribe(
     State(s): State<ApiState>,
     ApiJson(body): ApiJson<NewSubscription>,
@@ -213,11 +291,28 @@ async fn subscribe(
     ))
 }
 
+#[utoipa::path(
+    get,
+    path = "/subscriptions",
+    tag = "applications",
+    operation_id = "list_subscriptions",
+    summary = "List subscriptions",
+    responses((status = 200, description = "Subscriptions", body = doc::Object))
+)]
 async fn list_subscriptions(State(s): State<ApiState>) -> ApiResult<impl IntoResponse> {
     let subs = s.shared.db.list_subscriptions().await?;
     Ok(Json(json!({ "subscriptions": subs })))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/subscriptions/{pk}/{group}",
+    tag = "applications",
+    operation_id = "unsubscribe",
+    summary = "Remove a group's subscription to a product",
+    params(("pk" = String, Path, description = "Product key"), ("group" = String, Path, description = "Consumer group id")),
+    responses((status = 200, description = "Deleted", body = doc::Deleted), (status = 404, description = "No such subscription", body = doc::ErrorBody))
+)]
 async fn unsubscribe(
     State(s): State<ApiState>,
     Path((pk, group)): Path<(String, String)>,

@@ -1,7 +1,7 @@
 //! Rules engine endpoints: rules (create, update, enable, disable, delete, test), their dead
 //! letters, rule tables, and per-product data-parsing scripts (set, show, delete, test).
 
-use super::{unknown_product, ApiError, ApiJson, ApiQuery, ApiResult, ApiState};
+use super::{doc, unknown_product, ApiError, ApiJson, ApiQuery, ApiResult, ApiState};
 use crate::registry::now_ms;
 use crate::rules::script::{Answer, Call, ScriptError};
 use crate::rules::{RuleError, RuleSpec};
@@ -73,6 +73,15 @@ fn find(s: &ApiState, id: &str) -> ApiResult<std::sync::Arc<crate::rules::Live>>
         .ok_or_else(|| ApiError::not_found(format!("no rule `{id}` (by id or name)")))
 }
 
+#[utoipa::path(
+    post,
+    path = "/rules",
+    tag = "rules",
+    operation_id = "create",
+    summary = "Create a rule (Alibaba rule SQL and actions)",
+    request_body = RuleSpec,
+    responses((status = 201, description = "Created", body = doc::Object), (status = 409, description = "A rule has this name", body = doc::ErrorBody))
+)]
 async fn create(
     State(s): State<ApiState>,
     ApiJson(spec): ApiJson<RuleSpec>,
@@ -81,6 +90,14 @@ async fn create(
     Ok((StatusCode::CREATED, Json(engine(&s).describe(&live))))
 }
 
+#[utoipa::path(
+    get,
+    path = "/rules",
+    tag = "rules",
+    operation_id = "list",
+    summary = "List rules with their counters",
+    responses((status = 200, description = "Rules", body = Vec<doc::Object>))
+)]
 async fn list(State(s): State<ApiState>) -> Json<Value> {
     let e = engine(&s);
     Json(Value::Array(
@@ -88,11 +105,30 @@ async fn list(State(s): State<ApiState>) -> Json<Value> {
     ))
 }
 
+#[utoipa::path(
+    get,
+    path = "/rules/{id}",
+    tag = "rules",
+    operation_id = "show",
+    summary = "One rule (by id or name)",
+    params(("id" = String, Path, description = "Identifier")),
+    responses((status = 200, description = "The rule", body = doc::Object), (status = 404, description = "No such rule", body = doc::ErrorBody))
+)]
 async fn show(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     let r = find(&s, &id)?;
     Ok(Json(engine(&s).describe(&r)))
 }
 
+#[utoipa::path(
+    put,
+    path = "/rules/{id}",
+    tag = "rules",
+    operation_id = "update",
+    summary = "Replace a rule",
+    params(("id" = String, Path, description = "Identifier")),
+    request_body = RuleSpec,
+    responses((status = 200, description = "The rule", body = doc::Object), (status = 404, description = "No such rule", body = doc::ErrorBody), (status = 409, description = "A rule has this name", body = doc::ErrorBody))
+)]
 async fn update(
     State(s): State<ApiState>,
     Path(id): Path<String>,
@@ -103,35 +139,74 @@ async fn update(
     Ok(Json(engine(&s).describe(&live)))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/rules/{id}",
+    tag = "rules",
+    operation_id = "remove",
+    summary = "Delete a rule",
+    params(("id" = String, Path, description = "Identifier")),
+    responses((status = 204, description = "Deleted"), (status = 404, description = "No such rule", body = doc::ErrorBody))
+)]
 async fn remove(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<StatusCode> {
     let id = find(&s, &id)?.row.rule_id.clone();
     engine(&s).delete(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    post,
+    path = "/rules/{id}/enable",
+    tag = "rules",
+    operation_id = "enable",
+    summary = "Enable a rule",
+    params(("id" = String, Path, description = "Identifier")),
+    responses((status = 200, description = "The rule", body = doc::Object), (status = 404, description = "No such rule", body = doc::ErrorBody))
+)]
 async fn enable(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     let id = find(&s, &id)?.row.rule_id.clone();
     let live = engine(&s).set_enabled(&id, true).await?;
     Ok(Json(engine(&s).describe(&live)))
 }
 
+#[utoipa::path(
+    post,
+    path = "/rules/{id}/disable",
+    tag = "rules",
+    operation_id = "disable",
+    summary = "Disable a rule",
+    params(("id" = String, Path, description = "Identifier")),
+    responses((status = 200, description = "The rule", body = doc::Object), (status = 404, description = "No such rule", body = doc::ErrorBody))
+)]
 async fn disable(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     let id = find(&s, &id)?.row.rule_id.clone();
     let live = engine(&s).set_enabled(&id, false).await?;
     Ok(Json(engine(&s).describe(&live)))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct TestBody {
+    /// Rule SQL.
     sql: String,
     /// The topic the sample came on; default: the FROM topic with `+` as `pk`/`dn`.
     topic: Option<String>,
+    /// The sample message.
+    #[schema(value_type = Object)]
     payload: Value,
     product_key: Option<String>,
     device_name: Option<String>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/rules/test",
+    tag = "rules",
+    operation_id = "test",
+    summary = "Evaluate SQL on a sample message without installing it",
+    request_body = TestBody,
+    responses((status = 200, description = "The output, or null when the WHERE refused it", body = doc::Object))
+)]
 async fn test(State(_s): State<ApiState>, ApiJson(b): ApiJson<TestBody>) -> ApiResult<Json<Value>> {
     let q = crate::rules::sql::parse(&b.sql).map_err(RuleError::from)?;
     // Wildcards become `pk` / `dn` where Alink topics keep them, `x` elsewhere.
@@ -160,13 +235,24 @@ async fn test(State(_s): State<ApiState>, ApiJson(b): ApiJson<TestBody>) -> ApiR
     )?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct Limit {
+    /// Most rows, 1 to 10,000 (default 100).
     limit: Option<i64>,
     after: Option<i64>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/rules/{id}/dead-letters",
+    tag = "rules",
+    operation_id = "dead_letters",
+    summary = "Outputs a rule's actions could not deliver",
+    params(("id" = String, Path, description = "Identifier"), Limit),
+    responses((status = 200, description = "Dead letters", body = Vec<doc::Object>), (status = 404, description = "No such rule", body = doc::ErrorBody))
+)]
 async fn dead_letters(
     State(s): State<ApiState>,
     Path(id): Path<String>,
@@ -181,6 +267,15 @@ async fn dead_letters(
     Ok(Json(json!(rows)))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/rules/{id}/dead-letters",
+    tag = "rules",
+    operation_id = "clear_dead_letters",
+    summary = "Remove a rule's dead letters",
+    params(("id" = String, Path, description = "Identifier")),
+    responses((status = 200, description = "Deleted count", body = doc::Object), (status = 404, description = "No such rule", body = doc::ErrorBody))
+)]
 async fn clear_dead_letters(
     State(s): State<ApiState>,
     Path(id): Path<String>,
@@ -190,6 +285,15 @@ async fn clear_dead_letters(
     Ok(Json(json!({"deleted": n})))
 }
 
+#[utoipa::path(
+    get,
+    path = "/rule-tables/{table}",
+    tag = "rules",
+    operation_id = "table_rows",
+    summary = "Rows written by table actions",
+    params(("table" = String, Path, description = "Rule table name"), Limit),
+    responses((status = 200, description = "Rows", body = Vec<doc::Object>))
+)]
 async fn table_rows(
     State(s): State<ApiState>,
     Path(table): Path<String>,
@@ -214,12 +318,22 @@ async fn table_rows(
     )))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ScriptBody {
+    /// JavaScript on Alibaba's script contract.
     script: String,
 }
 
+#[utoipa::path(
+    get,
+    path = "/products/{pk}/script",
+    tag = "scripts",
+    operation_id = "get_script",
+    summary = "A product's data-parsing script and its counters",
+    params(("pk" = String, Path, description = "Product key")),
+    responses((status = 200, description = "The script", body = doc::Object), (status = 404, description = "No script", body = doc::ErrorBody))
+)]
 async fn get_script(State(s): State<ApiState>, Path(pk): Path<String>) -> ApiResult<Json<Value>> {
     let all = s.shared.db.list_scripts().await?;
     let Some((_, script, at)) = all.into_iter().find(|(p, _, _)| *p == pk) else {
@@ -246,6 +360,16 @@ async fn get_script(State(s): State<ApiState>, Path(pk): Path<String>) -> ApiRes
     })))
 }
 
+#[utoipa::path(
+    put,
+    path = "/products/{pk}/script",
+    tag = "scripts",
+    operation_id = "put_script",
+    summary = "Install a data-parsing script (compiled and checked first)",
+    params(("pk" = String, Path, description = "Product key")),
+    request_body = ScriptBody,
+    responses((status = 200, description = "Installed", body = doc::Object), (status = 404, description = "No such product", body = doc::ErrorBody))
+)]
 async fn put_script(
     State(s): State<ApiState>,
     Path(pk): Path<String>,
@@ -263,6 +387,15 @@ async fn put_script(
     Ok(Json(json!({"product_key": pk, "updated_at": now_ms()})))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/products/{pk}/script",
+    tag = "scripts",
+    operation_id = "delete_script",
+    summary = "Remove a product's script",
+    params(("pk" = String, Path, description = "Product key")),
+    responses((status = 204, description = "Removed"), (status = 404, description = "No script", body = doc::ErrorBody))
+)]
 async fn delete_script(State(s): State<ApiState>, Path(pk): Path<String>) -> ApiResult<StatusCode> {
     if !s.shared.db.delete_script(&pk).await? {
         return Err(ApiError::not_found(format!(
@@ -273,21 +406,33 @@ async fn delete_script(State(s): State<ApiState>, Path(pk): Path<String>) -> Api
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ScriptTest {
     /// A script to try; the product's installed one when absent.
     script: Option<String>,
     /// `up` (rawDataToProtocol), `down` (protocolToRawData) or `custom` (transformPayload).
+    #[schema(pattern = "^(up|down|custom)$")]
     direction: String,
     /// Raw bytes as hex, for `up` and `custom`.
     payload_hex: Option<String>,
     /// Alink JSON, for `down`.
+    #[schema(value_type = Option<Object>)]
     json: Option<Value>,
     /// Custom topic, for `custom`.
     topic: Option<String>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/products/{pk}/script/test",
+    tag = "scripts",
+    operation_id = "test_script",
+    summary = "Run a script on a sample",
+    params(("pk" = String, Path, description = "Product key")),
+    request_body = ScriptTest,
+    responses((status = 200, description = "The result", body = doc::Object), (status = 404, description = "No such product or script", body = doc::ErrorBody))
+)]
 async fn test_script(
     State(s): State<ApiState>,
     Path(pk): Path<String>,

@@ -1,7 +1,7 @@
 //! Thing data endpoints: properties (latest, history, set, get), events, service calls,
 //! shadows, sub-devices and raw data. Times are epoch milliseconds.
 
-use super::{payload_bytes, require_device, ApiError, ApiJson, ApiQuery, ApiResult, ApiState};
+use super::{doc, payload_bytes, require_device, ApiError, ApiJson, ApiQuery, ApiResult, ApiState};
 use crate::registry::now_ms;
 use crate::thing::calls::Kind;
 use crate::thing::store::ServiceCall;
@@ -67,6 +67,15 @@ impl From<CallError> for ApiError {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/devices/{pk}/{dn}/properties",
+    tag = "thing model",
+    operation_id = "latest",
+    summary = "Latest property values",
+    params(("pk" = String, Path, description = "Product key"), ("dn" = String, Path, description = "Device name")),
+    responses((status = 200, description = "Latest values", body = doc::Object), (status = 404, description = "No such device", body = doc::ErrorBody))
+)]
 async fn latest(
     State(s): State<ApiState>,
     Path((pk, dn)): Path<(String, String)>,
@@ -82,29 +91,41 @@ async fn latest(
     ))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct Range {
+    /// From this time, ms since the Unix epoch (inclusive).
     from: Option<i64>,
+    /// Up to this time, ms (inclusive); before `from` it selects nothing.
     to: Option<i64>,
+    /// Most rows, 1 to 10,000 (default 100).
     limit: Option<i64>,
+    /// `desc` (default) or `asc`.
+    #[param(pattern = "^(asc|desc)$")]
     order: Option<String>,
+    /// Only this event identifier (events).
     identifier: Option<String>,
 }
 
 impl Range {
+    /// From, to and limit; a `to` before `from` is an empty range.
     fn bounds(&self) -> ApiResult<(i64, i64, i64)> {
         let from = self.from.unwrap_or(0);
         let to = self.to.unwrap_or(i64::MAX);
-        if from > to {
-            return Err(ApiError::invalid(format!(
-                "from ({from}) is after to ({to})"
-            )));
-        }
         Ok((from, to, self.limit.unwrap_or(100).clamp(1, 10_000)))
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/devices/{pk}/{dn}/properties/{id}/history",
+    tag = "thing model",
+    operation_id = "history",
+    summary = "Stored values of one property",
+    params(("pk" = String, Path, description = "Product key"), ("dn" = String, Path, description = "Device name"), ("id" = String, Path, description = "Identifier"), Range),
+    responses((status = 200, description = "Points", body = doc::Object), (status = 404, description = "No such device", body = doc::ErrorBody))
+)]
 async fn history(
     State(s): State<ApiState>,
     Path((pk, dn, id)): Path<(String, String, String)>,
@@ -133,6 +154,15 @@ async fn history(
     Ok(Json(json!({"identifier": id, "points": points})))
 }
 
+#[utoipa::path(
+    get,
+    path = "/devices/{pk}/{dn}/events",
+    tag = "thing model",
+    operation_id = "events",
+    summary = "Stored events",
+    params(("pk" = String, Path, description = "Product key"), ("dn" = String, Path, description = "Device name"), Range),
+    responses((status = 200, description = "Events", body = doc::Object), (status = 404, description = "No such device", body = doc::ErrorBody))
+)]
 async fn events(
     State(s): State<ApiState>,
     Path((pk, dn)): Path<(String, String)>,
@@ -152,11 +182,16 @@ async fn events(
     Ok(Json(json!({"events": events})))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CallBody {
+    /// Property values or service input, checked against the thing model.
     #[serde(default)]
+    #[schema(value_type = Object)]
     params: Value,
+    /// How long to wait for the device, ms (bounded by the server's max_call_timeout).
+    #[serde(default, deserialize_with = "super::int::opt")]
+    #[schema(minimum = 0)]
     timeout_ms: Option<u64>,
 }
 
@@ -169,6 +204,16 @@ fn answer(call: ServiceCall) -> (StatusCode, Json<Value>) {
     (status, Json(call_json(&call)))
 }
 
+#[utoipa::path(
+    post,
+    path = "/devices/{pk}/{dn}/properties",
+    tag = "thing model",
+    operation_id = "set_properties",
+    summary = "Set properties and wait for the device (thing.service.property.set)",
+    params(("pk" = String, Path, description = "Product key"), ("dn" = String, Path, description = "Device name")),
+    request_body = CallBody,
+    responses((status = 200, description = "The call, answered or timed out", body = doc::Call), (status = 202, description = "The call, still pending", body = doc::Call), (status = 404, description = "No such device", body = doc::ErrorBody), (status = 409, description = "The device is offline", body = doc::ErrorBody))
+)]
 async fn set_properties(
     State(s): State<ApiState>,
     Path((pk, dn)): Path<(String, String)>,
@@ -189,13 +234,26 @@ async fn set_properties(
     Ok(answer(call))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct GetBody {
+    /// Property identifiers.
     identifiers: Vec<String>,
+    #[serde(default, deserialize_with = "super::int::opt")]
+    #[schema(minimum = 0)]
     timeout_ms: Option<u64>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/devices/{pk}/{dn}/properties/get",
+    tag = "thing model",
+    operation_id = "get_properties",
+    summary = "Ask the device for property values (thing.service.property.get)",
+    params(("pk" = String, Path, description = "Product key"), ("dn" = String, Path, description = "Device name")),
+    request_body = GetBody,
+    responses((status = 200, description = "The call, answered or timed out", body = doc::Call), (status = 202, description = "The call, still pending", body = doc::Call), (status = 404, description = "No such device", body = doc::ErrorBody), (status = 409, description = "The device is offline", body = doc::ErrorBody))
+)]
 async fn get_properties(
     State(s): State<ApiState>,
     Path((pk, dn)): Path<(String, String)>,
@@ -217,6 +275,16 @@ async fn get_properties(
     Ok(answer(call))
 }
 
+#[utoipa::path(
+    post,
+    path = "/devices/{pk}/{dn}/services/{id}",
+    tag = "thing model",
+    operation_id = "call_service",
+    summary = "Call a service (sync services wait for the answer)",
+    params(("pk" = String, Path, description = "Product key"), ("dn" = String, Path, description = "Device name"), ("id" = String, Path, description = "Identifier")),
+    request_body = CallBody,
+    responses((status = 200, description = "The call, answered or timed out", body = doc::Call), (status = 202, description = "The call, still pending", body = doc::Call), (status = 404, description = "No such device or service", body = doc::ErrorBody), (status = 409, description = "The device is offline", body = doc::ErrorBody))
+)]
 async fn call_service(
     State(s): State<ApiState>,
     Path((pk, dn, id)): Path<(String, String, String)>,
@@ -242,6 +310,15 @@ async fn call_service(
     Ok(answer(call))
 }
 
+#[utoipa::path(
+    get,
+    path = "/devices/{pk}/{dn}/service-calls",
+    tag = "thing model",
+    operation_id = "list_calls",
+    summary = "Recent calls and their status",
+    params(("pk" = String, Path, description = "Product key"), ("dn" = String, Path, description = "Device name")),
+    responses((status = 200, description = "Calls", body = doc::Object), (status = 404, description = "No such device", body = doc::ErrorBody))
+)]
 async fn list_calls(
     State(s): State<ApiState>,
     Path((pk, dn)): Path<(String, String)>,
@@ -255,6 +332,15 @@ async fn list_calls(
     ))
 }
 
+#[utoipa::path(
+    get,
+    path = "/devices/{pk}/{dn}/service-calls/{id}",
+    tag = "thing model",
+    operation_id = "get_call",
+    summary = "One call",
+    params(("pk" = String, Path, description = "Product key"), ("dn" = String, Path, description = "Device name"), ("id" = String, Path, description = "Identifier")),
+    responses((status = 200, description = "The call", body = doc::Call), (status = 404, description = "No such device or call", body = doc::ErrorBody))
+)]
 async fn get_call(
     State(s): State<ApiState>,
     Path((pk, dn, id)): Path<(String, String, String)>,
@@ -267,6 +353,15 @@ async fn get_call(
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/devices/{pk}/{dn}/shadow",
+    tag = "thing model",
+    operation_id = "get_shadow",
+    summary = "The device shadow",
+    params(("pk" = String, Path, description = "Product key"), ("dn" = String, Path, description = "Device name")),
+    responses((status = 200, description = "The shadow", body = doc::Object), (status = 404, description = "No such device", body = doc::ErrorBody))
+)]
 async fn get_shadow(
     State(s): State<ApiState>,
     Path((pk, dn)): Path<(String, String)>,
@@ -276,13 +371,27 @@ async fn get_shadow(
     Ok(Json(sh.document()))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ShadowBody {
+    /// Desired attributes; null deletes one.
+    #[schema(value_type = Object)]
     desired: Map<String, Value>,
+    /// The version this change is based on (optimistic locking).
+    #[serde(default, deserialize_with = "super::int::opt")]
     version: Option<i64>,
 }
 
+#[utoipa::path(
+    put,
+    path = "/devices/{pk}/{dn}/shadow",
+    tag = "thing model",
+    operation_id = "put_shadow",
+    summary = "Set desired state (null deletes an attribute)",
+    params(("pk" = String, Path, description = "Product key"), ("dn" = String, Path, description = "Device name")),
+    request_body = ShadowBody,
+    responses((status = 200, description = "The shadow", body = doc::Object), (status = 404, description = "No such device", body = doc::ErrorBody), (status = 409, description = "Version conflict", body = doc::ErrorBody))
+)]
 async fn put_shadow(
     State(s): State<ApiState>,
     Path((pk, dn)): Path<(String, String)>,
@@ -305,6 +414,15 @@ async fn put_shadow(
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/devices/{pk}/{dn}/sub-devices",
+    tag = "devices",
+    operation_id = "sub_devices",
+    summary = "A gateway's sub-devices",
+    params(("pk" = String, Path, description = "Product key"), ("dn" = String, Path, description = "Device name")),
+    responses((status = 200, description = "Sub-devices", body = doc::Object), (status = 404, description = "No such device", body = doc::ErrorBody))
+)]
 async fn sub_devices(
     State(s): State<ApiState>,
     Path((pk, dn)): Path<(String, String)>,
@@ -323,6 +441,15 @@ async fn sub_devices(
     ))
 }
 
+#[utoipa::path(
+    get,
+    path = "/devices/{pk}/{dn}/raw",
+    tag = "thing model",
+    operation_id = "raw_messages",
+    summary = "Recent raw messages, both ways",
+    params(("pk" = String, Path, description = "Product key"), ("dn" = String, Path, description = "Device name"), Range),
+    responses((status = 200, description = "Messages", body = doc::Object), (status = 404, description = "No such device", body = doc::ErrorBody))
+)]
 async fn raw_messages(
     State(s): State<ApiState>,
     Path((pk, dn)): Path<(String, String)>,
@@ -338,13 +465,26 @@ async fn raw_messages(
     Ok(Json(json!({"messages": msgs})))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RawBody {
+    /// Text sent as is, other JSON serialized.
+    #[schema(value_type = Option<Object>)]
     payload: Option<Value>,
+    /// Bytes, base64.
     payload_base64: Option<String>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/devices/{pk}/{dn}/raw",
+    tag = "thing model",
+    operation_id = "send_raw",
+    summary = "Send raw bytes on down_raw",
+    params(("pk" = String, Path, description = "Product key"), ("dn" = String, Path, description = "Device name")),
+    request_body = RawBody,
+    responses((status = 200, description = "Sent", body = doc::Object), (status = 404, description = "No such device", body = doc::ErrorBody), (status = 409, description = "The device is offline", body = doc::ErrorBody))
+)]
 async fn send_raw(
     State(s): State<ApiState>,
     Path((pk, dn)): Path<(String, String)>,

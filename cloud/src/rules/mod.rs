@@ -62,7 +62,7 @@ impl Default for Limits {
 }
 
 /// A rule as the API takes it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RuleSpec {
     /// Unique name.
@@ -74,6 +74,7 @@ pub struct RuleSpec {
     pub sql: String,
     /// Actions.
     #[serde(default)]
+    #[schema(value_type = Vec<Object>)]
     pub actions: Vec<Value>,
     /// Enabled at once (default true).
     #[serde(default = "yes")]
