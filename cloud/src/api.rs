@@ -192,12 +192,13 @@ where
 
 /// One line per request at info: method, path (never the query's or headers' secrets:
 /// the token travels in a header), status and duration.
-async fn access_log(req: Request, next: Next) -> Response {
+async fn access_log(State(s): State<ApiState>, req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let started = std::time::Instant::now();
     let res = next.run(req).await;
     let seconds = started.elapsed().as_secs_f64();
+    s.shared.metrics.latency.api.record(seconds);
     tracing::info!(
         target: "ironlink_cloud::http",
         method = %method,
@@ -340,7 +341,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .fallback(|| async { ApiError::not_found("no such endpoint: see /api/v1/openapi.json") })
         .layer(middleware::map_response(json_errors))
-        .layer(middleware::from_fn(access_log))
+        .layer(middleware::from_fn_with_state(state.clone(), access_log))
         .with_state(state)
 }
 
@@ -384,11 +385,12 @@ async fn openapi() -> impl IntoResponse {
 
 async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
     let sh = &s.shared;
+    sh.metrics.export(sh.router.routed(), sh.router.dropped());
+    sh.apps.export_metrics(&sh.metrics.registry);
+    sh.rules.export_metrics(&sh.metrics.registry);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        sh.metrics.render(sh.router.routed(), sh.router.dropped())
-            + &sh.apps.render_metrics()
-            + &sh.rules.render_metrics(),
+        sh.metrics.registry.render(),
     )
 }
 

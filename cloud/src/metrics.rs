@@ -1,10 +1,45 @@
-//! Process-wide counters, rendered in the Prometheus text format at `/metrics`.
+//! The server's counters and latency histograms, exposed at `/metrics` through
+//! `ironlink-telemetry` (the `metrics` crate's Prometheus exporter): HELP text on every
+//! series, base units in names, `process_*` and `ironlink_build_info`.
 
-use std::fmt::Write;
+use ironlink_telemetry::{Latency, Registry};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
+/// Latency histograms, in seconds.
+#[derive(Debug)]
+pub struct Latencies {
+    /// One HTTP API request, from its arrival to its answer.
+    pub api: Latency,
+    /// One commit of a batch of device data (properties, events) to the database.
+    pub ingest_commit: Latency,
+    /// Evaluating one device message against the rules.
+    pub rule_eval: Latency,
+}
+
+impl Latencies {
+    fn new(r: &Registry) -> Self {
+        Self {
+            api: r.histogram(
+                "ironlink_api_request_duration_seconds",
+                "HTTP API requests, from arrival to answer, in seconds",
+                &[],
+            ),
+            ingest_commit: r.histogram(
+                "ironlink_ingest_commit_duration_seconds",
+                "Commits of a batch of device data (properties, events) to the database, in seconds",
+                &[],
+            ),
+            rule_eval: r.histogram(
+                "ironlink_rule_evaluation_duration_seconds",
+                "Evaluation of one device message against the rules, in seconds",
+                &[],
+            ),
+        }
+    }
+}
+
 /// Counters of the access layer.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     /// Authenticated connections held now.
     pub connections: AtomicI64,
@@ -48,6 +83,42 @@ pub struct Metrics {
     pub duplicates_dropped: AtomicU64,
     /// Sub-devices logged in through gateways now.
     pub sub_devices: AtomicI64,
+    /// Where every series is exposed.
+    pub registry: Registry,
+    /// Latency histograms.
+    pub latency: Latencies,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let registry = Registry::new();
+        let latency = Latencies::new(&registry);
+        Self {
+            connections: AtomicI64::new(0),
+            accepted: AtomicU64::new(0),
+            rate_limited: AtomicU64::new(0),
+            connect_timeouts: AtomicU64::new(0),
+            auth_refused: AtomicU64::new(0),
+            auth_accepted: AtomicU64::new(0),
+            registrations: AtomicU64::new(0),
+            acl_publish_refused: AtomicU64::new(0),
+            acl_subscribe_refused: AtomicU64::new(0),
+            protocol_errors: AtomicU64::new(0),
+            messages_in: AtomicU64::new(0),
+            messages_out: AtomicU64::new(0),
+            presence_lost: AtomicU64::new(0),
+            properties_stored: AtomicU64::new(0),
+            properties_refused: AtomicU64::new(0),
+            events_stored: AtomicU64::new(0),
+            alink_malformed: AtomicU64::new(0),
+            replies_unmatched: AtomicU64::new(0),
+            thing_store_failures: AtomicU64::new(0),
+            duplicates_dropped: AtomicU64::new(0),
+            sub_devices: AtomicI64::new(0),
+            registry,
+            latency,
+        }
+    }
 }
 
 impl Metrics {
@@ -56,73 +127,59 @@ impl Metrics {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Prometheus text exposition, with the router's counters appended.
-    pub fn render(&self, routed: u64, dropped: u64) -> String {
-        let mut out = String::new();
-        let gauge = self.connections.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "# TYPE ironlink_mqtt_connections gauge\nironlink_mqtt_connections {gauge}"
+    /// Copies the access layer's counters, the router's and the process's into the registry.
+    pub fn export(&self, routed: u64, dropped: u64) {
+        let r = &self.registry;
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        r.set_gauge(
+            "ironlink_mqtt_connections",
+            "Authenticated MQTT connections held now",
+            &[],
+            self.connections.load(Ordering::Relaxed) as f64,
         );
-        let subs = self.sub_devices.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "# TYPE ironlink_sub_devices_online gauge\nironlink_sub_devices_online {subs}"
+        r.set_gauge(
+            "ironlink_sub_devices_online",
+            "Sub-devices logged in through gateways now",
+            &[],
+            self.sub_devices.load(Ordering::Relaxed) as f64,
         );
-        let counters: [(&str, &AtomicU64); 19] = [
-            ("ironlink_mqtt_accepted_total", &self.accepted),
-            ("ironlink_mqtt_rate_limited_total", &self.rate_limited),
-            (
-                "ironlink_mqtt_connect_timeouts_total",
-                &self.connect_timeouts,
-            ),
-            ("ironlink_mqtt_auth_refused_total", &self.auth_refused),
-            ("ironlink_mqtt_auth_accepted_total", &self.auth_accepted),
-            ("ironlink_mqtt_registrations_total", &self.registrations),
-            (
-                "ironlink_mqtt_acl_publish_refused_total",
-                &self.acl_publish_refused,
-            ),
-            (
-                "ironlink_mqtt_acl_subscribe_refused_total",
-                &self.acl_subscribe_refused,
-            ),
-            ("ironlink_mqtt_protocol_errors_total", &self.protocol_errors),
-            ("ironlink_mqtt_messages_in_total", &self.messages_in),
-            ("ironlink_mqtt_messages_out_total", &self.messages_out),
-            ("ironlink_presence_lost_total", &self.presence_lost),
-            ("ironlink_properties_stored_total", &self.properties_stored),
-            (
-                "ironlink_properties_refused_total",
-                &self.properties_refused,
-            ),
-            ("ironlink_events_stored_total", &self.events_stored),
-            ("ironlink_alink_malformed_total", &self.alink_malformed),
-            ("ironlink_replies_unmatched_total", &self.replies_unmatched),
-            (
-                "ironlink_duplicates_dropped_total",
-                &self.duplicates_dropped,
-            ),
-            (
-                "ironlink_thing_store_failures_total",
-                &self.thing_store_failures,
-            ),
+        let counters: [(&'static str, &'static str, &AtomicU64); 19] = [
+            ("ironlink_mqtt_accepted_total", "TCP and TLS connections accepted by the MQTT listeners", &self.accepted),
+            ("ironlink_mqtt_rate_limited_total", "Connections closed by the connect rate limiter or the connection cap", &self.rate_limited),
+            ("ironlink_mqtt_connect_timeouts_total", "Connections that sent no CONNECT in time", &self.connect_timeouts),
+            ("ironlink_mqtt_auth_refused_total", "CONNECTs refused (bad credentials, unknown or disabled device)", &self.auth_refused),
+            ("ironlink_mqtt_auth_accepted_total", "CONNECTs accepted", &self.auth_accepted),
+            ("ironlink_mqtt_registrations_total", "Devices registered dynamically", &self.registrations),
+            ("ironlink_mqtt_acl_publish_refused_total", "PUBLISH packets refused by the ACL", &self.acl_publish_refused),
+            ("ironlink_mqtt_acl_subscribe_refused_total", "SUBSCRIBE filters refused by the ACL", &self.acl_subscribe_refused),
+            ("ironlink_mqtt_protocol_errors_total", "Connections closed for a protocol error", &self.protocol_errors),
+            ("ironlink_mqtt_messages_in_total", "PUBLISH packets received from devices and routed", &self.messages_in),
+            ("ironlink_mqtt_messages_out_total", "PUBLISH packets written to devices", &self.messages_out),
+            ("ironlink_presence_lost_total", "Presence events that could not be stored", &self.presence_lost),
+            ("ironlink_properties_stored_total", "Property values stored", &self.properties_stored),
+            ("ironlink_properties_refused_total", "Property values refused by the thing model", &self.properties_refused),
+            ("ironlink_events_stored_total", "Events stored", &self.events_stored),
+            ("ironlink_alink_malformed_total", "Alink messages refused as malformed", &self.alink_malformed),
+            ("ironlink_replies_unmatched_total", "Device replies whose id matches no pending call", &self.replies_unmatched),
+            ("ironlink_duplicates_dropped_total", "Posts dropped as duplicates of an id already stored", &self.duplicates_dropped),
+            ("ironlink_thing_store_failures_total", "Batches of device data that could not be stored", &self.thing_store_failures),
         ];
-        for (name, c) in counters {
-            let _ = writeln!(
-                out,
-                "# TYPE {name} counter\n{name} {}",
-                c.load(Ordering::Relaxed)
-            );
+        for (name, help, c) in counters {
+            r.set_counter(name, help, &[], load(c));
         }
-        let _ = writeln!(
-            out,
-            "# TYPE ironlink_router_routed_total counter\nironlink_router_routed_total {routed}"
+        r.set_counter(
+            "ironlink_router_routed_total",
+            "Messages the router delivered to sessions",
+            &[],
+            routed,
         );
-        let _ = writeln!(
-            out,
-            "# TYPE ironlink_router_dropped_total counter\nironlink_router_dropped_total {dropped}"
+        r.set_counter(
+            "ironlink_router_dropped_total",
+            "Messages the router dropped (a session's queue was full)",
+            &[],
+            dropped,
         );
-        out
+        r.export_process("ironlink_build_info", env!("CARGO_PKG_VERSION"));
     }
 }
+

@@ -159,6 +159,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     )
     .await?;
     apps.set_rules(rules.clone());
+    let _ = rules.eval_latency.set(metrics.latency.rule_eval.clone());
     let shared = Arc::new(Shared {
         config: config.clone(),
         db,

@@ -69,21 +69,7 @@ struct Ctx {
     subs: Option<Arc<crate::subdevices::SubDevices>>,
 }
 
-/// A Prometheus label value: letters and digits, each run of anything else one underscore.
-fn label(v: &str) -> String {
-    let mut out = String::with_capacity(v.len());
-    for c in v.chars() {
-        if c.is_ascii_alphanumeric() {
-            out.push(c);
-        } else if !out.is_empty() && !out.ends_with('_') {
-            out.push('_');
-        }
-    }
-    while out.ends_with('_') {
-        out.pop();
-    }
-    out
-}
+use ironlink_telemetry::label_value as label;
 
 /// Why the gateway is not healthy; empty when it is.
 fn unhealthy(c: &Ctx) -> Vec<String> {

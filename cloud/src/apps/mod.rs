@@ -142,7 +142,7 @@ pub struct AppMessage {
     pub replayed: bool,
 }
 
-/// A Prometheus series: name, kind, and the counter it reads.
+/// A Prometheus counter: name, help, and the atomic it reads.
 type Series = (&'static str, &'static str, fn(&GroupCounters) -> &AtomicU64);
 
 /// Counters of one group.
@@ -343,9 +343,8 @@ impl Apps {
             .clone()
     }
 
-    /// Per-group series in the Prometheus text format, labelled `group`.
-    pub fn render_metrics(&self) -> String {
-        use std::fmt::Write;
+    /// Copies the per-group counters, labelled `group`, into the registry.
+    pub fn export_metrics(&self, r: &ironlink_telemetry::Registry) {
         let counters: Vec<(String, Arc<GroupCounters>)> = self
             .counters
             .read()
@@ -353,46 +352,38 @@ impl Apps {
             .iter()
             .map(|(g, c)| (g.clone(), c.clone()))
             .collect();
-        let mut out = String::new();
-        let series: [Series; 8] = [
-            ("ironlink_group_pushed_total", "counter", |c| &c.pushed),
-            ("ironlink_group_replayed_total", "counter", |c| &c.replayed),
-            ("ironlink_group_acknowledged_total", "counter", |c| {
-                &c.acknowledged
-            }),
-            ("ironlink_group_redelivered_total", "counter", |c| {
-                &c.redelivered
-            }),
-            ("ironlink_group_dropped_age_total", "counter", |c| {
-                &c.dropped_age
-            }),
-            ("ironlink_group_dropped_size_total", "counter", |c| {
-                &c.dropped_size
-            }),
-            ("ironlink_group_backlog", "gauge", |c| &c.backlog),
-            ("ironlink_group_backlog_age_ms", "gauge", |c| {
-                &c.backlog_age_ms
-            }),
+        let series: [Series; 6] = [
+            ("ironlink_group_pushed_total", "Messages pushed to a group's clients in real time", |c| &c.pushed),
+            ("ironlink_group_replayed_total", "Messages replayed from a group's backlog", |c| &c.replayed),
+            ("ironlink_group_acknowledged_total", "Messages a group's clients acknowledged", |c| &c.acknowledged),
+            ("ironlink_group_redelivered_total", "Messages delivered again after a client left them unsettled", |c| &c.redelivered),
+            ("ironlink_group_dropped_age_total", "Messages dropped from a group's queue for their age", |c| &c.dropped_age),
+            ("ironlink_group_dropped_size_total", "Messages dropped from a group's full queue", |c| &c.dropped_size),
         ];
-        for (name, kind, get) in series {
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            for (g, c) in &counters {
-                let _ = writeln!(
-                    out,
-                    "{name}{{group=\"{g}\"}} {}",
-                    get(c).load(Ordering::Relaxed)
-                );
+        for (g, c) in &counters {
+            let labels = [("group", g.as_str())];
+            for (name, help, get) in series {
+                r.set_counter(name, help, &labels, get(c).load(Ordering::Relaxed));
             }
-        }
-        let _ = writeln!(out, "# TYPE ironlink_group_clients gauge");
-        for (g, _) in &counters {
-            let _ = writeln!(
-                out,
-                "ironlink_group_clients{{group=\"{g}\"}} {}",
-                self.clients(g)
+            r.set_gauge(
+                "ironlink_group_backlog",
+                "Messages waiting in a group's queue",
+                &labels,
+                c.backlog.load(Ordering::Relaxed) as f64,
+            );
+            r.set_gauge(
+                "ironlink_group_backlog_age_seconds",
+                "Age of the oldest message in a group's queue, in seconds",
+                &labels,
+                c.backlog_age_ms.load(Ordering::Relaxed) as f64 / 1000.0,
+            );
+            r.set_gauge(
+                "ironlink_group_clients",
+                "Clients attached to a group",
+                &labels,
+                self.clients(g) as f64,
             );
         }
-        out
     }
 
     /// Connected clients of a group.

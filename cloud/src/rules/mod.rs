@@ -267,9 +267,20 @@ pub struct Engine {
     /// Held while the rule set changes (two API calls must not each install the set they
     /// read before the other's change).
     edit: tokio::sync::Mutex<()>,
+    /// Where the evaluation time of each message goes, once the server wires it.
+    pub eval_latency: std::sync::OnceLock<ironlink_telemetry::Latency>,
 }
 
 impl Engine {
+    /// [`evaluate`], timed into [`Engine::eval_latency`].
+    fn evaluate_timed(&self, rules: &[Arc<Live>], i: &Incoming<'_>) {
+        let started = Instant::now();
+        evaluate(rules, i);
+        if let Some(h) = self.eval_latency.get() {
+            h.record(started.elapsed().as_secs_f64());
+        }
+    }
+
     /// Loads the rules and starts evaluating; the task ends when `stop` turns true, after
     /// saving window state.
     pub async fn start(
@@ -297,6 +308,7 @@ impl Engine {
             any_rules: AtomicBool::new(false),
             scripts,
             edit: tokio::sync::Mutex::new(()),
+            eval_latency: std::sync::OnceLock::new(),
         });
         let saved: HashMap<String, (String, i64)> = engine
             .db
@@ -702,86 +714,72 @@ impl Engine {
         })
     }
 
-    /// Prometheus series.
-    pub fn render_metrics(&self) -> String {
-        use std::fmt::Write;
-        let mut s = String::new();
-        let _ = writeln!(s, "# TYPE ironlink_rules_input_dropped_total counter");
-        let _ = writeln!(
-            s,
-            "ironlink_rules_input_dropped_total{{reason=\"queue full\"}} {}",
-            self.input_dropped.load(Ordering::Relaxed)
+    /// Copies the engine's and each rule's counters into the registry.
+    pub fn export_metrics(&self, r: &ironlink_telemetry::Registry) {
+        r.set_counter(
+            "ironlink_rules_input_dropped_total",
+            "Device messages the rules engine dropped, by reason",
+            &[("reason", "queue_full")],
+            self.input_dropped.load(Ordering::Relaxed),
         );
-        let _ = writeln!(s, "# TYPE ironlink_rules_inputs_total counter");
-        let _ = writeln!(
-            s,
-            "ironlink_rules_inputs_total {}",
-            self.inputs.load(Ordering::Relaxed)
+        r.set_counter(
+            "ironlink_rules_inputs_total",
+            "Device messages the rules engine took",
+            &[],
+            self.inputs.load(Ordering::Relaxed),
         );
-        let rules = self.rules();
-        let _ = writeln!(s, "# TYPE ironlink_rule_messages_total counter");
-        for r in rules.iter() {
-            let c = &r.counters;
-            let n = escape(&r.row.name);
+        const MESSAGES: &str = "Messages a rule saw, by outcome";
+        const ACTIONS: &str = "Outputs of a rule's action, by outcome";
+        for rule in self.rules().iter() {
+            let c = &rule.counters;
+            let name = rule.row.name.as_str();
             for (what, v) in [
                 ("matched", c.matched.load(Ordering::Relaxed)),
                 ("passed", c.passed.load(Ordering::Relaxed)),
                 ("filtered", c.filtered.load(Ordering::Relaxed)),
                 ("failed", c.failed.load(Ordering::Relaxed)),
             ] {
-                let _ = writeln!(
-                    s,
-                    "ironlink_rule_messages_total{{rule=\"{n}\",outcome=\"{what}\"}} {v}"
+                r.set_counter(
+                    "ironlink_rule_messages_total",
+                    MESSAGES,
+                    &[("rule", name), ("outcome", what)],
+                    v,
                 );
             }
             for (reason, v) in c.dropped.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-                let _ = writeln!(s, "ironlink_rule_messages_total{{rule=\"{n}\",outcome=\"dropped\",reason=\"{reason}\"}} {v}");
+                r.set_counter(
+                    "ironlink_rule_messages_total",
+                    MESSAGES,
+                    &[("rule", name), ("outcome", "dropped"), ("reason", reason)],
+                    *v,
+                );
             }
-        }
-        let _ = writeln!(s, "# TYPE ironlink_rule_eval_seconds_total counter");
-        for r in rules.iter() {
-            let _ = writeln!(
-                s,
-                "ironlink_rule_eval_seconds_total{{rule=\"{}\"}} {}",
-                escape(&r.row.name),
-                r.counters.eval_ns.load(Ordering::Relaxed) as f64 / 1e9
-            );
-        }
-        let _ = writeln!(s, "# TYPE ironlink_rule_action_total counter");
-        for r in rules.iter() {
-            let n = escape(&r.row.name);
-            for (i, a) in r.actions.iter().enumerate() {
+            for (i, a) in rule.actions.iter().enumerate() {
                 let c = &a.counters;
+                let index = i.to_string();
                 for (what, v) in [
                     ("done", c.done.load(Ordering::Relaxed)),
                     ("failed_attempt", c.failed.load(Ordering::Relaxed)),
                     ("dead_lettered", c.dead_lettered.load(Ordering::Relaxed)),
-                    (
-                        "dropped_queue_full",
-                        c.dropped_queue_full.load(Ordering::Relaxed),
-                    ),
-                    (
-                        "dropped_store_failed",
-                        c.dropped_store_failed.load(Ordering::Relaxed),
-                    ),
+                    ("dropped_queue_full", c.dropped_queue_full.load(Ordering::Relaxed)),
+                    ("dropped_store_failed", c.dropped_store_failed.load(Ordering::Relaxed)),
                 ] {
-                    let _ = writeln!(s, "ironlink_rule_action_total{{rule=\"{n}\",action=\"{i}\",kind=\"{}\",outcome=\"{what}\"}} {v}", a.spec.name());
+                    r.set_counter(
+                        "ironlink_rule_action_total",
+                        ACTIONS,
+                        &[("rule", name), ("action", &index), ("kind", a.spec.name()), ("outcome", what)],
+                        v,
+                    );
                 }
-            }
-        }
-        let _ = writeln!(s, "# TYPE ironlink_rule_action_queued gauge");
-        for r in rules.iter() {
-            for (i, a) in r.actions.iter().enumerate() {
-                let _ = writeln!(
-                    s,
-                    "ironlink_rule_action_queued{{rule=\"{}\",action=\"{i}\"}} {}",
-                    escape(&r.row.name),
-                    a.queued()
+                r.set_gauge(
+                    "ironlink_rule_action_queued",
+                    "Outputs waiting for a rule's action",
+                    &[("rule", name), ("action", &index)],
+                    a.queued() as f64,
                 );
             }
         }
-        s.push_str(&self.scripts.render_metrics());
-        s
+        self.scripts.export_metrics(r);
     }
 
     fn message_id(&self) -> String {
@@ -792,12 +790,6 @@ impl Engine {
 fn fits(state: &Windows, q: &Query) -> bool {
     let aggs: Vec<sql::AggKind> = q.aggregates.iter().map(|a| a.0).collect();
     q.window.is_some_and(|w| state.fits(w, &aggs))
-}
-
-fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 fn device_of(m: &Outgoing) -> String {
@@ -1115,7 +1107,7 @@ async fn run(engine: Arc<Engine>, mut rx: mpsc::Receiver<Input>, mut stop: watch
                 let any_tags = rules.iter().any(|r| r.query.reads_tags);
                 let tags = if any_tags { tags_for(&engine, &rules, &input).await } else { None };
                 let id = engine.message_id();
-                evaluate(&rules, &input.incoming(&id, tags.as_deref()));
+                engine.evaluate_timed(&rules, &input.incoming(&id, tags.as_deref()));
                 // Evaluate everything already waiting before looking at the clock again.
                 let mut n = 0;
                 while n < 256 {
@@ -1124,7 +1116,7 @@ async fn run(engine: Arc<Engine>, mut rx: mpsc::Receiver<Input>, mut stop: watch
                     engine.inputs.fetch_add(1, Ordering::Relaxed);
                     let tags = if any_tags { tags_for(&engine, &rules, &input).await } else { None };
                     let id = engine.message_id();
-                    evaluate(&rules, &input.incoming(&id, tags.as_deref()));
+                    engine.evaluate_timed(&rules, &input.incoming(&id, tags.as_deref()));
                 }
             }
             // Messages are stamped when they are stored and may wait in the queue a little:

@@ -180,10 +180,8 @@ impl Scripts {
         host_call(&host, call).await
     }
 
-    /// Prometheus series.
-    pub fn render_metrics(&self) -> String {
-        use std::fmt::Write;
-        let mut s = String::from("# TYPE ironlink_script_calls_total counter\n");
+    /// Copies each product script's call counters into the registry.
+    pub fn export_metrics(&self, r: &ironlink_telemetry::Registry) {
         let hosts = self.hosts.read().unwrap_or_else(|e| e.into_inner());
         for (pk, h) in hosts.iter() {
             let c = &h.counters;
@@ -193,21 +191,14 @@ impl Scripts {
                 ("timeout", c.timeouts.load(Ordering::Relaxed)),
                 ("memory", c.memory.load(Ordering::Relaxed)),
             ] {
-                let _ = writeln!(
-                    s,
-                    "ironlink_script_calls_total{{product_key=\"{pk}\",outcome=\"{what}\"}} {v}"
+                r.set_counter(
+                    "ironlink_script_calls_total",
+                    "Calls of a product's data-parsing script, by outcome",
+                    &[("product_key", pk), ("outcome", what)],
+                    v,
                 );
             }
         }
-        s.push_str("# TYPE ironlink_script_seconds_total counter\n");
-        for (pk, h) in hosts.iter() {
-            let _ = writeln!(
-                s,
-                "ironlink_script_seconds_total{{product_key=\"{pk}\"}} {}",
-                h.counters.time_us.load(Ordering::Relaxed) as f64 / 1e6
-            );
-        }
-        s
     }
 
     /// Counters of a product's script.

@@ -60,7 +60,12 @@ pub async fn run(
             crate::batch::Batch::More => false,
             crate::batch::Batch::Last => true,
         };
+        let started = std::time::Instant::now();
         let result = store_batch(&db, &cache, &mut jobs).await;
+        metrics
+            .latency
+            .ingest_commit
+            .record(started.elapsed().as_secs_f64());
         if result.is_none() {
             Metrics::inc(&metrics.thing_store_failures);
         }
