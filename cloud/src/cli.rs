@@ -130,12 +130,24 @@ pub struct CallFailed {
 /// The API's hints name HTTP paths; a CLI user needs the command instead.
 fn cli_hints(message: &str) -> String {
     const HINTS: [(&str, &str); 6] = [
-        ("GET /api/v1/products/{pk}/devices", "ironlink-cloud device list PRODUCT_KEY"),
+        (
+            "GET /api/v1/products/{pk}/devices",
+            "ironlink-cloud device list PRODUCT_KEY",
+        ),
         ("GET /api/v1/products", "ironlink-cloud product list"),
-        ("PUT /api/v1/products/{pk}/thing-model", "ironlink-cloud product thing-model PRODUCT_KEY --import FILE"),
-        ("POST /api/v1/consumer-groups", "ironlink-cloud app group create NAME"),
+        (
+            "PUT /api/v1/products/{pk}/thing-model",
+            "ironlink-cloud product thing-model PRODUCT_KEY --import FILE",
+        ),
+        (
+            "POST /api/v1/consumer-groups",
+            "ironlink-cloud app group create NAME",
+        ),
         ("see /api/v1/openapi.json", "see ironlink-cloud --help"),
-        ("`Authorization: Bearer <admin token>`", "--token or IRONLINK_TOKEN"),
+        (
+            "`Authorization: Bearer <admin token>`",
+            "--token or IRONLINK_TOKEN",
+        ),
     ];
     let mut out = message.to_owned();
     for (http, cli) in HINTS {
@@ -201,7 +213,12 @@ pub struct ServeArgs {
     #[arg(long, hide_env_values = true, env = "IRONLINK_ADMIN_TOKEN")]
     pub admin_token: Option<String>,
     /// Log line format: text (coloured only on a terminal) or json (one object per line).
-    #[arg(long, hide_env_values = true, env = "IRONLINK_LOG_FORMAT", default_value = "text")]
+    #[arg(
+        long,
+        hide_env_values = true,
+        env = "IRONLINK_LOG_FORMAT",
+        default_value = "text"
+    )]
     pub log_format: crate::logging::Format,
 }
 
@@ -252,7 +269,8 @@ pub struct ClientArgs {
     /// Base URL of the HTTP API.
     #[arg(
         long,
-        hide_env_values = true, env = "IRONLINK_URL",
+        hide_env_values = true,
+        env = "IRONLINK_URL",
         default_value = "http://127.0.0.1:8080",
         global = true
     )]
@@ -982,7 +1000,12 @@ fn read_devices_csv(file: &std::path::Path) -> anyhow::Result<Vec<(String, Value
     let name_col = headers
         .iter()
         .position(|h| h == "device_name")
-        .with_context(|| format!("{}: the header row has no `device_name` column", file.display()))?;
+        .with_context(|| {
+            format!(
+                "{}: the header row has no `device_name` column",
+                file.display()
+            )
+        })?;
     let mut rows = Vec::new();
     for (i, rec) in r.records().enumerate() {
         let rec = rec.with_context(|| format!("{}: row {}", file.display(), i + 2))?;
@@ -997,7 +1020,14 @@ fn read_devices_csv(file: &std::path::Path) -> anyhow::Result<Vec<(String, Value
             .filter(|(j, (_, v))| *j != name_col && !v.is_empty())
             .map(|(_, (k, v))| (k.to_owned(), json!(v)))
             .collect();
-        rows.push((name, if tags.is_empty() { Value::Null } else { Value::Object(tags) }));
+        rows.push((
+            name,
+            if tags.is_empty() {
+                Value::Null
+            } else {
+                Value::Object(tags)
+            },
+        ));
     }
     if rows.is_empty() {
         bail!("{}: no devices in the file", file.display());
@@ -1254,12 +1284,20 @@ pub async fn run_admin(command: Command) -> anyhow::Result<()> {
                         .ok()
                         .and_then(|u| u.host_str().map(str::to_owned))
                         .unwrap_or_else(|| "127.0.0.1".into());
-                    let port = if tls { &d["mqtts_port"] } else { &d["mqtt_port"] };
+                    let port = if tls {
+                        &d["mqtts_port"]
+                    } else {
+                        &d["mqtt_port"]
+                    };
                     let Some(port) = port.as_u64() else {
                         anyhow::bail!(
                             "the server has no {} listener: start it with {}",
                             if tls { "MQTT/TLS" } else { "plain MQTT" },
-                            if tls { "--mqtts-listen" } else { "--mqtt-listen" }
+                            if tls {
+                                "--mqtts-listen"
+                            } else {
+                                "--mqtt-listen"
+                            }
                         );
                     };
                     if let Some(o) = v.as_object_mut() {

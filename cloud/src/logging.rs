@@ -121,7 +121,10 @@ mod tests {
         })
         .unwrap_err()
         .to_string();
-        assert!(e.contains("ironlink=notalevel") && e.contains("RUST_LOG"), "{e}");
+        assert!(
+            e.contains("ironlink=notalevel") && e.contains("RUST_LOG"),
+            "{e}"
+        );
         assert!(parse(&FilterSource {
             filter: "ironlink_cloud::access=debug,info".into(),
             from: "config",

@@ -33,7 +33,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let config = args.config()?;
-            let mut logging = ironlink_cloud::logging::init(args.log_format, config.log.as_deref())?;
+            let mut logging =
+                ironlink_cloud::logging::init(args.log_format, config.log.as_deref())?;
             let running = server::start(config).await?;
             if let Some(a) = running.mqtt_addr {
                 println!("MQTT        mqtt://{a}  (Alink securemode=3)");

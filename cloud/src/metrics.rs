@@ -144,25 +144,101 @@ impl Metrics {
             self.sub_devices.load(Ordering::Relaxed) as f64,
         );
         let counters: [(&'static str, &'static str, &AtomicU64); 19] = [
-            ("ironlink_mqtt_accepted_total", "TCP and TLS connections accepted by the MQTT listeners", &self.accepted),
-            ("ironlink_mqtt_rate_limited_total", "Connections closed by the connect rate limiter or the connection cap", &self.rate_limited),
-            ("ironlink_mqtt_connect_timeouts_total", "Connections that sent no CONNECT in time", &self.connect_timeouts),
-            ("ironlink_mqtt_auth_refused_total", "CONNECTs refused (bad credentials, unknown or disabled device)", &self.auth_refused),
-            ("ironlink_mqtt_auth_accepted_total", "CONNECTs accepted", &self.auth_accepted),
-            ("ironlink_mqtt_registrations_total", "Devices registered dynamically", &self.registrations),
-            ("ironlink_mqtt_acl_publish_refused_total", "PUBLISH packets refused by the ACL", &self.acl_publish_refused),
-            ("ironlink_mqtt_acl_subscribe_refused_total", "SUBSCRIBE filters refused by the ACL", &self.acl_subscribe_refused),
-            ("ironlink_mqtt_protocol_errors_total", "Connections closed for a protocol error", &self.protocol_errors),
-            ("ironlink_mqtt_messages_in_total", "PUBLISH packets received from devices and routed", &self.messages_in),
-            ("ironlink_mqtt_messages_out_total", "PUBLISH packets written to devices", &self.messages_out),
-            ("ironlink_presence_lost_total", "Presence events that could not be stored", &self.presence_lost),
-            ("ironlink_properties_stored_total", "Property values stored", &self.properties_stored),
-            ("ironlink_properties_refused_total", "Property values refused by the thing model", &self.properties_refused),
-            ("ironlink_events_stored_total", "Events stored", &self.events_stored),
-            ("ironlink_alink_malformed_total", "Alink messages refused as malformed", &self.alink_malformed),
-            ("ironlink_replies_unmatched_total", "Device replies whose id matches no pending call", &self.replies_unmatched),
-            ("ironlink_duplicates_dropped_total", "Posts dropped as duplicates of an id already stored", &self.duplicates_dropped),
-            ("ironlink_thing_store_failures_total", "Batches of device data that could not be stored", &self.thing_store_failures),
+            (
+                "ironlink_mqtt_accepted_total",
+                "TCP and TLS connections accepted by the MQTT listeners",
+                &self.accepted,
+            ),
+            (
+                "ironlink_mqtt_rate_limited_total",
+                "Connections closed by the connect rate limiter or the connection cap",
+                &self.rate_limited,
+            ),
+            (
+                "ironlink_mqtt_connect_timeouts_total",
+                "Connections that sent no CONNECT in time",
+                &self.connect_timeouts,
+            ),
+            (
+                "ironlink_mqtt_auth_refused_total",
+                "CONNECTs refused (bad credentials, unknown or disabled device)",
+                &self.auth_refused,
+            ),
+            (
+                "ironlink_mqtt_auth_accepted_total",
+                "CONNECTs accepted",
+                &self.auth_accepted,
+            ),
+            (
+                "ironlink_mqtt_registrations_total",
+                "Devices registered dynamically",
+                &self.registrations,
+            ),
+            (
+                "ironlink_mqtt_acl_publish_refused_total",
+                "PUBLISH packets refused by the ACL",
+                &self.acl_publish_refused,
+            ),
+            (
+                "ironlink_mqtt_acl_subscribe_refused_total",
+                "SUBSCRIBE filters refused by the ACL",
+                &self.acl_subscribe_refused,
+            ),
+            (
+                "ironlink_mqtt_protocol_errors_total",
+                "Connections closed for a protocol error",
+                &self.protocol_errors,
+            ),
+            (
+                "ironlink_mqtt_messages_in_total",
+                "PUBLISH packets received from devices and routed",
+                &self.messages_in,
+            ),
+            (
+                "ironlink_mqtt_messages_out_total",
+                "PUBLISH packets written to devices",
+                &self.messages_out,
+            ),
+            (
+                "ironlink_presence_lost_total",
+                "Presence events that could not be stored",
+                &self.presence_lost,
+            ),
+            (
+                "ironlink_properties_stored_total",
+                "Property values stored",
+                &self.properties_stored,
+            ),
+            (
+                "ironlink_properties_refused_total",
+                "Property values refused by the thing model",
+                &self.properties_refused,
+            ),
+            (
+                "ironlink_events_stored_total",
+                "Events stored",
+                &self.events_stored,
+            ),
+            (
+                "ironlink_alink_malformed_total",
+                "Alink messages refused as malformed",
+                &self.alink_malformed,
+            ),
+            (
+                "ironlink_replies_unmatched_total",
+                "Device replies whose id matches no pending call",
+                &self.replies_unmatched,
+            ),
+            (
+                "ironlink_duplicates_dropped_total",
+                "Posts dropped as duplicates of an id already stored",
+                &self.duplicates_dropped,
+            ),
+            (
+                "ironlink_thing_store_failures_total",
+                "Batches of device data that could not be stored",
+                &self.thing_store_failures,
+            ),
         ];
         for (name, help, c) in counters {
             r.set_counter(name, help, &[], load(c));
@@ -182,4 +258,3 @@ impl Metrics {
         r.export_process("ironlink_build_info", env!("CARGO_PKG_VERSION"));
     }
 }
-

@@ -275,17 +275,16 @@ impl Running {
         let mut report = ReloadReport::default();
         let old = &self.shared.config;
         if let Some((cert, material)) = &self.tls_cert {
-            let material = if new.tls.cert_file == old.tls.cert_file
-                && new.tls.key_file == old.tls.key_file
-            {
-                Ok(material.clone())
-            } else {
-                tls::resolve(
-                    new.tls.cert_file.as_deref(),
-                    new.tls.key_file.as_deref(),
-                    &old.data_dir,
-                )
-            };
+            let material =
+                if new.tls.cert_file == old.tls.cert_file && new.tls.key_file == old.tls.key_file {
+                    Ok(material.clone())
+                } else {
+                    tls::resolve(
+                        new.tls.cert_file.as_deref(),
+                        new.tls.key_file.as_deref(),
+                        &old.data_dir,
+                    )
+                };
             match material.and_then(|m| cert.reload(&m)) {
                 Ok(()) => report
                     .applied
@@ -347,7 +346,12 @@ fn diff_keys(prefix: &str, a: &serde_json::Value, b: &serde_json::Value, out: &m
                     format!("{prefix}.{k}")
                 };
                 let null = serde_json::Value::Null;
-                diff_keys(&name, x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null), out);
+                diff_keys(
+                    &name,
+                    x.get(k).unwrap_or(&null),
+                    y.get(k).unwrap_or(&null),
+                    out,
+                );
             }
         }
         (x, y) if x != y => out.push(prefix.to_owned()),

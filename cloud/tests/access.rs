@@ -143,7 +143,10 @@ async fn refused_connects_get_the_right_code_and_spare_other_sessions() {
         .post(&format!("/devices/{pk}/off-0001/disable"), json!({}))
         .await;
     assert_eq!(s, 200);
-    let off_secret = srv.get(&format!("/devices/{pk}/off-0001/credentials")).await.1["device_secret"]
+    let off_secret = srv
+        .get(&format!("/devices/{pk}/off-0001/credentials"))
+        .await
+        .1["device_secret"]
         .as_str()
         .unwrap()
         .to_owned();

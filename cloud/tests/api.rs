@@ -218,7 +218,11 @@ async fn openapi_and_metrics_are_served() {
         .json()
         .await
         .unwrap();
-    assert!(v["openapi"].as_str().unwrap().starts_with("3."), "{}", v["openapi"]);
+    assert!(
+        v["openapi"].as_str().unwrap().starts_with("3."),
+        "{}",
+        v["openapi"]
+    );
     for path in [
         "/products",
         "/products/{pk}/devices",
@@ -251,7 +255,9 @@ async fn openapi_and_metrics_are_served() {
     let mut ids = std::collections::HashSet::new();
     for (path, item) in v["paths"].as_object().unwrap() {
         for (method, op) in item.as_object().unwrap() {
-            let id = op["operationId"].as_str().unwrap_or_else(|| panic!("{method} {path}"));
+            let id = op["operationId"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{method} {path}"));
             assert!(ids.insert(id.to_owned()), "{id} twice");
             assert!(op["tags"][0].is_string(), "{id}");
             let r = op["responses"].as_object().unwrap();
@@ -350,7 +356,12 @@ async fn every_error_is_json_and_unknown_query_parameters_are_refused() {
         let http = srv.http.clone();
         let url = format!("{}{path}", srv.base);
         async move {
-            let r = http.get(url).bearer_auth("test-token").send().await.unwrap();
+            let r = http
+                .get(url)
+                .bearer_auth("test-token")
+                .send()
+                .await
+                .unwrap();
             let status = r.status().as_u16();
             let ct = r
                 .headers()
@@ -371,7 +382,10 @@ async fn every_error_is_json_and_unknown_query_parameters_are_refused() {
         let (s, ct, v) = get(path.clone()).await;
         assert_eq!(s, 400, "{path}: {v}");
         assert!(ct.starts_with("application/json"), "{path}: {ct}");
-        assert!(v["code"].is_string() && v["message"].is_string(), "{path}: {v}");
+        assert!(
+            v["code"].is_string() && v["message"].is_string(),
+            "{path}: {v}"
+        );
     }
     // A method the path does not take: still the JSON error object.
     let r = srv
@@ -434,7 +448,10 @@ async fn every_error_is_json_and_unknown_query_parameters_are_refused() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let (s, _, v) = get(format!("/products/{pk}/devices?tag=site:north&status=unactive")).await;
+    let (s, _, v) = get(format!(
+        "/products/{pk}/devices?tag=site:north&status=unactive"
+    ))
+    .await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["total"], 1, "{v}");
     assert_eq!(v["devices"][0]["device_name"], "tagged-01");
@@ -454,13 +471,18 @@ async fn secrets_are_shown_only_on_creation_and_through_credentials() {
     assert!(!v.to_string().contains(&secret), "{v}");
     let (_, v) = srv.get(&format!("/devices/{pk}/secret-01")).await;
     assert!(v.get("device_secret").is_none(), "{v}");
-    let (s, v) = srv.get(&format!("/devices/{pk}/secret-01/credentials")).await;
+    let (s, v) = srv
+        .get(&format!("/devices/{pk}/secret-01/credentials"))
+        .await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["device_secret"], secret.as_str());
     assert_eq!(v["mqtt_port"], srv.mqtt().port());
     assert_eq!(v["mqtts_port"], srv.mqtts().port());
     let (s, v) = srv.get(&format!("/products/{pk}/credentials")).await;
-    assert_eq!((s, v["product_secret"].as_str()), (200, Some(product_secret.as_str())));
+    assert_eq!(
+        (s, v["product_secret"].as_str()),
+        (200, Some(product_secret.as_str()))
+    );
 }
 
 /// A document that is not a thing model is refused with the offending key, and Alibaba's
@@ -472,14 +494,20 @@ async fn thing_model_documents_that_are_not_models_are_refused() {
     let path = format!("/products/{pk}/thing-model");
     let put = |body: serde_json::Value| srv.call(reqwest::Method::PUT, &path, Some(body));
     let (s, v) = put(json!({"foo": 1})).await;
-    assert_eq!((s, v["code"].as_str()), (400, Some("invalid_thing_model")), "{v}");
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (400, Some("invalid_thing_model")),
+        "{v}"
+    );
     assert!(v["message"].as_str().unwrap().contains("foo"), "{v}");
     let (s, v) = put(json!({"propertys": []})).await;
     assert_eq!(s, 400, "{v}");
     let (s, v) = put(json!({"properties": []})).await;
     assert_eq!(s, 400, "{v}");
-    let (s, v) = put(json!({"properties": [{"identifier": "levels", "name": "Levels", "accessMode": "rw",
-        "dataType": {"type": "array", "specs": {"size": "4", "item": {"type": "int"}}}}]}))
+    let (s, v) = put(
+        json!({"properties": [{"identifier": "levels", "name": "Levels", "accessMode": "rw",
+        "dataType": {"type": "array", "specs": {"size": "4", "item": {"type": "int"}}}}]}),
+    )
     .await;
     assert_eq!(s, 200, "{v}");
 }

@@ -142,7 +142,11 @@ async fn lifecycle_messages_are_device_lifecycle_changes_and_status_is_separate(
     };
     let m = next(&mut c).await;
     let v = expect(&m, "create");
-    assert_eq!(v["deviceSecret"], secret.as_str(), "create carries the secret");
+    assert_eq!(
+        v["deviceSecret"],
+        secret.as_str(),
+        "create carries the secret"
+    );
     c.settle(m.id, true).await.unwrap();
     // Online/offline arrives as status to both groups (the alias keeps it for `lifecycle`).
     let d = device_v4(&srv, &pk, "life-01", &secret).await;

@@ -98,9 +98,15 @@ async fn registry_crud_on_every_engine() {
             "{e:?}: batch is all or none"
         );
 
-        let (page, total) = db.list_devices(&p.product_key, &Default::default(), 0, 2).await.unwrap();
+        let (page, total) = db
+            .list_devices(&p.product_key, &Default::default(), 0, 2)
+            .await
+            .unwrap();
         assert_eq!((page.len(), total), (2, 4));
-        let (page2, _) = db.list_devices(&p.product_key, &Default::default(), 2, 2).await.unwrap();
+        let (page2, _) = db
+            .list_devices(&p.product_key, &Default::default(), 2, 2)
+            .await
+            .unwrap();
         assert!(
             page[1].device_name < page2[0].device_name,
             "{e:?}: pages are ordered"
@@ -108,7 +114,11 @@ async fn registry_crud_on_every_engine() {
         // Filters: stored status, and one tag whose value holds LIKE's wildcards.
         let names: Vec<String> = page.iter().map(|d| d.device_name.clone()).collect();
         assert!(db
-            .set_device_tags(&p.product_key, &names[0], r#"{"floor":"3_a%","zone":"x\"y"}"#)
+            .set_device_tags(
+                &p.product_key,
+                &names[0],
+                r#"{"floor":"3_a%","zone":"x\"y"}"#
+            )
             .await
             .unwrap());
         let count = |status: Option<&'static str>, tag: Option<(&'static str, &'static str)>| {
@@ -120,13 +130,33 @@ async fn registry_crud_on_every_engine() {
             }
         };
         let (found, total) = count(None, Some(("floor", "3_a%"))).await;
-        assert_eq!((total, found[0].device_name.as_str()), (1, names[0].as_str()), "{e:?}");
-        assert_eq!(count(None, Some(("floor", "3xab"))).await.1, 0, "{e:?}: _ and % are literal");
-        assert_eq!(count(None, Some(("zone", "x\"y"))).await.1, 1, "{e:?}: quotes");
-        assert_eq!(count(None, Some(("floor", "3"))).await.1, 0, "{e:?}: whole values");
+        assert_eq!(
+            (total, found[0].device_name.as_str()),
+            (1, names[0].as_str()),
+            "{e:?}"
+        );
+        assert_eq!(
+            count(None, Some(("floor", "3xab"))).await.1,
+            0,
+            "{e:?}: _ and % are literal"
+        );
+        assert_eq!(
+            count(None, Some(("zone", "x\"y"))).await.1,
+            1,
+            "{e:?}: quotes"
+        );
+        assert_eq!(
+            count(None, Some(("floor", "3"))).await.1,
+            0,
+            "{e:?}: whole values"
+        );
         assert_eq!(count(Some("unactive"), None).await.1, 4, "{e:?}");
         assert_eq!(count(Some("online"), None).await.1, 0, "{e:?}");
-        assert_eq!(count(Some("unactive"), Some(("floor", "3_a%"))).await.1, 1, "{e:?}");
+        assert_eq!(
+            count(Some("unactive"), Some(("floor", "3_a%"))).await.1,
+            1,
+            "{e:?}"
+        );
 
         assert!(db
             .set_device_enabled(&p.product_key, "dev-0001", false)
@@ -158,7 +188,10 @@ async fn registry_crud_on_every_engine() {
         );
         assert!(db.delete_product(&p.product_key).await.unwrap());
         assert_eq!(
-            db.list_devices(&p.product_key, &Default::default(), 0, 10).await.unwrap().1,
+            db.list_devices(&p.product_key, &Default::default(), 0, 10)
+                .await
+                .unwrap()
+                .1,
             0,
             "{e:?}: devices go with their product"
         );

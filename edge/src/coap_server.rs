@@ -435,11 +435,26 @@ mod tests {
         let documented =
             b"clientIda1NUjcV&ff1a11deviceNameff1a11productKeya1NUjcVseq10timestamp1524448722000";
         let sign = sign_parts(SignMethod::HmacSha1, b"secret", &[documented]);
-        assert!(auth_sign_matches(SignMethod::HmacSha1, "secret", &f, sign.as_str()));
+        assert!(auth_sign_matches(
+            SignMethod::HmacSha1,
+            "secret",
+            &f,
+            sign.as_str()
+        ));
         let all = b"clientIda1NUjcV&ff1a11deviceNameff1a11productKeya1NUjcVresources/topic/xseq10timestamp1524448722000versiondefault";
         let sign = sign_parts(SignMethod::HmacSha1, b"secret", &[all]);
-        assert!(auth_sign_matches(SignMethod::HmacSha1, "secret", &f, sign.as_str()));
+        assert!(auth_sign_matches(
+            SignMethod::HmacSha1,
+            "secret",
+            &f,
+            sign.as_str()
+        ));
         let sign = sign_parts(SignMethod::HmacSha1, b"other", &[documented]);
-        assert!(!auth_sign_matches(SignMethod::HmacSha1, "secret", &f, sign.as_str()));
+        assert!(!auth_sign_matches(
+            SignMethod::HmacSha1,
+            "secret",
+            &f,
+            sign.as_str()
+        ));
     }
 }

@@ -476,7 +476,9 @@ fn key_path(text: &str, offset: usize) -> Option<String> {
     }
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
     let line = text.get(line_start..offset)?;
-    let key = line.split_once('=').map(|(k, _)| k.trim().trim_matches('"'))?;
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"'))?;
     if key.is_empty() {
         return None;
     }

@@ -345,7 +345,9 @@ async fn poll_one(
     }
     ctx.set_slave(Slave(m.poller.device().unit_id));
     let now = now_ms();
+    let started = std::time::Instant::now();
     let result = m.poller.poll(ctx, now).await;
+    sink.status.poll_latency.since(started);
     let name = m.name().to_owned();
     match result {
         Ok(readings) => {

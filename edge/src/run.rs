@@ -267,6 +267,7 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         rpc_rx,
         state_tx,
         stop_rx,
+        status.uplink_rtt.clone(),
     )));
     Ok(Running {
         queue,

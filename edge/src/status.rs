@@ -13,7 +13,6 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 use std::collections::BTreeMap;
-use std::fmt::Write;
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
@@ -37,9 +36,37 @@ pub struct DeviceStatus {
 }
 
 /// Status shared by the tasks.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Status {
     devices: Mutex<BTreeMap<String, DeviceStatus>>,
+    /// Where `/metrics` series live.
+    pub registry: ironlink_telemetry::Registry,
+    /// One Modbus poll of one device (every read of its plan), in seconds.
+    pub poll_latency: ironlink_telemetry::Latency,
+    /// From a reading's PUBLISH to the cloud's PUBACK, in seconds.
+    pub uplink_rtt: ironlink_telemetry::Latency,
+}
+
+impl Default for Status {
+    fn default() -> Self {
+        let registry = ironlink_telemetry::Registry::new();
+        let poll_latency = registry.histogram(
+            "ironlink_edge_modbus_poll_duration_seconds",
+            "One Modbus poll of one device (every read of its plan), in seconds",
+            &[],
+        );
+        let uplink_rtt = registry.histogram(
+            "ironlink_edge_uplink_ack_duration_seconds",
+            "From a reading's PUBLISH to the cloud's PUBACK, in seconds",
+            &[],
+        );
+        Self {
+            devices: Mutex::default(),
+            registry,
+            poll_latency,
+            uplink_rtt,
+        }
+    }
 }
 
 impl Status {
@@ -69,8 +96,6 @@ struct Ctx {
     subs: Option<Arc<crate::subdevices::SubDevices>>,
 }
 
-use ironlink_telemetry::label_value as label;
-
 /// Why the gateway is not healthy; empty when it is.
 fn unhealthy(c: &Ctx) -> Vec<String> {
     let mut why = Vec::new();
@@ -81,7 +106,10 @@ fn unhealthy(c: &Ctx) -> Vec<String> {
     let devices = c.status.snapshot();
     let polled: Vec<&DeviceStatus> = devices.values().filter(|d| !d.state.is_empty()).collect();
     if !polled.is_empty() && polled.iter().all(|d| d.state != "ok") {
-        why.push(format!("all {} polled devices are unreachable or failing", polled.len()));
+        why.push(format!(
+            "all {} polled devices are unreachable or failing",
+            polled.len()
+        ));
     }
     why
 }
@@ -118,7 +146,9 @@ async fn status_json(AxState(c): AxState<Ctx>) -> impl IntoResponse {
         .collect();
     let (routed, known) = c.subs.as_ref().map_or_else(Default::default, |s| {
         (
-            s.routed().into_iter().collect::<std::collections::HashSet<_>>(),
+            s.routed()
+                .into_iter()
+                .collect::<std::collections::HashSet<_>>(),
             s.known(),
         )
     });
@@ -153,127 +183,128 @@ async fn status_json(AxState(c): AxState<Ctx>) -> impl IntoResponse {
 
 async fn metrics(AxState(c): AxState<Ctx>) -> impl IntoResponse {
     let q = c.queue.lock().map(|q| q.stats()).unwrap_or_default();
-    let mut out = String::new();
-    let up = u8::from(*c.uplink.borrow() == State::Up);
-    let _ = writeln!(
-        out,
-        "# TYPE ironlink_edge_uplink_up gauge\nironlink_edge_uplink_up {up}"
+    let r = &c.status.registry;
+    r.set_gauge(
+        "ironlink_edge_uplink_up",
+        "1 while the uplink to the cloud is up",
+        &[],
+        f64::from(u8::from(*c.uplink.borrow() == State::Up)),
     );
-    for (name, kind, v) in [
-        ("ironlink_edge_queue_depth", "gauge", q.depth),
-        ("ironlink_edge_queue_bytes", "gauge", q.bytes),
-        (
-            "ironlink_edge_queue_dropped_full_total",
-            "counter",
-            q.dropped_full,
-        ),
-        (
-            "ironlink_edge_queue_refused_full_total",
-            "counter",
-            q.refused_full,
-        ),
-        (
-            "ironlink_edge_queue_dropped_age_total",
-            "counter",
-            q.dropped_age,
-        ),
-    ] {
-        let _ = writeln!(out, "# TYPE {name} {kind}\n{name} {v}");
-    }
-    let _ = writeln!(
-        out,
-        "# HELP ironlink_edge_healthy 1 when /healthz answers ok\n# TYPE ironlink_edge_healthy gauge\nironlink_edge_healthy {}",
-        u8::from(unhealthy(&c).is_empty())
+    r.set_gauge(
+        "ironlink_edge_healthy",
+        "1 when /healthz answers ok",
+        &[],
+        f64::from(u8::from(unhealthy(&c).is_empty())),
     );
-    let devices = c.status.snapshot();
-    let _ = writeln!(
-        out,
-        "# HELP ironlink_edge_device_up 1 while the device's last poll succeeded\n# TYPE ironlink_edge_device_up gauge"
+    r.set_gauge(
+        "ironlink_edge_queue_depth",
+        "Records waiting in the queue",
+        &[],
+        q.depth as f64,
     );
-    for (name, d) in &devices {
-        let _ = writeln!(
-            out,
-            "ironlink_edge_device_up{{device=\"{}\"}} {}",
-            label(name),
-            u8::from(d.state == "ok")
+    r.set_gauge(
+        "ironlink_edge_queue_bytes",
+        "Bytes of records waiting in the queue",
+        &[],
+        q.bytes as f64,
+    );
+    r.set_counter(
+        "ironlink_edge_queue_dropped_full_total",
+        "Oldest records dropped because the queue was full",
+        &[],
+        q.dropped_full,
+    );
+    r.set_counter(
+        "ironlink_edge_queue_refused_full_total",
+        "Readings refused because the queue was full",
+        &[],
+        q.refused_full,
+    );
+    r.set_counter(
+        "ironlink_edge_queue_dropped_age_total",
+        "Records dropped for their age",
+        &[],
+        q.dropped_age,
+    );
+    for (name, d) in &c.status.snapshot() {
+        let device = [("device", name.as_str())];
+        r.set_gauge(
+            "ironlink_edge_device_up",
+            "1 while the device's last poll succeeded",
+            &device,
+            f64::from(u8::from(d.state == "ok")),
         );
-    }
-    let _ = writeln!(out, "# TYPE ironlink_edge_points_total counter");
-    for (name, d) in &devices {
-        let _ = writeln!(
-            out,
-            "ironlink_edge_points_total{{device=\"{name}\"}} {}",
-            d.points
+        r.set_counter(
+            "ironlink_edge_points_total",
+            "Points read from the device",
+            &device,
+            d.points,
         );
-    }
-    let _ = writeln!(out, "# TYPE ironlink_edge_poll_errors_total counter");
-    for (name, d) in &devices {
         for (kind, n) in &d.errors {
-            let _ = writeln!(
-                out,
-                "ironlink_edge_poll_errors_total{{device=\"{name}\",kind=\"{kind}\"}} {n}"
+            r.set_counter(
+                "ironlink_edge_poll_errors_total",
+                "Failed polls of the device, by kind",
+                &[("device", name.as_str()), ("kind", kind)],
+                *n,
             );
         }
-    }
-    let _ = writeln!(out, "# TYPE ironlink_edge_writes_total counter");
-    for (name, d) in &devices {
         for (result, n) in [("ok", d.writes_ok), ("failed", d.writes_failed)] {
-            let _ = writeln!(
-                out,
-                "ironlink_edge_writes_total{{device=\"{name}\",result=\"{result}\"}} {n}"
+            r.set_counter(
+                "ironlink_edge_writes_total",
+                "Writes from the cloud carried out on the device, by result",
+                &[("device", name.as_str()), ("result", result)],
+                n,
             );
         }
     }
-    if !c.vehicles.is_empty() {
+    {
         use std::sync::atomic::Ordering::Relaxed;
-        let _ = writeln!(out, "# TYPE ironlink_edge_terminals gauge");
         for (p, v) in &c.vehicles {
-            let _ = writeln!(
-                out,
-                "ironlink_edge_terminals{{protocol=\"{p}\"}} {}",
-                v.connected.load(Relaxed)
+            let protocol = [("protocol", *p)];
+            r.set_gauge(
+                "ironlink_edge_terminals",
+                "Terminals or nodes connected now",
+                &protocol,
+                v.connected.load(Relaxed) as f64,
             );
-        }
-        let _ = writeln!(out, "# TYPE ironlink_edge_frames_total counter");
-        for (p, v) in &c.vehicles {
-            let _ = writeln!(
-                out,
-                "ironlink_edge_frames_total{{protocol=\"{p}\"}} {}",
-                v.frames.load(Relaxed)
+            r.set_counter(
+                "ironlink_edge_frames_total",
+                "Frames decoded",
+                &protocol,
+                v.frames.load(Relaxed),
             );
-        }
-        let _ = writeln!(out, "# TYPE ironlink_edge_refused_total counter");
-        for (p, v) in &c.vehicles {
+            const REFUSED: &str = "Frames, messages or connections refused, by reason";
             let refused = v.refused.lock().map(|r| r.clone()).unwrap_or_default();
             for (why, n) in refused {
-                let _ = writeln!(
-                    out,
-                    "ironlink_edge_refused_total{{protocol=\"{p}\",reason=\"{}\"}} {n}",
-                    label(why)
+                r.set_counter(
+                    "ironlink_edge_refused_total",
+                    REFUSED,
+                    &[("protocol", p), ("reason", why)],
+                    n,
                 );
             }
-            let _ = writeln!(
-                out,
-                "ironlink_edge_refused_total{{protocol=\"{p}\",reason=\"too_many_terminals\"}} {}",
-                v.over_limit.load(Relaxed)
+            r.set_counter(
+                "ironlink_edge_refused_total",
+                REFUSED,
+                &[("protocol", p), ("reason", "too_many_terminals")],
+                v.over_limit.load(Relaxed),
             );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP ironlink_edge_skipped_total parts of valid messages passed over on purpose\n# TYPE ironlink_edge_skipped_total counter"
-        );
-        for (p, v) in &c.vehicles {
             let skipped = v.skipped.lock().map(|r| r.clone()).unwrap_or_default();
             for (what, n) in skipped {
-                let _ = writeln!(
-                    out,
-                    "ironlink_edge_skipped_total{{protocol=\"{p}\",what=\"{}\"}} {n}",
-                    label(what)
+                r.set_counter(
+                    "ironlink_edge_skipped_total",
+                    "Parts of valid messages passed over on purpose",
+                    &[("protocol", p), ("what", what)],
+                    n,
                 );
             }
         }
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+    r.export_process("ironlink_edge_build_info", env!("CARGO_PKG_VERSION"));
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        r.render(),
+    )
 }
 
 /// The status router.
@@ -325,7 +356,10 @@ mod tests {
         assert!(why[0].contains("all 2 polled devices"), "{why:?}");
         c.status.update("m2", |d| d.state = "ok".into());
         assert!(unhealthy(&c).is_empty());
-        assert_eq!(label("too many terminals"), "too_many_terminals");
-        assert_eq!(label("duplicate (another gateway)"), "duplicate_another_gateway");
+        let text = c.status.registry.render();
+        assert!(
+            text.contains("ironlink_edge_modbus_poll_duration_seconds"),
+            "{text}"
+        );
     }
 }

@@ -157,6 +157,7 @@ pub async fn run(
     mut rpc: mpsc::Receiver<Rpc>,
     state: watch::Sender<State>,
     mut stop: watch::Receiver<bool>,
+    rtt: ironlink_telemetry::Latency,
 ) {
     let mut backoff = Duration::from_millis(200);
     loop {
@@ -173,7 +174,7 @@ pub async fn run(
         };
         let mut up = false;
         let result = tokio::select! {
-            r = session(&config, options, &queue, &wake, &routes, &subs, &mut rpc, &state, &mut up) => r,
+            r = session(&config, options, &queue, &wake, &routes, &subs, &mut rpc, &state, &mut up, &rtt) => r,
             _ = stop.wait_for(|s| *s) => return,
         };
         if up {
@@ -391,6 +392,7 @@ async fn session(
     rpc: &mut mpsc::Receiver<Rpc>,
     state: &watch::Sender<State>,
     up: &mut bool,
+    rtt: &ironlink_telemetry::Latency,
 ) -> Result<(), String> {
     let (client, mut events) = AsyncClient::new(options, WINDOW * 2);
     let gpk = &config.gateway.product_key;
@@ -492,6 +494,8 @@ async fn session(
     let mut live_sent = backlog_end;
     let mut backlog_sent = acked;
     let (mut inflight, mut backlog_inflight) = (0usize, 0usize);
+    // When each packet id went out, for the PUBLISH -> PUBACK histogram.
+    let mut sent_at: HashMap<u16, std::time::Instant> = HashMap::new();
     let mut pace = Pace::new(config.queue.drain_rate);
     let (reply_tx, mut replies) = mpsc::unbounded_channel::<((String, String), Outcome)>();
     // Run-time sub-devices logged in for their queued records whose terminals are gone (a
@@ -552,8 +556,14 @@ async fn session(
         tokio::select! {
             ev = events.poll() => {
                 match ev.map_err(|e| e.to_string())? {
-                    Event::Outgoing(Outgoing::Publish(pkid)) => tx.outgoing(pkid),
+                    Event::Outgoing(Outgoing::Publish(pkid)) => {
+                        sent_at.insert(pkid, std::time::Instant::now());
+                        tx.outgoing(pkid);
+                    }
                     Event::Incoming(Packet::PubAck(a)) => {
+                        if let Some(t) = sent_at.remove(&a.pkid) {
+                            rtt.since(t);
+                        }
                         tx.untracked_ack(a.pkid);
                         if let Some(seq) = tx.pkids.remove(&a.pkid) {
                             inflight = inflight.saturating_sub(1);

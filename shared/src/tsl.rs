@@ -821,7 +821,9 @@ mod tests {
         )
         .unwrap();
         let ints = &m.property("ints").unwrap().param.data_type;
-        assert!(ints.validate(&json!([1, -2_000_000_000, 3]), "ints").is_ok());
+        assert!(ints
+            .validate(&json!([1, -2_000_000_000, 3]), "ints")
+            .is_ok());
         assert!(ints.validate(&json!([1, 2, 3, 4, 5]), "ints").is_err());
         assert!(ints.validate(&json!([1.5]), "ints").is_err());
         let reals = &m.property("reals").unwrap().param.data_type;
@@ -830,16 +832,27 @@ mod tests {
         assert!(names.validate(&json!(["a", "b"]), "names").is_ok());
         assert_eq!(m.property("level").unwrap().access_mode, AccessMode::Write);
         let note = &m.property("note").unwrap().param.data_type;
-        assert_eq!(note, &DataType::Text { length: MAX_TEXT_LENGTH });
+        assert_eq!(
+            note,
+            &DataType::Text {
+                length: MAX_TEXT_LENGTH
+            }
+        );
     }
 
     #[test]
     fn a_document_that_is_not_a_thing_model_is_refused() {
         for (json, path) in [
             (r#"{"foo": 1}"#, "foo"),
-            (r#"{"propertys": [{"identifier": "t", "dataType": {"type": "date"}}]}"#, "propertys"),
+            (
+                r#"{"propertys": [{"identifier": "t", "dataType": {"type": "date"}}]}"#,
+                "propertys",
+            ),
             (r#"{}"#, "$"),
-            (r#"{"properties": [], "events": [{"identifier": "post"}], "services": [{"identifier": "set"}]}"#, "$"),
+            (
+                r#"{"properties": [], "events": [{"identifier": "post"}], "services": [{"identifier": "set"}]}"#,
+                "$",
+            ),
         ] {
             let e = parse(json).unwrap_err();
             assert_eq!(e.path, path, "{json}: {e}");

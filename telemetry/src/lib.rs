@@ -98,7 +98,8 @@ impl Registry {
 
     /// The counter `name` with `labels`, described by `help`.
     pub fn counter(&self, name: &'static str, help: &'static str, labels: Labels<'_>) -> Counter {
-        self.recorder.describe_counter(name.into(), None, help.into());
+        self.recorder
+            .describe_counter(name.into(), None, help.into());
         self.recorder.register_counter(&key(name, labels), &META)
     }
 
@@ -120,7 +121,8 @@ impl Registry {
 
     /// The histogram `name` (in seconds: end the name with `_seconds`), described by `help`.
     pub fn histogram(&self, name: &'static str, help: &'static str, labels: Labels<'_>) -> Latency {
-        self.recorder.describe_histogram(name.into(), None, help.into());
+        self.recorder
+            .describe_histogram(name.into(), None, help.into());
         Latency(self.recorder.register_histogram(&key(name, labels), &META))
     }
 
@@ -253,17 +255,31 @@ mod tests {
     #[test]
     fn series_have_help_units_and_clean_labels() {
         let r = Registry::new();
-        r.set_counter("x_events_total", "Events seen", &[("reason", "queue full")], 3);
+        r.set_counter(
+            "x_events_total",
+            "Events seen",
+            &[("reason", "queue full")],
+            3,
+        );
         r.histogram("x_commit_seconds", "Commit latency, in seconds", &[])
             .record(0.002);
         r.export_process("x_build_info", "1.2.3");
         let text = r.render();
         assert!(text.contains("# HELP x_events_total Events seen"), "{text}");
-        assert!(text.contains("x_events_total{reason=\"queue_full\"} 3"), "{text}");
+        assert!(
+            text.contains("x_events_total{reason=\"queue_full\"} 3"),
+            "{text}"
+        );
         assert!(text.contains("# TYPE x_commit_seconds histogram"), "{text}");
-        assert!(text.contains("x_commit_seconds_bucket{le=\"0.0025\"} 1"), "{text}");
+        assert!(
+            text.contains("x_commit_seconds_bucket{le=\"0.0025\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("x_build_info{version=\"1.2.3\"} 1"), "{text}");
         assert!(text.contains("process_resident_memory_bytes"), "{text}");
-        assert_eq!(label_value("duplicate (another gateway)"), "duplicate_another_gateway");
+        assert_eq!(
+            label_value("duplicate (another gateway)"),
+            "duplicate_another_gateway"
+        );
     }
 }

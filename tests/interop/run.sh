@@ -234,6 +234,9 @@ rtu_device() { # name, unit
     printf '[gateway]\nproduct_key = "%s"\ndevice_name = "edge-int01"\ndevice_secret = "%s"\n' "$EGPK" "$(secret_of "$EGPK" edge-int01)"
     printf '[uplink]\nhost = "127.0.0.1"\nport = %s\ntls = true\nca_file = "%s"\n' "$MQTTS_PORT" "$CA"
     printf '[queue]\ndir = "%s"\n' "$MB/queue"
+    STATUS_PORT=$("$PY" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])")
+    printf '[status]\nlisten = "127.0.0.1:%s"\n' "$STATUS_PORT"
+    echo "$STATUS_PORT" >"$MB/status_port"
     printf '\n[[devices]]\nname = "plc-tcp01"\nproduct_key = "%s"\ndevice_secret = "%s"\ntransport = "tcp"\naddress = "127.0.0.1:%s"\npoll_interval = "200ms"\n' \
         "$ESPK" "$(secret_of "$ESPK" plc-tcp01)" "$FIELD_PORT"
     cat "$MB/points.toml"
@@ -288,6 +291,17 @@ while True:
 PYEOF
 }
 check "ironlink-edge reads every data type and word order, coils, inputs from pymodbus (TCP) into the cloud" edge_values
+
+STATUS_PORT=$(cat "$MB/status_port")
+metrics_lint() { # promtool (Prometheus) accepts both /metrics documents: HELP, types, names
+    curl -sf "$HTTP/metrics" >"$WORK/cloud.prom" && promtool check metrics <"$WORK/cloud.prom" &&
+        grep -q '^ironlink_api_request_duration_seconds_bucket' "$WORK/cloud.prom" &&
+        curl -sf "http://127.0.0.1:$STATUS_PORT/metrics" >"$WORK/edge.prom" && promtool check metrics <"$WORK/edge.prom" &&
+        grep -q '^ironlink_edge_modbus_poll_duration_seconds_bucket' "$WORK/edge.prom" &&
+        grep -q '^ironlink_edge_uplink_ack_duration_seconds_bucket' "$WORK/edge.prom" &&
+        curl -sf "http://127.0.0.1:$STATUS_PORT/healthz" | grep -q '"ok"'
+}
+check "promtool check metrics: cloud and edge /metrics are clean, with latency histograms; edge /healthz ok" metrics_lint
 
 edge_writes() { # property set -> Modbus write; mbpoll reads what pymodbus now holds
     local sp mode

@@ -32,18 +32,32 @@ async fn cli_calls_exit_non_zero_on_failure_and_speak_json() {
         .to_owned();
     // A URL without a scheme works; garbage is refused with the reason.
     let host_port = cloud.http.to_string();
-    let v = json_out(&cli(&cloud, Some(&host_port), &["product", "show", &pk, "--json"]));
+    let v = json_out(&cli(
+        &cloud,
+        Some(&host_port),
+        &["product", "show", &pk, "--json"],
+    ));
     assert_eq!(v["product_key"], pk.as_str());
     let o = cli(&cloud, Some("ftp://x"), &["product", "list"]);
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("--url"), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--url"),
+        "{o:?}"
+    );
     // An API refusal under --json is one JSON object with status and code.
     let o = cli(&cloud, None, &["device", "show", &pk, "nobody", "--json"]);
     assert!(!o.status.success());
     let e: Value = serde_json::from_slice(&o.stderr).unwrap();
-    assert_eq!((e["status"].as_u64(), e["code"].as_str()), (Some(404), Some("not_found")), "{e}");
+    assert_eq!(
+        (e["status"].as_u64(), e["code"].as_str()),
+        (Some(404), Some("not_found")),
+        "{e}"
+    );
     assert!(
-        e["error"].as_str().unwrap().contains("ironlink-cloud device list"),
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains("ironlink-cloud device list"),
         "hints name CLI commands: {e}"
     );
     let model = dir.path().join("model.json");
@@ -56,19 +70,48 @@ async fn cli_calls_exit_non_zero_on_failure_and_speak_json() {
     let o = cli(
         &cloud,
         None,
-        &["product", "thing-model", &pk, "--import", model.to_str().unwrap()],
+        &[
+            "product",
+            "thing-model",
+            &pk,
+            "--import",
+            model.to_str().unwrap(),
+        ],
     );
     assert!(o.status.success(), "{o:?}");
     // A device that is online but never answers (nor subscribes): set and call end failed or
     // timed out, and the CLI exits non-zero.
-    let created = json_out(&cli(&cloud, None, &["device", "create", &pk, "mute-01", "--json"]));
+    let created = json_out(&cli(
+        &cloud,
+        None,
+        &["device", "create", &pk, "mute-01", "--json"],
+    ));
     let secret = created["device_secret"].as_str().unwrap().to_owned();
     let _mute = connect_device(cloud.mqtt, &pk, "mute-01", &secret)
         .await
         .expect("connected");
     for args in [
-        vec!["device", "set", &pk, "mute-01", "{\"x\": 1}", "--timeout-ms", "300", "--json"],
-        vec!["device", "call", &pk, "mute-01", "Reboot", "--timeout-ms", "300", "--wait", "--json"],
+        vec![
+            "device",
+            "set",
+            &pk,
+            "mute-01",
+            "{\"x\": 1}",
+            "--timeout-ms",
+            "300",
+            "--json",
+        ],
+        vec![
+            "device",
+            "call",
+            &pk,
+            "mute-01",
+            "Reboot",
+            "--timeout-ms",
+            "300",
+            "--wait",
+            "--json",
+        ],
     ] {
         let o = cli(&cloud, None, &args);
         assert!(!o.status.success(), "{args:?}: {o:?}");
@@ -91,28 +134,58 @@ async fn device_batches_above_the_api_limit_and_csv_import() {
         .as_str()
         .unwrap()
         .to_owned();
-    let v = json_out(&cli(&cloud, None, &["device", "create", &pk, "--count", "2345", "--json"]));
+    let v = json_out(&cli(
+        &cloud,
+        None,
+        &["device", "create", &pk, "--count", "2345", "--json"],
+    ));
     assert_eq!(v["devices"].as_array().unwrap().len(), 2345);
     let csv = dir.path().join("devices.csv");
-    std::fs::write(&csv, "device_name,site,floor\ncsv-0001,north,3\ncsv-0002,south,\n").unwrap();
-    let v = json_out(&cli(&cloud, None, &["device", "import", &pk, csv.to_str().unwrap(), "--json"]));
+    std::fs::write(
+        &csv,
+        "device_name,site,floor\ncsv-0001,north,3\ncsv-0002,south,\n",
+    )
+    .unwrap();
+    let v = json_out(&cli(
+        &cloud,
+        None,
+        &["device", "import", &pk, csv.to_str().unwrap(), "--json"],
+    ));
     assert_eq!(v["devices"].as_array().unwrap().len(), 2);
     let (s, d) = cloud
-        .api(reqwest::Method::GET, &format!("/devices/{pk}/csv-0001"), None)
+        .api(
+            reqwest::Method::GET,
+            &format!("/devices/{pk}/csv-0001"),
+            None,
+        )
         .await
         .unwrap();
     assert_eq!(s, 200);
-    assert_eq!(d["tags"], serde_json::json!({"site": "north", "floor": "3"}));
+    assert_eq!(
+        d["tags"],
+        serde_json::json!({"site": "north", "floor": "3"})
+    );
     let (_, d) = cloud
-        .api(reqwest::Method::GET, &format!("/products/{pk}/devices?page_size=1"), None)
+        .api(
+            reqwest::Method::GET,
+            &format!("/products/{pk}/devices?page_size=1"),
+            None,
+        )
         .await
         .unwrap();
     assert_eq!(d["total"], 2347);
     let bad = dir.path().join("bad.csv");
     std::fs::write(&bad, "name\nx\n").unwrap();
-    let o = cli(&cloud, None, &["device", "import", &pk, bad.to_str().unwrap()]);
+    let o = cli(
+        &cloud,
+        None,
+        &["device", "import", &pk, bad.to_str().unwrap()],
+    );
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("device_name"), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("device_name"),
+        "{o:?}"
+    );
 }
 
 /// A second `serve` on a data dir in use refuses to start and names the holder; the first
@@ -127,13 +200,21 @@ async fn a_second_serve_on_the_same_data_dir_is_refused_and_sighup_reloads() {
     let o = Command::new(binary("cloud", "ironlink-cloud").unwrap())
         .args(["serve", "--data-dir"])
         .arg(&data)
-        .args(["--mqtt-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        .args([
+            "--mqtt-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
         .args(["--mqtts-listen", "off", "--amqps-listen", "off"])
         .output()
         .unwrap();
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("in use by process") && err.contains(&cloud.pid().to_string()), "{err}");
+    assert!(
+        err.contains("in use by process") && err.contains(&cloud.pid().to_string()),
+        "{err}"
+    );
     // SIGHUP: still serving afterwards, and it says what waits for a restart.
     std::fs::write(&config, "[mqtt]\nmax_connections = 5\n").unwrap();
     cloud.signal("HUP").unwrap();
@@ -152,5 +233,8 @@ async fn a_second_serve_on_the_same_data_dir_is_refused_and_sighup_reloads() {
         .unwrap();
     assert_eq!(s, 200, "still serving after SIGHUP; log: {said}");
     assert!(said.contains("next start: mqtt.max_connections"), "{said}");
-    assert!(!said.contains('\u{1b}'), "no ANSI colours off a terminal: {said}");
+    assert!(
+        !said.contains('\u{1b}'),
+        "no ANSI colours off a terminal: {said}"
+    );
 }

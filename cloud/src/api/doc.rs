@@ -146,7 +146,9 @@ impl utoipa::PartialSchema for Tags {
                     .max_length(Some(64)),
             ))
             .additional_properties(Some(ObjectBuilder::new().schema_type(Type::String)))
-            .description(Some("Tags: at most 100, keys of 1 to 64 characters, string values."))
+            .description(Some(
+                "Tags: at most 100, keys of 1 to 64 characters, string values.",
+            ))
             .into()
     }
 }
@@ -297,7 +299,10 @@ impl Modify for CommonAnswers {
                     r.entry(code.to_owned())
                         .or_insert_with(|| error(what).into());
                 };
-                add("400", "Malformed request: a path, query or body value is refused, with the reason");
+                add(
+                    "400",
+                    "Malformed request: a path, query or body value is refused, with the reason",
+                );
                 add("401", "Missing or wrong bearer token");
                 add("503", "The database failed; retry later");
                 if has_body {

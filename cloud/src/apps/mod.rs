@@ -353,12 +353,36 @@ impl Apps {
             .map(|(g, c)| (g.clone(), c.clone()))
             .collect();
         let series: [Series; 6] = [
-            ("ironlink_group_pushed_total", "Messages pushed to a group's clients in real time", |c| &c.pushed),
-            ("ironlink_group_replayed_total", "Messages replayed from a group's backlog", |c| &c.replayed),
-            ("ironlink_group_acknowledged_total", "Messages a group's clients acknowledged", |c| &c.acknowledged),
-            ("ironlink_group_redelivered_total", "Messages delivered again after a client left them unsettled", |c| &c.redelivered),
-            ("ironlink_group_dropped_age_total", "Messages dropped from a group's queue for their age", |c| &c.dropped_age),
-            ("ironlink_group_dropped_size_total", "Messages dropped from a group's full queue", |c| &c.dropped_size),
+            (
+                "ironlink_group_pushed_total",
+                "Messages pushed to a group's clients in real time",
+                |c| &c.pushed,
+            ),
+            (
+                "ironlink_group_replayed_total",
+                "Messages replayed from a group's backlog",
+                |c| &c.replayed,
+            ),
+            (
+                "ironlink_group_acknowledged_total",
+                "Messages a group's clients acknowledged",
+                |c| &c.acknowledged,
+            ),
+            (
+                "ironlink_group_redelivered_total",
+                "Messages delivered again after a client left them unsettled",
+                |c| &c.redelivered,
+            ),
+            (
+                "ironlink_group_dropped_age_total",
+                "Messages dropped from a group's queue for their age",
+                |c| &c.dropped_age,
+            ),
+            (
+                "ironlink_group_dropped_size_total",
+                "Messages dropped from a group's full queue",
+                |c| &c.dropped_size,
+            ),
         ];
         for (g, c) in &counters {
             let labels = [("group", g.as_str())];

@@ -761,13 +761,24 @@ impl Engine {
                     ("done", c.done.load(Ordering::Relaxed)),
                     ("failed_attempt", c.failed.load(Ordering::Relaxed)),
                     ("dead_lettered", c.dead_lettered.load(Ordering::Relaxed)),
-                    ("dropped_queue_full", c.dropped_queue_full.load(Ordering::Relaxed)),
-                    ("dropped_store_failed", c.dropped_store_failed.load(Ordering::Relaxed)),
+                    (
+                        "dropped_queue_full",
+                        c.dropped_queue_full.load(Ordering::Relaxed),
+                    ),
+                    (
+                        "dropped_store_failed",
+                        c.dropped_store_failed.load(Ordering::Relaxed),
+                    ),
                 ] {
                     r.set_counter(
                         "ironlink_rule_action_total",
                         ACTIONS,
-                        &[("rule", name), ("action", &index), ("kind", a.spec.name()), ("outcome", what)],
+                        &[
+                            ("rule", name),
+                            ("action", &index),
+                            ("kind", a.spec.name()),
+                            ("outcome", what),
+                        ],
                         v,
                     );
                 }
@@ -794,11 +805,7 @@ fn fits(state: &Windows, q: &Query) -> bool {
 
 fn device_of(m: &Outgoing) -> String {
     let levels: Vec<&str> = m.topic.split('/').collect();
-    let i = if m.kind == MessageType::Status {
-        5
-    } else {
-        2
-    };
+    let i = if m.kind == MessageType::Status { 5 } else { 2 };
     levels.get(i).map_or_else(String::new, |s| (*s).to_owned())
 }
 

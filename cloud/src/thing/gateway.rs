@@ -366,12 +366,13 @@ async fn run(
                         d
                     }
                     None => {
-                        let d = crate::registry::create_devices(&thing.db, &pk, vec![dn.clone()], 0)
-                            .await
-                            .map_err(|e| (code::INVALID_PARAMS, format!("{path}: {e}")))?
-                            .into_iter()
-                            .next()
-                            .ok_or((code::INTERNAL, "device not created".to_owned()))?;
+                        let d =
+                            crate::registry::create_devices(&thing.db, &pk, vec![dn.clone()], 0)
+                                .await
+                                .map_err(|e| (code::INVALID_PARAMS, format!("{path}: {e}")))?
+                                .into_iter()
+                                .next()
+                                .ok_or((code::INTERNAL, "device not created".to_owned()))?;
                         created.push(crate::lifecycle::Change {
                             product_key: pk.clone(),
                             device_name: dn.clone(),
@@ -383,7 +384,13 @@ async fn run(
                 };
                 out.push(json!({"productKey": pk, "deviceName": dn, "deviceSecret": device.device_secret, "iotId": format!("{pk}.{dn}")}));
             }
-            crate::lifecycle::announce(&thing.apps, &thing.router, created, crate::registry::now_ms()).await;
+            crate::lifecycle::announce(
+                &thing.apps,
+                &thing.router,
+                created,
+                crate::registry::now_ms(),
+            )
+            .await;
             Ok((Value::Array(out), None))
         }
         Uplink::Login | Uplink::BatchLogin => {
