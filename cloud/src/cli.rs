@@ -299,6 +299,9 @@ pub enum ProductCmd {
         /// Allow devices to register with the product secret.
         #[arg(long)]
         dynamic_register: bool,
+        /// Print only the new product key (for `PK=$(...)` in scripts).
+        #[arg(long, short)]
+        quiet: bool,
     },
     /// List products.
     List,
@@ -643,6 +646,10 @@ pub enum DeviceCmd {
         /// hmacsha256 | hmacsha1 | hmacmd5
         #[arg(long, default_value = "hmacsha256")]
         signmethod: String,
+        /// Print `export MQTT_HOST=... MQTT_PORT=... MQTT_CLIENT_ID=... MQTT_USERNAME=...
+        /// MQTT_PASSWORD=...` for `eval "$(...)"` in a shell.
+        #[arg(long)]
+        export: bool,
     },
     /// Replace a device's tags: KEY=VALUE ... (none clears them).
     Tags {
@@ -1079,8 +1086,15 @@ pub async fn run_admin(command: Command) -> anyhow::Result<()> {
                     node_type,
                     data_format,
                     dynamic_register,
+                    quiet,
                 } => {
-                    c.record(Method::POST, "/products", Some(json!({"name": name, "node_type": node_type, "data_format": data_format, "dynamic_register": dynamic_register}))).await?;
+                    let body = json!({"name": name, "node_type": node_type, "data_format": data_format, "dynamic_register": dynamic_register});
+                    let v = c.call(Method::POST, "/products", Some(body)).await?;
+                    if quiet {
+                        println!("{}", v["product_key"].as_str().unwrap_or_default());
+                    } else {
+                        output(&c, &v, None);
+                    }
                 }
                 ProductCmd::List => {
                     let v = c.call(Method::GET, "/products", None).await?;
@@ -1258,6 +1272,7 @@ pub async fn run_admin(command: Command) -> anyhow::Result<()> {
                     device_name,
                     tls,
                     signmethod,
+                    export,
                 } => {
                     let method = SignMethod::parse(&signmethod).with_context(|| {
                         format!("--signmethod `{signmethod}`: use hmacsha256, hmacsha1 or hmacmd5")
@@ -1305,7 +1320,16 @@ pub async fn run_admin(command: Command) -> anyhow::Result<()> {
                         o.insert("port".into(), json!(port));
                         o.insert("device_secret".into(), json!(secret));
                     }
-                    if c.json {
+                    if export {
+                        let q = |s: &str| format!("'{}'", s.replace('\'', "'\\''"));
+                        println!(
+                            "export MQTT_HOST={} MQTT_PORT={port} MQTT_CLIENT_ID={} MQTT_USERNAME={} MQTT_PASSWORD={}",
+                            q(&host),
+                            q(&cell(&v["client_id"])),
+                            q(&cell(&v["username"])),
+                            q(&cell(&v["password"]))
+                        );
+                    } else if c.json {
                         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
                     } else {
                         print_record(&v);

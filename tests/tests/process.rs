@@ -69,8 +69,16 @@ async fn kill_9_loses_no_registry_data_and_marks_devices_offline() {
     let cloud = Cloud::start(dir.path(), &[]).unwrap();
     assert_eq!(cloud.token, token, "the admin token persists");
     assert!(
-        !cloud.banner.iter().any(|l| l.starts_with("Admin token")),
+        !cloud.banner.iter().any(|l| l.contains(&token)),
         "and is printed only once"
+    );
+    assert!(
+        cloud
+            .banner
+            .iter()
+            .any(|l| l.starts_with("Admin token in ") && l.contains("admin-token")),
+        "after a restart the banner says where the token is: {:?}",
+        cloud.banner
     );
     let (s, d) = cloud
         .api(
