@@ -3,8 +3,8 @@
 //! `lifecycle` messages (and so to the rules that read them) and to the router's MQTT
 //! subscribers. Online/offline changes are `status` messages, see [`crate::presence`].
 
-use crate::apps::{Apps, MessageType, Outgoing};
-use crate::router::{Message, Router};
+use crate::apps::{Apps, MessageType, Notices};
+use crate::router::Router;
 use serde_json::json;
 
 /// What happened to a device.
@@ -68,27 +68,18 @@ pub fn body(c: &Change, at: i64) -> String {
 /// Publishes the changes; waits until the consumer groups that take them have committed
 /// them. False when they could not be queued (the change itself stands; this is logged).
 pub async fn announce(apps: &Apps, router: &Router, changes: Vec<Change>, at: i64) -> bool {
-    let mut for_apps = Vec::new();
+    let mut notices = Notices::new(apps, router);
     for c in &changes {
         let topic = topic(&c.product_key, &c.device_name);
-        let body = body(c, at);
-        if apps.wants(&c.product_key, MessageType::Lifecycle) {
-            for_apps.push(Outgoing {
-                product_key: c.product_key.clone(),
-                kind: MessageType::Lifecycle,
-                topic: topic.clone(),
-                payload: body.clone().into_bytes(),
-                generated_at: at,
-            });
-        }
-        router.publish(Message {
+        notices.push(
+            &c.product_key,
+            MessageType::Lifecycle,
             topic,
-            payload: body.into(),
-            qos: 0,
-            retain: false,
-        });
+            body(c, at),
+            at,
+        );
     }
-    if for_apps.is_empty() || apps.publish_many(for_apps).await {
+    if notices.commit().await {
         return true;
     }
     tracing::error!(

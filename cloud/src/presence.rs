@@ -1,13 +1,13 @@
 //! Presence: every online/offline change is stored with its reason and emitted as a
-//! lifecycle message, on the router topic `/as/mqtt/status/{pk}/{dn}` and on an in-process
-//! broadcast channel that later features (rules) consume.
+//! `status` message (Alibaba's name), on the router topic `/as/mqtt/status/{pk}/{dn}`, to the
+//! consumer groups and rules that take it, and on an in-process broadcast channel.
 //!
 //! Writes are batched by one task so that a connection storm costs one transaction per batch,
 //! not two statements per connect.
 
-use crate::apps::{Apps, MessageType, Outgoing};
+use crate::apps::{Apps, MessageType};
 use crate::metrics::Metrics;
-use crate::router::{Message, Router};
+use crate::router::Router;
 use crate::storage::{Db, PresenceEvent};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -158,7 +158,7 @@ async fn writer(
                 let _ = w.send(());
             }
         }
-        let mut for_apps = Vec::new();
+        let mut notices = crate::apps::Notices::new(&apps, &router);
         for e in events {
             let payload = serde_json::json!({
                 "status": e.status,
@@ -174,26 +174,17 @@ async fn writer(
                 e.product_key,
                 e.device_name
             );
-            let body = payload.to_string();
-            if apps.wants(&e.product_key, MessageType::Status) {
-                for_apps.push(Outgoing {
-                    product_key: e.product_key.clone(),
-                    kind: MessageType::Status,
-                    topic: topic.clone(),
-                    payload: body.clone().into_bytes(),
-                    generated_at: e.at,
-                });
-            }
-            router.publish(Message {
+            notices.push(
+                &e.product_key,
+                MessageType::Status,
                 topic,
-                payload: body.into(),
-                qos: 0,
-                retain: false,
-            });
+                payload.to_string(),
+                e.at,
+            );
             let _ = lifecycle.send(e);
         }
-        if !for_apps.is_empty() && !apps.publish_many(for_apps).await {
-            tracing::error!("lifecycle messages for consumer groups could not be queued");
+        if !notices.commit().await {
+            tracing::error!("status messages for consumer groups could not be queued");
         }
         if stopping {
             return;

@@ -279,7 +279,10 @@ async fn metrics(AxState(c): AxState<Ctx>) -> impl IntoResponse {
                 r.set_counter(
                     "ironlink_edge_refused_total",
                     REFUSED,
-                    &[("protocol", p), ("reason", why)],
+                    &[
+                        ("protocol", p),
+                        ("reason", &ironlink_telemetry::label_value(why)),
+                    ],
                     n,
                 );
             }
@@ -294,7 +297,10 @@ async fn metrics(AxState(c): AxState<Ctx>) -> impl IntoResponse {
                 r.set_counter(
                     "ironlink_edge_skipped_total",
                     "Parts of valid messages passed over on purpose",
-                    &[("protocol", p), ("what", what)],
+                    &[
+                        ("protocol", p),
+                        ("what", &ironlink_telemetry::label_value(what)),
+                    ],
                     n,
                 );
             }

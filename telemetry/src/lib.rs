@@ -63,13 +63,14 @@ pub type Labels<'a> = &'a [(&'static str, &'a str)];
 fn key(name: &'static str, labels: Labels<'_>) -> Key {
     let labels: Vec<Label> = labels
         .iter()
-        .map(|(k, v)| Label::new(*k, label_value(v)))
+        .map(|(k, v)| Label::new(*k, (*v).to_owned()))
         .collect();
     Key::from_parts(name, labels)
 }
 
-/// A label value as Ironlink writes it: letters, digits and `_-.:/@`, every other run of
-/// characters one underscore (no spaces: `queue full` is `queue_full`).
+/// A free-text label value (a reason) as Ironlink writes it: letters, digits and `_-.:/@`,
+/// every other run of characters one underscore (no spaces: `queue full` is `queue_full`).
+/// Identifiers (group ids, device names, product keys) are written as they are.
 pub fn label_value(v: &str) -> String {
     let mut out = String::with_capacity(v.len());
     for c in v.chars() {
@@ -258,7 +259,18 @@ mod tests {
         r.set_counter(
             "x_events_total",
             "Events seen",
-            &[("reason", "queue full")],
+            &[("reason", &label_value("queue full"))],
+            3,
+        );
+        r.set_counter("x_groups_total", "Per group", &[("group", "$rule:a b")], 1);
+        assert!(
+            r.render().contains("x_groups_total{group=\"$rule:a b\"} 1"),
+            "identifiers as they are"
+        );
+        r.set_counter(
+            "x_events_total",
+            "Events seen",
+            &[("reason", &label_value("queue full"))],
             3,
         );
         r.histogram("x_commit_seconds", "Commit latency, in seconds", &[])

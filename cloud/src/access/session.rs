@@ -156,7 +156,7 @@ pub async fn serve<S>(
             // CONNACK "unacceptable protocol version" in the 3.1.1 encoding, understood by all.
             let _ = stream.write_all(&[0x20, 0x02, 0x00, 0x01]).await;
             Metrics::inc(&shared.metrics.protocol_errors);
-            tracing::info!(%peer, ?level, "refused: unsupported MQTT protocol level");
+            tracing::info!(%peer, level = level.map_or(-1, i16::from), "refused: unsupported MQTT protocol level");
             return;
         }
     };
@@ -208,7 +208,7 @@ pub async fn serve<S>(
     let (pk, dn, first_connect) = match auth {
         Err(e) => {
             Metrics::inc(&shared.metrics.auth_refused);
-            tracing::warn!(%peer, client_id = %connect.client_id, username = ?login.as_ref().map(|l| &l.username), reason = %e, "CONNECT refused");
+            tracing::warn!(%peer, client_id = %connect.client_id, username = %login.as_ref().map_or("", |l| l.username.as_str()), reason = %e, "CONNECT refused");
             version.write(connack(refusal_code(version, &e)), &mut out);
             let _ = stream.write_all(&out).await;
             let _ = stream.shutdown().await;

@@ -125,6 +125,51 @@ pub struct Outgoing {
     pub generated_at: i64,
 }
 
+/// Messages the platform itself generates (online/offline status, device lifecycle): each
+/// goes to the router's MQTT subscribers at once, and, when a consumer group takes its kind,
+/// into one batch that [`Notices::commit`] queues for the groups (and the rules).
+#[derive(Debug)]
+pub struct Notices<'a> {
+    apps: &'a Apps,
+    router: &'a crate::router::Router,
+    batch: Vec<Outgoing>,
+}
+
+impl<'a> Notices<'a> {
+    /// An empty batch.
+    pub fn new(apps: &'a Apps, router: &'a crate::router::Router) -> Self {
+        Self {
+            apps,
+            router,
+            batch: Vec::new(),
+        }
+    }
+
+    /// Publishes one notice on `topic` and keeps it for the groups that take `kind`.
+    pub fn push(&mut self, pk: &str, kind: MessageType, topic: String, body: String, at: i64) {
+        if self.apps.wants(pk, kind) {
+            self.batch.push(Outgoing {
+                product_key: pk.to_owned(),
+                kind,
+                topic: topic.clone(),
+                payload: body.clone().into_bytes(),
+                generated_at: at,
+            });
+        }
+        self.router.publish(crate::router::Message {
+            topic,
+            payload: body.into(),
+            qos: 0,
+            retain: false,
+        });
+    }
+
+    /// Queues the kept notices for the groups; false when they could not be queued.
+    pub async fn commit(self) -> bool {
+        self.batch.is_empty() || self.apps.publish_many(self.batch).await
+    }
+}
+
 /// A message delivered to a client of a group.
 #[derive(Debug, Clone)]
 pub struct AppMessage {

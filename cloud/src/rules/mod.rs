@@ -750,7 +750,11 @@ impl Engine {
                 r.set_counter(
                     "ironlink_rule_messages_total",
                     MESSAGES,
-                    &[("rule", name), ("outcome", "dropped"), ("reason", reason)],
+                    &[
+                        ("rule", name),
+                        ("outcome", "dropped"),
+                        ("reason", &ironlink_telemetry::label_value(reason)),
+                    ],
                     *v,
                 );
             }

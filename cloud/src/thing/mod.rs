@@ -555,7 +555,12 @@ impl Thing {
         self.metrics
             .properties_refused
             .fetch_add(invalid.len() as u64, Ordering::Relaxed);
-        tracing::info!(product_key = pk, device_name = dn, refused = ?invalid, "property values refused by the thing model");
+        tracing::info!(
+            product_key = pk,
+            device_name = dn,
+            refused = %invalid.values().filter_map(serde_json::Value::as_str).collect::<Vec<_>>().join("; "),
+            "property values refused by the thing model"
+        );
         let message = format!(
             "{} of {} properties refused, the others were stored: {}",
             invalid.len(),
