@@ -725,7 +725,7 @@ struct CreateDevices {
     #[schema(value_type = Option<doc::DeviceName>)]
     device_name: Option<String>,
     #[serde(default)]
-    #[schema(value_type = Vec<doc::DeviceName>, max_items = 500)]
+    #[schema(schema_with = doc::device_names)]
     device_names: Vec<String>,
     #[serde(default, deserialize_with = "int::opt")]
     #[schema(minimum = 0, maximum = 500)]

@@ -156,6 +156,11 @@ pub struct AppsConfig {
     /// dropped (counted in `ironlink_router_dropped_total`): applications receive the fan-in
     /// of whole products, so their queue is far deeper than a device's (`mqtt.session_queue`).
     pub mqtt_session_queue: usize,
+    /// Accepted distance between an application's signed `timestamp` (aksign, AMQP and MQTT)
+    /// and the server clock; absent to skip the check. Server-side SDKs sign the current
+    /// time, so it is on by default (15 minutes, as Alibaba).
+    #[serde(with = "humantime_serde")]
+    pub timestamp_window: Option<Duration>,
 }
 
 impl Default for AppsConfig {
@@ -167,6 +172,7 @@ impl Default for AppsConfig {
             queue_max_messages: 1_000_000,
             realtime_window: 256,
             mqtt_session_queue: 65_536,
+            timestamp_window: Some(Duration::from_secs(15 * 60)),
         }
     }
 }

@@ -129,6 +129,30 @@ async fn refused_connects_get_the_right_code_and_spare_other_sessions() {
         .await;
     assert_eq!(code, Rc4::BadUserNamePassword, "stale timestamp");
 
+    // With the window on, a signature without any timestamp cannot be replayed either.
+    let sig = sign_connect(
+        SignMethod::HmacSha1,
+        &secret,
+        &stale_cid,
+        "good-01",
+        &pk,
+        None,
+    );
+    let mut c = Raw::tcp(srv.mqtt()).await;
+    let code = c
+        .connect_v4(
+            &format!("{stale_cid}|securemode=3,signmethod=hmacsha1|"),
+            &u,
+            sig.as_str(),
+            60,
+        )
+        .await;
+    assert_eq!(
+        code,
+        Rc4::BadUserNamePassword,
+        "no timestamp with the window on"
+    );
+
     let mut c = Raw::tcp(srv.mqtt()).await;
     let mut connect = v4::Connect::new("no-login");
     connect.keep_alive = 30;
@@ -326,6 +350,19 @@ async fn malformed_and_oversize_packets_close_only_their_session() {
         (
             "truncated SUBSCRIBE body",
             vec![0x82, 0x03, 0x00, 0x01, 0x00],
+        ),
+        // MQTT 4.7: topic names are not empty and hold no wildcard and no NUL.
+        (
+            "PUBLISH with an empty topic",
+            vec![0x32, 0x04, 0x00, 0x00, 0x00, 0x01],
+        ),
+        (
+            "PUBLISH on a wildcard topic",
+            vec![0x32, 0x08, 0x00, 0x04, b'/', b'a', b'/', b'+', 0x00, 0x01],
+        ),
+        (
+            "PUBLISH on a topic with NUL",
+            vec![0x32, 0x08, 0x00, 0x04, b'/', b'a', 0x00, b'b', 0x00, 0x01],
         ),
     ];
     for (what, bytes) in cases {
@@ -594,7 +631,18 @@ async fn dynamic_registration_returns_the_secret_over_tls_only() {
     // And a normal securemode=2 session over TLS.
     let (cid, u, p) = creds(&pk, "reg-0001", &secret, SignMethod::HmacSha256, true);
     let mut t = Raw::tls(srv.mqtts(), &ca).await;
+    // The CONNACK comes after the activation is stored.
     assert_eq!(t.connect_v4(&cid, &u, &p, 60).await, Rc4::Success);
+
+    // Once the device is activated, registration does not hand its secret out again
+    // (Alibaba's pre-registration mode): whoever holds the product secret gets nothing.
+    let sig = sign_register(SignMethod::HmacSha256, &ps, "reg-0001", &pk, random);
+    let mut again = Raw::tls(srv.mqtts(), &ca).await;
+    assert_eq!(
+        again.connect_v4(&format!("reg-0001.{pk}|random={random},authType=register,securemode=2,signmethod=hmacsha256|"), &user, sig.as_str(), 60).await,
+        Rc4::NotAuthorized,
+        "an activated device is not registered again"
+    );
 }
 
 #[tokio::test]

@@ -279,9 +279,9 @@ async fn a_backlog_is_replayed_beside_fresh_messages_and_survives_a_restart() {
 }
 
 fn app_login(key_id: &str, secret: &str, group: &str) -> (String, String) {
-    let ts = "1700000000000";
+    let ts = ironlink_cloud::registry::now_ms().to_string();
     let user = format!("app|authMode=aksign,signMethod=hmacsha256,timestamp={ts},authId={key_id},consumerGroupId={group}|");
-    let pass = ironlink_cloud::apps::amqp::password("hmacsha256", secret, key_id, ts).unwrap();
+    let pass = ironlink_cloud::apps::amqp::password("hmacsha256", secret, key_id, &ts).unwrap();
     (user, pass)
 }
 

@@ -263,6 +263,8 @@ pub mod reason {
     pub const ADMINISTRATIVE_ACTION: u8 = 0x98;
     /// 0x9B QoS not supported.
     pub const QOS_NOT_SUPPORTED: u8 = 0x9B;
+    /// 0x90 Topic Name invalid.
+    pub const TOPIC_NAME_INVALID: u8 = 0x90;
 }
 
 /// An MQTT 5 DISCONNECT with a reason code and an explicit empty property block. (Remaining

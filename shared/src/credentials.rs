@@ -37,6 +37,50 @@ impl core::fmt::Display for CredentialError {
     }
 }
 
+/// Why a signed timestamp is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimestampError {
+    /// The window is on and the credentials carry no timestamp.
+    Missing,
+    /// Not a number of milliseconds.
+    NotANumber,
+    /// Further than the window from the server clock.
+    Skewed {
+        /// Distance from the server clock, ms.
+        skew_ms: u64,
+    },
+}
+
+impl core::fmt::Display for TimestampError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Missing => f.write_str("no signed timestamp, and the server checks them"),
+            Self::NotANumber => f.write_str("the signed timestamp is not a number of milliseconds"),
+            Self::Skewed { skew_ms } => write!(
+                f,
+                "the signed timestamp is {skew_ms} ms away from the server clock"
+            ),
+        }
+    }
+}
+
+/// Checks a signed `timestamp` (ms since the Unix epoch) against `window_ms` around `now_ms`
+/// (Alibaba's 15-minute rule, when a server turns it on): a replayed signature is only good
+/// for that long, and one without a timestamp not at all.
+pub fn check_timestamp(
+    ts: Option<&str>,
+    window_ms: u64,
+    now_ms: i64,
+) -> Result<(), TimestampError> {
+    let ts = ts.ok_or(TimestampError::Missing)?;
+    let sent: i64 = ts.trim().parse().map_err(|_| TimestampError::NotANumber)?;
+    let skew_ms = now_ms.abs_diff(sent);
+    if skew_ms > window_ms {
+        return Err(TimestampError::Skewed { skew_ms });
+    }
+    Ok(())
+}
+
 /// A parsed Alink MQTT client id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientId<'a> {
@@ -258,5 +302,27 @@ mod tests {
         assert_eq!(parse_username("dn"), Err(CredentialError::BadUsername));
         assert_eq!(parse_username("&pk"), Err(CredentialError::BadUsername));
         assert_eq!(parse_username("dn&"), Err(CredentialError::BadUsername));
+    }
+
+    #[test]
+    fn timestamps_are_checked_against_the_window() {
+        let now = 1_800_000_000_000;
+        let window = 15 * 60 * 1000;
+        assert_eq!(
+            check_timestamp(None, window, now),
+            Err(TimestampError::Missing)
+        );
+        assert_eq!(
+            check_timestamp(Some("x"), window, now),
+            Err(TimestampError::NotANumber)
+        );
+        assert!(check_timestamp(Some("1800000000000"), window, now).is_ok());
+        assert!(check_timestamp(Some("1799999100000"), window, now).is_ok());
+        assert_eq!(
+            check_timestamp(Some("1000000000000"), window, now),
+            Err(TimestampError::Skewed {
+                skew_ms: 800_000_000_000
+            })
+        );
     }
 }

@@ -1,7 +1,9 @@
 //! Alink authentication of an MQTT CONNECT.
 
 use crate::storage::{Db, StorageError};
-use ironlink_shared::credentials::{parse_username, ClientId, CredentialError};
+use ironlink_shared::credentials::{
+    check_timestamp, parse_username, ClientId, CredentialError, TimestampError,
+};
 use ironlink_shared::sign::{sign_connect, sign_register};
 use std::time::Duration;
 
@@ -56,6 +58,15 @@ pub enum AuthError {
         /// Configured window.
         window: Duration,
     },
+    /// The timestamp window is on and the CONNECT carries no timestamp.
+    #[error(
+        "no signed timestamp in the client id, and the server checks them (timestamp window {0:?})"
+    )]
+    MissingTimestamp(Duration),
+    /// Dynamic registration of a device that has already been online: its secret is not
+    /// handed out again (Alibaba's pre-registration mode).
+    #[error("device `{0}` is already activated: dynamic registration hands out a secret once")]
+    AlreadyActivated(String),
     /// `securemode=2` (TLS) asked for over plain TCP, or registration over TCP.
     #[error("securemode {0} requires the TLS port")]
     TlsRequired(i32),
@@ -80,7 +91,10 @@ impl AuthError {
     pub fn is_not_authorized(&self) -> bool {
         matches!(
             self,
-            Self::Disabled(_) | Self::RegistrationDisabled(_) | Self::TlsRequired(_)
+            Self::Disabled(_)
+                | Self::RegistrationDisabled(_)
+                | Self::TlsRequired(_)
+                | Self::AlreadyActivated(_)
         )
     }
 }
@@ -135,6 +149,9 @@ pub async fn authenticate(
         if device.enabled == 0 {
             return Err(AuthError::Disabled(id));
         }
+        if device.first_online_at.is_some() {
+            return Err(AuthError::AlreadyActivated(id));
+        }
         return Ok(Authenticated::Register {
             product_key: device.product_key,
             device_name: device.device_name,
@@ -159,19 +176,25 @@ pub async fn authenticate(
     if device.enabled == 0 {
         return Err(AuthError::Disabled(id));
     }
-    if let (Some(window), Some(ts)) = (timestamp_window, cid.timestamp) {
-        let sent: i64 = ts.parse().map_err(|_| AuthError::StaleTimestamp {
-            ts: ts.to_owned(),
-            skew: Duration::MAX,
-            window,
-        })?;
-        let skew = Duration::from_millis(now_ms.abs_diff(sent));
-        if skew > window {
-            return Err(AuthError::StaleTimestamp {
-                ts: ts.to_owned(),
-                skew,
-                window,
-            });
+    if let Some(window) = timestamp_window {
+        let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+        match check_timestamp(cid.timestamp, window_ms, now_ms) {
+            Ok(()) => {}
+            Err(TimestampError::Missing) => return Err(AuthError::MissingTimestamp(window)),
+            Err(TimestampError::NotANumber) => {
+                return Err(AuthError::StaleTimestamp {
+                    ts: cid.timestamp.unwrap_or_default().to_owned(),
+                    skew: Duration::MAX,
+                    window,
+                })
+            }
+            Err(TimestampError::Skewed { skew_ms }) => {
+                return Err(AuthError::StaleTimestamp {
+                    ts: cid.timestamp.unwrap_or_default().to_owned(),
+                    skew: Duration::from_millis(skew_ms),
+                    window,
+                })
+            }
         }
     }
     Ok(Authenticated::Device {

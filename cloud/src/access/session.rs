@@ -387,7 +387,8 @@ async fn serve_app<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let login = match crate::apps::amqp::authenticate(&shared.apps, username, password) {
+    let window = shared.config.apps.timestamp_window;
+    let login = match crate::apps::amqp::authenticate(&shared.apps, username, password, window) {
         Ok(l) => l,
         Err(why) => {
             Metrics::inc(&shared.metrics.auth_refused);
@@ -927,6 +928,17 @@ impl Connection {
                     return self
                         .protocol_error(reason::MALFORMED_PACKET, "topic is not UTF-8".into());
                 };
+                // MQTT 4.7: a topic name is not empty and holds no wildcard and no NUL; such
+                // a PUBLISH is a protocol error, not something to acknowledge.
+                if topic.is_empty() || topic.contains(['+', '#', '\0']) {
+                    return self.protocol_error(
+                        reason::TOPIC_NAME_INVALID,
+                        format!(
+                            "PUBLISH topic `{}` is empty or holds a wildcard or NUL",
+                            topic.escape_debug()
+                        ),
+                    );
+                }
                 // Alibaba's parsing tag: a custom topic published as `<topic>?_sn=default` is
                 // the topic without the tag, its payload turned into JSON by the product's
                 // `transformPayload` before subscribers, consumer groups and rules see it.

@@ -130,6 +130,17 @@ pub struct DeviceCredentials {
 #[schema(value_type = String, pattern = r"^[A-Za-z0-9_@.:\-]{4,32}$")]
 pub struct DeviceName(String);
 
+/// `device_names` of a batch: distinct names, 500 at most in the schema (the server takes
+/// 1,000 devices per request with `count`).
+pub fn device_names() -> utoipa::openapi::schema::Array {
+    utoipa::openapi::schema::ArrayBuilder::new()
+        .items(<DeviceName as utoipa::PartialSchema>::schema())
+        .max_items(Some(500))
+        .unique_items(true)
+        .description(Some("Names of the devices to create, each once."))
+        .build()
+}
+
 /// Tags: at most 100, keys of 1 to 64 characters, string values.
 #[derive(Debug)]
 pub struct Tags;

@@ -101,7 +101,12 @@ pub fn password(
 }
 
 /// Checks a PLAIN login against the access keys and groups.
-pub fn authenticate(apps: &Apps, username: &str, pass: &str) -> Result<Login, String> {
+pub fn authenticate(
+    apps: &Apps,
+    username: &str,
+    pass: &str,
+    window: Option<std::time::Duration>,
+) -> Result<Login, String> {
     let login = parse_username(username)?;
     let secret = apps
         .secret(&login.access_key_id)
@@ -128,6 +133,16 @@ pub fn authenticate(apps: &Apps, username: &str, pass: &str) -> Result<Login, St
     if !ok {
         return Err("password does not match the signature of authId and timestamp".into());
     }
+    // A captured login is good only within the window of its signed time.
+    if let Some(window) = window {
+        let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+        ironlink_shared::credentials::check_timestamp(
+            Some(&login.timestamp),
+            window_ms,
+            crate::registry::now_ms(),
+        )
+        .map_err(|e| format!("{e} (window {window:?})"))?;
+    }
     if !apps.group_exists(&login.group_id) {
         return Err(format!(
             "consumer group `{}` does not exist",
@@ -141,6 +156,7 @@ pub fn authenticate(apps: &Apps, username: &str, pass: &str) -> Result<Login, St
 #[derive(Clone)]
 struct Plain {
     apps: Arc<Apps>,
+    window: Option<std::time::Duration>,
     outcome: Arc<Mutex<Option<Result<Login, String>>>>,
 }
 
@@ -153,7 +169,7 @@ impl Plain {
                 let _authzid = parts.next();
                 match (parts.next(), parts.next()) {
                     (Some(u), Some(p)) => match (std::str::from_utf8(u), std::str::from_utf8(p)) {
-                        (Ok(u), Ok(p)) => authenticate(&self.apps, u, p),
+                        (Ok(u), Ok(p)) => authenticate(&self.apps, u, p, self.window),
                         _ => Err("username and password must be UTF-8".into()),
                     },
                     _ => Err("malformed PLAIN response".into()),
@@ -246,6 +262,7 @@ async fn serve(
     };
     let plain = Plain {
         apps: shared.apps.clone(),
+        window: shared.config.apps.timestamp_window,
         outcome: Arc::default(),
     };
     let acceptor = ConnectionAcceptor::builder()

@@ -147,6 +147,7 @@ fn check_sign(
     method: Option<&str>,
     device: &Device,
     path: &str,
+    window: Option<std::time::Duration>,
 ) -> Result<(), Refusal> {
     let method = field(item, &["signmethod", "signMethod"])
         .or(method)
@@ -173,6 +174,20 @@ fn check_sign(
         ts,
     );
     if expected.matches(sign) {
+        // A captured signature replayed later (by another gateway, say) is refused once the
+        // timestamp window is on, as the device's own CONNECT is.
+        if let Some(window) = window {
+            let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+            if let Err(e) = ironlink_shared::credentials::check_timestamp(ts, window_ms, now_ms()) {
+                return Err((
+                    code::INVALID_PARAMS,
+                    format!(
+                        "{path}: `{}/{}`: {e} (window {window:?})",
+                        device.product_key, device.device_name
+                    ),
+                ));
+            }
+        }
         Ok(())
     } else {
         Err((
@@ -268,7 +283,13 @@ async fn run(
                     ));
                 }
                 let (device, _) = sub_device(thing, gw, &pk, &dn, &path).await?;
-                check_sign(item, None, &device, &path)?;
+                check_sign(
+                    item,
+                    None,
+                    &device,
+                    &path,
+                    thing.config.mqtt.timestamp_window,
+                )?;
                 subs.push((pk, dn));
             }
             thing
@@ -416,7 +437,13 @@ async fn run(
                     Some(t) if (t.gateway_product_key.as_str(), t.gateway_device_name.as_str()) == gwid => {}
                     _ => return Err((code::TOPO_NOT_FOUND, format!("{path}: `{pk}/{dn}` is not in this gateway's topology: add it with thing/topo/add first"))),
                 }
-                check_sign(item, method, &device, &path)?;
+                check_sign(
+                    item,
+                    method,
+                    &device,
+                    &path,
+                    thing.config.mqtt.timestamp_window,
+                )?;
                 let auto = field(item, &["clientId"]).is_some_and(|c| c.contains("_ss=1"));
                 if !origin.subs.contains(&pk, &dn) {
                     fresh.push((pk.clone(), dn.clone(), auto));
