@@ -379,7 +379,7 @@ async fn openapi() -> impl IntoResponse {
     static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     (
         [(header::CONTENT_TYPE, "application/json")],
-        DOC.get_or_init(doc::json).clone(),
+        DOC.get_or_init(doc::json).as_str(),
     )
 }
 
@@ -767,15 +767,7 @@ async fn create_devices(
         usize::from(names.is_empty())
     };
     let devices = registry::create_devices(&s.shared.db, &pk, names, generate).await?;
-    let changes = devices
-        .iter()
-        .map(|d| Change {
-            product_key: d.product_key.clone(),
-            device_name: d.device_name.clone(),
-            action: Action::Create,
-            device_secret: Some(d.device_secret.clone()),
-        })
-        .collect();
+    let changes = devices.iter().map(Change::created).collect();
     announce(&s, changes).await;
     if batch {
         let devices: Vec<Value> = devices.into_iter().map(|d| created_json(&s, d)).collect();
@@ -929,7 +921,7 @@ async fn delete_device(
         .shared
         .sessions
         .kick(&pk, &dn, Kick::Admin("device deleted".into()));
-    announce(&s, vec![change(&pk, &dn, Action::Delete)]).await;
+    announce(&s, vec![Change::new(&pk, &dn, Action::Delete)]).await;
     Ok(Json(
         json!({"deleted": format!("{pk}/{dn}"), "disconnected": kicked}),
     ))
@@ -948,22 +940,13 @@ async fn set_enabled(s: &ApiState, pk: &str, dn: &str, enabled: bool) -> ApiResu
     } else {
         Action::Disable
     };
-    announce(s, vec![change(pk, dn, action)]).await;
+    announce(s, vec![Change::new(pk, dn, action)]).await;
     let d = require_device(s, pk, dn).await?;
     let mut v = device_json(s, d);
     if let Some(o) = v.as_object_mut() {
         o.insert("disconnected".into(), json!(kicked));
     }
     Ok(Json(v))
-}
-
-fn change(pk: &str, dn: &str, action: Action) -> Change {
-    Change {
-        product_key: pk.to_owned(),
-        device_name: dn.to_owned(),
-        action,
-        device_secret: None,
-    }
 }
 
 /// Device lifecycle messages for applications and rules; the change itself is already made.

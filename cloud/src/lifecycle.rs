@@ -45,6 +45,26 @@ pub struct Change {
     pub device_secret: Option<String>,
 }
 
+impl Change {
+    /// A change without a secret (delete, enable, disable).
+    pub fn new(pk: &str, dn: &str, action: Action) -> Self {
+        Self {
+            product_key: pk.to_owned(),
+            device_name: dn.to_owned(),
+            action,
+            device_secret: None,
+        }
+    }
+
+    /// A new device, with the secret Alibaba's `create` message carries.
+    pub fn created(d: &crate::storage::Device) -> Self {
+        Self {
+            device_secret: Some(d.device_secret.clone()),
+            ..Self::new(&d.product_key, &d.device_name, Action::Create)
+        }
+    }
+}
+
 /// The topic of a device's lifecycle messages.
 pub fn topic(pk: &str, dn: &str) -> String {
     format!("/{pk}/{dn}/thing/lifecycle")

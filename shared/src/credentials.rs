@@ -64,18 +64,18 @@ impl core::fmt::Display for TimestampError {
     }
 }
 
-/// Checks a signed `timestamp` (ms since the Unix epoch) against `window_ms` around `now_ms`
+/// Checks a signed `timestamp` (ms since the Unix epoch) against `window` around `now_ms`
 /// (Alibaba's 15-minute rule, when a server turns it on): a replayed signature is only good
 /// for that long, and one without a timestamp not at all.
 pub fn check_timestamp(
     ts: Option<&str>,
-    window_ms: u64,
+    window: core::time::Duration,
     now_ms: i64,
 ) -> Result<(), TimestampError> {
     let ts = ts.ok_or(TimestampError::Missing)?;
     let sent: i64 = ts.trim().parse().map_err(|_| TimestampError::NotANumber)?;
     let skew_ms = now_ms.abs_diff(sent);
-    if skew_ms > window_ms {
+    if u128::from(skew_ms) > window.as_millis() {
         return Err(TimestampError::Skewed { skew_ms });
     }
     Ok(())
@@ -307,7 +307,7 @@ mod tests {
     #[test]
     fn timestamps_are_checked_against_the_window() {
         let now = 1_800_000_000_000;
-        let window = 15 * 60 * 1000;
+        let window = core::time::Duration::from_secs(15 * 60);
         assert_eq!(
             check_timestamp(None, window, now),
             Err(TimestampError::Missing)

@@ -177,23 +177,19 @@ pub async fn authenticate(
         return Err(AuthError::Disabled(id));
     }
     if let Some(window) = timestamp_window {
-        let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
-        match check_timestamp(cid.timestamp, window_ms, now_ms) {
+        match check_timestamp(cid.timestamp, window, now_ms) {
             Ok(()) => {}
             Err(TimestampError::Missing) => return Err(AuthError::MissingTimestamp(window)),
-            Err(TimestampError::NotANumber) => {
+            Err(e) => {
+                let skew = match e {
+                    TimestampError::Skewed { skew_ms } => Duration::from_millis(skew_ms),
+                    _ => Duration::MAX,
+                };
                 return Err(AuthError::StaleTimestamp {
                     ts: cid.timestamp.unwrap_or_default().to_owned(),
-                    skew: Duration::MAX,
+                    skew,
                     window,
-                })
-            }
-            Err(TimestampError::Skewed { skew_ms }) => {
-                return Err(AuthError::StaleTimestamp {
-                    ts: cid.timestamp.unwrap_or_default().to_owned(),
-                    skew: Duration::from_millis(skew_ms),
-                    window,
-                })
+                });
             }
         }
     }

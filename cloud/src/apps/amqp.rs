@@ -135,10 +135,9 @@ pub fn authenticate(
     }
     // A captured login is good only within the window of its signed time.
     if let Some(window) = window {
-        let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
         ironlink_shared::credentials::check_timestamp(
             Some(&login.timestamp),
-            window_ms,
+            window,
             crate::registry::now_ms(),
         )
         .map_err(|e| format!("{e} (window {window:?})"))?;

@@ -177,8 +177,7 @@ fn check_sign(
         // A captured signature replayed later (by another gateway, say) is refused once the
         // timestamp window is on, as the device's own CONNECT is.
         if let Some(window) = window {
-            let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
-            if let Err(e) = ironlink_shared::credentials::check_timestamp(ts, window_ms, now_ms()) {
+            if let Err(e) = ironlink_shared::credentials::check_timestamp(ts, window, now_ms()) {
                 return Err((
                     code::INVALID_PARAMS,
                     format!(
@@ -394,12 +393,7 @@ async fn run(
                                 .into_iter()
                                 .next()
                                 .ok_or((code::INTERNAL, "device not created".to_owned()))?;
-                        created.push(crate::lifecycle::Change {
-                            product_key: pk.clone(),
-                            device_name: dn.clone(),
-                            action: crate::lifecycle::Action::Create,
-                            device_secret: Some(d.device_secret.clone()),
-                        });
+                        created.push(crate::lifecycle::Change::created(&d));
                         d
                     }
                 };
