@@ -301,6 +301,7 @@ pub(crate) mod int {
 mod apps;
 pub mod doc;
 mod rules;
+pub mod serve;
 mod thing;
 
 /// Builds the router.
@@ -329,6 +330,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/devices/:pk/:dn/enable", post(enable_device))
         .route("/devices/:pk/:dn/messages", post(publish_to_device))
         .route("/devices/:pk/:dn/presence", get(presence_history))
+        .route("/devices/:pk/:dn/limits", get(device_limits))
         .route("/devices/:pk/:dn/tags", axum::routing::put(put_tags))
         .merge(thing::routes())
         .merge(apps::routes())
@@ -340,12 +342,16 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .fallback(|| async { ApiError::not_found("no such endpoint: see /api/v1/openapi.json") })
+        .layer(axum::extract::DefaultBodyLimit::max(
+            state.shared.config.http.max_body_bytes,
+        ))
         .layer(middleware::map_response(json_errors))
         .layer(middleware::from_fn_with_state(state.clone(), access_log))
         .with_state(state)
 }
 
-async fn require_token(State(state): State<ApiState>, req: Request, next: Next) -> Response {
+/// Whether the request carries the admin token (compared in constant time).
+fn token_ok(state: &ApiState, req: &Request) -> bool {
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -353,24 +359,31 @@ async fn require_token(State(state): State<ApiState>, req: Request, next: Next) 
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
     let expected = state.token.as_bytes();
-    let ok = given.len() == expected.len()
+    given.len() == expected.len()
         && given
             .bytes()
             .zip(expected)
             .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0;
-    if !ok {
-        let mut r = ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing or wrong bearer token: send `Authorization: Bearer <admin token>` (printed at first start, kept in {data_dir}/admin-token)",
-        )
-        .into_response();
-        r.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            header::HeaderValue::from_static("Bearer realm=\"ironlink\""),
-        );
-        return r;
+            == 0
+}
+
+fn unauthorized() -> Response {
+    let mut r = ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "missing or wrong bearer token: send `Authorization: Bearer <admin token>` (printed at first start, kept in {data_dir}/admin-token)",
+    )
+    .into_response();
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer realm=\"ironlink\""),
+    );
+    r
+}
+
+async fn require_token(State(state): State<ApiState>, req: Request, next: Next) -> Response {
+    if !token_ok(&state, &req) {
+        return unauthorized();
     }
     next.run(req).await
 }
@@ -383,8 +396,12 @@ async fn openapi() -> impl IntoResponse {
     )
 }
 
-async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
+async fn metrics(State(s): State<ApiState>, req: Request) -> Response {
+    if s.shared.config.http.metrics_need_token && !token_ok(&s, &req) {
+        return unauthorized();
+    }
     let sh = &s.shared;
+    sh.thing.limits.export_metrics(&sh.metrics.registry);
     sh.metrics.export(sh.router.routed(), sh.router.dropped());
     sh.apps.export_metrics(&sh.metrics.registry);
     sh.rules.export_metrics(&sh.metrics.registry);
@@ -392,6 +409,7 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         sh.metrics.registry.render(),
     )
+        .into_response()
 }
 
 #[utoipa::path(
@@ -566,9 +584,7 @@ async fn update_product(
     if body.name.is_some() || body.description.is_some() {
         let name = body.name.unwrap_or(current.name);
         let name = name.trim();
-        if name.is_empty() || name.chars().count() > 64 {
-            return Err(ApiError::invalid("product name must be 1 to 64 characters"));
-        }
+        registry::check_label("product name", name, 64).map_err(ApiError::invalid)?;
         let description = body.description.unwrap_or(current.description);
         s.shared
             .db
@@ -714,6 +730,9 @@ async fn delete_product(
         .shared
         .sessions
         .kick_product(&pk, &Kick::Admin("product deleted".into()));
+    if s.shared.router.drop_retained_of(&pk, None) > 0 {
+        crate::access::release_memory();
+    }
     Ok(Json(json!({"deleted": pk, "disconnected": kicked})))
 }
 
@@ -921,6 +940,10 @@ async fn delete_device(
         .shared
         .sessions
         .kick(&pk, &dn, Kick::Admin("device deleted".into()));
+    s.shared.thing.limits.forget(&pk, &dn);
+    if s.shared.router.drop_retained_of(&pk, Some(&dn)) > 0 {
+        crate::access::release_memory();
+    }
     announce(&s, vec![Change::new(&pk, &dn, Action::Delete)]).await;
     Ok(Json(
         json!({"deleted": format!("{pk}/{dn}"), "disconnected": kicked}),
@@ -1167,6 +1190,46 @@ async fn presence_history(
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let events = s.shared.db.presence_history(&pk, &dn, limit).await?;
     Ok(Json(json!({ "events": events })))
+}
+
+/// A device's limits and what they refused.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+struct DeviceLimitsView {
+    /// The limits in force for this device (its product's overrides applied).
+    limits: crate::config::DeviceLimits,
+    /// Refusals since the server started.
+    refused: crate::access::limits::DeviceRefusals,
+    /// Unvalidated bytes stored today (UTC), against `limits.unvalidated_bytes_per_day`.
+    unvalidated_bytes_today: u64,
+    /// Retained messages the device keeps, and their bytes.
+    retained_messages: usize,
+    /// Bytes of its retained messages.
+    retained_bytes: usize,
+}
+
+#[utoipa::path(
+    get,
+    path = "/devices/{pk}/{dn}/limits",
+    tag = "devices",
+    operation_id = "device_limits",
+    summary = "The device's limits (rate, sizes, subscriptions, retained, storage quota) and what they refused since start",
+    params(("pk" = String, Path, description = "Product key"), ("dn" = String, Path, description = "Device name")),
+    responses((status = 200, description = "Limits and refusals", body = DeviceLimitsView), (status = 404, description = "No such device", body = doc::ErrorBody))
+)]
+async fn device_limits(
+    State(s): State<ApiState>,
+    Path((pk, dn)): Path<(String, String)>,
+) -> ApiResult<Json<DeviceLimitsView>> {
+    require_device(&s, &pk, &dn).await?;
+    let limits = &s.shared.thing.limits;
+    let (retained_messages, retained_bytes) = s.shared.router.retained_usage(Some((&pk, &dn)));
+    Ok(Json(DeviceLimitsView {
+        limits: limits.of(&pk),
+        refused: limits.refusals(&pk, &dn),
+        unvalidated_bytes_today: limits.unvalidated_today(&pk, &dn, crate::registry::now_ms()),
+        retained_messages,
+        retained_bytes,
+    }))
 }
 
 #[cfg(test)]

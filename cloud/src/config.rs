@@ -31,6 +31,9 @@ pub struct Config {
     pub apps: AppsConfig,
     /// Rules engine and data-parsing scripts.
     pub rules: RulesConfig,
+    /// Per-device limits (rates, sizes, subscriptions, retained messages, storage quota) and
+    /// per-connection byte bounds.
+    pub limits: LimitsConfig,
 }
 
 impl Default for Config {
@@ -46,6 +49,7 @@ impl Default for Config {
             thing: ThingConfig::default(),
             apps: AppsConfig::default(),
             rules: RulesConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -121,6 +125,10 @@ pub struct ThingConfig {
     /// Upper bound of any `timeout_ms`.
     #[serde(with = "humantime_serde")]
     pub max_call_timeout: Duration,
+    /// How far ahead of the server clock a property or event time may be; a later time is
+    /// refused for that property (it would stay the "latest" value until that moment).
+    #[serde(with = "humantime_serde")]
+    pub max_future_skew: Duration,
 }
 
 impl Default for ThingConfig {
@@ -131,6 +139,7 @@ impl Default for ThingConfig {
             call_timeout: Duration::from_secs(5),
             async_call_timeout: Duration::from_secs(60),
             max_call_timeout: Duration::from_secs(600),
+            max_future_skew: Duration::from_secs(600),
         }
     }
 }
@@ -216,13 +225,151 @@ impl Default for RulesConfig {
 pub struct HttpConfig {
     /// Listener of the HTTP API.
     pub listen: SocketAddr,
+    /// Connections held at most; further ones are closed at once (counted). Also capped at
+    /// an eighth of the open-files limit, so the API never starves device connections.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers, and the longest a kept-alive
+    /// connection may stay idle between requests.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// Longest wait for the next part of a request body.
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
+    /// Largest request body, bytes (413 beyond).
+    pub max_body_bytes: usize,
+    /// When true, `/metrics` also asks for the API token (Prometheus' `authorization`).
+    pub metrics_need_token: bool,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_connections: 1024,
+            header_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(30),
+            max_body_bytes: 2 * 1024 * 1024,
+            metrics_need_token: false,
         }
+    }
+}
+
+/// Per-device limits and per-connection byte bounds. Rates and sizes apply to each device,
+/// a gateway's sub-devices each with their own; `products` overrides them per product.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// The per-device values (`[limits.device]`).
+    pub device: DeviceLimits,
+    /// Uplink bytes one connection may have in processing before its socket stops being
+    /// read (TCP back-pressure).
+    pub inflight_bytes: usize,
+    /// Downlink bytes queued for one device connection; further deliveries are dropped
+    /// (counted). Applications' MQTT sessions get sixteen times as much.
+    pub queued_bytes: usize,
+    /// Retained messages kept in all, and their bytes.
+    pub retained_total: usize,
+    /// Bytes of all retained messages.
+    pub retained_bytes_total: usize,
+    /// Overrides per product key (any subset of the per-device keys).
+    pub products: std::collections::BTreeMap<String, ProductLimits>,
+}
+
+/// Limits that apply to each device.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeviceLimits {
+    /// Messages a device may publish per second (token bucket; 0: no limit). Over it, the
+    /// connection is no longer read until the bucket refills: the device is slowed, its data
+    /// is kept.
+    pub messages_per_second: u32,
+    /// Burst above that rate.
+    pub message_burst: u32,
+    /// Largest payload on Alink system topics (`/sys/`, `/ext/`, `/ota/`, `/shadow/`), except raw data.
+    pub max_alink_payload: usize,
+    /// Largest payload of a custom topic (`/{pk}/{dn}/user/...`) or of raw data (`up_raw`).
+    pub max_custom_payload: usize,
+    /// Topic filters one connection may hold (its own SUBSCRIBEs).
+    pub max_subscriptions: usize,
+    /// Retained messages a device may keep.
+    pub retained_messages: usize,
+    /// Bytes of a device's retained messages.
+    pub retained_bytes: usize,
+    /// Bytes a device may store per UTC day in data the thing model does not check
+    /// (properties of a product without a model, raw data without a script); 0: no limit.
+    pub unvalidated_bytes_per_day: u64,
+}
+
+impl Default for DeviceLimits {
+    fn default() -> Self {
+        Self {
+            messages_per_second: 30,
+            message_burst: 300,
+            max_alink_payload: 128 * 1024,
+            max_custom_payload: 256 * 1024,
+            max_subscriptions: 100,
+            retained_messages: 100,
+            retained_bytes: 1024 * 1024,
+            unvalidated_bytes_per_day: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// A product's overrides of [`DeviceLimits`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProductLimits {
+    /// See [`DeviceLimits::messages_per_second`].
+    pub messages_per_second: Option<u32>,
+    /// See [`DeviceLimits::message_burst`].
+    pub message_burst: Option<u32>,
+    /// See [`DeviceLimits::max_alink_payload`].
+    pub max_alink_payload: Option<usize>,
+    /// See [`DeviceLimits::max_custom_payload`].
+    pub max_custom_payload: Option<usize>,
+    /// See [`DeviceLimits::max_subscriptions`].
+    pub max_subscriptions: Option<usize>,
+    /// See [`DeviceLimits::retained_messages`].
+    pub retained_messages: Option<usize>,
+    /// See [`DeviceLimits::retained_bytes`].
+    pub retained_bytes: Option<usize>,
+    /// See [`DeviceLimits::unvalidated_bytes_per_day`].
+    pub unvalidated_bytes_per_day: Option<u64>,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            device: DeviceLimits::default(),
+            inflight_bytes: 4 * 1024 * 1024,
+            queued_bytes: 4 * 1024 * 1024,
+            retained_total: 100_000,
+            retained_bytes_total: 256 * 1024 * 1024,
+            products: Default::default(),
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// The limits of a device of product `pk`.
+    pub fn for_product(&self, pk: &str) -> DeviceLimits {
+        let mut d = self.device;
+        if let Some(p) = self.products.get(pk) {
+            macro_rules! take {
+                ($($f:ident),*) => { $( if let Some(v) = p.$f { d.$f = v; } )* };
+            }
+            take!(
+                messages_per_second,
+                message_burst,
+                max_alink_payload,
+                max_custom_payload,
+                max_subscriptions,
+                retained_messages,
+                retained_bytes,
+                unvalidated_bytes_per_day
+            );
+        }
+        d
     }
 }
 
@@ -292,6 +439,12 @@ mod tests {
         assert_eq!(c.mqtt.max_packet_size, d.mqtt.max_packet_size);
         assert_eq!(c.mqtt.connect_timeout, d.mqtt.connect_timeout);
         assert_eq!(c.http.listen, d.http.listen);
+        assert_eq!(c.http.max_connections, d.http.max_connections);
+        assert_eq!(c.http.header_timeout, d.http.header_timeout);
+        assert_eq!(c.thing.max_future_skew, d.thing.max_future_skew);
+        assert_eq!(c.limits.device, d.limits.device);
+        assert_eq!(c.limits.inflight_bytes, d.limits.inflight_bytes);
+        assert_eq!(c.limits.retained_bytes_total, d.limits.retained_bytes_total);
     }
 
     #[test]

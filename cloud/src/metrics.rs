@@ -47,6 +47,8 @@ pub struct Metrics {
     pub accepted: AtomicU64,
     /// Connections closed by the connect rate limiter or the connection cap.
     pub rate_limited: AtomicU64,
+    /// HTTP connections closed at once because the API held its maximum.
+    pub http_refused: AtomicU64,
     /// Connections that never sent CONNECT in time.
     pub connect_timeouts: AtomicU64,
     /// CONNECTs refused (bad credentials, unknown or disabled device, ...).
@@ -97,6 +99,7 @@ impl Default for Metrics {
             connections: AtomicI64::new(0),
             accepted: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
+            http_refused: AtomicU64::new(0),
             connect_timeouts: AtomicU64::new(0),
             auth_refused: AtomicU64::new(0),
             auth_accepted: AtomicU64::new(0),
@@ -143,7 +146,12 @@ impl Metrics {
             &[],
             self.sub_devices.load(Ordering::Relaxed) as f64,
         );
-        let counters: [(&'static str, &'static str, &AtomicU64); 19] = [
+        let counters: [(&'static str, &'static str, &AtomicU64); 20] = [
+            (
+                "ironlink_http_refused_total",
+                "HTTP connections closed at once because the API held its maximum (http.max_connections)",
+                &self.http_refused,
+            ),
             (
                 "ironlink_mqtt_accepted_total",
                 "TCP and TLS connections accepted by the MQTT listeners",

@@ -61,12 +61,11 @@ pub fn new_secret() -> String {
 
 /// Checks a device name: 4 to 32 characters of letters, digits and `-_@.:`.
 pub fn validate_device_name(name: &str) -> Result<(), RegistryError> {
-    let ok_chars = name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || "-_@.:".contains(c));
-    if !(4..=32).contains(&name.len()) || !ok_chars {
+    if !ironlink_shared::valid_device_name(name) {
         return Err(RegistryError::Invalid(format!(
-            "device name `{name}` is invalid: use 4 to 32 characters of letters, digits and - _ @ . :"
+            "device name `{}` is invalid: use {}",
+            name.escape_debug(),
+            ironlink_shared::DEVICE_NAME_RULE
         )));
     }
     Ok(())
@@ -111,14 +110,26 @@ fn default_data_format() -> String {
     "alink-json".into()
 }
 
+/// Checks a display name (product, tenant, consumer group, rule): `min` to `max` characters
+/// once trimmed, no control characters (they garble logs, terminals and CSV exports).
+pub fn check_label(what: &str, name: &str, max: usize) -> Result<(), String> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > max {
+        return Err(format!("{what} must be 1 to {max} characters"));
+    }
+    if let Some(c) = name.chars().find(|c| c.is_control()) {
+        return Err(format!(
+            "{what} holds the control character {:?}: use printable characters",
+            c
+        ));
+    }
+    Ok(())
+}
+
 /// Creates a product with a generated key and secret.
 pub async fn create_product(db: &Db, p: NewProduct) -> Result<Product, RegistryError> {
     let name = p.name.trim();
-    if name.is_empty() || name.chars().count() > 64 {
-        return Err(RegistryError::Invalid(
-            "product name must be 1 to 64 characters".into(),
-        ));
-    }
+    check_label("product name", name, 64).map_err(RegistryError::Invalid)?;
     if !NODE_TYPES.contains(&p.node_type.as_str()) {
         return Err(RegistryError::Invalid(format!(
             "node_type `{}` is invalid: use one of {}",
@@ -126,11 +137,12 @@ pub async fn create_product(db: &Db, p: NewProduct) -> Result<Product, RegistryE
             NODE_TYPES.join(", ")
         )));
     }
-    if p.tenant.is_empty() || p.tenant.chars().count() > 64 {
+    if p.tenant.is_empty() {
         return Err(RegistryError::Invalid(
             "tenant must be 1 to 64 characters".into(),
         ));
     }
+    check_label("tenant", &p.tenant, 64).map_err(RegistryError::Invalid)?;
     if !DATA_FORMATS.contains(&p.data_format.as_str()) {
         return Err(RegistryError::Invalid(format!(
             "data_format `{}` is invalid: use one of {}",

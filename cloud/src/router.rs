@@ -8,7 +8,7 @@
 
 use bytes::Bytes;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use tokio::sync::mpsc;
 
@@ -135,6 +135,127 @@ impl Node {
 struct SessionEntry {
     tx: mpsc::Sender<Delivery>,
     filters: HashMap<String, u8>,
+    budget: Option<Arc<QueueBudget>>,
+}
+
+impl SessionEntry {
+    /// Queues a delivery if the session's queue has room in count and in bytes.
+    fn offer(&self, d: Delivery) -> bool {
+        let size = d.message.size();
+        if let Some(b) = &self.budget {
+            if !b.try_add(size) {
+                return false;
+            }
+        }
+        if self.tx.try_send(d).is_ok() {
+            return true;
+        }
+        if let Some(b) = &self.budget {
+            b.release(size);
+        }
+        false
+    }
+}
+
+/// Bytes queued for one session, bounded: the router adds what it queues, the session
+/// releases what it has written (or dropped).
+#[derive(Debug)]
+pub struct QueueBudget {
+    used: AtomicUsize,
+    max: usize,
+}
+
+impl QueueBudget {
+    /// A budget of `max` bytes.
+    pub fn new(max: usize) -> Self {
+        Self {
+            used: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    fn try_add(&self, n: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                // One message always fits an empty queue, whatever its size.
+                (u == 0 || u.saturating_add(n) <= self.max).then_some(u + n)
+            })
+            .is_ok()
+    }
+
+    /// Gives back the bytes of a delivery that left the queue.
+    pub fn release(&self, n: usize) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                Some(u.saturating_sub(n))
+            });
+    }
+
+    /// Bytes queued now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+}
+
+/// Limits on retained messages.
+#[derive(Debug, Clone, Copy)]
+pub struct RetainLimits {
+    /// Messages in all.
+    pub total: usize,
+    /// Bytes in all.
+    pub total_bytes: usize,
+}
+
+impl Default for RetainLimits {
+    fn default() -> Self {
+        Self {
+            total: usize::MAX,
+            total_bytes: usize::MAX,
+        }
+    }
+}
+
+/// Why a retained message was not kept.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RetainRefused {
+    /// The device keeps as many retained messages (or bytes) as it may.
+    #[error("the device keeps {count} retained messages ({bytes} bytes), its limit is {max_count} ({max_bytes} bytes)")]
+    Device {
+        /// Its retained messages.
+        count: usize,
+        /// Their bytes.
+        bytes: usize,
+        /// Its limit in messages.
+        max_count: usize,
+        /// Its limit in bytes.
+        max_bytes: usize,
+    },
+    /// The server keeps as many retained messages (or bytes) as it may.
+    #[error("the server keeps {count} retained messages ({bytes} bytes), its limit is {max_count} ({max_bytes} bytes)")]
+    Server {
+        /// Retained messages.
+        count: usize,
+        /// Their bytes.
+        bytes: usize,
+        /// The limit in messages.
+        max_count: usize,
+        /// The limit in bytes.
+        max_bytes: usize,
+    },
+}
+
+#[derive(Debug)]
+struct Retained {
+    message: Arc<Message>,
+    owner: Option<(String, String)>,
+}
+
+impl Message {
+    /// Bytes it holds (topic and payload).
+    pub fn size(&self) -> usize {
+        self.topic.len() + self.payload.len()
+    }
 }
 
 /// Members of one MQTT 5 shared subscription (`$share/{name}/{filter}`): each message goes
@@ -149,7 +270,11 @@ struct SharedGroup {
 struct Inner {
     root: Node,
     sessions: HashMap<SessionId, SessionEntry>,
-    retained: HashMap<String, Arc<Message>>,
+    retained: HashMap<String, Retained>,
+    /// Retained messages and bytes per owning device.
+    retained_by: HashMap<(String, String), (usize, usize)>,
+    retained_bytes: usize,
+    retain_limits: RetainLimits,
     /// (share name, filter) to its members.
     shared: HashMap<(String, String), SharedGroup>,
 }
@@ -187,6 +312,22 @@ fn topic_matches(filter: &str, topic: &str) -> bool {
 }
 
 impl Inner {
+    fn unretain(&mut self, topic: &str) {
+        if let Some(old) = self.retained.remove(topic) {
+            let size = old.message.size();
+            self.retained_bytes = self.retained_bytes.saturating_sub(size);
+            if let Some(owner) = old.owner {
+                if let Some(c) = self.retained_by.get_mut(&owner) {
+                    c.0 = c.0.saturating_sub(1);
+                    c.1 = c.1.saturating_sub(size);
+                    if c.0 == 0 {
+                        self.retained_by.remove(&owner);
+                    }
+                }
+            }
+        }
+    }
+
     fn remove_shared(&mut self, name: &str, filter: &str, sid: SessionId) {
         let key = (name.to_owned(), filter.to_owned());
         if let Some(g) = self.shared.get_mut(&key) {
@@ -213,17 +354,147 @@ impl Router {
         self.inner.write().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A router whose retained messages are bounded.
+    pub fn with_retain_limits(limits: RetainLimits) -> Self {
+        let r = Self::default();
+        r.write().retain_limits = limits;
+        r
+    }
+
     /// Registers a session that receives deliveries through `tx`.
     pub fn register(&self, tx: mpsc::Sender<Delivery>) -> SessionId {
+        self.register_with(tx, None)
+    }
+
+    /// Registers a session whose queue is also bounded in bytes by `budget`.
+    pub fn register_with(
+        &self,
+        tx: mpsc::Sender<Delivery>,
+        budget: Option<Arc<QueueBudget>>,
+    ) -> SessionId {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.write().sessions.insert(
             id,
             SessionEntry {
                 tx,
                 filters: HashMap::new(),
+                budget,
             },
         );
         id
+    }
+
+    /// True when the session holds this exact filter.
+    pub fn has_filter(&self, sid: SessionId, filter: &str) -> bool {
+        self.read()
+            .sessions
+            .get(&sid)
+            .is_some_and(|e| e.filters.contains_key(filter))
+    }
+
+    /// Keeps `message` as the retained message of its topic for `owner` (an empty payload
+    /// clears it), within the device's limits (`max_count`, `max_bytes`) and the server's.
+    pub fn retain(
+        &self,
+        owner: (&str, &str),
+        message: &Message,
+        max_count: usize,
+        max_bytes: usize,
+    ) -> Result<(), RetainRefused> {
+        let mut inner = self.write();
+        if message.payload.is_empty() {
+            inner.unretain(&message.topic);
+            return Ok(());
+        }
+        let key = (owner.0.to_owned(), owner.1.to_owned());
+        let size = message.size();
+        // What the device and the server would hold once this replaces the topic's message.
+        let replaced = inner.retained.get(&message.topic).map(|r| {
+            let same_owner = r.owner.as_ref() == Some(&key);
+            (r.message.size(), same_owner)
+        });
+        let (mine_count, mine_bytes) = inner.retained_by.get(&key).copied().unwrap_or((0, 0));
+        let (mut dev_count, mut dev_bytes) = (mine_count + 1, mine_bytes + size);
+        let (mut all_count, mut all_bytes) =
+            (inner.retained.len() + 1, inner.retained_bytes + size);
+        if let Some((old, same_owner)) = replaced {
+            all_count -= 1;
+            all_bytes -= old;
+            if same_owner {
+                dev_count -= 1;
+                dev_bytes -= old;
+            }
+        }
+        if dev_count > max_count || dev_bytes > max_bytes {
+            return Err(RetainRefused::Device {
+                count: mine_count,
+                bytes: mine_bytes,
+                max_count,
+                max_bytes,
+            });
+        }
+        let l = inner.retain_limits;
+        if all_count > l.total || all_bytes > l.total_bytes {
+            return Err(RetainRefused::Server {
+                count: inner.retained.len(),
+                bytes: inner.retained_bytes,
+                max_count: l.total,
+                max_bytes: l.total_bytes,
+            });
+        }
+        inner.unretain(&message.topic);
+        inner.retained_bytes += size;
+        let c = inner.retained_by.entry(key.clone()).or_insert((0, 0));
+        c.0 += 1;
+        c.1 += size;
+        inner.retained.insert(
+            message.topic.clone(),
+            Retained {
+                message: Arc::new(Message {
+                    retain: true,
+                    ..message.clone()
+                }),
+                owner: Some(key),
+            },
+        );
+        Ok(())
+    }
+
+    /// Drops every retained message a device owns (the device, or with `dn` absent its
+    /// whole product, was deleted); returns how many.
+    pub fn drop_retained_of(&self, pk: &str, dn: Option<&str>) -> usize {
+        let mut inner = self.write();
+        let owned = |o: &Option<(String, String)>| {
+            o.as_ref()
+                .is_some_and(|(p, d)| p == pk && dn.is_none_or(|dn| d == dn))
+        };
+        if !inner.retained_by.keys().any(|k| owned(&Some(k.clone()))) {
+            return 0;
+        }
+        let topics: Vec<String> = inner
+            .retained
+            .iter()
+            .filter(|(_, r)| owned(&r.owner))
+            .map(|(t, _)| t.clone())
+            .collect();
+        for t in &topics {
+            inner.unretain(t);
+        }
+        inner.retained.shrink_to_fit();
+        topics.len()
+    }
+
+    /// Retained messages and their bytes (in all, or of one device).
+    pub fn retained_usage(&self, owner: Option<(&str, &str)>) -> (usize, usize) {
+        let inner = self.read();
+        match owner {
+            None => (inner.retained.len(), inner.retained_bytes),
+            Some((pk, dn)) => inner
+                .retained_by
+                .get(&(pk.to_owned(), dn.to_owned()))
+                .copied()
+                .unwrap_or((0, 0)),
+        }
     }
 
     /// Removes a session and all its subscriptions.
@@ -259,13 +530,16 @@ impl Router {
             g.members.push((sid, qos));
             return 0;
         }
-        let tx = entry.tx.clone();
         let levels: Vec<&str> = filter.split('/').collect();
         inner.root.insert(&levels, sid, qos);
+        let Some(entry) = inner.sessions.get(&sid) else {
+            return 0;
+        };
         let mut sent = 0;
         for msg in inner
             .retained
             .values()
+            .map(|r| &r.message)
             .filter(|m| topic_matches(filter, &m.topic))
         {
             let d = Delivery {
@@ -273,7 +547,7 @@ impl Router {
                 qos: msg.qos.min(qos),
                 retained: true,
             };
-            if tx.try_send(d).is_ok() {
+            if entry.offer(d) {
                 sent += 1;
             } else {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -310,13 +584,24 @@ impl Router {
     /// system topics are for the platform, not echoes for the device's own subscriptions).
     pub fn publish_from(&self, message: Message, origin: Option<SessionId>) -> usize {
         if message.retain {
+            // The platform's own retained messages (API, rules) count against the server's
+            // total only.
             let mut inner = self.write();
-            if message.payload.is_empty() {
-                inner.retained.remove(&message.topic);
-            } else {
-                inner
-                    .retained
-                    .insert(message.topic.clone(), Arc::new(message.clone()));
+            inner.unretain(&message.topic);
+            let l = inner.retain_limits;
+            let size = message.size();
+            if !message.payload.is_empty()
+                && inner.retained.len() < l.total
+                && inner.retained_bytes.saturating_add(size) <= l.total_bytes
+            {
+                inner.retained_bytes += size;
+                inner.retained.insert(
+                    message.topic.clone(),
+                    Retained {
+                        message: Arc::new(message.clone()),
+                        owner: None,
+                    },
+                );
             }
         }
         let message = Arc::new(Message {
@@ -340,7 +625,7 @@ impl Router {
                 qos: message.qos.min(qos),
                 retained: false,
             };
-            if entry.tx.try_send(d).is_ok() {
+            if entry.offer(d) {
                 sent += 1;
             } else {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -361,14 +646,11 @@ impl Router {
                 let Some(entry) = inner.sessions.get(&sid) else {
                     return false;
                 };
-                entry
-                    .tx
-                    .try_send(Delivery {
-                        message: message.clone(),
-                        qos: message.qos.min(qos),
-                        retained: false,
-                    })
-                    .is_ok()
+                entry.offer(Delivery {
+                    message: message.clone(),
+                    qos: message.qos.min(qos),
+                    retained: false,
+                })
             });
             if delivered {
                 sent += 1;

@@ -87,6 +87,18 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 /// Starts everything the configuration asks for.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     let lock = crate::datadir::prepare(&config.data_dir)?;
+    let nofile = match ironlink_telemetry::os::raise_nofile_limit() {
+        Some(l) => {
+            tracing::info!(
+                open_files_limit = l.now,
+                before = l.before,
+                hard = l.hard,
+                "open-files limit"
+            );
+            l.now
+        }
+        None => u64::MAX,
+    };
     let config = Arc::new(config);
     crate::datadir::create_private_sqlite(&config.database_url());
     let db = Db::connect(&config.database_url())
@@ -100,7 +112,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         );
     }
     let (admin_token, token_generated) = load_or_create_token(&config)?;
-    let router = Arc::new(Router::new());
+    let router = Arc::new(Router::with_retain_limits(crate::router::RetainLimits {
+        total: config.limits.retained_total,
+        total_bytes: config.limits.retained_bytes_total,
+    }));
     let metrics = Arc::new(Metrics::default());
     let (stop, stop_rx) = watch::channel(false);
     let (presence_stop, presence_stop_rx) = watch::channel(false);
@@ -235,17 +250,32 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         shared: shared.clone(),
         token: admin_token.clone().into(),
     });
-    let mut http_stop = stop_rx.clone();
-    tasks.push(tokio::spawn(async move {
-        let r = axum::serve(http, app)
-            .with_graceful_shutdown(async move {
-                let _ = http_stop.wait_for(|s| *s).await;
-            })
-            .await;
-        if let Err(e) = r {
-            tracing::error!(error = %e, "HTTP server failed");
-        }
-    }));
+    // The API may hold an eighth of the descriptors at most: idle HTTP clients must never
+    // leave devices without any.
+    let http_cap = config
+        .http
+        .max_connections
+        .min(usize::try_from(nofile / 8).unwrap_or(usize::MAX))
+        .max(16);
+    if http_cap < config.http.max_connections {
+        tracing::warn!(
+            configured = config.http.max_connections,
+            used = http_cap,
+            open_files_limit = nofile,
+            "http.max_connections lowered to an eighth of the open-files limit"
+        );
+    }
+    tasks.push(tokio::spawn(api::serve::serve(
+        http,
+        app,
+        api::serve::HttpLimits {
+            max_connections: http_cap,
+            header_timeout: config.http.header_timeout,
+            body_timeout: config.http.body_timeout,
+        },
+        shared.metrics.clone(),
+        stop_rx.clone(),
+    )));
     Ok(Running {
         mqtt_addr,
         mqtts_addr,

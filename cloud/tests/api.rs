@@ -511,3 +511,30 @@ async fn thing_model_documents_that_are_not_models_are_refused() {
     .await;
     assert_eq!(s, 200, "{v}");
 }
+
+/// Names shown in logs, terminals and exports refuse control characters.
+#[tokio::test]
+async fn names_refuse_control_characters() {
+    let srv = start(|_| {}).await;
+    for name in ["bad\u{1b}[31mred", "line\nbreak", "nul\u{0}"] {
+        let (s, v) = srv.post("/products", json!({"name": name})).await;
+        assert_eq!(s, 400, "{name:?}: {v}");
+        assert!(
+            v["message"].as_str().unwrap().contains("control character"),
+            "{v}"
+        );
+    }
+    let (s, v) = srv
+        .post("/consumer-groups", json!({"name": "g\u{7}"}))
+        .await;
+    assert_eq!(s, 400, "{v}");
+    let (pk, _) = srv.product(false).await;
+    let (s, v) = srv
+        .call(
+            reqwest::Method::PATCH,
+            &format!("/products/{pk}"),
+            Some(json!({"name": "x\ty"})),
+        )
+        .await;
+    assert_eq!(s, 400, "{v}");
+}

@@ -356,7 +356,8 @@ async fn applications_over_mqtt_share_a_product_wide_subscription() {
 /// session's queue (1,024) reaches it whole while it is not reading.
 #[tokio::test]
 async fn an_application_session_takes_a_burst_past_a_device_queue() {
-    let srv = start(|_| {}).await;
+    // The burst is the point here, not the device's message rate.
+    let srv = start(|c| c.limits.device.messages_per_second = 0).await;
     let (pk, _) = srv.product(false).await;
     let secret = srv.device(&pk, "app-0005").await;
     let gid = group_for(&srv, &pk, &["property"]).await;

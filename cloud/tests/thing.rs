@@ -893,3 +893,119 @@ async fn pipelined_topo_add_login_and_post_are_applied_in_order() {
         0
     );
 }
+
+/// A sub-device of gateway A cannot be taken by gateway B with its (valid) signature until A
+/// removes it (topo/delete) or an operator does through the API.
+#[tokio::test]
+async fn a_second_gateway_cannot_take_a_bound_sub_device() {
+    let srv = start(|_| {}).await;
+    let gpk = with_model(&srv, "gateway", "acme").await;
+    let spk = with_model(&srv, "sub-device", "acme").await;
+    let sa = srv.device(&gpk, "gw-0000a").await;
+    let sb = srv.device(&gpk, "gw-0000b").await;
+    let s1 = srv.device(&spk, "sub-0010").await;
+    let mut a = device_v4(&srv, &gpk, "gw-0000a", &sa).await;
+    let mut b = device_v4(&srv, &gpk, "gw-0000b", &sb).await;
+    for (g, dn) in [(&mut a, "gw-0000a"), (&mut b, "gw-0000b")] {
+        g.subscribe_v4(&format!("/sys/{gpk}/{dn}/thing/topo/+"), 1)
+            .await;
+    }
+    let add = |dn: &str| format!("/sys/{gpk}/{dn}/thing/topo/add");
+    post(
+        &mut a,
+        &add("gw-0000a"),
+        json!({"id": "1", "params": [sub_sign(&spk, "sub-0010", &s1)]}),
+        2,
+    )
+    .await;
+    assert_eq!(
+        publish_on(&mut a, &format!("{}_reply", add("gw-0000a"))).await["code"],
+        200
+    );
+    post(
+        &mut b,
+        &add("gw-0000b"),
+        json!({"id": "2", "params": [sub_sign(&spk, "sub-0010", &s1)]}),
+        3,
+    )
+    .await;
+    let r = publish_on(&mut b, &format!("{}_reply", add("gw-0000b"))).await;
+    assert_eq!(r["code"], 460, "{r}");
+    assert!(r["message"].as_str().unwrap().contains("gw-0000a"), "{r}");
+    let (_, topo) = srv
+        .get(&format!("/devices/{gpk}/gw-0000a/sub-devices"))
+        .await;
+    assert_eq!(
+        topo["sub_devices"].as_array().unwrap().len(),
+        1,
+        "still A's: {topo}"
+    );
+    // An operator lets it go; then B may add it.
+    let (s, v) = srv
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/devices/{gpk}/gw-0000a/sub-devices/{spk}/sub-0010"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, _) = srv
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/devices/{gpk}/gw-0000a/sub-devices/{spk}/sub-0010"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 404);
+    post(
+        &mut b,
+        &add("gw-0000b"),
+        json!({"id": "3", "params": [sub_sign(&spk, "sub-0010", &s1)]}),
+        4,
+    )
+    .await;
+    assert_eq!(
+        publish_on(&mut b, &format!("{}_reply", add("gw-0000b"))).await["code"],
+        200
+    );
+}
+
+/// A property or event time beyond `thing.max_future_skew` is refused for that property, so a
+/// wrong clock cannot pin a "latest" value into the future; the others in the post are kept.
+#[tokio::test]
+async fn times_far_in_the_future_are_refused() {
+    let srv = start(|_| {}).await;
+    let (pk, _) = srv.product(false).await;
+    let secret = srv.device(&pk, "clock-001").await;
+    let mut d = device_v4(&srv, &pk, "clock-001", &secret).await;
+    d.subscribe_v4(&format!("/sys/{pk}/clock-001/thing/event/+/post_reply"), 1)
+        .await;
+    let future = ironlink_cloud::registry::now_ms() + 3_600_000;
+    let topic = format!("/sys/{pk}/clock-001/thing/event/property/post");
+    post(
+        &mut d,
+        &topic,
+        json!({"id": "1", "params": {"ok": 1, "later": {"value": 2, "time": future}}}),
+        2,
+    )
+    .await;
+    let r = publish_on(&mut d, &format!("{topic}_reply")).await;
+    assert!(r.to_string().contains("ahead of the server clock"), "{r}");
+    let (_, latest) = srv
+        .get(&format!("/devices/{pk}/clock-001/properties"))
+        .await;
+    assert!(latest.to_string().contains("\"ok\""), "{latest}");
+    assert!(!latest.to_string().contains("\"later\""), "{latest}");
+    let ev = format!("/sys/{pk}/clock-001/thing/event/alarm/post");
+    post(
+        &mut d,
+        &ev,
+        json!({"id": "2", "params": {"value": {}, "time": future}}),
+        3,
+    )
+    .await;
+    assert_eq!(
+        publish_on(&mut d, &format!("{ev}_reply")).await["code"],
+        460
+    );
+}

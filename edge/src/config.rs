@@ -147,7 +147,14 @@ struct RawDevice {
     retries: u32,
     #[serde(default)]
     points: Vec<RawPoint>,
+    /// Allows a poll interval below [`MIN_POLL_INTERVAL`] (down to 1 ms), for a device that
+    /// really needs it.
+    #[serde(default)]
+    allow_fast_poll: bool,
 }
+
+/// The shortest poll interval taken without `allow_fast_poll = true`.
+pub const MIN_POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 fn default_baud() -> u32 {
     9600
@@ -526,6 +533,60 @@ impl Config {
             let at = text.find("ca_file");
             return Err(err(at, "uplink.ca_file: set only with tls = true".into()));
         }
+        // What `run` or the cloud would refuse later is refused here, at its line.
+        let table_key = |table: &str, key: &str| {
+            text.find(table)
+                .and_then(|a| key_in_table(text, a, key).or(Some(a)))
+        };
+        let g = &raw.gateway;
+        for (key, value) in [
+            ("product_key", &g.product_key),
+            ("device_name", &g.device_name),
+            ("device_secret", &g.device_secret),
+        ] {
+            if value.trim().is_empty() {
+                return Err(err(
+                    table_key("[gateway]", key),
+                    format!("gateway.{key}: must not be empty"),
+                ));
+            }
+        }
+        if !ironlink_shared::valid_device_name(&g.device_name) {
+            return Err(err(
+                table_key("[gateway]", "device_name"),
+                format!(
+                    "gateway.device_name: `{}` is not a device name the cloud takes ({})",
+                    g.device_name.escape_debug(),
+                    ironlink_shared::DEVICE_NAME_RULE
+                ),
+            ));
+        }
+        if raw.uplink.host.trim().is_empty() || raw.uplink.port == 0 {
+            return Err(err(
+                table_key("[uplink]", "host"),
+                "uplink: host must not be empty and port not 0".into(),
+            ));
+        }
+        if let Some(ca) = &raw.uplink.ca_file {
+            if let Err(e) = std::fs::metadata(ca) {
+                return Err(err(
+                    table_key("[uplink]", "ca_file"),
+                    format!("uplink.ca_file: cannot read {}: {e}", ca.display()),
+                ));
+            }
+        }
+        let q = &raw.queue;
+        for (key, zero) in [
+            ("max_bytes", q.max_bytes == 0),
+            ("max_age", q.max_age.is_zero()),
+        ] {
+            if zero {
+                return Err(err(
+                    table_key("[queue]", key),
+                    format!("queue.{key}: must be above 0"),
+                ));
+            }
+        }
         let mut devices = Vec::with_capacity(raw.devices.len());
         let mut names = std::collections::HashSet::new();
         for (di, d) in raw.devices.into_iter().enumerate() {
@@ -535,6 +596,63 @@ impl Config {
                     Some(d.name.span().start),
                     format!("{}: `{}` appears twice", here("name"), d.name.get_ref()),
                 ));
+            }
+            let anchor = d.name.span().start;
+            let at = |key: &str| Some(key_in_table(text, anchor, key).unwrap_or(anchor));
+            if !ironlink_shared::valid_device_name(d.name.get_ref()) {
+                return Err(err(
+                    Some(anchor),
+                    format!(
+                        "{}: `{}` is not a device name the cloud takes ({})",
+                        here("name"),
+                        d.name.get_ref().escape_debug(),
+                        ironlink_shared::DEVICE_NAME_RULE
+                    ),
+                ));
+            }
+            for (key, value) in [
+                ("product_key", &d.product_key),
+                ("device_secret", &d.device_secret),
+            ] {
+                if value.trim().is_empty() {
+                    return Err(err(at(key), format!("{}: must not be empty", here(key))));
+                }
+            }
+            if d.poll_interval.is_zero()
+                || (d.poll_interval < MIN_POLL_INTERVAL && !d.allow_fast_poll)
+            {
+                return Err(err(
+                    at("poll_interval"),
+                    format!(
+                        "{}: {:?} is below {:?} (set allow_fast_poll = true to go down to 1ms)",
+                        here("poll_interval"),
+                        d.poll_interval,
+                        if d.poll_interval.is_zero() {
+                            Duration::from_millis(1)
+                        } else {
+                            MIN_POLL_INTERVAL
+                        }
+                    ),
+                ));
+            }
+            if d.timeout.is_zero() {
+                return Err(err(
+                    at("timeout"),
+                    format!("{}: must be above 0", here("timeout")),
+                ));
+            }
+            let mut identifiers = std::collections::HashSet::new();
+            for (pi, p) in d.points.iter().enumerate() {
+                if p.identifier.trim().is_empty() || !identifiers.insert(p.identifier.as_str()) {
+                    let anchor = p.address.span().start;
+                    return Err(err(
+                        Some(key_in_table(text, anchor, "identifier").unwrap_or(anchor)),
+                        format!(
+                            "devices[{di}].points[{pi}].identifier: `{}` is empty or appears twice in this device",
+                            p.identifier
+                        ),
+                    ));
+                }
             }
             let transport = match d.transport.get_ref().as_str() {
                 "tcp" => match &d.address {
@@ -864,6 +982,36 @@ scale = 0.1
             [("voltage".into(), serde_json::json!(2.5))]
         );
         assert_eq!(d.fault_event, "ModbusFault");
+    }
+
+    /// What `run` or the cloud would refuse is refused by `check`, naming line and field.
+    #[test]
+    fn configs_the_edge_or_cloud_cannot_use_are_refused() {
+        let cases: Vec<(String, usize, &str)> = vec![
+            (GOOD.replace("device_secret = \"s\"", "device_secret = \"\""), 5, "gateway.device_secret: must not be empty"),
+            (GOOD.replace("product_key = \"a1gw\"", "product_key = \" \""), 3, "gateway.product_key"),
+            (GOOD.replace("device_name = \"gw-01\"", "device_name = \"gw\""), 4, "gateway.device_name: `gw` is not a device name"),
+            (GOOD.replace("name = \"meter-01\"", "name = \"meter 01\""), 11, "devices[0].name"),
+            (GOOD.replace("device_secret = \"x\"", "device_secret = \"\""), 13, "devices[0].device_secret"),
+            (GOOD.replace("product_key = \"a1sub\"", "product_key = \"\""), 12, "devices[0].product_key"),
+            (GOOD.replace("\"100ms\"", "\"0s\""), 16, "devices[0].poll_interval"),
+            (GOOD.replace("\"100ms\"", "\"20ms\""), 16, "allow_fast_poll"),
+            (format!("{GOOD}\n[[devices.points]]\nidentifier = \"voltage\"\nkind = \"holding\"\naddress = \"40010\"\ntype = \"u16\"\n"), 27, "identifier: `voltage` is empty or appears twice"),
+            (GOOD.replace("[uplink]\n", "[queue]\nmax_bytes = 0\n\n[uplink]\n"), 8, "queue.max_bytes: must be above 0"),
+            (GOOD.replace("host = \"127.0.0.1\"", "host = \"127.0.0.1\"\ntls = true\nca_file = \"/nonexistent/ca.pem\""), 10, "uplink.ca_file: cannot read /nonexistent/ca.pem"),
+        ];
+        for (text, line, what) in cases {
+            let e = Config::parse("edge.toml", &text).unwrap_err();
+            assert!(e.message.contains(what), "{what}: {e:?}");
+            assert_eq!(
+                (e.file.as_str(), e.line),
+                ("edge.toml", line),
+                "{what}: {e:?}"
+            );
+        }
+        let fast = GOOD.replace("\"100ms\"", "\"20ms\"\nallow_fast_poll = true");
+        let c = Config::parse("edge.toml", &fast).unwrap();
+        assert_eq!(c.devices[0].poll_interval, Duration::from_millis(20));
     }
 
     #[test]

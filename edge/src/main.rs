@@ -58,6 +58,14 @@ async fn run() -> anyhow::Result<()> {
                 )
                 .init();
             let c = ironlink_edge::config::Config::load(&config)?;
+            if let Some(l) = ironlink_telemetry::os::raise_nofile_limit() {
+                tracing::info!(
+                    open_files_limit = l.now,
+                    before = l.before,
+                    hard = l.hard,
+                    "open-files limit"
+                );
+            }
             let running = ironlink_edge::run::start(c)?;
             if let Some(a) = running.status_addr {
                 println!("Status      http://{a}/status  (also /metrics, /healthz)");

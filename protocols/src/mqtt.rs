@@ -164,6 +164,17 @@ pub fn publish_packet_id(frame: &[u8], header: &FrameHeader) -> Option<u16> {
     Some(u16::from_be_bytes([*body.get(at)?, *body.get(at + 1)?]))
 }
 
+/// The topic name of a complete PUBLISH frame, read without decoding the packet (`None` for
+/// another packet type or a short frame).
+pub fn publish_topic<'a>(frame: &'a [u8], header: &FrameHeader) -> Option<&'a [u8]> {
+    if header.kind != PacketType::Publish {
+        return None;
+    }
+    let body = frame.get(header.header_len..header.frame_len())?;
+    let topic_len = usize::from(u16::from_be_bytes([*body.first()?, *body.get(1)?]));
+    body.get(2..2 + topic_len)
+}
+
 /// An outgoing PUBLISH, encoded by [`encode_publish`].
 #[derive(Debug, Clone, Copy)]
 pub struct PublishOut<'a> {
@@ -296,9 +307,19 @@ mod tests {
         assert_eq!(h.kind, PacketType::Publish);
         assert_eq!(h.qos(), 2);
         assert_eq!(publish_packet_id(&publish, &h), Some(10));
+        assert_eq!(publish_topic(&publish, &h), Some(&b"test"[..]));
+        let lying = hex("30 04 00 09 74 65");
+        let h = check(&lying, 1024).unwrap();
+        assert_eq!(
+            publish_topic(&lying, &h),
+            None,
+            "topic length past the frame"
+        );
 
         let suback = hex("90 06 00 06 00 01 02 80");
-        assert_eq!(check(&suback, 1024).unwrap().kind, PacketType::SubAck);
+        let h = check(&suback, 1024).unwrap();
+        assert_eq!(h.kind, PacketType::SubAck);
+        assert_eq!(publish_topic(&suback, &h), None);
     }
 
     /// `[[malformed]]` in `shared/vectors/mqtt.toml`: SUBSCRIBE with flags 0000.

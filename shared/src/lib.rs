@@ -32,6 +32,18 @@ impl<'a> DeviceRef<'a> {
     }
 }
 
+/// Whether `name` is a device name Alibaba's rules allow (and Ironlink's cloud registers):
+/// 4 to 32 characters of ASCII letters, digits and `-_@.:`.
+pub fn valid_device_name(name: &str) -> bool {
+    (4..=32).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_@.:".contains(c))
+}
+
+/// What [`valid_device_name`] asks for, for error messages.
+pub const DEVICE_NAME_RULE: &str = "4 to 32 characters of letters, digits and - _ @ . :";
+
 /// Topic on which the cloud publishes a device's online/offline lifecycle messages
 /// (the layout Alibaba uses for its server-side subscription).
 pub const STATUS_TOPIC_PREFIX: &str = "/as/mqtt/status/";

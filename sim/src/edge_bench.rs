@@ -225,7 +225,7 @@ pub async fn run(o: &EdgeBench) -> Result<EdgeResult> {
         let addr = meter(o.points).await?;
         config.push_str(&format!(
             "\n[[devices]]\nname = \"{dn}\"\nproduct_key = \"{spk}\"\ndevice_secret = \"{sec}\"\n\
-             transport = \"tcp\"\naddress = \"{addr}\"\npoll_interval = \"{}ms\"\nfault_event = \"\"\n",
+             transport = \"tcp\"\naddress = \"{addr}\"\npoll_interval = \"{}ms\"\nallow_fast_poll = true\nfault_event = \"\"\n",
             o.interval.as_millis()
         ));
         for p in 0..o.points {

@@ -818,7 +818,7 @@ async fn run_against(
             controls.push(control);
             edge_toml.push_str(&format!(
                 "\n[[devices]]\nname = \"{dn}\"\nproduct_key = \"{mpk}\"\ndevice_secret = \"{secret}\"\n\
-                 transport = \"tcp\"\naddress = \"{addr}\"\npoll_interval = \"{}ms\"\ntimeout = \"500ms\"\nretries = 0\n",
+                 transport = \"tcp\"\naddress = \"{addr}\"\npoll_interval = \"{}ms\"\nallow_fast_poll = true\ntimeout = \"500ms\"\nretries = 0\n",
                 g.interval.as_millis()
             ));
             for (j, id) in g.properties.keys().enumerate() {

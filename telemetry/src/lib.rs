@@ -187,6 +187,8 @@ impl Registry {
     }
 }
 
+pub mod os;
+
 /// Figures of this process from `/proc` (Linux).
 pub mod process {
     /// One reading.

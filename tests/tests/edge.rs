@@ -102,6 +102,7 @@ device_secret = "{msecret}"
 transport = "tcp"
 address = "{field}"
 poll_interval = "50ms"
+allow_fast_poll = true
 [[devices.points]]
 identifier = "Voltage"
 kind = "holding"
@@ -210,6 +211,7 @@ device_secret = "{msecret}"
 transport = "tcp"
 address = "{field}"
 poll_interval = "20ms"
+allow_fast_poll = true
 [[devices.points]]
 identifier = "Voltage"
 kind = "holding"
@@ -474,6 +476,7 @@ device_secret = "{s0}"
 transport = "tcp"
 address = "{field}"
 poll_interval = "50ms"
+allow_fast_poll = true
 [[devices.points]]
 identifier = "Setpoint"
 kind = "holding"
@@ -887,6 +890,7 @@ device_secret = "x"
 transport = "tcp"
 address = "{field}"
 poll_interval = "10ms"
+allow_fast_poll = true
 [[devices.points]]
 identifier = "Count"
 kind = "holding"

@@ -2,6 +2,7 @@
 //! authentication, and the per-device ACL in front of the router.
 
 pub mod auth;
+pub mod limits;
 pub mod session;
 pub mod sessions;
 
@@ -50,6 +51,23 @@ pub struct Listeners {
     pub mqtt: Option<u16>,
     /// MQTT over TLS (securemode=2).
     pub mqtts: Option<u16>,
+}
+
+/// Gives freed heap memory back to the operating system (glibc keeps freed pages of its
+/// arenas otherwise, so RSS would stay at a flood's peak after the flood is gone). At most
+/// once a second, off the async threads.
+pub fn release_memory() {
+    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = crate::registry::now_ms() as u64;
+    let last = LAST.load(Ordering::Relaxed);
+    if now.saturating_sub(last) < 1000
+        || LAST
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+    {
+        return;
+    }
+    tokio::task::spawn_blocking(ironlink_telemetry::os::release_memory);
 }
 
 /// Token bucket for new connections.

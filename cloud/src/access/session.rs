@@ -7,12 +7,13 @@
 //! never the server.
 
 use super::auth::{authenticate, AuthError, Authenticated};
+use super::limits::{payload_limit, Bucket, Refusal};
 use super::sessions::Kick;
 use super::Shared;
 use crate::metrics::Metrics;
 use crate::presence::OfflineReason;
 use crate::registry::now_ms;
-use crate::router::{Delivery, Message, SessionId};
+use crate::router::{Delivery, Message, QueueBudget, SessionId};
 use crate::storage::PresenceEvent;
 use crate::thing::{Change, Origin, Outcome, Subs};
 use bytes::{BufMut, BytesMut};
@@ -367,7 +368,14 @@ pub async fn serve<S>(
     tracing::info!(%peer, product_key = %pk, device_name = %dn, %reason, "device offline");
     shared.sessions.remove(&pk, &dn, registration.serial);
     drop(registration.done);
+    if conn.peak_bytes >= BIG_CONNECTION {
+        drop(conn);
+        super::release_memory();
+    }
 }
+
+/// A connection that held this many bytes at once gives the heap back when it closes.
+const BIG_CONNECTION: usize = 1024 * 1024;
 
 /// An application over MQTT: signed in with an access key, it may only subscribe, and only to
 /// product-wide filters of the products its consumer group subscribes to (plain or as MQTT 5
@@ -500,6 +508,24 @@ struct Connection {
     subs: Subs,
     /// Uplinks in the thing layer, finished in the order they arrived.
     work: FuturesOrdered<Work>,
+    /// The bytes of each uplink in `work`, in the same order, and their sum: past
+    /// `limits.inflight_bytes` the socket is not read (TCP back-pressure).
+    work_sizes: VecDeque<usize>,
+    work_bytes: usize,
+    /// The most bytes `work` and the read buffer held at once.
+    peak_bytes: usize,
+    /// Bytes of the QoS 1 deliveries waiting for their PUBACK.
+    inflight_bytes: usize,
+    /// Downlink bytes queued for this session, shared with the router (created with `sid`).
+    budget: Option<Arc<QueueBudget>>,
+    /// The connected device's message-rate bucket.
+    bucket: Bucket,
+    /// Logged-in sub-devices' buckets (gateways only).
+    sub_buckets: HashMap<(String, String), Bucket>,
+    /// Set while over the message rate: nothing is read until then.
+    throttled_until: Option<Instant>,
+    /// Filters this connection subscribed to itself (auto-subscriptions not counted).
+    subscriptions: usize,
     /// True while a sub-device login/logout is in `work`: later packets wait for it.
     barrier: bool,
     /// Set while a custom-topic message waits for its `transformPayload`: the session's later
@@ -516,6 +542,8 @@ struct Connection {
 enum Step {
     Continue,
     Close(OfflineReason),
+    /// Over the message rate: leave the packet in the buffer and read nothing for this long.
+    Throttle(Duration),
 }
 
 impl Connection {
@@ -529,6 +557,7 @@ impl Connection {
         out: BytesMut,
         app: Option<std::collections::HashSet<String>>,
     ) -> Self {
+        let burst = shared.config.limits.for_product(&identity.0).message_burst;
         Self {
             shared: shared.clone(),
             version,
@@ -544,6 +573,15 @@ impl Connection {
             violations: 0,
             subs: Subs::default(),
             work: FuturesOrdered::new(),
+            work_sizes: VecDeque::new(),
+            work_bytes: 0,
+            peak_bytes: 0,
+            inflight_bytes: 0,
+            budget: None,
+            bucket: Bucket::full(burst, Instant::now()),
+            sub_buckets: HashMap::new(),
+            throttled_until: None,
+            subscriptions: 0,
             barrier: false,
             route_after: None,
             sub_kicks: None,
@@ -579,13 +617,18 @@ impl Connection {
                     break;
                 }
                 match frame::check(&buf, max) {
-                    Ok(h) => {
-                        if let Step::Close(reason) = self.on_frame(&mut buf, &h) {
+                    Ok(h) => match self.on_frame(&mut buf, &h) {
+                        Step::Continue => {}
+                        Step::Throttle(wait) => {
+                            self.throttled_until = Some(Instant::now() + wait);
+                            break;
+                        }
+                        Step::Close(reason) => {
                             let _ = stream.write_all(&self.out).await;
                             let _ = stream.shutdown().await;
                             return reason;
                         }
-                    }
+                    },
                     Err(FrameError::Incomplete(n)) => {
                         if buf.is_empty() {
                             // Nothing pending: release the buffer while the device is idle.
@@ -613,8 +656,11 @@ impl Connection {
                 continue;
             }
             let paused = self.paused();
+            let throttle = self.throttled_until;
             tokio::select! {
                 Some((pkid, outcome)) = self.work.next(), if !self.work.is_empty() => {
+                    let size = self.work_sizes.pop_front().unwrap_or(0);
+                    self.work_bytes = self.work_bytes.saturating_sub(size);
                     if let Step::Close(reason) = Box::pin(self.finish(pkid, outcome)).await {
                         let _ = stream.write_all(&self.out).await;
                         let _ = stream.shutdown().await;
@@ -663,6 +709,9 @@ impl Connection {
                     let _ = stream.shutdown().await;
                     return reason;
                 },
+                _ = tokio::time::sleep_until(throttle.unwrap_or_else(Instant::now)), if throttle.is_some() => {
+                    self.throttled_until = None;
+                },
                 // While reading is paused for the thing layer, silence is ours, not the device's.
                 _ = tokio::time::sleep_until(last_rx + idle), if !paused => {
                     self.disconnect(reason::KEEP_ALIVE_TIMEOUT);
@@ -697,7 +746,14 @@ impl Connection {
             Some(sid) => sid,
             None => {
                 let (tx, rx) = mpsc::channel(self.queue_cap().max(1));
-                let sid = self.shared.router.register(tx);
+                let bytes = self.shared.config.limits.queued_bytes;
+                let budget = Arc::new(QueueBudget::new(if self.app.is_some() {
+                    bytes.saturating_mul(16)
+                } else {
+                    bytes
+                }));
+                let sid = self.shared.router.register_with(tx, Some(budget.clone()));
+                self.budget = Some(budget);
                 self.sid = Some(sid);
                 self.rx = Some(rx);
                 sid
@@ -742,9 +798,77 @@ impl Connection {
         }
     }
 
-    /// True while packets must wait: a login/logout is being handled, or too much is in flight.
+    /// True while packets must wait: a login/logout is being handled, too much is in flight
+    /// (in count or bytes), or the device is over its message rate.
     fn paused(&self) -> bool {
-        (self.barrier && !self.work.is_empty()) || self.work.len() >= MAX_WORK
+        (self.barrier && !self.work.is_empty())
+            || self.work.len() >= MAX_WORK
+            || self.work_bytes >= self.shared.config.limits.inflight_bytes
+            || self.throttled_until.is_some()
+    }
+
+    /// Queues an uplink's processing, counting its bytes until it finishes.
+    fn push_work(&mut self, size: usize, work: Work) {
+        self.work_sizes.push_back(size);
+        self.work_bytes += size;
+        self.peak_bytes = self.peak_bytes.max(self.work_bytes);
+        self.work.push_back(work);
+    }
+
+    /// The device a message on `topic` speaks for: a logged-in sub-device named in the
+    /// topic, else the connected device.
+    fn speaker<'a>(&'a self, topic: &'a str) -> (&'a str, &'a str) {
+        match topic_device(topic) {
+            Some(d)
+                if (d.product_key != self.pk || d.device_name != self.dn)
+                    && !d.device_name.is_empty()
+                    && self.subs.contains(d.product_key, d.device_name) =>
+            {
+                (d.product_key, d.device_name)
+            }
+            _ => (&self.pk, &self.dn),
+        }
+    }
+
+    /// Takes a token from the bucket of the device the PUBLISH speaks for; when empty, says
+    /// how long until the next token (the packet stays unread until then).
+    fn take_token(&mut self, topic: &str) -> Result<(), Duration> {
+        let now = Instant::now();
+        let (pk, dn) = self.speaker(topic);
+        let l = self.shared.config.limits.for_product(pk);
+        let own = pk == self.pk && dn == self.dn;
+        let result = if own {
+            self.bucket
+                .take(l.messages_per_second, l.message_burst, now)
+        } else {
+            let key = (pk.to_owned(), dn.to_owned());
+            self.sub_buckets
+                .entry(key)
+                .or_insert_with(|| Bucket::full(l.message_burst, now))
+                .take(l.messages_per_second, l.message_burst, now)
+        };
+        if let Err(wait) = result {
+            let (pk, dn) = self.speaker(topic);
+            let why = format!(
+                "over {} messages per second (burst {}): reading paused {} ms",
+                l.messages_per_second,
+                l.message_burst,
+                wait.as_millis().max(1)
+            );
+            self.shared
+                .thing
+                .limits
+                .refuse(pk, dn, Refusal::Throttled, &why, now_ms());
+        }
+        result
+    }
+
+    /// Whether a QoS 1 delivery of `size` bytes may go out now: the in-flight window has room
+    /// in count and in bytes (one message always fits an empty window).
+    fn window_open(&self, size: usize) -> bool {
+        self.inflight.len() < self.shared.config.mqtt.max_inflight
+            && (self.inflight.is_empty()
+                || self.inflight_bytes + size <= self.shared.config.limits.inflight_bytes)
     }
 
     /// Subscribes this connection to a device's downlink topics (Alibaba's "auto-subscribe",
@@ -831,6 +955,7 @@ impl Connection {
             let Some(entry) = self.subs.lock().remove(&key) else {
                 continue;
             };
+            self.sub_buckets.remove(&key);
             if let Some(sid) = self.sid {
                 for f in auto_filters(&key.0, &key.1, false) {
                     self.shared.router.unsubscribe(sid, &f);
@@ -865,6 +990,8 @@ impl Connection {
         // Logins still in flight registered their sub-devices: release those registrations
         // (bounded wait), so that no sub-device stays "online" without a connection.
         let pending = std::mem::take(&mut self.work);
+        self.work_sizes.clear();
+        self.work_bytes = 0;
         let sessions = self.shared.sessions.clone();
         let _ = tokio::time::timeout(Duration::from_secs(10), async move {
             let mut pending = pending;
@@ -879,6 +1006,74 @@ impl Connection {
         .await;
         let all: Vec<(String, String)> = self.subs.lock().keys().cloned().collect();
         self.logout(all, why).await;
+    }
+
+    /// Checks a PUBLISH the ACL allowed against the limits of the device it speaks for: its
+    /// payload size per topic class, and for RETAIN its retained messages (kept here when
+    /// within them). `Some` when refused: acknowledged (MQTT 5: "quota exceeded"), not routed,
+    /// counted, and a violation of the connection.
+    fn over_limits(
+        &mut self,
+        topic: &str,
+        payload: &bytes::Bytes,
+        qos: u8,
+        ack: Option<u16>,
+        retain: bool,
+    ) -> Option<Step> {
+        let l = self.shared.config.limits.for_product(self.speaker(topic).0);
+        let max = payload_limit(&l, topic);
+        let refusal = if payload.len() > max {
+            Some((
+                Refusal::PayloadTooLarge,
+                format!(
+                    "payload of {} bytes on {topic} is over its limit of {max} bytes",
+                    payload.len()
+                ),
+            ))
+        } else if retain {
+            let m = Message {
+                topic: topic.to_owned(),
+                payload: payload.clone(),
+                qos,
+                retain: true,
+            };
+            self.shared
+                .router
+                .retain(
+                    self.speaker(topic),
+                    &m,
+                    l.retained_messages,
+                    l.retained_bytes,
+                )
+                .err()
+                .map(|e| {
+                    (
+                        Refusal::Retained,
+                        format!("retained message on {topic} not kept: {e}"),
+                    )
+                })
+        } else {
+            None
+        };
+        let (kind, why) = refusal?;
+        let (pk, dn) = self.speaker(topic);
+        self.shared
+            .thing
+            .limits
+            .refuse(pk, dn, kind, &why, now_ms());
+        if let Some(pkid) = ack {
+            self.version.write(
+                Packet::PubAck(
+                    PubAck {
+                        pkid,
+                        reason: PubAckReason::QuotaExceeded,
+                    },
+                    None,
+                ),
+                &mut self.out,
+            );
+        }
+        Some(self.violation())
     }
 
     fn violation(&mut self) -> Step {
@@ -902,6 +1097,13 @@ impl Connection {
                     h.kind, h.flags
                 ),
             );
+        }
+        if h.kind == PacketType::Publish && self.app.is_none() {
+            if let Some(Ok(topic)) = frame::publish_topic(buf, h).map(std::str::from_utf8) {
+                if let Err(wait) = self.take_token(topic) {
+                    return Step::Throttle(wait);
+                }
+            }
         }
         let (qos, pkid) = match h.kind {
             PacketType::Publish => (h.qos(), frame::publish_packet_id(buf, h)),
@@ -948,7 +1150,14 @@ impl Connection {
                 };
                 let allowed = self.may(Access::Publish, &topic);
                 let ack = (qos == 1).then_some(pkid).flatten();
+                let mut retain = publish.retain;
                 if allowed {
+                    if let Some(step) = self.over_limits(&topic, &publish.payload, qos, ack, retain)
+                    {
+                        return step;
+                    }
+                    // Kept by `over_limits`; routed live from here.
+                    retain = false;
                     Metrics::inc(&self.shared.metrics.messages_in);
                     let system = classify(&topic);
                     let tagged = parse
@@ -956,31 +1165,41 @@ impl Connection {
                         && custom_topic(&topic).is_some_and(|pk| self.shared.thing.scripts.has(pk));
                     if tagged || (system.is_none() && self.routing_pending()) {
                         let pk = custom_topic(&topic).map(str::to_owned);
-                        let (shared, retain) = (self.shared.clone(), publish.retain);
+                        let shared = self.shared.clone();
                         let raw = publish.payload;
+                        let size = topic.len() + raw.len();
                         let before = self.route_after.take();
                         let (done, after) = tokio::sync::oneshot::channel();
                         self.route_after = Some(after);
-                        self.work.push_back(Box::pin(async move {
-                            let payload = match (&pk, tagged) {
-                                (Some(pk), true) => transform(&shared, pk, &topic, raw).await,
-                                _ => raw,
-                            };
-                            if let Some(before) = before {
-                                let _ = before.await;
-                            }
-                            let failed =
-                                publish_custom(&shared, pk.as_deref(), topic, payload, qos, retain)
-                                    .await;
-                            let _ = done.send(());
-                            (
-                                ack,
-                                Outcome {
-                                    failed,
-                                    ..Outcome::default()
-                                },
-                            )
-                        }));
+                        self.push_work(
+                            size,
+                            Box::pin(async move {
+                                let payload = match (&pk, tagged) {
+                                    (Some(pk), true) => transform(&shared, pk, &topic, raw).await,
+                                    _ => raw,
+                                };
+                                if let Some(before) = before {
+                                    let _ = before.await;
+                                }
+                                let failed = publish_custom(
+                                    &shared,
+                                    pk.as_deref(),
+                                    topic,
+                                    payload,
+                                    qos,
+                                    retain,
+                                )
+                                .await;
+                                let _ = done.send(());
+                                (
+                                    ack,
+                                    Outcome {
+                                        failed,
+                                        ..Outcome::default()
+                                    },
+                                )
+                            }),
+                        );
                         return Step::Continue;
                     }
                     // A device's uplinks on system topics are for the platform: never echoed
@@ -989,12 +1208,13 @@ impl Connection {
                     let barrier = system.is_some_and(|(_, k)| k.is_barrier());
                     let is_system = system.is_some();
                     let payload = publish.payload.clone();
+                    let size = topic.len() + payload.len();
                     self.shared.router.publish_from(
                         Message {
                             topic: topic.clone(),
                             payload: publish.payload,
                             qos,
-                            retain: publish.retain,
+                            retain,
                         },
                         origin,
                     );
@@ -1006,8 +1226,7 @@ impl Connection {
                             addr: self.addr.clone(),
                         };
                         let fut = self.shared.thing.clone().handle(origin, topic, payload);
-                        self.work
-                            .push_back(Box::pin(async move { (ack, fut.await) }));
+                        self.push_work(size, Box::pin(async move { (ack, fut.await) }));
                         self.barrier |= barrier;
                         return Step::Continue;
                     }
@@ -1023,22 +1242,24 @@ impl Connection {
                             generated_at: now_ms(),
                         };
                         let apps = self.shared.apps.clone();
-                        self.work.push_back(Box::pin(async move {
-                            let failed = !apps.publish(m).await;
-                            (
-                                ack,
-                                Outcome {
-                                    failed,
-                                    ..Outcome::default()
-                                },
-                            )
-                        }));
+                        self.push_work(
+                            size,
+                            Box::pin(async move {
+                                let failed = !apps.publish(m).await;
+                                (
+                                    ack,
+                                    Outcome {
+                                        failed,
+                                        ..Outcome::default()
+                                    },
+                                )
+                            }),
+                        );
                         return Step::Continue;
                     }
                     if !self.work.is_empty() {
                         // QoS 1 acknowledgements go out in the order the packets arrived.
-                        self.work
-                            .push_back(Box::pin(std::future::ready((ack, Outcome::default()))));
+                        self.push_work(0, Box::pin(std::future::ready((ack, Outcome::default()))));
                         return Step::Continue;
                     }
                 } else {
@@ -1062,8 +1283,39 @@ impl Connection {
                 let mut codes = Vec::with_capacity(sub.filters.len());
                 let mut refused = 0;
                 let mut shadows = Vec::new();
+                let max_subs = self
+                    .shared
+                    .config
+                    .limits
+                    .for_product(&self.pk)
+                    .max_subscriptions;
                 for f in &sub.filters {
+                    let known = self
+                        .sid
+                        .is_some_and(|sid| self.shared.router.has_filter(sid, &f.path));
+                    if !known && self.subscriptions >= max_subs && self.app.is_none() {
+                        let why = format!(
+                            "SUBSCRIBE {} refused: the connection holds {} filters, its limit",
+                            f.path, self.subscriptions
+                        );
+                        self.shared.thing.limits.refuse(
+                            &self.pk,
+                            &self.dn,
+                            Refusal::Subscriptions,
+                            &why,
+                            now_ms(),
+                        );
+                        refused += 1;
+                        codes.push(match self.version {
+                            Version::V311 => SubscribeReasonCode::Failure,
+                            Version::V5 => SubscribeReasonCode::QuotaExceeded,
+                        });
+                        continue;
+                    }
                     if self.may(Access::Subscribe, &f.path) {
+                        if !known {
+                            self.subscriptions += 1;
+                        }
                         if let Some(d) = f
                             .path
                             .strip_prefix("/shadow/get/")
@@ -1120,6 +1372,7 @@ impl Connection {
                             .sid
                             .is_some_and(|sid| self.shared.router.unsubscribe(sid, f))
                         {
+                            self.subscriptions = self.subscriptions.saturating_sub(1);
                             UnsubAckReason::Success
                         } else {
                             UnsubAckReason::NoSubscriptionExisted
@@ -1138,12 +1391,16 @@ impl Connection {
                 );
             }
             Packet::PubAck(ack, _) => {
-                self.inflight.remove(&ack.pkid);
-                while self.inflight.len() < self.shared.config.mqtt.max_inflight {
-                    let Some(d) = self.pending.pop_front() else {
+                if let Some(m) = self.inflight.remove(&ack.pkid) {
+                    self.inflight_bytes = self.inflight_bytes.saturating_sub(m.size());
+                }
+                while let Some(size) = self.pending.front().map(|d| d.message.size()) {
+                    if !self.window_open(size) {
                         break;
-                    };
-                    self.deliver(d);
+                    }
+                    if let Some(d) = self.pending.pop_front() {
+                        self.deliver(d);
+                    }
                 }
             }
             Packet::PingReq(_) => self
@@ -1181,14 +1438,20 @@ impl Connection {
     /// Writes a delivery, or parks it while the in-flight window is full.
     fn deliver(&mut self, d: Delivery) {
         let qos = d.qos;
+        let size = d.message.size();
         let mut packet_id = 0;
         if qos > 0 {
-            if self.inflight.len() >= self.shared.config.mqtt.max_inflight {
+            if !self.window_open(size) {
                 self.pending.push_back(d);
                 return;
             }
             packet_id = self.alloc_pkid();
             self.inflight.insert(packet_id, d.message.clone());
+            self.inflight_bytes += size;
+        }
+        // Out of the queue: its bytes no longer count against the queue budget.
+        if let Some(b) = &self.budget {
+            b.release(size);
         }
         let m = &d.message;
         let p = PublishOut {

@@ -155,9 +155,7 @@ async fn create_group(
     ApiJson(body): ApiJson<NewGroup>,
 ) -> ApiResult<impl IntoResponse> {
     let name = body.name.trim();
-    if name.is_empty() || name.chars().count() > 64 {
-        return Err(ApiError::invalid("name must be 1 to 64 characters"));
-    }
+    crate::registry::check_label("name", name, 64).map_err(ApiError::invalid)?;
     let g = ConsumerGroup {
         group_id: Alphanumeric.sample_string(&mut rand::thread_rng(), 24),
         name: name.to_owned(),

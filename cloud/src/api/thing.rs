@@ -29,6 +29,10 @@ pub(super) fn routes() -> Router<ApiState> {
         .route("/devices/:pk/:dn/service-calls/:id", get(get_call))
         .route("/devices/:pk/:dn/shadow", get(get_shadow).put(put_shadow))
         .route("/devices/:pk/:dn/sub-devices", get(sub_devices))
+        .route(
+            "/devices/:pk/:dn/sub-devices/:sub_pk/:sub_dn",
+            axum::routing::delete(remove_sub_device),
+        )
         .route("/devices/:pk/:dn/raw", get(raw_messages).post(send_raw))
 }
 
@@ -438,6 +442,30 @@ async fn sub_devices(
         .collect();
     Ok(Json(
         json!({"gateway": format!("{pk}/{dn}"), "sub_devices": subs}),
+    ))
+}
+
+#[utoipa::path(
+    delete,
+    path = "/devices/{pk}/{dn}/sub-devices/{sub_pk}/{sub_dn}",
+    tag = "devices",
+    operation_id = "remove_sub_device",
+    summary = "Remove a sub-device from a gateway's topology (logs it out), so another gateway may add it",
+    params(("pk" = String, Path, description = "Gateway product key"), ("dn" = String, Path, description = "Gateway device name"), ("sub_pk" = String, Path, description = "Sub-device product key"), ("sub_dn" = String, Path, description = "Sub-device name")),
+    responses((status = 200, description = "Removed", body = doc::Object), (status = 404, description = "No such gateway, or not its sub-device", body = doc::ErrorBody))
+)]
+async fn remove_sub_device(
+    State(s): State<ApiState>,
+    Path((pk, dn, sub_pk, sub_dn)): Path<(String, String, String, String)>,
+) -> ApiResult<impl IntoResponse> {
+    require_device(&s, &pk, &dn).await?;
+    if !crate::thing::unbind(&s.shared.thing, (&pk, &dn), (&sub_pk, &sub_dn)).await? {
+        return Err(ApiError::not_found(format!(
+            "`{sub_pk}/{sub_dn}` is not a sub-device of `{pk}/{dn}`"
+        )));
+    }
+    Ok(Json(
+        json!({"gateway": format!("{pk}/{dn}"), "removed": format!("{sub_pk}/{sub_dn}")}),
     ))
 }
 

@@ -190,11 +190,7 @@ fn kind_bit(kind: MessageType) -> u32 {
 
 /// Compiles a definition: SQL, actions. Nothing starts.
 pub fn compile(spec: &RuleSpec) -> Result<(Query, Vec<ActionSpec>), RuleError> {
-    if spec.name.trim().is_empty() || spec.name.len() > 128 {
-        return Err(RuleError::Invalid(
-            "name must be 1 to 128 characters".into(),
-        ));
-    }
+    crate::registry::check_label("name", &spec.name, 128).map_err(RuleError::Invalid)?;
     if spec.sql.len() > 64 * 1024 {
         return Err(RuleError::Invalid("the SQL is longer than 64 KiB".into()));
     }

@@ -289,6 +289,23 @@ async fn run(
                     &path,
                     thing.config.mqtt.timestamp_window,
                 )?;
+                // A sub-device moves between gateways only once its gateway let it go: a
+                // second gateway holding its signature must not take it over.
+                if let Some(t) = thing.db.gateway_of(&pk, &dn).await.map_err(internal)? {
+                    let owner = (
+                        t.gateway_product_key.as_str(),
+                        t.gateway_device_name.as_str(),
+                    );
+                    if owner != gwid {
+                        return Err((
+                            code::INVALID_PARAMS,
+                            format!(
+                                "{path}: `{pk}/{dn}` is a sub-device of gateway `{}/{}`: that gateway must remove it first (topo/delete), or an operator (DELETE /api/v1/devices/{}/{}/sub-devices/{pk}/{dn})",
+                                owner.0, owner.1, owner.0, owner.1
+                            ),
+                        ));
+                    }
+                }
                 subs.push((pk, dn));
             }
             thing
@@ -497,6 +514,28 @@ async fn run(
 
 /// Tells consumer groups of the gateway's product about a topology change (Alibaba's
 /// `/{pk}/{dn}/thing/topo/lifecycle` message).
+/// An operator removes a sub-device from its gateway's topology (for a gateway that is gone,
+/// say), so another gateway may add it. Logs the sub-device out if it was logged in. False
+/// when it was not a sub-device of that gateway.
+pub async fn unbind(
+    thing: &Thing,
+    gw: (&str, &str),
+    sub: (&str, &str),
+) -> Result<bool, crate::storage::StorageError> {
+    let key = [(sub.0.to_owned(), sub.1.to_owned())];
+    let removed = thing.db.delete_topology(gw, &key).await?;
+    if removed.is_empty() {
+        return Ok(false);
+    }
+    thing.sessions.kick(
+        sub.0,
+        sub.1,
+        crate::access::sessions::Kick::Admin("removed from its gateway's topology".into()),
+    );
+    topology_message(thing, gw, "remove", &removed).await;
+    Ok(true)
+}
+
 async fn topology_message(
     thing: &Thing,
     gw: (&str, &str),

@@ -16,7 +16,7 @@ mod writer;
 
 pub use alink::{parse_request, reply, Request};
 pub use calls::CallError;
-pub use gateway::{Change, SubEntry, SubLogin, Subs};
+pub use gateway::{unbind, Change, SubEntry, SubLogin, Subs};
 
 use crate::access::sessions::Sessions;
 use crate::apps::{MessageType, Outgoing};
@@ -56,6 +56,8 @@ pub mod code {
     pub const NO_METHOD: i64 = 6300;
     /// The sub-device is not in this gateway's topology.
     pub const TOPO_NOT_FOUND: i64 = 6401;
+    /// Too many requests (Alink's common code): over a quota, try again later.
+    pub const TOO_MANY_REQUESTS: i64 = 429;
 }
 
 /// What handling one uplink produced.
@@ -128,6 +130,8 @@ pub struct Thing {
     pub apps: Arc<crate::apps::Apps>,
     /// Per-product data-parsing scripts (raw uplinks and downlinks).
     pub scripts: Arc<crate::rules::script::Scripts>,
+    /// Per-device limits and what they refused.
+    pub limits: Arc<crate::access::limits::Limits>,
 }
 
 impl Thing {
@@ -154,6 +158,7 @@ impl Thing {
             stop.clone(),
         ));
         let thing = Arc::new(Self {
+            limits: Arc::new(crate::access::limits::Limits::new(config.limits.clone())),
             db,
             router,
             sessions,
@@ -487,7 +492,14 @@ impl Thing {
                     .and_then(|m| m.property(id))
                     .map(|p| &p.param.data_type),
             );
+            let skew = self.config.thing.max_future_skew;
+            let ahead = ts.saturating_sub(now);
             let check = match model.as_deref() {
+                _ if ahead > skew.as_millis() as i64 => Err(format!(
+                    "time {ts} is {} s ahead of the server clock (thing.max_future_skew: {} s)",
+                    ahead / 1000,
+                    skew.as_secs()
+                )),
                 None => Ok(()),
                 Some(m) => match m.property(id) {
                     Some(p) => p
@@ -507,6 +519,23 @@ impl Thing {
                 Err(why) => {
                     invalid.insert(id.clone(), Value::String(why));
                 }
+            }
+        }
+        if model.is_none() {
+            // Nothing checks what a product without a thing model stores: a daily quota does.
+            let bytes: usize = rows
+                .iter()
+                .map(|((_, _, id), _, v)| id.len() + v.len())
+                .sum();
+            if let Some(why) = self.over_quota(pk, dn, bytes, now) {
+                return self.answer(
+                    &req,
+                    reply_topic,
+                    code::TOO_MANY_REQUESTS,
+                    why,
+                    json!({}),
+                    method,
+                );
             }
         }
         let stored = rows.len();
@@ -597,8 +626,37 @@ impl Thing {
         let now = now_ms();
         let value = req.params.get("value").unwrap_or(&req.params);
         let ts = req.params.get("time").and_then(alink::as_ms).unwrap_or(now);
+        let skew = self.config.thing.max_future_skew;
+        if ts.saturating_sub(now) > skew.as_millis() as i64 {
+            Metrics::inc(&self.metrics.alink_malformed);
+            return self.answer(
+                &req,
+                reply_topic,
+                code::INVALID_PARAMS,
+                format!(
+                    "event not stored: time {ts} is {} s ahead of the server clock (thing.max_future_skew: {} s)",
+                    (ts - now) / 1000,
+                    skew.as_secs()
+                ),
+                json!({}),
+                &method,
+            );
+        }
         let event_type = match model.as_deref() {
-            None => "info".to_owned(),
+            None => {
+                let size = id.len() + value.to_string().len();
+                if let Some(why) = self.over_quota(pk, dn, size, now) {
+                    return self.answer(
+                        &req,
+                        reply_topic,
+                        code::TOO_MANY_REQUESTS,
+                        why,
+                        json!({}),
+                        &method,
+                    );
+                }
+                "info".to_owned()
+            }
             Some(m) => {
                 let Some(ev) = m.events.iter().find(|e| e.identifier == id) else {
                     Metrics::inc(&self.metrics.alink_malformed);
@@ -720,6 +778,10 @@ impl Thing {
     }
 
     async fn up_raw(&self, pk: &str, dn: &str, payload: Bytes) -> Outcome {
+        if self.over_quota(pk, dn, payload.len(), now_ms()).is_some() {
+            // Raw data has no reply of its own: refused, counted, visible per device.
+            return Outcome::default();
+        }
         let row = RawRow {
             product_key: pk.to_owned(),
             device_name: dn.to_owned(),
@@ -738,6 +800,25 @@ impl Thing {
             return Outcome::failed();
         }
         Outcome::default()
+    }
+
+    /// Charges unvalidated bytes to the device's daily quota; the refusal's reason when over.
+    fn over_quota(&self, pk: &str, dn: &str, bytes: usize, now: i64) -> Option<String> {
+        if self.limits.charge_unvalidated(pk, dn, bytes as u64, now) {
+            return None;
+        }
+        let why = format!(
+            "over the daily storage quota for data without a thing model ({} bytes, limits.device.unvalidated_bytes_per_day): refused until 00:00 UTC",
+            self.limits.of(pk).unvalidated_bytes_per_day
+        );
+        self.limits.refuse(
+            pk,
+            dn,
+            crate::access::limits::Refusal::StorageQuota,
+            &why,
+            now,
+        );
+        Some(why)
     }
 
     async fn device_info(
