@@ -556,7 +556,11 @@ async fn require_device(s: &ApiState, pk: &str, dn: &str) -> ApiResult<Device> {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ProductUpdate {
-    #[schema(min_length = 1, max_length = 64, pattern = r"\S")]
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f][^\u0000-\u001f\u007f-\u009f]*$"
+    )]
     name: Option<String>,
     description: Option<String>,
     dynamic_register: Option<bool>,
@@ -894,7 +898,8 @@ async fn list_devices(
     let (devices, total) = s
         .shared
         .db
-        .list_devices(&pk, &filter, (page - 1) * size, size)
+        // A page past any possible device is simply empty (saturating: never an overflow).
+        .list_devices(&pk, &filter, (page - 1).saturating_mul(size), size)
         .await?;
     let devices: Vec<Value> = devices.into_iter().map(|d| device_json(&s, d)).collect();
     Ok(Json(

@@ -76,7 +76,11 @@ pub fn validate_device_name(name: &str) -> Result<(), RegistryError> {
 #[serde(deny_unknown_fields)]
 pub struct NewProduct {
     /// 1 to 64 characters, not only white space.
-    #[schema(min_length = 1, max_length = 64, pattern = r"\S")]
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f][^\u0000-\u001f\u007f-\u009f]*$"
+    )]
     pub name: String,
     /// `direct` (default), `gateway` or `sub-device`.
     #[serde(default = "default_node_type")]
@@ -94,7 +98,11 @@ pub struct NewProduct {
     pub description: String,
     /// Owner; gateways only carry sub-devices of their own tenant. Default `default`.
     #[serde(default = "default_tenant")]
-    #[schema(min_length = 1, max_length = 64)]
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f][^\u0000-\u001f\u007f-\u009f]*$"
+    )]
     pub tenant: String,
 }
 

@@ -449,3 +449,58 @@ async fn metrics_can_require_the_token() {
     assert_eq!(r.status(), 200);
     let _ = json!({});
 }
+
+/// A device slowed for longer than its keepalive is not taken for a silent one: the time the
+/// server did not read is the server's, not the device's.
+#[tokio::test]
+async fn a_throttled_device_is_not_closed_for_keepalive() {
+    let srv = start(|c| {
+        c.limits.device.messages_per_second = 2;
+        c.limits.device.message_burst = 1;
+    })
+    .await;
+    let (pk, _) = srv.product(false).await;
+    let secret = srv.device(&pk, "slow-0001").await;
+    let (cid, u, p) = creds(
+        &pk,
+        "slow-0001",
+        &secret,
+        ironlink_shared::sign::SignMethod::HmacSha256,
+        false,
+    );
+    let mut d = Raw::tcp(srv.mqtt()).await;
+    // Keepalive 1 s: the server closes after 1.5 s without a packet it could have read.
+    assert_eq!(
+        d.connect_v4(&cid, &u, &p, 1).await,
+        v4::ConnectReturnCode::Success
+    );
+    // Ten posts in one write: at 2 per second they take ~4.5 s, three keepalive periods.
+    let mut all = BytesMut::new();
+    for id in 1..=10u16 {
+        let mut p = v4::Publish::new(
+            format!("/{pk}/slow-0001/user/data"),
+            QoS::AtLeastOnce,
+            b"{}".to_vec(),
+        );
+        p.pkid = id;
+        p.write(&mut all).unwrap();
+    }
+    d.send(&all).await;
+    let mut acks = 0;
+    while acks < 10 {
+        match d.next_v4().await {
+            Some(v4::Packet::PubAck(_)) => acks += 1,
+            Some(_) => {}
+            None => panic!("closed after {acks} acks"),
+        }
+    }
+    // Still open: the device is answered at once after its last PUBACK.
+    d.send(&[0xc0, 0x00]).await;
+    loop {
+        match d.next_v4().await {
+            Some(v4::Packet::PingResp) => break,
+            Some(_) => {}
+            None => panic!("closed for keepalive while it was the server that did not read"),
+        }
+    }
+}

@@ -661,6 +661,9 @@ impl Connection {
                 Some((pkid, outcome)) = self.work.next(), if !self.work.is_empty() => {
                     let size = self.work_sizes.pop_front().unwrap_or(0);
                     self.work_bytes = self.work_bytes.saturating_sub(size);
+                    if paused {
+                        last_rx = Instant::now();
+                    }
                     if let Step::Close(reason) = Box::pin(self.finish(pkid, outcome)).await {
                         let _ = stream.write_all(&self.out).await;
                         let _ = stream.shutdown().await;
@@ -711,6 +714,8 @@ impl Connection {
                 },
                 _ = tokio::time::sleep_until(throttle.unwrap_or_else(Instant::now)), if throttle.is_some() => {
                     self.throttled_until = None;
+                    // The silence while we did not read was ours, not the device's.
+                    last_rx = Instant::now();
                 },
                 // While reading is paused for the thing layer, silence is ours, not the device's.
                 _ = tokio::time::sleep_until(last_rx + idle), if !paused => {
@@ -1152,12 +1157,15 @@ impl Connection {
                 let ack = (qos == 1).then_some(pkid).flatten();
                 let mut retain = publish.retain;
                 if allowed {
-                    if let Some(step) = self.over_limits(&topic, &publish.payload, qos, ack, retain)
+                    // A retained message with the parsing tag is kept once transformed (by
+                    // the router, within the server's totals), so not checked here.
+                    if let Some(step) =
+                        self.over_limits(&topic, &publish.payload, qos, ack, retain && !parse)
                     {
                         return step;
                     }
                     // Kept by `over_limits`; routed live from here.
-                    retain = false;
+                    retain &= parse;
                     Metrics::inc(&self.shared.metrics.messages_in);
                     let system = classify(&topic);
                     let tagged = parse

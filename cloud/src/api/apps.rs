@@ -119,7 +119,11 @@ async fn delete_key(
 #[serde(deny_unknown_fields)]
 struct NewGroup {
     /// 1 to 64 characters, not only white space.
-    #[schema(min_length = 1, max_length = 64, pattern = r"\S")]
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f][^\u0000-\u001f\u007f-\u009f]*$"
+    )]
     name: String,
 }
 
