@@ -221,19 +221,28 @@ impl Limits {
     }
 }
 
-/// A token bucket: `rate` tokens a second up to `burst`.
+/// A token bucket: `rate` tokens a second up to `burst`. Eight bytes, as every connection
+/// holds one: the last refill is kept in milliseconds since the process started, wrapping
+/// after 49 days (a device silent that long may be slowed once, never refused).
 #[derive(Debug, Clone, Copy)]
 pub struct Bucket {
-    tokens: f64,
-    last: Instant,
+    tokens: f32,
+    last_ms: u32,
+}
+
+/// Milliseconds since the first call, wrapping.
+fn tick(now: Instant) -> u32 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    now.saturating_duration_since(epoch).as_millis() as u32
 }
 
 impl Bucket {
     /// A full bucket.
     pub fn full(burst: u32, now: Instant) -> Self {
         Self {
-            tokens: f64::from(burst.max(1)),
-            last: now,
+            tokens: burst.max(1) as f32,
+            last_ms: tick(now),
         }
     }
 
@@ -243,14 +252,20 @@ impl Bucket {
             return Ok(());
         }
         let rate = f64::from(rate);
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * rate).min(f64::from(burst.max(1)));
-        self.last = now;
+        let now_ms = tick(now);
+        let elapsed = f64::from(now_ms.wrapping_sub(self.last_ms)) / 1000.0;
+        let tokens = (f64::from(self.tokens) + elapsed * rate).min(f64::from(burst.max(1)));
+        self.last_ms = now_ms;
+        self.tokens = tokens as f32;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - self.tokens) / rate))
+            // One millisecond more: the refill counts whole milliseconds.
+            Err(
+                Duration::from_secs_f64((1.0 - f64::from(self.tokens)) / rate)
+                    + Duration::from_millis(1),
+            )
         }
     }
 }
@@ -276,12 +291,13 @@ mod tests {
 
     #[test]
     fn bucket_refills_at_rate_caps_at_burst_and_says_how_long_to_wait() {
-        let t0 = Instant::now();
+        // After the process's first tick, whatever ran before.
+        let t0 = Instant::now() + Duration::from_secs(1);
         let mut b = Bucket::full(3, t0);
         assert!((0..3).all(|_| b.take(10, 3, t0).is_ok()));
         let wait = b.take(10, 3, t0).unwrap_err();
         assert!(
-            wait > Duration::from_millis(90) && wait <= Duration::from_micros(100_001),
+            wait > Duration::from_millis(90) && wait <= Duration::from_millis(101),
             "{wait:?}"
         );
         assert!(b.take(10, 3, t0 + Duration::from_millis(100)).is_ok());

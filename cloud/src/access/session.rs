@@ -368,7 +368,7 @@ pub async fn serve<S>(
     tracing::info!(%peer, product_key = %pk, device_name = %dn, %reason, "device offline");
     shared.sessions.remove(&pk, &dn, registration.serial);
     drop(registration.done);
-    if conn.peak_bytes >= BIG_CONNECTION {
+    if conn.big {
         drop(conn);
         super::release_memory();
     }
@@ -512,8 +512,8 @@ struct Connection {
     /// `limits.inflight_bytes` the socket is not read (TCP back-pressure).
     work_sizes: VecDeque<usize>,
     work_bytes: usize,
-    /// The most bytes `work` and the read buffer held at once.
-    peak_bytes: usize,
+    /// Set once `work` held [`BIG_CONNECTION`] bytes at once: the heap is trimmed at close.
+    big: bool,
     /// Bytes of the QoS 1 deliveries waiting for their PUBACK.
     inflight_bytes: usize,
     /// Downlink bytes queued for this session, shared with the router (created with `sid`).
@@ -521,11 +521,13 @@ struct Connection {
     /// The connected device's message-rate bucket.
     bucket: Bucket,
     /// Logged-in sub-devices' buckets (gateways only).
-    sub_buckets: HashMap<(String, String), Bucket>,
+    #[allow(clippy::box_collection)]
+    // 8 bytes on every connection instead of 48: most are not gateways
+    sub_buckets: Option<Box<HashMap<(String, String), Bucket>>>,
     /// Set while over the message rate: nothing is read until then.
     throttled_until: Option<Instant>,
     /// Filters this connection subscribed to itself (auto-subscriptions not counted).
-    subscriptions: usize,
+    subscriptions: u32,
     /// True while a sub-device login/logout is in `work`: later packets wait for it.
     barrier: bool,
     /// Set while a custom-topic message waits for its `transformPayload`: the session's later
@@ -575,11 +577,11 @@ impl Connection {
             work: FuturesOrdered::new(),
             work_sizes: VecDeque::new(),
             work_bytes: 0,
-            peak_bytes: 0,
+            big: false,
             inflight_bytes: 0,
             budget: None,
             bucket: Bucket::full(burst, Instant::now()),
-            sub_buckets: HashMap::new(),
+            sub_buckets: None,
             throttled_until: None,
             subscriptions: 0,
             barrier: false,
@@ -816,7 +818,7 @@ impl Connection {
     fn push_work(&mut self, size: usize, work: Work) {
         self.work_sizes.push_back(size);
         self.work_bytes += size;
-        self.peak_bytes = self.peak_bytes.max(self.work_bytes);
+        self.big |= self.work_bytes >= BIG_CONNECTION;
         self.work.push_back(work);
     }
 
@@ -848,6 +850,7 @@ impl Connection {
         } else {
             let key = (pk.to_owned(), dn.to_owned());
             self.sub_buckets
+                .get_or_insert_with(Default::default)
                 .entry(key)
                 .or_insert_with(|| Bucket::full(l.message_burst, now))
                 .take(l.messages_per_second, l.message_burst, now)
@@ -960,7 +963,9 @@ impl Connection {
             let Some(entry) = self.subs.lock().remove(&key) else {
                 continue;
             };
-            self.sub_buckets.remove(&key);
+            if let Some(b) = self.sub_buckets.as_mut() {
+                b.remove(&key);
+            }
             if let Some(sid) = self.sid {
                 for f in auto_filters(&key.0, &key.1, false) {
                     self.shared.router.unsubscribe(sid, &f);
@@ -1301,7 +1306,7 @@ impl Connection {
                     let known = self
                         .sid
                         .is_some_and(|sid| self.shared.router.has_filter(sid, &f.path));
-                    if !known && self.subscriptions >= max_subs && self.app.is_none() {
+                    if !known && self.subscriptions as usize >= max_subs && self.app.is_none() {
                         let why = format!(
                             "SUBSCRIBE {} refused: the connection holds {} filters, its limit",
                             f.path, self.subscriptions
