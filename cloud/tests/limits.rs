@@ -504,3 +504,59 @@ async fn a_throttled_device_is_not_closed_for_keepalive() {
         }
     }
 }
+
+/// A refused PUBLISH is acknowledged in its turn, after the ones before it still being stored
+/// (MQTT 4.6: PUBACKs in the order of the PUBLISHes).
+#[tokio::test]
+async fn refusals_are_acknowledged_in_order() {
+    let srv = start(|c| c.limits.device.max_custom_payload = 10).await;
+    let (pk, _) = srv.product(false).await;
+    let secret = srv.device(&pk, "order-001").await;
+    let (cid, u, p) = creds(
+        &pk,
+        "order-001",
+        &secret,
+        ironlink_shared::sign::SignMethod::HmacSha256,
+        false,
+    );
+    let mut d = Raw::tcp(srv.mqtt()).await;
+    assert_eq!(
+        d.connect_v5(&cid, &u, &p).await,
+        rumqttc::v5::mqttbytes::v5::ConnectReturnCode::Success
+    );
+    use rumqttc::v5::mqttbytes::v5 as m5;
+    let mut both = BytesMut::new();
+    for (pkid, topic, payload) in [
+        (
+            1u16,
+            format!("/sys/{pk}/order-001/thing/event/property/post"),
+            br#"{"id":"1","params":{"t":1}}"#.to_vec(),
+        ),
+        (2, format!("/{pk}/order-001/user/big"), vec![b'x'; 11]),
+    ] {
+        let mut p = m5::Publish::new(
+            topic,
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            payload,
+            None,
+        );
+        p.pkid = pkid;
+        m5::Packet::Publish(p).write(&mut both, None).unwrap();
+    }
+    d.send(&both).await;
+    let mut acks = Vec::new();
+    while acks.len() < 2 {
+        match d.next_v5().await {
+            Some(m5::Packet::PubAck(a)) => acks.push((a.pkid, a.reason)),
+            Some(_) => {}
+            None => panic!("closed"),
+        }
+    }
+    assert_eq!(
+        acks,
+        [
+            (1, m5::PubAckReason::Success),
+            (2, m5::PubAckReason::QuotaExceeded)
+        ]
+    );
+}

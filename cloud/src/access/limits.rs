@@ -137,13 +137,23 @@ impl Limits {
         d.last_at = Some(now_ms);
         d.last_reason = Some(reason.to_owned());
         drop(devices);
-        tracing::info!(
-            product_key = pk,
-            device_name = dn,
-            kind = kind.as_str(),
-            reason,
-            "limit reached"
-        );
+        // A device over its rate is slowed many times a second: counted, logged at debug.
+        if kind == Refusal::Throttled {
+            tracing::debug!(
+                product_key = pk,
+                device_name = dn,
+                reason,
+                "slowed to its message rate"
+            );
+        } else {
+            tracing::info!(
+                product_key = pk,
+                device_name = dn,
+                kind = kind.as_str(),
+                reason,
+                "limit reached"
+            );
+        }
     }
 
     /// Refusals of every kind since start.

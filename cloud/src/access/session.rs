@@ -509,8 +509,9 @@ struct Connection {
     /// Uplinks in the thing layer, finished in the order they arrived.
     work: FuturesOrdered<Work>,
     /// The bytes of each uplink in `work`, in the same order, and their sum: past
-    /// `limits.inflight_bytes` the socket is not read (TCP back-pressure).
-    work_sizes: VecDeque<usize>,
+    /// `limits.inflight_bytes` the socket is not read (TCP back-pressure). With a reason when
+    /// the entry is a refusal whose PUBACK waits for the packets before it (MQTT 4.6: in order).
+    work_sizes: VecDeque<(usize, Option<PubAckReason>)>,
     work_bytes: usize,
     /// Set once `work` held [`BIG_CONNECTION`] bytes at once: the heap is trimmed at close.
     big: bool,
@@ -661,12 +662,12 @@ impl Connection {
             let throttle = self.throttled_until;
             tokio::select! {
                 Some((pkid, outcome)) = self.work.next(), if !self.work.is_empty() => {
-                    let size = self.work_sizes.pop_front().unwrap_or(0);
+                    let (size, refused) = self.work_sizes.pop_front().unwrap_or((0, None));
                     self.work_bytes = self.work_bytes.saturating_sub(size);
                     if paused {
                         last_rx = Instant::now();
                     }
-                    if let Step::Close(reason) = Box::pin(self.finish(pkid, outcome)).await {
+                    if let Step::Close(reason) = Box::pin(self.finish(pkid, outcome, refused)).await {
                         let _ = stream.write_all(&self.out).await;
                         let _ = stream.shutdown().await;
                         return reason;
@@ -816,7 +817,7 @@ impl Connection {
 
     /// Queues an uplink's processing, counting its bytes until it finishes.
     fn push_work(&mut self, size: usize, work: Work) {
-        self.work_sizes.push_back(size);
+        self.work_sizes.push_back((size, None));
         self.work_bytes += size;
         self.big |= self.work_bytes >= BIG_CONNECTION;
         self.work.push_back(work);
@@ -893,7 +894,12 @@ impl Connection {
 
     /// Applies a finished uplink: close on a storage failure (unacknowledged), else apply
     /// sub-device changes, acknowledge, and send the replies.
-    async fn finish(&mut self, pkid: Option<u16>, outcome: Outcome) -> Step {
+    async fn finish(
+        &mut self,
+        pkid: Option<u16>,
+        outcome: Outcome,
+        refused: Option<PubAckReason>,
+    ) -> Step {
         if outcome.failed {
             tracing::error!(product_key = %self.pk, device_name = %self.dn, "closing connection: an uplink could not be stored");
             self.disconnect(reason::UNSPECIFIED_ERROR);
@@ -944,7 +950,7 @@ impl Connection {
                 Packet::PubAck(
                     PubAck {
                         pkid,
-                        reason: PubAckReason::Success,
+                        reason: refused.unwrap_or(PubAckReason::Success),
                     },
                     None,
                 ),
@@ -1072,18 +1078,24 @@ impl Connection {
             .limits
             .refuse(pk, dn, kind, &why, now_ms());
         if let Some(pkid) = ack {
-            self.version.write(
-                Packet::PubAck(
-                    PubAck {
-                        pkid,
-                        reason: PubAckReason::QuotaExceeded,
-                    },
-                    None,
-                ),
-                &mut self.out,
-            );
+            self.puback(pkid, PubAckReason::QuotaExceeded);
         }
         Some(self.violation())
+    }
+
+    /// Acknowledges a PUBLISH that is not processed (refused, or with nothing to do): at once,
+    /// or behind the packets still in the thing layer, as MQTT wants PUBACKs in order.
+    fn puback(&mut self, pkid: u16, reason: PubAckReason) {
+        if self.work.is_empty() {
+            self.version
+                .write(Packet::PubAck(PubAck { pkid, reason }, None), &mut self.out);
+        } else {
+            self.work_sizes.push_back((0, Some(reason)));
+            self.work.push_back(Box::pin(std::future::ready((
+                Some(pkid),
+                Outcome::default(),
+            ))));
+        }
     }
 
     fn violation(&mut self) -> Step {
@@ -1285,8 +1297,7 @@ impl Connection {
                     } else {
                         PubAckReason::NotAuthorized
                     };
-                    self.version
-                        .write(Packet::PubAck(PubAck { pkid, reason }, None), &mut self.out);
+                    self.puback(pkid, reason);
                 }
                 if !allowed {
                     return self.violation();
