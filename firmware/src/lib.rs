@@ -3,6 +3,8 @@
 #![warn(missing_docs)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod mqtt;
+
 use heapless::String;
 use ironlink_shared::credentials::write_device_credentials;
 use ironlink_shared::sign::SignMethod;
