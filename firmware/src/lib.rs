@@ -3,6 +3,7 @@
 #![warn(missing_docs)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod alink;
 pub mod mqtt;
 
 use heapless::String;
