@@ -296,7 +296,7 @@ pub struct DeviceLimits {
     /// Bytes of a device's retained messages.
     pub retained_bytes: usize,
     /// Bytes a device may store per UTC day in data the thing model does not check
-    /// (properties of a product without a model, raw data without a script); 0: no limit.
+    /// (properties and events of a product without a model, raw uplinks as received); 0: no limit.
     pub unvalidated_bytes_per_day: u64,
 }
 

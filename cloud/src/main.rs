@@ -7,6 +7,9 @@ use ironlink_cloud::server;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_)) {
+        quiet_on_closed_pipe();
+    }
     let json = cli.command.wants_json();
     // Errors are for people: the message and its causes, without a backtrace; or one JSON
     // object under --json.
@@ -147,4 +150,23 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
+}
+
+/// `ironlink-cloud device list | head`: when the reader of the output goes away, the command
+/// ends quietly with success, as Unix tools do, instead of a panic about a broken pipe
+/// (`println!` panics on EPIPE; the server never prints after start-up).
+fn quiet_on_closed_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default(info);
+    }));
 }

@@ -618,20 +618,23 @@ impl Config {
                     return Err(err(at(key), format!("{}: must not be empty", here(key))));
                 }
             }
-            if d.poll_interval.is_zero()
-                || (d.poll_interval < MIN_POLL_INTERVAL && !d.allow_fast_poll)
-            {
+            let floor = if d.allow_fast_poll {
+                Duration::from_millis(1)
+            } else {
+                MIN_POLL_INTERVAL
+            };
+            if d.poll_interval < floor {
+                let hint = if d.allow_fast_poll {
+                    ""
+                } else {
+                    " (a device that needs faster polls says allow_fast_poll = true, down to 1ms)"
+                };
                 return Err(err(
                     at("poll_interval"),
                     format!(
-                        "{}: {:?} is below {:?} (set allow_fast_poll = true to go down to 1ms)",
+                        "{}: {:?} is below {floor:?}{hint}",
                         here("poll_interval"),
-                        d.poll_interval,
-                        if d.poll_interval.is_zero() {
-                            Duration::from_millis(1)
-                        } else {
-                            MIN_POLL_INTERVAL
-                        }
+                        d.poll_interval
                     ),
                 ));
             }
@@ -996,6 +999,7 @@ scale = 0.1
             (GOOD.replace("product_key = \"a1sub\"", "product_key = \"\""), 12, "devices[0].product_key"),
             (GOOD.replace("\"100ms\"", "\"0s\""), 16, "devices[0].poll_interval"),
             (GOOD.replace("\"100ms\"", "\"20ms\""), 16, "allow_fast_poll"),
+            (GOOD.replace("\"100ms\"", "\"500us\"\nallow_fast_poll = true"), 16, "500µs is below 1ms"),
             (format!("{GOOD}\n[[devices.points]]\nidentifier = \"voltage\"\nkind = \"holding\"\naddress = \"40010\"\ntype = \"u16\"\n"), 27, "identifier: `voltage` is empty or appears twice"),
             (GOOD.replace("[uplink]\n", "[queue]\nmax_bytes = 0\n\n[uplink]\n"), 8, "queue.max_bytes: must be above 0"),
             (GOOD.replace("host = \"127.0.0.1\"", "host = \"127.0.0.1\"\ntls = true\nca_file = \"/nonexistent/ca.pem\""), 10, "uplink.ca_file: cannot read /nonexistent/ca.pem"),

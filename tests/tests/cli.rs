@@ -186,6 +186,35 @@ async fn device_batches_above_the_api_limit_and_csv_import() {
         String::from_utf8_lossy(&o.stderr).contains("device_name"),
         "{o:?}"
     );
+    // `device list | head -1`: the reader goes away after one line; the CLI ends quietly and
+    // successfully (it used to panic on the broken pipe, failing `set -o pipefail` scripts).
+    use std::io::BufRead;
+    let mut child = Command::new(binary("cloud", "ironlink-cloud").unwrap())
+        .args(["device", "list", &pk, "--page-size", "1000"])
+        .args([
+            "--url",
+            &format!("http://{}", cloud.http),
+            "--token",
+            &cloud.token,
+        ])
+        .env_remove("IRONLINK_URL")
+        .env_remove("IRONLINK_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.contains("DEVICE_NAME"), "{first}");
+    let o = child.wait_with_output().unwrap();
+    assert!(
+        o.status.success(),
+        "{:?}: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 /// A second `serve` on a data dir in use refuses to start and names the holder; the first
