@@ -14,9 +14,15 @@ pub enum Error {
 }
 
 /// A `core::fmt::Write` over a byte slice.
-struct Cursor<'o> {
-    buf: &'o mut [u8],
-    at: usize,
+pub(crate) struct Cursor<'o> {
+    pub(crate) buf: &'o mut [u8],
+    pub(crate) at: usize,
+}
+
+impl<'o> Cursor<'o> {
+    pub(crate) fn new(buf: &'o mut [u8]) -> Self {
+        Cursor { buf, at: 0 }
+    }
 }
 
 impl Write for Cursor<'_> {
@@ -31,8 +37,14 @@ impl Write for Cursor<'_> {
     }
 }
 
-fn json_str(w: &mut Cursor<'_>, s: &str) -> core::fmt::Result {
+pub(crate) fn json_str(w: &mut Cursor<'_>, s: &str) -> core::fmt::Result {
     w.write_char('"')?;
+    json_str_body(w, s)?;
+    w.write_char('"')
+}
+
+/// `s` escaped for a JSON string, without the quotes.
+pub(crate) fn json_str_body(w: &mut Cursor<'_>, s: &str) -> core::fmt::Result {
     for c in s.chars() {
         match c {
             '"' => w.write_str("\\\"")?,
@@ -44,7 +56,7 @@ fn json_str(w: &mut Cursor<'_>, s: &str) -> core::fmt::Result {
             c => w.write_char(c)?,
         }
     }
-    w.write_char('"')
+    Ok(())
 }
 
 /// A topic of this device written into `out`: `/sys/{pk}/{dn}/{suffix}`.
@@ -73,7 +85,7 @@ pub enum Value<'a> {
     Text(&'a str),
 }
 
-fn value(w: &mut Cursor<'_>, v: Value<'_>) -> Result<(), Error> {
+pub(crate) fn value(w: &mut Cursor<'_>, v: Value<'_>) -> Result<(), Error> {
     let r = match v {
         Value::Int(i) => write!(w, "{i}"),
         Value::Float(f) if !f.is_finite() => return Err(Error::NotFinite),
@@ -165,12 +177,30 @@ pub enum Downlink<'a> {
     Rrpc(&'a str),
     /// A `_reply` to something the device posted (its `code` says how it went).
     Reply(&'a str),
+    /// `/shadow/get/{pk}/{dn}`: a shadow reply or the cloud's desired state (`control`).
+    Shadow,
+    /// `/ext/ntp/{pk}/{dn}/response`: the answer to [`ntp_request`].
+    NtpResponse,
     /// Another topic of this device.
     Other,
 }
 
 /// Tells a downlink of device `pk`/`dn` apart; `None` for another device's topic.
 pub fn classify<'a>(topic: &'a str, pk: &str, dn: &str) -> Option<Downlink<'a>> {
+    let own = |prefix: &str, suffix: &str| {
+        topic
+            .strip_prefix(prefix)
+            .and_then(|r| r.strip_prefix(pk))
+            .and_then(|r| r.strip_prefix('/'))
+            .and_then(|r| r.strip_prefix(dn))
+            .is_some_and(|r| r == suffix)
+    };
+    if own("/shadow/get/", "") {
+        return Some(Downlink::Shadow);
+    }
+    if own("/ext/ntp/", "/response") {
+        return Some(Downlink::NtpResponse);
+    }
     let rest = topic.strip_prefix("/sys/")?;
     let rest = rest.strip_prefix(pk)?.strip_prefix('/')?;
     let rest = rest.strip_prefix(dn)?.strip_prefix('/')?;
@@ -189,6 +219,78 @@ pub fn classify<'a>(topic: &'a str, pk: &str, dn: &str) -> Option<Downlink<'a>> 
             _ => Downlink::Other,
         },
     })
+}
+
+/// Writes a tags (device information) update, `thing.deviceinfo.update` on
+/// `thing/deviceinfo/update`: `params` is a list of `{"attrKey","attrValue"}`.
+pub fn tags_update(out: &mut [u8], id: u32, tags: &[(&str, &str)]) -> Result<usize, Error> {
+    let mut w = Cursor::new(out);
+    let e = |_| Error::BufferTooSmall;
+    write!(w, "{{\"id\":\"{id}\",\"version\":\"1.0\",\"params\":[").map_err(e)?;
+    for (i, (k, v)) in tags.iter().enumerate() {
+        if i > 0 {
+            w.write_char(',').map_err(e)?;
+        }
+        w.write_str("{\"attrKey\":").map_err(e)?;
+        json_str(&mut w, k).map_err(e)?;
+        w.write_str(",\"attrValue\":").map_err(e)?;
+        json_str(&mut w, v).map_err(e)?;
+        w.write_char('}').map_err(e)?;
+    }
+    w.write_str("],\"method\":\"thing.deviceinfo.update\"}")
+        .map_err(e)?;
+    Ok(w.at)
+}
+
+/// Writes a shadow update for `/shadow/update/{pk}/{dn}`: the device's `reported` state
+/// under a version above the stored one (or -1 to clear the shadow).
+pub fn shadow_update(
+    out: &mut [u8],
+    version: i64,
+    reported: &[(&str, Value<'_>)],
+) -> Result<usize, Error> {
+    let mut w = Cursor::new(out);
+    let e = |_| Error::BufferTooSmall;
+    w.write_str("{\"method\":\"update\",\"state\":{\"reported\":{")
+        .map_err(e)?;
+    for (i, (k, v)) in reported.iter().enumerate() {
+        if i > 0 {
+            w.write_char(',').map_err(e)?;
+        }
+        json_str(&mut w, k).map_err(e)?;
+        w.write_char(':').map_err(e)?;
+        value(&mut w, *v)?;
+    }
+    write!(w, "}}}},\"version\":{version}}}").map_err(e)?;
+    Ok(w.at)
+}
+
+/// The shadow request that asks for the stored shadow (answered on `/shadow/get/{pk}/{dn}`).
+pub const SHADOW_GET: &str = "{\"method\":\"get\"}";
+
+/// Writes an NTP request for `/ext/ntp/{pk}/{dn}/request`, stamped with the device's clock.
+pub fn ntp_request(out: &mut [u8], device_ms: u64) -> Result<usize, Error> {
+    let mut w = Cursor::new(out);
+    write!(w, "{{\"deviceSendTime\":\"{device_ms}\"}}").map_err(|_| Error::BufferTooSmall)?;
+    Ok(w.at)
+}
+
+/// The current UTC time in ms from an NTP response that arrived at `device_ms` on the device's
+/// clock: `(serverRecv + serverSend + deviceRecv - deviceSend) / 2`, as Alibaba's SDK does.
+/// `None` when the response lacks a time or the device's clock went backwards.
+pub fn ntp_time(payload: &[u8], device_ms: u64) -> Option<u64> {
+    let j = crate::json::Json::parse_bytes(payload).ok()?;
+    let num = |k: &str| -> Option<u64> {
+        let v = j.get(k)?;
+        match v.as_str() {
+            Some(s) => s.plain()?.parse().ok(),
+            None => u64::try_from(v.as_i64()?).ok(),
+        }
+    };
+    let sent = num("deviceSendTime")?;
+    let (recv, send) = (num("serverRecvTime")?, num("serverSendTime")?);
+    let rtt_part = device_ms.checked_sub(sent)?;
+    Some((recv.checked_add(send)?.checked_add(rtt_part)?) / 2)
 }
 
 /// The top-level `"id"` of an Alink request (a string, or a number as the cloud may send),

@@ -4,6 +4,8 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod alink;
+pub mod device;
+pub mod json;
 pub mod mqtt;
 
 use heapless::String;

@@ -80,6 +80,19 @@ pub enum Event<'b> {
     Unsubscribed(u16),
     /// PINGRESP.
     Pong,
+    /// A PUBLISH larger than the largest packet accepted: its topic and the start of its
+    /// payload (as much as had arrived); the rest is skipped as it arrives. Its PUBACK, for
+    /// QoS 1, is in the reply bytes, so the broker does not send it again.
+    Oversized {
+        /// Topic name.
+        topic: &'b str,
+        /// The first bytes of the payload.
+        head: &'b [u8],
+        /// The whole packet's size, in bytes.
+        size: usize,
+        /// QoS it came with.
+        qos: QoS,
+    },
 }
 
 /// What [`Client::receive`] did with the input.
@@ -115,6 +128,8 @@ pub struct Client<const P: usize> {
     resend: bool,
     frame: Vec<u8, P>,
     max_packet: usize,
+    /// Bytes of an oversized PUBLISH still to skip.
+    discard: usize,
 }
 
 struct Out<'o> {
@@ -200,11 +215,13 @@ impl<const P: usize> Client<P> {
             resend: false,
             frame: Vec::new(),
             max_packet: 4096,
+            discard: 0,
         }
     }
 
-    /// Largest packet accepted from the broker (default 4,096 bytes); a larger one is a
-    /// protocol error.
+    /// Largest packet accepted from the broker (default 4,096 bytes; at most the receive
+    /// buffer). A larger PUBLISH is skipped ([`Event::Oversized`]); any other larger packet is
+    /// a protocol error.
     pub fn set_max_packet(&mut self, bytes: usize) {
         self.max_packet = bytes;
     }
@@ -353,6 +370,7 @@ impl<const P: usize> Client<P> {
     /// after the next CONNACK.
     pub fn connection_lost(&mut self) {
         self.state = State::Disconnected;
+        self.discard = 0;
         self.resend = self.inflight.is_some();
     }
 
@@ -407,9 +425,18 @@ impl<const P: usize> Client<P> {
             event: None,
             reply: 0,
         };
+        if self.discard > 0 {
+            let n = self.discard.min(input.len());
+            self.discard -= n;
+            return Ok(Received {
+                consumed: n,
+                ..none
+            });
+        }
         let h = match frame::check(input, self.max_packet) {
             Ok(h) => h,
             Err(FrameError::Incomplete(_)) => return Ok(none),
+            Err(FrameError::TooLarge { .. }) => return self.oversized(input, now_ms, out),
             Err(_) => return Err(Error::Protocol),
         };
         let n = h.frame_len();
@@ -488,6 +515,73 @@ impl<const P: usize> Client<P> {
             _ => return Err(Error::Protocol),
         }
         Ok(r)
+    }
+}
+
+impl<const P: usize> Client<P> {
+    /// A PUBLISH over the size limit: reported with its topic and the payload bytes at hand,
+    /// acknowledged, and the rest of it skipped.
+    fn oversized<'b>(
+        &mut self,
+        input: &'b [u8],
+        now_ms: u64,
+        out: &mut [u8],
+    ) -> Result<Received<'b>, Error> {
+        let h = frame::peek_header(input).map_err(|_| Error::Protocol)?;
+        if h.kind != PacketType::Publish || self.state != State::Connected {
+            return Err(Error::Protocol);
+        }
+        let qos = match h.qos() {
+            0 => QoS::AtMostOnce,
+            1 => QoS::AtLeastOnce,
+            _ => return Err(Error::Protocol),
+        };
+        let wait = Received {
+            consumed: 0,
+            event: None,
+            reply: 0,
+        };
+        let body = &input[h.header_len..];
+        let Some(tlen) = body
+            .get(..2)
+            .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+        else {
+            return Ok(wait);
+        };
+        let at = 2 + tlen + if qos == QoS::AtLeastOnce { 2 } else { 0 };
+        if at > h.remaining_len {
+            return Err(Error::Protocol);
+        }
+        if body.len() < at {
+            // The topic has not all arrived; a receive buffer that cannot hold it never will.
+            return if input.len() >= self.max_packet {
+                Err(Error::Protocol)
+            } else {
+                Ok(wait)
+            };
+        }
+        let topic = core::str::from_utf8(&body[2..2 + tlen]).map_err(|_| Error::Protocol)?;
+        let mut reply = 0;
+        if qos == QoS::AtLeastOnce {
+            let mut w = Out::new(out);
+            w.put(&[0x40, 0x02]);
+            w.put(&body[2 + tlen..at]);
+            reply = w.done()?;
+            self.last_tx = now_ms;
+        }
+        let size = h.frame_len();
+        let consumed = input.len().min(size);
+        self.discard = size - consumed;
+        Ok(Received {
+            consumed,
+            event: Some(Event::Oversized {
+                topic,
+                head: &body[at..consumed - h.header_len],
+                size,
+                qos,
+            }),
+            reply,
+        })
     }
 }
 
@@ -708,6 +802,64 @@ mod tests {
     }
 
     /// Seeded garbage after CONNACK: an error or an event, never a panic.
+    /// A PUBLISH larger than the limit is reported with its topic and first bytes, acknowledged,
+    /// and skipped as it arrives in pieces; the packet after it is read as usual.
+    #[test]
+    fn oversized_publish_is_skipped_and_acknowledged() {
+        let mut c = connected();
+        c.set_max_packet(64);
+        let mut out = [0u8; 16];
+        let payload = [b'x'; 200];
+        let p = v4::Publish {
+            dup: false,
+            qos: rumqttc::mqttbytes::QoS::AtLeastOnce,
+            retain: false,
+            topic: "/sys/pk/dn/thing/service/property/set".into(),
+            pkid: 9,
+            payload: bytes::Bytes::copy_from_slice(&payload),
+        };
+        let mut b = BytesMut::new();
+        p.write(&mut b).unwrap();
+        b.extend_from_slice(&[0xd0, 0x00]); // PINGRESP after it
+        let wire = b.to_vec();
+        // Arrives in a 64-byte receive buffer, a piece at a time.
+        let r = c.receive(&wire[..64], 0, &mut out).unwrap();
+        match r.event {
+            Some(Event::Oversized {
+                topic,
+                head,
+                size,
+                qos,
+            }) => {
+                assert_eq!(topic, "/sys/pk/dn/thing/service/property/set");
+                assert_eq!(qos, QoS::AtLeastOnce);
+                assert_eq!(size, wire.len() - 2);
+                assert!(!head.is_empty() && head.iter().all(|&c| c == b'x'));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(&out[..r.reply], &[0x40, 0x02, 0x00, 0x09]);
+        let mut at = r.consumed;
+        while at < wire.len() - 2 {
+            let r = c
+                .receive(&wire[at..(at + 64).min(wire.len())], 0, &mut out)
+                .unwrap();
+            assert!(r.consumed > 0);
+            if at + r.consumed < wire.len() - 2 {
+                assert_eq!(r.event, None);
+            }
+            at += r.consumed;
+        }
+        assert_eq!(at, wire.len() - 2);
+        let r = c.receive(&wire[at..], 0, &mut out).unwrap();
+        assert_eq!(r.event, Some(Event::Pong));
+        // Any other oversized packet is a protocol error.
+        assert_eq!(
+            c.receive(&[0x90, 0x7f, 0, 1], 0, &mut out),
+            Err(Error::Protocol)
+        );
+    }
+
     #[test]
     fn mutated_input_never_panics() {
         let mut seed = 0x2545_f491_4f6c_dd1du64;

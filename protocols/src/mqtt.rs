@@ -116,6 +116,20 @@ impl FrameHeader {
 /// Finds the frame at the start of `buf`. The size is checked against `max` as soon as the
 /// length field is read, so an oversize frame is refused before its body is buffered.
 pub fn check(buf: &[u8], max: usize) -> Result<FrameHeader, FrameError> {
+    let header = peek_header(buf)?;
+    let size = header.frame_len();
+    if size > max {
+        return Err(FrameError::TooLarge { size, max });
+    }
+    if buf.len() < size {
+        return Err(FrameError::Incomplete(size - buf.len()));
+    }
+    Ok(header)
+}
+
+/// The fixed header at the start of `buf`, whatever the frame's size and whether its body has
+/// arrived (a client skipping an oversized frame needs its type and length).
+pub fn peek_header(buf: &[u8]) -> Result<FrameHeader, FrameError> {
     let Some(&first) = buf.first() else {
         return Err(FrameError::Incomplete(2));
     };
@@ -137,20 +151,12 @@ pub fn check(buf: &[u8], max: usize) -> Result<FrameHeader, FrameError> {
             break;
         }
     }
-    let header = FrameHeader {
+    Ok(FrameHeader {
         kind,
         flags: first & 0x0f,
         header_len: i,
         remaining_len: remaining,
-    };
-    let size = header.frame_len();
-    if size > max {
-        return Err(FrameError::TooLarge { size, max });
-    }
-    if buf.len() < size {
-        return Err(FrameError::Incomplete(size - buf.len()));
-    }
-    Ok(header)
+    })
 }
 
 /// The packet id of a complete QoS 1/2 PUBLISH frame (`None` for QoS 0 or a short frame).

@@ -10,6 +10,7 @@ pub mod acl;
 pub mod alink;
 pub mod credentials;
 pub mod sign;
+pub mod spec;
 #[cfg(feature = "alloc")]
 pub mod tsl;
 

@@ -6,6 +6,7 @@
 //! type). Nesting is at most two levels: an array may hold structs, a struct holds only
 //! scalars.
 
+use crate::spec::{self, Misfit};
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use alloc::format;
@@ -572,27 +573,6 @@ impl ThingModel {
     }
 }
 
-fn in_steps_int(v: i64, min: i64, step: Option<i64>) -> bool {
-    step.is_none_or(|s| (v - min).rem_euclid(s) == 0)
-}
-
-fn in_steps_real(v: f64, min: f64, step: Option<f64>) -> bool {
-    step.is_none_or(|s| {
-        let k = (v - min) / s;
-        (k - libm_round(k)).abs() < 1e-6
-    })
-}
-
-/// `f64::round` is not in `core`; this is enough for step checks.
-fn libm_round(x: f64) -> f64 {
-    let t = x as i64 as f64;
-    if (x - t).abs() >= 0.5 {
-        t + x.signum()
-    } else {
-        t
-    }
-}
-
 impl DataType {
     /// Checks a reported value. `path` names it in errors (e.g. the property identifier).
     pub fn validate(&self, v: &Value, path: &str) -> Result<(), TslError> {
@@ -601,42 +581,48 @@ impl DataType {
                 let n = v
                     .as_i64()
                     .map_or_else(|| err(path, format!("{v} is not an integer")), Ok)?;
-                if n < *min || n > *max {
-                    return err(path, format!("{n} is outside [{min}, {max}]"));
-                }
-                if !in_steps_int(n, *min, *step) {
-                    return err(
-                        path,
-                        format!(
-                            "{n} is not min {min} plus a multiple of step {}",
-                            step.unwrap_or(1)
-                        ),
-                    );
+                match spec::check_int(n, *min, *max, *step) {
+                    Ok(()) => {}
+                    Err(Misfit::OutOfRange) => {
+                        return err(path, format!("{n} is outside [{min}, {max}]"))
+                    }
+                    Err(_) => {
+                        return err(
+                            path,
+                            format!(
+                                "{n} is not min {min} plus a multiple of step {}",
+                                step.unwrap_or(1)
+                            ),
+                        )
+                    }
                 }
             }
             DataType::Float(r) | DataType::Double(r) => {
                 let n = v
                     .as_f64()
                     .map_or_else(|| err(path, format!("{v} is not a number")), Ok)?;
-                if n < r.min || n > r.max {
-                    return err(path, format!("{n} is outside [{}, {}]", r.min, r.max));
-                }
-                if !in_steps_real(n, r.min, r.step) {
-                    return err(
-                        path,
-                        format!(
-                            "{n} is not min {} plus a multiple of step {}",
-                            r.min,
-                            r.step.unwrap_or(0.0)
-                        ),
-                    );
+                match spec::check_real(n, r.min, r.max, r.step) {
+                    Ok(()) => {}
+                    Err(Misfit::OutOfRange) => {
+                        return err(path, format!("{n} is outside [{}, {}]", r.min, r.max))
+                    }
+                    Err(_) => {
+                        return err(
+                            path,
+                            format!(
+                                "{n} is not min {} plus a multiple of step {}",
+                                r.min,
+                                r.step.unwrap_or(0.0)
+                            ),
+                        )
+                    }
                 }
             }
             DataType::Text { length } => {
                 let s = v
                     .as_str()
                     .map_or_else(|| err(path, format!("{v} is not text")), Ok)?;
-                if s.len() > *length {
+                if spec::check_text(s.len(), *length).is_err() {
                     return err(
                         path,
                         format!("text of {} bytes is longer than {length}", s.len()),
@@ -656,16 +642,15 @@ impl DataType {
                 }
             }
             DataType::Bool { .. } => {
-                let ok = matches!(v.as_i64(), Some(0 | 1)) || v.is_boolean();
+                let ok =
+                    v.as_i64().is_some_and(|n| spec::check_bool_int(n).is_ok()) || v.is_boolean();
                 if !ok {
                     return err(path, format!("{v} is not a bool (0 or 1)"));
                 }
             }
             DataType::Date => {
                 let ok = match v {
-                    Value::String(s) => {
-                        !s.is_empty() && s.len() <= 19 && s.bytes().all(|b| b.is_ascii_digit())
-                    }
+                    Value::String(s) => spec::check_date_text(s).is_ok(),
                     Value::Number(n) => n.as_u64().is_some(),
                     _ => false,
                 };
@@ -690,7 +675,7 @@ impl DataType {
                 let a = v
                     .as_array()
                     .map_or_else(|| err(path, format!("{v} is not an array")), Ok)?;
-                if a.len() > *size {
+                if spec::check_items(a.len(), *size).is_err() {
                     return err(
                         path,
                         format!("{} items, more than the {size} allowed", a.len()),

@@ -36,29 +36,7 @@ use store::{EventRow, RawRow, SeriesKey};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-/// Alink reply codes. 200, 460, 6100, 6204 and 6300 are Alibaba's documented codes; the
-/// gateway codes 6401 (topology missing) and 428 (too many sub-devices) are Ironlink's
-/// choice where the public documentation gives none (see docs/alink-thing-model.md).
-pub mod code {
-    /// Success.
-    pub const OK: i64 = 200;
-    /// Invalid parameters: bad JSON, wrong types, values outside the thing model.
-    pub const INVALID_PARAMS: i64 = 460;
-    /// Too many sub-devices on one gateway.
-    pub const TOO_MANY: i64 = 428;
-    /// Internal error (storage failed).
-    pub const INTERNAL: i64 = 500;
-    /// No such device.
-    pub const DEVICE_NOT_FOUND: i64 = 6100;
-    /// The device is disabled.
-    pub const DEVICE_DISABLED: i64 = 6204;
-    /// Unknown method or topic.
-    pub const NO_METHOD: i64 = 6300;
-    /// The sub-device is not in this gateway's topology.
-    pub const TOPO_NOT_FOUND: i64 = 6401;
-    /// Too many requests (Alink's common code): over a quota, try again later.
-    pub const TOO_MANY_REQUESTS: i64 = 429;
-}
+pub use ironlink_shared::alink::code;
 
 /// What handling one uplink produced.
 #[derive(Debug, Default)]
