@@ -913,7 +913,11 @@ mod tests {
                 seed ^= seed << 13;
                 seed ^= seed >> 7;
                 seed ^= seed << 17;
-                let target = if seed.is_multiple_of(8) { &mut t } else { &mut p };
+                let target = if seed.is_multiple_of(8) {
+                    &mut t
+                } else {
+                    &mut p
+                };
                 let i = (seed >> 8) as usize % target.len();
                 target[i] = b"{}[]\":,\\0-.eu a1/+\xff"[(seed >> 40) as usize % 19];
             }

@@ -7,6 +7,8 @@ pub mod alink;
 pub mod device;
 pub mod json;
 pub mod mqtt;
+#[cfg(any(test, feature = "selftest"))]
+pub mod selftest;
 
 use heapless::String;
 use ironlink_shared::credentials::write_device_credentials;
