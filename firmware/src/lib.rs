@@ -9,6 +9,8 @@ pub mod json;
 pub mod mqtt;
 #[cfg(any(test, feature = "selftest"))]
 pub mod selftest;
+#[cfg(feature = "embassy")]
+pub mod session;
 
 use heapless::String;
 use ironlink_shared::credentials::write_device_credentials;

@@ -102,6 +102,14 @@ fn check_params(params: &Value, inputs: &[ironlink_shared::tsl::Param]) -> Resul
 }
 
 impl Thing {
+    /// The next message id for a call (Alink ids are decimal strings of at most 32 bits).
+    fn new_call_id(&self) -> String {
+        self.calls
+            .next_id
+            .fetch_add(1, Ordering::Relaxed)
+            .to_string()
+    }
+
     /// Records a call that never reached the device as failed, with the reason.
     async fn unsent(&self, call: ServiceCall, why: &str) -> Result<ServiceCall, CallError> {
         let done = self
@@ -198,11 +206,7 @@ impl Thing {
             cfg.async_call_timeout
         };
         let timeout = timeout.unwrap_or(default).min(cfg.max_call_timeout);
-        let id = self
-            .calls
-            .next_id
-            .fetch_add(1, Ordering::Relaxed)
-            .to_string();
+        let mut id = self.new_call_id();
         let method = format!("thing.service.{identifier}");
         let now = now_ms();
         let mut call = ServiceCall {
@@ -223,7 +227,19 @@ impl Thing {
             deadline: now + i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX / 2),
             replied_at: None,
         };
-        self.db.insert_call(&call).await?;
+        // A restart sooner than the calls made restarts the ids among used ones: skip them.
+        let mut tries = 0;
+        while !self.db.insert_call(&call).await? {
+            tries += 1;
+            if tries >= 10_000 {
+                return Err(crate::storage::StorageError::Conflict(
+                    "no free message id for this device's call".into(),
+                )
+                .into());
+            }
+            id = self.new_call_id();
+            call.message_id = id.clone();
+        }
         let body =
             json!({"id": id, "version": "1.0", "params": params, "method": method}).to_string();
         let topic = match kind {

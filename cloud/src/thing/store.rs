@@ -430,11 +430,13 @@ impl Db {
     }
 
     /// Records a new pending call.
-    pub async fn insert_call(&self, c: &ServiceCall) -> Result<(), StorageError> {
+    /// Records a new call; `false` when the device already has a call with this message id
+    /// (ids are reused after a restart that came sooner than the calls made).
+    pub async fn insert_call(&self, c: &ServiceCall) -> Result<bool, StorageError> {
         let sql = format!(
-            "INSERT INTO service_calls ({CALL_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+            "INSERT INTO service_calls ({CALL_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT DO NOTHING"
         );
-        sqlx::query(&sql)
+        let done = sqlx::query(&sql)
             .bind(&c.product_key)
             .bind(&c.device_name)
             .bind(&c.message_id)
@@ -449,7 +451,7 @@ impl Db {
             .bind(c.replied_at)
             .execute(&self.pool)
             .await?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
     }
 
     /// Records the device's answer to a pending call. `None` when no such call is pending
