@@ -7,6 +7,8 @@ pub mod alink;
 pub mod device;
 pub mod json;
 pub mod mqtt;
+#[cfg(feature = "ota")]
+pub mod ota;
 #[cfg(any(test, feature = "selftest"))]
 pub mod selftest;
 #[cfg(feature = "embassy")]

@@ -41,6 +41,7 @@ impl Checks {
 }
 
 /// The scenarios, in order.
+#[cfg(not(feature = "ota"))]
 pub const SCENARIOS: [(&str, Scenario); 5] = [
     (
         "mqtt: connect, subscribe, QoS 1 with retransmission",
@@ -56,6 +57,29 @@ pub const SCENARIOS: [(&str, Scenario); 5] = [
         device_requests,
     ),
     ("alink: 20,000 mutated downlinks", mutated_downlinks),
+];
+
+/// The scenarios, in order (with the OTA one when the `ota` feature is on).
+#[cfg(feature = "ota")]
+pub const SCENARIOS: [(&str, Scenario); 6] = [
+    (
+        "mqtt: connect, subscribe, QoS 1 with retransmission",
+        mqtt_session,
+    ),
+    (
+        "mqtt: keepalive, lost connection, oversized packets",
+        mqtt_faults,
+    ),
+    ("alink: posts and replies", alink_writers),
+    (
+        "alink: requests checked against the thing model",
+        device_requests,
+    ),
+    ("alink: 20,000 mutated downlinks", mutated_downlinks),
+    (
+        "ota: signed image, resumable download, swap cut at every flash write",
+        ota_update,
+    ),
 ];
 
 /// Runs every scenario; `report` hears each one's name and its number of checks (or the
@@ -570,6 +594,246 @@ fn mutated_downlinks() -> Outcome {
         }
     }
     c.that(answered == 20_000, "every request answered")?;
+    Ok(c.0)
+}
+
+/// The OTA scenario's image: 5,197 bytes of a pattern, signed with the test key below.
+#[cfg(feature = "ota")]
+fn ota_image_byte(i: usize) -> u8 {
+    (i as u8).wrapping_mul(31) ^ 5
+}
+
+#[cfg(feature = "ota")]
+const OTA_LEN: usize = 5 * 1024 + 77;
+#[cfg(feature = "ota")]
+const OTA_SHA256: &str = "042c6fac3977e4197ef61f76cc8dcf5673e8312249fdff1d74b37adfcf372b28";
+/// ed25519 over the image's SHA-512, by the key whose seed is 32 bytes of 7.
+#[cfg(feature = "ota")]
+const OTA_ED25519: &str = "9f5b09442aa5c781b4d9a96912cf7692c5467221339c98f11cec3ceb079f0954899b35b599a13cc90c3b8ea903c3277809f091ed30cac8a52467f04e7e1ae40a";
+#[cfg(feature = "ota")]
+const OTA_PUBLIC_KEY: [u8; 32] = [
+    0xea, 0x4a, 0x6c, 0x63, 0xe2, 0x9c, 0x52, 0x0a, 0xbe, 0xf5, 0x50, 0x7b, 0x13, 0x2e, 0xc5, 0xf9,
+    0x95, 0x47, 0x76, 0xae, 0xbe, 0xbe, 0x7b, 0x92, 0x42, 0x1e, 0xea, 0x69, 0x14, 0x46, 0xd2, 0x2c,
+];
+
+/// The flash of a small board for the OTA scenario: 8 KiB active slot, 9 KiB update slot,
+/// state and journal sectors. A caller may keep it outside the stack (the Cortex-M run keeps it
+/// in a static, so that the peak stack it reports is the SDK's own).
+#[cfg(feature = "ota")]
+#[derive(Debug)]
+pub struct OtaMemory {
+    active: [u8; 8192],
+    dfu: [u8; 9216],
+    state: [u8; 1024],
+    journal: [u8; 256],
+}
+
+#[cfg(feature = "ota")]
+impl OtaMemory {
+    /// Zeroed memory (the scenario erases and fills it).
+    pub const fn new() -> Self {
+        OtaMemory {
+            active: [0; 8192],
+            dfu: [0; 9216],
+            state: [0; 1024],
+            journal: [0; 256],
+        }
+    }
+}
+
+#[cfg(feature = "ota")]
+impl Default for OtaMemory {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(feature = "ota")]
+type Part<'p, 'm, const N: usize, const E: usize> =
+    crate::ota::sim::SimFlash<'p, &'m mut [u8; N], E, 4>;
+
+#[cfg(feature = "ota")]
+struct OtaBoard<'p, 'm> {
+    active: Part<'p, 'm, 8192, 1024>,
+    dfu: Part<'p, 'm, 9216, 1024>,
+    state: Part<'p, 'm, 1024, 1024>,
+    journal: Part<'p, 'm, 256, 256>,
+}
+
+#[cfg(feature = "ota")]
+impl<'p, 'm> OtaBoard<'p, 'm> {
+    fn new(power: &'p crate::ota::sim::Power, mem: &'m mut OtaMemory) -> Self {
+        use crate::ota::sim::SimFlash;
+        let mut b = OtaBoard {
+            active: SimFlash::with(&mut mem.active, power),
+            dfu: SimFlash::with(&mut mem.dfu, power),
+            state: SimFlash::with(&mut mem.state, power),
+            journal: SimFlash::with(&mut mem.journal, power),
+        };
+        b.reset();
+        b
+    }
+
+    /// A board fresh from the factory: the old image running, the rest erased.
+    fn reset(&mut self) {
+        for (i, m) in self.active.mem.iter_mut().enumerate() {
+            *m = (i as u8) ^ 0xa5;
+        }
+        self.dfu.mem.fill(0xff);
+        self.state.mem.fill(0xff);
+        self.journal.mem.fill(0xff);
+    }
+
+    /// Downloads the image (from where the journal says) in 300-byte pieces.
+    fn download(&mut self, notice: &[u8]) -> Result<u32, crate::ota::OtaError> {
+        use crate::ota::{Journal, Notice, Writer};
+        use embassy_boot::{BlockingFirmwareUpdater, FirmwareUpdaterConfig};
+        let n = Notice::parse(notice)?;
+        let mut aligned = [0u8; 4];
+        let mut up = BlockingFirmwareUpdater::new(
+            FirmwareUpdaterConfig {
+                dfu: &mut self.dfu,
+                state: &mut self.state,
+            },
+            &mut aligned,
+        );
+        let mut journal = Journal::new(&mut self.journal);
+        let mut w = Writer::start(&mut up, &mut journal, n, "1.0.0", 8192)?;
+        let from = w.offset();
+        let mut piece = [0u8; 300];
+        let mut at = from as usize;
+        while at < OTA_LEN {
+            let len = piece.len().min(OTA_LEN - at);
+            for (k, b) in piece[..len].iter_mut().enumerate() {
+                *b = ota_image_byte(at + k);
+            }
+            w.push(&piece[..len])?;
+            at += len;
+        }
+        w.finish(&OTA_PUBLIC_KEY)?;
+        Ok(from)
+    }
+
+    fn boot(&mut self) -> Result<embassy_boot::State, embassy_boot::BootError> {
+        use embassy_boot::{BootLoader, BootLoaderConfig};
+        let mut aligned = [0u8; 1024];
+        BootLoader::new(BootLoaderConfig {
+            active: &mut self.active,
+            dfu: &mut self.dfu,
+            state: &mut self.state,
+        })
+        .prepare_boot(&mut aligned)
+    }
+
+    fn runs_new(&self) -> bool {
+        (0..OTA_LEN).all(|i| self.active.mem[i] == ota_image_byte(i))
+    }
+
+    fn runs_old(&self) -> bool {
+        self.active
+            .mem
+            .iter()
+            .enumerate()
+            .all(|(i, &m)| m == (i as u8) ^ 0xa5)
+    }
+}
+
+#[cfg(feature = "ota")]
+fn ota_notice<'o>(out: &'o mut [u8], version: &str, sha: &str) -> &'o [u8] {
+    use core::fmt::Write;
+    let mut w = crate::alink::Cursor::new(out);
+    let _ = write!(
+        w,
+        "{{\"code\":\"1000\",\"data\":{{\"size\":{OTA_LEN},\"sign\":\"{sha}\",\"version\":\"{version}\",\"url\":\"http://192.168.69.1/fw.bin\",\"signMethod\":\"SHA256\",\"ed25519\":\"{OTA_ED25519}\"}},\"id\":1}}"
+    );
+    let n = w.at;
+    &out[..n]
+}
+
+#[cfg(feature = "ota")]
+fn ota_update() -> Outcome {
+    let mut mem = OtaMemory::new();
+    ota_update_in(&mut mem)
+}
+
+/// The OTA scenario over flash memory the caller provides.
+#[cfg(feature = "ota")]
+pub fn ota_update_in(mem: &mut OtaMemory) -> Result<u32, &'static str> {
+    use crate::ota::sim::Power;
+    use crate::ota::OtaError;
+    use embassy_boot::State;
+    let mut c = Checks(0);
+    let mut buf = [0u8; 400];
+    let power = Power::on();
+    let mut b = OtaBoard::new(&power, mem);
+    let bad = ota_notice(
+        &mut buf,
+        "1.1.0",
+        "00000000000000000000000000000000000000000000000000000000000000ff",
+    );
+    c.that(
+        b.download(bad) == Err(OtaError::DigestMismatch),
+        "wrong digest refused",
+    )?;
+    let mut buf = [0u8; 400];
+    let old = ota_notice(&mut buf, "0.9.0", OTA_SHA256);
+    c.that(
+        b.download(old) == Err(OtaError::NotNewer),
+        "downgrade refused",
+    )?;
+    c.that(
+        matches!(b.boot(), Ok(State::Boot)) && b.runs_old(),
+        "nothing refused is swapped in",
+    )?;
+    let mut buf = [0u8; 400];
+    let good = ota_notice(&mut buf, "1.1.0", OTA_SHA256);
+    // A download cut by a power loss at every flash operation resumes and completes.
+    // (One board, reset between tries: 18 KiB of simulated flash fit a 64 KiB RAM once.)
+    let mut k = 0;
+    loop {
+        b.reset();
+        power.cut_after(k);
+        if b.download(good).is_ok() {
+            break;
+        }
+        power.restore();
+        let from = b.download(good).map_err(|_| "resumed download verified")?;
+        c.that(from % 1024 == 0, "resumed at a sector boundary")?;
+        k += 1;
+    }
+    c.that(k > 10, "every download cut point tried")?;
+    // The swap cut at every flash write still boots a whole image.
+    let mut k = 0;
+    loop {
+        b.reset();
+        power.restore();
+        b.download(good).map_err(|_| "download")?;
+        power.cut_after(k);
+        if b.boot().is_ok() {
+            c.that(b.runs_new(), "new image after an uncut swap")?;
+            break;
+        }
+        power.restore();
+        b.boot().map_err(|_| "boot after a cut")?;
+        c.that(
+            b.runs_new() || b.runs_old(),
+            "a whole image after every cut",
+        )?;
+        k += 1;
+    }
+    c.that(k > 20, "every swap cut point tried")?;
+    // An image that never confirms is rolled back.
+    b.reset();
+    power.restore();
+    b.download(good).map_err(|_| "download")?;
+    c.that(
+        matches!(b.boot(), Ok(State::Swap)) && b.runs_new(),
+        "swapped",
+    )?;
+    c.that(
+        matches!(b.boot(), Ok(State::Swap)) && b.runs_old(),
+        "rolled back without confirmation",
+    )?;
     Ok(c.0)
 }
 
