@@ -181,6 +181,8 @@ pub enum Downlink<'a> {
     Shadow,
     /// `/ext/ntp/{pk}/{dn}/response`: the answer to [`ntp_request`].
     NtpResponse,
+    /// `/ota/device/upgrade/{pk}/{dn}`: an upgrade notice.
+    OtaNotice,
     /// Another topic of this device.
     Other,
 }
@@ -200,6 +202,9 @@ pub fn classify<'a>(topic: &'a str, pk: &str, dn: &str) -> Option<Downlink<'a>> 
     }
     if own("/ext/ntp/", "/response") {
         return Some(Downlink::NtpResponse);
+    }
+    if own("/ota/device/upgrade/", "") {
+        return Some(Downlink::OtaNotice);
     }
     let rest = topic.strip_prefix("/sys/")?;
     let rest = rest.strip_prefix(pk)?.strip_prefix('/')?;

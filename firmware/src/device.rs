@@ -87,6 +87,11 @@ pub trait Handler {
     /// The cloud's reply to something the device sent (`topic` without `_reply`, e.g.
     /// `thing/event/property/post`): its request id and code.
     fn replied(&mut self, _topic: &str, _id: &str, _code: i64) {}
+
+    /// An upgrade notice: pushed on `/ota/device/upgrade/{pk}/{dn}`, or the successful answer
+    /// to `thing.ota.firmware.get` (read it with `ota::Notice::parse` under the `ota`
+    /// feature).
+    fn ota_notice(&mut self, _payload: &[u8]) {}
 }
 
 /// Output parameters of a service, written straight into the reply.
@@ -231,6 +236,7 @@ impl<'m> Device<'m> {
             2 => write!(w, "/sys/{pk}/{dn}/thing/event/+/post_reply"),
             3 => write!(w, "/shadow/get/{pk}/{dn}"),
             4 => write!(w, "/ext/ntp/{pk}/{dn}/response"),
+            5 => write!(w, "/ota/device/upgrade/{pk}/{dn}"),
             _ => return None,
         }
         .ok()?;
@@ -260,7 +266,15 @@ impl<'m> Device<'m> {
                     let id = j.get("id").map_or("", id_text);
                     let c = j.get("code").and_then(|c| c.as_i64()).unwrap_or(0);
                     h.replied(suffix, id, c);
+                    let offered = j.get("data").is_some_and(|d| d.members().next().is_some());
+                    if suffix == "thing/ota/firmware/get" && c == code::OK && offered {
+                        h.ota_notice(payload);
+                    }
                 }
+                return None;
+            }
+            Downlink::OtaNotice => {
+                h.ota_notice(payload);
                 return None;
             }
             Downlink::Shadow => {
@@ -636,6 +650,7 @@ mod tests {
         time: Option<u64>,
         shadow: Option<(i64, String)>,
         replied: Option<(String, String, i64)>,
+        notices: Vec<String>,
     }
 
     impl Handler for Lamp {
@@ -687,6 +702,11 @@ mod tests {
 
         fn replied(&mut self, topic: &str, id: &str, code: i64) {
             self.replied = Some((topic.into(), id.into(), code));
+        }
+
+        fn ota_notice(&mut self, payload: &[u8]) {
+            self.notices
+                .push(String::from_utf8_lossy(payload).into_owned());
         }
     }
 
@@ -878,7 +898,7 @@ mod tests {
         let f: heapless::Vec<&str, 8> = (0..)
             .map_while(|i| DEV.filter(i, &mut buf).map(|_| ""))
             .collect();
-        assert_eq!(f.len(), 5);
+        assert_eq!(f.len(), 6);
         assert_eq!(DEV.filter(3, &mut buf), Some("/shadow/get/a1pk/lamp-01"));
     }
 

@@ -3,8 +3,11 @@
 # TAP device, the network stack, session and handler code a microcontroller runs) talks to an
 # ironlink-cloud process, both inside a network namespace this script creates (root needed).
 # Checks: connect and posts visible through the API, a property set, an async service call, a
-# sync call over RRPC, a value the thing model refuses, NTP time, and a broker restart (kill -9)
-# that the lamp survives by reconnecting.
+# sync call over RRPC, a value the thing model refuses, NTP time, a broker restart (kill -9)
+# that the lamp survives by reconnecting, and over-the-air updates from a local HTTP server with
+# Range support (until the cloud serves images): a wrongly signed image refused (-3), a download
+# cut by kill -9 resumed where it stopped, the new image swapped in by embassy-boot, confirmed
+# and reported.
 # Usage: tests/interop/firmware_tap.sh PATH_TO_IRONLINK_CLOUD PATH_TO_IRONLINK_LAMP PYTHON
 # Prints "N passed, N failed" last; exits non-zero on any failure.
 set -uo pipefail
@@ -19,11 +22,14 @@ PASS=0
 FAIL=0
 SERVER_PID=
 LAMP_PID=
+HTTP_PID=
+IMAGE_TOOL="$(dirname "$LAMP")/ironlink-lamp-image"
 cleanup() {
+    [ -n "$HTTP_PID" ] && kill "$HTTP_PID" 2>/dev/null && wait "$HTTP_PID" 2>/dev/null
     [ -n "$LAMP_PID" ] && kill "$LAMP_PID" 2>/dev/null && wait "$LAMP_PID" 2>/dev/null
     [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null
     ip netns del "$NS" 2>/dev/null
-    rm -rf "$WORK"
+    if [ -n "${KEEP_WORK:-}" ]; then echo "kept $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 inns() { ip netns exec "$NS" "$@"; }
@@ -70,9 +76,18 @@ PK=$(cli product create fw-lamp --json | json "['product_key']")
 cli product thing-model "$PK" --import "$TSL" >/dev/null
 cli device create "$PK" lamp-0001 >/dev/null
 DS=$(cli device credentials "$PK" lamp-0001 --json | json "['device_secret']")
-ip netns exec "$NS" "$LAMP" --tap tap0 --ip 192.168.69.2/24 --broker 192.168.69.1:1883 --product-key "$PK" \
-    --device-name lamp-0001 --device-secret "$DS" --period-ms 300 >"$WORK/lamp.out" 2>&1 &
-LAMP_PID=$!
+KEY=$(printf '07%.0s' $(seq 1 32))
+mkdir -p "$WORK/fw"
+"$IMAGE_TOOL" --version 1.1.0 --size 40000 --key "$KEY" --out "$WORK/fw/lamp-1.1.0.bin" >"$WORK/good.json"
+"$IMAGE_TOOL" --version 1.1.0 --size 39000 --key "$(printf '08%.0s' $(seq 1 32))" --out "$WORK/fw/lamp-bad.bin" >"$WORK/bad.json"
+PUB=$(json "['public_key']" <"$WORK/good.json")
+start_lamp() {
+    ip netns exec "$NS" "$LAMP" --tap tap0 --ip 192.168.69.2/24 --broker 192.168.69.1:1883 --product-key "$PK" \
+        --device-name lamp-0001 --device-secret "$DS" --period-ms 300 \
+        --flash-dir "$WORK/flash" --public-key "$PUB" >>"$WORK/lamp.out" 2>&1 &
+    LAMP_PID=$!
+}
+start_lamp
 
 posted() { grep -q "first post acknowledged" "$WORK/lamp.out" && cli device properties "$PK" lamp-0001 --json | grep -q Temperature; }
 check "the lamp connects over embassy-net and its property posts are visible through the API" until_ok 300 posted
@@ -86,10 +101,11 @@ set_ok() {
 }
 check "a property set is answered 200, applied, and reported back" set_ok
 
-blink() { cli device call "$PK" lamp-0001 Blink '{"Times": 3}' --wait --timeout-ms 10000 | tee /dev/stderr | grep -q '"Done":3'; }
+# (Output kept in a file, then searched: `| tee | grep -q` fails under pipefail when grep exits first.)
+blink() { cli device call "$PK" lamp-0001 Blink '{"Times": 3}' --wait --timeout-ms 10000 >"$WORK/call.txt" && cat "$WORK/call.txt" && grep -q '"Done":3' "$WORK/call.txt"; }
 check "an async service call (Blink) is answered with its output" blink
 
-toggle() { cli device call "$PK" lamp-0001 Toggle --timeout-ms 10000 | tee /dev/stderr | grep -q '"Switch"'; }
+toggle() { cli device call "$PK" lamp-0001 Toggle --timeout-ms 10000 >"$WORK/call.txt" && cat "$WORK/call.txt" && grep -q '"Switch"' "$WORK/call.txt"; }
 check "a sync service call (Toggle, over RRPC) is answered with its output" toggle
 
 refused() {
@@ -107,6 +123,59 @@ restart() {
         cli device set "$PK" lamp-0001 '{"Mode": 2}' --timeout-ms 10000
 }
 check "after the cloud is killed (-9) and restarted, the lamp reconnects and answers again" restart
+
+ip netns exec "$NS" "$PY" -u "$HERE/range_server.py" "$WORK/fw" 192.168.69.1 8080 25 >"$WORK/http.log" 2>&1 &
+HTTP_PID=$!
+until_ok 100 bash -c "ip netns exec '$NS' ss -ltn | grep -q '192.168.69.1:8080'" >/dev/null || { echo "the image server did not start"; cat "$WORK/http.log"; exit 1; }
+# The notice the OTA campaign issue's cloud will push: signed image SHA-256 and ed25519.
+notice() { # file, json with sha256/ed25519/size
+    "$PY" - "$1" "$2" <<'PYEOF'
+import json, sys
+m = json.load(open(sys.argv[2]))
+print(json.dumps({"code": "1000", "id": 1, "message": "success", "data": {
+    "size": m["size"], "version": m["version"], "sign": m["sha256"], "signMethod": "SHA256",
+    "url": "http://192.168.69.1:8080/" + sys.argv[1], "module": "default", "ed25519": m["ed25519"]}}))
+PYEOF
+}
+push() { cli pub "$PK" lamp-0001 "/ota/device/upgrade/$PK/lamp-0001" "$1" >/dev/null; }
+lines() { grep -c "$1" "$WORK/lamp.out"; }
+
+factory() { until_ok 100 grep -q "^inform 1.0.0" "$WORK/lamp.out"; }
+check "the lamp boots its factory image (1.0.0) and informs its version" factory
+
+bad_sig() {
+    push "$(notice lamp-bad.bin "$WORK/bad.json")" &&
+        until_ok 200 grep -q "^ota progress -3" "$WORK/lamp.out" && kill -0 "$LAMP_PID"
+}
+check "an image signed by another key is downloaded, refused (-3) and never booted" bad_sig
+
+cut_and_resume() {
+    local good before from
+    good=$(notice lamp-1.1.0.bin "$WORK/good.json")
+    from=$(($(wc -l <"$WORK/lamp.out") + 1))
+    push "$good" || return 1
+    # Cut the lamp (kill -9) once this download is under way.
+    until_ok 300 bash -c "tail -n +$from '$WORK/lamp.out' | grep -Eq '^ota progress [2-6][0-9] downloading'" || return 1
+    kill -9 "$LAMP_PID"; wait "$LAMP_PID" 2>/dev/null
+    before=$(lines "^inform 1.0.0")
+    start_lamp
+    until_ok 200 bash -c "[ \$(grep -c '^inform 1.0.0' '$WORK/lamp.out') -gt $before ]" || return 1
+    push "$good" || return 1
+    until_ok 300 grep -q "^ota resuming at [1-9]" "$WORK/lamp.out" || return 1
+    until_ok 100 grep -q "lamp-1.1.0.bin from [1-9]" "$WORK/http.log" || return 1
+    # Staged: the lamp ends with code 3 ("reboot").
+    for _ in $(seq 1 300); do kill -0 "$LAMP_PID" 2>/dev/null || break; sleep 0.1; done
+    wait "$LAMP_PID"; [ $? -eq 3 ] || return 1
+    grep -q "^rebooting into 1.1.0" "$WORK/lamp.out"
+}
+check "a download cut by kill -9 resumes from where it stopped, is verified and staged" cut_and_resume
+
+swapped() {
+    start_lamp
+    until_ok 200 grep -q "^inform 1.1.0" "$WORK/lamp.out" &&
+        grep -q "^booted 1.1.0 (new image" "$WORK/lamp.out" && grep -q "^confirmed 1.1.0" "$WORK/lamp.out"
+}
+check "the bootloader swaps the new image in; it confirms itself and informs 1.1.0" swapped
 
 echo "$PASS passed, $FAIL failed"
 [ "$FAIL" -eq 0 ]

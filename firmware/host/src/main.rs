@@ -4,6 +4,12 @@
 //! period, answers property sets and gets, the `Blink` service (async) and `Toggle` (sync, over
 //! RRPC), and syncs its clock over NTP. Events go to stdout, one line each, for tests to read.
 //!
+//! With `--flash-dir`, it also updates itself over the air: its A/B slots, embassy-boot's
+//! state and the download journal are files (NOR semantics), embassy-boot's bootloader runs at
+//! start (swapping in a verified image, or rolling back one that never confirmed), the running
+//! version is read from the active slot, and an accepted update ends the process with code 3
+//! ("reboot": run it again to boot the new image).
+//!
 //! ```text
 //! ip tuntap add dev tap0 mode tap && ip addr add 192.168.69.1/24 dev tap0 && ip link set tap0 up
 //! ironlink-lamp --tap tap0 --ip 192.168.69.2/24 --broker 192.168.69.1:1883 \
@@ -11,6 +17,9 @@
 //! ```
 
 use clap::Parser;
+use embassy_boot::{
+    BlockingFirmwareUpdater, BootLoader, BootLoaderConfig, FirmwareUpdaterConfig, State,
+};
 use embassy_executor::Spawner;
 use embassy_net::tcp::TcpSocket;
 use embassy_net::{Config, Ipv4Cidr, Runner, StackResources, StaticConfigV4};
@@ -20,12 +29,15 @@ use ironlink_firmware::alink::{self, Value};
 use ironlink_firmware::device::{Device, Handler, Output, Refusal};
 use ironlink_firmware::json::Json;
 use ironlink_firmware::mqtt::{Backoff, ConnectOptions, QoS};
+use ironlink_firmware::ota::{self, Journal, Notice, OtaError, Url, Writer};
 use ironlink_firmware::session::{Buffers, Session, SessionError};
 use ironlink_firmware::{Credentials, Transport};
+use ironlink_firmware_host::flash::{FileFlash, SECTOR};
+use ironlink_firmware_host::image;
 use ironlink_shared::sign::SignMethod;
 use static_cell::StaticCell;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::process::ExitCode;
+use std::path::PathBuf;
 
 include!(concat!(env!("OUT_DIR"), "/model.rs"));
 
@@ -65,6 +77,95 @@ struct Args {
     /// Stop after this many acknowledged reports (runs until killed without it).
     #[arg(long)]
     reports: Option<u32>,
+    /// Directory of the flash partitions (A/B slots, boot state, download journal); enables
+    /// over-the-air updates.
+    #[arg(long)]
+    flash_dir: Option<PathBuf>,
+    /// ed25519 public key (hex) that update images must be signed with.
+    #[arg(long, requires = "flash_dir")]
+    public_key: Option<String>,
+    /// Version of the image put in an empty active slot (a board fresh from the factory).
+    #[arg(long, default_value = "1.0.0")]
+    factory_version: String,
+}
+
+/// Slot sizes: 64 KiB of firmware, the update slot one sector larger (embassy-boot's swap).
+const ACTIVE_SIZE: usize = 16 * SECTOR;
+
+/// The lamp's flash: embassy-boot's three partitions and the download journal.
+struct Slots {
+    active: FileFlash,
+    dfu: FileFlash,
+    state: FileFlash,
+    journal: FileFlash,
+}
+
+impl Slots {
+    fn open(dir: &std::path::Path, factory_version: &str) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let mut s = Slots {
+            active: FileFlash::open(&dir.join("active.bin"), ACTIVE_SIZE)?,
+            dfu: FileFlash::open(&dir.join("dfu.bin"), ACTIVE_SIZE + SECTOR)?,
+            state: FileFlash::open(&dir.join("state.bin"), SECTOR)?,
+            journal: FileFlash::open(&dir.join("journal.bin"), SECTOR)?,
+        };
+        if s.version().is_none() {
+            use embedded_storage::nor_flash::NorFlash;
+            let img = image::build(factory_version, 20_000);
+            let mut padded = img.clone();
+            padded.resize(img.len().div_ceil(4) * 4, 0xff);
+            s.active
+                .erase(0, ACTIVE_SIZE as u32)
+                .and_then(|()| s.active.write(0, &padded))
+                .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+        }
+        Ok(s)
+    }
+
+    /// The running image's version.
+    fn version(&mut self) -> Option<String> {
+        use embedded_storage::nor_flash::ReadNorFlash;
+        let mut h = [0u8; image::HEADER];
+        self.active.read(0, &mut h).ok()?;
+        image::version_of(&h)
+    }
+
+    /// What embassy-boot's bootloader does at reset: swap in a marked image, or revert one that
+    /// was never confirmed.
+    fn boot(&mut self) -> Result<State, String> {
+        let mut aligned = [0u8; SECTOR];
+        BootLoader::new(BootLoaderConfig {
+            active: &mut self.active,
+            dfu: &mut self.dfu,
+            state: &mut self.state,
+        })
+        .prepare_boot(&mut aligned)
+        .map_err(|e| format!("bootloader: {e:?}"))
+    }
+
+    fn confirm(&mut self) -> Result<(), String> {
+        let mut aligned = [0u8; 4];
+        BlockingFirmwareUpdater::new(
+            FirmwareUpdaterConfig {
+                dfu: &mut self.dfu,
+                state: &mut self.state,
+            },
+            &mut aligned,
+        )
+        .mark_booted()
+        .map_err(|e| format!("confirming the image: {e:?}"))
+    }
+}
+
+fn parse_key(hex: &str) -> Option<[u8; 32]> {
+    let mut k = [0u8; 32];
+    if hex.len() != 64 {
+        return None;
+    }
+    for (i, b) in k.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(k)
 }
 
 /// The lamp's state, changed by the cloud.
@@ -75,6 +176,8 @@ struct Lamp {
     mode: i64,
     blinks: i64,
     clock_offset_ms: Option<i64>,
+    /// An upgrade notice waiting to be acted on.
+    notice: Option<Vec<u8>>,
 }
 
 impl Handler for Lamp {
@@ -132,6 +235,11 @@ impl Handler for Lamp {
         println!("time {utc_ms}");
     }
 
+    fn ota_notice(&mut self, payload: &[u8]) {
+        println!("ota notice");
+        self.notice = Some(payload.to_vec());
+    }
+
     fn replied(&mut self, topic: &str, id: &str, code: i64) {
         if code != 200 {
             println!("refused {topic} id {id} code {code}");
@@ -163,21 +271,185 @@ fn random(state: &mut u64) -> u64 {
     *state
 }
 
-#[embassy_executor::main]
-async fn main(spawner: Spawner) {
-    let code = run(spawner).await;
-    std::process::exit(i32::from(code != ExitCode::SUCCESS));
+type LampSession<'b, 'm> = Session<'b, 'm, 1024>;
+
+/// Publishes an OTA progress report (step 1 to 100, or a negative failure code).
+async fn report(
+    session: &mut LampSession<'_, '_>,
+    mqtt: &mut TcpSocket<'_>,
+    lamp: &mut Lamp,
+    topic: &str,
+    step: i32,
+    desc: &str,
+) -> Result<(), SessionError<embassy_net::tcp::Error>> {
+    let mut body = [0u8; 256];
+    let n = ota::progress(&mut body, 1, step, desc, "default").ok_or(SessionError::Timeout)?;
+    println!("ota progress {step} {desc}");
+    session
+        .publish(mqtt, lamp, topic, &body[..n], QoS::AtMostOnce)
+        .await
 }
 
-async fn run(spawner: Spawner) -> ExitCode {
+/// Downloads the image a notice offers (from where an interrupted download stopped), checks
+/// its digest and signature, and marks it for the bootloader. Progress goes out as it goes.
+#[allow(clippy::too_many_arguments)]
+async fn update(
+    stack: embassy_net::Stack<'_>,
+    slots: &mut Slots,
+    payload: &[u8],
+    key: &[u8; 32],
+    session: &mut LampSession<'_, '_>,
+    mqtt: &mut TcpSocket<'_>,
+    lamp: &mut Lamp,
+    topic: &str,
+) -> Result<String, OtaError> {
+    let running = slots.version().unwrap_or_default();
+    let notice = Notice::parse(payload)?;
+    let url = Url::parse(notice.url)?;
+    let ip: Ipv4Addr = url
+        .host
+        .parse()
+        .map_err(|_| OtaError::Download("the URL's host must be an IPv4 address (no DNS here)"))?;
+    let Slots {
+        dfu,
+        state,
+        journal,
+        ..
+    } = slots;
+    let mut aligned = [0u8; 4];
+    let mut up = BlockingFirmwareUpdater::new(FirmwareUpdaterConfig { dfu, state }, &mut aligned);
+    let mut journal = Journal::new(journal);
+    let mut w = Writer::start(&mut up, &mut journal, notice, &running, ACTIVE_SIZE as u32)?;
+    let from = w.offset();
+    if from > 0 {
+        println!("ota resuming at {from}");
+    }
+    let _ = report(session, mqtt, lamp, topic, w.percent(), "downloading").await;
+    let (mut rx, mut tx) = ([0u8; 4096], [0u8; 1024]);
+    let mut sock = TcpSocket::new(stack, &mut rx, &mut tx);
+    sock.set_timeout(Some(Duration::from_secs(20)));
+    let began = Instant::now();
+    sock.connect((ip, url.port))
+        .await
+        .map_err(|_| OtaError::Download("cannot connect to the download server"))?;
+    println!(
+        "ota connected to the download server in {} ms",
+        began.elapsed().as_millis()
+    );
+    let mut req = [0u8; 512];
+    let n = ota::range_request(&mut req, &url, from).ok_or(OtaError::Download("URL too long"))?;
+    let write = |e: embassy_net::tcp::Error| {
+        let _ = e;
+        OtaError::Download("the download connection failed")
+    };
+    embedded_io_async_write(&mut sock, &req[..n])
+        .await
+        .map_err(write)?;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    let (h, mut got) = loop {
+        let n = sock.read(&mut buf).await.map_err(write)?;
+        if n == 0 {
+            return Err(OtaError::Download("the server closed before answering"));
+        }
+        head.extend_from_slice(&buf[..n]);
+        if let Some(h) = ota::parse_head(&head, from, notice.size)? {
+            let body = &head[h.len..];
+            w.push(body)?;
+            break (h, body.len() as u32);
+        }
+    };
+    let mut last = w.percent() / 10;
+    let began = Instant::now();
+    while got < h.body {
+        let n = sock.read(&mut buf).await.map_err(write)?;
+        if n == 0 {
+            return Err(OtaError::Download(
+                "the connection closed before the image ended",
+            ));
+        }
+        w.push(&buf[..n])?;
+        got += n as u32;
+        if w.percent() / 10 != last {
+            last = w.percent() / 10;
+            let _ = report(session, mqtt, lamp, topic, w.percent(), "downloading").await;
+        }
+    }
+    sock.close();
+    println!(
+        "ota downloaded {} bytes in {} ms",
+        got,
+        began.elapsed().as_millis()
+    );
+    let began = Instant::now();
+    w.finish(key)?;
+    println!("ota verified in {} ms", began.elapsed().as_millis());
+    Ok(notice.version.to_owned())
+}
+
+async fn embedded_io_async_write(
+    sock: &mut TcpSocket<'_>,
+    mut data: &[u8],
+) -> Result<(), embassy_net::tcp::Error> {
+    while !data.is_empty() {
+        let n = sock.write(data).await?;
+        data = &data[n..];
+    }
+    sock.flush().await
+}
+
+#[embassy_executor::main]
+async fn main(spawner: Spawner) {
+    // 0: done, 1: failed, 3: an update is staged (run again to boot it).
+    std::process::exit(run(spawner).await);
+}
+
+async fn run(spawner: Spawner) -> i32 {
     let args = Args::parse();
     let Some(address) = parse_cidr(&args.ip) else {
         eprintln!(
             "--ip {}: expected an IPv4 address with a prefix, e.g. 192.168.69.2/24",
             args.ip
         );
-        return ExitCode::FAILURE;
+        return 1;
     };
+    let key = match args.public_key.as_deref().map(parse_key) {
+        Some(None) => {
+            eprintln!("--public-key: expected 64 hex digits (an ed25519 public key)");
+            return 1;
+        }
+        Some(Some(k)) => Some(k),
+        None => None,
+    };
+    let mut slots = match args
+        .flash_dir
+        .as_deref()
+        .map(|d| Slots::open(d, &args.factory_version))
+    {
+        Some(Ok(s)) => Some(s),
+        Some(Err(e)) => {
+            eprintln!("flash partitions: {e}");
+            return 1;
+        }
+        None => None,
+    };
+    // Reset: the bootloader first.
+    let mut boot = State::Boot;
+    if let Some(s) = slots.as_mut() {
+        boot = match s.boot() {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("{e}");
+                return 1;
+            }
+        };
+        let v = s.version().unwrap_or_default();
+        match boot {
+            State::Swap => println!("booted {v} (new image, not confirmed yet)"),
+            State::Revert => println!("booted {v} (rolled back: the new image never confirmed)"),
+            _ => println!("booted {v}"),
+        }
+    }
     let device = match TunTapDevice::new(&args.tap) {
         Ok(d) => d,
         Err(e) => {
@@ -185,7 +457,7 @@ async fn run(spawner: Spawner) -> ExitCode {
                 "opening TAP device {}: {e} (create it first, as root)",
                 args.tap
             );
-            return ExitCode::FAILURE;
+            return 1;
         }
     };
     let mut seed = std::time::SystemTime::now()
@@ -206,7 +478,7 @@ async fn run(spawner: Spawner) -> ExitCode {
     );
     if let Err(e) = spawner.spawn(net(runner)) {
         eprintln!("starting the network task: {e:?}");
-        return ExitCode::FAILURE;
+        return 1;
     }
     stack.wait_config_up().await;
 
@@ -280,9 +552,52 @@ async fn run(spawner: Spawner) -> ExitCode {
         }
         backoff.reset();
         println!("connected in {} ms", started.elapsed().as_millis());
+        let progress_topic = format!(
+            "/ota/device/progress/{}/{}",
+            args.product_key, args.device_name
+        );
+        let mut reboot_into = None;
         let r: Result<(), SessionError<_>> = async {
             let mut topic = [0u8; 128];
             let mut body = [0u8; 512];
+            if let Some(s) = slots.as_mut() {
+                // Connected to the cloud: the image is healthy enough to keep.
+                if boot == State::Swap {
+                    s.confirm().map_err(|e| {
+                        println!("{e}");
+                        SessionError::Timeout
+                    })?;
+                    boot = State::Boot;
+                    println!("confirmed {}", s.version().unwrap_or_default());
+                } else if boot == State::Revert {
+                    report(
+                        &mut session,
+                        &mut socket,
+                        &mut lamp,
+                        &progress_topic,
+                        ota::step::FLASH_FAILED,
+                        "the new image did not confirm: rolled back",
+                    )
+                    .await?;
+                    boot = State::Boot;
+                }
+                let v = s.version().unwrap_or_default();
+                let n = ota::inform(&mut body, 1, &v, "default").ok_or(SessionError::Timeout)?;
+                let inform = format!(
+                    "/ota/device/inform/{}/{}",
+                    args.product_key, args.device_name
+                );
+                session
+                    .publish(
+                        &mut socket,
+                        &mut lamp,
+                        &inform,
+                        &body[..n],
+                        QoS::AtLeastOnce,
+                    )
+                    .await?;
+                println!("inform {v}");
+            }
             let ntp = format!("/ext/ntp/{}/{}/request", args.product_key, args.device_name);
             let n = alink::ntp_request(&mut body, Instant::now().as_millis())
                 .map_err(|_| SessionError::Timeout)?;
@@ -325,15 +640,62 @@ async fn run(spawner: Spawner) -> ExitCode {
                 }
                 let next = Instant::now().as_millis() + args.period_ms;
                 session.serve(&mut socket, &mut lamp, next).await?;
+                if let (Some(payload), Some(s), Some(k)) =
+                    (lamp.notice.take(), slots.as_mut(), key.as_ref())
+                {
+                    match update(
+                        stack,
+                        s,
+                        &payload,
+                        k,
+                        &mut session,
+                        &mut socket,
+                        &mut lamp,
+                        &progress_topic,
+                    )
+                    .await
+                    {
+                        Ok(v) => {
+                            report(
+                                &mut session,
+                                &mut socket,
+                                &mut lamp,
+                                &progress_topic,
+                                100,
+                                "verified; rebooting",
+                            )
+                            .await?;
+                            reboot_into = Some(v);
+                            return Ok(());
+                        }
+                        Err(e) => {
+                            report(
+                                &mut session,
+                                &mut socket,
+                                &mut lamp,
+                                &progress_topic,
+                                e.step(),
+                                e.describe(),
+                            )
+                            .await?;
+                        }
+                    }
+                }
             }
         }
         .await;
+        if let (Ok(()), Some(v)) = (&r, &reboot_into) {
+            println!("rebooting into {v}");
+            socket.close();
+            let _ = socket.flush().await;
+            return 3;
+        }
         match r {
             Ok(()) => {
                 println!("done after {reports} reports");
                 socket.close();
                 let _ = socket.flush().await;
-                return ExitCode::SUCCESS;
+                return 0;
             }
             Err(e) => {
                 println!("disconnected: {e:?}");
@@ -342,5 +704,14 @@ async fn run(spawner: Spawner) -> ExitCode {
                 Timer::after_millis(u64::from(delay)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Args::command().debug_assert();
     }
 }
