@@ -601,6 +601,64 @@ impl<'w, 'd, 'n, DFU: NorFlash, STATE: NorFlash, J: NorFlash> Writer<'w, 'd, 'n,
     }
 }
 
+/// Downloads the rest of the image from `url` over `io` (a fresh connection to its server)
+/// into `w`, from [`Writer::offset`]: one range request, then the body as it arrives.
+/// `progress` is awaited with the step (1 to 99) each time it passes a tenth, so the caller can
+/// report it. Returns the bytes received; then call [`Writer::finish`].
+#[cfg(feature = "embassy")]
+pub async fn fetch<T, DFU, STATE, J, P>(
+    io: &mut T,
+    url: &Url<'_>,
+    w: &mut Writer<'_, '_, '_, DFU, STATE, J>,
+    mut progress: P,
+) -> Result<u32, OtaError>
+where
+    T: embedded_io_async::Read + embedded_io_async::Write,
+    DFU: NorFlash,
+    STATE: NorFlash,
+    J: NorFlash,
+    P: AsyncFnMut(i32),
+{
+    let failed = |_| OtaError::Download("the download connection failed");
+    let from = w.offset();
+    let mut buf = [0u8; 1024];
+    let n = range_request(&mut buf, url, from).ok_or(OtaError::Download("the URL is too long"))?;
+    io.write_all(&buf[..n]).await.map_err(failed)?;
+    io.flush().await.map_err(failed)?;
+    let mut have = 0;
+    let (head, mut got) = loop {
+        if have == buf.len() {
+            return Err(OtaError::Download("response headers longer than 1 KiB"));
+        }
+        let n = io.read(&mut buf[have..]).await.map_err(failed)?;
+        if n == 0 {
+            return Err(OtaError::Download("the server closed before answering"));
+        }
+        have += n;
+        if let Some(h) = parse_head(&buf[..have], from, w.notice.size)? {
+            w.push(&buf[h.len..have])?;
+            break (h, (have - h.len) as u32);
+        }
+    };
+    let mut tenth = w.percent() / 10;
+    while got < head.body {
+        let n = io.read(&mut buf).await.map_err(failed)?;
+        if n == 0 {
+            return Err(OtaError::Download(
+                "the connection closed before the image ended",
+            ));
+        }
+        let n = n.min((head.body - got) as usize);
+        w.push(&buf[..n])?;
+        got += n as u32;
+        if w.percent() / 10 != tenth {
+            tenth = w.percent() / 10;
+            progress(w.percent()).await;
+        }
+    }
+    Ok(got)
+}
+
 /// After boot: what the bootloader did, for the application to confirm a new image
 /// ([`BlockingFirmwareUpdater::mark_booted`] after its own checks) or report a rollback.
 pub fn boot_state<DFU: NorFlash, STATE: NorFlash>(

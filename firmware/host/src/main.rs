@@ -336,45 +336,11 @@ async fn update(
         "ota connected to the download server in {} ms",
         began.elapsed().as_millis()
     );
-    let mut req = [0u8; 512];
-    let n = ota::range_request(&mut req, &url, from).ok_or(OtaError::Download("URL too long"))?;
-    let write = |e: embassy_net::tcp::Error| {
-        let _ = e;
-        OtaError::Download("the download connection failed")
-    };
-    embedded_io_async_write(&mut sock, &req[..n])
-        .await
-        .map_err(write)?;
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    let (h, mut got) = loop {
-        let n = sock.read(&mut buf).await.map_err(write)?;
-        if n == 0 {
-            return Err(OtaError::Download("the server closed before answering"));
-        }
-        head.extend_from_slice(&buf[..n]);
-        if let Some(h) = ota::parse_head(&head, from, notice.size)? {
-            let body = &head[h.len..];
-            w.push(body)?;
-            break (h, body.len() as u32);
-        }
-    };
-    let mut last = w.percent() / 10;
     let began = Instant::now();
-    while got < h.body {
-        let n = sock.read(&mut buf).await.map_err(write)?;
-        if n == 0 {
-            return Err(OtaError::Download(
-                "the connection closed before the image ended",
-            ));
-        }
-        w.push(&buf[..n])?;
-        got += n as u32;
-        if w.percent() / 10 != last {
-            last = w.percent() / 10;
-            let _ = report(session, mqtt, lamp, topic, w.percent(), "downloading").await;
-        }
-    }
+    let got = ota::fetch(&mut sock, &url, &mut w, async |step| {
+        let _ = report(session, mqtt, lamp, topic, step, "downloading").await;
+    })
+    .await?;
     sock.close();
     println!(
         "ota downloaded {} bytes in {} ms",
@@ -385,17 +351,6 @@ async fn update(
     w.finish(key)?;
     println!("ota verified in {} ms", began.elapsed().as_millis());
     Ok(notice.version.to_owned())
-}
-
-async fn embedded_io_async_write(
-    sock: &mut TcpSocket<'_>,
-    mut data: &[u8],
-) -> Result<(), embassy_net::tcp::Error> {
-    while !data.is_empty() {
-        let n = sock.write(data).await?;
-        data = &data[n..];
-    }
-    sock.flush().await
 }
 
 #[embassy_executor::main]
