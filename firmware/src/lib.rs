@@ -13,6 +13,8 @@ pub mod ota;
 pub mod selftest;
 #[cfg(feature = "embassy")]
 pub mod session;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 use heapless::String;
 use ironlink_shared::credentials::write_device_credentials;

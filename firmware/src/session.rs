@@ -11,14 +11,32 @@
 //! }
 //! ```
 //!
-//! The stream's `read` must be cancel-safe (embassy-net's is): a read is dropped when a timer
-//! (keepalive, retransmission, the caller's deadline) fires first.
+//! The session never drops a read half-way: it waits for the stream to be readable
+//! ([`Transport::readable`], raced against its timers: keepalive, retransmission, the caller's
+//! deadline), then reads. So streams whose reads are not cancel-safe, TLS among them, are safe
+//! to use.
 
 use crate::device::{Device, Handler};
 use crate::mqtt::{Client, ConnectOptions, Event, QoS};
 use embassy_futures::select::{select, Either};
 use embassy_time::{Instant, Timer};
 use embedded_io_async::{Read, Write};
+
+/// A byte stream the session can wait on without reading. (Single-threaded executors, as
+/// embassy's, need no `Send` bound on its future.)
+#[allow(async_fn_in_trait)]
+pub trait Transport: Read + Write {
+    /// Returns once a read would not wait for the network (data is buffered, or has arrived,
+    /// or the stream closed). Dropping it early loses nothing.
+    async fn readable(&mut self) -> Result<(), Self::Error>;
+}
+
+impl Transport for embassy_net::tcp::TcpSocket<'_> {
+    async fn readable(&mut self) -> Result<(), Self::Error> {
+        self.wait_read_ready().await;
+        Ok(())
+    }
+}
 
 /// Why a session ended. After any of these, close the stream and connect again (the QoS 1
 /// message in flight is sent again after the next CONNACK).
@@ -98,7 +116,7 @@ impl<'b, 'm, const P: usize> Session<'b, 'm, P> {
     /// Connects over a fresh stream: CONNECT, CONNACK, then the device's topic filters, each
     /// waited for (requests arriving meanwhile are answered by `h`). Returns the CONNACK's
     /// session-present flag.
-    pub async fn connect<T: Read + Write, H: Handler>(
+    pub async fn connect<T: Transport, H: Handler>(
         &mut self,
         io: &mut T,
         h: &mut H,
@@ -142,7 +160,7 @@ impl<'b, 'm, const P: usize> Session<'b, 'm, P> {
 
     /// Answers requests, keeps the connection alive and resends a late QoS 1 message until
     /// `until_ms` (on `embassy_time`'s clock, in ms).
-    pub async fn serve<T: Read + Write, H: Handler>(
+    pub async fn serve<T: Transport, H: Handler>(
         &mut self,
         io: &mut T,
         h: &mut H,
@@ -157,7 +175,7 @@ impl<'b, 'm, const P: usize> Session<'b, 'm, P> {
     /// Publishes; for QoS 1, returns once the broker acknowledged it (serving requests while
     /// it waits; resent with DUP every 10 s). A QoS 1 message already in flight is waited for
     /// first.
-    pub async fn publish<T: Read + Write, H: Handler>(
+    pub async fn publish<T: Transport, H: Handler>(
         &mut self,
         io: &mut T,
         h: &mut H,
@@ -185,7 +203,7 @@ impl<'b, 'm, const P: usize> Session<'b, 'm, P> {
 
     /// One round: timers due, the packets buffered, then one read or a timer. Returns the
     /// CONNACK's session-present flag when one arrived.
-    async fn step<T: Read + Write, H: Handler>(
+    async fn step<T: Transport, H: Handler>(
         &mut self,
         io: &mut T,
         h: &mut H,
@@ -203,20 +221,24 @@ impl<'b, 'm, const P: usize> Session<'b, 'm, P> {
             return Ok(connected);
         }
         let wake = deadline_ms.min(now_ms() + TICK_MS);
-        let read = io.read(&mut self.b.rx[self.rx_len..]);
-        match select(read, Timer::at(Instant::from_millis(wake))).await {
-            Either::First(Ok(0)) => Err(SessionError::Closed),
-            Either::First(Ok(n)) => {
+        match select(io.readable(), Timer::at(Instant::from_millis(wake))).await {
+            Either::First(Ok(())) => {}
+            Either::First(Err(e)) => return Err(SessionError::Io(e)),
+            Either::Second(()) => return Ok(None),
+        }
+        // Readable: this read is never dropped half-way.
+        match io.read(&mut self.b.rx[self.rx_len..]).await {
+            Ok(0) => Err(SessionError::Closed),
+            Ok(n) => {
                 self.rx_len += n;
                 self.drain(io, h).await
             }
-            Either::First(Err(e)) => Err(SessionError::Io(e)),
-            Either::Second(()) => Ok(None),
+            Err(e) => Err(SessionError::Io(e)),
         }
     }
 
     /// Handles every complete packet in the receive buffer.
-    async fn drain<T: Read + Write, H: Handler>(
+    async fn drain<T: Transport, H: Handler>(
         &mut self,
         io: &mut T,
         h: &mut H,

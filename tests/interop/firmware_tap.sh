@@ -52,11 +52,15 @@ inns ip link set lo up
 inns ip tuntap add dev tap0 mode tap
 inns ip addr add 192.168.69.1/24 dev tap0
 inns ip link set tap0 up
+# A second TAP network for a second lamp (one process per TAP device).
+inns ip tuntap add dev tap1 mode tap
+inns ip addr add 192.168.70.1/24 dev tap1
+inns ip link set tap1 up
 
 start_server() {
     # (ip netns exec, not the inns function: a backgrounded function is a subshell, and $! would
     # be its PID instead of the server's)
-    ip netns exec "$NS" "$BIN" serve --data-dir "$WORK/data" --mqtt-listen 192.168.69.1:1883 --mqtts-listen 127.0.0.1:0 \
+    ip netns exec "$NS" "$BIN" serve --data-dir "$WORK/data" --mqtt-listen 192.168.69.1:1883 --mqtts-listen 0.0.0.0:8883 \
         --amqps-listen 127.0.0.1:0 --http-listen 127.0.0.1:0 >"$WORK/server.out" 2>>"$WORK/server.log" &
     SERVER_PID=$!
     for _ in $(seq 1 200); do
@@ -176,6 +180,33 @@ swapped() {
         grep -q "^booted 1.1.0 (new image" "$WORK/lamp.out" && grep -q "^confirmed 1.1.0" "$WORK/lamp.out"
 }
 check "the bootloader swaps the new image in; it confirms itself and informs 1.1.0" swapped
+
+cli device create "$PK" lamp-0002 >/dev/null
+DS2=$(cli device credentials "$PK" lamp-0002 --json | json "['device_secret']")
+tls_lamp() { # server name, then a condition that ends the wait early; returns the lamp's exit code
+    ip netns exec "$NS" "$LAMP" --tap tap1 --ip 192.168.70.2/24 --broker 192.168.70.1:8883 --product-key "$PK" \
+        --device-name lamp-0002 --device-secret "$DS2" --period-ms 200 --reports 3 \
+        --ca-file "$WORK/data/tls/ca.pem" --server-name "$1" >"$WORK/tls.out" 2>&1 &
+    local pid=$!
+    for _ in $(seq 1 200); do
+        kill -0 "$pid" 2>/dev/null || break
+        [ -n "${2:-}" ] && grep -q "$2" "$WORK/tls.out" && break
+        sleep 0.1
+    done
+    kill "$pid" 2>/dev/null
+    wait "$pid"
+}
+tls_ok() {
+    tls_lamp localhost && cat "$WORK/tls.out" && grep -q "^connected in .* (TLS)" "$WORK/tls.out" &&
+        grep -q "^done after 3 reports" "$WORK/tls.out" &&
+        cli device properties "$PK" lamp-0002 --json | grep -q Temperature
+}
+check "TLS 1.3 (embedded-tls) to the cloud's MQTTS listener, chain verified against its CA: posts visible" tls_ok
+tls_wrong_name() {
+    ! tls_lamp wrong.example.com "TLS handshake" && cat "$WORK/tls.out" &&
+        grep -q "TLS handshake: InvalidCertificate" "$WORK/tls.out" && ! grep -q "^connected" "$WORK/tls.out"
+}
+check "a broker certificate for another name is refused (no connection)" tls_wrong_name
 
 echo "$PASS passed, $FAIL failed"
 [ "$FAIL" -eq 0 ]

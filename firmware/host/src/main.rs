@@ -31,11 +31,13 @@ use ironlink_firmware::json::Json;
 use ironlink_firmware::mqtt::{Backoff, ConnectOptions, QoS};
 use ironlink_firmware::ota::{self, Journal, Notice, OtaError, Url, Writer};
 use ironlink_firmware::session::{Buffers, Session, SessionError};
+use ironlink_firmware::tls::{self, TlsStream};
 use ironlink_firmware::{Credentials, Transport};
 use ironlink_firmware_host::flash::{FileFlash, SECTOR};
 use ironlink_firmware_host::image;
 use ironlink_shared::sign::SignMethod;
 use static_cell::StaticCell;
+use std::cell::RefCell;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 
@@ -87,6 +89,13 @@ struct Args {
     /// Version of the image put in an empty active slot (a board fresh from the factory).
     #[arg(long, default_value = "1.0.0")]
     factory_version: String,
+    /// Connect with TLS 1.3, verifying the broker's chain against this CA (PEM), e.g. the
+    /// cloud's `data/tls/ca.pem`; `--broker` is then its MQTTS port.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// Name the broker's certificate must carry (and SNI).
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
 }
 
 /// Slot sizes: 64 KiB of firmware, the update slot one sector larger (embassy-boot's swap).
@@ -274,14 +283,14 @@ fn random(state: &mut u64) -> u64 {
 type LampSession<'b, 'm> = Session<'b, 'm, 1024>;
 
 /// Publishes an OTA progress report (step 1 to 100, or a negative failure code).
-async fn report(
+async fn report<T: MqttIo>(
     session: &mut LampSession<'_, '_>,
-    mqtt: &mut TcpSocket<'_>,
+    mqtt: &mut T,
     lamp: &mut Lamp,
     topic: &str,
     step: i32,
     desc: &str,
-) -> Result<(), SessionError<embassy_net::tcp::Error>> {
+) -> Result<(), SessionError<T::Error>> {
     let mut body = [0u8; 256];
     let n = ota::progress(&mut body, 1, step, desc, "default").ok_or(SessionError::Timeout)?;
     println!("ota progress {step} {desc}");
@@ -293,13 +302,13 @@ async fn report(
 /// Downloads the image a notice offers (from where an interrupted download stopped), checks
 /// its digest and signature, and marks it for the bootloader. Progress goes out as it goes.
 #[allow(clippy::too_many_arguments)]
-async fn update(
+async fn update<T: MqttIo>(
     stack: embassy_net::Stack<'_>,
     slots: &mut Slots,
     payload: &[u8],
     key: &[u8; 32],
     session: &mut LampSession<'_, '_>,
-    mqtt: &mut TcpSocket<'_>,
+    mqtt: &mut T,
     lamp: &mut Lamp,
     topic: &str,
 ) -> Result<String, OtaError> {
@@ -442,14 +451,14 @@ async fn run(spawner: Spawner) -> i32 {
         device_name: &args.device_name,
         model: &LAMP,
     };
-    let mut lamp = Lamp {
+    let lamp = Lamp {
         brightness: 50,
         ..Lamp::default()
     };
     let (mut rx, mut tx) = ([0u8; 2048], [0u8; 2048]);
     let (mut srx, mut stx, mut stopic, mut sreply) =
         ([0u8; 2048], [0u8; 2048], [0u8; 128], [0u8; 512]);
-    let mut session: Session<'_, '_, 1024> = Session::new(
+    let session: Session<'_, '_, 1024> = Session::new(
         model,
         Buffers {
             rx: &mut srx,
@@ -458,208 +467,297 @@ async fn run(spawner: Spawner) -> i32 {
             reply: &mut sreply,
         },
     );
+    let ca_der = match args.ca_file.as_deref().map(read_pem_certificate) {
+        Some(Ok(der)) => Some(der),
+        Some(Err(e)) => {
+            eprintln!("--ca-file: {e}");
+            return 1;
+        }
+        None => None,
+    };
+    let mut ctx = Ctx {
+        args: &args,
+        stack,
+        session,
+        lamp,
+        slots,
+        boot,
+        key,
+        reports: 0,
+        post_id: 0,
+    };
     let mut backoff = Backoff::new(1_000, 30_000);
-    let mut reports = 0u32;
-    let mut post_id = 0u32;
+    let (mut tls_rx, mut tls_tx) = (vec![0u8; tls::RECORD_BUFFER], vec![0u8; 4096]);
     loop {
         let mut socket = TcpSocket::new(stack, &mut rx, &mut tx);
         socket.set_timeout(Some(Duration::from_secs(
             u64::from(args.keepalive) * 3 / 2 + 5,
         )));
         let started = Instant::now();
-        let connected = async {
-            socket
-                .connect(args.broker)
-                .await
-                .map_err(|e| format!("TCP connect: {e:?}"))?;
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
-            let creds = Credentials::<192>::new(
-                &args.product_key,
-                &args.device_name,
-                &args.device_secret,
-                SignMethod::HmacSha256,
-                Transport::Tcp,
-                Some(now_ms),
-            )
-            .map_err(|e| format!("credentials: {e:?}"))?;
-            let options = ConnectOptions {
-                client_id: &creds.client_id,
-                username: Some(&creds.username),
-                password: Some(&creds.password),
-                keepalive_s: args.keepalive,
-                clean_session: true,
-                will: None,
-            };
-            session
-                .connect(&mut socket, &mut lamp, &options, 10_000)
-                .await
-                .map_err(|e| format!("MQTT connect: {e:?}"))
-        }
-        .await;
-        if let Err(e) = connected {
-            let delay = backoff.next_delay(random(&mut seed) as u32);
-            println!("disconnected: {e}; retrying in {delay} ms");
-            socket.abort();
-            Timer::after_millis(u64::from(delay)).await;
-            continue;
-        }
-        backoff.reset();
-        println!("connected in {} ms", started.elapsed().as_millis());
-        let progress_topic = format!(
-            "/ota/device/progress/{}/{}",
-            args.product_key, args.device_name
-        );
-        let mut reboot_into = None;
-        let r: Result<(), SessionError<_>> = async {
-            let mut topic = [0u8; 128];
-            let mut body = [0u8; 512];
-            if let Some(s) = slots.as_mut() {
-                // Connected to the cloud: the image is healthy enough to keep.
-                if boot == State::Swap {
-                    s.confirm().map_err(|e| {
-                        println!("{e}");
-                        SessionError::Timeout
-                    })?;
-                    boot = State::Boot;
-                    println!("confirmed {}", s.version().unwrap_or_default());
-                } else if boot == State::Revert {
-                    report(
-                        &mut session,
-                        &mut socket,
-                        &mut lamp,
-                        &progress_topic,
-                        ota::step::FLASH_FAILED,
-                        "the new image did not confirm: rolled back",
-                    )
-                    .await?;
-                    boot = State::Boot;
-                }
-                let v = s.version().unwrap_or_default();
-                let n = ota::inform(&mut body, 1, &v, "default").ok_or(SessionError::Timeout)?;
-                let inform = format!(
-                    "/ota/device/inform/{}/{}",
-                    args.product_key, args.device_name
-                );
-                session
-                    .publish(
-                        &mut socket,
-                        &mut lamp,
-                        &inform,
-                        &body[..n],
-                        QoS::AtLeastOnce,
-                    )
-                    .await?;
-                println!("inform {v}");
-            }
-            let ntp = format!("/ext/ntp/{}/{}/request", args.product_key, args.device_name);
-            let n = alink::ntp_request(&mut body, Instant::now().as_millis())
-                .map_err(|_| SessionError::Timeout)?;
-            session
-                .publish(&mut socket, &mut lamp, &ntp, &body[..n], QoS::AtMostOnce)
-                .await?;
-            let post = alink::sys_topic(
-                &mut topic,
-                &args.product_key,
-                &args.device_name,
-                "thing/event/property/post",
-            )
-            .map_err(|_| SessionError::Timeout)?
-            .to_owned();
-            loop {
-                post_id += 1;
-                let n = alink::property_post(
-                    &mut body,
-                    post_id,
-                    &[
-                        ("Temperature", Value::Float(temperature())),
-                        ("Switch", Value::Bool(lamp.switch)),
-                        ("Brightness", Value::Int(lamp.brightness)),
-                        ("Mode", Value::Int(lamp.mode)),
-                    ],
-                )
-                .map_err(|_| SessionError::Timeout)?;
-                session
-                    .publish(&mut socket, &mut lamp, &post, &body[..n], QoS::AtLeastOnce)
-                    .await?;
-                reports += 1;
-                if reports == 1 {
-                    println!(
-                        "first post acknowledged {} ms after the TCP connect began",
-                        started.elapsed().as_millis()
-                    );
-                }
-                if args.reports.is_some_and(|max| reports >= max) {
-                    return Ok(());
-                }
-                let next = Instant::now().as_millis() + args.period_ms;
-                session.serve(&mut socket, &mut lamp, next).await?;
-                if let (Some(payload), Some(s), Some(k)) =
-                    (lamp.notice.take(), slots.as_mut(), key.as_ref())
-                {
-                    match update(
-                        stack,
-                        s,
-                        &payload,
-                        k,
-                        &mut session,
-                        &mut socket,
-                        &mut lamp,
-                        &progress_topic,
+        let outcome = match socket.connect(args.broker).await {
+            Err(e) => Err(format!("TCP connect: {e:?}")),
+            Ok(()) => match ca_der.as_deref() {
+                None => ctx.connection(&mut socket, Transport::Tcp, started).await,
+                Some(ca) => {
+                    let cell = RefCell::new(socket);
+                    let outcome = match TlsStream::connect(
+                        &cell,
+                        &mut tls_rx,
+                        &mut tls_tx,
+                        ca,
+                        &args.server_name,
+                        rand_core::OsRng,
                     )
                     .await
                     {
-                        Ok(v) => {
-                            report(
-                                &mut session,
-                                &mut socket,
-                                &mut lamp,
-                                &progress_topic,
-                                100,
-                                "verified; rebooting",
-                            )
-                            .await?;
-                            reboot_into = Some(v);
-                            return Ok(());
-                        }
-                        Err(e) => {
-                            report(
-                                &mut session,
-                                &mut socket,
-                                &mut lamp,
-                                &progress_topic,
-                                e.step(),
-                                e.describe(),
-                            )
-                            .await?;
-                        }
-                    }
+                        Ok(mut tls) => ctx.connection(&mut tls, Transport::Tls, started).await,
+                        Err(e) => Err(format!("TLS handshake: {e:?}")),
+                    };
+                    socket = cell.into_inner();
+                    outcome
                 }
+            },
+        };
+        match outcome {
+            Ok(End::Reboot(v)) => {
+                println!("rebooting into {v}");
+                socket.close();
+                let _ = socket.flush().await;
+                return 3;
             }
-        }
-        .await;
-        if let (Ok(()), Some(v)) = (&r, &reboot_into) {
-            println!("rebooting into {v}");
-            socket.close();
-            let _ = socket.flush().await;
-            return 3;
-        }
-        match r {
-            Ok(()) => {
-                println!("done after {reports} reports");
+            Ok(End::Done) => {
+                println!("done after {} reports", ctx.reports);
                 socket.close();
                 let _ = socket.flush().await;
                 return 0;
             }
             Err(e) => {
-                println!("disconnected: {e:?}");
                 socket.abort();
                 let delay = backoff.next_delay(random(&mut seed) as u32);
+                println!("disconnected: {e}; retrying in {delay} ms");
                 Timer::after_millis(u64::from(delay)).await;
             }
         }
+        if ctx.reports > 0 {
+            backoff.reset();
+        }
     }
+}
+
+/// How a connection ended, when it ended well.
+enum End {
+    /// `--reports` acknowledged.
+    Done,
+    /// An update is staged: run again to boot it.
+    Reboot(String),
+}
+
+/// The MQTT stream: plain TCP, or TLS over it.
+trait MqttIo: ironlink_firmware::session::Transport<Error: core::fmt::Debug> {}
+
+impl<T: ironlink_firmware::session::Transport<Error: core::fmt::Debug>> MqttIo for T {}
+
+/// What lives across connections.
+struct Ctx<'a, 'b, 'm> {
+    args: &'a Args,
+    stack: embassy_net::Stack<'static>,
+    session: LampSession<'b, 'm>,
+    lamp: Lamp,
+    slots: Option<Slots>,
+    boot: State,
+    key: Option<[u8; 32]>,
+    reports: u32,
+    post_id: u32,
+}
+
+impl Ctx<'_, '_, '_> {
+    /// One connection: MQTT connect, confirm or report the boot, inform the version, then
+    /// posts every period while requests and upgrade notices are answered.
+    async fn connection<T: MqttIo>(
+        &mut self,
+        io: &mut T,
+        transport: Transport,
+        started: Instant,
+    ) -> Result<End, String> {
+        let args = self.args;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let creds = Credentials::<192>::new(
+            &args.product_key,
+            &args.device_name,
+            &args.device_secret,
+            SignMethod::HmacSha256,
+            transport,
+            Some(now_ms),
+        )
+        .map_err(|e| format!("credentials: {e:?}"))?;
+        let options = ConnectOptions {
+            client_id: &creds.client_id,
+            username: Some(&creds.username),
+            password: Some(&creds.password),
+            keepalive_s: args.keepalive,
+            clean_session: true,
+            will: None,
+        };
+        let (session, lamp) = (&mut self.session, &mut self.lamp);
+        session
+            .connect(io, lamp, &options, 10_000)
+            .await
+            .map_err(|e| format!("MQTT connect: {e:?}"))?;
+        println!(
+            "connected in {} ms{}",
+            started.elapsed().as_millis(),
+            if transport == Transport::Tls {
+                " (TLS)"
+            } else {
+                ""
+            }
+        );
+        let progress_topic = format!(
+            "/ota/device/progress/{}/{}",
+            args.product_key, args.device_name
+        );
+        let e = |e: SessionError<T::Error>| format!("{e:?}");
+        let mut topic = [0u8; 128];
+        let mut body = [0u8; 512];
+        if let Some(s) = self.slots.as_mut() {
+            // Connected to the cloud: the image is healthy enough to keep.
+            if self.boot == State::Swap {
+                s.confirm()?;
+                self.boot = State::Boot;
+                println!("confirmed {}", s.version().unwrap_or_default());
+            } else if self.boot == State::Revert {
+                report(
+                    session,
+                    io,
+                    lamp,
+                    &progress_topic,
+                    ota::step::FLASH_FAILED,
+                    "the new image did not confirm: rolled back",
+                )
+                .await
+                .map_err(e)?;
+                self.boot = State::Boot;
+            }
+            let v = s.version().unwrap_or_default();
+            let n = ota::inform(&mut body, 1, &v, "default").ok_or("inform too long")?;
+            let inform = format!(
+                "/ota/device/inform/{}/{}",
+                args.product_key, args.device_name
+            );
+            session
+                .publish(io, lamp, &inform, &body[..n], QoS::AtLeastOnce)
+                .await
+                .map_err(e)?;
+            println!("inform {v}");
+        }
+        let ntp = format!("/ext/ntp/{}/{}/request", args.product_key, args.device_name);
+        let n = alink::ntp_request(&mut body, Instant::now().as_millis())
+            .map_err(|e| format!("{e:?}"))?;
+        session
+            .publish(io, lamp, &ntp, &body[..n], QoS::AtMostOnce)
+            .await
+            .map_err(e)?;
+        let post = alink::sys_topic(
+            &mut topic,
+            &args.product_key,
+            &args.device_name,
+            "thing/event/property/post",
+        )
+        .map_err(|e| format!("{e:?}"))?
+        .to_owned();
+        loop {
+            self.post_id += 1;
+            let n = alink::property_post(
+                &mut body,
+                self.post_id,
+                &[
+                    ("Temperature", Value::Float(temperature())),
+                    ("Switch", Value::Bool(lamp.switch)),
+                    ("Brightness", Value::Int(lamp.brightness)),
+                    ("Mode", Value::Int(lamp.mode)),
+                ],
+            )
+            .map_err(|e| format!("{e:?}"))?;
+            session
+                .publish(io, lamp, &post, &body[..n], QoS::AtLeastOnce)
+                .await
+                .map_err(e)?;
+            self.reports += 1;
+            if self.reports == 1 {
+                println!(
+                    "first post acknowledged {} ms after the TCP connect began",
+                    started.elapsed().as_millis()
+                );
+            }
+            if args.reports.is_some_and(|max| self.reports >= max) {
+                return Ok(End::Done);
+            }
+            let next = Instant::now().as_millis() + args.period_ms;
+            session.serve(io, lamp, next).await.map_err(e)?;
+            if let (Some(payload), Some(s), Some(k)) =
+                (lamp.notice.take(), self.slots.as_mut(), self.key.as_ref())
+            {
+                match update(
+                    self.stack,
+                    s,
+                    &payload,
+                    k,
+                    session,
+                    io,
+                    lamp,
+                    &progress_topic,
+                )
+                .await
+                {
+                    Ok(v) => {
+                        report(
+                            session,
+                            io,
+                            lamp,
+                            &progress_topic,
+                            100,
+                            "verified; rebooting",
+                        )
+                        .await
+                        .map_err(e)?;
+                        return Ok(End::Reboot(v));
+                    }
+                    Err(err) => {
+                        report(
+                            session,
+                            io,
+                            lamp,
+                            &progress_topic,
+                            err.step(),
+                            err.describe(),
+                        )
+                        .await
+                        .map_err(e)?;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The first certificate of a PEM file, as DER.
+fn read_pem_certificate(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    use base64::Engine;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let body: String = text
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE-----"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END CERTIFICATE-----"))
+        .collect();
+    if body.is_empty() {
+        return Err(format!("{}: no PEM certificate", path.display()));
+    }
+    base64::engine::general_purpose::STANDARD
+        .decode(body.trim())
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 #[cfg(test)]
