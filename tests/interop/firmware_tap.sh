@@ -197,7 +197,7 @@ tls_lamp() { # server name, then a condition that ends the wait early; returns t
     wait "$pid"
 }
 tls_ok() {
-    tls_lamp localhost && cat "$WORK/tls.out" && grep -q "^connected in .* (TLS)" "$WORK/tls.out" &&
+    tls_lamp localhost && cp "$WORK/tls.out" "$WORK/tls-ok.out" && cat "$WORK/tls.out" && grep -q "^connected in .* (TLS)" "$WORK/tls.out" &&
         grep -q "^done after 3 reports" "$WORK/tls.out" &&
         cli device properties "$PK" lamp-0002 --json | grep -q Temperature
 }

@@ -14,6 +14,8 @@ fn main() -> ExitCode {
         "IRONLINK_DEVICE_SECRET",
         "IRONLINK_BROKER",
         "IRONLINK_OTA_PUBLIC_KEY",
+        "IRONLINK_SERVER_NAME",
+        "IRONLINK_CA_DER",
     ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
@@ -31,7 +33,19 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The broker's CA for the `tls` feature (empty without one: every handshake then fails).
+    let ca = match std::env::var_os("IRONLINK_CA_DER") {
+        Some(path) => match std::fs::read(&path) {
+            Ok(der) => der,
+            Err(e) => {
+                eprintln!("IRONLINK_CA_DER {}: {e}", PathBuf::from(path).display());
+                return ExitCode::FAILURE;
+            }
+        },
+        None => Vec::new(),
+    };
     let written = std::fs::write(out.join("model.rs"), model.firmware_model("LAMP"))
+        .and_then(|()| std::fs::write(out.join("ca.der"), &ca))
         .and_then(|()| std::fs::copy("memory.x", out.join("memory.x")).map(|_| ()));
     if let Err(e) = written {
         eprintln!("writing to {}: {e}", out.display());

@@ -178,7 +178,6 @@ extern "C" {
 #[embassy_executor::main]
 async fn main(spawner: Spawner) {
     let p = embassy_rp::init(Default::default());
-    let mut rng = RoscRng;
     let led = Output::new(p.PIN_25, Level::Low);
 
     // W5500 on SPI0 (the board's wiring).
@@ -204,7 +203,7 @@ async fn main(spawner: Spawner) {
         device,
         embassy_net::Config::dhcpv4(Default::default()),
         RESOURCES.init(StackResources::new()),
-        rng.next_u64(),
+        RoscRng.next_u64(),
     );
     let _ = spawner.spawn(net(runner));
     stack.wait_config_up().await;
@@ -216,18 +215,19 @@ async fn main(spawner: Spawner) {
     let config = FirmwareUpdaterConfig::from_linkerfile_blocking(flash, flash);
     static ALIGNED: StaticCell<AlignedBuffer<1>> = StaticCell::new();
     let aligned = ALIGNED.init(AlignedBuffer([0; 1]));
-    let mut updater = BlockingFirmwareUpdater::new(config, &mut aligned.0);
+    let updater = BlockingFirmwareUpdater::new(config, &mut aligned.0);
     // Only the addresses of the linker's symbols are taken.
     let (start, end) = (
         core::ptr::addr_of!(__ota_journal_start) as u32,
         core::ptr::addr_of!(__ota_journal_end) as u32,
     );
-    let mut journal = Journal::new(BlockingPartition::new(flash, start, end - start));
-    let mut boot = updater.get_state().unwrap_or(BootState::Boot);
+    let journal = Journal::new(BlockingPartition::new(flash, start, end - start));
+    let mut updater = updater;
+    let boot = updater.get_state().unwrap_or(BootState::Boot);
 
-    let mut adc = Adc::new(p.ADC, Irqs, adc::Config::default());
-    let mut sensor = Channel::new_temp_sensor(p.ADC_TEMP_SENSOR);
-    let mut lamp = Lamp {
+    let adc = Adc::new(p.ADC, Irqs, adc::Config::default());
+    let sensor = Channel::new_temp_sensor(p.ADC_TEMP_SENSOR);
+    let lamp = Lamp {
         led,
         brightness: 50,
         mode: 0,
@@ -248,7 +248,7 @@ async fn main(spawner: Spawner) {
     let (mut rx, mut tx) = ([0u8; 2048], [0u8; 2048]);
     let (mut srx, mut stx, mut stopic, mut sreply) =
         ([0u8; 2048], [0u8; 1024], [0u8; 128], [0u8; 512]);
-    let mut session: Session<'_, '_, 512> = Session::new(
+    let session: Session<'_, '_, 512> = Session::new(
         model,
         Buffers {
             rx: &mut srx,
@@ -257,25 +257,110 @@ async fn main(spawner: Spawner) {
             reply: &mut sreply,
         },
     );
+    let mut board = Board {
+        stack,
+        session,
+        lamp,
+        updater,
+        journal,
+        adc,
+        sensor,
+        key,
+        boot,
+        id: 0,
+    };
     let mut backoff = Backoff::new(1_000, 60_000);
-    let mut id = 0u32;
-    let mut topic = [0u8; 128];
-    let mut body = [0u8; 512];
-    let progress_topic = TopicBuf::of("/ota/device/progress/");
-    let inform = TopicBuf::of("/ota/device/inform/");
+    #[cfg(feature = "tls")]
+    let (tls_rx, tls_tx) = {
+        static BUFS: StaticCell<([u8; ironlink_firmware::tls::RECORD_BUFFER], [u8; 2048])> =
+            StaticCell::new();
+        let b = BUFS.init(([0; ironlink_firmware::tls::RECORD_BUFFER], [0; 2048]));
+        (&mut b.0, &mut b.1)
+    };
     loop {
         let mut socket = TcpSocket::new(stack, &mut rx, &mut tx);
         socket.set_timeout(Some(Duration::from_secs(95)));
-        let Ok(creds) = Credentials::<192>::new(
+        if socket.connect(broker).await.is_ok() {
+            #[cfg(not(feature = "tls"))]
+            let _ = board
+                .connection(&mut socket, Transport::Tcp, &mut backoff)
+                .await;
+            #[cfg(feature = "tls")]
+            {
+                let cell = core::cell::RefCell::new(socket);
+                if let Ok(mut tls) = ironlink_firmware::tls::TlsStream::connect(
+                    &cell,
+                    tls_rx,
+                    tls_tx,
+                    CA_DER,
+                    SERVER_NAME,
+                    RoscRng,
+                )
+                .await
+                {
+                    let _ = board
+                        .connection(&mut tls, Transport::Tls, &mut backoff)
+                        .await;
+                }
+                socket = cell.into_inner();
+            }
+        }
+        socket.abort();
+        Timer::after_millis(u64::from(backoff.next_delay(RoscRng.next_u32()))).await;
+    }
+}
+
+/// The broker's CA certificate (DER, from `IRONLINK_CA_DER` at build time) and the name its
+/// certificate carries.
+#[cfg(feature = "tls")]
+const CA_DER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ca.der"));
+#[cfg(feature = "tls")]
+const SERVER_NAME: &str = match option_env!("IRONLINK_SERVER_NAME") {
+    Some(v) => v,
+    None => "localhost",
+};
+
+type Updater = BlockingFirmwareUpdater<
+    'static,
+    BlockingPartition<'static, NoopRawMutex, Flash<'static, FLASH, Blocking, FLASH_SIZE>>,
+    BlockingPartition<'static, NoopRawMutex, Flash<'static, FLASH, Blocking, FLASH_SIZE>>,
+>;
+type JournalFlash =
+    BlockingPartition<'static, NoopRawMutex, Flash<'static, FLASH, Blocking, FLASH_SIZE>>;
+
+/// What lives across connections.
+struct Board<'b, 'm> {
+    stack: Stack<'static>,
+    session: Session<'b, 'm, 512>,
+    lamp: Lamp,
+    updater: Updater,
+    journal: Journal<JournalFlash>,
+    adc: Adc<'static, adc::Async>,
+    sensor: Channel<'static>,
+    key: Option<[u8; 32]>,
+    boot: BootState,
+    id: u32,
+}
+
+impl Board<'_, '_> {
+    /// One connection: MQTT connect, confirm or report the boot, inform the version, then a
+    /// post every 10 s while requests and upgrade notices are answered. Returns when the
+    /// connection fails (an accepted update resets the board instead).
+    async fn connection<T: ironlink_firmware::session::Transport>(
+        &mut self,
+        io: &mut T,
+        transport: Transport,
+        backoff: &mut Backoff,
+    ) -> Result<(), ()> {
+        let creds = Credentials::<192>::new(
             PRODUCT_KEY,
             DEVICE_NAME,
             DEVICE_SECRET,
             SignMethod::HmacSha256,
-            Transport::Tcp,
+            transport,
             None,
-        ) else {
-            cortex_m::peripheral::SCB::sys_reset();
-        };
+        )
+        .map_err(|_| ())?;
         let options = ConnectOptions {
             client_id: &creds.client_id,
             username: Some(&creds.username),
@@ -284,62 +369,49 @@ async fn main(spawner: Spawner) {
             clean_session: true,
             will: None,
         };
-        let up = match socket.connect(broker).await {
-            Ok(()) => session
-                .connect(&mut socket, &mut lamp, &options, 10_000)
-                .await
-                .is_ok(),
-            Err(_) => false,
-        };
-        if !up {
-            socket.abort();
-            Timer::after_millis(u64::from(backoff.next_delay(rng.next_u32()))).await;
-            continue;
-        }
+        let (session, lamp) = (&mut self.session, &mut self.lamp);
+        session
+            .connect(io, lamp, &options, 10_000)
+            .await
+            .map_err(|_| ())?;
         backoff.reset();
         // Connected: a new image is healthy enough to keep; a rolled-back one is reported.
-        if boot == BootState::Swap && updater.mark_booted().is_ok() {
-            boot = BootState::Boot;
+        if self.boot == BootState::Swap && self.updater.mark_booted().is_ok() {
+            self.boot = BootState::Boot;
         }
+        let progress_topic = TopicBuf::of("/ota/device/progress/");
         let pt = progress_topic.get();
-        if boot == BootState::Revert {
-            let n = ota::progress(
-                &mut body,
-                1,
-                ota::step::FLASH_FAILED,
-                "the new image did not confirm: rolled back",
-                "default",
-            )
-            .unwrap_or(0);
-            let _ = session
-                .publish(&mut socket, &mut lamp, pt, &body[..n], QoS::AtMostOnce)
-                .await;
-            boot = BootState::Boot;
+        let mut body = [0u8; 512];
+        if self.boot == BootState::Revert {
+            let why = "the new image did not confirm: rolled back";
+            let n =
+                ota::progress(&mut body, 1, ota::step::FLASH_FAILED, why, "default").unwrap_or(0);
+            session
+                .publish(io, lamp, pt, &body[..n], QoS::AtMostOnce)
+                .await
+                .map_err(|_| ())?;
+            self.boot = BootState::Boot;
         }
         let n = ota::inform(&mut body, 1, VERSION, "default").unwrap_or(0);
-        let _ = session
-            .publish(
-                &mut socket,
-                &mut lamp,
-                inform.get(),
-                &body[..n],
-                QoS::AtLeastOnce,
-            )
-            .await;
-        let Ok(post) = alink::sys_topic(
+        let inform = TopicBuf::of("/ota/device/inform/");
+        session
+            .publish(io, lamp, inform.get(), &body[..n], QoS::AtLeastOnce)
+            .await
+            .map_err(|_| ())?;
+        let mut topic = [0u8; 128];
+        let post = alink::sys_topic(
             &mut topic,
             PRODUCT_KEY,
             DEVICE_NAME,
             "thing/event/property/post",
-        ) else {
-            cortex_m::peripheral::SCB::sys_reset();
-        };
+        )
+        .map_err(|_| ())?;
         loop {
-            id = id.wrapping_add(1);
-            let t = temperature(&mut adc, &mut sensor).await;
+            self.id = self.id.wrapping_add(1);
+            let t = temperature(&mut self.adc, &mut self.sensor).await;
             let n = alink::property_post(
                 &mut body,
-                id,
+                self.id,
                 &[
                     ("Temperature", Value::Float(t)),
                     ("Switch", Value::Bool(lamp.led.is_set_high())),
@@ -348,30 +420,25 @@ async fn main(spawner: Spawner) {
                 ],
             )
             .unwrap_or(0);
-            if session
-                .publish(&mut socket, &mut lamp, post, &body[..n], QoS::AtLeastOnce)
+            session
+                .publish(io, lamp, post, &body[..n], QoS::AtLeastOnce)
                 .await
-                .is_err()
-            {
-                break;
-            }
+                .map_err(|_| ())?;
             let next = Instant::now().as_millis() + 10_000;
-            if session.serve(&mut socket, &mut lamp, next).await.is_err() {
-                break;
-            }
+            session.serve(io, lamp, next).await.map_err(|_| ())?;
             if let Some((buf, len)) = lamp.notice.take() {
-                let outcome = match key {
+                let outcome = match self.key {
                     None => Err(OtaError::BadSignature),
                     Some(k) => {
                         update(
-                            stack,
-                            &mut updater,
-                            &mut journal,
+                            self.stack,
+                            &mut self.updater,
+                            &mut self.journal,
                             &buf[..len],
                             &k,
-                            &mut session,
-                            &mut socket,
-                            &mut lamp,
+                            session,
+                            io,
+                            lamp,
                             pt,
                         )
                         .await
@@ -383,16 +450,14 @@ async fn main(spawner: Spawner) {
                 };
                 let n = ota::progress(&mut body, 1, step, desc, "default").unwrap_or(0);
                 let _ = session
-                    .publish(&mut socket, &mut lamp, pt, &body[..n], QoS::AtLeastOnce)
+                    .publish(io, lamp, pt, &body[..n], QoS::AtLeastOnce)
                     .await;
                 if step == 100 {
-                    socket.close();
                     Timer::after_millis(200).await;
                     cortex_m::peripheral::SCB::sys_reset();
                 }
             }
         }
-        socket.abort();
     }
 }
 
@@ -405,7 +470,7 @@ async fn update<DFU, STATE, J>(
     payload: &[u8],
     key: &[u8; 32],
     session: &mut Session<'_, '_, 512>,
-    mqtt: &mut TcpSocket<'_>,
+    mqtt: &mut impl ironlink_firmware::session::Transport,
     lamp: &mut Lamp,
     progress_topic: &str,
 ) -> Result<(), OtaError>
