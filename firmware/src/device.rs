@@ -541,6 +541,12 @@ fn write_ok(
 /// `{"id":"..","code":C,"data":{},"message":".."}`, without the message when the buffer is
 /// too small for it.
 fn write_refusal(out: &mut [u8], id: &str, why: &Why<'_>) -> Option<usize> {
+    log_debug!(
+        "ironlink: request {} refused, {} {}",
+        id,
+        why.code,
+        why.reason
+    );
     write_refusal_with_message(out, id, why).or_else(|| {
         let mut w = Cursor::new(out);
         write!(w, "{{\"id\":\"{id}\",\"code\":{},\"data\":{{}}}}", why.code).ok()?;

@@ -3,6 +3,8 @@
 #![warn(missing_docs)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+#[macro_use]
+mod fmt;
 pub mod alink;
 pub mod device;
 pub mod json;

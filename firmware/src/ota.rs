@@ -496,6 +496,11 @@ impl<'w, 'd, 'n, DFU: NorFlash, STATE: NorFlash, J: NorFlash> Writer<'w, 'd, 'n,
         slot_size: u32,
     ) -> Result<Self, OtaError> {
         if !is_newer(notice.version, running) {
+            log_warn!(
+                "ironlink: update to {} refused: not newer than {}",
+                notice.version,
+                running
+            );
             return Err(OtaError::NotNewer);
         }
         if notice.size > slot_size {
@@ -505,6 +510,11 @@ impl<'w, 'd, 'n, DFU: NorFlash, STATE: NorFlash, J: NorFlash> Writer<'w, 'd, 'n,
         let mut written = journal.resume(id);
         // Resume at a sector boundary (the sector after it is erased again when written).
         written -= written % DFU::ERASE_SIZE as u32;
+        log_info!(
+            "ironlink: update to {} from byte {}",
+            notice.version,
+            written
+        );
         Ok(Writer {
             updater,
             journal,
@@ -592,11 +602,27 @@ impl<'w, 'd, 'n, DFU: NorFlash, STATE: NorFlash, J: NorFlash> Writer<'w, 'd, 'n,
             }
         }
         if want != got {
+            log_warn!(
+                "ironlink: update to {}: digest mismatch",
+                self.notice.version
+            );
             return Err(OtaError::DigestMismatch);
         }
         let signature = self.notice.signature.ok_or(OtaError::BadSignature)?;
-        self.updater
-            .verify_and_mark_updated(public_key, &signature, self.written)?;
+        if let Err(e) = self
+            .updater
+            .verify_and_mark_updated(public_key, &signature, self.written)
+        {
+            log_warn!(
+                "ironlink: update to {}: signature refused",
+                self.notice.version
+            );
+            return Err(e.into());
+        }
+        log_info!(
+            "ironlink: update to {} verified, swapped at the next boot",
+            self.notice.version
+        );
         Ok(())
     }
 }

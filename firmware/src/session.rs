@@ -155,6 +155,7 @@ impl<'b, 'm, const P: usize> Session<'b, 'm, P> {
             }
             i += 1;
         }
+        log_info!("ironlink: connected, {} topic filters subscribed", i as u32);
         Ok(present.unwrap_or(false))
     }
 
@@ -268,7 +269,10 @@ impl<'b, 'm, const P: usize> Session<'b, 'm, P> {
                     connected = Some(session_present);
                     None
                 }
-                Some(Event::Refused(code)) => return Err(SessionError::Refused(code)),
+                Some(Event::Refused(code)) => {
+                    log_warn!("ironlink: CONNACK refused with code {}", code);
+                    return Err(SessionError::Refused(code));
+                }
                 Some(Event::Published(id)) => {
                     *acked = Some(id);
                     None
@@ -280,7 +284,14 @@ impl<'b, 'm, const P: usize> Session<'b, 'm, P> {
                 Some(Event::Message { topic, payload, .. }) => {
                     device.handle(h, now, topic, payload, b.topic, b.reply)
                 }
-                Some(Event::Oversized { topic, head, .. }) => {
+                Some(Event::Oversized {
+                    topic, head, size, ..
+                }) => {
+                    log_warn!(
+                        "ironlink: skipped a {}-byte message on {}",
+                        size as u32,
+                        topic
+                    );
                     device.oversized(topic, head, b.topic, b.reply)
                 }
                 Some(Event::Unsubscribed(_) | Event::Pong) | None => None,
