@@ -3,3 +3,4 @@
 
 pub mod flash;
 pub mod image;
+pub mod lossy;

@@ -35,6 +35,7 @@ use ironlink_firmware::tls::{self, TlsStream};
 use ironlink_firmware::{Credentials, Transport};
 use ironlink_firmware_host::flash::{FileFlash, SECTOR};
 use ironlink_firmware_host::image;
+use ironlink_firmware_host::lossy::Lossy;
 use ironlink_shared::sign::SignMethod;
 use static_cell::StaticCell;
 use std::cell::RefCell;
@@ -93,6 +94,9 @@ struct Args {
     /// cloud's `data/tls/ca.pem`; `--broker` is then its MQTTS port.
     #[arg(long)]
     ca_file: Option<PathBuf>,
+    /// Lose this share of Ethernet frames each way (a lossy link for tests), percent.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=50))]
+    drop_percent: u8,
     /// Name the broker's certificate must carry (and SNI).
     #[arg(long, default_value = "localhost")]
     server_name: String,
@@ -263,7 +267,7 @@ fn temperature() -> f64 {
 }
 
 #[embassy_executor::task]
-async fn net(mut runner: Runner<'static, TunTapDevice>) -> ! {
+async fn net(mut runner: Runner<'static, Lossy<TunTapDevice>>) -> ! {
     runner.run().await
 }
 
@@ -434,6 +438,7 @@ async fn run(spawner: Spawner) -> i32 {
         dns_servers: Default::default(),
     });
     static RESOURCES: StaticCell<StackResources<2>> = StaticCell::new();
+    let device = Lossy::new(device, args.drop_percent, random(&mut seed));
     let (stack, runner) = embassy_net::new(
         device,
         config,
@@ -527,6 +532,15 @@ async fn run(spawner: Spawner) -> i32 {
             }
             Ok(End::Done) => {
                 println!("done after {} reports", ctx.reports);
+                if args.drop_percent > 0 {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    let lost = &ironlink_firmware_host::lossy::LOST;
+                    println!(
+                        "frames lost: {} received, {} sent",
+                        lost[0].load(Relaxed),
+                        lost[1].load(Relaxed)
+                    );
+                }
                 socket.close();
                 let _ = socket.flush().await;
                 return 0;
