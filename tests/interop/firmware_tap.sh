@@ -118,6 +118,13 @@ refused() {
 }
 check "a value outside the thing model is refused and never applied" refused
 
+shadow() {
+    cli device shadow "$PK" lamp-0001 --desired '{"Mode": 2, "Brightness": 30}' >/dev/null &&
+        until_ok 100 grep -q '^shadow applied .*"Mode":2' "$WORK/lamp.out" &&
+        until_ok 100 bash -c "ip netns exec '$NS' '$BIN' device shadow '$PK' lamp-0001 --json | '$PY' -c \"import json,sys; s=json.load(sys.stdin); st=s.get('state', s); r=st['reported']; sys.exit(0 if r.get('Mode') == 2 and r.get('Brightness') == 30 and not st.get('desired') else 1)\""
+}
+check "the shadow's desired state is applied, reported back, and cleared from desired" shadow
+
 restart() {
     kill -9 "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null
     local before

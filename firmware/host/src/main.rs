@@ -191,6 +191,8 @@ struct Lamp {
     clock_offset_ms: Option<i64>,
     /// An upgrade notice waiting to be acted on.
     notice: Option<Vec<u8>>,
+    /// The shadow's version and `desired` state, waiting to be applied.
+    desired: Option<(i64, String)>,
 }
 
 impl Handler for Lamp {
@@ -248,6 +250,12 @@ impl Handler for Lamp {
         println!("time {utc_ms}");
     }
 
+    fn shadow(&mut self, version: i64, desired: Json<'_>) {
+        if desired.members().next().is_some() {
+            self.desired = Some((version, desired.raw().to_owned()));
+        }
+    }
+
     fn ota_notice(&mut self, payload: &[u8]) {
         println!("ota notice");
         self.notice = Some(payload.to_vec());
@@ -257,6 +265,41 @@ impl Handler for Lamp {
         if code != 200 {
             println!("refused {topic} id {id} code {code}");
         }
+    }
+}
+
+impl Lamp {
+    /// Applies the desired members the thing model accepts; returns what to report.
+    fn apply_desired(&mut self, desired: &str) -> Vec<(String, Value<'static>)> {
+        let Ok(d) = Json::parse(desired) else {
+            return Vec::new();
+        };
+        let mut reported = Vec::new();
+        for (k, v) in d.members() {
+            let Some(p) = LAMP
+                .properties
+                .iter()
+                .find(|p| p.writable && k.eq_str(p.identifier))
+            else {
+                continue;
+            };
+            if ironlink_firmware::device::check(&p.spec, v).is_err() {
+                continue;
+            }
+            match p.identifier {
+                "Switch" => self.switch = v.as_i64() == Some(1) || v.as_bool() == Some(true),
+                "Brightness" => self.brightness = v.as_i64().unwrap_or(self.brightness),
+                "Mode" => self.mode = v.as_i64().unwrap_or(self.mode),
+                _ => continue,
+            }
+            let value = match p.identifier {
+                "Switch" => Value::Bool(self.switch),
+                "Brightness" => Value::Int(self.brightness),
+                _ => Value::Int(self.mode),
+            };
+            reported.push((p.identifier.to_owned(), value));
+        }
+        reported
     }
 }
 
@@ -666,6 +709,18 @@ impl Ctx<'_, '_, '_> {
                 .map_err(e)?;
             println!("inform {v}");
         }
+        // The shadow: ask for it (its desired state arrives like a `control` push).
+        let shadow_topic = format!("/shadow/update/{}/{}", args.product_key, args.device_name);
+        session
+            .publish(
+                io,
+                lamp,
+                &shadow_topic,
+                alink::SHADOW_GET.as_bytes(),
+                QoS::AtMostOnce,
+            )
+            .await
+            .map_err(e)?;
         let ntp = format!("/ext/ntp/{}/{}/request", args.product_key, args.device_name);
         let n = alink::ntp_request(&mut body, Instant::now().as_millis())
             .map_err(|e| format!("{e:?}"))?;
@@ -710,6 +765,25 @@ impl Ctx<'_, '_, '_> {
             }
             let next = Instant::now().as_millis() + args.period_ms;
             session.serve(io, lamp, next).await.map_err(e)?;
+            if let Some((version, desired)) = lamp.desired.take() {
+                // Desired values the thing model accepts are applied, and reported back under
+                // the next version (the cloud then drops what is done from `desired`).
+                let applied = lamp.apply_desired(&desired);
+                let n = alink::shadow_update(
+                    &mut body,
+                    version + 1,
+                    &applied
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), *v))
+                        .collect::<Vec<_>>(),
+                )
+                .map_err(|e| format!("{e:?}"))?;
+                session
+                    .publish(io, lamp, &shadow_topic, &body[..n], QoS::AtMostOnce)
+                    .await
+                    .map_err(e)?;
+                println!("shadow applied {desired} as version {}", version + 1);
+            }
             if let (Some(payload), Some(s), Some(k)) =
                 (lamp.notice.take(), self.slots.as_mut(), self.key.as_ref())
             {
