@@ -69,6 +69,13 @@ pub enum Command {
         #[command(subcommand)]
         cmd: ScriptCmd,
     },
+    /// Firmware signing (local, no server): `keygen` makes the operator's ed25519 key,
+    /// `sign` prints what an upgrade notice carries about an image.
+    Ota {
+        /// Signing action.
+        #[command(subcommand)]
+        cmd: OtaCmd,
+    },
     /// Publish a downlink message to one of a device's topics.
     Pub {
         /// Server connection.
@@ -88,11 +95,31 @@ pub enum Command {
     },
 }
 
+/// `ota` actions.
+#[derive(Debug, Subcommand)]
+pub enum OtaCmd {
+    /// Make a signing key: its seed goes to FILE (readable by you only; never overwritten), the
+    /// public key to build into devices is printed.
+    Keygen {
+        /// Where to write the key.
+        file: std::path::PathBuf,
+    },
+    /// Sign an image: prints its size, SHA-256, MD5, the ed25519 signature over its SHA-512
+    /// and the public key, as one JSON object (the notice's `sign`, `md5` and `ed25519`).
+    Sign {
+        /// The key file `keygen` wrote.
+        #[arg(long)]
+        key: std::path::PathBuf,
+        /// The firmware image.
+        image: std::path::PathBuf,
+    },
+}
+
 impl Command {
     /// True when the admin command asked for JSON (its errors are JSON too).
     pub fn wants_json(&self) -> bool {
         match self {
-            Command::Serve(_) => false,
+            Command::Serve(_) | Command::Ota { .. } => false,
             Command::Product { client, .. }
             | Command::Device { client, .. }
             | Command::App { client, .. }
@@ -1077,6 +1104,23 @@ fn call_outcome(v: &Value) -> anyhow::Result<()> {
 pub async fn run_admin(command: Command) -> anyhow::Result<()> {
     use reqwest::Method;
     match command {
+        Command::Ota { cmd } => {
+            use crate::ota::sign;
+            match cmd {
+                OtaCmd::Keygen { file } => {
+                    let public = sign::keygen(&file)?;
+                    println!("{public}");
+                    eprintln!(
+                        "signing key written to {} (keep it off devices and servers you do not trust); the public key above goes into devices",
+                        file.display()
+                    );
+                }
+                OtaCmd::Sign { key, image } => {
+                    let signed = sign::sign_file(&sign::read_key(&key)?, &image)?;
+                    println!("{}", serde_json::to_string_pretty(&signed)?);
+                }
+            }
+        }
         Command::Serve(_) => bail!("serve is not an admin command"),
         Command::Product { client, cmd } => {
             let c = Client::new(&client)?;

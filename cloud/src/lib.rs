@@ -13,6 +13,7 @@ pub mod datadir;
 pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
+pub mod ota;
 pub mod presence;
 pub mod registry;
 pub mod router;
