@@ -34,6 +34,8 @@ pub struct Config {
     /// Per-device limits (rates, sizes, subscriptions, retained messages, storage quota) and
     /// per-connection byte bounds.
     pub limits: LimitsConfig,
+    /// Over-the-air updates: download URLs, signing, package size, notice budget.
+    pub ota: crate::ota::OtaConfig,
 }
 
 impl Default for Config {
@@ -50,6 +52,7 @@ impl Default for Config {
             apps: AppsConfig::default(),
             rules: RulesConfig::default(),
             limits: LimitsConfig::default(),
+            ota: crate::ota::OtaConfig::default(),
         }
     }
 }

@@ -85,6 +85,14 @@ pub struct Metrics {
     pub duplicates_dropped: AtomicU64,
     /// Sub-devices logged in through gateways now.
     pub sub_devices: AtomicI64,
+    /// OTA notices sent (pushed, or answered to `firmware/get`).
+    pub ota_notices: AtomicU64,
+    /// OTA jobs that succeeded.
+    pub ota_succeeded: AtomicU64,
+    /// OTA jobs that failed for good.
+    pub ota_failed: AtomicU64,
+    /// Image bytes served to devices.
+    pub ota_download_bytes: AtomicU64,
     /// Where every series is exposed.
     pub registry: Registry,
     /// Latency histograms.
@@ -118,6 +126,10 @@ impl Default for Metrics {
             thing_store_failures: AtomicU64::new(0),
             duplicates_dropped: AtomicU64::new(0),
             sub_devices: AtomicI64::new(0),
+            ota_notices: AtomicU64::new(0),
+            ota_succeeded: AtomicU64::new(0),
+            ota_failed: AtomicU64::new(0),
+            ota_download_bytes: AtomicU64::new(0),
             registry,
             latency,
         }
@@ -146,7 +158,7 @@ impl Metrics {
             &[],
             self.sub_devices.load(Ordering::Relaxed) as f64,
         );
-        let counters: [(&'static str, &'static str, &AtomicU64); 20] = [
+        let counters: [(&'static str, &'static str, &AtomicU64); 24] = [
             (
                 "ironlink_http_refused_total",
                 "HTTP connections closed at once because the API held its maximum (http.max_connections)",
@@ -246,6 +258,26 @@ impl Metrics {
                 "ironlink_thing_store_failures_total",
                 "Batches of device data that could not be stored",
                 &self.thing_store_failures,
+            ),
+            (
+                "ironlink_ota_notices_total",
+                "OTA upgrade notices sent to devices",
+                &self.ota_notices,
+            ),
+            (
+                "ironlink_ota_succeeded_total",
+                "OTA jobs that ended with the device reporting the new version",
+                &self.ota_succeeded,
+            ),
+            (
+                "ironlink_ota_failed_total",
+                "OTA jobs that failed for good",
+                &self.ota_failed,
+            ),
+            (
+                "ironlink_ota_download_bytes_total",
+                "Firmware image bytes served to devices",
+                &self.ota_download_bytes,
             ),
         ];
         for (name, help, c) in counters {

@@ -144,6 +144,15 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             memory: config.rules.script_memory_mib.max(1) * 1024 * 1024,
         },
     ));
+    let ota = crate::ota::Ota::open(
+        db.clone(),
+        router.clone(),
+        apps.clone(),
+        metrics.clone(),
+        config.ota.clone(),
+        &config.data_dir,
+    )
+    .await?;
     let (thing, more) = crate::thing::Thing::start(
         db.clone(),
         router.clone(),
@@ -152,6 +161,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         config.clone(),
         apps.clone(),
         scripts.clone(),
+        ota.clone(),
         presence_stop_rx.clone(),
     );
     thing_tasks.extend(more);
@@ -185,6 +195,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         thing,
         apps,
         rules,
+        ota: ota.clone(),
         listeners: std::sync::OnceLock::new(),
     });
     let limiter = Arc::new(ConnectLimiter::new(
@@ -246,6 +257,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     });
     let http = bind(config.http.listen, "HTTP").await?;
     let http_addr = http.local_addr()?;
+    ota.set_http_address(http_addr);
+    tasks.push(tokio::spawn(crate::ota::scheduler::run(
+        ota,
+        shared.presence.subscribe(),
+        stop_rx.clone(),
+    )));
     let app = api::router(ApiState {
         shared: shared.clone(),
         token: admin_token.clone().into(),

@@ -46,6 +46,12 @@ pub enum Uplink<'a> {
     ShadowUpdate,
     /// `/ext/ntp/{pk}/{dn}/request`.
     NtpRequest,
+    /// `/ota/device/inform/{pk}/{dn}`: the version of one OTA module.
+    OtaInform,
+    /// `/ota/device/progress/{pk}/{dn}`: an upgrade's step (1..100) or failure (-1..-4).
+    OtaProgress,
+    /// `/sys/{pk}/{dn}/thing/ota/firmware/get`: the device asks for its pending upgrade.
+    OtaFirmwareGet,
     /// Any other topic under `/sys/{pk}/{dn}/` or `/ext/session/{pk}/{dn}/`: a system topic
     /// the platform does not know; answered with an error where a reply topic exists.
     Unknown,
@@ -88,7 +94,7 @@ fn levels<const N: usize>(rest: &str) -> Option<([&str; N], &str)> {
 }
 
 /// Classifies an uplink topic: the device it names and what it is. `None` for topics the
-/// platform only routes (user topics, OTA, broadcast...).
+/// platform only routes (user topics, OTA downlinks, broadcast...).
 pub fn classify(topic: &str) -> Option<(DeviceRef<'_>, Uplink<'_>)> {
     if let Some(rest) = topic.strip_prefix("/sys/") {
         let ([pk, dn], rest) = levels::<2>(rest)?;
@@ -105,6 +111,7 @@ pub fn classify(topic: &str) -> Option<(DeviceRef<'_>, Uplink<'_>)> {
             "thing/topo/delete" => Uplink::TopoDelete,
             "thing/topo/get" => Uplink::TopoGet,
             "thing/sub/register" => Uplink::SubRegister,
+            "thing/ota/firmware/get" => Uplink::OtaFirmwareGet,
             r => {
                 if let Some(id) = r
                     .strip_prefix("thing/event/")
@@ -153,6 +160,15 @@ pub fn classify(topic: &str) -> Option<(DeviceRef<'_>, Uplink<'_>)> {
         return rest
             .is_empty()
             .then_some((DeviceRef::new(pk, dn), Uplink::ShadowUpdate));
+    }
+    if let Some(rest) = topic.strip_prefix("/ota/device/") {
+        let ([what, pk, dn], rest) = levels::<3>(rest)?;
+        let kind = match what {
+            "inform" => Uplink::OtaInform,
+            "progress" => Uplink::OtaProgress,
+            _ => return None,
+        };
+        return rest.is_empty().then_some((DeviceRef::new(pk, dn), kind));
     }
     if let Some(rest) = topic.strip_prefix("/ext/ntp/") {
         let ([pk, dn], rest) = levels::<2>(rest)?;
@@ -250,6 +266,12 @@ mod tests {
                 "/ext/rrpc/77/sys/pk1/dn1/thing/service/reboot",
                 Some(Uplink::RrpcResponse("77")),
             ),
+            ("/ota/device/inform/pk1/dn1", Some(Uplink::OtaInform)),
+            ("/ota/device/progress/pk1/dn1", Some(Uplink::OtaProgress)),
+            (
+                "/sys/pk1/dn1/thing/ota/firmware/get",
+                Some(Uplink::OtaFirmwareGet),
+            ),
             ("/sys/pk1/dn1/thing/whatever", Some(Uplink::Unknown)),
             ("/sys/pk1/dn1/thing/event//post", Some(Uplink::Unknown)),
         ];
@@ -263,7 +285,9 @@ mod tests {
             "/sys/pk1",
             "/sys//dn1/x",
             "/shadow/get/pk1/dn1",
-            "/ota/device/inform/pk1/dn1",
+            "/ota/device/upgrade/pk1/dn1",
+            "/ota/device/inform/pk1/dn1/x",
+            "/ota/device/inform/pk1",
         ] {
             assert_eq!(classify(none), None, "{none}");
         }

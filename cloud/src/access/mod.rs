@@ -40,6 +40,8 @@ pub struct Shared {
     pub apps: Arc<crate::apps::Apps>,
     /// Rules engine and data-parsing scripts.
     pub rules: Arc<crate::rules::Engine>,
+    /// Over-the-air updates.
+    pub ota: Arc<crate::ota::Ota>,
     /// Bound device ports, set once the listeners are up.
     pub listeners: std::sync::OnceLock<Listeners>,
 }

@@ -43,11 +43,14 @@ pub enum MessageType {
     ServiceReply,
     /// Devices created, deleted, enabled or disabled (`/{pk}/{dn}/thing/lifecycle`).
     Lifecycle,
+    /// OTA: upgrade state changes (`/{pk}/{dn}/ota/upgrade`) and reported module versions
+    /// (`/{pk}/{dn}/ota/version/post`).
+    Ota,
 }
 
 impl MessageType {
     /// Every type, with its name in the API.
-    pub const ALL: [(MessageType, &'static str); 8] = [
+    pub const ALL: [(MessageType, &'static str); 9] = [
         (Self::Property, "property"),
         (Self::Event, "event"),
         (Self::Raw, "raw"),
@@ -56,6 +59,7 @@ impl MessageType {
         (Self::Lifecycle, "lifecycle"),
         (Self::Topology, "topology"),
         (Self::ServiceReply, "service_reply"),
+        (Self::Ota, "ota"),
     ];
 
     /// Said when a binding names `lifecycle`: until release 0.3 it also takes `status`.

@@ -51,18 +51,28 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SignError + '_ {
 /// Writes a new signing key (its 32-byte seed as hex, readable by its owner only) and returns
 /// the public key, hex. Never overwrites a file.
 pub fn keygen(path: &Path) -> Result<String, SignError> {
-    if path.exists() {
-        return Err(SignError::Exists(path.display().to_string()));
-    }
+    use std::io::Write;
     let mut seed = [0u8; 32];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
     let key = SigningKey::from_bytes(&seed);
-    crate::tls::write_private(path, format!("{}\n", hex::encode(seed)).as_bytes()).map_err(
-        |e| SignError::Io {
-            path: path.display().to_string(),
-            source: std::io::Error::other(e.to_string()),
-        },
-    )?;
+    // create_new: a file that appears between a check and the write is never truncated.
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            SignError::Exists(path.display().to_string())
+        } else {
+            io(path)(e)
+        }
+    })?;
+    f.write_all(format!("{}\n", hex::encode(seed)).as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(io(path))?;
     Ok(hex::encode(key.verifying_key().as_bytes()))
 }
 
@@ -81,26 +91,65 @@ pub fn sign_file(key: &SigningKey, image: &Path) -> Result<Signed, SignError> {
     sign_reader(key, &mut f).map_err(io(image))
 }
 
+/// SHA-256, SHA-512 and MD5 of an image, computed as its pieces pass.
+#[derive(Debug, Clone, Default)]
+pub struct Digests {
+    s256: Sha256,
+    s512: Sha512,
+    m5: Md5,
+    size: u64,
+}
+
+/// What [`Digests`] computed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Digested {
+    /// Bytes seen.
+    pub size: u64,
+    /// SHA-256, hex.
+    pub sha256: String,
+    /// MD5, hex.
+    pub md5: String,
+    /// SHA-512 (what the ed25519 signature covers).
+    pub sha512: [u8; 64],
+}
+
+impl Digests {
+    /// Takes the next piece.
+    pub fn update(&mut self, piece: &[u8]) {
+        self.s256.update(piece);
+        self.s512.update(piece);
+        self.m5.update(piece);
+        self.size += piece.len() as u64;
+    }
+
+    /// The digests of everything seen.
+    pub fn finish(self) -> Digested {
+        Digested {
+            size: self.size,
+            sha256: hex::encode(self.s256.finalize()),
+            md5: hex::encode(self.m5.finalize()),
+            sha512: self.s512.finalize().into(),
+        }
+    }
+}
+
 /// Signs the bytes `r` yields.
 pub fn sign_reader(key: &SigningKey, r: &mut impl Read) -> std::io::Result<Signed> {
-    let (mut s256, mut s512, mut m5) = (Sha256::new(), Sha512::new(), Md5::new());
+    let mut d = Digests::default();
     let mut buf = vec![0u8; 64 * 1024];
-    let mut size = 0u64;
     loop {
         let n = r.read(&mut buf)?;
         if n == 0 {
             break;
         }
-        s256.update(&buf[..n]);
-        s512.update(&buf[..n]);
-        m5.update(&buf[..n]);
-        size += n as u64;
+        d.update(&buf[..n]);
     }
-    let signature = key.sign(&s512.finalize());
+    let d = d.finish();
+    let signature = key.sign(&d.sha512);
     Ok(Signed {
-        size,
-        sha256: hex::encode(s256.finalize()),
-        md5: hex::encode(m5.finalize()),
+        size: d.size,
+        sha256: d.sha256,
+        md5: d.md5,
         ed25519: hex::encode(signature.to_bytes()),
         public_key: hex::encode(key.verifying_key().as_bytes()),
     })

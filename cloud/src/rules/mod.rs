@@ -181,6 +181,7 @@ fn kind_pattern(kind: MessageType) -> &'static str {
         MessageType::Lifecycle => "/+/+/thing/lifecycle",
         MessageType::Topology => "/+/+/thing/topo/lifecycle",
         MessageType::ServiceReply => "/+/+/thing/downlink/reply/message",
+        MessageType::Ota => "/+/+/ota/#",
     }
 }
 

@@ -110,6 +110,8 @@ pub struct Thing {
     pub scripts: Arc<crate::rules::script::Scripts>,
     /// Per-device limits and what they refused.
     pub limits: Arc<crate::access::limits::Limits>,
+    /// Over-the-air updates (the OTA topics' handlers).
+    pub ota: Arc<crate::ota::Ota>,
 }
 
 impl Thing {
@@ -124,6 +126,7 @@ impl Thing {
         config: Arc<Config>,
         apps: Arc<crate::apps::Apps>,
         scripts: Arc<crate::rules::script::Scripts>,
+        ota: Arc<crate::ota::Ota>,
         stop: watch::Receiver<bool>,
     ) -> (Arc<Self>, Vec<JoinHandle<()>>) {
         let (tx, rx) = mpsc::channel(16_384);
@@ -149,6 +152,7 @@ impl Thing {
             ext_rrpc: Mutex::default(),
             apps,
             scripts,
+            ota,
         });
         let sweeper = tokio::spawn(calls::sweep(thing.clone(), stop));
         (thing, vec![writer_task, sweeper])
@@ -341,6 +345,33 @@ impl Thing {
                 let id = id.to_owned();
                 self.on_reply(&pk, &dn, Some(&id), &payload).await;
                 return Outcome::default();
+            }
+            Uplink::OtaInform | Uplink::OtaProgress => {
+                let done = if kind == Uplink::OtaInform {
+                    self.ota.on_inform(&pk, &dn, &payload).await
+                } else {
+                    self.ota.on_progress(&pk, &dn, &payload).await
+                };
+                return match done {
+                    Ok(()) => Outcome::default(),
+                    Err(e) => {
+                        tracing::error!(error = %e, product_key = %pk, device_name = %dn, "storing an OTA report failed");
+                        Outcome::failed()
+                    }
+                };
+            }
+            Uplink::OtaFirmwareGet => {
+                return match self
+                    .ota
+                    .on_firmware_get(&pk, &dn, reply_topic, &payload)
+                    .await
+                {
+                    Ok(m) => Outcome::reply(m),
+                    Err(e) => {
+                        tracing::error!(error = %e, product_key = %pk, device_name = %dn, "answering firmware/get failed");
+                        Outcome::failed()
+                    }
+                };
             }
             _ => {}
         }
