@@ -300,6 +300,7 @@ pub(crate) mod int {
 
 mod apps;
 pub mod doc;
+mod ota;
 mod rules;
 pub mod serve;
 mod thing;
@@ -335,10 +336,12 @@ pub fn router(state: ApiState) -> Router {
         .merge(thing::routes())
         .merge(apps::routes())
         .merge(rules::routes())
+        .merge(ota::routes())
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
         .route("/openapi.json", get(openapi));
     Router::new()
         .nest("/api/v1", api)
+        .route("/ota/download/:token", get(ota::download))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .fallback(|| async { ApiError::not_found("no such endpoint: see /api/v1/openapi.json") })

@@ -236,12 +236,98 @@ pub struct Call {
     replied_at: Option<i64>,
 }
 
+/// Packages.
+#[derive(Debug, ToSchema)]
+pub struct PackageList {
+    packages: Vec<crate::ota::store::Package>,
+}
+
+/// Jobs counted by state.
+#[derive(Debug, ToSchema)]
+pub struct JobStates {
+    queued: u64,
+    notified: u64,
+    downloading: u64,
+    verifying: u64,
+    flashing: u64,
+    succeeded: u64,
+    failed: u64,
+    cancelled: u64,
+}
+
+/// The canary stage's jobs.
+#[derive(Debug, ToSchema)]
+pub struct CanaryCounts {
+    devices: u64,
+    /// Queued or upgrading.
+    open: u64,
+    succeeded: u64,
+}
+
+/// Failed jobs of one reason.
+#[derive(Debug, ToSchema)]
+pub struct FailureCount {
+    reason: String,
+    count: i64,
+}
+
+/// A campaign, where it is, and its jobs counted by state.
+#[derive(Debug, ToSchema)]
+pub struct Campaign {
+    id: String,
+    name: String,
+    package_id: String,
+    product_key: String,
+    module: String,
+    tenant: String,
+    target: crate::ota::Target,
+    policy: crate::ota::plan::Policy,
+    /// `running`, `paused`, `cancelled`, `aborted` or `finished`.
+    state: String,
+    /// `canary` or `main`.
+    stage: String,
+    /// Why it was aborted or cancelled.
+    reason: String,
+    /// Current pace (grows with a ramp).
+    pushes_per_minute_now: Option<f64>,
+    created_at: i64,
+    updated_at: i64,
+    finished_at: Option<i64>,
+    /// Jobs in all.
+    devices: u64,
+    states: JobStates,
+    canary: CanaryCounts,
+    failures: Vec<FailureCount>,
+}
+
+/// Campaigns.
+#[derive(Debug, ToSchema)]
+pub struct CampaignList {
+    campaigns: Vec<Campaign>,
+}
+
+/// A page of jobs.
+#[derive(Debug, ToSchema)]
+pub struct JobList {
+    jobs: Vec<crate::ota::store::Job>,
+    offset: i64,
+    limit: i64,
+}
+
+/// A device's OTA state.
+#[derive(Debug, ToSchema)]
+pub struct DeviceOta {
+    modules: Vec<crate::ota::store::ModuleVersion>,
+    jobs: Vec<crate::ota::store::Job>,
+    history: Vec<crate::ota::store::HistoryRow>,
+}
+
 /// The API description: every operation of the HTTP API.
 #[derive(Debug, OpenApi)]
 #[openapi(
     info(
         title = "Ironlink cloud API",
-        description = "Products, devices, thing models, calls, applications, rules and scripts. Every request carries `Authorization: Bearer <admin token>`; every error is `{\"code\", \"message\"}`.",
+        description = "Products, devices, thing models, calls, applications, rules, scripts and OTA. Every request carries `Authorization: Bearer <admin token>`; every error is `{\"code\", \"message\"}`.",
         version = env!("CARGO_PKG_VERSION")
     ),
     servers((url = "/api/v1")),
@@ -266,6 +352,10 @@ pub struct Call {
         super::rules::dead_letters, super::rules::clear_dead_letters, super::rules::table_rows,
         super::rules::get_script, super::rules::put_script, super::rules::delete_script,
         super::rules::test_script,
+        super::ota::upload_package, super::ota::list_packages, super::ota::get_package,
+        super::ota::delete_package, super::ota::create_campaign, super::ota::list_campaigns,
+        super::ota::get_campaign, super::ota::pause_campaign, super::ota::resume_campaign,
+        super::ota::cancel_campaign, super::ota::campaign_devices, super::ota::device_ota,
     ),
     components(schemas(ErrorBody)),
     modifiers(&CommonAnswers),

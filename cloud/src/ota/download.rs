@@ -73,8 +73,7 @@ pub fn verify(key: &[u8; 32], token: &str, now: i64) -> Result<Claims, TokenErro
         .ok_or(TokenError::Invalid)?;
     let given = B64.decode(mac_b64).map_err(|_| TokenError::Invalid)?;
     let want = mac(key, &claims);
-    if given.len() != want.len() || given.iter().zip(want).fold(0u8, |a, (x, y)| a | (x ^ y)) != 0
-    {
+    if given.len() != want.len() || given.iter().zip(want).fold(0u8, |a, (x, y)| a | (x ^ y)) != 0 {
         return Err(TokenError::Invalid);
     }
     let mut parts = claims.splitn(3, ':');
@@ -168,7 +167,9 @@ pub fn parse_range(header: Option<&str>, size: u64) -> Result<Option<Span>, ()> 
         let end: u64 = if b.is_empty() {
             size.saturating_sub(1)
         } else {
-            b.parse::<u64>().map_err(|_| ())?.min(size.saturating_sub(1))
+            b.parse::<u64>()
+                .map_err(|_| ())?
+                .min(size.saturating_sub(1))
         };
         if start >= size || end < start {
             return Err(());
@@ -245,7 +246,8 @@ impl Ota {
                 .await
                 .map_err(OtaError::from)?
             {
-                self.announce(Some(&live), &j, "download started", now).await;
+                self.announce(Some(&live), &j, "download started", now)
+                    .await;
             }
         }
         let file = tokio::fs::File::open(self.package_path(&live.package.id))

@@ -392,7 +392,13 @@ pub enum Verdict {
 }
 
 /// Decides a running campaign's next step from its counts.
-pub fn verdict(policy: &Policy, stage: Stage, c: &Counts, now: i64, ends_at: Option<i64>) -> Verdict {
+pub fn verdict(
+    policy: &Policy,
+    stage: Stage,
+    c: &Counts,
+    now: i64,
+    ends_at: Option<i64>,
+) -> Verdict {
     if let (Some(rate), true) = (
         policy.abort_failure_rate,
         c.succeeded + c.failed >= u64::from(policy.abort_min_finished.max(1)),
@@ -598,7 +604,13 @@ mod tests {
 
     #[test]
     fn the_rate_is_honoured_within_a_notice_whatever_the_tick() {
-        for (rate, tick) in [(10_000, 250), (60, 1000), (100_000, 100), (7, 333), (600, 5_000)] {
+        for (rate, tick) in [
+            (10_000, 250),
+            (60, 1000),
+            (100_000, 100),
+            (7, 333),
+            (600, 5_000),
+        ] {
             let policy = Policy {
                 pushes_per_minute: rate,
                 ..Policy::default()
@@ -607,7 +619,11 @@ mod tests {
             let sent = run(&mut p, 0, 10 * MIN, tick) as f64;
             let want = f64::from(rate) * 10.0;
             // A tick longer than the bucket's second loses what would overflow it.
-            let lost = if tick > 1000 { want * (1.0 - 1000.0 / tick as f64) } else { 0.0 };
+            let lost = if tick > 1000 {
+                want * (1.0 - 1000.0 / tick as f64)
+            } else {
+                0.0
+            };
             assert!(
                 (sent - (want - lost)).abs() <= (want * 0.01).max(2.0),
                 "rate {rate}/min tick {tick} ms: sent {sent}, want {want} - {lost}"
@@ -707,13 +723,19 @@ mod tests {
             canary_open: 4,
             ..Counts::default()
         };
-        assert_eq!(verdict(&policy, Stage::Canary, &c, 0, None), Verdict::Continue);
+        assert_eq!(
+            verdict(&policy, Stage::Canary, &c, 0, None),
+            Verdict::Continue
+        );
         c.active = 0;
         c.canary_open = 0;
         c.succeeded = 3;
         c.failed = 1;
         c.canary_succeeded = 3;
-        assert_eq!(verdict(&policy, Stage::Canary, &c, 0, None), Verdict::Promote);
+        assert_eq!(
+            verdict(&policy, Stage::Canary, &c, 0, None),
+            Verdict::Promote
+        );
         c.succeeded = 2;
         c.failed = 2;
         c.canary_succeeded = 2;
@@ -728,16 +750,25 @@ mod tests {
             failed: 3,
             ..Counts::default()
         };
-        assert_eq!(verdict(&policy, Stage::Main, &m, 0, None), Verdict::Continue);
+        assert_eq!(
+            verdict(&policy, Stage::Main, &m, 0, None),
+            Verdict::Continue
+        );
         m.failed = 4;
-        assert!(matches!(verdict(&policy, Stage::Main, &m, 0, None), Verdict::Abort(_)));
+        assert!(matches!(
+            verdict(&policy, Stage::Main, &m, 0, None),
+            Verdict::Abort(_)
+        ));
         // Below abort_min_finished nothing aborts.
         let few = Counts {
             queued: 50,
             failed: 3,
             ..Counts::default()
         };
-        assert_eq!(verdict(&policy, Stage::Main, &few, 0, None), Verdict::Continue);
+        assert_eq!(
+            verdict(&policy, Stage::Main, &few, 0, None),
+            Verdict::Continue
+        );
     }
 
     #[test]
@@ -747,20 +778,35 @@ mod tests {
             succeeded: 5,
             ..Counts::default()
         };
-        assert_eq!(verdict(&policy, Stage::Main, &done, 0, None), Verdict::Finish);
-        assert_eq!(verdict(&policy, Stage::Main, &done, 0, Some(10)), Verdict::Continue);
-        assert_eq!(verdict(&policy, Stage::Main, &done, 10, Some(10)), Verdict::Finish);
+        assert_eq!(
+            verdict(&policy, Stage::Main, &done, 0, None),
+            Verdict::Finish
+        );
+        assert_eq!(
+            verdict(&policy, Stage::Main, &done, 0, Some(10)),
+            Verdict::Continue
+        );
+        assert_eq!(
+            verdict(&policy, Stage::Main, &done, 10, Some(10)),
+            Verdict::Finish
+        );
         let waiting = Counts {
             queued: 3,
             active: 1,
             ..Counts::default()
         };
-        assert_eq!(verdict(&policy, Stage::Main, &waiting, 10, Some(10)), Verdict::Ended);
+        assert_eq!(
+            verdict(&policy, Stage::Main, &waiting, 10, Some(10)),
+            Verdict::Ended
+        );
         let active = Counts {
             active: 1,
             ..Counts::default()
         };
-        assert_eq!(verdict(&policy, Stage::Main, &active, 10, Some(10)), Verdict::Continue);
+        assert_eq!(
+            verdict(&policy, Stage::Main, &active, 10, Some(10)),
+            Verdict::Continue
+        );
     }
 
     #[test]

@@ -100,13 +100,18 @@ impl Scheduler {
 
         let per_second = f64::from(ota.config.max_notices_per_second.max(1));
         let last = *self.last.get_or_insert(now);
-        self.tokens = (self.tokens + (now - last).max(0) as f64 * per_second / 1000.0)
-            .min(per_second);
+        self.tokens =
+            (self.tokens + (now - last).max(0) as f64 * per_second / 1000.0).min(per_second);
         self.last = Some(now.max(last));
 
         let mut wants: Vec<Want> = Vec::new();
         let mut ordered: Vec<&Arc<Live>> = live.values().collect();
-        ordered.sort_by(|a, b| a.row.created_at.cmp(&b.row.created_at).then(a.row.id.cmp(&b.row.id)));
+        ordered.sort_by(|a, b| {
+            a.row
+                .created_at
+                .cmp(&b.row.created_at)
+                .then(a.row.id.cmp(&b.row.id))
+        });
         for l in ordered {
             self.expire(ota, l, now).await?;
             if l.row.state != "running" {
@@ -151,13 +156,25 @@ impl Scheduler {
             let change = Change {
                 from: &from,
                 attempt: Some(job.attempt),
-                to: if again { JobState::Queued } else { JobState::Failed },
+                to: if again {
+                    JobState::Queued
+                } else {
+                    JobState::Failed
+                },
                 step: None,
-                detail: if again { format!("{why}; retrying") } else { format!("timed out: {why}") },
+                detail: if again {
+                    format!("{why}; retrying")
+                } else {
+                    format!("timed out: {why}")
+                },
                 deadline: None,
                 retry: again,
             };
-            if let Some(j) = ota.db.move_job(&l.row.id, &job.device_name, &change, now).await? {
+            if let Some(j) = ota
+                .db
+                .move_job(&l.row.id, &job.device_name, &change, now)
+                .await?
+            {
                 ota.announce(Some(l), &j, &change.detail, now).await;
             }
         }
@@ -165,7 +182,12 @@ impl Scheduler {
     }
 
     /// Applies a running campaign's verdict; returns how many notices it would send now.
-    async fn decide(&self, ota: &Ota, l: &Arc<Live>, now: i64) -> Result<Option<Want>, StorageError> {
+    async fn decide(
+        &self,
+        ota: &Ota,
+        l: &Arc<Live>,
+        now: i64,
+    ) -> Result<Option<Want>, StorageError> {
         let (counts, _) = ota.db.job_counts(&l.row.id).await?;
         let mut pacer = ota
             .pacers
@@ -184,18 +206,39 @@ impl Scheduler {
         match &verdict {
             Verdict::Promote => {
                 ota.db
-                    .update_campaign(id, &["running"], "running", Stage::Main.as_str(), "", &rate_json, now)
+                    .update_campaign(
+                        id,
+                        &["running"],
+                        "running",
+                        Stage::Main.as_str(),
+                        "",
+                        &rate_json,
+                        now,
+                    )
                     .await?;
                 tracing::info!(campaign = %id, "OTA canary stage succeeded; notifying every targeted device");
             }
             Verdict::Abort(why) => {
                 if ota
                     .db
-                    .update_campaign(id, &["running"], "aborted", stage.as_str(), why, &rate_json, now)
+                    .update_campaign(
+                        id,
+                        &["running"],
+                        "aborted",
+                        stage.as_str(),
+                        why,
+                        &rate_json,
+                        now,
+                    )
                     .await?
                 {
                     ota.db
-                        .cancel_jobs(id, &[JobState::Queued], &format!("campaign aborted: {why}"), now)
+                        .cancel_jobs(
+                            id,
+                            &[JobState::Queued],
+                            &format!("campaign aborted: {why}"),
+                            now,
+                        )
                         .await?;
                     tracing::warn!(campaign = %id, reason = %why, "OTA campaign aborted");
                 }
@@ -203,21 +246,42 @@ impl Scheduler {
             }
             Verdict::Finish => {
                 ota.db
-                    .update_campaign(id, &["running"], "finished", stage.as_str(), "", &rate_json, now)
+                    .update_campaign(
+                        id,
+                        &["running"],
+                        "finished",
+                        stage.as_str(),
+                        "",
+                        &rate_json,
+                        now,
+                    )
                     .await?;
                 tracing::info!(campaign = %id, succeeded = counts.succeeded, failed = counts.failed, "OTA campaign finished");
                 return Ok(None);
             }
             Verdict::Ended => {
                 ota.db
-                    .cancel_jobs(id, &[JobState::Queued], "the campaign's run time ended", now)
+                    .cancel_jobs(
+                        id,
+                        &[JobState::Queued],
+                        "the campaign's run time ended",
+                        now,
+                    )
                     .await?;
                 return Ok(None);
             }
             Verdict::Continue => {
                 if ramped {
                     ota.db
-                        .update_campaign(id, &["running"], "running", stage.as_str(), "", &rate_json, now)
+                        .update_campaign(
+                            id,
+                            &["running"],
+                            "running",
+                            stage.as_str(),
+                            "",
+                            &rate_json,
+                            now,
+                        )
                         .await?;
                 }
             }
@@ -253,7 +317,10 @@ impl Scheduler {
         let mut budget = self.tokens.max(0.0).floor() as usize;
         let mut tenants: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
         for (i, w) in wants.iter().enumerate() {
-            tenants.entry(w.live.row.tenant.as_str()).or_default().push(i);
+            tenants
+                .entry(w.live.row.tenant.as_str())
+                .or_default()
+                .push(i);
         }
         let mut order: Vec<Vec<usize>> = tenants.into_values().collect();
         if !order.is_empty() {
@@ -272,8 +339,11 @@ impl Scheduler {
             let per_tenant = (budget / open.len()).max(1);
             for t in open {
                 let mut left = per_tenant.min(budget);
-                let campaigns: Vec<usize> =
-                    t.iter().copied().filter(|&i| grants[i] < wants[i].n).collect();
+                let campaigns: Vec<usize> = t
+                    .iter()
+                    .copied()
+                    .filter(|&i| grants[i] < wants[i].n)
+                    .collect();
                 let per_campaign = (left / campaigns.len()).max(1);
                 for i in campaigns {
                     let give = per_campaign.min(wants[i].n - grants[i]).min(left);
@@ -294,7 +364,13 @@ impl Scheduler {
 
     /// Notifies up to `n` of a campaign's queued jobs whose devices are online: each job's
     /// change is committed first, then its notice goes out.
-    async fn send(&self, ota: &Ota, l: &Arc<Live>, n: usize, now: i64) -> Result<usize, StorageError> {
+    async fn send(
+        &self,
+        ota: &Ota,
+        l: &Arc<Live>,
+        n: usize,
+        now: i64,
+    ) -> Result<usize, StorageError> {
         let canary_only = l.stage() == Stage::Canary;
         let due: Vec<Job> = ota.db.due_jobs(&l.row.id, canary_only, n).await?;
         if due.is_empty() {
@@ -364,7 +440,12 @@ mod tests {
             ..Scheduler::default()
         };
         // Tenant a has one huge campaign, b two small ones, c a medium one.
-        let wants = vec![want("a", 100_000), want("b", 50), want("b", 100), want("c", 300)];
+        let wants = vec![
+            want("a", 100_000),
+            want("b", 50),
+            want("b", 100),
+            want("c", 300),
+        ];
         let g = s.share(&wants);
         assert_eq!(g.iter().sum::<usize>(), 1_000);
         assert_eq!(g[1] + g[2], 150, "b gets all it wants");

@@ -240,11 +240,13 @@ fn history_sql(rows: usize) -> String {
 impl Db {
     /// Reads a setting, creating it with `value` when absent (first writer wins).
     pub async fn ota_setting(&self, name: &str, value: &str) -> Result<String, StorageError> {
-        sqlx::query("INSERT INTO ota_settings (name, value) VALUES ($1, $2) ON CONFLICT DO NOTHING")
-            .bind(name)
-            .bind(value)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "INSERT INTO ota_settings (name, value) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(name)
+        .bind(value)
+        .execute(&self.pool)
+        .await?;
         let row = sqlx::query("SELECT value FROM ota_settings WHERE name = $1")
             .bind(name)
             .fetch_one(&self.pool)
@@ -275,12 +277,12 @@ impl Db {
             .execute(&self.pool)
             .await
             .map_err(|e| match &e {
-                sqlx::Error::Database(d) if d.is_unique_violation() => StorageError::Conflict(
-                    format!(
+                sqlx::Error::Database(d) if d.is_unique_violation() => {
+                    StorageError::Conflict(format!(
                         "product `{}` already has version `{}` of module `{}`",
                         p.product_key, p.version, p.module
-                    ),
-                ),
+                    ))
+                }
                 _ => e.into(),
             })?;
         Ok(())
@@ -303,9 +305,8 @@ impl Db {
                 sqlx::query_as(&sql).bind(pk).fetch_all(&self.pool).await?
             }
             None => {
-                let sql = format!(
-                    "SELECT {PACKAGE_COLS} FROM ota_packages ORDER BY created_at DESC, id"
-                );
+                let sql =
+                    format!("SELECT {PACKAGE_COLS} FROM ota_packages ORDER BY created_at DESC, id");
                 sqlx::query_as(&sql).fetch_all(&self.pool).await?
             }
         };
@@ -316,11 +317,12 @@ impl Db {
     /// campaign uses it.
     pub async fn delete_package(&self, id: &str) -> Result<bool, StorageError> {
         let mut tx = self.write_tx().await?;
-        let used: i64 = sqlx::query("SELECT COUNT(*) AS n FROM ota_campaigns WHERE package_id = $1")
-            .bind(id)
-            .fetch_one(&mut *tx)
-            .await?
-            .try_get("n")?;
+        let used: i64 =
+            sqlx::query("SELECT COUNT(*) AS n FROM ota_campaigns WHERE package_id = $1")
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get("n")?;
         if used > 0 {
             return Err(StorageError::Conflict(format!(
                 "package `{id}` is used by {used} campaign(s); delete those first"
@@ -448,10 +450,7 @@ impl Db {
     }
 
     /// Campaigns, newest first; only those in `states` when given.
-    pub async fn list_campaigns(
-        &self,
-        states: &[&str],
-    ) -> Result<Vec<CampaignRow>, StorageError> {
+    pub async fn list_campaigns(&self, states: &[&str]) -> Result<Vec<CampaignRow>, StorageError> {
         let sql = if states.is_empty() {
             format!("SELECT {CAMPAIGN_COLS} FROM ota_campaigns ORDER BY created_at DESC, id")
         } else {
@@ -507,7 +506,10 @@ impl Db {
     }
 
     /// Job counts of a campaign.
-    pub async fn job_counts(&self, id: &str) -> Result<(Counts, HashMap<String, u64>), StorageError> {
+    pub async fn job_counts(
+        &self,
+        id: &str,
+    ) -> Result<(Counts, HashMap<String, u64>), StorageError> {
         let rows = sqlx::query(
             "SELECT state, canary, COUNT(*) AS n FROM ota_jobs WHERE campaign_id = $1 GROUP BY state, canary",
         )
@@ -670,7 +672,11 @@ impl Db {
         let mut q = sqlx::query_as(&sql)
             .bind(change.to.as_str())
             .bind(change.step)
-            .bind(if keep_reason { change.detail.as_str() } else { "" })
+            .bind(if keep_reason {
+                change.detail.as_str()
+            } else {
+                ""
+            })
             .bind(change.deadline)
             .bind(now)
             .bind(i64::from(change.retry))
@@ -764,7 +770,8 @@ impl Db {
 
     /// One job.
     pub async fn get_job(&self, id: &str, dn: &str) -> Result<Option<Job>, StorageError> {
-        let sql = format!("SELECT {JOB_COLS} FROM ota_jobs WHERE campaign_id = $1 AND device_name = $2");
+        let sql =
+            format!("SELECT {JOB_COLS} FROM ota_jobs WHERE campaign_id = $1 AND device_name = $2");
         Ok(sqlx::query_as(&sql)
             .bind(id)
             .bind(dn)
