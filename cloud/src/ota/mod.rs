@@ -659,6 +659,12 @@ impl Ota {
         }
         out.jobs = jobs.len();
         out.canaries = jobs.iter().filter(|j| j.canary).count();
+        if jobs.is_empty() && req.policy.run_for.is_none() {
+            return Err(OtaError::Invalid(format!(
+                "no device of product `{}` is to be upgraded ({} already on {}, {} on a version the package does not take, {} busy in another campaign, the rest outside the target); set policy.run_for to keep the campaign waiting for devices that come later",
+                package.product_key, out.already_current, package.version, out.wrong_source, out.busy
+            )));
+        }
         let stage = if out.canaries > 0 {
             Stage::Canary
         } else {

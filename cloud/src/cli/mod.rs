@@ -1,5 +1,5 @@
 //! Command line: `serve`, and admin subcommands that mirror the HTTP API against a running
-//! server. Tables for people, `--json` for scripts.
+//! server. Tables for people, `--json` for scripts. OTA commands live in `cli/ota.rs`.
 
 use crate::config::Config;
 use anyhow::{bail, Context};
@@ -9,6 +9,9 @@ use ironlink_shared::sign::SignMethod;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+
+mod ota;
+pub use ota::{CampaignCmd, CreateArgs, OtaCmd, PackageCmd};
 
 /// Ironlink cloud: device access, registry and API.
 #[derive(Debug, Parser)]
@@ -69,10 +72,10 @@ pub enum Command {
         #[command(subcommand)]
         cmd: ScriptCmd,
     },
-    /// Firmware signing (local, no server): `keygen` makes the operator's ed25519 key,
-    /// `sign` prints what an upgrade notice carries about an image.
+    /// Over-the-air updates: signing keys and signatures (`keygen`, `sign`: local), packages,
+    /// campaigns and a device's OTA state (against the server).
     Ota {
-        /// Signing action.
+        /// OTA action.
         #[command(subcommand)]
         cmd: OtaCmd,
     },
@@ -95,31 +98,12 @@ pub enum Command {
     },
 }
 
-/// `ota` actions.
-#[derive(Debug, Subcommand)]
-pub enum OtaCmd {
-    /// Make a signing key: its seed goes to FILE (readable by you only; never overwritten), the
-    /// public key to build into devices is printed.
-    Keygen {
-        /// Where to write the key.
-        file: std::path::PathBuf,
-    },
-    /// Sign an image: prints its size, SHA-256, MD5, the ed25519 signature over its SHA-512
-    /// and the public key, as one JSON object (the notice's `sign`, `md5` and `ed25519`).
-    Sign {
-        /// The key file `keygen` wrote.
-        #[arg(long)]
-        key: std::path::PathBuf,
-        /// The firmware image.
-        image: std::path::PathBuf,
-    },
-}
-
 impl Command {
     /// True when the admin command asked for JSON (its errors are JSON too).
     pub fn wants_json(&self) -> bool {
         match self {
-            Command::Serve(_) | Command::Ota { .. } => false,
+            Command::Serve(_) => false,
+            Command::Ota { cmd } => cmd.wants_json(),
             Command::Product { client, .. }
             | Command::Device { client, .. }
             | Command::App { client, .. }
@@ -1104,23 +1088,7 @@ fn call_outcome(v: &Value) -> anyhow::Result<()> {
 pub async fn run_admin(command: Command) -> anyhow::Result<()> {
     use reqwest::Method;
     match command {
-        Command::Ota { cmd } => {
-            use crate::ota::sign;
-            match cmd {
-                OtaCmd::Keygen { file } => {
-                    let public = sign::keygen(&file)?;
-                    println!("{public}");
-                    eprintln!(
-                        "signing key written to {} (keep it off devices and servers you do not trust); the public key above goes into devices",
-                        file.display()
-                    );
-                }
-                OtaCmd::Sign { key, image } => {
-                    let signed = sign::sign_file(&sign::read_key(&key)?, &image)?;
-                    println!("{}", serde_json::to_string_pretty(&signed)?);
-                }
-            }
-        }
+        Command::Ota { cmd } => ota::run(cmd).await?,
         Command::Serve(_) => bail!("serve is not an admin command"),
         Command::Product { client, cmd } => {
             let c = Client::new(&client)?;
