@@ -448,6 +448,9 @@ mod tests {
         assert_eq!(c.limits.device, d.limits.device);
         assert_eq!(c.limits.inflight_bytes, d.limits.inflight_bytes);
         assert_eq!(c.limits.retained_bytes_total, d.limits.retained_bytes_total);
+        assert_eq!(c.ota.max_package_bytes, d.ota.max_package_bytes);
+        assert_eq!(c.ota.max_notices_per_second, d.ota.max_notices_per_second);
+        assert_eq!(c.ota.tick, d.ota.tick);
     }
 
     #[test]

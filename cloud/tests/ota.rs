@@ -500,7 +500,10 @@ async fn bad_reports_and_requests_are_refused_without_harm() {
     // A campaign that would upgrade nobody says why instead of finishing at once.
     let pkg: Value = srv
         .http
-        .post(format!("{}/ota/packages?product_key={pk}&version=1", srv.base))
+        .post(format!(
+            "{}/ota/packages?product_key={pk}&version=1",
+            srv.base
+        ))
         .bearer_auth("test-token")
         .body(image(10))
         .send()
@@ -510,9 +513,15 @@ async fn bad_reports_and_requests_are_refused_without_harm() {
         .await
         .unwrap();
     let (s, v) = srv
-        .post("/ota/campaigns", json!({"name": "x", "package_id": pkg["id"]}))
+        .post(
+            "/ota/campaigns",
+            json!({"name": "x", "package_id": pkg["id"]}),
+        )
         .await;
     assert_eq!(s, 400);
-    assert!(v["message"].as_str().unwrap().contains("1 already on 1"), "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("1 already on 1"),
+        "{v}"
+    );
     srv.running.shutdown().await;
 }

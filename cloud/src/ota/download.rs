@@ -219,7 +219,9 @@ impl Ota {
             .map_err(OtaError::from)?
             .ok_or_else(|| DownloadError::Closed("no upgrade is open for this link".into()))?;
         let state = job.job_state();
-        if !state.is_active() {
+        // A queued job is one whose notice is being renewed: the device may still hold the
+        // link of its previous attempt, which serves until the job ends or the link expires.
+        if state.is_final() {
             return Err(DownloadError::Closed(format!(
                 "the upgrade this link was issued for is {}",
                 state.as_str()

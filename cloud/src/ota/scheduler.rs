@@ -65,6 +65,8 @@ pub struct Scheduler {
     last: Option<i64>,
     /// Rotates the order tenants are served in.
     turn: usize,
+    /// The notices of the previous process have been renewed.
+    renewed: bool,
     packages: HashMap<String, super::store::Package>,
 }
 
@@ -89,6 +91,27 @@ impl Scheduler {
                 continue;
             };
             live.insert(row.id.clone(), Arc::new(Live::from_row(row, p.clone())));
+        }
+        if !self.renewed {
+            // Every connection ended with the previous process: a notice it sent may never
+            // have arrived. Jobs notified but not yet reported on go back to the queue, to be
+            // notified again under a new attempt (never the same attempt twice).
+            for l in live.values() {
+                let n = ota
+                    .db
+                    .move_all(
+                        &l.row.id,
+                        &[JobState::Notified],
+                        JobState::Queued,
+                        "the cloud restarted before the device reported: notice renewed",
+                        now,
+                    )
+                    .await?;
+                if n > 0 {
+                    tracing::info!(campaign = %l.row.id, jobs = n, "OTA notices renewed after a restart");
+                }
+            }
+            self.renewed = true;
         }
         let keep: HashSet<String> = live.keys().cloned().collect();
         ota.drop_limiters(&keep);

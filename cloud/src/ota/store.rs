@@ -714,21 +714,48 @@ impl Db {
         reason: &str,
         now: i64,
     ) -> Result<u64, StorageError> {
+        self.move_all(id, states, JobState::Cancelled, reason, now)
+            .await
+    }
+
+    /// Moves every job of a campaign in `states` to `to` (with history; the reason is kept
+    /// on cancelled and failed jobs); returns how many.
+    pub async fn move_all(
+        &self,
+        id: &str,
+        states: &[JobState],
+        to: JobState,
+        reason: &str,
+        now: i64,
+    ) -> Result<u64, StorageError> {
         let mut tx = self.write_tx().await?;
-        let list = in_list(states, 4);
+        let list = in_list(states, 5);
         let hist = format!(
             "INSERT INTO ota_history (campaign_id, product_key, device_name, attempt, state, step, detail, at) \
-             SELECT campaign_id, product_key, device_name, attempt, 'cancelled', step, $1, $2 FROM ota_jobs WHERE campaign_id = $3 AND state IN ({list})"
+             SELECT campaign_id, product_key, device_name, attempt, $1, step, $2, $3 FROM ota_jobs WHERE campaign_id = $4 AND state IN ({list})"
         );
-        let mut q = sqlx::query(&hist).bind(reason).bind(now).bind(id);
+        let mut q = sqlx::query(&hist)
+            .bind(to.as_str())
+            .bind(reason)
+            .bind(now)
+            .bind(id);
         for s in states {
             q = q.bind(s.as_str());
         }
         q.execute(&mut *tx).await?;
+        let keep = if to == JobState::Failed || to == JobState::Cancelled {
+            reason
+        } else {
+            ""
+        };
         let upd = format!(
-            "UPDATE ota_jobs SET state = 'cancelled', reason = $1, updated_at = $2, deadline = NULL WHERE campaign_id = $3 AND state IN ({list})"
+            "UPDATE ota_jobs SET state = $1, reason = $2, updated_at = $3, deadline = NULL WHERE campaign_id = $4 AND state IN ({list})"
         );
-        let mut q = sqlx::query(&upd).bind(reason).bind(now).bind(id);
+        let mut q = sqlx::query(&upd)
+            .bind(to.as_str())
+            .bind(keep)
+            .bind(now)
+            .bind(id);
         for s in states {
             q = q.bind(s.as_str());
         }
