@@ -18,33 +18,61 @@ fn image(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 31 % 251) as u8).collect()
 }
 
-/// The next OTA notice for this client (other packets are skipped; QoS 1 is acknowledged).
-async fn notice(c: &mut Raw) -> Value {
-    loop {
-        match c.next_v4().await {
-            Some(v4::Packet::Publish(p)) => {
-                if p.qos == QoS::AtLeastOnce {
-                    let mut b = bytes::BytesMut::new();
-                    v4::PubAck::new(p.pkid).write(&mut b).unwrap();
-                    c.send(&b).await;
+/// A device on raw MQTT that keeps what arrives while it waits for something else.
+struct Dev {
+    c: Raw,
+    early: std::collections::VecDeque<v4::Publish>,
+}
+
+impl Dev {
+    /// The next PUBLISH (QoS 1 is acknowledged), kept ones first.
+    async fn publish(&mut self) -> v4::Publish {
+        if let Some(p) = self.early.pop_front() {
+            return p;
+        }
+        loop {
+            match self.c.next_v4().await {
+                Some(v4::Packet::Publish(p)) => {
+                    self.ack(&p).await;
+                    return p;
                 }
-                if p.topic.starts_with("/ota/device/upgrade/") {
-                    return serde_json::from_slice(&p.payload).unwrap();
-                }
+                Some(_) => continue,
+                None => panic!("closed while waiting for a message"),
             }
-            Some(_) => continue,
-            None => panic!("closed while waiting for a notice"),
+        }
+    }
+
+    async fn ack(&mut self, p: &v4::Publish) {
+        if p.qos == QoS::AtLeastOnce {
+            let mut b = bytes::BytesMut::new();
+            v4::PubAck::new(p.pkid).write(&mut b).unwrap();
+            self.c.send(&b).await;
         }
     }
 }
 
-/// Publishes at QoS 1 and waits for the acknowledgement (so the server has handled it).
-async fn send(c: &mut Raw, topic: &str, body: Value, pkid: u16) {
-    c.publish_v4(topic, body.to_string().as_bytes(), QoS::AtLeastOnce, pkid)
+/// The next OTA notice for this device (other messages are skipped).
+async fn notice(d: &mut Dev) -> Value {
+    loop {
+        let p = d.publish().await;
+        if p.topic.starts_with("/ota/device/upgrade/") {
+            return serde_json::from_slice(&p.payload).unwrap();
+        }
+    }
+}
+
+/// Publishes at QoS 1 and waits for the acknowledgement (so the server has handled it);
+/// messages that arrive meanwhile are kept.
+async fn send(d: &mut Dev, topic: &str, body: Value, pkid: u16) {
+    d.c.publish_v4(topic, body.to_string().as_bytes(), QoS::AtLeastOnce, pkid)
         .await;
     loop {
-        match c.next_v4().await {
+        match d.c.next_v4().await {
             Some(v4::Packet::PubAck(a)) if a.pkid == pkid => return,
+            Some(v4::Packet::Publish(p)) => {
+                d.ack(&p).await;
+                d.early.push_back(p);
+            }
             Some(_) => continue,
             None => panic!("closed before PUBACK"),
         }
@@ -52,16 +80,13 @@ async fn send(c: &mut Raw, topic: &str, body: Value, pkid: u16) {
 }
 
 /// Publishes a request and returns the reply on `{topic}_reply`.
-async fn request(c: &mut Raw, topic: &str, body: Value, pkid: u16) -> Value {
-    send(c, topic, body, pkid).await;
+async fn request(d: &mut Dev, topic: &str, body: Value, pkid: u16) -> Value {
+    send(d, topic, body, pkid).await;
     let want = format!("{topic}_reply");
     loop {
-        match c.next_v4().await {
-            Some(v4::Packet::Publish(p)) if p.topic == want => {
-                return serde_json::from_slice(&p.payload).unwrap()
-            }
-            Some(_) => continue,
-            None => panic!("closed before the reply"),
+        let p = d.publish().await;
+        if p.topic == want {
+            return serde_json::from_slice(&p.payload).unwrap();
         }
     }
 }
@@ -83,12 +108,16 @@ async fn until(srv: &TestServer, id: &str, what: &str, ok: impl Fn(&Value) -> bo
     }
 }
 
-async fn online(srv: &TestServer, pk: &str, dn: &str, secret: &str, version: &str) -> Raw {
+async fn online(srv: &TestServer, pk: &str, dn: &str, secret: &str, version: &str) -> Dev {
     let mut c = device_v4(srv, pk, dn, secret).await;
     c.subscribe_v4(&format!("/ota/device/upgrade/{pk}/{dn}"), 1)
         .await;
     c.subscribe_v4(&format!("/sys/{pk}/{dn}/thing/ota/firmware/get_reply"), 2)
         .await;
+    let mut c = Dev {
+        c,
+        early: Default::default(),
+    };
     send(
         &mut c,
         &format!("/ota/device/inform/{pk}/{dn}"),
@@ -199,7 +228,7 @@ async fn campaign_end_to_end(database_url: Option<String>) {
     assert_eq!(created["canaries"], 1);
     let id = created["id"].as_str().unwrap().to_owned();
 
-    // Canary stage: only d1 is notified.
+    // Canary stage: only lamp-1 is notified.
     let n1 = notice(&mut d1).await;
     assert_eq!(n1["code"], "1000");
     let data = &n1["data"];
@@ -209,7 +238,10 @@ async fn campaign_end_to_end(database_url: Option<String>) {
     assert_eq!(data["sign"], hex::encode(md5::Md5::digest(&img)));
     assert_eq!(data["ed25519"], pkg["ed25519"]);
     let url = data["url"].as_str().unwrap().to_owned();
-    let v = until(&srv, &id, "d1 notified", |v| v["states"]["notified"] == 1).await;
+    let v = until(&srv, &id, "lamp-1 notified", |v| {
+        v["states"]["notified"] == 1
+    })
+    .await;
     assert_eq!(v["stage"], "canary");
     assert_eq!(v["states"]["queued"], 2);
 
@@ -224,7 +256,7 @@ async fn campaign_end_to_end(database_url: Option<String>) {
     assert_eq!((st, whole.len()), (200, img.len()));
     let (st, _, _) = get_range(&url, Some("bytes=300000-")).await;
     assert_eq!(st, 416);
-    until(&srv, &id, "d1 downloading", |v| {
+    until(&srv, &id, "lamp-1 downloading", |v| {
         v["states"]["downloading"] == 1
     })
     .await;
@@ -253,7 +285,10 @@ async fn campaign_end_to_end(database_url: Option<String>) {
         5,
     )
     .await;
-    until(&srv, &id, "d1 flashing", |v| v["states"]["flashing"] == 1).await;
+    until(&srv, &id, "lamp-1 flashing", |v| {
+        v["states"]["flashing"] == 1
+    })
+    .await;
     send(
         &mut d1,
         &format!("/ota/device/inform/{pk}/lamp-1"),
@@ -298,11 +333,11 @@ async fn campaign_end_to_end(database_url: Option<String>) {
         9,
     )
     .await;
-    let v = until(&srv, &id, "d2 and d3 done", |v| {
+    let v = until(&srv, &id, "lamp-2 and lamp-3 done", |v| {
         v["states"]["succeeded"] == 2 && v["states"]["failed"] == 1
     })
     .await;
-    assert_eq!(v["state"], "running", "d4 is still queued: {v}");
+    assert_eq!(v["state"], "running", "it runs for an hour: {v}");
     assert!(
         v["failures"][0]["reason"]
             .as_str()
@@ -311,7 +346,7 @@ async fn campaign_end_to_end(database_url: Option<String>) {
         "{v}"
     );
 
-    // d4 comes online later: notified, succeeds, and the campaign finishes.
+    // lamp-4 comes online later on a source version: it joins, is notified and succeeds.
     let mut d4 = online(&srv, &pk, "lamp-4", &secrets[3], "1.0.0").await;
     let n4 = notice(&mut d4).await;
     assert_eq!(n4["data"]["version"], "2.0.0");
