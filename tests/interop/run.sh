@@ -4,7 +4,8 @@
 #     credentials printed by `ironlink-cloud device credentials`, and an ACL violation refused;
 #   - Alibaba's Python device SDK (aliyun-iot-linkkit): connect + downlink, dynamic
 #     registration over TLS, the thing model (properties, event, property set, service call)
-#     and a gateway with two sub-devices;
+#     a gateway with two sub-devices, and OTA (push, pull, download with its sign, progress,
+#     new version; curl resuming a ranged download);
 #   - the edge gateway against pymodbus (TCP and RTU on a socat pty pair) and mbpoll;
 #   - the edge's GB/T 32960 server against frames built and answers parsed by rtm-con;
 #   - the edge's LoRaWAN server against frames built and downlinks verified by lora-packet (npm,
@@ -132,6 +133,19 @@ check "aliyun-iot-linkkit thing model: properties, event, property set, async an
 
 check "CLI shows the linkkit device's latest properties and its answered call" \
     bash -c "'$BIN' device properties '$TPK' lk-thing1 | grep -q temperature && '$BIN' device calls '$TPK' lk-thing1 | grep -q succeeded"
+
+# OTA: a linkkit device is upgraded by a campaign: push, SDK download with its sign checked,
+# curl resuming a ranged download, pull, progress, new version.
+OPK=$("$BIN" product create ota-interop --json | json "['product_key']")
+"$BIN" device create "$OPK" lk-ota-01 >/dev/null
+OS=$("$BIN" device credentials "$OPK" lk-ota-01 --json | json "['device_secret']")
+head -c 300000 /dev/urandom >"$WORK/firmware-2.0.0.bin"
+OPKG=$("$BIN" ota package upload --product "$OPK" --version 2.0.0 --src-version 1.0.0 "$WORK/firmware-2.0.0.bin" --json | json "['id']")
+mkdir -p "$WORK/ota"
+check "aliyun-iot-linkkit OTA: notice pushed and pulled, SDK download with its sign checked, curl --range resumes, progress, new version" \
+    "$PY" "$HERE/linkkit_device.py" "$HTTP" "$IRONLINK_TOKEN" ota "$OPK" lk-ota-01 "$OS" 127.0.0.1 "$MQTT_PORT" "$OPKG" "$WORK/ota"
+check "CLI shows the linkkit device's OTA history" \
+    bash -c "'$BIN' ota device '$OPK' lk-ota-01 | grep -q succeeded"
 
 # Gateway: a linkkit gateway adds and logs in two sub-devices and posts for them over its one
 # connection.
