@@ -320,6 +320,8 @@ struct RawConfig {
     lorawan: Option<LoraServer>,
     #[serde(default)]
     coap: Option<CoapServer>,
+    #[serde(default)]
+    ota: crate::ota::OtaConfig,
 }
 
 /// How a sub-device is reached.
@@ -425,6 +427,8 @@ pub struct Config {
     pub lorawan: Option<LoraServer>,
     /// CoAP server.
     pub coap: Option<CoapServer>,
+    /// Self-upgrade.
+    pub ota: crate::ota::OtaConfig,
 }
 
 /// Where `key = ...` stands in the table around `anchor` (a span inside that table).
@@ -904,6 +908,9 @@ impl Config {
                 ));
             }
         }
+        if let Err(e) = raw.ota.key() {
+            return Err(err(text.find("public_key"), e));
+        }
         Ok(Self {
             gateway: raw.gateway,
             uplink: raw.uplink,
@@ -914,6 +921,7 @@ impl Config {
             gb32960: raw.gb32960,
             lorawan: raw.lorawan,
             coap: raw.coap,
+            ota: raw.ota,
         })
     }
 }

@@ -10,11 +10,13 @@ pub mod layout;
 pub mod link;
 pub mod lorawan_server;
 pub mod lpp;
+pub mod ota;
 pub mod poller;
 pub mod queue;
 pub mod run;
 pub mod status;
 pub mod subdevices;
+pub mod supervise;
 pub mod uplink;
 pub mod vehicle;
 

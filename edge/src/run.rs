@@ -33,6 +33,9 @@ pub struct Running {
     pub lorawan_addr: Option<std::net::SocketAddr>,
     /// Bound UDP address of the CoAP server, when enabled.
     pub coap_addr: Option<std::net::SocketAddr>,
+    /// Turns to an exit code when the process should end by itself (a self-upgrade
+    /// installed a new binary: [`crate::ota::RESTART_FOR_UPGRADE`]).
+    pub exit: watch::Receiver<Option<i32>>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -80,7 +83,21 @@ pub enum StartError {
 }
 
 /// Opens the queue and starts the pollers, the syncer, the uplink and the status endpoint.
+/// How the process runs the gateway.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// Under `run --supervise`: a new binary can be tried and rolled back, so self-upgrades
+    /// are carried out.
+    pub supervised: bool,
+}
+
+/// Starts the gateway (not supervised: self-upgrade notices are refused with the reason).
 pub fn start(config: Config) -> Result<Running, StartError> {
+    start_with(config, StartOptions::default())
+}
+
+/// Starts the gateway.
+pub fn start_with(config: Config, options: StartOptions) -> Result<Running, StartError> {
     let limits = Limits {
         max_bytes: config.queue.max_bytes,
         max_age_ms: i64::try_from(config.queue.max_age.as_millis()).unwrap_or(i64::MAX),
@@ -258,6 +275,25 @@ pub fn start(config: Config) -> Result<Running, StartError> {
             }
         }));
     }
+    let (notices_tx, notices_rx) = mpsc::channel(4);
+    let (outbox_tx, outbox_rx) = mpsc::channel(64);
+    let (exit_tx, exit) = watch::channel(None);
+    let upgrade = crate::ota::SelfUpgrade {
+        config: config.ota.clone(),
+        gateway: (
+            config.gateway.product_key.clone(),
+            config.gateway.device_name.clone(),
+        ),
+        supervised: options.supervised,
+        exe: std::env::current_exe().unwrap_or_else(|_| "ironlink-edge".into()),
+        outbox: outbox_tx,
+        exit: exit_tx,
+    };
+    tasks.push(tokio::spawn(upgrade.run(
+        notices_rx,
+        state.clone(),
+        stop_rx.clone(),
+    )));
     tasks.push(tokio::spawn(uplink::run(
         config.clone(),
         queue.clone(),
@@ -265,6 +301,10 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         Arc::new(routes),
         subs,
         rpc_rx,
+        uplink::OtaLink {
+            notices: notices_tx,
+            outbox: outbox_rx,
+        },
         state_tx,
         stop_rx,
         status.uplink_rtt.clone(),
@@ -278,6 +318,7 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         gb32960_addr: bound_addrs[1],
         lorawan_addr,
         coap_addr,
+        exit,
         stop,
         tasks,
     })

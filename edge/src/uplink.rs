@@ -46,6 +46,16 @@ pub struct Rpc {
     pub reply: oneshot::Sender<Value>,
 }
 
+/// The self-upgrade's side of the uplink: notices for the gateway itself go in, its reports
+/// (inform, progress) come out to be published.
+#[derive(Debug)]
+pub struct OtaLink {
+    /// Notices on `/ota/device/upgrade/{gpk}/{gdn}`.
+    pub notices: mpsc::Sender<Vec<u8>>,
+    /// (topic, body) to publish at QoS 1.
+    pub outbox: mpsc::Receiver<(String, String)>,
+}
+
 /// Messages in flight (sent, not yet acknowledged by the cloud).
 const WINDOW: usize = 256;
 /// Of which the backlog may hold at most this many, so live data always finds room.
@@ -155,6 +165,7 @@ pub async fn run(
     routes: Arc<Routes>,
     subs: Arc<SubDevices>,
     mut rpc: mpsc::Receiver<Rpc>,
+    mut ota: OtaLink,
     state: watch::Sender<State>,
     mut stop: watch::Receiver<bool>,
     rtt: ironlink_telemetry::Latency,
@@ -174,7 +185,7 @@ pub async fn run(
         };
         let mut up = false;
         let result = tokio::select! {
-            r = session(&config, options, &queue, &wake, &routes, &subs, &mut rpc, &state, &mut up, &rtt) => r,
+            r = session(&config, options, &queue, &wake, &routes, &subs, &mut rpc, &mut ota, &state, &mut up, &rtt) => r,
             _ = stop.wait_for(|s| *s) => return,
         };
         if up {
@@ -390,6 +401,7 @@ async fn session(
     routes: &Routes,
     subs: &SubDevices,
     rpc: &mut mpsc::Receiver<Rpc>,
+    ota: &mut OtaLink,
     state: &watch::Sender<State>,
     up: &mut bool,
     rtt: &ironlink_telemetry::Latency,
@@ -480,6 +492,7 @@ async fn session(
     };
     out.logged_in.extend(routed.into_iter().map(|(dn, _)| dn));
     let mut pending_rpcs: HashMap<String, (Instant, oneshot::Sender<Value>)> = HashMap::new();
+    let own_notices = format!("/ota/device/upgrade/{gpk}/{gdn}");
     let mut rpc_n = 0u64;
     // Everything queued so far is the backlog; what comes after is live.
     let (acked, backlog_end) = {
@@ -574,7 +587,11 @@ async fn session(
                         }
                     }
                     Event::Incoming(Packet::Publish(p)) => {
-                        if p.topic.ends_with("_reply") {
+                        if p.topic == own_notices {
+                            if ota.notices.try_send(p.payload.to_vec()).is_err() {
+                                tracing::warn!("self-upgrade busy: notice dropped (the cloud sends it again)");
+                            }
+                        } else if p.topic.ends_with("_reply") {
                             let v: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
                             if let Some((_, waiting)) = v["id"].as_str().and_then(|id| pending_rpcs.remove(id)) {
                                 let _ = waiting.send(v);
@@ -593,6 +610,9 @@ async fn session(
                     body["message"] = json!(o.message);
                 }
                 tx.reply(topic, body.to_string());
+            }
+            Some((topic, body)) = ota.outbox.recv(), if busy + 1 < WINDOW => {
+                tx.publish(topic, body, None).await?;
             }
             Some(r) = rpc.recv(), if busy + 1 < WINDOW && pending_rpcs.len() < 32 => {
                 rpc_n += 1;

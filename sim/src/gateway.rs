@@ -39,7 +39,7 @@ pub struct GatewayResult {
 }
 
 /// One MQTT connection's reader: waits for the reply on `topic` (skipping PUBACKs).
-async fn reply(s: &mut TcpStream, buf: &mut BytesMut, topic: &str) -> Result<Value> {
+pub(crate) async fn reply(s: &mut TcpStream, buf: &mut BytesMut, topic: &str) -> Result<Value> {
     loop {
         match v4::Packet::read(buf, 1 << 20) {
             Ok(v4::Packet::Publish(p)) if p.topic == topic => {
@@ -57,7 +57,7 @@ async fn reply(s: &mut TcpStream, buf: &mut BytesMut, topic: &str) -> Result<Val
     }
 }
 
-async fn publish(s: &mut TcpStream, topic: &str, body: &Value, pkid: u16) -> Result<()> {
+pub(crate) async fn publish(s: &mut TcpStream, topic: &str, body: &Value, pkid: u16) -> Result<()> {
     let mut p = v4::Publish::new(
         topic,
         rumqttc::QoS::AtLeastOnce,
@@ -71,7 +71,7 @@ async fn publish(s: &mut TcpStream, topic: &str, body: &Value, pkid: u16) -> Res
     Ok(())
 }
 
-async fn metric(cloud: &Cloud, name: &str) -> Result<i64> {
+pub(crate) async fn metric(cloud: &Cloud, name: &str) -> Result<i64> {
     let text = reqwest::get(format!("http://{}/metrics", cloud.http))
         .await?
         .text()

@@ -14,6 +14,7 @@ pub mod gateway;
 pub mod ingest;
 pub mod lora_bench;
 pub mod modbus_slave;
+pub mod ota_bench;
 pub mod quickstart;
 pub mod report;
 pub mod scenario;

@@ -162,6 +162,32 @@ enum Bench {
         #[arg(long)]
         cloud_bin: Option<PathBuf>,
     },
+    /// An OTA campaign over simulated sub-devices behind gateways (notices per minute,
+    /// notice-to-success times, cloud CPU and RSS), then concurrent ranged downloads of the
+    /// image vs nginx.
+    Ota {
+        /// Devices in the campaign.
+        #[arg(long, default_value_t = 100_000)]
+        devices: usize,
+        /// Gateway connections carrying them.
+        #[arg(long, default_value_t = 20)]
+        gateways: usize,
+        /// Concurrent ranged downloads (0: skip the download phase).
+        #[arg(long, default_value_t = 1000)]
+        downloads: usize,
+        /// Image size for the download phase, KiB.
+        #[arg(long, default_value_t = 1024)]
+        image_kib: usize,
+        /// Baseline for the downloads (`nginx`, from Debian's nginx-light).
+        #[arg(long)]
+        vs: Option<String>,
+        /// ironlink-cloud binary (default: next to this executable).
+        #[arg(long)]
+        cloud_bin: Option<PathBuf>,
+        /// Write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// The edge gateway: Modbus TCP devices polled and forwarded to an application, then a
     /// backlog drained beside live data after a cloud outage.
     Edge {
@@ -521,6 +547,33 @@ async fn run() -> anyhow::Result<()> {
         } => {
             let r = ironlink_sim::vehicles_bench::codecs(frames.clamp(64, 100_000_000))?;
             emit(&r, json.as_deref())?;
+        }
+        Cmd::Bench {
+            which:
+                Bench::Ota {
+                    devices,
+                    gateways,
+                    downloads,
+                    image_kib,
+                    vs,
+                    cloud_bin,
+                    json,
+                },
+        } => {
+            let o = ironlink_sim::ota_bench::OtaBench {
+                devices: devices.clamp(1, 1_000_000),
+                gateways: gateways.clamp(1, 1000),
+                downloads: downloads.min(10_000),
+                image_kib: image_kib.clamp(1, 1 << 20),
+                vs,
+                cloud_bin,
+            };
+            let r = ironlink_sim::ota_bench::run(&o).await?;
+            let text = serde_json::to_string_pretty(&r)?;
+            println!("{text}");
+            if let Some(path) = json {
+                std::fs::write(path, text)?;
+            }
         }
         Cmd::Bench {
             which: Bench::Gateway { subs, cloud_bin },

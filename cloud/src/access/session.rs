@@ -1529,6 +1529,7 @@ fn auto_filters(pk: &str, dn: &str, own: bool) -> Vec<String> {
     let mut f = vec![
         format!("/sys/{pk}/{dn}/#"),
         format!("/shadow/get/{pk}/{dn}"),
+        format!("/ota/device/upgrade/{pk}/{dn}"),
     ];
     if own {
         f.push(format!("/ext/session/{pk}/{dn}/#"));

@@ -15,6 +15,7 @@
 
 pub mod download;
 pub mod plan;
+pub mod reports;
 pub mod scheduler;
 pub mod sign;
 pub mod store;
@@ -24,7 +25,7 @@ use crate::metrics::Metrics;
 use crate::registry::now_ms;
 use crate::router::{Message, Router};
 use crate::storage::{Db, StorageError, TagMap};
-use plan::{JobState, Pacer, Policy, Report, Stage};
+use plan::{JobState, Pacer, Policy, Stage};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -295,6 +296,7 @@ pub struct Ota {
     live: RwLock<HashMap<String, Arc<Live>>>,
     pacers: Mutex<HashMap<String, Pacer>>,
     wake: Notify,
+    reports: reports::Reports,
 }
 
 impl Ota {
@@ -321,6 +323,7 @@ impl Ota {
             Some(p) => Some(sign::read_key(p)?),
             None => None,
         };
+        let reports = reports::Reports::start(db.clone());
         let ota = Arc::new(Self {
             db,
             router,
@@ -335,6 +338,7 @@ impl Ota {
             live: RwLock::default(),
             pacers: Mutex::default(),
             wake: Notify::new(),
+            reports,
         });
         ota.sweep_files().await?;
         Ok(ota)
@@ -889,8 +893,17 @@ impl Ota {
             return Ok(());
         }
         let now = now_ms();
-        self.db
-            .report_version(pk, dn, &module, version, now)
+        let (moved, no_job) = self
+            .reports
+            .apply(reports::Report {
+                product_key: pk.to_owned(),
+                device_name: dn.to_owned(),
+                module: module.clone(),
+                kind: reports::Kind::Inform {
+                    version: version.to_owned(),
+                },
+                at: now,
+            })
             .await?;
         let mut n = Notices::new(&self.apps, &self.router);
         n.push(
@@ -901,44 +914,24 @@ impl Ota {
             now,
         );
         n.commit().await;
-        let open = self.db.open_jobs(pk, dn, &module).await?;
-        for (job, row) in &open {
-            let Some(live) = self.live_of(&row.id).await? else {
-                continue;
-            };
-            let state = job.job_state();
-            let change = if version == live.package.version {
-                Change {
-                    from: &[state],
-                    attempt: None,
-                    to: JobState::Succeeded,
-                    step: None,
-                    detail: format!("reported version {version}"),
-                    deadline: None,
-                    retry: false,
-                }
-            } else if state == JobState::Flashing {
-                Change {
-                    from: &[state],
-                    attempt: None,
-                    to: JobState::Failed,
-                    step: None,
-                    detail: format!(
-                        "came back with version {version}, not {} (rolled back?)",
-                        live.package.version
-                    ),
-                    deadline: None,
-                    retry: false,
-                }
-            } else {
-                continue;
-            };
-            if let Some(j) = self.db.move_job(&row.id, dn, &change, now).await? {
-                self.announce(Some(&live), &j, &change.detail, now).await;
-            }
-        }
-        if open.is_empty() {
+        self.moved(moved, now).await?;
+        if no_job {
             self.pick_up(pk, dn, Some((&module, version)), now).await?;
+        }
+        Ok(())
+    }
+
+    /// Tells about jobs a report moved, and wakes the scheduler when one left the active
+    /// states (room for another notice, or a retry queued).
+    async fn moved(&self, moved: Vec<(Job, String)>, now: i64) -> Result<(), StorageError> {
+        let mut wake = false;
+        for (j, detail) in moved {
+            let live = self.live_of(&j.campaign_id).await?;
+            wake |= !j.job_state().is_active();
+            self.announce(live.as_deref(), &j, &detail, now).await;
+        }
+        if wake {
+            self.wake.notify_one();
         }
         Ok(())
     }
@@ -1092,79 +1085,30 @@ impl Ota {
             .filter(|c| !c.is_control())
             .take(256)
             .collect();
-        let report = match plan::report(step, &desc) {
-            Ok(r) => r,
-            Err(e) => {
-                self.malformed(pk, dn, "progress", &e);
-                return Ok(());
-            }
-        };
-        let now = now_ms();
-        for (job, row) in self.db.open_jobs(pk, dn, &module).await? {
-            let state = job.job_state();
-            if !state.is_active() {
-                continue;
-            }
-            let Some(live) = self.live_of(&row.id).await? else {
-                continue;
-            };
-            let timeout = live.policy.timeout.as_millis() as i64;
-            let change = match &report {
-                Report::Step(to, s) => Change {
-                    from: &[
-                        JobState::Notified,
-                        JobState::Downloading,
-                        JobState::Verifying,
-                        JobState::Flashing,
-                    ],
-                    attempt: Some(job.attempt),
-                    to: *to,
-                    step: Some(*s),
-                    detail: if desc.is_empty() {
-                        format!("step {s}")
-                    } else {
-                        format!("step {s}: {desc}")
-                    },
-                    deadline: Some(now + timeout),
-                    retry: false,
-                },
-                Report::Failed(why, retryable) => {
-                    let again = *retryable && job.retries < i64::from(live.policy.retries);
-                    Change {
-                        from: &[
-                            JobState::Notified,
-                            JobState::Downloading,
-                            JobState::Verifying,
-                            JobState::Flashing,
-                        ],
-                        attempt: Some(job.attempt),
-                        to: if again {
-                            JobState::Queued
-                        } else {
-                            JobState::Failed
-                        },
-                        step: Some(step),
-                        detail: if again {
-                            format!("{why}; retrying")
-                        } else {
-                            why.clone()
-                        },
-                        deadline: None,
-                        retry: again,
-                    }
-                }
-            };
-            if let Some(j) = self.db.move_job(&row.id, dn, &change, now).await? {
-                // Step reports within a state are not worth a message each.
-                if j.job_state() != state || j.job_state().is_final() || step == 100 {
-                    self.announce(Some(&live), &j, &change.detail, now).await;
-                }
-                if !j.job_state().is_active() {
-                    self.wake.notify_one();
-                }
-            }
+        if let Err(e) = plan::report(step, &desc) {
+            self.malformed(pk, dn, "progress", &e);
+            return Ok(());
         }
-        Ok(())
+        let now = now_ms();
+        let (moved, _) = self
+            .reports
+            .apply(reports::Report {
+                product_key: pk.to_owned(),
+                device_name: dn.to_owned(),
+                module,
+                kind: reports::Kind::Progress {
+                    step,
+                    desc: desc.clone(),
+                },
+                at: now,
+            })
+            .await?;
+        // Download steps are told at every quarter, not each.
+        let moved: Vec<(Job, String)> = moved
+            .into_iter()
+            .filter(|(j, _)| j.job_state() != JobState::Downloading || step % 25 == 0)
+            .collect();
+        self.moved(moved, now).await
     }
 
     /// `/sys/{pk}/{dn}/thing/ota/firmware/get`: answers with the device's pending upgrade

@@ -657,53 +657,73 @@ impl Db {
         change: &Change<'_>,
         now: i64,
     ) -> Result<Option<Job>, StorageError> {
-        let keep_reason = change.to == JobState::Failed || change.to == JobState::Cancelled;
-        let mut sql = format!(
-            "UPDATE ota_jobs SET state = $1, step = COALESCE($2, step), reason = $3, deadline = $4, updated_at = $5, retries = retries + $6 \
-             WHERE campaign_id = $7 AND device_name = $8 AND state IN ({})",
-            in_list(change.from, 9)
-        );
-        let next = 9 + change.from.len();
-        if change.attempt.is_some() {
-            sql.push_str(&format!(" AND attempt = ${next}"));
-        }
-        sql.push_str(&format!(" RETURNING {JOB_COLS}"));
         let mut tx = self.write_tx().await?;
-        let mut q = sqlx::query_as(&sql)
-            .bind(change.to.as_str())
-            .bind(change.step)
-            .bind(if keep_reason {
-                change.detail.as_str()
-            } else {
-                ""
-            })
-            .bind(change.deadline)
-            .bind(now)
-            .bind(i64::from(change.retry))
-            .bind(id)
-            .bind(dn);
-        for s in change.from {
-            q = q.bind(s.as_str());
-        }
-        if let Some(a) = change.attempt {
-            q = q.bind(a);
-        }
-        let job: Option<Job> = q.fetch_optional(&mut *tx).await?;
-        if let Some(j) = &job {
-            sqlx::query(&history_sql(1))
-                .bind(&j.campaign_id)
-                .bind(&j.product_key)
-                .bind(&j.device_name)
-                .bind(j.attempt)
-                .bind(change.to.as_str())
-                .bind(change.step)
-                .bind(&change.detail)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-        }
+        let job = move_job_in(&mut tx, id, dn, change, now).await?;
         tx.commit().await?;
         Ok(job)
+    }
+
+    /// Device reports in one transaction: each module version recorded, and each report's
+    /// open jobs (in running or paused campaigns) handed to `decide`, whose change is made.
+    /// Returns, per report, the jobs moved (with the change's detail) and whether the device
+    /// had no open job for the module.
+    pub async fn apply_reports<F>(
+        &self,
+        reports: &[super::reports::Report],
+        mut decide: F,
+    ) -> Result<Vec<(Vec<(Job, String)>, bool)>, StorageError>
+    where
+        F: FnMut(&super::reports::Report, &OpenJob) -> Option<Change<'static>>,
+    {
+        let cols = JOB_COLS
+            .split(", ")
+            .map(|c| format!("j.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let open_sql = format!(
+            "SELECT {cols}, p.version AS target, c.policy AS policy FROM ota_jobs j \
+             JOIN ota_campaigns c ON c.id = j.campaign_id JOIN ota_packages p ON p.id = c.package_id \
+             WHERE j.product_key = $1 AND j.device_name = $2 AND j.module = $3 \
+             AND j.state IN ('queued', 'notified', 'downloading', 'verifying', 'flashing') \
+             AND c.state IN ('running', 'paused') ORDER BY j.updated_at"
+        );
+        let mut tx = self.write_tx().await?;
+        let mut out = Vec::with_capacity(reports.len());
+        for r in reports {
+            if let super::reports::Kind::Inform { version } = &r.kind {
+                sqlx::query(
+                    "INSERT INTO ota_modules (product_key, device_name, module, version, reported_at) VALUES ($1, $2, $3, $4, $5) \
+                     ON CONFLICT (product_key, device_name, module) DO UPDATE SET version = excluded.version, reported_at = excluded.reported_at",
+                )
+                .bind(&r.product_key)
+                .bind(&r.device_name)
+                .bind(&r.module)
+                .bind(version)
+                .bind(r.at)
+                .execute(&mut *tx)
+                .await?;
+            }
+            let open: Vec<OpenJob> = sqlx::query_as(&open_sql)
+                .bind(&r.product_key)
+                .bind(&r.device_name)
+                .bind(&r.module)
+                .fetch_all(&mut *tx)
+                .await?;
+            let mut moved = Vec::new();
+            for o in &open {
+                if let Some(change) = decide(r, o) {
+                    if let Some(j) =
+                        move_job_in(&mut tx, &o.job.campaign_id, &r.device_name, &change, r.at)
+                            .await?
+                    {
+                        moved.push((j, change.detail.clone()));
+                    }
+                }
+            }
+            out.push((moved, open.is_empty()));
+        }
+        tx.commit().await?;
+        Ok(out)
     }
 
     /// Cancels a campaign's jobs in `states` (with history); returns how many.
@@ -880,6 +900,73 @@ impl Db {
         .fetch_all(&self.pool)
         .await?)
     }
+}
+
+/// An open job with what deciding on a report needs: the package's version and the
+/// campaign's policy (JSON).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct OpenJob {
+    /// The job.
+    #[sqlx(flatten)]
+    pub job: Job,
+    /// The version the campaign installs.
+    pub target: String,
+    /// The campaign's policy, JSON.
+    pub policy: String,
+}
+
+async fn move_job_in(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    id: &str,
+    dn: &str,
+    change: &Change<'_>,
+    now: i64,
+) -> Result<Option<Job>, StorageError> {
+    let keep_reason = change.to == JobState::Failed || change.to == JobState::Cancelled;
+    let mut sql = format!(
+        "UPDATE ota_jobs SET state = $1, step = COALESCE($2, step), reason = $3, deadline = $4, updated_at = $5, retries = retries + $6 \
+         WHERE campaign_id = $7 AND device_name = $8 AND state IN ({})",
+        in_list(change.from, 9)
+    );
+    let next = 9 + change.from.len();
+    if change.attempt.is_some() {
+        sql.push_str(&format!(" AND attempt = ${next}"));
+    }
+    sql.push_str(&format!(" RETURNING {JOB_COLS}"));
+    let mut q = sqlx::query_as(&sql)
+        .bind(change.to.as_str())
+        .bind(change.step)
+        .bind(if keep_reason {
+            change.detail.as_str()
+        } else {
+            ""
+        })
+        .bind(change.deadline)
+        .bind(now)
+        .bind(i64::from(change.retry))
+        .bind(id)
+        .bind(dn);
+    for s in change.from {
+        q = q.bind(s.as_str());
+    }
+    if let Some(a) = change.attempt {
+        q = q.bind(a);
+    }
+    let job: Option<Job> = q.fetch_optional(&mut **tx).await?;
+    if let Some(j) = &job {
+        sqlx::query(&history_sql(1))
+            .bind(&j.campaign_id)
+            .bind(&j.product_key)
+            .bind(&j.device_name)
+            .bind(j.attempt)
+            .bind(change.to.as_str())
+            .bind(change.step)
+            .bind(&change.detail)
+            .bind(now)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(job)
 }
 
 async fn insert_jobs(
