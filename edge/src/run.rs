@@ -285,7 +285,10 @@ pub fn start_with(config: Config, options: StartOptions) -> Result<Running, Star
             config.gateway.device_name.clone(),
         ),
         supervised: options.supervised,
-        exe: std::env::current_exe().unwrap_or_else(|_| "ironlink-edge".into()),
+        exe: std::env::var_os("IRONLINK_EDGE_EXE")
+            .map(std::path::PathBuf::from)
+            .or_else(|| std::env::current_exe().ok())
+            .unwrap_or_else(|| "ironlink-edge".into()),
         outbox: outbox_tx,
         exit: exit_tx,
     };

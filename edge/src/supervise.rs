@@ -32,6 +32,8 @@ enum End {
 fn spawn(exe: &Path, args: &[OsString]) -> std::io::Result<Child> {
     Command::new(exe)
         .args(args)
+        // The path the supervisor swaps (the child may be a launcher running another file).
+        .env("IRONLINK_EDGE_EXE", exe)
         .stdin(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -87,6 +89,9 @@ pub async fn run(exe: PathBuf, args: Vec<OsString>) -> anyhow::Result<i32> {
                 return Err(anyhow::anyhow!("starting {}: {e}", exe.display()));
             }
         };
+        // Held here: `Child::wait` would close it, and the child takes a closed input as
+        // the supervisor being gone.
+        let input = child.stdin.take();
         let end = loop {
             tokio::select! {
                 s = child.wait() => break End::Exited(s?),
@@ -109,7 +114,7 @@ pub async fn run(exe: PathBuf, args: Vec<OsString>) -> anyhow::Result<i32> {
         match end {
             End::Stop => {
                 // Closing its input asks the child to stop cleanly; bounded.
-                drop(child.stdin.take());
+                drop(input);
                 if tokio::time::timeout(Duration::from_secs(30), child.wait())
                     .await
                     .is_err()

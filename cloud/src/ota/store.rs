@@ -573,7 +573,7 @@ impl Db {
         let sql = format!(
             "SELECT {cols} FROM ota_jobs j JOIN devices d ON d.product_key = j.product_key AND d.device_name = j.device_name \
              WHERE j.campaign_id = $1 AND j.state = 'queued' AND j.canary >= $2 AND d.status = 'online' AND d.enabled = 1 \
-             ORDER BY j.canary DESC, j.updated_at LIMIT $3"
+             LIMIT $3"
         );
         Ok(sqlx::query_as(&sql)
             .bind(id)
@@ -613,20 +613,22 @@ impl Db {
         detail: &str,
     ) -> Result<Vec<Job>, StorageError> {
         let mut tx = self.write_tx().await?;
-        let mut moved = Vec::with_capacity(devices.len());
-        let sql = format!(
-            "UPDATE ota_jobs SET state = 'notified', attempt = attempt + 1, notified_at = $1, deadline = $2, updated_at = $1, step = NULL \
-             WHERE campaign_id = $3 AND device_name = $4 AND state = 'queued' RETURNING {JOB_COLS}"
-        );
-        for dn in devices {
-            let job: Option<Job> = sqlx::query_as(&sql)
-                .bind(now)
-                .bind(deadline)
-                .bind(id)
-                .bind(dn)
-                .fetch_optional(&mut *tx)
-                .await?;
-            moved.extend(job);
+        let mut moved: Vec<Job> = Vec::with_capacity(devices.len());
+        for chunk in devices.chunks(128) {
+            let list = (0..chunk.len())
+                .map(|i| format!("${}", 4 + i))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "UPDATE ota_jobs SET state = 'notified', attempt = attempt + 1, notified_at = $1, deadline = $2, updated_at = $1, step = NULL \
+                 WHERE campaign_id = $3 AND state = 'queued' AND device_name IN ({list}) RETURNING {JOB_COLS}"
+            );
+            let mut q = sqlx::query_as(&sql).bind(now).bind(deadline).bind(id);
+            for dn in chunk {
+                q = q.bind(dn);
+            }
+            let jobs: Vec<Job> = q.fetch_all(&mut *tx).await?;
+            moved.extend(jobs);
         }
         for chunk in moved.chunks(64) {
             let sql = history_sql(chunk.len());
