@@ -443,7 +443,7 @@ async fn fetch_all(server: &str, urls: Vec<String>, size: usize) -> Result<Downl
         .build()?;
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(urls.len());
-    for u in urls.iter().cloned() {
+    for u in urls.clone() {
         let c = client.clone();
         tasks.push(tokio::spawn(async move {
             let r = c.get(&u).header("Range", "bytes=0-").send().await?;
