@@ -431,6 +431,11 @@ pub async fn run(o: &OtaBench) -> Result<OtaResult> {
         t.abort();
     }
     cloud.kill9()?;
+    // The cloud's warnings, for a post-mortem (the data dir goes with the temp dir).
+    let _ = std::fs::copy(
+        dir.path().join("cloud.log"),
+        std::env::temp_dir().join("ironlink-bench-ota-cloud.log"),
+    );
     Ok(r)
 }
 

@@ -101,7 +101,14 @@ async fn run(db: Db, mut rx: mpsc::Receiver<Queued>) {
             }
         }
         let reports: Vec<Report> = batch.iter().map(|(r, _)| r.clone()).collect();
-        match db.apply_reports(&reports, decide).await {
+        let t0 = std::time::Instant::now();
+        let applied = db.apply_reports(&reports, decide).await;
+        tracing::debug!(
+            reports = reports.len(),
+            ms = t0.elapsed().as_millis() as u64,
+            "OTA reports applied"
+        );
+        match applied {
             Ok(results) => {
                 for ((_, done), applied) in batch.drain(..).zip(results) {
                     let _ = done.send(Ok(applied));

@@ -1,0 +1,1 @@
+DROP INDEX ota_jobs_campaign_device;
