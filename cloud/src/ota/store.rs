@@ -213,28 +213,22 @@ fn in_list(states: &[JobState], first: usize) -> String {
         .join(", ")
 }
 
+/// `($1, ..., $cols), ($cols+1, ...), ...` for `rows` rows of a multi-row INSERT.
+fn values(rows: usize, cols: usize) -> String {
+    (0..rows)
+        .map(|r| {
+            let row: Vec<String> = (1..=cols).map(|c| format!("${}", r * cols + c)).collect();
+            format!("({})", row.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn history_sql(rows: usize) -> String {
-    let mut sql = String::from(
-        "INSERT INTO ota_history (campaign_id, product_key, device_name, attempt, state, step, detail, at) VALUES ",
-    );
-    for i in 0..rows {
-        let b = i * 8;
-        if i > 0 {
-            sql.push_str(", ");
-        }
-        sql.push_str(&format!(
-            "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
-            b + 1,
-            b + 2,
-            b + 3,
-            b + 4,
-            b + 5,
-            b + 6,
-            b + 7,
-            b + 8
-        ));
-    }
-    sql
+    format!(
+        "INSERT INTO ota_history (campaign_id, product_key, device_name, attempt, state, step, detail, at) VALUES {}",
+        values(rows, 8)
+    )
 }
 
 impl Db {
@@ -979,26 +973,10 @@ async fn insert_jobs(
 ) -> Result<usize, StorageError> {
     let mut added = 0;
     for chunk in jobs.chunks(100) {
-        let mut sql = String::from(
-            "INSERT INTO ota_jobs (campaign_id, product_key, device_name, module, canary, state, from_version, updated_at) VALUES ",
+        let mut sql = format!(
+            "INSERT INTO ota_jobs (campaign_id, product_key, device_name, module, canary, state, from_version, updated_at) VALUES {}",
+            values(chunk.len(), 8)
         );
-        for i in 0..chunk.len() {
-            let b = i * 8;
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str(&format!(
-                "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
-                b + 1,
-                b + 2,
-                b + 3,
-                b + 4,
-                b + 5,
-                b + 6,
-                b + 7,
-                b + 8
-            ));
-        }
         sql.push_str(" ON CONFLICT DO NOTHING");
         let mut q = sqlx::query(&sql);
         for j in chunk {
@@ -1015,4 +993,13 @@ async fn insert_jobs(
         added += q.execute(&mut **tx).await?.rows_affected() as usize;
     }
     Ok(added)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn multi_row_values_number_their_parameters_in_order() {
+        assert_eq!(super::values(2, 3), "($1, $2, $3), ($4, $5, $6)");
+        assert_eq!(super::values(1, 1), "($1)");
+    }
 }
