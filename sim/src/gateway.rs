@@ -81,6 +81,43 @@ pub(crate) async fn metric(cloud: &Cloud, name: &str) -> Result<i64> {
         .with_context(|| format!("metric {name}"))
 }
 
+/// The `batch_login`/`topo/add` entries of sub-devices (with auto-subscription, `_ss=1`).
+pub(crate) fn signed_logins(spk: &str, subs: &[(String, String)]) -> Vec<Value> {
+    subs.iter()
+        .map(|(dn, secret)| {
+            let cid = format!("{spk}.{dn}|_ss=1|");
+            let ts = "1700000000000";
+            let sign = sign_connect(SignMethod::HmacSha256, secret, &cid, dn, spk, Some(ts));
+            json!({"productKey": spk, "deviceName": dn, "clientId": cid, "timestamp": ts, "signmethod": "hmacSha256", "sign": sign.as_str()})
+        })
+        .collect()
+}
+
+/// Connects a gateway and subscribes to the replies of its topology and login requests.
+pub(crate) async fn gateway_connect(
+    addr: std::net::SocketAddr,
+    gpk: &str,
+    gdn: &str,
+    secret: &str,
+) -> Result<TcpStream> {
+    let mut s = connect_raw(addr, &alink_connect(gpk, gdn, secret, 600)?)
+        .await
+        .context("gateway connect refused")?;
+    let mut sub = v4::Subscribe::new(
+        format!("/sys/{gpk}/{gdn}/thing/topo/add_reply"),
+        rumqttc::QoS::AtMostOnce,
+    );
+    sub.add(
+        format!("/ext/session/{gpk}/{gdn}/combine/batch_login_reply"),
+        rumqttc::QoS::AtMostOnce,
+    );
+    sub.pkid = 1;
+    let mut b = BytesMut::new();
+    sub.write(&mut b).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    s.write_all(&b).await?;
+    Ok(s)
+}
+
 /// Runs the benchmark.
 pub async fn run(o: &GatewayBench) -> Result<GatewayResult> {
     let dir = tempfile::tempdir()?;
@@ -104,31 +141,9 @@ pub async fn run(o: &GatewayBench) -> Result<GatewayResult> {
         .context("gateway secret")?
         .to_owned();
     let subs = cloud.create_devices(&spk, o.subs).await?;
-    let signed: Vec<Value> = subs
-        .iter()
-        .map(|(dn, secret)| {
-            let cid = format!("{spk}.{dn}|_ss=1|");
-            let ts = "1700000000000";
-            let sign = sign_connect(SignMethod::HmacSha256, secret, &cid, dn, &spk, Some(ts));
-            json!({"productKey": spk, "deviceName": dn, "clientId": cid, "timestamp": ts, "signmethod": "hmacSha256", "sign": sign.as_str()})
-        })
-        .collect();
-    let mut s = connect_raw(cloud.mqtt, &alink_connect(&gpk, "gw-bench", &gsecret, 600)?)
-        .await
-        .context("gateway connect refused")?;
+    let signed = signed_logins(&spk, &subs);
+    let mut s = gateway_connect(cloud.mqtt, &gpk, "gw-bench", &gsecret).await?;
     let mut buf = BytesMut::new();
-    let mut sub = v4::Subscribe::new(
-        format!("/sys/{gpk}/gw-bench/thing/topo/add_reply"),
-        rumqttc::QoS::AtMostOnce,
-    );
-    sub.add(
-        format!("/ext/session/{gpk}/gw-bench/combine/batch_login_reply"),
-        rumqttc::QoS::AtMostOnce,
-    );
-    sub.pkid = 1;
-    let mut b = BytesMut::new();
-    sub.write(&mut b).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    s.write_all(&b).await?;
     let rss0 = rss_kib(cloud.pid())?;
 
     let topo = format!("/sys/{gpk}/gw-bench/thing/topo/add");

@@ -4,11 +4,10 @@
 //! the image server under many concurrent ranged downloads, against nginx serving the same
 //! file in the same run. Loopback only; every phase is bounded.
 
-use crate::cloud_process::{alink_connect, connect_raw, cpu_ticks, rss_kib, Cloud, WAIT};
-use crate::gateway::{publish, reply};
+use crate::cloud_process::{cpu_ticks, rss_kib, Cloud, WAIT};
+use crate::gateway::{gateway_connect, publish, reply, signed_logins};
 use anyhow::{bail, Context, Result};
 use bytes::BytesMut;
-use ironlink_shared::sign::{sign_connect, SignMethod};
 use rumqttc::mqttbytes::v4;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -90,30 +89,8 @@ async fn gateway_up(
     spk: &str,
     subs: &[(String, String)],
 ) -> Result<(TcpStream, BytesMut)> {
-    let mut s = connect_raw(cloud.mqtt, &alink_connect(&g.pk, &g.dn, &g.secret, 600)?)
-        .await
-        .context("gateway connect refused")?;
-    let mut sub = v4::Subscribe::new(
-        format!("/sys/{}/{}/thing/topo/add_reply", g.pk, g.dn),
-        rumqttc::QoS::AtMostOnce,
-    );
-    sub.add(
-        format!("/ext/session/{}/{}/combine/batch_login_reply", g.pk, g.dn),
-        rumqttc::QoS::AtMostOnce,
-    );
-    sub.pkid = 1;
-    let mut b = BytesMut::new();
-    sub.write(&mut b).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    s.write_all(&b).await?;
-    let signed: Vec<Value> = subs
-        .iter()
-        .map(|(dn, secret)| {
-            let cid = format!("{spk}.{dn}|_ss=1|");
-            let ts = "1700000000000";
-            let sign = sign_connect(SignMethod::HmacSha256, secret, &cid, dn, spk, Some(ts));
-            json!({"productKey": spk, "deviceName": dn, "clientId": cid, "timestamp": ts, "signmethod": "hmacSha256", "sign": sign.as_str()})
-        })
-        .collect();
+    let mut s = gateway_connect(cloud.mqtt, &g.pk, &g.dn, &g.secret).await?;
+    let signed = signed_logins(spk, subs);
     let mut buf = BytesMut::new();
     let topo = format!("/sys/{}/{}/thing/topo/add", g.pk, g.dn);
     let login = format!("/ext/session/{}/{}/combine/batch_login", g.pk, g.dn);
