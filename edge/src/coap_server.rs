@@ -11,7 +11,15 @@
 //! without being processed twice; large bodies arrive block-wise (RFC 7959 Block1, 64 KiB at
 //! most); every refusal is counted by its reason. A device is online with the gateway from its
 //! first post until 10 minutes after its last (as Alibaba shows CoAP devices).
+//!
+//! Firmware upgrades (docs/ota.md): a device posts its version on
+//! `/topic/ota/device/inform/{pk}/{dn}`, asks for an upgrade with
+//! `/topic/sys/{pk}/{dn}/thing/ota/firmware/get` (answered with the notice, its `url` a
+//! `coap://` URL of this server), downloads the image the gateway holds with block-wise GETs
+//! (RFC 7959 Block2) of `/ota/{token}`, and reports `/topic/ota/device/progress/{pk}/{dn}`;
+//! all of it reaches the cloud as the device's own OTA topics.
 
+use crate::link::Op;
 use crate::vehicle::{self, Ctx, Unknown};
 use ironlink_protocols::coap::{self, opt, Block, Code, Kind, Message};
 use ironlink_shared::sign::{sign_parts, SignMethod};
@@ -91,6 +99,8 @@ struct Partial {
 
 struct State {
     ctx: Arc<Ctx>,
+    /// `host:port` in the download URLs of upgrades.
+    advertise: String,
     /// Devices that posted in the last 10 minutes (Alibaba shows a CoAP device online that
     /// long): routed, so the uplink keeps them logged in with the gateway.
     seen: HashMap<String, Instant>,
@@ -131,11 +141,27 @@ impl State {
             let _ = n;
             return Some(self.refuse(req, Code::BAD_OPTION, "unknown critical option", mid));
         }
+        let path = req.path();
+        if req.code == Code::GET {
+            return Some(match path.strip_prefix("/ota/") {
+                Some(token) => self.image(req, token, mid),
+                None => self.refuse(
+                    req,
+                    Code::METHOD_NOT_ALLOWED,
+                    "GET is for firmware images (/ota/{token}); post with POST",
+                    mid,
+                ),
+            });
+        }
         if req.code != Code::POST {
-            return Some(self.refuse(req, Code::METHOD_NOT_ALLOWED, "only POST", mid));
+            return Some(self.refuse(
+                req,
+                Code::METHOD_NOT_ALLOWED,
+                "only POST (and GET of firmware images)",
+                mid,
+            ));
         }
         // Block-wise bodies (Block1).
-        let path = req.path();
         let body = match req.option(opt::BLOCK1).next().map(Block::decode) {
             None => req.payload.clone(),
             Some(None) => {
@@ -249,6 +275,153 @@ impl State {
         reply(req, Code::CONTENT, Some(json!({"token": token})), mid)
     }
 
+    /// One block of a firmware image (RFC 7959 Block2; 1 KiB blocks unless the device asks
+    /// for smaller ones).
+    fn image(&self, req: &Message, token: &str, mid: u16) -> Message {
+        use std::os::unix::fs::FileExt;
+        let Some(offer) = self.ctx.offers.by_token(token) else {
+            return self.refuse(
+                req,
+                Code::NOT_FOUND,
+                "no such firmware image (the upgrade ended, or the token is wrong)",
+                mid,
+            );
+        };
+        let asked = match req.option(opt::BLOCK2).next().map(Block::decode) {
+            None => Block {
+                num: 0,
+                more: false,
+                szx: 6,
+            },
+            Some(Some(b)) => b,
+            Some(None) => return self.refuse(req, Code::BAD_OPTION, "bad Block2 option", mid),
+        };
+        let block = Block {
+            szx: asked.szx.min(6),
+            ..asked
+        };
+        let size = offer.notice.size;
+        let start = block.num as u64 * block.size() as u64;
+        if start >= size && !(start == 0 && size == 0) {
+            return self.refuse(req, Code::BAD_OPTION, "block beyond the image", mid);
+        }
+        let end = (start + block.size() as u64).min(size);
+        let mut payload = vec![0u8; (end - start) as usize];
+        let read =
+            std::fs::File::open(&offer.image).and_then(|f| f.read_exact_at(&mut payload, start));
+        if let Err(e) = read {
+            tracing::warn!(error = %e, image = %offer.image.display(), "firmware image unreadable");
+            return self.refuse(
+                req,
+                Code::INTERNAL,
+                "the firmware image cannot be read",
+                mid,
+            );
+        }
+        let mut r = Message::response_to(req, Code::CONTENT, mid);
+        r.add(opt::ETAG, &offer.token.as_bytes()[..8]);
+        r.add_uint(opt::CONTENT_FORMAT, 42);
+        r.add(
+            opt::BLOCK2,
+            &Block {
+                more: end < size,
+                ..block
+            }
+            .encode(),
+        );
+        if block.num == 0 {
+            r.add_uint(opt::SIZE2, u32::try_from(size).unwrap_or(u32::MAX));
+        }
+        r.payload = payload;
+        r
+    }
+
+    /// OTA topics of device `dn`: its version and progress go to the cloud; firmware/get is
+    /// answered from the upgrade standing for it on this gateway. `None` when `topic` is none
+    /// of them.
+    fn ota(
+        &mut self,
+        req: &Message,
+        dn: &str,
+        topic: &str,
+        body: &[u8],
+        mid: u16,
+    ) -> Option<Message> {
+        let pk = self.ctx.cfg.product_key.clone();
+        let v: Value = match serde_json::from_slice(body) {
+            Ok(v) => v,
+            Err(_) if topic == format!("/sys/{pk}/{dn}/thing/ota/firmware/get") => json!({}),
+            Err(_) => {
+                return topic
+                    .starts_with("/ota/device/")
+                    .then(|| self.refuse(req, Code::BAD_REQUEST, "body is not JSON", mid))
+            }
+        };
+        let id = v.get("id").cloned().unwrap_or(Value::Null);
+        if topic == format!("/sys/{pk}/{dn}/thing/ota/firmware/get") {
+            let data = match self.ctx.offers.get(dn) {
+                Some(o) => {
+                    let mut d = o.data.clone();
+                    if let Value::Object(m) = &mut d {
+                        let path = format!("/ota/{}", o.token);
+                        m.insert(
+                            "url".into(),
+                            json!(format!("coap://{}{path}", self.advertise)),
+                        );
+                        m.insert("path".into(), json!(path));
+                    }
+                    d
+                }
+                None => json!({}),
+            };
+            return Some(reply(
+                req,
+                Code::CONTENT,
+                Some(
+                    json!({"id": id, "code": 200, "data": data, "method": "thing.ota.firmware.get"}),
+                ),
+                mid,
+            ));
+        }
+        let kind = ["inform", "progress"]
+            .into_iter()
+            .find(|k| topic == format!("/ota/device/{k}/{pk}/{dn}"))?;
+        let Some(params) = v.get("params").filter(|p| p.is_object()).cloned() else {
+            return Some(self.refuse(req, Code::BAD_REQUEST, "params: an object", mid));
+        };
+        if kind == "inform" {
+            let s = |k: &str| params.get(k).and_then(Value::as_str).unwrap_or("");
+            let module = if s("module").is_empty() {
+                "default"
+            } else {
+                s("module")
+            };
+            self.ctx.offers.reported(dn, module, s("version"));
+        }
+        if !crate::sub_ota::report(&self.ctx.sink, dn, kind, params) {
+            return Some(self.refuse(
+                req,
+                Code::UNAVAILABLE,
+                "the edge's queue refused the message",
+                mid,
+            ));
+        }
+        self.seen_now(dn);
+        Some(reply(
+            req,
+            Code::CHANGED,
+            Some(json!({"id": id, "code": 200, "data": {}})),
+            mid,
+        ))
+    }
+
+    /// The device spoke: it stays routed (online with the gateway) for 10 minutes.
+    fn seen_now(&mut self, dn: &str) {
+        if self.seen.insert(dn.to_owned(), Instant::now()).is_none() {
+            self.ctx.subs.route(dn, self.calls.clone());
+        }
+    }
+
     fn publish(&mut self, req: &Message, topic: &str, body: &[u8], mid: u16) -> Message {
         let token = req
             .option(OPT_TOKEN)
@@ -268,6 +441,9 @@ impl State {
                 mid,
             );
         };
+        if let Some(answer) = self.ota(req, &dn, topic, body, mid) {
+            return answer;
+        }
         let pk = &self.ctx.cfg.product_key;
         let own = format!("/sys/{pk}/{dn}/thing/event/");
         let Some(rest) = topic
@@ -277,7 +453,7 @@ impl State {
             return self.refuse(
                 req,
                 Code::FORBIDDEN,
-                "not a property or event post of this device",
+                "not a property or event post, or an OTA topic, of this device",
                 mid,
             );
         };
@@ -308,9 +484,7 @@ impl State {
                 mid,
             );
         }
-        if self.seen.insert(dn.clone(), Instant::now()).is_none() {
-            self.ctx.subs.route(&dn, self.calls.clone());
-        }
+        self.seen_now(&dn);
         self.ctx
             .counters
             .frames
@@ -327,10 +501,11 @@ impl State {
 }
 
 /// Serves CoAP on `sock` until stopped.
-pub async fn serve(sock: UdpSocket, ctx: Arc<Ctx>) {
+pub async fn serve(sock: UdpSocket, ctx: Arc<Ctx>, advertise: String) {
     let (calls_tx, mut calls) = tokio::sync::mpsc::channel::<crate::link::Command>(64);
     let mut st = State {
         ctx: ctx.clone(),
+        advertise,
         seen: HashMap::new(),
         calls: calls_tx,
         tokens: HashMap::new(),
@@ -361,7 +536,10 @@ pub async fn serve(sock: UdpSocket, ctx: Arc<Ctx>) {
                         continue;
                     }
                 };
-                if req.kind == Kind::Con && req.code != Code::EMPTY {
+                // GETs (image blocks) are idempotent: a retransmission is answered again
+                // rather than kept in the cache.
+                let cached = req.kind == Kind::Con && req.code != Code::EMPTY && req.code != Code::GET;
+                if cached {
                     match st.dedup.check(&from, req.message_id, crate::now_ms()) {
                         Some(Some(answer)) => {
                             st.ctx.counters.refuse("retransmission (answered from cache)");
@@ -374,15 +552,17 @@ pub async fn serve(sock: UdpSocket, ctx: Arc<Ctx>) {
                 }
                 if let Some(answer) = st.handle(from, &req).await {
                     let bytes = coap::encode(&answer);
-                    if req.kind == Kind::Con {
+                    if cached {
                         st.dedup.answered(&from, req.message_id, bytes.clone());
                     }
                     let _ = sock.send_to(&bytes, from).await;
                 }
             }
-            Some(cmd) = calls.recv() => {
-                vehicle::answer(cmd, 460, json!({}), "a CoAP device takes no calls from the cloud (it only posts)");
-            }
+            Some(cmd) = calls.recv() => match &cmd.op {
+                // The device pulls it (firmware/get): the offer stands until it informs.
+                Op::Upgrade(_) => vehicle::answer(cmd, 200, json!({}), ""),
+                _ => vehicle::answer(cmd, 460, json!({}), "a CoAP device takes no calls from the cloud (it only posts)"),
+            },
             _ = sweep.tick() => {
                 st.partial.retain(|_, p| p.at.elapsed() < Duration::from_secs(60));
                 let gone: Vec<String> = st

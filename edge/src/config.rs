@@ -229,6 +229,10 @@ pub struct CoapServer {
     /// The devices' product in the cloud (sub-device, dynamic registration on); `/auth`
     /// requests for other products are refused.
     pub product_key: String,
+    /// `host:port` the devices reach this server at, for the `coap://` URLs of firmware
+    /// images (default: the listen address, which must then not be 0.0.0.0 or [::]).
+    #[serde(default)]
+    pub advertise: Option<String>,
 }
 
 /// The LoRaWAN network server for packet forwarders on site (`[lorawan]`).

@@ -419,6 +419,15 @@ impl Conn {
                 );
                 return;
             }
+            Op::Upgrade(_) => {
+                answer(
+                    c,
+                    460,
+                    json!({}),
+                    "GB/T 32960 remote upgrades (0x82 command 1: the vehicle fetches the image by URL) are not supported by this gateway",
+                );
+                return;
+            }
             Op::Service(name, p) => match name.as_str() {
                 "Query" => {
                     let ids: Vec<u8> = match p.get("ids") {

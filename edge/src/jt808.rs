@@ -6,11 +6,17 @@
 //! cloud's calls: `SendText` (0x8300), `QueryLocation` (0x8201), `SetParams` (0x8103),
 //! `QueryParams` (0x8104), each waiting for the terminal's answer.
 //!
+//! Firmware upgrades (docs/ota.md): the image the gateway holds goes to the terminal as a
+//! 0x8108 message in sub-packages of 1,023 bytes, 16 unacknowledged at most, each resent up
+//! to three times when its 0x0001 does not come; the terminal's 0x0108 result then ends it (a
+//! success is followed by 0x8107, whose firmware version is informed to the cloud).
+//!
 //! A reading is acknowledged to the terminal (0x8001) only once it is in the edge's queue.
 //! Frames that cannot be read are counted and skipped; a message whose body is malformed is
 //! answered "message error" (0x8001 result 2); the connection goes on.
 
 use crate::link::{Command, Op, Outcome};
+use crate::sub_ota::{self, Offer};
 use crate::vehicle::{self, answer, at, round, Ctx, Unknown, Waiting};
 use ironlink_protocols::jt808::{
     self as j, Deframer, Extra, GeneralResponse, Header, Location, Message, Param, ParamValue,
@@ -149,6 +155,73 @@ struct Conn {
     out: Vec<u8>,
     last_alarm: u32,
     latest: Map<String, Value>,
+    /// Maker id from this connection's registration (0x8108 carries it).
+    maker: String,
+    /// The upgrade package being sent.
+    transfer: Option<Transfer>,
+    /// After a successful 0x0108: the upgrade type, until the 0x0107 answer.
+    attributes_for: Option<(u8, Instant)>,
+}
+
+/// Sub-packages of a 0x8108 without their 0x0001 at most.
+const UPGRADE_WINDOW: usize = 16;
+/// Sends of one sub-package at most.
+const UPGRADE_TRIES: u8 = 3;
+/// Body bytes per sub-package.
+const PACKAGE: u64 = 1023;
+
+/// A 0x8108 on its way: its body is `head` then the image, cut in sub-packages.
+struct Transfer {
+    offer: Arc<Offer>,
+    file: std::fs::File,
+    head: Vec<u8>,
+    len: u64,
+    total: u16,
+    /// Serial of sub-package 1 (the others follow it).
+    base: u16,
+    /// Next sub-package index to send for the first time.
+    next: u16,
+    acked: Vec<bool>,
+    done: u16,
+    /// Index -> (sent at, sends).
+    sent: HashMap<u16, (Instant, u8)>,
+    reported: i64,
+}
+
+impl Transfer {
+    /// The body bytes of sub-package `idx`.
+    fn chunk(&self, idx: u16) -> std::io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let start = u64::from(idx) * PACKAGE;
+        let end = (start + PACKAGE).min(self.len);
+        let mut out = Vec::with_capacity((end - start) as usize);
+        let head = self.head.len() as u64;
+        if start < head {
+            out.extend_from_slice(&self.head[start as usize..end.min(head) as usize]);
+        }
+        if end > head {
+            let from = start.max(head);
+            let mut buf = vec![0u8; (end - from) as usize];
+            self.file.read_exact_at(&mut buf, from - head)?;
+            out.extend_from_slice(&buf);
+        }
+        Ok(out)
+    }
+
+    /// Frames sub-package `idx` into `out`.
+    fn send(&mut self, idx: u16, last: &Header, out: &mut Vec<u8>) -> Result<(), String> {
+        let body = self
+            .chunk(idx)
+            .map_err(|e| format!("reading the image: {e}"))?;
+        let mut h = Header::reply(last, 0x8108, self.base.wrapping_add(idx));
+        // A body within one frame is not cut in sub-packages.
+        h.package = (self.total > 1).then_some((self.total, idx + 1));
+        let frame = j::encode_frame(&h, &body).map_err(|e| e.to_string())?;
+        out.extend_from_slice(&frame);
+        let tries = self.sent.get(&idx).map_or(0, |s| s.1);
+        self.sent.insert(idx, (Instant::now(), tries + 1));
+        Ok(())
+    }
 }
 
 impl Conn {
@@ -213,6 +286,7 @@ impl Conn {
         match m {
             Message::Register(r) => match vehicle::identity(&self.ctx, &dn).await {
                 Ok(id) => {
+                    self.maker = r.maker.clone();
                     let code = auth_code(&id.product_key, &dn, &id.device_secret);
                     let now = crate::now_ms();
                     let info: Map<String, Value> = [
@@ -312,6 +386,32 @@ impl Conn {
                     });
                 }
             }
+            Message::TerminalResponse(g) if g.msg_id == 0x8108 => self.upgrade_ack(g),
+            Message::UpgradeResult { kind, result } => {
+                self.general(&h, 0);
+                self.upgrade_result(&dn, kind, result);
+            }
+            Message::Attributes(a) => {
+                if let Some((kind, _)) = self.attributes_for.take() {
+                    let version = if kind == 0 {
+                        a.firmware.clone()
+                    } else {
+                        // 0x0107 has the terminal's firmware only: the module's new version
+                        // is the one offered.
+                        let module = sub_ota::jt808_module(kind);
+                        match self
+                            .ctx
+                            .offers
+                            .get(&dn)
+                            .filter(|o| o.notice.module == module)
+                        {
+                            Some(o) => o.notice.version.clone(),
+                            None => return,
+                        }
+                    };
+                    self.inform(&dn, sub_ota::jt808_module(kind), &version);
+                }
+            }
             Message::TerminalResponse(g) => {
                 if let Some((Expect::General(id), w)) = self.waiting.remove(&g.serial) {
                     if id == g.msg_id {
@@ -372,9 +472,184 @@ impl Conn {
         }
     }
 
+    /// Informs the cloud of the terminal's `version` of `module` (ends a standing offer).
+    fn inform(&self, dn: &str, module: &str, version: &str) {
+        let _ = sub_ota::report(
+            &self.ctx.sink,
+            dn,
+            "inform",
+            json!({"version": version, "module": module}),
+        );
+        self.ctx.offers.reported(dn, module, version);
+    }
+
+    /// Starts sending `offer` as 0x8108; the call is answered at once (200: the transfer
+    /// reports its progress from now on).
+    fn start_upgrade(&mut self, cmd: Command, offer: Arc<Offer>) {
+        let Some(last) = self.last.clone() else {
+            answer(cmd, 503, json!({}), "the terminal is not connected");
+            return;
+        };
+        if self.transfer.is_some() {
+            answer(
+                cmd,
+                503,
+                json!({}),
+                "an upgrade package is already being sent to this terminal",
+            );
+            return;
+        }
+        let size = offer.notice.size;
+        let Ok(size32) = u32::try_from(size) else {
+            answer(cmd, 460, json!({}), "the image is over 4 GiB");
+            return;
+        };
+        let head = j::upgrade_head(
+            sub_ota::jt808_kind(&offer.notice.module),
+            &self.maker,
+            &offer.notice.version,
+            size32,
+        );
+        let len = head.len() as u64 + size;
+        let Ok(total) = u16::try_from(len.div_ceil(PACKAGE)) else {
+            answer(
+                cmd,
+                460,
+                json!({}),
+                "the image is too large for JT/T 808 (65,535 sub-packages of 1,023 bytes)",
+            );
+            return;
+        };
+        let file = match std::fs::File::open(&offer.image) {
+            Ok(f) => f,
+            Err(e) => {
+                answer(cmd, 500, json!({}), &format!("opening the image: {e}"));
+                return;
+            }
+        };
+        let base = self.serial;
+        self.serial = self.serial.wrapping_add(total);
+        let _ = offer.progress(1, "sending the package to the terminal (JT/T 808 0x8108)");
+        self.transfer = Some(Transfer {
+            offer,
+            file,
+            head,
+            len,
+            total,
+            base,
+            next: 0,
+            acked: vec![false; usize::from(total)],
+            done: 0,
+            sent: HashMap::new(),
+            reported: 1,
+        });
+        answer(cmd, 200, json!({}), "");
+        self.pump(&last);
+    }
+
+    /// Sends sub-packages while the window has room.
+    fn pump(&mut self, last: &Header) {
+        let Some(t) = self.transfer.as_mut() else {
+            return;
+        };
+        let mut failed = None;
+        while t.sent.len() < UPGRADE_WINDOW && t.next < t.total {
+            let idx = t.next;
+            t.next += 1;
+            if let Err(e) = t.send(idx, last, &mut self.out) {
+                failed = Some(e);
+                break;
+            }
+        }
+        if let Some(e) = failed {
+            self.end_transfer(-1, &e);
+        }
+    }
+
+    fn end_transfer(&mut self, step: i64, why: &str) {
+        if let Some(t) = self.transfer.take() {
+            tracing::warn!(device = %t.offer.dn, step, why, "JT/T 808 upgrade stopped");
+            let _ = t.offer.progress(step, why);
+        }
+    }
+
+    /// A 0x0001 for a sub-package of the 0x8108.
+    fn upgrade_ack(&mut self, g: GeneralResponse) {
+        let Some(t) = self.transfer.as_mut() else {
+            return;
+        };
+        let idx = g.serial.wrapping_sub(t.base);
+        if idx >= t.total {
+            return;
+        }
+        if g.result != 0 {
+            let why = format!(
+                "the terminal refused sub-package {} of {} (result {})",
+                idx + 1,
+                t.total,
+                g.result
+            );
+            self.end_transfer(-2, &why);
+            return;
+        }
+        t.sent.remove(&idx);
+        if !std::mem::replace(&mut t.acked[usize::from(idx)], true) {
+            t.done += 1;
+        }
+        if t.done == t.total {
+            let _ = t
+                .offer
+                .progress(95, "the terminal has the whole package; flashing");
+            self.transfer = None;
+            return;
+        }
+        let pct = i64::from(t.done) * 90 / i64::from(t.total) / 10 * 10;
+        if pct > t.reported {
+            t.reported = pct;
+            let _ = t
+                .offer
+                .progress(pct, "sending the package to the terminal (JT/T 808 0x8108)");
+        }
+        if let Some(last) = self.last.clone() {
+            self.pump(&last);
+        }
+    }
+
+    /// The terminal's 0x0108.
+    fn upgrade_result(&mut self, dn: &str, kind: u8, result: u8) {
+        let module = sub_ota::jt808_module(kind);
+        let fail = |step: i64, why: &str| {
+            let _ = sub_ota::report(
+                &self.ctx.sink,
+                dn,
+                "progress",
+                json!({"step": step.to_string(), "desc": why, "module": module}),
+            );
+        };
+        match result {
+            0 => {
+                // The version it now runs: 0x0107 (answered in `frame`, or by the offer's
+                // version when the terminal does not answer).
+                self.attributes_for = Some((kind, Instant::now() + self.ctx.cfg.answer_timeout));
+                self.send(0x8107, &Message::QueryAttributes);
+            }
+            1 => fail(
+                -4,
+                "the terminal reports the upgrade failed (0x0108 result 1)",
+            ),
+            2 => fail(-1, "the terminal cancelled the upgrade (0x0108 result 2)"),
+            r => fail(-1, &format!("the terminal reports upgrade result {r}")),
+        }
+    }
+
     fn call(&mut self, cmd: Command) {
         let wait = self.ctx.cfg.answer_timeout;
         let (msg_id, m, expect) = match &cmd.op {
+            Op::Upgrade(offer) => {
+                let offer = offer.clone();
+                self.start_upgrade(cmd, offer);
+                return;
+            }
             Op::Get(ids) => {
                 let data: Map<String, Value> = self
                     .latest
@@ -444,6 +719,50 @@ impl Conn {
 
     fn expire(&mut self) {
         let now = Instant::now();
+        if let (Some(t), Some(last)) = (self.transfer.as_mut(), self.last.clone()) {
+            let wait = self.ctx.cfg.answer_timeout;
+            let late: Vec<(u16, u8)> = t
+                .sent
+                .iter()
+                .filter(|(_, (at, _))| now.duration_since(*at) >= wait)
+                .map(|(i, (_, n))| (*i, *n))
+                .collect();
+            let mut failed = None;
+            for (idx, sends) in late {
+                if sends >= UPGRADE_TRIES {
+                    failed = Some(format!(
+                        "the terminal stopped acknowledging sub-packages ({} of {} acknowledged)",
+                        t.done, t.total
+                    ));
+                    break;
+                }
+                if let Err(e) = t.send(idx, &last, &mut self.out) {
+                    failed = Some(e);
+                    break;
+                }
+            }
+            if let Some(why) = failed {
+                self.end_transfer(-2, &why);
+            }
+        }
+        if let Some((kind, deadline)) = self.attributes_for {
+            if now >= deadline {
+                self.attributes_for = None;
+                let module = sub_ota::jt808_module(kind);
+                if let Some(dn) = self.dn.clone() {
+                    if let Some(o) = self
+                        .ctx
+                        .offers
+                        .get(&dn)
+                        .filter(|o| o.notice.module == module)
+                    {
+                        tracing::info!(terminal = %dn, "no 0x0107: the offered version is informed");
+                        let v = o.notice.version.clone();
+                        self.inform(&dn, module, &v);
+                    }
+                }
+            }
+        }
         let late: Vec<u16> = self
             .waiting
             .iter()
@@ -475,6 +794,9 @@ pub async fn connection(stream: TcpStream, ctx: Arc<Ctx>) {
         out: Vec::new(),
         last_alarm: 0,
         latest: Map::new(),
+        maker: String::new(),
+        transfer: None,
+        attributes_for: None,
     };
     let mut deframer = Deframer::new();
     let mut packages = Reassembler::new(1 << 20, 60_000);
@@ -550,6 +872,13 @@ pub async fn connection(stream: TcpStream, ctx: Arc<Ctx>) {
     }
     if let Some(dn) = &routed {
         ctx.subs.unroute(dn, &tx);
+    }
+    if let Some(t) = &c.transfer {
+        let why = format!(
+            "the terminal disconnected during the transfer ({} of {} sub-packages acknowledged)",
+            t.done, t.total
+        );
+        c.end_transfer(-2, &why);
     }
     for (_, (_, w)) in c.waiting.drain() {
         w.answer(Outcome {

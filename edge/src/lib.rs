@@ -15,6 +15,7 @@ pub mod poller;
 pub mod queue;
 pub mod run;
 pub mod status;
+pub mod sub_ota;
 pub mod subdevices;
 pub mod supervise;
 pub mod uplink;

@@ -26,6 +26,10 @@ pub enum Op {
     Get(Vec<String>),
     /// Service call: identifier and input parameters.
     Service(String, Map<String, Value>),
+    /// A firmware upgrade, the image checked and on the gateway's disk: the link answers 200
+    /// when it takes charge of delivering it in its protocol (it then reports the progress
+    /// itself), or why it cannot.
+    Upgrade(Arc<crate::sub_ota::Offer>),
 }
 
 /// The answer to one [`Command`], in Alink terms.
@@ -412,6 +416,13 @@ async fn serve(
         }
         Op::Set(params) => Ok(params.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
         Op::Service(id, params) => m.poller.service_writes(id, params),
+        Op::Upgrade(_) => {
+            c.answer(Outcome::err(
+                460,
+                "Modbus has no firmware transfer: a Modbus device cannot be upgraded through the gateway",
+            ));
+            return None;
+        }
     };
     let ops = match items.and_then(|items| m.poller.plan_writes(&items)) {
         Ok(ops) => ops,

@@ -618,6 +618,12 @@ impl State {
                     ),
                 }
             }
+            Op::Upgrade(_) => answer(
+                cmd,
+                460,
+                json!({}),
+                "LoRaWAN firmware upgrades (FUOTA: multicast and fragmented data blocks) are not supported by this gateway",
+            ),
             _ => answer(
                 cmd,
                 460,

@@ -223,12 +223,12 @@ impl Failure {
     }
 }
 
-/// Checks a downloaded image: its digest by the notice's method, and the ed25519 signature
-/// over its SHA-512 with the configured key.
+/// Checks a downloaded image: its size and digest by the notice's method, and, given a key,
+/// the ed25519 signature over its SHA-512 (a notice without one is then refused).
 pub fn verify_image(
     path: &Path,
     n: &Notice,
-    key: &ed25519_dalek::VerifyingKey,
+    key: Option<&ed25519_dalek::VerifyingKey>,
 ) -> Result<(), Failure> {
     use std::io::Read;
     let mut f = std::fs::File::open(path).map_err(|e| Failure::Download(e.to_string()))?;
@@ -264,6 +264,9 @@ pub fn verify_image(
             n.sign_method, n.sign
         )));
     }
+    let Some(key) = key else {
+        return Ok(());
+    };
     let Some(sig_hex) = &n.ed25519 else {
         return Err(Failure::Verify(
             "the notice carries no ed25519 signature".into(),
@@ -281,7 +284,7 @@ pub fn verify_image(
 
 /// Downloads `n.url` into `path`, resuming from what `path` already holds (a Range request);
 /// `progress` gets percentages as they pass tens.
-async fn download(
+pub(crate) async fn download(
     n: &Notice,
     path: &Path,
     max: u64,
@@ -563,7 +566,7 @@ impl SelfUpgrade {
                 let _ = outbox.try_send((topic.clone(), body));
             };
             download(&n, &part, config.max_bytes, report).await?;
-            if let Err(f) = verify_image(&part, &n, &key) {
+            if let Err(f) = verify_image(&part, &n, Some(&key)) {
                 let _ = std::fs::remove_file(&part);
                 return Err(f);
             }
@@ -627,13 +630,18 @@ mod tests {
         let path = dir.path().join("img");
         std::fs::write(&path, &img).unwrap();
         for m in ["Md5", "SHA256"] {
-            verify_image(&path, &notice_for(&img, &key, m), &key.verifying_key()).unwrap();
+            verify_image(
+                &path,
+                &notice_for(&img, &key, m),
+                Some(&key.verifying_key()),
+            )
+            .unwrap();
         }
         let n = notice_for(&img, &key, "Md5");
         // Another key.
         let other = SigningKey::from_bytes(&[8u8; 32]).verifying_key();
         assert!(matches!(
-            verify_image(&path, &n, &other),
+            verify_image(&path, &n, Some(&other)),
             Err(Failure::Verify(_))
         ));
         // A changed byte with the digest the notice carries for it (a tampered image
@@ -643,7 +651,7 @@ mod tests {
         std::fs::write(&path, &tampered).unwrap();
         let mut n2 = n.clone();
         n2.sign = hex::encode(md5::Md5::digest(&tampered));
-        let e = verify_image(&path, &n2, &key.verifying_key()).unwrap_err();
+        let e = verify_image(&path, &n2, Some(&key.verifying_key())).unwrap_err();
         assert!(
             matches!(&e, Failure::Verify(w) if w.contains("ed25519")),
             "{e:?}"
@@ -653,13 +661,13 @@ mod tests {
         let mut n3 = n.clone();
         n3.ed25519 = None;
         assert!(matches!(
-            verify_image(&path, &n3, &key.verifying_key()),
+            verify_image(&path, &n3, Some(&key.verifying_key())),
             Err(Failure::Verify(_))
         ));
         // Truncated.
         std::fs::write(&path, &img[..1000]).unwrap();
         assert!(matches!(
-            verify_image(&path, &n, &key.verifying_key()),
+            verify_image(&path, &n, Some(&key.verifying_key())),
             Err(Failure::Verify(_))
         ));
     }

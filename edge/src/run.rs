@@ -140,6 +140,7 @@ pub fn start_with(config: Config, options: StartOptions) -> Result<Running, Star
         crate::subdevices::SubDevices::open(&config.queue.dir).map_err(StartError::SubDevices)?,
     );
     let (rpc_tx, rpc_rx) = mpsc::channel(64);
+    let offers = Arc::new(crate::sub_ota::Offers::default());
     let mut vehicle_counters = Vec::new();
     let mut bound_addrs = [None, None];
     for (i, (what, server)) in [("jt808", &config.jt808), ("gb32960", &config.gb32960)]
@@ -160,6 +161,7 @@ pub fn start_with(config: Config, options: StartOptions) -> Result<Running, Star
             rpc: rpc_tx.clone(),
             stop: stop_rx.clone(),
             counters: Arc::default(),
+            offers: offers.clone(),
         });
         vehicle_counters.push((what, ctx.counters.clone()));
         tasks.push(if i == 0 {
@@ -191,6 +193,7 @@ pub fn start_with(config: Config, options: StartOptions) -> Result<Running, Star
             rpc: rpc_tx.clone(),
             stop: stop_rx.clone(),
             counters: Arc::default(),
+            offers: offers.clone(),
         });
         Ok::<_, StartError>((sock, ctx))
     };
@@ -218,7 +221,14 @@ pub fn start_with(config: Config, options: StartOptions) -> Result<Running, Star
         let (sock, ctx) = udp("coap", c.listen, &c.product_key)?;
         coap_addr = sock.local_addr().ok();
         vehicle_counters.push(("coap", ctx.counters.clone()));
-        tasks.push(tokio::spawn(crate::coap_server::serve(sock, ctx)));
+        let advertise = c
+            .advertise
+            .clone()
+            .or_else(|| coap_addr.map(|a| a.to_string()))
+            .unwrap_or_else(|| c.listen.to_string());
+        tasks.push(tokio::spawn(crate::coap_server::serve(
+            sock, ctx, advertise,
+        )));
     }
     let mut status_addr = None;
     if let Some(addr) = config.status.listen {
@@ -297,16 +307,30 @@ pub fn start_with(config: Config, options: StartOptions) -> Result<Running, Star
         state.clone(),
         stop_rx.clone(),
     )));
+    let routes = Arc::new(routes);
+    let (sub_notices_tx, sub_notices_rx) = mpsc::channel(256);
+    let sub_upgrades = crate::sub_ota::SubUpgrades::new(
+        config.ota.clone(),
+        config.queue.dir.join("ota-images"),
+        sink.clone(),
+        routes.clone(),
+        subs.clone(),
+        offers,
+    );
+    tasks.push(tokio::spawn(
+        sub_upgrades.run(sub_notices_rx, stop_rx.clone()),
+    ));
     tasks.push(tokio::spawn(uplink::run(
         config.clone(),
         queue.clone(),
         wake,
-        Arc::new(routes),
+        routes,
         subs,
         rpc_rx,
         uplink::OtaLink {
             notices: notices_tx,
             outbox: outbox_rx,
+            sub_notices: sub_notices_tx,
         },
         state_tx,
         stop_rx,

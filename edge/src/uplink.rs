@@ -54,6 +54,8 @@ pub struct OtaLink {
     pub notices: mpsc::Sender<Vec<u8>>,
     /// (topic, body) to publish at QoS 1.
     pub outbox: mpsc::Receiver<(String, String)>,
+    /// Notices for sub-devices: (product key, device name, payload).
+    pub sub_notices: mpsc::Sender<crate::sub_ota::SubNotice>,
 }
 
 /// Messages in flight (sent, not yet acknowledged by the cloud).
@@ -331,6 +333,12 @@ fn post_for(r: &Record, pk: &str, gw: (&str, &str)) -> Option<(String, String)> 
                 .to_string(),
         ));
     }
+    if let Some(kind) = v["ota"].as_str() {
+        return Some((
+            format!("/ota/device/{kind}/{pk}/{dn}"),
+            json!({"id": id, "params": v["params"]}).to_string(),
+        ));
+    }
     // `sys.dedup`: the cloud drops a second copy of this id (at-least-once delivery).
     Some(match v["event"].as_str() {
         Some(event) => (
@@ -590,6 +598,10 @@ async fn session(
                         if p.topic == own_notices {
                             if ota.notices.try_send(p.payload.to_vec()).is_err() {
                                 tracing::warn!("self-upgrade busy: notice dropped (the cloud sends it again)");
+                            }
+                        } else if let Some((pk, dn)) = p.topic.strip_prefix("/ota/device/upgrade/").and_then(|r| r.split_once('/')) {
+                            if ota.sub_notices.try_send((pk.to_owned(), dn.to_owned(), p.payload.to_vec())).is_err() {
+                                tracing::warn!(device = dn, "sub-device upgrades busy: notice dropped (the cloud sends it again)");
                             }
                         } else if p.topic.ends_with("_reply") {
                             let v: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);

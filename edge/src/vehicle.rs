@@ -67,6 +67,8 @@ pub struct Ctx {
     pub stop: watch::Receiver<bool>,
     /// Counters.
     pub counters: Arc<Counters>,
+    /// Firmware upgrades standing for sub-devices.
+    pub offers: Arc<crate::sub_ota::Offers>,
 }
 
 /// Accepts terminals until stopped; each connection runs `conn` on its own task.

@@ -594,6 +594,54 @@ pub struct GeneralResponse {
     pub result: u8,
 }
 
+/// 0x8108: an upgrade package for the terminal (sent in sub-packages when over 1023 bytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upgrade {
+    /// What is upgraded: 0 the terminal, 12 the IC card reader, 52 the GNSS module.
+    pub kind: u8,
+    /// Maker id (5 bytes).
+    pub maker: String,
+    /// Version of the package.
+    pub version: String,
+    /// The package.
+    pub package: Vec<u8>,
+}
+
+/// The body of a 0x8108 up to its package (`package_len` bytes follow it).
+pub fn upgrade_head(kind: u8, maker: &str, version: &str, package_len: u32) -> Vec<u8> {
+    let mut out = alloc::vec![kind];
+    push_fixed(maker, 5, &mut out);
+    let v = gbk_encode(version);
+    let v = &v[..v.len().min(255)];
+    out.push(v.len() as u8);
+    out.extend_from_slice(v);
+    out.extend_from_slice(&package_len.to_be_bytes());
+    out
+}
+
+/// 0x0107: the terminal's attributes, answering 0x8107.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attributes {
+    /// Terminal type bits.
+    pub terminal_type: u16,
+    /// Maker id.
+    pub maker: String,
+    /// Model.
+    pub model: String,
+    /// Terminal id.
+    pub terminal_id: String,
+    /// SIM ICCID (BCD, 10 bytes).
+    pub iccid: [u8; 10],
+    /// Hardware version.
+    pub hardware: String,
+    /// Firmware version.
+    pub firmware: String,
+    /// GNSS module attributes.
+    pub gnss: u8,
+    /// Communication module attributes.
+    pub comm: u8,
+}
+
 /// 0x0100: terminal registration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Register {
@@ -1074,6 +1122,20 @@ pub enum Message {
         /// The text.
         text: String,
     },
+    /// 0x8107 query the terminal's attributes.
+    QueryAttributes,
+    /// 0x0107 the terminal's attributes.
+    Attributes(Attributes),
+    /// 0x8108 upgrade package.
+    Upgrade(Upgrade),
+    /// 0x0108 upgrade result: `kind` as in [`Upgrade`]; result 0 success, 1 failure,
+    /// 2 cancelled.
+    UpgradeResult {
+        /// What was upgraded.
+        kind: u8,
+        /// 0 success, 1 failure, 2 cancelled.
+        result: u8,
+    },
     /// Any other message, kept as its body.
     Other {
         /// Message id.
@@ -1104,6 +1166,10 @@ impl Message {
             Self::QueryParams => 0x8104,
             Self::QueryLocation => 0x8201,
             Self::Text { .. } => 0x8300,
+            Self::QueryAttributes => 0x8107,
+            Self::Attributes(_) => 0x0107,
+            Self::Upgrade(_) => 0x8108,
+            Self::UpgradeResult { .. } => 0x0108,
             Self::Other { msg_id, .. } => *msg_id,
         }
     }
@@ -1232,6 +1298,52 @@ pub fn decode(msg_id: u16, v2019: bool, body: &[u8]) -> Result<Message, Error> {
                 text: gbk_decode(r.rest()),
             }
         }
+        0x8107 => Message::QueryAttributes,
+        0x0107 => {
+            let terminal_type = r.u16("terminal type")?;
+            let (mo, id) = if v2019 { (30, 30) } else { (20, 7) };
+            let maker = fixed_text(r.take(5, "maker id")?);
+            let model = fixed_text(r.take(mo, "terminal model")?);
+            let terminal_id = fixed_text(r.take(id, "terminal id")?);
+            let mut iccid = [0u8; 10];
+            iccid.copy_from_slice(r.take(10, "ICCID")?);
+            let n = usize::from(r.u8("hardware version length")?);
+            let hardware = gbk_decode(r.take(n, "hardware version")?);
+            let n = usize::from(r.u8("firmware version length")?);
+            let firmware = gbk_decode(r.take(n, "firmware version")?);
+            Message::Attributes(Attributes {
+                terminal_type,
+                maker,
+                model,
+                terminal_id,
+                iccid,
+                hardware,
+                firmware,
+                gnss: r.u8("GNSS attributes")?,
+                comm: r.u8("communication attributes")?,
+            })
+        }
+        0x8108 => {
+            let kind = r.u8("upgrade type")?;
+            let maker = fixed_text(r.take(5, "maker id")?);
+            let n = usize::from(r.u8("version length")?);
+            let version = gbk_decode(r.take(n, "version")?);
+            let len = r.u32("package length")? as usize;
+            let package = r.take(len, "package shorter than its length")?.to_vec();
+            if r.left() > 0 {
+                return Err(r.err("bytes after the package"));
+            }
+            Message::Upgrade(Upgrade {
+                kind,
+                maker,
+                version,
+                package,
+            })
+        }
+        0x0108 => Message::UpgradeResult {
+            kind: r.u8("upgrade type")?,
+            result: r.u8("upgrade result")?,
+        },
         _ => Message::Other {
             msg_id,
             body: body.to_vec(),
@@ -1248,7 +1360,36 @@ pub fn encode(m: &Message, v2019: bool) -> Vec<u8> {
             out.extend_from_slice(&g.msg_id.to_be_bytes());
             out.push(g.result);
         }
-        Message::Heartbeat | Message::Logout | Message::QueryParams | Message::QueryLocation => {}
+        Message::Heartbeat
+        | Message::Logout
+        | Message::QueryParams
+        | Message::QueryLocation
+        | Message::QueryAttributes => {}
+        Message::Attributes(a) => {
+            out.extend_from_slice(&a.terminal_type.to_be_bytes());
+            let (mo, id) = if v2019 { (30, 30) } else { (20, 7) };
+            push_fixed(&a.maker, 5, &mut out);
+            push_fixed(&a.model, mo, &mut out);
+            push_fixed(&a.terminal_id, id, &mut out);
+            out.extend_from_slice(&a.iccid);
+            for v in [&a.hardware, &a.firmware] {
+                let b = gbk_encode(v);
+                let b = &b[..b.len().min(255)];
+                out.push(b.len() as u8);
+                out.extend_from_slice(b);
+            }
+            out.push(a.gnss);
+            out.push(a.comm);
+        }
+        Message::Upgrade(u) => {
+            let len = u32::try_from(u.package.len()).unwrap_or(u32::MAX);
+            out.extend_from_slice(&upgrade_head(u.kind, &u.maker, &u.version, len));
+            out.extend_from_slice(&u.package[..len as usize]);
+        }
+        Message::UpgradeResult { kind, result } => {
+            out.push(*kind);
+            out.push(*result);
+        }
         Message::Register(r) => {
             out.extend_from_slice(&r.province.to_be_bytes());
             out.extend_from_slice(&r.city.to_be_bytes());

@@ -214,10 +214,62 @@ fn platform_messages_and_replies_round_trip() {
             kind: None,
             text: "Hello 你好".into(),
         },
+        Message::QueryAttributes,
+        Message::UpgradeResult { kind: 0, result: 1 },
+        Message::Upgrade(Upgrade {
+            kind: 52,
+            maker: "70111".into(),
+            version: "GNSS-2.1".into(),
+            package: vec![0x7E, 0x7D, 1, 2, 3],
+        }),
     ] {
         let body = encode(&m, false);
         assert_eq!(decode(m.msg_id(), false, &body).unwrap(), m);
     }
+    // Attributes differ by edition (model and terminal id widths).
+    let a = Message::Attributes(Attributes {
+        terminal_type: 0x0006,
+        maker: "70111".into(),
+        model: "IRONLINK-T1".into(),
+        terminal_id: "T000001".into(),
+        iccid: [0x89, 0x86, 0, 1, 2, 3, 4, 5, 6, 7],
+        hardware: "HW1".into(),
+        firmware: "FW-1.0.0".into(),
+        gnss: 3,
+        comm: 1,
+    });
+    for v2019 in [false, true] {
+        let body = encode(&a, v2019);
+        assert_eq!(
+            body.len(),
+            2 + 5 + if v2019 { 60 } else { 27 } + 10 + 4 + 9 + 2
+        );
+        assert_eq!(decode(0x0107, v2019, &body).unwrap(), a);
+    }
+    // The head the edge streams a package behind is the encoded message's start.
+    let Message::Upgrade(u) = decode(
+        0x8108,
+        false,
+        &encode(
+            &Message::Upgrade(Upgrade {
+                kind: 0,
+                maker: "M".into(),
+                version: "2".into(),
+                package: vec![9; 3000],
+            }),
+            false,
+        ),
+    )
+    .unwrap() else {
+        panic!()
+    };
+    let mut streamed = upgrade_head(0, "M", "2", 3000);
+    streamed.extend_from_slice(&u.package);
+    assert_eq!(streamed, encode(&Message::Upgrade(u), false));
+    // A package shorter than its length is refused.
+    let mut cut = upgrade_head(0, "M", "2", 10);
+    cut.extend_from_slice(&[1, 2, 3]);
+    assert!(decode(0x8108, false, &cut).is_err());
 }
 
 #[test]

@@ -54,11 +54,17 @@ impl Terminal {
 
     /// The next message from the platform (bounded wait).
     pub async fn next(&mut self) -> Result<(j::Header, j::Message)> {
+        let f = self.next_frame().await?;
+        let m = j::decode(f.header.msg_id, false, &f.body).map_err(|e| anyhow!("{e}"))?;
+        Ok((f.header, m))
+    }
+
+    /// The next frame from the platform, undecoded (a sub-package, say; bounded wait).
+    pub async fn next_frame(&mut self) -> Result<j::Frame> {
         let deadline = tokio::time::Instant::now() + ANSWER;
         loop {
             if let Some(f) = self.got.pop_front() {
-                let m = j::decode(f.header.msg_id, false, &f.body).map_err(|e| anyhow!("{e}"))?;
-                return Ok((f.header, m));
+                return Ok(f);
             }
             let mut buf = [0u8; 4096];
             let n = tokio::time::timeout_at(deadline, self.stream.read(&mut buf))

@@ -5,6 +5,7 @@
 //! answered by the terminal, bad frames skipped without dropping the connection.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use ed25519_dalek::SigningKey;
 use ironlink_protocols::gb32960 as g;
 use ironlink_protocols::jt808 as j;
 use ironlink_sim::vehicles::{location, report as vehicle_report, Terminal, Vehicle};
@@ -28,6 +29,16 @@ async fn create(c: &Cloud, path: &str, body: Value) -> Value {
 async fn setup(
     dir: &std::path::Path,
     tsl: &str,
+) -> (Cloud, ironlink_edge::run::Running, String, String) {
+    setup_with(dir, tsl, "5s", "").await
+}
+
+/// [`setup`] with the terminals' answer timeout and more configuration.
+async fn setup_with(
+    dir: &std::path::Path,
+    tsl: &str,
+    answer_timeout: &str,
+    extra: &str,
 ) -> (Cloud, ironlink_edge::run::Running, String, String) {
     let cloud = Cloud::start(&dir.join("cloud"), &[]).unwrap();
     let (gpk, gsecret) = gateway(&cloud, "edge-01").await.unwrap();
@@ -54,11 +65,12 @@ listen = "127.0.0.1:0"
 [jt808]
 listen = "127.0.0.1:0"
 product_key = "{tpk}"
-answer_timeout = "5s"
+answer_timeout = "{answer_timeout}"
 [gb32960]
 listen = "127.0.0.1:0"
 product_key = "{tpk}"
-answer_timeout = "5s"
+answer_timeout = "{answer_timeout}"
+{extra}
 "#,
         secret = gsecret,
         port = cloud.mqtt.port(),
@@ -544,4 +556,171 @@ async fn acknowledged_locations_survive_kill_9_of_the_edge() {
     .await;
     edge.kill().unwrap();
     edge.wait().unwrap();
+}
+
+/// Uploads `image` for product `pk` signed with `key`; returns the package id.
+async fn upload(cloud: &Cloud, pk: &str, version: &str, image: &[u8], key: &SigningKey) -> String {
+    let ed25519 = ironlink_cloud::ota::sign::sign_reader(key, &mut &image[..])
+        .unwrap()
+        .ed25519;
+    let r = reqwest::Client::new()
+        .post(format!(
+            "http://{}/api/v1/ota/packages?product_key={pk}&version={version}&ed25519={ed25519}",
+            cloud.http
+        ))
+        .bearer_auth(&cloud.token)
+        .body(image.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let v: Value = r.json().await.unwrap();
+    v["id"].as_str().unwrap().to_owned()
+}
+
+/// Starts a one-device campaign without retries; returns its id.
+async fn campaign(cloud: &Cloud, package: &str, dn: &str) -> String {
+    let c = create(
+        cloud,
+        "/ota/campaigns",
+        json!({"name": format!("{dn}-{package}"), "package_id": package, "target": {"devices": [dn]}, "policy": {"retries": 0}}),
+    )
+    .await;
+    c["id"].as_str().unwrap().to_owned()
+}
+
+async fn campaign_over(cloud: &Cloud, id: &str) -> Value {
+    until(cloud, &format!("/ota/campaigns/{id}"), |v| {
+        v["state"] == "finished"
+    })
+    .await
+}
+
+/// A JT/T 808 terminal upgraded through the gateway: the gateway fetches and checks the image
+/// (one signed with another key is refused, -3, and never reaches the terminal), sends it as
+/// 0x8108 sub-packages (one whose acknowledgement is withheld is sent again), the terminal
+/// reassembles exactly the image, reports 0x0108 success and answers 0x8107 with its new
+/// firmware version: the campaign succeeds with that version recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jt808_terminals_upgrade_through_the_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = SigningKey::from_bytes(&[42u8; 32]);
+    let ota = format!(
+        "[ota]\npublic_key = \"{}\"\n",
+        hex::encode(key.verifying_key().as_bytes())
+    );
+    let (cloud, edge, _gpk, tpk) = setup_with(dir.path(), JT808_TSL, "2s", &ota).await;
+    let dn = "13912345001";
+    let mut t = Terminal::connect(edge.jt808_addr.unwrap(), dn)
+        .await
+        .unwrap();
+    t.register_and_authenticate().await.unwrap();
+    // Online in the cloud once its first data is there.
+    let now = ironlink_edge::now_ms() / 1000 * 1000;
+    expect(&mut t, &j::Message::Location(location(now, 1, 1)), 0).await;
+    until(&cloud, &format!("/devices/{tpk}/{dn}"), |v| {
+        v["online"] == true
+    })
+    .await;
+
+    // Signed by another key: the gateway refuses it before the terminal sees anything.
+    let image: Vec<u8> = (0..5000u32).map(|i| (i * 7 + i / 300) as u8).collect();
+    let other = SigningKey::from_bytes(&[7u8; 32]);
+    let bad = upload(&cloud, &tpk, "T-1.9", &image, &other).await;
+    let id = campaign(&cloud, &bad, dn).await;
+    let c = campaign_over(&cloud, &id).await;
+    assert_eq!(c["states"]["failed"], 1, "{c}");
+    let why = c["failures"][0]["reason"].as_str().unwrap();
+    assert!(why.contains("(-3)") && why.contains("ed25519"), "{why}");
+
+    // The right key: sent in sub-packages.
+    let good = upload(&cloud, &tpk, "T-2.0", &image, &key).await;
+    let id = campaign(&cloud, &good, dn).await;
+    let mut packages = j::Reassembler::new(1 << 20, 60_000);
+    let mut body = None;
+    let mut withheld = None;
+    let mut resent = false;
+    while body.is_none() || !resent {
+        let f = t.next_frame().await.unwrap();
+        assert_eq!(f.header.msg_id, 0x8108, "{:?}", f.header);
+        let (total, index) = f.header.package.expect("a sub-package");
+        assert_eq!(
+            total, 5,
+            "5,000 bytes and a 16-byte head in 1,023-byte sub-packages"
+        );
+        // The second sub-package is acknowledged only when it comes again.
+        if index == 2 && withheld.is_none() {
+            withheld = Some(f.header.serial);
+        } else {
+            resent |= index == 2;
+            t.send(&j::Message::TerminalResponse(j::GeneralResponse {
+                serial: f.header.serial,
+                msg_id: 0x8108,
+                result: 0,
+            }))
+            .await
+            .unwrap();
+        }
+        if let Some(b) = packages
+            .push(&f.header, &f.body, ironlink_edge::now_ms())
+            .unwrap()
+        {
+            body = Some(b);
+        }
+    }
+    let j::Message::Upgrade(u) = j::decode(0x8108, false, &body.unwrap()).unwrap() else {
+        panic!("not an upgrade package")
+    };
+    assert_eq!((u.kind, u.version.as_str()), (0, "T-2.0"));
+    assert_eq!(u.maker, "70111", "the maker id of the registration");
+    assert!(u.package == image, "the terminal has exactly the image");
+    until(&cloud, &format!("/ota/campaigns/{id}"), |v| {
+        v["states"]["flashing"] == 1
+    })
+    .await;
+
+    // Flashed (a real terminal restarts and reconnects first): 0x0108, then its attributes.
+    expect(&mut t, &j::Message::UpgradeResult { kind: 0, result: 0 }, 0).await;
+    let (_, m) = t.next().await.unwrap();
+    assert_eq!(m, j::Message::QueryAttributes);
+    t.send(&j::Message::Attributes(j::Attributes {
+        terminal_type: 6,
+        maker: "70111".into(),
+        model: "IRONLINK-SIM".into(),
+        terminal_id: "T000001".into(),
+        iccid: [0; 10],
+        hardware: "HW1".into(),
+        firmware: "T-2.0".into(),
+        gnss: 3,
+        comm: 1,
+    }))
+    .await
+    .unwrap();
+    let c = campaign_over(&cloud, &id).await;
+    assert_eq!(c["states"]["succeeded"], 1, "{c}");
+    let (_, v) = cloud
+        .api(Method::GET, &format!("/devices/{tpk}/{dn}/ota"), None)
+        .await
+        .unwrap();
+    assert_eq!(v["modules"][0]["version"], "T-2.0", "{v}");
+
+    // A terminal that reports the upgrade failed: -4 with the reason.
+    let img3: Vec<u8> = vec![3u8; 100];
+    let p3 = upload(&cloud, &tpk, "T-3.0", &img3, &key).await;
+    let id = campaign(&cloud, &p3, dn).await;
+    let f = t.next_frame().await.unwrap();
+    assert_eq!((f.header.msg_id, f.header.package), (0x8108, None));
+    t.send(&j::Message::TerminalResponse(j::GeneralResponse {
+        serial: f.header.serial,
+        msg_id: 0x8108,
+        result: 0,
+    }))
+    .await
+    .unwrap();
+    expect(&mut t, &j::Message::UpgradeResult { kind: 0, result: 1 }, 0).await;
+    let c = campaign_over(&cloud, &id).await;
+    assert_eq!(c["states"]["failed"], 1, "{c}");
+    let why = c["failures"][0]["reason"].as_str().unwrap();
+    assert!(why.contains("(-4)") && why.contains("0x0108"), "{why}");
+    edge.shutdown().await;
 }
