@@ -10,7 +10,8 @@
 #   - the edge's GB/T 32960 server against frames built and answers parsed by rtm-con;
 #   - the edge's LoRaWAN server against frames built and downlinks verified by lora-packet (npm,
 #     found through NODE_PATH);
-#   - the edge's CoAP server against aiocoap (PyPI) and coap-client-notls (Debian libcoap3-bin).
+#   - the edge's CoAP server against aiocoap (PyPI) and coap-client-notls (Debian libcoap3-bin),
+#     and an NB-IoT device upgraded through the edge (firmware/get, Block2 downloads by both).
 # Usage: tests/interop/run.sh PATH_TO_IRONLINK_CLOUD PYTHON_WITH_LINKKIT
 # Prints "N passed, N failed" last; exits non-zero on any failure.
 set -uo pipefail
@@ -272,6 +273,7 @@ rtu_device() { # name, unit
     CPK=$("$BIN" product create coap-interop --node-type sub-device --dynamic-register --json | json "['product_key']")
     "$BIN" device create "$CPK" nb-aio01 >/dev/null
     "$BIN" device create "$CPK" nb-lib01 >/dev/null
+    "$BIN" device create "$CPK" nb-ota01 >/dev/null
     COAP_PORT=$("$PY" -c "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])")
     printf '\n[coap]\nlisten = "127.0.0.1:%s"\nproduct_key = "%s"\n' "$COAP_PORT" "$CPK"
     echo "$CPK $COAP_PORT" >"$MB/coap"
@@ -354,6 +356,15 @@ coap_devices() {
         nb-aio01 "$(secret_of "$CPK" nb-aio01)" nb-lib01 "$(secret_of "$CPK" nb-lib01)" || { tail -20 "$MB/edge.out"; return 1; }
 }
 check "CoAP: aiocoap and coap-client-notls authenticate (Alibaba /auth) and post through ironlink-edge into the cloud" coap_devices
+
+coap_ota() {
+    head -c 20000 /dev/urandom >"$WORK/nb-2.0.0.bin"
+    local pkg
+    pkg=$("$BIN" ota package upload --product "$CPK" --version 2.0.0 "$WORK/nb-2.0.0.bin" --json | json "['id']")
+    "$PY" "$HERE/coap_ota.py" "$HTTP" "$IRONLINK_TOKEN" "$CPK" "$COAP_PORT" \
+        nb-ota01 "$(secret_of "$CPK" nb-ota01)" "$pkg" "$WORK/nb-2.0.0.bin" || { tail -20 "$MB/edge.out"; return 1; }
+}
+check "CoAP OTA through ironlink-edge: aiocoap pulls firmware/get, downloads block-wise from the gateway (coap-client-notls too), reports progress and 2.0.0; the campaign succeeds" coap_ota
 kill "$EDGE_PID" "$FIELD_PID" "$SOCAT_PID" 2>/dev/null
 wait "$EDGE_PID" "$FIELD_PID" "$SOCAT_PID" 2>/dev/null
 
