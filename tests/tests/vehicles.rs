@@ -424,6 +424,16 @@ async fn gb32960_vehicles_log_in_report_and_answer_the_cloud() {
     v.stream.write_all(&answer).await.unwrap();
     let c = finished(&cloud, &tpk, VIN, call["id"].as_str().unwrap()).await;
     assert_eq!(c["status"], "succeeded", "{c}");
+
+    // A firmware campaign for the vehicle: the gateway fetches the image, and says why it
+    // cannot deliver it (the vehicle would fetch it by URL itself; not built).
+    let key = SigningKey::from_bytes(&[1u8; 32]);
+    let pkg = upload(&cloud, &tpk, "V-2", &[5u8; 2000], &key).await;
+    let id = campaign(&cloud, &pkg, VIN).await;
+    let c = campaign_over(&cloud, &id).await;
+    assert_eq!(c["states"]["failed"], 1, "{c}");
+    let why = c["failures"][0]["reason"].as_str().unwrap();
+    assert!(why.contains("(-1)") && why.contains("GB/T 32960"), "{why}");
     edge.shutdown().await;
 }
 
