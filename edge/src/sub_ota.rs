@@ -102,18 +102,18 @@ impl Offers {
 
     /// The device reported `version` of `module`: an offer of it is done.
     pub fn reported(&self, dn: &str, module: &str, version: &str) {
-        if let Ok(mut m) = self.0.lock() {
-            if m.get(dn)
-                .is_some_and(|o| o.notice.module == module && o.notice.version == version)
-            {
-                m.remove(dn);
-            }
-        }
+        self.remove_if(dn, |o| {
+            o.notice.module == module && o.notice.version == version
+        });
     }
 
     fn remove(&self, dn: &str, token: &str) {
+        self.remove_if(dn, |o| o.token == token);
+    }
+
+    fn remove_if(&self, dn: &str, ended: impl Fn(&Offer) -> bool) {
         if let Ok(mut m) = self.0.lock() {
-            if m.get(dn).is_some_and(|o| o.token == token) {
+            if m.get(dn).is_some_and(|o| ended(o)) {
                 m.remove(dn);
             }
         }

@@ -43,3 +43,36 @@ pub async fn get_until(
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// The ed25519 signature (hex) of `image` with `key`, as `ironlink-cloud ota sign` makes it.
+#[allow(clippy::expect_used)] // test support: reading from memory cannot fail
+pub fn sign_image(key: &ed25519_dalek::SigningKey, image: &[u8]) -> String {
+    ironlink_cloud::ota::sign::sign_reader(key, &mut &image[..])
+        .expect("signing an image in memory")
+        .ed25519
+}
+
+/// Uploads `image` as version `version` of product `pk` with its ed25519 signature (hex);
+/// returns the package id.
+#[allow(clippy::expect_used)] // test support: a refused upload fails the test
+pub async fn upload_package(
+    cloud: &Cloud,
+    pk: &str,
+    version: &str,
+    image: &[u8],
+    ed25519: &str,
+) -> String {
+    let r = reqwest::Client::new()
+        .post(format!(
+            "http://{}/api/v1/ota/packages?product_key={pk}&version={version}&ed25519={ed25519}",
+            cloud.http
+        ))
+        .bearer_auth(&cloud.token)
+        .body(image.to_vec())
+        .send()
+        .await
+        .expect("the cloud's API answers");
+    assert_eq!(r.status().as_u16(), 201, "the package upload");
+    let v: serde_json::Value = r.json().await.expect("a JSON answer");
+    v["id"].as_str().expect("the package's id").to_owned()
+}

@@ -27,28 +27,6 @@ fn launcher(real: &Path, version: &str, exits: bool) -> Vec<u8> {
     }
 }
 
-async fn upload(cloud: &Cloud, pk: &str, version: &str, image: &[u8], ed25519: &str) -> String {
-    let r = reqwest::Client::new()
-        .post(format!(
-            "http://{}/api/v1/ota/packages?product_key={pk}&version={version}&ed25519={ed25519}",
-            cloud.http
-        ))
-        .bearer_auth(&cloud.token)
-        .body(image.to_vec())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 201);
-    let v: Value = r.json().await.unwrap();
-    v["id"].as_str().unwrap().to_owned()
-}
-
-fn sign(key: &SigningKey, image: &[u8]) -> String {
-    ironlink_cloud::ota::sign::sign_reader(key, &mut &image[..])
-        .unwrap()
-        .ed25519
-}
-
 /// Starts a one-device campaign and waits for its end; returns the campaign.
 async fn campaign(cloud: &Cloud, package: &str, gdn: &str) -> Value {
     let (s, c) = cloud
@@ -147,7 +125,7 @@ async fn the_edge_upgrades_itself_refuses_bad_images_and_rolls_back_a_broken_one
 
     // A good upgrade: downloaded, checked, swapped in, started on trial, confirmed.
     let good = launcher(&real, "2.0.0", false);
-    let pkg = upload(&cloud, &gpk, "2.0.0", &good, &sign(&key, &good)).await;
+    let pkg = upload_package(&cloud, &gpk, "2.0.0", &good, &sign_image(&key, &good)).await;
     let c = campaign(&cloud, &pkg, gdn).await;
     assert_eq!(c["states"]["succeeded"], 1, "{c}\n{}", log_tail());
     assert_eq!(version_of(&cloud, &gpk, gdn).await, "2.0.0");
@@ -175,14 +153,14 @@ async fn the_edge_upgrades_itself_refuses_bad_images_and_rolls_back_a_broken_one
     // Signed with another key: refused (-3); the running binary stays.
     let other = SigningKey::from_bytes(&[7u8; 32]);
     let img = launcher(&real, "3.0.0", false);
-    let pkg = upload(&cloud, &gpk, "3.0.0", &img, &sign(&other, &img)).await;
+    let pkg = upload_package(&cloud, &gpk, "3.0.0", &img, &sign_image(&other, &img)).await;
     let c = campaign(&cloud, &pkg, gdn).await;
     assert_eq!(c["states"]["failed"], 1, "{c}");
     let why = c["failures"][0]["reason"].as_str().unwrap();
     assert!(why.contains("(-3)") && why.contains("ed25519"), "{why}");
     // Tampered: the operator's signature of another image.
     let img = launcher(&real, "3.0.1", false);
-    let pkg = upload(&cloud, &gpk, "3.0.1", &img, &sign(&key, &good)).await;
+    let pkg = upload_package(&cloud, &gpk, "3.0.1", &img, &sign_image(&key, &good)).await;
     let c = campaign(&cloud, &pkg, gdn).await;
     assert_eq!(c["states"]["failed"], 1, "{c}");
     assert!(
@@ -200,7 +178,7 @@ async fn the_edge_upgrades_itself_refuses_bad_images_and_rolls_back_a_broken_one
 
     // A binary that exits at start: swapped in, tried, rolled back, the rollback reported.
     let broken = launcher(&real, "4.0.0", true);
-    let pkg = upload(&cloud, &gpk, "4.0.0", &broken, &sign(&key, &broken)).await;
+    let pkg = upload_package(&cloud, &gpk, "4.0.0", &broken, &sign_image(&key, &broken)).await;
     let c = campaign(&cloud, &pkg, gdn).await;
     assert_eq!(c["states"]["failed"], 1, "{c}\n{}", log_tail());
     let why = c["failures"][0]["reason"].as_str().unwrap();

@@ -570,22 +570,18 @@ async fn acknowledged_locations_survive_kill_9_of_the_edge() {
 
 /// Uploads `image` for product `pk` signed with `key`; returns the package id.
 async fn upload(cloud: &Cloud, pk: &str, version: &str, image: &[u8], key: &SigningKey) -> String {
-    let ed25519 = ironlink_cloud::ota::sign::sign_reader(key, &mut &image[..])
-        .unwrap()
-        .ed25519;
-    let r = reqwest::Client::new()
-        .post(format!(
-            "http://{}/api/v1/ota/packages?product_key={pk}&version={version}&ed25519={ed25519}",
-            cloud.http
-        ))
-        .bearer_auth(&cloud.token)
-        .body(image.to_vec())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 201);
-    let v: Value = r.json().await.unwrap();
-    v["id"].as_str().unwrap().to_owned()
+    upload_package(cloud, pk, version, image, &sign_image(key, image)).await
+}
+
+/// Acknowledges a 0x8108 sub-package.
+async fn ack_package(t: &mut Terminal, serial: u16) {
+    t.send(&j::Message::TerminalResponse(j::GeneralResponse {
+        serial,
+        msg_id: 0x8108,
+        result: 0,
+    }))
+    .await
+    .unwrap();
 }
 
 /// Starts a one-device campaign without retries; returns its id.
@@ -663,13 +659,7 @@ async fn jt808_terminals_upgrade_through_the_gateway() {
             withheld = Some(f.header.serial);
         } else {
             resent |= index == 2;
-            t.send(&j::Message::TerminalResponse(j::GeneralResponse {
-                serial: f.header.serial,
-                msg_id: 0x8108,
-                result: 0,
-            }))
-            .await
-            .unwrap();
+            ack_package(&mut t, f.header.serial).await;
         }
         if let Some(b) = packages
             .push(&f.header, &f.body, ironlink_edge::now_ms())
@@ -720,13 +710,7 @@ async fn jt808_terminals_upgrade_through_the_gateway() {
     let id = campaign(&cloud, &p3, dn).await;
     let f = t.next_frame().await.unwrap();
     assert_eq!((f.header.msg_id, f.header.package), (0x8108, None));
-    t.send(&j::Message::TerminalResponse(j::GeneralResponse {
-        serial: f.header.serial,
-        msg_id: 0x8108,
-        result: 0,
-    }))
-    .await
-    .unwrap();
+    ack_package(&mut t, f.header.serial).await;
     expect(&mut t, &j::Message::UpgradeResult { kind: 0, result: 1 }, 0).await;
     let c = campaign_over(&cloud, &id).await;
     assert_eq!(c["states"]["failed"], 1, "{c}");
