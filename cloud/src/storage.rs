@@ -202,6 +202,14 @@ enum DeviceColumn {
 }
 
 const PRODUCT_COLS: &str = "product_key, name, node_type, data_format, product_secret, dynamic_register, description, created_at, tenant";
+/// `n` numbered placeholders from `$from`: `$2, $3, $4`.
+pub(crate) fn numbered(from: usize, n: usize) -> String {
+    (from..from + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 const DEVICE_COLS: &str = "product_key, device_name, device_secret, enabled, status, created_at, first_online_at, last_online_at, last_offline_at, client_addr, tags";
 
 /// Splits a batch into chunks of 128, 64, ..., 1 rows, so that multi-row statements come in
@@ -567,6 +575,30 @@ impl Db {
             .bind(dn)
             .fetch_optional(&self.pool)
             .await?)
+    }
+
+    /// The devices of product `pk` with these names (those that exist), by name: one query
+    /// per 256 names.
+    pub async fn devices_named(
+        &self,
+        pk: &str,
+        names: &[&str],
+    ) -> Result<HashMap<String, Device>, StorageError> {
+        let mut out = HashMap::with_capacity(names.len());
+        for chunk in names.chunks(256) {
+            let sql = format!(
+                "SELECT {DEVICE_COLS} FROM devices WHERE product_key = $1 AND device_name IN ({})",
+                numbered(2, chunk.len())
+            );
+            let mut q = sqlx::query_as::<_, Device>(&sql).bind(pk);
+            for n in chunk {
+                q = q.bind(*n);
+            }
+            for d in q.fetch_all(&self.pool).await? {
+                out.insert(d.device_name.clone(), d);
+            }
+        }
+        Ok(out)
     }
 
     /// A page of a product's devices ordered by name, plus the total count.

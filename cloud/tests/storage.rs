@@ -402,6 +402,7 @@ async fn thing_data_on_every_engine() {
     let dbs = engines().await;
     for t in &dbs {
         let db = &t.db;
+        let e = db.engine();
         let p = registry::create_product(db, product("thing"))
             .await
             .unwrap();
@@ -551,6 +552,37 @@ async fn thing_data_on_every_engine() {
         db.add_topology((&pk, "gw-00001"), &subs, 2).await.unwrap();
         assert_eq!(db.topology_of(&pk, "gw-00001").await.unwrap().len(), 1);
         assert!(db.gateway_of(&pk, "dev-0001").await.unwrap().is_some());
+        // Many at once (a name twice in one request, over one statement's rows), looked up
+        // by name in one query: only those that exist come back.
+        let mut names: Vec<String> = (0..290).map(|i| format!("sub-{i:03}")).collect();
+        names.push("gw-00002".into());
+        registry::create_devices(db, &pk, names, 0).await.unwrap();
+        let many: Vec<(String, String)> = (0..300)
+            .map(|i| (pk.clone(), format!("sub-{:03}", i % 290)))
+            .collect();
+        db.add_topology((&pk, "gw-00002"), &many, 3).await.unwrap();
+        assert_eq!(
+            db.topology_of(&pk, "gw-00002").await.unwrap().len(),
+            290,
+            "{e:?}"
+        );
+        let names: Vec<String> = (280..300).map(|i| format!("sub-{i:03}")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let found = db.gateways_of_named(&pk, &names).await.unwrap();
+        assert_eq!(found.len(), 10, "{e:?}");
+        assert_eq!(found["sub-285"].gateway_device_name, "gw-00002");
+        let devices = db
+            .devices_named(&pk, &["dev-0001", "nope", "dev-0001"])
+            .await
+            .unwrap();
+        assert_eq!(devices.len(), 1, "{e:?}");
+        assert_eq!(
+            db.delete_topology((&pk, "gw-00002"), &many[..290])
+                .await
+                .unwrap()
+                .len(),
+            290
+        );
         assert_eq!(
             db.delete_topology((&pk, "gw-00001"), &subs).await.unwrap(),
             subs

@@ -1009,3 +1009,88 @@ async fn times_far_in_the_future_are_refused() {
         460
     );
 }
+
+/// `thing/sub/register` of several sub-devices in one request: new ones are created (one
+/// statement per product), known ones of this gateway answered with their secrets, in the
+/// request's order; a bad name, a product without dynamic registration or a sub-device of
+/// another gateway refuses the whole request with the item's path, creating nothing.
+#[tokio::test]
+async fn gateways_register_sub_devices_in_batches() {
+    let srv = start(|_| {}).await;
+    let gpk = with_model(&srv, "gateway", "acme").await;
+    let spk = with_model(&srv, "sub-device", "acme").await;
+    let closed = with_model(&srv, "sub-device", "acme").await;
+    let (s, v) = srv
+        .call(
+            reqwest::Method::PATCH,
+            &format!("/products/{spk}"),
+            Some(json!({"dynamic_register": true})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let gsecret = srv.device(&gpk, "gw-00001").await;
+    let known = srv.device(&spk, "known-01").await;
+    let mut g = device_v4(&srv, &gpk, "gw-00001", &gsecret).await;
+    g.subscribe_v4(&format!("/sys/{gpk}/gw-00001/thing/sub/+"), 1)
+        .await;
+    let register = format!("/sys/{gpk}/gw-00001/thing/sub/register");
+    let item = |pk: &str, dn: &str| json!({"productKey": pk, "deviceName": dn});
+
+    for (n, (params, why)) in [
+        (
+            json!([item(&spk, "new-01"), item(&spk, "bad name!")]),
+            "params[1]",
+        ),
+        (
+            json!([item(&spk, "new-01"), item(&closed, "new-02")]),
+            "params[1]: product",
+        ),
+        (json!([item(&spk, "new-01"), item(&spk, "new-01")]), "twice"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        post(
+            &mut g,
+            &register,
+            json!({"id": n.to_string(), "params": params}),
+            2 + n as u16,
+        )
+        .await;
+        let r = publish_on(&mut g, &format!("{register}_reply")).await;
+        assert_eq!(r["code"], 460, "{r}");
+        assert!(r["message"].as_str().unwrap().contains(why), "{r}");
+    }
+    let (s, _) = srv
+        .call(
+            reqwest::Method::GET,
+            &format!("/devices/{spk}/new-01"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 404, "a refused request creates nothing");
+
+    post(
+        &mut g,
+        &register,
+        json!({"id": "ok", "params": [item(&spk, "new-01"), item(&spk, "known-01"), item(&spk, "new-02")]}),
+        9,
+    )
+    .await;
+    let r = publish_on(&mut g, &format!("{register}_reply")).await;
+    assert_eq!(r["code"], 200, "{r}");
+    let names: Vec<&str> = r["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["deviceName"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["new-01", "known-01", "new-02"]);
+    assert_eq!(r["data"][1]["deviceSecret"], known.as_str());
+    for dn in ["new-01", "new-02"] {
+        let (s, v) = srv
+            .call(reqwest::Method::GET, &format!("/devices/{spk}/{dn}"), None)
+            .await;
+        assert_eq!(s, 200, "{v}");
+    }
+}

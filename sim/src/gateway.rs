@@ -1,6 +1,8 @@
-//! `bench gateway`: how many sub-devices one gateway connection carries. The gateway adds
-//! its sub-devices to its topology, logs them in (`batch_login`), then posts one property for
-//! each on the sub-device's own topic over its one connection. Loopback only; bounded.
+//! `bench gateway`: how many sub-devices one gateway connection carries. The gateway
+//! registers its new sub-devices (`thing/sub/register`, the product allowing dynamic
+//! registration), adds them to its topology, logs them in (`batch_login`), then posts one
+//! property for each on the sub-device's own topic over its one connection. Loopback only;
+//! bounded.
 
 use crate::cloud_process::{alink_connect, connect_raw, rss_kib, Cloud, WAIT};
 use anyhow::{bail, Context, Result};
@@ -28,6 +30,8 @@ pub struct GatewayBench {
 pub struct GatewayResult {
     /// Sub-devices logged in at once through one connection.
     pub sub_devices_online: u64,
+    /// Seconds for sub/register of all sub-devices, created by it (batches of 200).
+    pub sub_register_sec: f64,
     /// Seconds for topo/add of all sub-devices (batches of 200).
     pub topo_add_sec: f64,
     /// Seconds for batch_login of all sub-devices (batches of 200).
@@ -111,6 +115,10 @@ pub(crate) async fn gateway_connect(
         format!("/ext/session/{gpk}/{gdn}/combine/batch_login_reply"),
         rumqttc::QoS::AtMostOnce,
     );
+    sub.add(
+        format!("/sys/{gpk}/{gdn}/thing/sub/register_reply"),
+        rumqttc::QoS::AtMostOnce,
+    );
     sub.pkid = 1;
     let mut b = BytesMut::new();
     sub.write(&mut b).map_err(|e| anyhow::anyhow!("{e:?}"))?;
@@ -140,10 +148,48 @@ pub async fn run(o: &GatewayBench) -> Result<GatewayResult> {
         .as_str()
         .context("gateway secret")?
         .to_owned();
-    let subs = cloud.create_devices(&spk, o.subs).await?;
-    let signed = signed_logins(&spk, &subs);
+    let (st, v) = cloud
+        .api(
+            reqwest::Method::PATCH,
+            &format!("/products/{spk}"),
+            Some(json!({"dynamic_register": true})),
+        )
+        .await?;
+    if st != 200 {
+        bail!("dynamic registration: {st} {v}");
+    }
     let mut s = gateway_connect(cloud.mqtt, &gpk, "gw-bench", &gsecret).await?;
     let mut buf = BytesMut::new();
+
+    // The gateway registers its new sub-devices: the registry creates them.
+    let register = format!("/sys/{gpk}/gw-bench/thing/sub/register");
+    let names: Vec<String> = (0..o.subs).map(|i| format!("sub{i:06}")).collect();
+    let mut subs = Vec::with_capacity(o.subs);
+    let start = Instant::now();
+    for (i, chunk) in names.chunks(200).enumerate() {
+        let params: Vec<Value> = chunk
+            .iter()
+            .map(|dn| json!({"productKey": spk, "deviceName": dn}))
+            .collect();
+        publish(
+            &mut s,
+            &register,
+            &json!({"id": i.to_string(), "params": params}),
+            4,
+        )
+        .await?;
+        let r = reply(&mut s, &mut buf, &format!("{register}_reply")).await?;
+        if r["code"] != 200 {
+            bail!("sub/register refused: {r}");
+        }
+        for d in r["data"].as_array().context("registered devices")? {
+            let dn = d["deviceName"].as_str().context("deviceName")?;
+            let secret = d["deviceSecret"].as_str().context("deviceSecret")?;
+            subs.push((dn.to_owned(), secret.to_owned()));
+        }
+    }
+    let sub_register_sec = start.elapsed().as_secs_f64();
+    let signed = signed_logins(&spk, &subs);
     let rss0 = rss_kib(cloud.pid())?;
 
     let topo = format!("/sys/{gpk}/gw-bench/thing/topo/add");
@@ -208,6 +254,7 @@ pub async fn run(o: &GatewayBench) -> Result<GatewayResult> {
     let sub_posts_per_sec = subs.len() as f64 / start.elapsed().as_secs_f64();
     Ok(GatewayResult {
         sub_devices_online: u64::try_from(online).unwrap_or(0),
+        sub_register_sec,
         topo_add_sec,
         login_sec,
         sub_posts_per_sec,

@@ -5,6 +5,7 @@
 //! Handlers check and answer; the connection applies the resulting [`Change`] in order, so the
 //! gateway's ACL grows to exactly its logged-in sub-devices' topics.
 
+use super::store::TopoRow;
 use super::{code, reply, to_device, Origin, Outcome, Request, Thing};
 use crate::access::sessions::Registration;
 use crate::registry::now_ms;
@@ -95,17 +96,71 @@ fn list<'a>(params: &'a Value, max: usize, what: &str) -> Result<&'a Vec<Value>,
     }
 }
 
-/// Looks up a sub-device and checks the product side: exists, enabled, a sub-device product of
-/// the gateway's tenant.
-async fn sub_device(
-    thing: &Thing,
+/// What one request about many sub-devices needs from the registry, read in a few queries
+/// (per product: its row, its devices by name, their gateways) rather than three per
+/// sub-device.
+#[derive(Debug, Default)]
+struct Known {
+    products: HashMap<String, Option<Product>>,
+    devices: HashMap<(String, String), Device>,
+    gateways: HashMap<(String, String), TopoRow>,
+}
+
+impl Known {
+    async fn load(thing: &Thing, ids: &[(String, String)]) -> Result<Self, Refusal> {
+        let internal = |e: crate::storage::StorageError| (code::INTERNAL, format!("storage: {e}"));
+        let mut by_product: HashMap<&str, Vec<&str>> = HashMap::new();
+        for (pk, dn) in ids {
+            by_product.entry(pk).or_default().push(dn);
+        }
+        let mut k = Known::default();
+        for (pk, names) in by_product {
+            let product = thing.db.get_product(pk).await.map_err(internal)?;
+            k.products.insert(pk.to_owned(), product);
+            for (dn, d) in thing.db.devices_named(pk, &names).await.map_err(internal)? {
+                k.devices.insert((pk.to_owned(), dn), d);
+            }
+            for (dn, t) in thing
+                .db
+                .gateways_of_named(pk, &names)
+                .await
+                .map_err(internal)?
+            {
+                k.gateways.insert((pk.to_owned(), dn), t);
+            }
+        }
+        Ok(k)
+    }
+
+    fn product(&self, pk: &str) -> Option<&Product> {
+        self.products.get(pk).and_then(Option::as_ref)
+    }
+
+    fn device(&self, pk: &str, dn: &str) -> Option<&Device> {
+        self.devices.get(&(pk.to_owned(), dn.to_owned()))
+    }
+
+    /// The gateway `pk/dn` belongs to, as (product key, device name).
+    fn gateway_of(&self, pk: &str, dn: &str) -> Option<(&str, &str)> {
+        self.gateways.get(&(pk.to_owned(), dn.to_owned())).map(|t| {
+            (
+                t.gateway_product_key.as_str(),
+                t.gateway_device_name.as_str(),
+            )
+        })
+    }
+}
+
+/// Checks a known sub-device and its product: exists, enabled, a sub-device product of the
+/// gateway's tenant.
+fn sub_device<'k>(
+    known: &'k Known,
     gw: &Product,
     pk: &str,
     dn: &str,
     path: &str,
-) -> Result<(Device, Product), Refusal> {
-    let internal = |e: crate::storage::StorageError| (code::INTERNAL, format!("storage: {e}"));
-    let Some(product) = thing.db.get_product(pk).await.map_err(internal)? else {
+) -> Result<&'k Device, Refusal> {
+    let Some(product) = known.product(pk) else {
         return Err((
             code::DEVICE_NOT_FOUND,
             format!("{path}: product `{pk}` does not exist"),
@@ -126,7 +181,7 @@ async fn sub_device(
             ),
         ));
     }
-    let Some(device) = thing.db.get_device(pk, dn).await.map_err(internal)? else {
+    let Some(device) = known.device(pk, dn) else {
         return Err((
             code::DEVICE_NOT_FOUND,
             format!("{path}: device `{pk}/{dn}` does not exist"),
@@ -138,7 +193,7 @@ async fn sub_device(
             format!("{path}: device `{pk}/{dn}` is disabled"),
         ));
     }
-    Ok((device, product))
+    Ok(device)
 }
 
 /// Checks a sub-device signature: HMAC of `clientId{c}deviceName{dn}productKey{pk}timestamp{t}`.
@@ -271,31 +326,32 @@ async fn run(
     match kind {
         Uplink::TopoAdd => {
             let items = list(&req.params, max, "sub-devices")?;
+            let ids = items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| id_of(item, &format!("params[{i}]")))
+                .collect::<Result<Vec<_>, _>>()?;
+            let known = Known::load(thing, &ids).await?;
             let mut subs = Vec::with_capacity(items.len());
-            for (i, item) in items.iter().enumerate() {
+            for (i, (item, (pk, dn))) in items.iter().zip(ids).enumerate() {
                 let path = format!("params[{i}]");
-                let (pk, dn) = id_of(item, &path)?;
                 if (pk.as_str(), dn.as_str()) == gwid {
                     return Err((
                         code::INVALID_PARAMS,
                         format!("{path}: a gateway cannot be its own sub-device"),
                     ));
                 }
-                let (device, _) = sub_device(thing, gw, &pk, &dn, &path).await?;
+                let device = sub_device(&known, gw, &pk, &dn, &path)?;
                 check_sign(
                     item,
                     None,
-                    &device,
+                    device,
                     &path,
                     thing.config.mqtt.timestamp_window,
                 )?;
                 // A sub-device moves between gateways only once its gateway let it go: a
                 // second gateway holding its signature must not take it over.
-                if let Some(t) = thing.db.gateway_of(&pk, &dn).await.map_err(internal)? {
-                    let owner = (
-                        t.gateway_product_key.as_str(),
-                        t.gateway_device_name.as_str(),
-                    );
+                if let Some(owner) = known.gateway_of(&pk, &dn) {
                     if owner != gwid {
                         return Err((
                             code::INVALID_PARAMS,
@@ -322,13 +378,10 @@ async fn run(
             for (i, item) in items.iter().enumerate() {
                 subs.push(id_of(item, &format!("params[{i}]"))?);
             }
+            let known = Known::load(thing, &subs).await?;
             for (pk, dn) in &subs {
-                match thing.db.gateway_of(pk, dn).await.map_err(internal)? {
-                    Some(t)
-                        if (
-                            t.gateway_product_key.as_str(),
-                            t.gateway_device_name.as_str(),
-                        ) == gwid => {}
+                match known.gateway_of(pk, dn) {
+                    Some(owner) if owner == gwid => {}
                     _ => {
                         return Err((
                             code::TOPO_NOT_FOUND,
@@ -367,12 +420,17 @@ async fn run(
         }
         Uplink::SubRegister => {
             let items = list(&req.params, max, "sub-devices")?;
-            let mut out = Vec::with_capacity(items.len());
-            let mut created = Vec::new();
-            for (i, item) in items.iter().enumerate() {
+            let ids = items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| id_of(item, &format!("params[{i}]")))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut known = Known::load(thing, &ids).await?;
+            // Checked first, then the new devices created per product in one statement.
+            let mut missing: HashMap<String, Vec<String>> = HashMap::new();
+            for (i, (pk, dn)) in ids.iter().enumerate() {
                 let path = format!("params[{i}]");
-                let (pk, dn) = id_of(item, &path)?;
-                let Some(product) = thing.db.get_product(&pk).await.map_err(internal)? else {
+                let Some(product) = known.product(pk) else {
                     return Err((
                         code::DEVICE_NOT_FOUND,
                         format!("{path}: product `{pk}` does not exist"),
@@ -384,35 +442,33 @@ async fn run(
                 {
                     return Err((code::INVALID_PARAMS, format!("{path}: product `{pk}` does not allow sub-device registration by this gateway (it must be a sub-device product of the same tenant with dynamic registration on)")));
                 }
-                let device = match thing.db.get_device(&pk, &dn).await.map_err(internal)? {
-                    Some(d) => {
-                        if let Some(t) = thing.db.gateway_of(&pk, &dn).await.map_err(internal)? {
-                            if (
-                                t.gateway_product_key.as_str(),
-                                t.gateway_device_name.as_str(),
-                            ) != gwid
-                            {
-                                return Err((
-                                    code::INVALID_PARAMS,
-                                    format!(
-                                        "{path}: `{pk}/{dn}` already belongs to another gateway"
-                                    ),
-                                ));
-                            }
-                        }
-                        d
+                if known.device(pk, dn).is_some() {
+                    if known.gateway_of(pk, dn).is_some_and(|owner| owner != gwid) {
+                        return Err((
+                            code::INVALID_PARAMS,
+                            format!("{path}: `{pk}/{dn}` already belongs to another gateway"),
+                        ));
                     }
-                    None => {
-                        let d =
-                            crate::registry::create_devices(&thing.db, &pk, vec![dn.clone()], 0)
-                                .await
-                                .map_err(|e| (code::INVALID_PARAMS, format!("{path}: {e}")))?
-                                .into_iter()
-                                .next()
-                                .ok_or((code::INTERNAL, "device not created".to_owned()))?;
-                        created.push(crate::lifecycle::Change::created(&d));
-                        d
-                    }
+                } else {
+                    crate::registry::validate_device_name(dn)
+                        .map_err(|e| (code::INVALID_PARAMS, format!("{path}: {e}")))?;
+                    missing.entry(pk.clone()).or_default().push(dn.clone());
+                }
+            }
+            let mut created = Vec::new();
+            for (pk, names) in missing {
+                let devices = crate::registry::create_devices(&thing.db, &pk, names, 0)
+                    .await
+                    .map_err(|e| (code::INVALID_PARAMS, format!("params: {e}")))?;
+                for d in devices {
+                    created.push(crate::lifecycle::Change::created(&d));
+                    known.devices.insert((pk.clone(), d.device_name.clone()), d);
+                }
+            }
+            let mut out = Vec::with_capacity(ids.len());
+            for (pk, dn) in &ids {
+                let Some(device) = known.device(pk, dn) else {
+                    return Err((code::INTERNAL, format!("`{pk}/{dn}` was not created")));
                 };
                 out.push(json!({"productKey": pk, "deviceName": dn, "deviceSecret": device.device_secret, "iotId": format!("{pk}.{dn}")}));
             }
@@ -438,20 +494,25 @@ async fn run(
                     field(&req.params, &["signMethod", "signmethod"]),
                 )
             };
+            let ids = items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| id_of(item, &format!("params.deviceList[{i}]")))
+                .collect::<Result<Vec<_>, _>>()?;
+            let known = Known::load(thing, &ids).await?;
             let mut fresh = Vec::new();
             let mut all = Vec::new();
-            for (i, item) in items.iter().enumerate() {
+            for (i, (item, (pk, dn))) in items.iter().zip(ids).enumerate() {
                 let path = format!("params.deviceList[{i}]");
-                let (pk, dn) = id_of(item, &path)?;
-                let (device, _) = sub_device(thing, gw, &pk, &dn, &path).await?;
-                match thing.db.gateway_of(&pk, &dn).await.map_err(internal)? {
-                    Some(t) if (t.gateway_product_key.as_str(), t.gateway_device_name.as_str()) == gwid => {}
+                let device = sub_device(&known, gw, &pk, &dn, &path)?;
+                match known.gateway_of(&pk, &dn) {
+                    Some(owner) if owner == gwid => {}
                     _ => return Err((code::TOPO_NOT_FOUND, format!("{path}: `{pk}/{dn}` is not in this gateway's topology: add it with thing/topo/add first"))),
                 }
                 check_sign(
                     item,
                     method,
-                    &device,
+                    device,
                     &path,
                     thing.config.mqtt.timestamp_window,
                 )?;

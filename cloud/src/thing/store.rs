@@ -574,19 +574,22 @@ impl Db {
         subs: &[(String, String)],
         at: i64,
     ) -> Result<(), StorageError> {
+        // One row per sub-device (a statement may not update a row twice).
+        let mut unique: Vec<&(String, String)> = subs.iter().collect();
+        unique.sort();
+        unique.dedup();
         let mut tx = self.write_tx().await?;
-        for (pk, dn) in subs {
-            sqlx::query(
-                "INSERT INTO topology (product_key, device_name, gateway_product_key, gateway_device_name, created_at) VALUES ($1, $2, $3, $4, $5) \
+        for chunk in chunks(&unique) {
+            let sql = format!(
+                "INSERT INTO topology (product_key, device_name, gateway_product_key, gateway_device_name, created_at) VALUES {} \
                  ON CONFLICT (product_key, device_name) DO UPDATE SET gateway_product_key = excluded.gateway_product_key, gateway_device_name = excluded.gateway_device_name, created_at = excluded.created_at",
-            )
-            .bind(pk)
-            .bind(dn)
-            .bind(gateway.0)
-            .bind(gateway.1)
-            .bind(at)
-            .execute(&mut *tx)
-            .await?;
+                placeholders(self.engine(), chunk.len(), 5)
+            );
+            let mut q = sqlx::query(&sql);
+            for (pk, dn) in chunk {
+                q = q.bind(pk).bind(dn).bind(gateway.0).bind(gateway.1).bind(at);
+            }
+            q.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -625,6 +628,30 @@ impl Db {
         .bind(gdn)
         .fetch_all(&self.pool)
         .await?)
+    }
+
+    /// The gateways of product `pk`'s sub-devices with these names (those in a topology), by
+    /// name: one query per 256 names.
+    pub async fn gateways_of_named(
+        &self,
+        pk: &str,
+        names: &[&str],
+    ) -> Result<HashMap<String, TopoRow>, StorageError> {
+        let mut out = HashMap::with_capacity(names.len());
+        for chunk in names.chunks(CHUNK) {
+            let sql = format!(
+                "SELECT product_key, device_name, gateway_product_key, gateway_device_name, created_at FROM topology WHERE product_key = $1 AND device_name IN ({})",
+                crate::storage::numbered(2, chunk.len())
+            );
+            let mut q = sqlx::query_as::<_, TopoRow>(&sql).bind(pk);
+            for n in chunk {
+                q = q.bind(*n);
+            }
+            for t in q.fetch_all(&self.pool).await? {
+                out.insert(t.device_name.clone(), t);
+            }
+        }
+        Ok(out)
     }
 
     /// The gateway a sub-device belongs to.
