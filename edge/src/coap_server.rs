@@ -104,7 +104,7 @@ struct State {
     /// Devices that posted in the last 10 minutes (Alibaba shows a CoAP device online that
     /// long): routed, so the uplink keeps them logged in with the gateway.
     seen: HashMap<String, Instant>,
-    calls: tokio::sync::mpsc::Sender<crate::link::Command>,
+    calls: crate::link::Inbox,
     tokens: HashMap<String, (String, Instant)>,
     dedup: coap::Dedup<SocketAddr>,
     partial: HashMap<(SocketAddr, String), Partial>,
@@ -502,7 +502,7 @@ impl State {
 
 /// Serves CoAP on `sock` until stopped.
 pub async fn serve(sock: UdpSocket, ctx: Arc<Ctx>, advertise: String) {
-    let (calls_tx, mut calls) = tokio::sync::mpsc::channel::<crate::link::Command>(64);
+    let (calls_tx, mut calls) = crate::link::inbox(64);
     let mut st = State {
         ctx: ctx.clone(),
         advertise,
@@ -560,8 +560,8 @@ pub async fn serve(sock: UdpSocket, ctx: Arc<Ctx>, advertise: String) {
             }
             Some(cmd) = calls.recv() => match &cmd.op {
                 // The device pulls it (firmware/get): the offer stands until it informs.
-                Op::Upgrade(_) => vehicle::answer(cmd, 200, json!({}), ""),
-                _ => vehicle::answer(cmd, 460, json!({}), "a CoAP device takes no calls from the cloud (it only posts)"),
+                Op::Upgrade(_) => vehicle::answer(*cmd, 200, json!({}), ""),
+                _ => vehicle::answer(*cmd, 460, json!({}), "a CoAP device takes no calls from the cloud (it only posts)"),
             },
             _ = sweep.tick() => {
                 st.partial.retain(|_, p| p.at.elapsed() < Duration::from_secs(60));

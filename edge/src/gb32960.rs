@@ -20,7 +20,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 /// The thing-model properties of a report, at its collection time; the second value counts
@@ -541,7 +540,7 @@ impl Conn {
 /// Serves one vehicle connection until it closes, idles out, or the gateway stops.
 pub async fn connection(stream: TcpStream, ctx: Arc<Ctx>) {
     let (mut rd, mut wr) = stream.into_split();
-    let (tx, mut calls) = mpsc::channel::<Command>(16);
+    let (tx, mut calls) = crate::link::inbox(16);
     let mut c = Conn {
         ctx: ctx.clone(),
         vin: None,
@@ -551,7 +550,7 @@ pub async fn connection(stream: TcpStream, ctx: Arc<Ctx>) {
         latest: Map::new(),
     };
     let mut deframer = Deframer::new();
-    let mut buf = vec![0u8; 4096];
+    let mut buf = vec![0u8; 1024];
     let mut routed: Option<String> = None;
     let mut stop = ctx.stop.clone();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -589,7 +588,7 @@ pub async fn connection(stream: TcpStream, ctx: Arc<Ctx>) {
                     }
                 }
             }
-            Some(cmd) = calls.recv() => c.call(cmd),
+            Some(cmd) = calls.recv() => c.call(*cmd),
             _ = tick.tick() => {
                 c.expire();
                 if Instant::now() >= idle_until {

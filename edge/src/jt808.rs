@@ -30,7 +30,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 /// Device name of a terminal: its phone number without leading zeros.
@@ -154,7 +153,9 @@ struct Conn {
     waiting: HashMap<u16, (Expect, Waiting)>,
     out: Vec<u8>,
     last_alarm: u32,
-    latest: Map<String, Value>,
+    /// The newest location (property gets answer from it; kept as the frame's fields, far
+    /// smaller than its JSON).
+    newest: Option<Location>,
     /// Maker id from this connection's registration (0x8108 carries it).
     maker: String,
     /// The upgrade package being sent.
@@ -248,8 +249,12 @@ impl Conn {
     /// Queues a location; true once queued.
     fn location(&mut self, dn: &str, l: &Location) -> bool {
         let params = location_params(l);
-        for (k, v) in &params {
-            self.latest.insert(k.clone(), v["value"].clone());
+        if self
+            .newest
+            .as_ref()
+            .is_none_or(|n| l.time.unix_ms() >= n.time.unix_ms())
+        {
+            self.newest = Some(l.clone());
         }
         if !vehicle::post(&self.ctx, dn, params) {
             return false;
@@ -652,10 +657,13 @@ impl Conn {
             }
             Op::Get(ids) => {
                 let data: Map<String, Value> = self
-                    .latest
-                    .iter()
+                    .newest
+                    .as_ref()
+                    .map(location_params)
+                    .unwrap_or_default()
+                    .into_iter()
                     .filter(|(k, _)| ids.is_empty() || ids.contains(k))
-                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .map(|(k, v)| (k, v["value"].clone()))
                     .collect();
                 answer(cmd, 200, Value::Object(data), "");
                 return;
@@ -784,7 +792,7 @@ impl Conn {
 /// Serves one terminal connection until it closes, idles out, or the gateway stops.
 pub async fn connection(stream: TcpStream, ctx: Arc<Ctx>) {
     let (mut rd, mut wr) = stream.into_split();
-    let (tx, mut calls) = mpsc::channel::<Command>(16);
+    let (tx, mut calls) = crate::link::inbox(16);
     let mut c = Conn {
         ctx: ctx.clone(),
         dn: None,
@@ -793,14 +801,16 @@ pub async fn connection(stream: TcpStream, ctx: Arc<Ctx>) {
         waiting: HashMap::new(),
         out: Vec::new(),
         last_alarm: 0,
-        latest: Map::new(),
+        newest: None,
         maker: String::new(),
         transfer: None,
         attributes_for: None,
     };
     let mut deframer = Deframer::new();
     let mut packages = Reassembler::new(1 << 20, 60_000);
-    let mut buf = vec![0u8; 4096];
+    // Reports are a few hundred bytes; larger frames take more reads (the deframer holds
+    // them), and 10,000 connected terminals do not hold 40 MB of read buffers.
+    let mut buf = vec![0u8; 512];
     let mut routed: Option<String> = None;
     let mut stop = ctx.stop.clone();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -848,7 +858,7 @@ pub async fn connection(stream: TcpStream, ctx: Arc<Ctx>) {
                     }
                 }
             }
-            Some(cmd) = calls.recv() => c.call(cmd),
+            Some(cmd) = calls.recv() => c.call(*cmd),
             _ = tick.tick() => {
                 c.expire();
                 for (id, missing) in packages.expire(crate::now_ms()) {

@@ -28,7 +28,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
 
 /// A node, resolved from the configuration.
 #[derive(Debug, Clone)]
@@ -692,7 +691,7 @@ pub async fn serve(
     resolved: Vec<Resolved>,
     dir: PathBuf,
 ) {
-    let (tx, mut calls) = mpsc::channel::<Command>(64);
+    let (tx, mut calls) = crate::link::inbox(64);
     let mut nodes = Vec::new();
     let mut otaa = HashMap::new();
     for r in resolved {
@@ -798,7 +797,7 @@ pub async fn serve(
                     }
                 }
             }
-            Some(cmd) = calls.recv() => st.call(cmd),
+            Some(cmd) = calls.recv() => st.call(*cmd),
             _ = expire.tick() => {
                 if st.dirty {
                     st.save_counters();

@@ -3,7 +3,7 @@
 //! queue durable every second, and the uplink draining it.
 
 use crate::config::{Config, WhenFull};
-use crate::link::{self, Command, Sink};
+use crate::link::{self, Sink};
 use crate::now_ms;
 use crate::queue::{FullPolicy, Limits, Queue, QueueError};
 use crate::status::Status;
@@ -120,11 +120,11 @@ pub fn start_with(config: Config, options: StartOptions) -> Result<Running, Star
         status: status.clone(),
     };
     // Commands from the cloud, routed by device name to the link that reaches the device.
-    let mut routes: HashMap<String, mpsc::Sender<Command>> = HashMap::new();
+    let mut routes: HashMap<String, link::Inbox> = HashMap::new();
     let links = link::links(&config.devices);
     let n = links.len().max(1) as f64;
     for (k, devices) in links.into_iter().enumerate() {
-        let (tx, rx) = mpsc::channel(64);
+        let (tx, rx) = link::inbox(64);
         for d in &devices {
             routes.insert(d.name.clone(), tx.clone());
         }

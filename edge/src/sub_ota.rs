@@ -258,7 +258,7 @@ impl SubUpgrades {
             tag: (String::new(), String::new()),
             reply,
         };
-        if link.send(cmd).await.is_err() {
+        if link.send(Box::new(cmd)).await.is_err() {
             self.offers.remove(&dn, &offer.token);
             return fail(Failure::Other("the sub-device's link has stopped".into()));
         }

@@ -8,13 +8,11 @@
 //! name wins; a torn last line is ignored): remembering one costs one write however many are
 //! known. It is fsynced with the queue, once a second ([`SubDevices::sync`]).
 
-use crate::link::Command;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
-use tokio::sync::mpsc;
 
 /// One sub-device's identity.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,7 +28,7 @@ pub struct Identity {
 pub struct SubDevices {
     path: PathBuf,
     known: RwLock<BTreeMap<String, Identity>>,
-    routes: RwLock<HashMap<String, mpsc::Sender<Command>>>,
+    routes: RwLock<HashMap<String, crate::link::Inbox>>,
     /// The open log and whether it has lines not yet fsynced.
     log: std::sync::Mutex<(Option<std::fs::File>, bool)>,
 }
@@ -153,7 +151,7 @@ impl SubDevices {
     }
 
     /// Routes the cloud's calls for `name` to `tx` (while its terminal is connected).
-    pub fn route(&self, name: &str, tx: mpsc::Sender<Command>) {
+    pub fn route(&self, name: &str, tx: crate::link::Inbox) {
         self.routes
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -161,7 +159,7 @@ impl SubDevices {
     }
 
     /// Stops routing to `name`, if `tx` is still its route (a newer connection may own it).
-    pub fn unroute(&self, name: &str, tx: &mpsc::Sender<Command>) {
+    pub fn unroute(&self, name: &str, tx: &crate::link::Inbox) {
         let mut r = self.routes.write().unwrap_or_else(|e| e.into_inner());
         if r.get(name).is_some_and(|t| t.same_channel(tx)) {
             r.remove(name);
@@ -189,7 +187,7 @@ impl SubDevices {
     }
 
     /// The route of `name`.
-    pub fn route_of(&self, name: &str) -> Option<mpsc::Sender<Command>> {
+    pub fn route_of(&self, name: &str) -> Option<crate::link::Inbox> {
         self.routes
             .read()
             .unwrap_or_else(|e| e.into_inner())

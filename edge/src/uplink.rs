@@ -64,7 +64,7 @@ const WINDOW: usize = 256;
 const BACKLOG_WINDOW: usize = 32;
 
 /// Routes from sub-device name to the link task that reaches it.
-pub type Routes = HashMap<String, mpsc::Sender<Command>>;
+pub type Routes = HashMap<String, crate::link::Inbox>;
 
 /// Uplink state for the status endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -800,7 +800,7 @@ fn dispatch(
         tag: tag.clone(),
         reply: reply_tx.clone(),
     };
-    if link.try_send(cmd).is_err() {
+    if link.try_send(Box::new(cmd)).is_err() {
         answer(
             503,
             "the sub-device's link is busy: too many requests waiting",
