@@ -58,6 +58,59 @@ pub struct OtaLink {
     pub sub_notices: mpsc::Sender<crate::sub_ota::SubNotice>,
 }
 
+/// The path of sub-device registrations: several waiting ones go out as one request.
+const REGISTER: &str = "thing/sub/register";
+
+/// Who waits for a request's reply.
+#[derive(Debug)]
+enum Waiting {
+    /// One [`Rpc`].
+    One(oneshot::Sender<Value>),
+    /// Registrations merged into one request: each item and its waiter.
+    Registrations(Vec<(Value, oneshot::Sender<Value>)>),
+}
+
+impl Waiting {
+    /// Hands each waiter its answer: its own item of a merged registration's `data`; when the
+    /// cloud refused a merged request, its registrations go to `singles` to be asked alone.
+    fn answer(self, v: Value, singles: &mut VecDeque<Rpc>) {
+        let items = match self {
+            Waiting::One(w) => {
+                let _ = w.send(v);
+                return;
+            }
+            Waiting::Registrations(items) => items,
+        };
+        if v["code"] != 200 {
+            if items.len() == 1 {
+                for (_, w) in items {
+                    let _ = w.send(v.clone());
+                }
+                return;
+            }
+            singles.extend(items.into_iter().map(|(p, w)| Rpc {
+                path: REGISTER.into(),
+                method: "thing.sub.register".into(),
+                params: Value::Array(vec![p]),
+                reply: w,
+            }));
+            return;
+        }
+        let data = v["data"].as_array().cloned().unwrap_or_default();
+        for (p, w) in items {
+            let mine = data
+                .iter()
+                .find(|d| d["productKey"] == p["productKey"] && d["deviceName"] == p["deviceName"]);
+            let answer = match mine {
+                Some(d) => json!({"id": v["id"], "code": 200, "data": [d]}),
+                None => json!({"id": v["id"], "code": 500,
+                               "message": "the registry's answer does not name this device"}),
+            };
+            let _ = w.send(answer);
+        }
+    }
+}
+
 /// Messages in flight (sent, not yet acknowledged by the cloud).
 const WINDOW: usize = 256;
 /// Of which the backlog may hold at most this many, so live data always finds room.
@@ -499,7 +552,10 @@ async fn session(
         logged_in: HashSet::new(),
     };
     out.logged_in.extend(routed.into_iter().map(|(dn, _)| dn));
-    let mut pending_rpcs: HashMap<String, (Instant, oneshot::Sender<Value>)> = HashMap::new();
+    let mut pending_rpcs: HashMap<String, (Instant, Waiting)> = HashMap::new();
+    // Registrations of a merged request the cloud refused: asked again one by one, so one
+    // refused terminal does not refuse the others.
+    let mut singles: VecDeque<Rpc> = VecDeque::new();
     let own_notices = format!("/ota/device/upgrade/{gpk}/{gdn}");
     let mut rpc_n = 0u64;
     // Everything queued so far is the backlog; what comes after is live.
@@ -606,7 +662,7 @@ async fn session(
                         } else if p.topic.ends_with("_reply") {
                             let v: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
                             if let Some((_, waiting)) = v["id"].as_str().and_then(|id| pending_rpcs.remove(id)) {
-                                let _ = waiting.send(v);
+                                waiting.answer(v, &mut singles);
                             }
                         } else if let Some((dn, id, op, reply)) = downlink(&p.topic, &p.payload) {
                             dispatch(routes, subs, gdn, dn, id, op, reply, &reply_tx);
@@ -626,12 +682,33 @@ async fn session(
             Some((topic, body)) = ota.outbox.recv(), if busy + 1 < WINDOW => {
                 tx.publish(topic, body, None).await?;
             }
-            Some(r) = rpc.recv(), if busy + 1 < WINDOW && pending_rpcs.len() < 32 => {
+            Some((r, alone)) = async { match singles.pop_front() { Some(r) => Some((r, true)), None => rpc.recv().await.map(|r| (r, false)) } }, if busy + 1 < WINDOW && pending_rpcs.len() < 32 => {
                 rpc_n += 1;
                 let id = format!("rpc-{rpc_n}");
-                let body = json!({"id": id, "version": "1.0", "params": r.params, "method": r.method});
+                // Registrations waiting behind this one travel with it (up to 200), unless it
+                // is asked again alone.
+                let (params, waiting) = if !alone && r.path == REGISTER && r.params.as_array().is_some_and(|a| a.len() == 1) {
+                    let mut items = vec![(r.params[0].clone(), r.reply)];
+                    while items.len() < 200 {
+                        match rpc.try_recv() {
+                            Ok(more) if more.path == REGISTER && more.params.as_array().is_some_and(|a| a.len() == 1) => {
+                                items.push((more.params[0].clone(), more.reply));
+                            }
+                            Ok(other) => {
+                                singles.push_back(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    let params = Value::Array(items.iter().map(|(p, _)| p.clone()).collect());
+                    (params, Waiting::Registrations(items))
+                } else {
+                    (r.params, Waiting::One(r.reply))
+                };
+                let body = json!({"id": id, "version": "1.0", "params": params, "method": r.method});
                 tx.publish(format!("/sys/{gpk}/{gdn}/{}", r.path), body.to_string(), None).await?;
-                pending_rpcs.insert(id, (Instant::now(), r.reply));
+                pending_rpcs.insert(id, (Instant::now(), waiting));
             }
             _ = stale.tick(), if !out.logged_in.is_empty() => {
                 let caught_up = backlog_sent >= backlog_end
@@ -805,5 +882,55 @@ fn dispatch(
             503,
             "the sub-device's link is busy: too many requests waiting",
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(dn: &str) -> Value {
+        json!({"productKey": "pk", "deviceName": dn})
+    }
+
+    /// A merged registration answers each waiter with its own device; one the answer does not
+    /// name gets an error; a refused merged request sends each registration again alone, and
+    /// a refused lone one is answered with the refusal.
+    #[test]
+    fn merged_registrations_are_answered_one_by_one() {
+        let mut singles = VecDeque::new();
+        let (a, mut ra) = oneshot::channel();
+        let (b, mut rb) = oneshot::channel();
+        let (c, mut rc) = oneshot::channel();
+        Waiting::Registrations(vec![(item("a1"), a), (item("b1"), b), (item("c1"), c)]).answer(
+            json!({"id": "rpc-1", "code": 200, "data": [
+                {"productKey": "pk", "deviceName": "b1", "deviceSecret": "sb"},
+                {"productKey": "pk", "deviceName": "a1", "deviceSecret": "sa"}]}),
+            &mut singles,
+        );
+        assert_eq!(ra.try_recv().unwrap()["data"][0]["deviceSecret"], "sa");
+        assert_eq!(rb.try_recv().unwrap()["data"][0]["deviceSecret"], "sb");
+        assert_eq!(rc.try_recv().unwrap()["code"], 500);
+        assert!(singles.is_empty());
+
+        let (a, mut ra) = oneshot::channel();
+        let (b, mut rb) = oneshot::channel();
+        let refused = json!({"id": "rpc-2", "code": 460, "message": "params[1]: bad name"});
+        Waiting::Registrations(vec![(item("a1"), a), (item("x"), b)])
+            .answer(refused.clone(), &mut singles);
+        assert!(
+            ra.try_recv().is_err() && rb.try_recv().is_err(),
+            "not answered yet"
+        );
+        assert_eq!(singles.len(), 2);
+        assert!(singles
+            .iter()
+            .all(|r| r.path == REGISTER && r.params.as_array().is_some_and(|a| a.len() == 1)));
+        let lone = singles.pop_back().unwrap();
+        assert_eq!(lone.params[0]["deviceName"], "x");
+        Waiting::Registrations(vec![(lone.params[0].clone(), lone.reply)])
+            .answer(refused, &mut singles);
+        assert_eq!(rb.try_recv().unwrap()["code"], 460);
+        assert_eq!(singles.len(), 1);
     }
 }

@@ -718,3 +718,76 @@ async fn jt808_terminals_upgrade_through_the_gateway() {
     assert!(why.contains("(-4)") && why.contains("0x0108"), "{why}");
     edge.shutdown().await;
 }
+
+/// Twenty terminals register at the same moment (the edge sends waiting registrations as one
+/// request) while one of them has a number the registry refuses (`7`: too short for a device
+/// name): the refused one is answered 0x8100 result 4, every other one registers and
+/// authenticates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminals_registering_together_are_not_refused_for_one_bad_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cloud, edge, _gpk, tpk) = setup(dir.path(), JT808_TSL).await;
+    let addr = edge.jt808_addr.unwrap();
+    let mut terminals = Vec::new();
+    for i in 0..20 {
+        let phone = if i == 7 {
+            "000000000007".to_owned()
+        } else {
+            format!("1391300{i:04}")
+        };
+        terminals.push(Terminal::connect(addr, &phone).await.unwrap());
+    }
+    let mut set = tokio::task::JoinSet::new();
+    for (i, mut t) in terminals.into_iter().enumerate() {
+        set.spawn(async move {
+            let serial = t
+                .send(&j::Message::Register(j::Register {
+                    province: 11,
+                    city: 100,
+                    maker: "70111".into(),
+                    model: "M".into(),
+                    terminal_id: "T1".into(),
+                    plate_color: 1,
+                    plate: "京A00000".into(),
+                }))
+                .await
+                .unwrap();
+            let (_, m) = t.next().await.unwrap();
+            let j::Message::RegisterResponse(r) = m else {
+                panic!("{m:?}")
+            };
+            assert_eq!(r.serial, serial);
+            if r.result == 0 {
+                expect(
+                    &mut t,
+                    &j::Message::Auth(j::Auth {
+                        code: r.auth_code,
+                        imei: None,
+                        software: None,
+                    }),
+                    0,
+                )
+                .await;
+            }
+            (i, r.result)
+        });
+    }
+    let mut results = vec![u8::MAX; 20];
+    while let Some(r) = set.join_next().await {
+        let (i, result) = r.unwrap();
+        results[i] = result;
+    }
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(*r, if i == 7 { 4 } else { 0 }, "terminal {i}: {results:?}");
+    }
+    let (_, v) = cloud
+        .api(
+            Method::GET,
+            &format!("/products/{tpk}/devices?page_size=100"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(v["total"], 19, "{v}");
+    edge.shutdown().await;
+}
