@@ -82,6 +82,30 @@ pub enum StartError {
     },
 }
 
+/// Receive buffer asked for the UDP servers: a burst of forwarder datagrams or CoAP requests
+/// waits in the kernel while the server is busy, rather than being dropped (the kernel caps it
+/// at `net.core.rmem_max`, 4 MiB on Debian's defaults here; 208 KiB otherwise).
+pub const UDP_RECV_BUFFER: usize = 4 << 20;
+
+/// A non-blocking UDP socket bound to `addr` with a receive buffer of [`UDP_RECV_BUFFER`]
+/// (what the kernel grants is logged).
+fn udp_socket(what: &str, addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if let Err(e) = s.set_recv_buffer_size(UDP_RECV_BUFFER) {
+        tracing::warn!(server = what, error = %e, "UDP receive buffer left at the default");
+    }
+    s.bind(&addr.into())?;
+    s.set_nonblocking(true)?;
+    tracing::info!(
+        server = what,
+        %addr,
+        recv_buffer = s.recv_buffer_size().unwrap_or(0),
+        "UDP server bound"
+    );
+    Ok(s.into())
+}
+
 /// Opens the queue and starts the pollers, the syncer, the uplink and the status endpoint.
 /// How the process runs the gateway.
 #[derive(Debug, Clone, Default)]
@@ -176,8 +200,7 @@ pub fn start_with(config: Config, options: StartOptions) -> Result<Running, Star
     }
     // UDP servers: a socket and a context (the registry, the queue, counters) each.
     let udp = |what: &'static str, addr: std::net::SocketAddr, product_key: &str| {
-        let sock = std::net::UdpSocket::bind(addr)
-            .and_then(|s| s.set_nonblocking(true).map(|_| s))
+        let sock = udp_socket(what, addr)
             .and_then(tokio::net::UdpSocket::from_std)
             .map_err(|source| StartError::Listen { what, addr, source })?;
         let ctx = Arc::new(crate::vehicle::Ctx {
