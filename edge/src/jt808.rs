@@ -495,13 +495,18 @@ impl Conn {
             answer(cmd, 503, json!({}), "the terminal is not connected");
             return;
         };
-        if self.transfer.is_some() {
-            answer(
-                cmd,
-                503,
-                json!({}),
-                "an upgrade package is already being sent to this terminal",
-            );
+        if let Some(t) = &self.transfer {
+            if t.offer == offer {
+                // The same offer again: the transfer under way carries it.
+                answer(cmd, 200, json!({}), "");
+            } else {
+                answer(
+                    cmd,
+                    503,
+                    json!({}),
+                    "another upgrade package is being sent to this terminal",
+                );
+            }
             return;
         }
         let size = offer.notice.size;

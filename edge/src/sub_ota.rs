@@ -237,20 +237,31 @@ impl SubUpgrades {
                 "the sub-device is not connected to the gateway".into(),
             ));
         };
-        let offer = Arc::new(Offer {
-            pk,
-            dn: dn.clone(),
-            notice: n.clone(),
-            data,
-            image,
-            token: format!(
-                "{:016x}{:016x}",
-                crate::vehicle::random_u64(),
-                crate::vehicle::random_u64()
-            ),
-            sink: self.sink.clone(),
+        // The same upgrade again (the cloud renews its notice when the device or the gateway
+        // reconnects): the standing offer stays, so a download or transfer under way goes on.
+        let standing = self.offers.get(&dn).filter(|o| {
+            o.notice.version == n.version && o.notice.module == n.module && o.image == image
         });
-        self.offers.put(offer.clone());
+        let offer = match standing {
+            Some(o) => o,
+            None => {
+                let o = Arc::new(Offer {
+                    pk,
+                    dn: dn.clone(),
+                    notice: n.clone(),
+                    data,
+                    image,
+                    token: format!(
+                        "{:016x}{:016x}",
+                        crate::vehicle::random_u64(),
+                        crate::vehicle::random_u64()
+                    ),
+                    sink: self.sink.clone(),
+                });
+                self.offers.put(o.clone());
+                o
+            }
+        };
         let (reply, mut outcome) = mpsc::unbounded_channel();
         let cmd = Command {
             device: dn.clone(),

@@ -246,6 +246,21 @@ impl Cloud {
         Ok(p["product_key"].as_str().context("product_key")?.to_owned())
     }
 
+    /// Lets gateways register new devices of product `pk` (`thing/sub/register`).
+    pub async fn allow_dynamic_register(&self, pk: &str) -> Result<()> {
+        let (s, v) = self
+            .api(
+                reqwest::Method::PATCH,
+                &format!("/products/{pk}"),
+                Some(serde_json::json!({"dynamic_register": true})),
+            )
+            .await?;
+        if s != 200 {
+            anyhow::bail!("dynamic registration: {s} {v}");
+        }
+        Ok(())
+    }
+
     /// Process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

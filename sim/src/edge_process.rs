@@ -130,16 +130,7 @@ pub async fn sub_product(cloud: &Cloud, name: &str, tsl: Option<Value>) -> Resul
             bail!("thing model: {s} {v}");
         }
     }
-    let (s, v) = cloud
-        .api(
-            reqwest::Method::PATCH,
-            &format!("/products/{pk}"),
-            Some(json!({"dynamic_register": true})),
-        )
-        .await?;
-    if s != 200 {
-        bail!("dynamic registration: {s} {v}");
-    }
+    cloud.allow_dynamic_register(&pk).await?;
     Ok(pk)
 }
 

@@ -148,16 +148,7 @@ pub async fn run(o: &GatewayBench) -> Result<GatewayResult> {
         .as_str()
         .context("gateway secret")?
         .to_owned();
-    let (st, v) = cloud
-        .api(
-            reqwest::Method::PATCH,
-            &format!("/products/{spk}"),
-            Some(json!({"dynamic_register": true})),
-        )
-        .await?;
-    if st != 200 {
-        bail!("dynamic registration: {st} {v}");
-    }
+    cloud.allow_dynamic_register(&spk).await?;
     let mut s = gateway_connect(cloud.mqtt, &gpk, "gw-bench", &gsecret).await?;
     let mut buf = BytesMut::new();
 
