@@ -238,30 +238,34 @@ impl SubUpgrades {
             ));
         };
         // The same upgrade again (the cloud renews its notice when the device or the gateway
-        // reconnects): the standing offer stays, so a download or transfer under way goes on.
-        let standing = self.offers.get(&dn).filter(|o| {
-            o.notice.version == n.version && o.notice.module == n.module && o.image == image
-        });
-        let offer = match standing {
-            Some(o) => o,
-            None => {
-                let o = Arc::new(Offer {
-                    pk,
-                    dn: dn.clone(),
-                    notice: n.clone(),
-                    data,
-                    image,
-                    token: format!(
+        // reconnects): the standing offer's token stays, so a download or transfer under way
+        // goes on; the notice's data is the newest.
+        let token = self
+            .offers
+            .get(&dn)
+            .filter(|o| {
+                o.notice.version == n.version && o.notice.module == n.module && o.image == image
+            })
+            .map_or_else(
+                || {
+                    format!(
                         "{:016x}{:016x}",
                         crate::vehicle::random_u64(),
                         crate::vehicle::random_u64()
-                    ),
-                    sink: self.sink.clone(),
-                });
-                self.offers.put(o.clone());
-                o
-            }
-        };
+                    )
+                },
+                |o| o.token.clone(),
+            );
+        let offer = Arc::new(Offer {
+            pk,
+            dn: dn.clone(),
+            notice: n.clone(),
+            data,
+            image,
+            token,
+            sink: self.sink.clone(),
+        });
+        self.offers.put(offer.clone());
         let (reply, mut outcome) = mpsc::unbounded_channel();
         let cmd = Command {
             device: dn.clone(),
