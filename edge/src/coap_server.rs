@@ -347,18 +347,22 @@ impl State {
         body: &[u8],
         mid: u16,
     ) -> Option<Message> {
+        // Which OTA topic, before reading the body (property posts pass through untouched).
         let pk = self.ctx.cfg.product_key.clone();
+        let get = topic == format!("/sys/{pk}/{dn}/thing/ota/firmware/get");
+        let kind = ["inform", "progress"]
+            .into_iter()
+            .find(|k| topic == format!("/ota/device/{k}/{pk}/{dn}"));
+        if !get && kind.is_none() {
+            return None;
+        }
         let v: Value = match serde_json::from_slice(body) {
             Ok(v) => v,
-            Err(_) if topic == format!("/sys/{pk}/{dn}/thing/ota/firmware/get") => json!({}),
-            Err(_) => {
-                return topic
-                    .starts_with("/ota/device/")
-                    .then(|| self.refuse(req, Code::BAD_REQUEST, "body is not JSON", mid))
-            }
+            Err(_) if get => json!({}),
+            Err(_) => return Some(self.refuse(req, Code::BAD_REQUEST, "body is not JSON", mid)),
         };
         let id = v.get("id").cloned().unwrap_or(Value::Null);
-        if topic == format!("/sys/{pk}/{dn}/thing/ota/firmware/get") {
+        if get {
             let data = match self.ctx.offers.get(dn) {
                 Some(o) => {
                     let mut d = o.data.clone();
@@ -383,9 +387,7 @@ impl State {
                 mid,
             ));
         }
-        let kind = ["inform", "progress"]
-            .into_iter()
-            .find(|k| topic == format!("/ota/device/{k}/{pk}/{dn}"))?;
+        let kind = kind?;
         let Some(params) = v.get("params").filter(|p| p.is_object()).cloned() else {
             return Some(self.refuse(req, Code::BAD_REQUEST, "params: an object", mid));
         };
