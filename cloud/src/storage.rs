@@ -203,7 +203,7 @@ enum DeviceColumn {
 
 const PRODUCT_COLS: &str = "product_key, name, node_type, data_format, product_secret, dynamic_register, description, created_at, tenant";
 /// `n` numbered placeholders from `$from`: `$2, $3, $4`.
-pub(crate) fn numbered(from: usize, n: usize) -> String {
+fn numbered(from: usize, n: usize) -> String {
     (from..from + n)
         .map(|i| format!("${i}"))
         .collect::<Vec<_>>()
@@ -584,19 +584,37 @@ impl Db {
         pk: &str,
         names: &[&str],
     ) -> Result<HashMap<String, Device>, StorageError> {
-        let mut out = HashMap::with_capacity(names.len());
+        let rows: Vec<Device> = self
+            .select_named(&format!("SELECT {DEVICE_COLS} FROM devices"), pk, names)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|d| (d.device_name.clone(), d))
+            .collect())
+    }
+
+    /// Rows of `select` (a `SELECT ... FROM table` whose table has `product_key` and
+    /// `device_name`) for product `pk` and these names: one query per 256 names.
+    pub(crate) async fn select_named<T>(
+        &self,
+        select: &str,
+        pk: &str,
+        names: &[&str],
+    ) -> Result<Vec<T>, StorageError>
+    where
+        T: for<'r> sqlx::FromRow<'r, AnyRow> + Send + Unpin,
+    {
+        let mut out = Vec::with_capacity(names.len());
         for chunk in names.chunks(256) {
             let sql = format!(
-                "SELECT {DEVICE_COLS} FROM devices WHERE product_key = $1 AND device_name IN ({})",
+                "{select} WHERE product_key = $1 AND device_name IN ({})",
                 numbered(2, chunk.len())
             );
-            let mut q = sqlx::query_as::<_, Device>(&sql).bind(pk);
+            let mut q = sqlx::query_as::<_, T>(&sql).bind(pk);
             for n in chunk {
                 q = q.bind(*n);
             }
-            for d in q.fetch_all(&self.pool).await? {
-                out.insert(d.device_name.clone(), d);
-            }
+            out.extend(q.fetch_all(&self.pool).await?);
         }
         Ok(out)
     }

@@ -75,6 +75,24 @@ pub(crate) async fn publish(s: &mut TcpStream, topic: &str, body: &Value, pkid: 
     Ok(())
 }
 
+/// Publishes a gateway request on `topic` and waits for its reply; an error unless the reply
+/// has code 200 (`what` names the request in it).
+pub(crate) async fn ask(
+    s: &mut TcpStream,
+    buf: &mut BytesMut,
+    topic: &str,
+    body: &Value,
+    pkid: u16,
+    what: &str,
+) -> Result<Value> {
+    publish(s, topic, body, pkid).await?;
+    let r = reply(s, buf, &format!("{topic}_reply")).await?;
+    if r["code"] != 200 {
+        bail!("{what} refused: {r}");
+    }
+    Ok(r)
+}
+
 pub(crate) async fn metric(cloud: &Cloud, name: &str) -> Result<i64> {
     let text = reqwest::get(format!("http://{}/metrics", cloud.http))
         .await?
@@ -162,17 +180,8 @@ pub async fn run(o: &GatewayBench) -> Result<GatewayResult> {
             .iter()
             .map(|dn| json!({"productKey": spk, "deviceName": dn}))
             .collect();
-        publish(
-            &mut s,
-            &register,
-            &json!({"id": i.to_string(), "params": params}),
-            4,
-        )
-        .await?;
-        let r = reply(&mut s, &mut buf, &format!("{register}_reply")).await?;
-        if r["code"] != 200 {
-            bail!("sub/register refused: {r}");
-        }
+        let body = json!({"id": i.to_string(), "params": params});
+        let r = ask(&mut s, &mut buf, &register, &body, 4, "sub/register").await?;
         for d in r["data"].as_array().context("registered devices")? {
             let dn = d["deviceName"].as_str().context("deviceName")?;
             let secret = d["deviceSecret"].as_str().context("deviceSecret")?;
@@ -186,28 +195,15 @@ pub async fn run(o: &GatewayBench) -> Result<GatewayResult> {
     let topo = format!("/sys/{gpk}/gw-bench/thing/topo/add");
     let start = Instant::now();
     for (i, chunk) in signed.chunks(200).enumerate() {
-        publish(
-            &mut s,
-            &topo,
-            &json!({"id": i.to_string(), "params": chunk}),
-            2,
-        )
-        .await?;
-        let r = reply(&mut s, &mut buf, &format!("{topo}_reply")).await?;
-        if r["code"] != 200 {
-            bail!("topo/add refused: {r}");
-        }
+        let body = json!({"id": i.to_string(), "params": chunk});
+        ask(&mut s, &mut buf, &topo, &body, 2, "topo/add").await?;
     }
     let topo_add_sec = start.elapsed().as_secs_f64();
     let login = format!("/ext/session/{gpk}/gw-bench/combine/batch_login");
     let start = Instant::now();
     for (i, chunk) in signed.chunks(200).enumerate() {
         let body = json!({"id": i.to_string(), "params": {"signMethod": "hmacSha256", "deviceList": chunk}});
-        publish(&mut s, &login, &body, 3).await?;
-        let r = reply(&mut s, &mut buf, &format!("{login}_reply")).await?;
-        if r["code"] != 200 {
-            bail!("batch_login refused: {r}");
-        }
+        ask(&mut s, &mut buf, &login, &body, 3, "batch_login").await?;
     }
     let login_sec = start.elapsed().as_secs_f64();
     let online = metric(&cloud, "ironlink_sub_devices_online ").await?;

@@ -5,7 +5,7 @@
 //! file in the same run. Loopback only; every phase is bounded.
 
 use crate::cloud_process::{cpu_ticks, rss_kib, Cloud, WAIT};
-use crate::gateway::{gateway_connect, publish, reply, signed_logins};
+use crate::gateway::{ask, gateway_connect, signed_logins};
 use anyhow::{bail, Context, Result};
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4;
@@ -95,23 +95,10 @@ async fn gateway_up(
     let topo = format!("/sys/{}/{}/thing/topo/add", g.pk, g.dn);
     let login = format!("/ext/session/{}/{}/combine/batch_login", g.pk, g.dn);
     for (i, chunk) in signed.chunks(200).enumerate() {
-        publish(
-            &mut s,
-            &topo,
-            &json!({"id": i.to_string(), "params": chunk}),
-            2,
-        )
-        .await?;
-        let r = reply(&mut s, &mut buf, &format!("{topo}_reply")).await?;
-        if r["code"] != 200 {
-            bail!("topo/add refused: {r}");
-        }
+        let body = json!({"id": i.to_string(), "params": chunk});
+        ask(&mut s, &mut buf, &topo, &body, 2, "topo/add").await?;
         let body = json!({"id": i.to_string(), "params": {"signMethod": "hmacSha256", "deviceList": chunk}});
-        publish(&mut s, &login, &body, 3).await?;
-        let r = reply(&mut s, &mut buf, &format!("{login}_reply")).await?;
-        if r["code"] != 200 {
-            bail!("batch_login refused: {r}");
-        }
+        ask(&mut s, &mut buf, &login, &body, 3, "batch_login").await?;
     }
     Ok((s, buf))
 }

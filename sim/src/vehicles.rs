@@ -106,8 +106,8 @@ impl Terminal {
         }
     }
 
-    /// Registers (0x0100) and authenticates (0x0102) with the code the platform gives.
-    pub async fn register_and_authenticate(&mut self) -> Result<()> {
+    /// Registers (0x0100); returns the platform's answer (0x8100) to it, whatever its result.
+    pub async fn register(&mut self) -> Result<j::RegisterResponse> {
         let serial = self
             .send(&j::Message::Register(j::Register {
                 province: 11,
@@ -119,12 +119,19 @@ impl Terminal {
                 plate: format!("京A{}", &self.phone[self.phone.len().saturating_sub(5)..]),
             }))
             .await?;
-        let code = match self.next().await? {
-            (_, j::Message::RegisterResponse(r)) if r.serial == serial && r.result == 0 => {
-                r.auth_code
-            }
+        match self.next().await? {
+            (_, j::Message::RegisterResponse(r)) if r.serial == serial => Ok(r),
             (_, other) => bail!("registration answered {other:?}"),
-        };
+        }
+    }
+
+    /// Registers (0x0100) and authenticates (0x0102) with the code the platform gives.
+    pub async fn register_and_authenticate(&mut self) -> Result<()> {
+        let r = self.register().await?;
+        if r.result != 0 {
+            bail!("registration answered result {}", r.result);
+        }
+        let code = r.auth_code;
         let r = self
             .exchange(&j::Message::Auth(j::Auth {
                 code,

@@ -740,23 +740,7 @@ async fn terminals_registering_together_are_not_refused_for_one_bad_number() {
     let mut set = tokio::task::JoinSet::new();
     for (i, mut t) in terminals.into_iter().enumerate() {
         set.spawn(async move {
-            let serial = t
-                .send(&j::Message::Register(j::Register {
-                    province: 11,
-                    city: 100,
-                    maker: "70111".into(),
-                    model: "M".into(),
-                    terminal_id: "T1".into(),
-                    plate_color: 1,
-                    plate: "京A00000".into(),
-                }))
-                .await
-                .unwrap();
-            let (_, m) = t.next().await.unwrap();
-            let j::Message::RegisterResponse(r) = m else {
-                panic!("{m:?}")
-            };
-            assert_eq!(r.serial, serial);
+            let r = t.register().await.unwrap();
             if r.result == 0 {
                 expect(
                     &mut t,

@@ -82,6 +82,18 @@ fn id_of(v: &Value, path: &str) -> Result<(String, String), Refusal> {
     }
 }
 
+/// The (product key, device name) of each item, `{prefix}[i]` naming the first without one.
+fn ids<'a>(
+    items: impl IntoIterator<Item = &'a Value>,
+    prefix: &str,
+) -> Result<Vec<(String, String)>, Refusal> {
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| id_of(item, &format!("{prefix}[{i}]")))
+        .collect()
+}
+
 fn list<'a>(params: &'a Value, max: usize, what: &str) -> Result<&'a Vec<Value>, Refusal> {
     match params.as_array() {
         Some(a) if !a.is_empty() && a.len() <= max => Ok(a),
@@ -326,11 +338,7 @@ async fn run(
     match kind {
         Uplink::TopoAdd => {
             let items = list(&req.params, max, "sub-devices")?;
-            let ids = items
-                .iter()
-                .enumerate()
-                .map(|(i, item)| id_of(item, &format!("params[{i}]")))
-                .collect::<Result<Vec<_>, _>>()?;
+            let ids = ids(items, "params")?;
             let known = Known::load(thing, &ids).await?;
             let mut subs = Vec::with_capacity(items.len());
             for (i, (item, (pk, dn))) in items.iter().zip(ids).enumerate() {
@@ -373,11 +381,7 @@ async fn run(
             Ok((ids_json(&subs), None))
         }
         Uplink::TopoDelete => {
-            let items = list(&req.params, max, "sub-devices")?;
-            let mut subs = Vec::with_capacity(items.len());
-            for (i, item) in items.iter().enumerate() {
-                subs.push(id_of(item, &format!("params[{i}]"))?);
-            }
+            let subs = ids(list(&req.params, max, "sub-devices")?, "params")?;
             let known = Known::load(thing, &subs).await?;
             for (pk, dn) in &subs {
                 match known.gateway_of(pk, dn) {
@@ -420,11 +424,7 @@ async fn run(
         }
         Uplink::SubRegister => {
             let items = list(&req.params, max, "sub-devices")?;
-            let ids = items
-                .iter()
-                .enumerate()
-                .map(|(i, item)| id_of(item, &format!("params[{i}]")))
-                .collect::<Result<Vec<_>, _>>()?;
+            let ids = ids(items, "params")?;
             let mut known = Known::load(thing, &ids).await?;
             // Checked first, then the new devices created per product in one statement.
             let mut missing: HashMap<String, Vec<String>> = HashMap::new();
@@ -494,11 +494,7 @@ async fn run(
                     field(&req.params, &["signMethod", "signmethod"]),
                 )
             };
-            let ids = items
-                .iter()
-                .enumerate()
-                .map(|(i, item)| id_of(item, &format!("params.deviceList[{i}]")))
-                .collect::<Result<Vec<_>, _>>()?;
+            let ids = ids(items.iter().copied(), "params.deviceList")?;
             let known = Known::load(thing, &ids).await?;
             let mut fresh = Vec::new();
             let mut all = Vec::new();
@@ -552,10 +548,7 @@ async fn run(
             } else {
                 list_items(req.params.get("deviceList").unwrap_or(&req.params), max)?
             };
-            let mut subs = Vec::with_capacity(items.len());
-            for (i, item) in items.iter().enumerate() {
-                subs.push(id_of(item, &format!("params[{i}]"))?);
-            }
+            let subs = ids(items.iter().copied(), "params")?;
             let data = if kind == Uplink::Logout {
                 id_json(subs.first())
             } else {

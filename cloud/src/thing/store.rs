@@ -637,21 +637,17 @@ impl Db {
         pk: &str,
         names: &[&str],
     ) -> Result<HashMap<String, TopoRow>, StorageError> {
-        let mut out = HashMap::with_capacity(names.len());
-        for chunk in names.chunks(CHUNK) {
-            let sql = format!(
-                "SELECT product_key, device_name, gateway_product_key, gateway_device_name, created_at FROM topology WHERE product_key = $1 AND device_name IN ({})",
-                crate::storage::numbered(2, chunk.len())
-            );
-            let mut q = sqlx::query_as::<_, TopoRow>(&sql).bind(pk);
-            for n in chunk {
-                q = q.bind(*n);
-            }
-            for t in q.fetch_all(&self.pool).await? {
-                out.insert(t.device_name.clone(), t);
-            }
-        }
-        Ok(out)
+        let rows: Vec<TopoRow> = self
+            .select_named(
+                "SELECT product_key, device_name, gateway_product_key, gateway_device_name, created_at FROM topology",
+                pk,
+                names,
+            )
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|t| (t.device_name.clone(), t))
+            .collect())
     }
 
     /// The gateway a sub-device belongs to.
