@@ -304,6 +304,7 @@ mod ota;
 mod rules;
 pub mod serve;
 mod thing;
+mod timeseries;
 
 /// Builds the router.
 pub fn router(state: ApiState) -> Router {
@@ -337,6 +338,7 @@ pub fn router(state: ApiState) -> Router {
         .merge(apps::routes())
         .merge(rules::routes())
         .merge(ota::routes())
+        .merge(timeseries::routes())
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
         .route("/openapi.json", get(openapi));
     Router::new()

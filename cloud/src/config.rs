@@ -36,6 +36,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Over-the-air updates: download URLs, signing, package size, notice budget.
     pub ota: crate::ota::OtaConfig,
+    /// Time-series storage: chunking and retention.
+    pub timeseries: crate::tsdb::TimeseriesConfig,
 }
 
 impl Default for Config {
@@ -53,6 +55,7 @@ impl Default for Config {
             rules: RulesConfig::default(),
             limits: LimitsConfig::default(),
             ota: crate::ota::OtaConfig::default(),
+            timeseries: crate::tsdb::TimeseriesConfig::default(),
         }
     }
 }

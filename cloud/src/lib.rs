@@ -22,3 +22,4 @@ pub mod server;
 pub mod storage;
 pub mod thing;
 pub mod tls;
+pub mod tsdb;

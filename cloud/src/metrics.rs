@@ -14,6 +14,8 @@ pub struct Latencies {
     pub ingest_commit: Latency,
     /// Evaluating one device message against the rules.
     pub rule_eval: Latency,
+    /// One transaction of the time-series sealer (rows of several series into chunks).
+    pub seal: Latency,
 }
 
 impl Latencies {
@@ -32,6 +34,11 @@ impl Latencies {
             rule_eval: r.histogram(
                 "ironlink_rule_evaluation_duration_seconds",
                 "Evaluation of one device message against the rules, in seconds",
+                &[],
+            ),
+            seal: r.histogram(
+                "ironlink_timeseries_seal_duration_seconds",
+                "Transactions of the time-series sealer (rows of several series into chunks), in seconds",
                 &[],
             ),
         }
@@ -93,6 +100,14 @@ pub struct Metrics {
     pub ota_failed: AtomicU64,
     /// Image bytes served to devices.
     pub ota_download_bytes: AtomicU64,
+    /// Property values moved from rows into compressed chunks.
+    pub points_sealed: AtomicU64,
+    /// Compressed chunks written.
+    pub chunks_written: AtomicU64,
+    /// Chunks dropped past their retention.
+    pub chunks_reaped: AtomicU64,
+    /// Chunks that could not be decoded (damaged) and were skipped by a query.
+    pub chunks_damaged: AtomicU64,
     /// Where every series is exposed.
     pub registry: Registry,
     /// Latency histograms.
@@ -130,6 +145,10 @@ impl Default for Metrics {
             ota_succeeded: AtomicU64::new(0),
             ota_failed: AtomicU64::new(0),
             ota_download_bytes: AtomicU64::new(0),
+            points_sealed: AtomicU64::new(0),
+            chunks_written: AtomicU64::new(0),
+            chunks_reaped: AtomicU64::new(0),
+            chunks_damaged: AtomicU64::new(0),
             registry,
             latency,
         }
@@ -140,6 +159,11 @@ impl Metrics {
     /// Adds one to a counter.
     pub fn inc(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds `n` to a counter.
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Copies the access layer's counters, the router's and the process's into the registry.
@@ -158,7 +182,7 @@ impl Metrics {
             &[],
             self.sub_devices.load(Ordering::Relaxed) as f64,
         );
-        let counters: [(&'static str, &'static str, &AtomicU64); 24] = [
+        let counters: [(&'static str, &'static str, &AtomicU64); 28] = [
             (
                 "ironlink_http_refused_total",
                 "HTTP connections closed at once because the API held its maximum (http.max_connections)",
@@ -278,6 +302,26 @@ impl Metrics {
                 "ironlink_ota_download_bytes_total",
                 "Firmware image bytes served to devices",
                 &self.ota_download_bytes,
+            ),
+            (
+                "ironlink_timeseries_points_sealed_total",
+                "Property values moved from rows into compressed chunks",
+                &self.points_sealed,
+            ),
+            (
+                "ironlink_timeseries_chunks_written_total",
+                "Compressed time-series chunks written",
+                &self.chunks_written,
+            ),
+            (
+                "ironlink_timeseries_chunks_reaped_total",
+                "Time-series chunks dropped past their retention",
+                &self.chunks_reaped,
+            ),
+            (
+                "ironlink_timeseries_chunks_damaged_total",
+                "Time-series chunks a query could not decode and skipped",
+                &self.chunks_damaged,
             ),
         ];
         for (name, help, c) in counters {

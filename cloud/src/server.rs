@@ -153,6 +153,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         &config.data_dir,
     )
     .await?;
+    let tsdb = crate::tsdb::Tsdb::open(db.clone(), config.timeseries.clone(), metrics.clone())
+        .await
+        .context("loading storage policies")?;
     let (thing, more) = crate::thing::Thing::start(
         db.clone(),
         router.clone(),
@@ -162,9 +165,15 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         apps.clone(),
         scripts.clone(),
         ota.clone(),
+        tsdb.clone(),
         presence_stop_rx.clone(),
     );
     thing_tasks.extend(more);
+    // Sealing stops with the writer: rows committed last are sealed by the next run.
+    thing_tasks.push(tokio::spawn(crate::tsdb::run(
+        tsdb.clone(),
+        presence_stop_rx.clone(),
+    )));
     let (rules_stop, rules_stop_rx) = watch::channel(false);
     let (rules, rules_task) = crate::rules::Engine::start(
         crate::rules::actions::Deps {
@@ -196,6 +205,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         apps,
         rules,
         ota: ota.clone(),
+        tsdb,
         listeners: std::sync::OnceLock::new(),
     });
     let limiter = Arc::new(ConnectLimiter::new(

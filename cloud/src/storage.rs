@@ -448,6 +448,7 @@ impl Db {
         for sql in [
             "DELETE FROM property_history WHERE series_id IN (SELECT id FROM property_series WHERE product_key = $1)",
             "DELETE FROM property_latest WHERE series_id IN (SELECT id FROM property_series WHERE product_key = $1)",
+            "DELETE FROM property_chunks WHERE series_id IN (SELECT id FROM property_series WHERE product_key = $1)",
             "DELETE FROM events WHERE product_key = $1",
             "DELETE FROM service_calls WHERE product_key = $1",
             "DELETE FROM raw_messages WHERE product_key = $1",
@@ -692,6 +693,7 @@ impl Db {
         for sql in [
             "DELETE FROM property_history WHERE series_id IN (SELECT id FROM property_series WHERE product_key = $1 AND device_name = $2)",
             "DELETE FROM property_latest WHERE series_id IN (SELECT id FROM property_series WHERE product_key = $1 AND device_name = $2)",
+            "DELETE FROM property_chunks WHERE series_id IN (SELECT id FROM property_series WHERE product_key = $1 AND device_name = $2)",
             "DELETE FROM events WHERE product_key = $1 AND device_name = $2",
             "DELETE FROM service_calls WHERE product_key = $1 AND device_name = $2",
             "DELETE FROM raw_messages WHERE product_key = $1 AND device_name = $2",

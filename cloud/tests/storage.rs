@@ -423,6 +423,7 @@ async fn thing_data_on_every_engine() {
                 series_id: sid,
                 ts: 1000 + i,
                 value: i.to_string(),
+                history: true,
             })
             .collect();
         let ev = EventRow {
@@ -448,6 +449,7 @@ async fn thing_data_on_every_engine() {
                 series_id: sid,
                 ts: 1,
                 value: "-1".into(),
+                history: true,
             }],
             &[],
             &[],
@@ -593,6 +595,7 @@ async fn thing_data_on_every_engine() {
             series_id: sid,
             ts: 9000,
             value: v.into(),
+            history: true,
         };
         let key = Some((pk.clone(), "dev-0001".to_owned(), "m1".to_owned()));
         let dup = db

@@ -42,6 +42,8 @@ pub struct Shared {
     pub rules: Arc<crate::rules::Engine>,
     /// Over-the-air updates.
     pub ota: Arc<crate::ota::Ota>,
+    /// Time-series storage: policies, sealing, queries.
+    pub tsdb: Arc<crate::tsdb::Tsdb>,
     /// Bound device ports, set once the listeners are up.
     pub listeners: std::sync::OnceLock<Listeners>,
 }

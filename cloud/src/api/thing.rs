@@ -22,7 +22,6 @@ pub(super) fn routes() -> Router<ApiState> {
             get(latest).post(set_properties),
         )
         .route("/devices/:pk/:dn/properties/get", post(get_properties))
-        .route("/devices/:pk/:dn/properties/:id/history", get(history))
         .route("/devices/:pk/:dn/events", get(events))
         .route("/devices/:pk/:dn/services/:id", post(call_service))
         .route("/devices/:pk/:dn/service-calls", get(list_calls))
@@ -105,8 +104,8 @@ struct Range {
     to: Option<i64>,
     /// Most rows, 1 to 10,000 (default 100).
     limit: Option<i64>,
-    /// `desc` (default) or `asc`.
-    #[param(pattern = "^(asc|desc)$")]
+    /// `desc` (default): events come newest first.
+    #[param(pattern = "^desc$")]
     order: Option<String>,
     /// Only this event identifier (events).
     identifier: Option<String>,
@@ -119,43 +118,6 @@ impl Range {
         let to = self.to.unwrap_or(i64::MAX);
         Ok((from, to, self.limit.unwrap_or(100).clamp(1, 10_000)))
     }
-}
-
-#[utoipa::path(
-    get,
-    path = "/devices/{pk}/{dn}/properties/{id}/history",
-    tag = "thing model",
-    operation_id = "history",
-    summary = "Stored values of one property",
-    params(("pk" = String, Path, description = "Product key"), ("dn" = String, Path, description = "Device name"), ("id" = String, Path, description = "Identifier"), Range),
-    responses((status = 200, description = "Points", body = doc::Object), (status = 404, description = "No such device", body = doc::ErrorBody))
-)]
-async fn history(
-    State(s): State<ApiState>,
-    Path((pk, dn, id)): Path<(String, String, String)>,
-    ApiQuery(q): ApiQuery<Range>,
-) -> ApiResult<impl IntoResponse> {
-    require_device(&s, &pk, &dn).await?;
-    let (from, to, limit) = q.bounds()?;
-    let ascending = match q.order.as_deref() {
-        None | Some("desc") => false,
-        Some("asc") => true,
-        Some(o) => {
-            return Err(ApiError::invalid(format!(
-                "order `{o}` must be asc or desc"
-            )))
-        }
-    };
-    let rows = s
-        .shared
-        .db
-        .property_history(&pk, &dn, &id, from, to, limit, ascending)
-        .await?;
-    let points: Vec<Value> = rows
-        .into_iter()
-        .map(|(ts, v)| json!({"time": ts, "value": parse_json(&v)}))
-        .collect();
-    Ok(Json(json!({"identifier": id, "points": points})))
 }
 
 #[utoipa::path(
@@ -173,6 +135,11 @@ async fn events(
     ApiQuery(q): ApiQuery<Range>,
 ) -> ApiResult<impl IntoResponse> {
     require_device(&s, &pk, &dn).await?;
+    if let Some(o) = q.order.as_deref().filter(|o| *o != "desc") {
+        return Err(ApiError::invalid(format!(
+            "order `{o}`: events come newest first (desc)"
+        )));
+    }
     let (from, to, limit) = q.bounds()?;
     let rows = s
         .shared

@@ -11,7 +11,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 mod ota;
+mod timeseries;
 pub use ota::{CampaignCmd, CreateArgs, OtaCmd, PackageCmd};
+pub use timeseries::{PolicyCmd, TimeseriesCmd};
 
 /// Ironlink cloud: device access, registry and API.
 #[derive(Debug, Parser)]
@@ -79,6 +81,15 @@ pub enum Command {
         #[command(subcommand)]
         cmd: OtaCmd,
     },
+    /// Time series: aggregates, the value at a time, storage policies and retention, sealing.
+    Timeseries {
+        /// Server connection.
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Time-series action.
+        #[command(subcommand)]
+        cmd: TimeseriesCmd,
+    },
     /// Publish a downlink message to one of a device's topics.
     Pub {
         /// Server connection.
@@ -109,6 +120,7 @@ impl Command {
             | Command::App { client, .. }
             | Command::Rule { client, .. }
             | Command::Script { client, .. }
+            | Command::Timeseries { client, .. }
             | Command::Pub { client, .. } => client.json,
         }
     }
@@ -685,7 +697,7 @@ pub enum DeviceCmd {
         /// Device name.
         device_name: String,
     },
-    /// History of one property, newest first.
+    /// History of one property, newest first (`--asc`: oldest first).
     History {
         /// Product key.
         product_key: String,
@@ -699,9 +711,15 @@ pub enum DeviceCmd {
         /// To, ms since the Unix epoch.
         #[arg(long)]
         to: Option<i64>,
-        /// Most points.
+        /// Most points (per page with --all).
         #[arg(long, default_value_t = 100)]
         limit: i64,
+        /// Oldest first.
+        #[arg(long)]
+        asc: bool,
+        /// Every point in the range, page after page (tables print as they come).
+        #[arg(long)]
+        all: bool,
     },
     /// Events, newest first.
     Events {
@@ -1089,6 +1107,7 @@ pub async fn run_admin(command: Command) -> anyhow::Result<()> {
     use reqwest::Method;
     match command {
         Command::Ota { cmd } => ota::run(cmd).await?,
+        Command::Timeseries { client, cmd } => timeseries::run(&Client::new(&client)?, cmd).await?,
         Command::Serve(_) => bail!("serve is not an admin command"),
         Command::Product { client, cmd } => {
             let c = Client::new(&client)?;
@@ -1395,6 +1414,8 @@ pub async fn run_admin(command: Command) -> anyhow::Result<()> {
                     from,
                     to,
                     limit,
+                    asc,
+                    all,
                 } => {
                     let mut q = format!("limit={limit}");
                     if let Some(f) = from {
@@ -1403,14 +1424,41 @@ pub async fn run_admin(command: Command) -> anyhow::Result<()> {
                     if let Some(t) = to {
                         q.push_str(&format!("&to={t}"));
                     }
-                    let v = c
-                        .call(
-                            Method::GET,
-                            &format!("/devices/{pk}/{dn}/properties/{identifier}/history?{q}"),
+                    if asc {
+                        q.push_str("&order=asc");
+                    }
+                    let path = format!("/devices/{pk}/{dn}/properties/{identifier}/history?{q}");
+                    let mut v = c.call(Method::GET, &path, None).await?;
+                    timeseries::warn_damaged(&v);
+                    if all && !c.json {
+                        loop {
+                            output(&c, &v, Some(("points", &["time", "value"])));
+                            let Some(next) = v["next"].as_str().map(str::to_owned) else {
+                                break;
+                            };
+                            v = c
+                                .call(Method::GET, &format!("{path}&cursor={next}"), None)
+                                .await?;
+                            timeseries::warn_damaged(&v);
+                        }
+                    } else if all {
+                        // One JSON document with every point.
+                        let mut points = v["points"].as_array().cloned().unwrap_or_default();
+                        while let Some(next) = v["next"].as_str().map(str::to_owned) {
+                            v = c
+                                .call(Method::GET, &format!("{path}&cursor={next}"), None)
+                                .await?;
+                            timeseries::warn_damaged(&v);
+                            points.extend(v["points"].as_array().cloned().unwrap_or_default());
+                        }
+                        output(
+                            &c,
+                            &json!({"identifier": identifier, "points": points}),
                             None,
-                        )
-                        .await?;
-                    output(&c, &v, Some(("points", &["time", "value"])));
+                        );
+                    } else {
+                        output(&c, &v, Some(("points", &["time", "value"])));
+                    }
                 }
                 DeviceCmd::Events {
                     product_key: pk,

@@ -127,6 +127,7 @@ impl Thing {
         apps: Arc<crate::apps::Apps>,
         scripts: Arc<crate::rules::script::Scripts>,
         ota: Arc<crate::ota::Ota>,
+        tsdb: Arc<crate::tsdb::Tsdb>,
         stop: watch::Receiver<bool>,
     ) -> (Arc<Self>, Vec<JoinHandle<()>>) {
         let (tx, rx) = mpsc::channel(16_384);
@@ -136,6 +137,7 @@ impl Thing {
             rx,
             series.clone(),
             metrics.clone(),
+            tsdb,
             stop.clone(),
         ));
         let thing = Arc::new(Self {

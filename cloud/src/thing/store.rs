@@ -15,6 +15,9 @@ pub struct PropertyRow {
     pub ts: i64,
     /// The value as JSON text.
     pub value: String,
+    /// False when the storage policy keeps only the latest value of this point (it is not
+    /// added to the history).
+    pub history: bool,
 }
 
 /// One event as stored.
@@ -274,7 +277,8 @@ impl Db {
         events: &[EventRow],
         raws: &[RawRow],
     ) -> Result<(), StorageError> {
-        for chunk in chunks(props) {
+        let history: Vec<&PropertyRow> = props.iter().filter(|p| p.history).collect();
+        for chunk in chunks(&history) {
             let sql = format!(
                 "INSERT INTO property_history (series_id, ts, value) VALUES {}",
                 placeholders(self.engine(), chunk.len(), 3)
@@ -355,8 +359,9 @@ impl Db {
             .collect()
     }
 
-    /// History of one property in `[from, to]`, at most `limit` points, newest first unless
-    /// `ascending`.
+    /// Unsealed rows of one property in `[from, to]` (the write-optimised table only: queries
+    /// go through [`crate::tsdb::Tsdb::range`], which adds the sealed chunks), at most `limit`
+    /// points, newest first unless `ascending`.
     #[allow(clippy::too_many_arguments)]
     pub async fn property_history(
         &self,

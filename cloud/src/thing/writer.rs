@@ -50,6 +50,7 @@ pub async fn run(
     mut rx: mpsc::Receiver<Job>,
     cache: SeriesCache,
     metrics: Arc<Metrics>,
+    tsdb: Arc<crate::tsdb::Tsdb>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut jobs = Vec::with_capacity(MAX_JOBS);
@@ -61,7 +62,7 @@ pub async fn run(
             crate::batch::Batch::Last => true,
         };
         let started = std::time::Instant::now();
-        let result = store_batch(&db, &cache, &mut jobs).await;
+        let result = store_batch(&db, &cache, &tsdb, &mut jobs).await;
         metrics
             .latency
             .ingest_commit
@@ -80,9 +81,14 @@ pub async fn run(
     }
 }
 
-async fn store_batch(db: &Db, cache: &SeriesCache, jobs: &mut [Job]) -> Option<Vec<bool>> {
+async fn store_batch(
+    db: &Db,
+    cache: &SeriesCache,
+    tsdb: &crate::tsdb::Tsdb,
+    jobs: &mut [Job],
+) -> Option<Vec<bool>> {
     for attempt in 0..3u32 {
-        match try_store(db, cache, jobs).await {
+        match try_store(db, cache, tsdb, jobs).await {
             Ok(d) => return Some(d),
             Err(e) => {
                 tracing::warn!(error = %e, attempt, "storing thing data failed, retrying");
@@ -100,6 +106,7 @@ async fn store_batch(db: &Db, cache: &SeriesCache, jobs: &mut [Job]) -> Option<V
 async fn try_store(
     db: &Db,
     cache: &SeriesCache,
+    tsdb: &crate::tsdb::Tsdb,
     jobs: &mut [Job],
 ) -> Result<Vec<bool>, crate::storage::StorageError> {
     let missing: Vec<SeriesKey> = {
@@ -120,7 +127,7 @@ async fn try_store(
         c.extend(ids);
     }
     // Rows are built under the cache lock, which must not be held across an await.
-    let messages: Vec<super::store::ThingMessage> = {
+    let mut messages: Vec<super::store::ThingMessage> = {
         let c = cache.lock();
         let rows = |j: &Job| -> Result<Vec<PropertyRow>, crate::storage::StorageError> {
             j.props
@@ -130,6 +137,7 @@ async fn try_store(
                         series_id: *id,
                         ts: *ts,
                         value: value.clone(),
+                        history: true,
                     }),
                     // Cleared between the lookup and here (a device was deleted): retry.
                     None => Err(crate::storage::StorageError::Conflict(
@@ -142,17 +150,65 @@ async fn try_store(
             .map(|j| Ok((j.dedup.clone(), rows(j)?, j.events.clone(), j.raws.clone())))
             .collect::<Result<_, crate::storage::StorageError>>()?
     };
+    // Storage policies: which points go to the history (every point stays the latest value).
+    let keys = jobs.iter().flat_map(|j| j.props.iter().map(|p| &p.0));
+    let verdicts = tsdb.filter(
+        messages
+            .iter()
+            .flat_map(|m| m.1.iter())
+            .zip(keys)
+            .map(|(r, k)| {
+                (
+                    r.series_id,
+                    k.0.as_str(),
+                    k.2.as_str(),
+                    r.ts,
+                    r.value.as_str(),
+                )
+            }),
+    );
+    let mut verdicts = verdicts.into_iter();
+    // Per message: the rows that land in the history, for the sealer's index.
+    let mut landed: Vec<Vec<crate::tsdb::Landed>> = Vec::with_capacity(messages.len());
+    for m in &mut messages {
+        let mut l = Vec::new();
+        for row in &mut m.1 {
+            let v = verdicts.next().unwrap_or(crate::tsdb::Verdict::Store);
+            row.history = !matches!(v, crate::tsdb::Verdict::Skip);
+            if row.history {
+                l.push(crate::tsdb::Landed::new(row.series_id, row.ts, v));
+            }
+        }
+        landed.push(l);
+    }
+    let dups = store_messages(db, messages).await?;
+    tsdb.stored(
+        landed
+            .into_iter()
+            .zip(&dups)
+            .filter(|(_, dup)| !**dup)
+            .flat_map(|(l, _)| l),
+    );
+    Ok(dups)
+}
+
+/// Stores built rows: one transaction, with duplicate checks only when a message asks for one.
+async fn store_messages(
+    db: &Db,
+    messages: Vec<super::store::ThingMessage>,
+) -> Result<Vec<bool>, crate::storage::StorageError> {
     if messages.iter().all(|m| m.0.is_none()) {
         let mut props = Vec::new();
         let mut events = Vec::new();
         let mut raws = Vec::new();
+        let n = messages.len();
         for (_, p, e, r) in messages {
             props.extend(p);
             events.extend(e);
             raws.extend(r);
         }
         db.store_thing_data(&props, &events, &raws).await?;
-        return Ok(vec![false; jobs.len()]);
+        return Ok(vec![false; n]);
     }
     db.store_thing_messages(&messages, crate::registry::now_ms())
         .await

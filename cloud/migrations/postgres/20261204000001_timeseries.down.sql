@@ -1,0 +1,2 @@
+DROP TABLE storage_policies;
+DROP TABLE property_chunks;

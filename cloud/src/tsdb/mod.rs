@@ -1,0 +1,579 @@
+//! Time-series storage of property values, inside the configured database (no other server).
+//!
+//! New points land in `property_history`, one row each, as the thing-data writer commits them
+//! (acknowledged means committed there). The sealer moves each series' rows into compressed
+//! chunks (`property_chunks`, [`codec`]) once the series has `chunk_points` of them or its
+//! oldest has waited `seal_after`. What survives a kill -9, and why:
+//! - sealing is one transaction per batch of series that *deletes* the rows (`DELETE ...
+//!   RETURNING`) and inserts the chunks made of exactly the rows it deleted: a crash before the
+//!   commit leaves the rows, after it the chunks; a row committed meanwhile by the writer is not
+//!   among those deleted and stays for the next seal (no loss, no duplicate);
+//! - the reaper drops whole chunks whose newest point is older than the retention, and rows
+//!   older than it, one statement each; queries hide points older than the retention at once;
+//! - the policy filter and the sealer's index of hot series live in memory and decide only
+//!   *which* points are stored and *when* they are sealed, never whether a committed row stays.
+//!
+//! Queries read both tables and merge them, so a point is found wherever it is.
+
+pub mod codec;
+pub mod policy;
+pub mod query;
+
+use crate::metrics::Metrics;
+use crate::storage::{Db, StorageError};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::Row;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// `[timeseries]`: chunking and retention.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TimeseriesConfig {
+    /// Points per chunk: a series is sealed once it has this many unsealed points.
+    pub chunk_points: usize,
+    /// A series' unsealed points are sealed at the latest this long after the first arrived.
+    #[serde(with = "humantime_serde")]
+    pub seal_after: Duration,
+    /// How often the sealer looks for series to seal.
+    #[serde(with = "humantime_serde")]
+    pub seal_every: Duration,
+    /// How often the reaper drops points past their retention.
+    #[serde(with = "humantime_serde")]
+    pub reap_every: Duration,
+    /// Retention of properties without a policy that says otherwise (`"90d"`); absent: forever.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Option<Duration>,
+}
+
+impl Default for TimeseriesConfig {
+    fn default() -> Self {
+        Self {
+            chunk_points: 4096,
+            seal_after: Duration::from_secs(3600),
+            seal_every: Duration::from_secs(5),
+            reap_every: Duration::from_secs(60),
+            ttl: None,
+        }
+    }
+}
+
+/// Unsealed points of one series as the sealer knows them.
+#[derive(Debug, Clone, Copy)]
+struct Hot {
+    points: usize,
+    since: Instant,
+}
+
+/// Points moved into chunks per transaction at most: the write lock is held while they are
+/// encoded, so this bounds how long ingest waits behind a seal.
+const SEAL_BATCH_POINTS: usize = 32_768;
+
+/// The time-series store: policies, the sealer's index, queries.
+#[derive(Debug)]
+pub struct Tsdb {
+    pub(crate) db: Db,
+    config: TimeseriesConfig,
+    /// Storage policies and retention.
+    pub policies: policy::Policies,
+    hot: Mutex<HashMap<i64, Hot>>,
+    /// Last stored point of series under on-change or interval policies.
+    kept: Mutex<HashMap<i64, policy::Kept>>,
+    metrics: Arc<Metrics>,
+}
+
+/// What one seal pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Sealed {
+    /// Series sealed.
+    pub series: usize,
+    /// Chunks written.
+    pub chunks: usize,
+    /// Points moved from rows into chunks.
+    pub points: usize,
+}
+
+/// What the storage policy does with one point.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Stored.
+    Store,
+    /// Stored, and remembered as its series' last stored point (on-change, interval).
+    Remember(Value),
+    /// Only the latest value is updated.
+    Skip,
+}
+
+/// A row committed to the history.
+#[derive(Debug)]
+pub struct Landed {
+    series: i64,
+    kept: Option<policy::Kept>,
+}
+
+impl Landed {
+    /// A row of `series` at `ts` with the policy's verdict.
+    pub fn new(series: i64, ts: i64, verdict: Verdict) -> Self {
+        Self {
+            series,
+            kept: match verdict {
+                Verdict::Remember(value) => Some(policy::Kept { ts, value }),
+                _ => None,
+            },
+        }
+    }
+}
+
+/// Series whose last-kept entries are remembered at most (then the memory starts over, and
+/// the next point of each is stored).
+const KEPT_MAX: usize = 1_000_000;
+
+impl Tsdb {
+    /// Loads the policies and the index of unsealed rows.
+    pub async fn open(
+        db: Db,
+        config: TimeseriesConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, StorageError> {
+        let t = Arc::new(Self {
+            policies: policy::Policies::new(config.ttl),
+            db,
+            config,
+            hot: Mutex::default(),
+            kept: Mutex::default(),
+            metrics,
+        });
+        t.policies.replace(t.db.storage_policies().await?);
+        let now = Instant::now();
+        let counts = t.db.hot_counts().await?;
+        let mut hot = t.hot();
+        for (sid, n) in counts {
+            hot.insert(
+                sid,
+                Hot {
+                    points: n,
+                    since: now,
+                },
+            );
+        }
+        drop(hot);
+        Ok(t)
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &TimeseriesConfig {
+        &self.config
+    }
+
+    fn hot(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Hot>> {
+        self.hot.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn kept(&self) -> std::sync::MutexGuard<'_, HashMap<i64, policy::Kept>> {
+        self.kept.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What the policies do with each of these points (series id, product, property, ts,
+    /// value). Pass the stored ones to [`Tsdb::stored`] once committed.
+    pub fn filter<'a>(
+        &self,
+        points: impl Iterator<Item = (i64, &'a str, &'a str, i64, &'a str)>,
+    ) -> Vec<Verdict> {
+        let kept = self.kept();
+        // Points of one series in one batch see the ones kept before them in the batch.
+        let mut batch: HashMap<i64, policy::Kept> = HashMap::new();
+        points
+            .map(|(sid, pk, id, ts, text)| {
+                let mode = self.policies.mode(pk, id);
+                if !mode.remembers() {
+                    return match mode {
+                        policy::Mode::None => Verdict::Skip,
+                        _ => Verdict::Store,
+                    };
+                }
+                let value: Value =
+                    serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_owned()));
+                let last = batch.get(&sid).or_else(|| kept.get(&sid));
+                if !mode.keeps(last, ts, &value) {
+                    return Verdict::Skip;
+                }
+                batch.insert(
+                    sid,
+                    policy::Kept {
+                        ts,
+                        value: value.clone(),
+                    },
+                );
+                Verdict::Remember(value)
+            })
+            .collect()
+    }
+
+    /// Records committed rows: the sealer's index, and the last stored point of series under
+    /// on-change and interval policies.
+    pub fn stored(&self, rows: impl Iterator<Item = Landed>) {
+        let now = Instant::now();
+        let mut remembered = Vec::new();
+        {
+            let mut hot = self.hot();
+            for l in rows {
+                hot.entry(l.series)
+                    .or_insert(Hot {
+                        points: 0,
+                        since: now,
+                    })
+                    .points += 1;
+                if let Some(k) = l.kept {
+                    remembered.push((l.series, k));
+                }
+            }
+        }
+        if !remembered.is_empty() {
+            let mut kept = self.kept();
+            if kept.len() + remembered.len() > KEPT_MAX {
+                kept.clear();
+            }
+            kept.extend(remembered);
+        }
+    }
+
+    /// Forgets what is remembered of series (their device or product was deleted).
+    pub fn forget(&self, series: &[i64]) {
+        let mut hot = self.hot();
+        let mut kept = self.kept();
+        for s in series {
+            hot.remove(s);
+            kept.remove(s);
+        }
+    }
+
+    /// Seals the series that are due (`all`: every series with unsealed rows).
+    pub async fn seal(&self, all: bool) -> Result<Sealed, StorageError> {
+        let due: Vec<(i64, usize)> = {
+            let hot = self.hot();
+            let mut v: Vec<(i64, usize)> = hot
+                .iter()
+                .filter(|(_, h)| {
+                    all || h.points >= self.config.chunk_points
+                        || h.since.elapsed() >= self.config.seal_after
+                })
+                .map(|(s, h)| (*s, h.points))
+                .collect();
+            // The fullest first: they free the most rows.
+            v.sort_unstable_by_key(|e| std::cmp::Reverse(e.1));
+            v
+        };
+        let mut total = Sealed::default();
+        let mut batch = Vec::new();
+        let mut points = 0;
+        for (i, (sid, n)) in due.iter().enumerate() {
+            batch.push(*sid);
+            points += n;
+            if points >= SEAL_BATCH_POINTS || i + 1 == due.len() {
+                let started = Instant::now();
+                let done = self.seal_series(&batch).await?;
+                self.metrics
+                    .latency
+                    .seal
+                    .record(started.elapsed().as_secs_f64());
+                Metrics::add(&self.metrics.points_sealed, done.points as u64);
+                Metrics::add(&self.metrics.chunks_written, done.chunks as u64);
+                total.series += done.series;
+                total.chunks += done.chunks;
+                total.points += done.points;
+                batch.clear();
+                points = 0;
+            }
+        }
+        Ok(total)
+    }
+
+    /// Moves every row of these series into chunks, in one transaction.
+    async fn seal_series(&self, series: &[i64]) -> Result<Sealed, StorageError> {
+        let mut tx = self.db.write_tx().await?;
+        let mut done = Sealed::default();
+        let mut moved = Vec::with_capacity(series.len());
+        for sid in series {
+            let rows = sqlx::query(
+                "DELETE FROM property_history WHERE series_id = $1 RETURNING ts, value",
+            )
+            .bind(sid)
+            .fetch_all(&mut *tx)
+            .await?;
+            let mut points: Vec<(i64, Value)> = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let text: String = r.try_get(1)?;
+                let value =
+                    serde_json::from_str(&text).unwrap_or_else(|_| Value::String(text.clone()));
+                points.push((r.try_get(0)?, value));
+            }
+            moved.push((*sid, points.len()));
+            if points.is_empty() {
+                continue;
+            }
+            query::order(&mut points);
+            for part in points.chunks(self.config.chunk_points.clamp(1, codec::MAX_POINTS)) {
+                let (data, s) = codec::encode(part)
+                    .map_err(|e| StorageError::Conflict(format!("series {sid}: {e}")))?;
+                sqlx::query("INSERT INTO property_chunks (series_id, start_ts, end_ts, n, vmin, vmax, vsum, vfirst, vlast, data) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
+                    .bind(sid)
+                    .bind(s.start)
+                    .bind(s.end)
+                    .bind(s.count as i64)
+                    .bind(s.min)
+                    .bind(s.max)
+                    .bind(s.sum)
+                    .bind(s.first)
+                    .bind(s.last)
+                    .bind(data)
+                    .execute(&mut *tx)
+                    .await?;
+                done.chunks += 1;
+            }
+            done.series += 1;
+            done.points += points.len();
+        }
+        tx.commit().await?;
+        let mut hot = self.hot();
+        for (sid, n) in moved {
+            if let Some(h) = hot.get_mut(&sid) {
+                // Rows committed by the writer during the seal stay counted.
+                h.points = h.points.saturating_sub(n);
+                if h.points == 0 {
+                    hot.remove(&sid);
+                } else {
+                    h.since = Instant::now();
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// Drops chunks and rows past their retention; returns (chunks, rows) dropped.
+    pub async fn reap(&self, now: i64) -> Result<(u64, u64), StorageError> {
+        let policies = self.policies.list(None);
+        let mut dropped = (0, 0);
+        // Properties with a policy of their own.
+        let mut own: HashMap<&str, Vec<&str>> = HashMap::new();
+        for p in policies.iter().filter(|p| p.identifier != "*") {
+            own.entry(p.product_key.as_str())
+                .or_default()
+                .push(p.identifier.as_str());
+            let ttl = self.policies.ttl(&p.product_key, &p.identifier);
+            if ttl > 0 {
+                let d = self
+                    .db
+                    .reap_series(
+                        &p.product_key,
+                        Some(&p.identifier),
+                        &[],
+                        now.saturating_sub(ttl),
+                    )
+                    .await?;
+                dropped = (dropped.0 + d.0, dropped.1 + d.1);
+            }
+        }
+        // Every other property, by its product's retention or the server's.
+        for pk in self.db.series_products().await? {
+            let ttl = self.policies.ttl(&pk, "*");
+            if ttl > 0 {
+                let except = own.get(pk.as_str()).cloned().unwrap_or_default();
+                let d = self
+                    .db
+                    .reap_series(&pk, None, &except, now.saturating_sub(ttl))
+                    .await?;
+                dropped = (dropped.0 + d.0, dropped.1 + d.1);
+            }
+        }
+        Metrics::add(&self.metrics.chunks_reaped, dropped.0);
+        Ok(dropped)
+    }
+
+    /// Sets a policy (validated by the caller) and stores it.
+    pub async fn put_policy(&self, p: policy::Policy) -> Result<(), StorageError> {
+        self.db.put_storage_policy(&p).await?;
+        self.policies.put(p);
+        Ok(())
+    }
+
+    /// Whether some device of the product reported this property.
+    pub async fn product_has_series(&self, pk: &str, id: &str) -> Result<bool, StorageError> {
+        Ok(sqlx::query(
+            "SELECT 1 FROM property_series WHERE product_key = $1 AND identifier = $2 LIMIT 1",
+        )
+        .bind(pk)
+        .bind(id)
+        .fetch_optional(&self.db.pool)
+        .await?
+        .is_some())
+    }
+
+    /// Removes a policy; false when there was none.
+    pub async fn delete_policy(&self, pk: &str, identifier: &str) -> Result<bool, StorageError> {
+        let found = self.db.delete_storage_policy(pk, identifier).await?;
+        self.policies.remove(pk, identifier);
+        Ok(found)
+    }
+}
+
+/// The sealer and the reaper, until `stop`.
+pub async fn run(tsdb: Arc<Tsdb>, mut stop: watch::Receiver<bool>) {
+    let mut seal = tokio::time::interval(tsdb.config.seal_every.max(Duration::from_millis(10)));
+    let mut reap = tokio::time::interval(tsdb.config.reap_every.max(Duration::from_millis(10)));
+    seal.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = seal.tick() => {
+                if let Err(e) = tsdb.seal(false).await {
+                    tracing::warn!(error = %e, "sealing time series failed; the rows stay and are sealed later");
+                }
+            }
+            _ = reap.tick() => {
+                match tsdb.reap(crate::registry::now_ms()).await {
+                    Ok((0, 0)) => {}
+                    Ok((chunks, rows)) => tracing::info!(chunks, rows, "dropped time series past their retention"),
+                    Err(e) => tracing::warn!(error = %e, "dropping expired time series failed; retried later"),
+                }
+            }
+        }
+    }
+}
+
+impl Db {
+    /// Every storage policy.
+    pub async fn storage_policies(&self) -> Result<Vec<policy::Policy>, StorageError> {
+        let rows = sqlx::query(
+            "SELECT product_key, identifier, mode, deadband, interval_ms, ttl_ms, updated_at FROM storage_policies",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let mode: String = r.try_get(2)?;
+                let mode = match mode.as_str() {
+                    "on_change" => policy::Mode::OnChange {
+                        deadband: r.try_get(3)?,
+                    },
+                    "interval" => policy::Mode::Interval {
+                        interval_ms: r.try_get(4)?,
+                    },
+                    "none" => policy::Mode::None,
+                    _ => policy::Mode::All,
+                };
+                Ok(policy::Policy {
+                    product_key: r.try_get(0)?,
+                    identifier: r.try_get(1)?,
+                    mode,
+                    ttl_ms: r.try_get(5)?,
+                    updated_at: r.try_get(6)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn put_storage_policy(&self, p: &policy::Policy) -> Result<(), StorageError> {
+        let (mode, deadband, interval) = match p.mode {
+            policy::Mode::All => ("all", 0.0, 0),
+            policy::Mode::OnChange { deadband } => ("on_change", deadband, 0),
+            policy::Mode::Interval { interval_ms } => ("interval", 0.0, interval_ms),
+            policy::Mode::None => ("none", 0.0, 0),
+        };
+        sqlx::query("INSERT INTO storage_policies (product_key, identifier, mode, deadband, interval_ms, ttl_ms, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (product_key, identifier) DO UPDATE SET mode = excluded.mode, deadband = excluded.deadband, interval_ms = excluded.interval_ms, ttl_ms = excluded.ttl_ms, updated_at = excluded.updated_at")
+            .bind(&p.product_key)
+            .bind(&p.identifier)
+            .bind(mode)
+            .bind(deadband)
+            .bind(interval)
+            .bind(p.ttl_ms)
+            .bind(p.updated_at)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn delete_storage_policy(&self, pk: &str, id: &str) -> Result<bool, StorageError> {
+        Ok(
+            sqlx::query("DELETE FROM storage_policies WHERE product_key = $1 AND identifier = $2")
+                .bind(pk)
+                .bind(id)
+                .execute(&self.pool)
+                .await?
+                .rows_affected()
+                > 0,
+        )
+    }
+
+    /// Unsealed rows per series.
+    async fn hot_counts(&self) -> Result<Vec<(i64, usize)>, StorageError> {
+        let rows =
+            sqlx::query("SELECT series_id, COUNT(*) FROM property_history GROUP BY series_id")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get(0)?,
+                    usize::try_from(r.try_get::<i64, _>(1)?).unwrap_or(0),
+                ))
+            })
+            .collect()
+    }
+
+    /// Products that have series.
+    async fn series_products(&self) -> Result<Vec<String>, StorageError> {
+        let rows = sqlx::query("SELECT DISTINCT product_key FROM property_series")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+    }
+
+    /// Drops a product's chunks whose newest point is before `cutoff`, and its rows before it:
+    /// of one property, or of every property but `except`.
+    async fn reap_series(
+        &self,
+        pk: &str,
+        identifier: Option<&str>,
+        except: &[&str],
+        cutoff: i64,
+    ) -> Result<(u64, u64), StorageError> {
+        let mut which = String::from("SELECT id FROM property_series WHERE product_key = $1");
+        match identifier {
+            Some(_) => which.push_str(" AND identifier = $3"),
+            None if !except.is_empty() => {
+                let list: Vec<String> = (0..except.len()).map(|i| format!("${}", i + 3)).collect();
+                which.push_str(&format!(" AND identifier NOT IN ({})", list.join(", ")));
+            }
+            None => {}
+        }
+        let mut dropped = (0, 0);
+        for (n, sql) in [
+            format!("DELETE FROM property_chunks WHERE end_ts < $2 AND series_id IN ({which})"),
+            format!("DELETE FROM property_history WHERE ts < $2 AND series_id IN ({which})"),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let mut q = sqlx::query(sql).bind(pk).bind(cutoff);
+            match identifier {
+                Some(id) => q = q.bind(id),
+                None => {
+                    for e in except {
+                        q = q.bind(*e);
+                    }
+                }
+            }
+            let rows = q.execute(&self.pool).await?.rows_affected();
+            if n == 0 {
+                dropped.0 = rows;
+            } else {
+                dropped.1 = rows;
+            }
+        }
+        Ok(dropped)
+    }
+}

@@ -1,0 +1,474 @@
+//! Queries over rows and chunks together: raw ranges in pages, the value at a time, and
+//! aggregates per interval. A damaged chunk is reported with its series and skipped; the rest
+//! of the answer stands.
+
+use super::codec::{self, numeric};
+use super::Tsdb;
+use crate::metrics::Metrics;
+use crate::storage::StorageError;
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::Row;
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+
+/// Buckets one aggregate query may produce at most.
+pub const MAX_BUCKETS: i64 = 100_000;
+
+/// A chunk that could not be decoded.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
+pub struct Damaged {
+    /// Series id.
+    pub series: i64,
+    /// Chunk id.
+    pub chunk: i64,
+    /// Its time span, ms.
+    pub start: i64,
+    /// End of its time span, ms.
+    pub end: i64,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// Where a page starts: the time of its first point and how many points at that time the
+/// earlier pages returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    /// Time, ms.
+    pub ts: i64,
+    /// Points at `ts` to skip.
+    pub skip: usize,
+}
+
+impl Cursor {
+    /// Parses `ts:skip`.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (ts, skip) = s.split_once(':')?;
+        Some(Self {
+            ts: ts.parse().ok()?,
+            skip: skip.parse().ok()?,
+        })
+    }
+}
+
+impl std::fmt::Display for Cursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.ts, self.skip)
+    }
+}
+
+/// A page of points.
+#[derive(Debug, Default)]
+pub struct Page {
+    /// Points, ordered as asked.
+    pub points: Vec<(i64, Value)>,
+    /// Where the next page starts, when there may be one.
+    pub next: Option<Cursor>,
+    /// Chunks skipped because they could not be decoded.
+    pub damaged: Vec<Damaged>,
+}
+
+/// Aggregates of one interval. Figures other than `count` cover numeric (and boolean) values.
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
+pub struct Bucket {
+    /// Start of the interval, ms (a multiple of the interval since the epoch).
+    pub time: i64,
+    /// Points.
+    pub count: u64,
+    /// Mean.
+    pub avg: Option<f64>,
+    /// Smallest value.
+    pub min: Option<f64>,
+    /// Largest value.
+    pub max: Option<f64>,
+    /// Sum.
+    pub sum: Option<f64>,
+    /// Value of the earliest point.
+    pub first: Option<f64>,
+    /// Value of the latest point.
+    pub last: Option<f64>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Acc {
+    count: u64,
+    numbers: u64,
+    sum: f64,
+    min: f64,
+    max: f64,
+    first: Option<(i64, f64)>,
+    last: Option<(i64, f64)>,
+}
+
+impl Acc {
+    fn add_count(&mut self, n: u64) {
+        self.count += n;
+    }
+
+    fn add(&mut self, ts: i64, v: f64) {
+        self.count += 1;
+        self.merge_numbers(1, v, v, v, (ts, v), (ts, v));
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn merge_numbers(
+        &mut self,
+        n: u64,
+        sum: f64,
+        min: f64,
+        max: f64,
+        first: (i64, f64),
+        last: (i64, f64),
+    ) {
+        if self.numbers == 0 {
+            self.min = min;
+            self.max = max;
+        } else {
+            self.min = self.min.min(min);
+            self.max = self.max.max(max);
+        }
+        self.numbers += n;
+        self.sum += sum;
+        if self.first.is_none_or(|f| first.0 < f.0) {
+            self.first = Some(first);
+        }
+        if self.last.is_none_or(|l| last.0 >= l.0) {
+            self.last = Some(last);
+        }
+    }
+
+    fn bucket(&self, time: i64) -> Bucket {
+        let has = self.numbers > 0;
+        Bucket {
+            time,
+            count: self.count,
+            avg: has.then(|| self.sum / self.numbers as f64),
+            min: has.then_some(self.min),
+            max: has.then_some(self.max),
+            sum: has.then_some(self.sum),
+            first: self.first.map(|f| f.1),
+            last: self.last.map(|l| l.1),
+        }
+    }
+}
+
+/// Sorts points by time; points at the same time by their JSON text, so that every reader sees
+/// them in one order wherever they are stored (pages depend on it).
+pub fn order(points: &mut [(i64, Value)]) {
+    points.sort_by(|a, b| {
+        a.0.cmp(&b.0)
+            .then_with(|| a.1.to_string().cmp(&b.1.to_string()))
+    });
+}
+
+fn cmp_points(a: &(i64, Value), b: &(i64, Value), ascending: bool) -> Ordering {
+    let o =
+        a.0.cmp(&b.0)
+            .then_with(|| a.1.to_string().cmp(&b.1.to_string()));
+    if ascending {
+        o
+    } else {
+        o.reverse()
+    }
+}
+
+struct ChunkMeta {
+    id: i64,
+    start: i64,
+    end: i64,
+    n: i64,
+    stats: Option<(f64, f64, f64, f64, f64)>,
+}
+
+impl Tsdb {
+    /// The id of a series, `None` when it never had a value.
+    pub async fn series_id(
+        &self,
+        pk: &str,
+        dn: &str,
+        identifier: &str,
+    ) -> Result<Option<i64>, StorageError> {
+        let row = sqlx::query("SELECT id FROM property_series WHERE product_key = $1 AND device_name = $2 AND identifier = $3")
+            .bind(pk)
+            .bind(dn)
+            .bind(identifier)
+            .fetch_optional(&self.db.pool)
+            .await?;
+        Ok(match row {
+            Some(r) => Some(r.try_get(0)?),
+            None => None,
+        })
+    }
+
+    /// The earliest time a query may show for this property (retention), ms.
+    fn floor(&self, pk: &str, identifier: &str, now: i64) -> i64 {
+        match self.policies.ttl(pk, identifier) {
+            0 => i64::MIN,
+            ttl => now.saturating_sub(ttl),
+        }
+    }
+
+    async fn metas(
+        &self,
+        series: i64,
+        from: i64,
+        to: i64,
+        ascending: bool,
+    ) -> Result<Vec<ChunkMeta>, StorageError> {
+        let order = if ascending {
+            "start_ts ASC"
+        } else {
+            "end_ts DESC"
+        };
+        let rows = sqlx::query(&format!("SELECT id, start_ts, end_ts, n, vmin, vmax, vsum, vfirst, vlast FROM property_chunks WHERE series_id = $1 AND end_ts >= $2 AND start_ts <= $3 ORDER BY {order}"))
+            .bind(series)
+            .bind(from)
+            .bind(to)
+            .fetch_all(&self.db.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let stats = match (
+                    r.try_get::<Option<f64>, _>(4)?,
+                    r.try_get::<Option<f64>, _>(5)?,
+                    r.try_get::<Option<f64>, _>(6)?,
+                    r.try_get::<Option<f64>, _>(7)?,
+                    r.try_get::<Option<f64>, _>(8)?,
+                ) {
+                    (Some(a), Some(b), Some(c), Some(d), Some(e)) => Some((a, b, c, d, e)),
+                    _ => None,
+                };
+                Ok(ChunkMeta {
+                    id: r.try_get(0)?,
+                    start: r.try_get(1)?,
+                    end: r.try_get(2)?,
+                    n: r.try_get(3)?,
+                    stats,
+                })
+            })
+            .collect()
+    }
+
+    async fn chunk_data(&self, id: i64) -> Result<Vec<u8>, StorageError> {
+        let row = sqlx::query("SELECT data FROM property_chunks WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.db.pool)
+            .await?;
+        // Reaped since its metadata was read: nothing left to show.
+        Ok(match row {
+            Some(r) => r.try_get(0)?,
+            None => Vec::new(),
+        })
+    }
+
+    fn damaged(&self, series: i64, m: &ChunkMeta, e: &codec::CodecError) -> Damaged {
+        tracing::error!(series, chunk = m.id, start = m.start, end = m.end, error = %e, "a time-series chunk could not be decoded; skipped");
+        Metrics::inc(&self.metrics.chunks_damaged);
+        Damaged {
+            series,
+            chunk: m.id,
+            start: m.start,
+            end: m.end,
+            reason: e.to_string(),
+        }
+    }
+
+    /// Points of one property in `[from, to]`, at most `limit`, from `cursor` on.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn range(
+        &self,
+        pk: &str,
+        dn: &str,
+        identifier: &str,
+        from: i64,
+        to: i64,
+        limit: usize,
+        ascending: bool,
+        cursor: Option<Cursor>,
+    ) -> Result<Page, StorageError> {
+        let Some(series) = self.series_id(pk, dn, identifier).await? else {
+            return Ok(Page::default());
+        };
+        let floor = self.floor(pk, identifier, crate::registry::now_ms());
+        let (mut from, mut to) = (from.max(floor), to);
+        let skip = cursor.map_or(0, |c| c.skip);
+        if let Some(c) = cursor {
+            if ascending {
+                from = from.max(c.ts);
+            } else {
+                to = to.min(c.ts);
+            }
+        }
+        if from > to || limit == 0 {
+            return Ok(Page::default());
+        }
+        let want = limit.saturating_add(skip);
+        let order = if ascending { "ASC" } else { "DESC" };
+        let rows = sqlx::query(&format!("SELECT ts, value FROM property_history WHERE series_id = $1 AND ts >= $2 AND ts <= $3 ORDER BY ts {order} LIMIT $4"))
+            .bind(series)
+            .bind(from)
+            .bind(to)
+            .bind(i64::try_from(want).unwrap_or(i64::MAX))
+            .fetch_all(&self.db.pool)
+            .await?;
+        let mut points: Vec<(i64, Value)> = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let text: String = r.try_get(1)?;
+            points.push((r.try_get(0)?, parse(text)));
+        }
+        points.sort_by(|a, b| cmp_points(a, b, ascending));
+        let mut page = Page::default();
+        for m in self.metas(series, from, to, ascending).await? {
+            if let Some(edge) = points.get(want.saturating_sub(1)) {
+                let beyond = if ascending {
+                    m.start > edge.0
+                } else {
+                    m.end < edge.0
+                };
+                if points.len() >= want && beyond {
+                    break;
+                }
+            }
+            match codec::decode(&self.chunk_data(m.id).await?) {
+                Ok(decoded) => {
+                    points.extend(decoded.into_iter().filter(|p| p.0 >= from && p.0 <= to))
+                }
+                Err(e) if m.n > 0 => page.damaged.push(self.damaged(series, &m, &e)),
+                Err(_) => {}
+            }
+            points.sort_by(|a, b| cmp_points(a, b, ascending));
+            points.truncate(want);
+        }
+        // The points at the cursor's time that earlier pages returned.
+        let mut skipped = 0;
+        let start_ts = cursor.map(|c| c.ts);
+        points.retain(|p| {
+            if Some(p.0) == start_ts && skipped < skip {
+                skipped += 1;
+                false
+            } else {
+                true
+            }
+        });
+        points.truncate(limit);
+        if rows_full(&points, limit) {
+            if let Some(last) = points.last() {
+                let at_last = points.iter().filter(|p| p.0 == last.0).count();
+                let before = if Some(last.0) == start_ts { skip } else { 0 };
+                page.next = Some(Cursor {
+                    ts: last.0,
+                    skip: at_last + before,
+                });
+            }
+        }
+        page.points = points;
+        Ok(page)
+    }
+
+    /// The newest point at or before `at`.
+    pub async fn value_at(
+        &self,
+        pk: &str,
+        dn: &str,
+        identifier: &str,
+        at: i64,
+    ) -> Result<(Option<(i64, Value)>, Vec<Damaged>), StorageError> {
+        let page = self
+            .range(pk, dn, identifier, i64::MIN, at, 1, false, None)
+            .await?;
+        Ok((page.points.into_iter().next(), page.damaged))
+    }
+
+    /// Aggregates of one property per `interval` ms over `[from, to]`; buckets without points
+    /// are left out. Whole chunks inside one bucket are summarised from their statistics.
+    pub async fn aggregate(
+        &self,
+        pk: &str,
+        dn: &str,
+        identifier: &str,
+        from: i64,
+        to: i64,
+        interval: i64,
+    ) -> Result<(Vec<Bucket>, Vec<Damaged>), StorageError> {
+        let Some(series) = self.series_id(pk, dn, identifier).await? else {
+            return Ok((Vec::new(), Vec::new()));
+        };
+        let from = from.max(self.floor(pk, identifier, crate::registry::now_ms()));
+        if from > to {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let bucket_of = |ts: i64| ts.div_euclid(interval) * interval;
+        let mut acc: BTreeMap<i64, Acc> = BTreeMap::new();
+        let mut damaged = Vec::new();
+        for m in self.metas(series, from, to, true).await? {
+            if let Some((min, max, sum, first, last)) = m.stats {
+                if m.start >= from && m.end <= to && bucket_of(m.start) == bucket_of(m.end) {
+                    let a = acc.entry(bucket_of(m.start)).or_default();
+                    let n = u64::try_from(m.n).unwrap_or(0);
+                    a.add_count(n);
+                    a.merge_numbers(n, sum, min, max, (m.start, first), (m.end, last));
+                    continue;
+                }
+            }
+            let data = self.chunk_data(m.id).await?;
+            if data.is_empty() {
+                continue;
+            }
+            match codec::decode_numbers(&data) {
+                Ok(Some((ts, vals))) => {
+                    for (t, v) in ts.into_iter().zip(vals) {
+                        if t >= from && t <= to {
+                            acc.entry(bucket_of(t)).or_default().add(t, v);
+                        }
+                    }
+                }
+                Ok(None) => match codec::decode(&data) {
+                    Ok(points) => {
+                        for (t, v) in points.iter().filter(|p| p.0 >= from && p.0 <= to) {
+                            fold(acc.entry(bucket_of(*t)).or_default(), *t, v);
+                        }
+                    }
+                    Err(e) => damaged.push(self.damaged(series, &m, &e)),
+                },
+                Err(e) => damaged.push(self.damaged(series, &m, &e)),
+            }
+        }
+        let rows = sqlx::query(
+            "SELECT ts, value FROM property_history WHERE series_id = $1 AND ts >= $2 AND ts <= $3",
+        )
+        .bind(series)
+        .bind(from)
+        .bind(to)
+        .fetch_all(&self.db.pool)
+        .await?;
+        for r in &rows {
+            let ts: i64 = r.try_get(0)?;
+            let text: String = r.try_get(1)?;
+            fold(acc.entry(bucket_of(ts)).or_default(), ts, &parse(text));
+        }
+        Ok((acc.iter().map(|(t, a)| a.bucket(*t)).collect(), damaged))
+    }
+}
+
+fn rows_full(points: &[(i64, Value)], limit: usize) -> bool {
+    points.len() >= limit
+}
+
+fn fold(a: &mut Acc, ts: i64, v: &Value) {
+    match numeric(v) {
+        Some(x) => a.add(ts, x),
+        None => a.add_count(1),
+    }
+}
+
+fn parse(text: String) -> Value {
+    serde_json::from_str(&text).unwrap_or(Value::String(text))
+}
+
+/// How many buckets `[from, to]` makes at `interval`.
+pub fn buckets(from: i64, to: i64, interval: i64) -> i64 {
+    if interval <= 0 || to < from {
+        return 0;
+    }
+    to.div_euclid(interval) - from.div_euclid(interval) + 1
+}
