@@ -424,14 +424,17 @@ async fn list_policies(
     })))
 }
 
-/// A policy to set.
+/// A policy to set: `{"mode": "all"}`, `{"mode": "on_change", "deadband": 0.5}`,
+/// `{"mode": "interval", "interval_ms": 60000}` or `{"mode": "none"}`, with an optional `ttl`.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PolicyBody {
-    /// What is stored: `{"mode": "all"}`, `{"mode": "on_change", "deadband": 0.5}`,
-    /// `{"mode": "interval", "interval_ms": 60000}`, `{"mode": "none"}`.
-    #[serde(flatten)]
-    mode: Mode,
+    /// `all`, `on_change`, `interval` or `none`.
+    mode: String,
+    /// on_change: smallest change of a number that is stored (default 0: any change).
+    deadband: Option<f64>,
+    /// interval: ms between stored points (or a duration such as `"1m"`).
+    interval_ms: Option<Value>,
     /// Retention: ms or a duration (`"30d"`); `0` keeps forever; absent inherits (the
     /// product's `*` policy, then the server's `[timeseries] ttl`).
     ttl: Option<Value>,
@@ -454,8 +457,52 @@ async fn put_policy(
     ApiJson(body): ApiJson<PolicyBody>,
 ) -> ApiResult<impl IntoResponse> {
     require_product(&s, &pk).await?;
-    body.mode
-        .validate()
+    let only = |field: &str, set: bool, mode: &str| -> ApiResult<()> {
+        if set {
+            return Err(ApiError::invalid(format!(
+                "`{field}` does not apply to mode `{mode}`"
+            )));
+        }
+        Ok(())
+    };
+    let mode = match body.mode.as_str() {
+        "all" | "none" => {
+            only("deadband", body.deadband.is_some(), &body.mode)?;
+            only("interval_ms", body.interval_ms.is_some(), &body.mode)?;
+            if body.mode == "all" {
+                Mode::All
+            } else {
+                Mode::None
+            }
+        }
+        "on_change" => {
+            only("interval_ms", body.interval_ms.is_some(), "on_change")?;
+            Mode::OnChange {
+                deadband: body.deadband.unwrap_or(0.0),
+            }
+        }
+        "interval" => {
+            only("deadband", body.deadband.is_some(), "interval")?;
+            let interval_ms = match &body.interval_ms {
+                Some(Value::Number(n)) => n.as_i64().ok_or_else(|| {
+                    ApiError::invalid(format!("interval_ms {n} must be whole milliseconds"))
+                })?,
+                Some(Value::String(t)) => millis("interval_ms", t)?,
+                _ => {
+                    return Err(ApiError::invalid(
+                        "mode `interval` needs interval_ms (ms, or a duration like \"1m\")",
+                    ))
+                }
+            };
+            Mode::Interval { interval_ms }
+        }
+        other => {
+            return Err(ApiError::invalid(format!(
+                "mode `{other}`: use all, on_change, interval or none"
+            )))
+        }
+    };
+    mode.validate()
         .map_err(|m| ApiError::invalid(format!("storage policy of `{pk}/{id}`: {m}")))?;
     if id != "*" {
         known_property(&s, &pk, &id).await?;
@@ -480,7 +527,7 @@ async fn put_policy(
     let p = Policy {
         product_key: pk,
         identifier: id,
-        mode: body.mode,
+        mode,
         ttl_ms,
         updated_at: now_ms(),
     };

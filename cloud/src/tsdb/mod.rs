@@ -318,19 +318,36 @@ impl Tsdb {
             for part in points.chunks(self.config.chunk_points.clamp(1, codec::MAX_POINTS)) {
                 let (data, s) = codec::encode(part)
                     .map_err(|e| StorageError::Conflict(format!("series {sid}: {e}")))?;
-                sqlx::query("INSERT INTO property_chunks (series_id, start_ts, end_ts, n, vmin, vmax, vsum, vfirst, vlast, data) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
-                    .bind(sid)
-                    .bind(s.start)
-                    .bind(s.end)
-                    .bind(s.count as i64)
-                    .bind(s.min)
-                    .bind(s.max)
-                    .bind(s.sum)
-                    .bind(s.first)
-                    .bind(s.last)
-                    .bind(data)
-                    .execute(&mut *tx)
-                    .await?;
+                // Two statements rather than NULL floats: sqlx's Any driver sends a NULL
+                // double to PostgreSQL as a float4, and the cached statement then refuses
+                // the float8 of the next numeric chunk.
+                match (s.min, s.max, s.sum, s.first, s.last) {
+                    (Some(min), Some(max), Some(sum), Some(first), Some(last)) => {
+                        sqlx::query("INSERT INTO property_chunks (series_id, start_ts, end_ts, n, vmin, vmax, vsum, vfirst, vlast, data) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
+                            .bind(sid)
+                            .bind(s.start)
+                            .bind(s.end)
+                            .bind(s.count as i64)
+                            .bind(min)
+                            .bind(max)
+                            .bind(sum)
+                            .bind(first)
+                            .bind(last)
+                            .bind(data)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    _ => {
+                        sqlx::query("INSERT INTO property_chunks (series_id, start_ts, end_ts, n, data) VALUES ($1, $2, $3, $4, $5)")
+                            .bind(sid)
+                            .bind(s.start)
+                            .bind(s.end)
+                            .bind(s.count as i64)
+                            .bind(data)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                }
                 done.chunks += 1;
             }
             done.series += 1;

@@ -1,0 +1,765 @@
+//! Time-series storage on SQLite and PostgreSQL: sealing under concurrent ingest (two sealers
+//! at once, as two nodes would), pages over rows and chunks, aggregates over chunks equal to
+//! aggregates over raw points, retention boundaries, damaged chunks, and through the server:
+//! storage policies on device posts, the API and its refusals.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::*;
+use ironlink_cloud::metrics::Metrics;
+use ironlink_cloud::registry;
+use ironlink_cloud::storage::Db;
+use ironlink_cloud::thing::store::PropertyRow;
+use ironlink_cloud::tsdb::policy::{Mode, Policy};
+use ironlink_cloud::tsdb::query::{Bucket, Cursor};
+use ironlink_cloud::tsdb::{Landed, TimeseriesConfig, Tsdb, Verdict};
+use rumqttc::QoS;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+struct Engine {
+    db: Db,
+    /// A pool of its own for checks the product has no query for.
+    pool: sqlx::AnyPool,
+    _dir: Option<tempfile::TempDir>,
+    pg: Option<PgDb>,
+}
+
+async fn pool(url: &str) -> sqlx::AnyPool {
+    sqlx::any::install_default_drivers();
+    sqlx::AnyPool::connect(url).await.unwrap()
+}
+
+async fn engines(prefix: &str) -> Vec<Engine> {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("t.db").display());
+    let mut out = vec![Engine {
+        db: Db::connect(&url).await.unwrap(),
+        pool: pool(&url).await,
+        _dir: Some(dir),
+        pg: None,
+    }];
+    if let Some(pg) = postgres_database(prefix).await {
+        out.push(Engine {
+            db: Db::connect(&pg.url).await.unwrap(),
+            pool: pool(&pg.url).await,
+            _dir: None,
+            pg: Some(pg),
+        });
+    }
+    out
+}
+
+async fn done(e: Engine) {
+    e.db.close().await;
+    e.pool.close().await;
+    if let Some(pg) = e.pg {
+        pg.drop_db().await;
+    }
+}
+
+/// A product with one device, and the series ids of `props`.
+async fn series(db: &Db, props: &[&str]) -> (String, Vec<i64>) {
+    let p = registry::create_product(db, serde_json::from_value(json!({"name": "ts"})).unwrap())
+        .await
+        .unwrap();
+    let pk = p.product_key;
+    registry::create_devices(db, &pk, vec!["dev1".into()], 0)
+        .await
+        .unwrap();
+    let keys: Vec<_> = props
+        .iter()
+        .map(|p| (pk.clone(), "dev1".to_owned(), (*p).to_owned()))
+        .collect();
+    let ids = db.series_ids(&keys).await.unwrap();
+    (pk, keys.iter().map(|k| ids[k]).collect())
+}
+
+async fn tsdb(db: &Db, chunk_points: usize) -> Arc<Tsdb> {
+    Tsdb::open(
+        db.clone(),
+        TimeseriesConfig {
+            chunk_points,
+            ..TimeseriesConfig::default()
+        },
+        Arc::new(Metrics::default()),
+    )
+    .await
+    .unwrap()
+}
+
+/// Stores rows as the writer does: committed, then told to the sealer's index.
+async fn ingest(db: &Db, t: &Tsdb, rows: &[(i64, i64, Value)]) {
+    let rows: Vec<PropertyRow> = rows
+        .iter()
+        .map(|(sid, ts, v)| PropertyRow {
+            series_id: *sid,
+            ts: *ts,
+            value: v.to_string(),
+            history: true,
+        })
+        .collect();
+    db.store_thing_data(&rows, &[], &[]).await.unwrap();
+    t.stored(
+        rows.iter()
+            .map(|r| Landed::new(r.series_id, r.ts, Verdict::Store)),
+    );
+}
+
+/// Every point of a property, oldest first, read page by page.
+async fn all_points(t: &Tsdb, pk: &str, id: &str, page: usize, asc: bool) -> Vec<(i64, Value)> {
+    let mut out = Vec::new();
+    let mut cursor: Option<Cursor> = None;
+    for _ in 0..100_000 {
+        let p = t
+            .range(pk, "dev1", id, i64::MIN, i64::MAX, page, asc, cursor)
+            .await
+            .unwrap();
+        assert!(p.damaged.is_empty(), "{:?}", p.damaged);
+        assert!(p.points.len() <= page);
+        out.extend(p.points);
+        match p.next {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    if !asc {
+        out.reverse();
+    }
+    out
+}
+
+fn value(prop: usize, i: i64) -> Value {
+    match prop {
+        0 => json!(i * 7 % 1000),
+        1 => json!(20.0 + (i as f64 / 50.0).sin() * 5.0),
+        2 => json!(format!("state-{}", i % 5)),
+        _ => json!({"lat": 30.0 + i as f64 * 1e-4, "fix": i % 3, "tag": "g"}),
+    }
+}
+
+/// Equal lists, or the first difference.
+fn same(got: &[(i64, Value)], want: &[(i64, Value)], what: &str) {
+    if let Some(i) = (0..got.len().max(want.len())).find(|i| got.get(*i) != want.get(*i)) {
+        panic!(
+            "{what}: {} points, {} expected; first difference at {i}: {:?} vs {:?}",
+            got.len(),
+            want.len(),
+            got.get(i.saturating_sub(1)..(i + 2).min(got.len())),
+            want.get(i.saturating_sub(1)..(i + 2).min(want.len()))
+        );
+    }
+}
+
+fn sorted(mut v: Vec<(i64, Value)>) -> Vec<(i64, Value)> {
+    ironlink_cloud::tsdb::query::order(&mut v);
+    v
+}
+
+#[tokio::test]
+async fn sealing_under_concurrent_ingest_loses_and_duplicates_nothing() {
+    for e in engines("ts_seal").await {
+        let db = e.db.clone();
+        let (pk, sids) = series(&db, &["count", "temp", "state", "pos"]).await;
+        let t = tsdb(&db, 100).await;
+        let mut expected: Vec<Vec<(i64, Value)>> = vec![Vec::new(); sids.len()];
+        let mut batches = Vec::new();
+        for b in 0..60i64 {
+            let mut rows = Vec::new();
+            for (p, sid) in sids.iter().enumerate() {
+                for k in 0..37i64 {
+                    let i = b * 37 + k;
+                    // Every 10th point shares its time with the one before (ties cross pages).
+                    let ts = 1_700_000_000_000 + (i - i64::from(i % 10 == 9)) * 1000;
+                    rows.push((*sid, ts, value(p, i)));
+                    expected[p].push((ts, value(p, i)));
+                }
+            }
+            batches.push(rows);
+        }
+        let writer = {
+            let (db, t) = (db.clone(), t.clone());
+            tokio::spawn(async move {
+                for rows in batches {
+                    ingest(&db, &t, &rows).await;
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
+        // Two sealers at once, as two cloud nodes on one database would run them.
+        let sealers: Vec<_> = (0..2)
+            .map(|_| {
+                let t = t.clone();
+                let w = writer.abort_handle();
+                tokio::spawn(async move {
+                    let mut sealed = 0;
+                    for _ in 0..10_000 {
+                        match t.seal(false).await {
+                            Ok(s) => sealed += s.points,
+                            // PostgreSQL: two sealers deleting the same rows may deadlock or
+                            // conflict; the loser's transaction rolls back and its rows stay.
+                            Err(err) => eprintln!("seal: {err}"),
+                        }
+                        if w.is_finished() {
+                            break;
+                        }
+                        tokio::task::yield_now().await;
+                    }
+                    sealed
+                })
+            })
+            .collect();
+        writer.await.unwrap();
+        let mut sealed = 0;
+        for s in sealers {
+            sealed += s.await.unwrap();
+        }
+        sealed += t.seal(true).await.unwrap().points;
+        let total: usize = expected.iter().map(Vec::len).sum();
+        assert_eq!(sealed, total, "every point sealed exactly once");
+        let chunks: i64 = sqlx::Row::try_get(
+            &sqlx::query("SELECT CAST(COALESCE(SUM(n), 0) AS BIGINT) FROM property_chunks")
+                .fetch_one(&e.pool)
+                .await
+                .unwrap(),
+            0,
+        )
+        .unwrap();
+        assert_eq!(chunks as usize, total);
+        for (p, id) in ["count", "temp", "state", "pos"].iter().enumerate() {
+            let want = sorted(expected[p].clone());
+            let asc = all_points(&t, &pk, id, 97, true).await;
+            same(&asc, &want, &format!("{id} ascending"));
+            let desc = all_points(&t, &pk, id, 64, false).await;
+            same(&desc, &want, &format!("{id} descending"));
+        }
+        done(e).await;
+    }
+}
+
+fn raw_buckets(points: &[(i64, f64)], from: i64, to: i64, interval: i64) -> Vec<Bucket> {
+    let mut out: Vec<Bucket> = Vec::new();
+    for (ts, v) in points.iter().filter(|p| p.0 >= from && p.0 <= to) {
+        let time = ts.div_euclid(interval) * interval;
+        match out.last_mut().filter(|b| b.time == time) {
+            Some(b) => {
+                b.count += 1;
+                b.sum = Some(b.sum.unwrap() + v);
+                b.min = Some(b.min.unwrap().min(*v));
+                b.max = Some(b.max.unwrap().max(*v));
+                b.last = Some(*v);
+            }
+            None => out.push(Bucket {
+                time,
+                count: 1,
+                avg: None,
+                min: Some(*v),
+                max: Some(*v),
+                sum: Some(*v),
+                first: Some(*v),
+                last: Some(*v),
+            }),
+        }
+    }
+    for b in &mut out {
+        b.avg = Some(b.sum.unwrap() / b.count as f64);
+    }
+    out
+}
+
+fn assert_buckets_eq(got: &[Bucket], want: &[Bucket], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: bucket count");
+    let close = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) => (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0),
+        (a, b) => a == b,
+    };
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!((g.time, g.count), (w.time, w.count), "{what}");
+        assert_eq!(
+            (g.min, g.max, g.first, g.last),
+            (w.min, w.max, w.first, w.last),
+            "{what} at {}",
+            g.time
+        );
+        assert!(
+            close(g.sum, w.sum) && close(g.avg, w.avg),
+            "{what} at {}: {g:?} vs {w:?}",
+            g.time
+        );
+    }
+}
+
+#[tokio::test]
+async fn aggregates_over_chunks_equal_aggregates_over_raw_points() {
+    for e in engines("ts_agg").await {
+        let db = e.db.clone();
+        let (pk, sids) = series(&db, &["temp", "count"]).await;
+        let t = tsdb(&db, 128).await;
+        // Irregular times (1-3 s apart) over about 3 hours, floats and integers.
+        let mut ts = 1_700_000_000_000i64;
+        let mut temp = Vec::new();
+        let mut count = Vec::new();
+        let mut rows = Vec::new();
+        for i in 0..5000i64 {
+            ts += 1000 + (i * 7919 % 3) * 1000;
+            let v = ((i as f64) / 40.0).sin() * 10.0 + 20.0;
+            temp.push((ts, v));
+            count.push((ts, i as f64));
+            rows.push((sids[0], ts, json!(v)));
+            rows.push((sids[1], ts, json!(i)));
+        }
+        ingest(&db, &t, &rows).await;
+        let (from, to) = (temp[10].0, temp[4900].0);
+        let cases = [
+            (60_000, from, to),
+            (3_600_000, i64::MIN, i64::MAX),
+            (86_400_000, 0, i64::MAX),
+            (1000, from, from + 600_000),
+        ];
+        let mut before = Vec::new();
+        for (interval, f, to) in cases {
+            before.push(
+                t.aggregate(&pk, "dev1", "temp", f, to, interval)
+                    .await
+                    .unwrap()
+                    .0,
+            );
+        }
+        t.seal(true).await.unwrap();
+        for ((interval, f, to), hot) in cases.into_iter().zip(before) {
+            let (got, damaged) = t
+                .aggregate(&pk, "dev1", "temp", f, to, interval)
+                .await
+                .unwrap();
+            assert!(damaged.is_empty());
+            let want = raw_buckets(&temp, f, to, interval);
+            assert_buckets_eq(&got, &want, &format!("temp per {interval} ms, sealed"));
+            assert_buckets_eq(&hot, &want, &format!("temp per {interval} ms, rows"));
+            let (got, _) = t
+                .aggregate(&pk, "dev1", "count", f, to, interval)
+                .await
+                .unwrap();
+            assert_buckets_eq(&got, &raw_buckets(&count, f, to, interval), "count");
+        }
+        // The value at a time, from chunks.
+        let (p, _) = t
+            .value_at(&pk, "dev1", "temp", temp[2000].0 + 1)
+            .await
+            .unwrap();
+        assert_eq!(p.unwrap().0, temp[2000].0);
+        let (p, _) = t
+            .value_at(&pk, "dev1", "temp", temp[0].0 - 1)
+            .await
+            .unwrap();
+        assert!(p.is_none());
+        done(e).await;
+    }
+}
+
+#[tokio::test]
+async fn retention_drops_whole_chunks_and_hides_older_points_at_once() {
+    for e in engines("ts_ttl").await {
+        let db = e.db.clone();
+        let (pk, sids) = series(&db, &["temp", "keep"]).await;
+        let t = tsdb(&db, 60).await;
+        let now = registry::now_ms();
+        // One point a minute for 5 hours, up to now.
+        let rows: Vec<(i64, i64, Value)> = (0..300i64)
+            .flat_map(|m| {
+                // Half a minute off the minute: no point sits on the retention's edge.
+                let ts = now - (299 - m) * 60_000 + 30_000;
+                [(sids[0], ts, json!(m)), (sids[1], ts, json!(m))]
+            })
+            .collect();
+        ingest(&db, &t, &rows).await;
+        t.seal(true).await.unwrap();
+        let hour = 3_600_000;
+        t.put_policy(Policy {
+            product_key: pk.clone(),
+            identifier: "*".into(),
+            mode: Mode::All,
+            ttl_ms: Some(2 * hour),
+            updated_at: now,
+        })
+        .await
+        .unwrap();
+        t.put_policy(Policy {
+            product_key: pk.clone(),
+            identifier: "keep".into(),
+            mode: Mode::All,
+            ttl_ms: Some(0),
+            updated_at: now,
+        })
+        .await
+        .unwrap();
+        // Queries hide what is past the retention before the reaper runs.
+        let visible = all_points(&t, &pk, "temp", 1000, true).await;
+        let cutoff = now - 2 * hour;
+        assert!(visible.iter().all(|p| p.0 >= cutoff));
+        assert_eq!(
+            visible.len(),
+            rows.iter()
+                .filter(|r| r.0 == sids[0] && r.1 >= cutoff)
+                .count()
+        );
+        let (chunks, _) = t.reap(now).await.unwrap();
+        // 5 chunks of 60 minutes: the 2 that end before the cutoff go; the one that ends at it
+        // and the newer ones stay.
+        assert_eq!(chunks, 2, "whole chunks only");
+        let left: i64 = sqlx::Row::try_get(
+            &sqlx::query("SELECT COUNT(*) FROM property_chunks WHERE series_id = $1")
+                .bind(sids[0])
+                .fetch_one(&e.pool)
+                .await
+                .unwrap(),
+            0,
+        )
+        .unwrap();
+        assert_eq!(left, 3);
+        assert_eq!(all_points(&t, &pk, "temp", 1000, true).await, visible);
+        // A property kept forever keeps all of it.
+        assert_eq!(all_points(&t, &pk, "keep", 1000, true).await.len(), 300);
+        // Hot rows past the retention are dropped too (a late point from long ago).
+        ingest(&db, &t, &[(sids[0], now - 10 * hour, json!(1))]).await;
+        let (_, rows_dropped) = t.reap(now).await.unwrap();
+        assert_eq!(rows_dropped, 1);
+        done(e).await;
+    }
+}
+
+#[tokio::test]
+async fn a_damaged_chunk_is_reported_with_its_series_and_the_rest_answers() {
+    for e in engines("ts_bad").await {
+        let db = e.db.clone();
+        let (pk, sids) = series(&db, &["temp"]).await;
+        let t = tsdb(&db, 50).await;
+        let rows: Vec<_> = (0..200i64).map(|i| (sids[0], 1000 * i, json!(i))).collect();
+        ingest(&db, &t, &rows).await;
+        t.seal(true).await.unwrap();
+        ingest(&db, &t, &[(sids[0], 500_000, json!(500))]).await;
+        let pool = e.pool.clone();
+        let id: i64 = sqlx::Row::try_get(
+            &sqlx::query("SELECT MIN(id) FROM property_chunks")
+                .fetch_one(&pool)
+                .await
+                .unwrap(),
+            0,
+        )
+        .unwrap();
+        // Damage the chunk's bytes (same length, one bit flipped in its body).
+        let data: Vec<u8> = sqlx::Row::try_get(
+            &sqlx::query("SELECT data FROM property_chunks WHERE id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap(),
+            0,
+        )
+        .unwrap();
+        let mut bad = data.clone();
+        let at = bad.len() / 2;
+        bad[at] ^= 0x10;
+        sqlx::query("UPDATE property_chunks SET data = $1 WHERE id = $2")
+            .bind(bad)
+            .bind(id)
+            .execute(&pool)
+            .await
+            .unwrap();
+        let page = t
+            .range(&pk, "dev1", "temp", i64::MIN, i64::MAX, 1000, true, None)
+            .await
+            .unwrap();
+        assert_eq!(
+            page.damaged.len(),
+            1,
+            "{:?} {}",
+            page.damaged,
+            page.points.len()
+        );
+        assert_eq!(page.damaged[0].series, sids[0]);
+        assert_eq!((page.damaged[0].start, page.damaged[0].end), (0, 49_000));
+        assert!(
+            page.damaged[0].reason.contains("checksum"),
+            "{:?}",
+            page.damaged
+        );
+        assert_eq!(page.points.len(), 151, "the other chunks and the row");
+        // Buckets narrower than a chunk decode it: the damage shows.
+        let (buckets, damaged) = t
+            .aggregate(&pk, "dev1", "temp", 0, i64::MAX, 10_000)
+            .await
+            .unwrap();
+        assert_eq!(damaged.len(), 1);
+        assert_eq!(buckets.iter().map(|b| b.count).sum::<u64>(), 151);
+        // A bucket holding the whole chunk answers from its statistics (kept apart from its
+        // bytes, intact).
+        let (buckets, damaged) = t
+            .aggregate(&pk, "dev1", "temp", 0, i64::MAX, 1_000_000)
+            .await
+            .unwrap();
+        assert!(damaged.is_empty());
+        assert_eq!(buckets.iter().map(|b| b.count).sum::<u64>(), 201);
+        done(e).await;
+    }
+}
+
+const TSL: &str = r#"{
+  "properties": [
+    {"identifier": "temp", "name": "T", "accessMode": "r", "dataType": {"type": "float", "specs": {"min": "-40", "max": "120"}}},
+    {"identifier": "count", "name": "C", "accessMode": "r", "dataType": {"type": "int", "specs": {"min": "0", "max": "1000000"}}},
+    {"identifier": "state", "name": "S", "accessMode": "r", "dataType": {"type": "enum", "specs": {"0": "off", "1": "on"}}},
+    {"identifier": "label", "name": "L", "accessMode": "r", "dataType": {"type": "text", "specs": {"length": "32"}}}
+  ],
+  "events": [],
+  "services": []
+}"#;
+
+#[tokio::test]
+async fn policies_decide_what_device_posts_store_and_the_api_reads_rows_and_chunks_alike() {
+    let srv = start(|c| {
+        c.timeseries.chunk_points = 8;
+        // Sealed when the test says so.
+        c.timeseries.seal_every = std::time::Duration::from_secs(3600);
+    })
+    .await;
+    let (s, v) = srv.post("/products", json!({"name": "ts"})).await;
+    assert_eq!(s, 201, "{v}");
+    let pk = v["product_key"].as_str().unwrap().to_owned();
+    let tsl: Value = serde_json::from_str(TSL).unwrap();
+    let (s, v) = srv
+        .call(
+            reqwest::Method::PUT,
+            &format!("/products/{pk}/thing-model"),
+            Some(tsl),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let put = |id: &str, body: Value| {
+        let path = format!("/products/{pk}/storage-policies/{id}");
+        let srv = &srv;
+        async move { srv.call(reqwest::Method::PUT, &path, Some(body)).await }
+    };
+    // Refusals name the reason.
+    let (s, v) = put("bogus", json!({"mode": "all"})).await;
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("no property `bogus`"),
+        "{v}"
+    );
+    let (s, v) = srv
+        .call(
+            reqwest::Method::PUT,
+            "/products/nope/storage-policies/*",
+            Some(json!({"mode": "all"})),
+        )
+        .await;
+    assert_eq!(s, 404, "{v}");
+    let (s, v) = put("temp", json!({"mode": "on_change", "deadband": -1})).await;
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = put("temp", json!({"mode": "all", "ttl": "5s"})).await;
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = put("temp", json!({"mode": "sometimes"})).await;
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = put("temp", json!({"mode": "all", "deadband": 1})).await;
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = put("temp", json!({"mode": "all", "often": 1})).await;
+    assert_eq!(s, 422, "{v}");
+    // temp: on change beyond 0.5; count: at most one a minute; label: not stored.
+    let (s, v) = put(
+        "temp",
+        json!({"mode": "on_change", "deadband": 0.5, "ttl": "30d"}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["ttl_ms"], 30 * 86_400_000i64);
+    assert_eq!(
+        put("count", json!({"mode": "interval", "interval_ms": "1m"}))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(put("label", json!({"mode": "none"})).await.0, 200);
+    let (_, v) = srv.get(&format!("/products/{pk}/storage-policies")).await;
+    assert_eq!(v["policies"].as_array().unwrap().len(), 3, "{v}");
+
+    let secret = srv.device(&pk, "dev1").await;
+    let mut d = device_v4(&srv, &pk, "dev1", &secret).await;
+    let topic = format!("/sys/{pk}/dev1/thing/event/property/post");
+    let reply = format!("{topic}_reply");
+    d.subscribe_v4(&reply, 1).await;
+    let temps = [20.0, 20.2, 20.6, 20.7, 21.2, 19.0, 19.4, 25.0];
+    // Within the 30-day retention set above.
+    let t0 = (registry::now_ms() - 3_600_000) / 60_000 * 60_000;
+    for (i, temp) in temps.iter().enumerate() {
+        let ts = t0 + i as i64 * 20_000;
+        let body = json!({"id": i.to_string(), "params": {
+            "temp": {"value": temp, "time": ts},
+            "count": {"value": i, "time": ts},
+            "state": {"value": i % 2, "time": ts},
+            "label": {"value": format!("l{i}"), "time": ts}}});
+        d.publish_v4(
+            &topic,
+            body.to_string().as_bytes(),
+            QoS::AtLeastOnce,
+            i as u16 + 10,
+        )
+        .await;
+        // Acknowledged means stored: wait for each reply.
+        loop {
+            match d.next_v4().await {
+                Some(rumqttc::mqttbytes::v4::Packet::Publish(p)) if p.topic == reply => break,
+                Some(_) => {}
+                None => panic!("closed"),
+            }
+        }
+    }
+    let history = |id: &str, q: &str| {
+        let path = format!("/devices/{pk}/dev1/properties/{id}/history?order=asc{q}");
+        let srv = &srv;
+        async move { srv.get(&path).await.1 }
+    };
+    let values = |v: &Value| -> Vec<Value> {
+        v["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["value"].clone())
+            .collect()
+    };
+    assert_eq!(
+        values(&history("temp", "").await),
+        vec![
+            json!(20.0),
+            json!(20.6),
+            json!(21.2),
+            json!(19.0),
+            json!(25.0)
+        ]
+    );
+    assert_eq!(
+        values(&history("count", "").await),
+        vec![json!(0), json!(3), json!(6)]
+    );
+    assert_eq!(values(&history("state", "").await).len(), 8);
+    assert!(values(&history("label", "").await).is_empty());
+    // The latest value is kept whatever the policy.
+    let (_, v) = srv.get(&format!("/devices/{pk}/dev1/properties")).await;
+    let latest: Vec<&Value> = v["properties"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["identifier"] == "label")
+        .collect();
+    assert_eq!(latest[0]["value"], "l7", "{v}");
+
+    // Seal everything, post more (rows), then read across both.
+    let (s, v) = srv.post("/timeseries/seal", json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["points"], 5 + 3 + 8, "{v}");
+    let before = history("state", "").await;
+    for i in 8..12u16 {
+        let ts = t0 + i64::from(i) * 20_000;
+        let body = json!({"id": i.to_string(), "params": {"state": {"value": i % 2, "time": ts}}});
+        d.publish_v4(
+            &topic,
+            body.to_string().as_bytes(),
+            QoS::AtLeastOnce,
+            i + 10,
+        )
+        .await;
+        loop {
+            match d.next_v4().await {
+                Some(rumqttc::mqttbytes::v4::Packet::Publish(p)) if p.topic == reply => break,
+                Some(_) => {}
+                None => panic!("closed"),
+            }
+        }
+    }
+    // Pages of 5 across chunks and rows.
+    let mut all = Vec::new();
+    let mut q = "&limit=5".to_owned();
+    loop {
+        let v = history("state", &q).await;
+        all.extend(
+            v["points"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["time"].as_i64().unwrap()),
+        );
+        match v["next"].as_str() {
+            Some(n) => q = format!("&limit=5&cursor={n}"),
+            None => break,
+        }
+    }
+    assert_eq!(all, (0..12).map(|i| t0 + i * 20_000).collect::<Vec<_>>());
+    assert_eq!(before["points"].as_array().unwrap().len(), 8);
+    // Aggregates: per minute over the state (0/1) values.
+    let (s, v) = srv
+        .get(&format!(
+            "/devices/{pk}/dev1/properties/state/aggregate?from={t0}&to={}&interval=1m",
+            t0 + 240_000
+        ))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let counts: u64 = v["buckets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(counts, 12, "{v}");
+    let (s, v) = srv
+        .get(&format!(
+            "/devices/{pk}/dev1/properties/state/aggregate?from=0&to={t0}&interval=1s"
+        ))
+        .await;
+    assert_eq!(s, 400, "too many buckets: {v}");
+    // The value at a time.
+    let (s, v) = srv
+        .get(&format!(
+            "/devices/{pk}/dev1/properties/temp/value?at={}",
+            t0 + 70_000
+        ))
+        .await;
+    assert_eq!((s, v["value"].clone()), (200, json!(20.6)), "{v}");
+    let (s, _) = srv
+        .get(&format!("/devices/{pk}/dev1/properties/temp/value?at=1"))
+        .await;
+    assert_eq!(s, 404);
+    // Several series at once.
+    let (s, v) = srv
+        .post(
+            "/timeseries/query",
+            json!({"product_key": pk, "device_names": ["dev1"], "identifiers": ["temp", "count"], "from": t0, "to": t0 + 300_000, "interval": "1h"}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let series = v["series"].as_array().unwrap();
+    assert_eq!(series.len(), 2);
+    assert_eq!(series[0]["buckets"][0]["count"], 5, "{v}");
+    assert_eq!(series[1]["buckets"][0]["max"], 6.0, "{v}");
+    let (s, _) = srv.post("/timeseries/query", json!({"from": 0})).await;
+    assert_eq!(s, 400);
+    // Removing a policy stores every point again.
+    let (s, _) = srv
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/products/{pk}/storage-policies/label"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 204);
+    let (s, _) = srv
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/products/{pk}/storage-policies/label"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 404);
+}
