@@ -196,7 +196,9 @@ async fn ironlink_ingest(o: &IngestBench) -> Result<f64> {
     sqlx::any::install_default_drivers();
     let mut check = <sqlx::AnyConnection as sqlx::Connection>::connect(&server_url).await?;
     let rows: i64 = sqlx::Row::try_get(
-        &sqlx::query("SELECT COUNT(*) FROM property_history h JOIN property_series s ON s.id = h.series_id WHERE s.product_key = $1")
+        // Rows not sealed yet, plus the points the sealer moved into chunks.
+        &sqlx::query("SELECT (SELECT COUNT(*) FROM property_history h JOIN property_series s ON s.id = h.series_id WHERE s.product_key = $1) + (SELECT CAST(COALESCE(SUM(c.n), 0) AS BIGINT) FROM property_chunks c JOIN property_series s ON s.id = c.series_id WHERE s.product_key = $2)")
+            .bind(&pk)
             .bind(&pk)
             .fetch_one(&mut check)
             .await?,

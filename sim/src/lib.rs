@@ -18,5 +18,6 @@ pub mod ota_bench;
 pub mod quickstart;
 pub mod report;
 pub mod scenario;
+pub mod tsdb_bench;
 pub mod vehicles;
 pub mod vehicles_bench;

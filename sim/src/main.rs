@@ -292,6 +292,25 @@ enum Bench {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Time-series storage on a generated fleet: bytes per point vs plain rows and Parquet+zstd
+    /// (polars), ingest with sealing running, 1-minute downsampling.
+    Timeseries {
+        /// Devices (10 properties each, 1 Hz).
+        #[arg(long, default_value_t = 300)]
+        devices: usize,
+        /// Seconds of data.
+        #[arg(long, default_value_t = 3600)]
+        seconds: usize,
+        /// Points per chunk.
+        #[arg(long, default_value_t = 4096)]
+        chunk_points: usize,
+        /// A Python with polars installed, for the Parquet baseline.
+        #[arg(long)]
+        python: Option<PathBuf>,
+        /// Write the report as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// TSL-validated property ingest into storage vs a plain batched insert of the same rows.
     Ingest {
         /// Publishing devices.
@@ -584,6 +603,28 @@ async fn run() -> anyhow::Result<()> {
             };
             let r = ironlink_sim::gateway::run(&o).await?;
             println!("{}", serde_json::to_string_pretty(&r)?);
+        }
+        Cmd::Bench {
+            which:
+                Bench::Timeseries {
+                    devices,
+                    seconds,
+                    chunk_points,
+                    python,
+                    json,
+                },
+        } => {
+            let o = ironlink_sim::tsdb_bench::TsdbBench {
+                devices: devices.clamp(1, 100_000),
+                seconds: seconds.clamp(60, 86_400 * 7),
+                chunk_points: chunk_points.clamp(16, 1 << 20),
+                python,
+            };
+            let r = ironlink_sim::tsdb_bench::run(&o).await?;
+            print!("{}", ironlink_sim::tsdb_bench::table(&r));
+            if let Some(path) = json {
+                std::fs::write(path, serde_json::to_string_pretty(&r)?)?;
+            }
         }
         Cmd::Bench {
             which:

@@ -1,0 +1,520 @@
+//! `bench timeseries`: the time-series store on a generated fleet, side by side in one run with
+//! the same points as plain rows in the same kind of database, and as Parquet with zstd written
+//! by polars (what a user would export to instead), when a Python with polars is given.
+//!
+//! The fleet: `devices` devices × 10 properties × `seconds` at 1 Hz, mixing smooth floats
+//! (the simulator's sine and random-walk generators, at the precision sensors report), a
+//! full-precision noisy float, counters, booleans (0/1 and JSON true/false) and enums.
+//!
+//! Measured: bytes per point (file growth after VACUUM, so indexes and row overhead count),
+//! ingest through the storage engine's write path (batches as the thing-data writer commits
+//! them) with the sealer running, and downsampling (1-minute aggregates) of one property over a
+//! day and of one property of every device over the whole run.
+
+use crate::scenario::{Generator, Series};
+use anyhow::{bail, Context, Result};
+use ironlink_cloud::metrics::Metrics;
+use ironlink_cloud::storage::Db;
+use ironlink_cloud::thing::store::PropertyRow;
+use ironlink_cloud::tsdb::{Landed, TimeseriesConfig, Tsdb, Verdict};
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Options of `bench timeseries`.
+#[derive(Debug, Clone)]
+pub struct TsdbBench {
+    /// Devices.
+    pub devices: usize,
+    /// Seconds of data at 1 Hz per property.
+    pub seconds: usize,
+    /// Points per chunk.
+    pub chunk_points: usize,
+    /// A Python with polars, for the Parquet baseline.
+    pub python: Option<PathBuf>,
+}
+
+/// Results.
+#[derive(Debug, Clone, Serialize)]
+pub struct TsdbResult {
+    /// Points stored.
+    pub points: u64,
+    /// Ironlink, bytes per point after sealing (database growth).
+    pub ironlink_bytes_per_point: f64,
+    /// Of which chunk payloads (the compressed columns alone).
+    pub chunk_payload_bytes_per_point: f64,
+    /// The same points as rows in the same database (property_history and its index).
+    pub rows_bytes_per_point: f64,
+    /// Parquet with zstd through polars (wide: a row per device and second, one column per
+    /// property), when measured.
+    pub parquet_zstd_bytes_per_point: Option<f64>,
+    /// rows / ironlink.
+    pub ratio_vs_rows: f64,
+    /// parquet / ironlink.
+    pub ratio_vs_parquet: Option<f64>,
+    /// Points per second through the write path with the sealer running.
+    pub ingest_points_per_sec: f64,
+    /// Points per second of the plain row inserts (same batches, no sealer).
+    pub rows_ingest_points_per_sec: f64,
+    /// Points sealed while ingest ran.
+    pub sealed_during_ingest: u64,
+    /// 1-minute aggregates of one property over a day (86,400 points), median ms.
+    pub downsample_day_one_ms: f64,
+    /// 1-minute aggregates of one property of every device over the run, ms.
+    pub downsample_fleet_ms: f64,
+    /// Devices in that query.
+    pub fleet_devices: usize,
+}
+
+const PROPS: usize = 10;
+
+fn generator(kind: &str, base: f64, amplitude: f64, period_s: u64, noise: f64) -> Generator {
+    Generator {
+        generator: kind.into(),
+        base,
+        amplitude,
+        period: Some(Duration::from_secs(period_s)),
+        noise,
+        min: Some(base - 50.0),
+        max: Some(base + 50.0),
+        anomalies: Vec::new(),
+    }
+}
+
+/// One device's 10 properties.
+struct Device {
+    temp: Series,
+    humidity: Series,
+    pressure: Series,
+    vibration: Series,
+    energy: i64,
+    pulses: i64,
+    rng: u64,
+    on: bool,
+    door: bool,
+    mode: i64,
+    alarm: i64,
+}
+
+impl Device {
+    fn new(i: usize) -> Self {
+        let seed = i as u64 * 7919 + 1;
+        Self {
+            temp: Series::new(&generator("sine", 22.0, 4.0, 3600, 0.05), i, seed),
+            humidity: Series::new(&generator("random-walk", 55.0, 0.0, 1, 0.2), i, seed + 1),
+            pressure: Series::new(&generator("sine", 1013.0, 2.0, 7200, 0.6), i, seed + 2),
+            vibration: Series::new(&generator("sine", 0.0, 0.0, 1, 1.0), i, seed + 3),
+            energy: 1_000_000 + i as i64 * 17,
+            pulses: 0,
+            rng: seed | 1,
+            on: i.is_multiple_of(2),
+            door: false,
+            mode: (i % 4) as i64,
+            alarm: 0,
+        }
+    }
+
+    fn rand(&mut self) -> u64 {
+        // xorshift64: deterministic and cheap.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+
+    /// The 10 values at second `s`.
+    fn values(&mut self, s: usize) -> [Value; PROPS] {
+        let t = Duration::from_secs(s as u64);
+        let r = self.rand();
+        self.energy += (r % 6) as i64;
+        self.pulses += 1;
+        if r.is_multiple_of(600) {
+            self.on = !self.on;
+        }
+        if r % 900 == 1 {
+            self.door = !self.door;
+        }
+        if r % 900 == 2 {
+            self.mode = ((r >> 8) % 4) as i64;
+        }
+        if r % 1200 == 3 {
+            self.alarm = ((r >> 16) % 3) as i64;
+        }
+        let round = |v: f64, p: f64| (v * p).round() / p;
+        [
+            json!(round(self.temp.next(t), 100.0)),
+            json!(round(self.humidity.next(t), 10.0)),
+            json!(round(self.pressure.next(t), 100.0)),
+            json!(self.vibration.next(t)),
+            json!(self.energy),
+            json!(self.pulses),
+            json!(i64::from(self.on)),
+            json!(self.door),
+            json!(self.mode),
+            json!(self.alarm),
+        ]
+    }
+}
+
+const NAMES: [&str; PROPS] = [
+    "temp",
+    "humidity",
+    "pressure",
+    "vibration",
+    "energy",
+    "pulses",
+    "on",
+    "door",
+    "mode",
+    "alarm",
+];
+
+/// A database with a product, `devices` devices and their series; returns (product key,
+/// series ids per device, file size after VACUUM).
+async fn prepare(
+    url: &str,
+    path: &Path,
+    devices: usize,
+) -> Result<(Db, String, Vec<Vec<i64>>, u64)> {
+    let db = Db::connect(url).await?;
+    let product = ironlink_cloud::registry::create_product(
+        &db,
+        serde_json::from_value(json!({"name": "ts-bench"}))?,
+    )
+    .await?;
+    let mut names = Vec::new();
+    let mut created = 0;
+    while created < devices {
+        let n = (devices - created).min(1000);
+        let devs = ironlink_cloud::registry::create_devices(
+            &db,
+            &product.product_key,
+            (created..created + n)
+                .map(|i| format!("dev-{i:06}"))
+                .collect(),
+            0,
+        )
+        .await?;
+        names.extend(devs.into_iter().map(|d| d.device_name));
+        created += n;
+    }
+    let mut ids = Vec::with_capacity(devices);
+    for dn in &names {
+        let keys: Vec<_> = NAMES
+            .iter()
+            .map(|p| (product.product_key.clone(), dn.clone(), (*p).to_owned()))
+            .collect();
+        let m = db.series_ids(&keys).await?;
+        ids.push(keys.iter().filter_map(|k| m.get(k).copied()).collect());
+    }
+    let size = vacuum_size(path).await?;
+    Ok((db, product.product_key, ids, size))
+}
+
+/// A connection of the benchmark's own (the server's pool is not public).
+async fn conn(path: &Path) -> Result<sqlx::AnyConnection> {
+    sqlx::any::install_default_drivers();
+    Ok(
+        <sqlx::AnyConnection as sqlx::Connection>::connect(&format!("sqlite://{}", path.display()))
+            .await?,
+    )
+}
+
+/// The database file's size once compacted (VACUUM, WAL folded in).
+async fn vacuum_size(path: &Path) -> Result<u64> {
+    let mut c = conn(path).await?;
+    for sql in [
+        "PRAGMA wal_checkpoint(TRUNCATE)",
+        "VACUUM",
+        "PRAGMA wal_checkpoint(TRUNCATE)",
+    ] {
+        sqlx::Executor::execute(&mut c, sql).await?;
+    }
+    sqlx::Connection::close(c).await?;
+    Ok(std::fs::metadata(path)?.len())
+}
+
+async fn scalar(path: &Path, sql: &str) -> Result<i64> {
+    let mut c = conn(path).await?;
+    let v: i64 = sqlx::Row::try_get(&sqlx::query(sql).fetch_one(&mut c).await?, 0)?;
+    sqlx::Connection::close(c).await?;
+    Ok(v)
+}
+
+const T0: i64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+/// Devices per write batch: a batch is one second of this many devices, about what the
+/// thing-data writer commits at once (512 messages).
+const BATCH_DEVICES: usize = 500;
+
+/// Runs the benchmark.
+pub async fn run(o: &TsdbBench) -> Result<TsdbResult> {
+    let dir = tempfile::tempdir()?;
+    let points = (o.devices * o.seconds * PROPS) as u64;
+
+    // Ironlink: the write path with the sealer running, then everything sealed.
+    let path = dir.path().join("ironlink.db");
+    let url = format!("sqlite://{}", path.display());
+    let (db, pk, ids, empty) = prepare(&url, &path, o.devices).await?;
+    let tsdb = Tsdb::open(
+        db.clone(),
+        TimeseriesConfig {
+            chunk_points: o.chunk_points,
+            ..TimeseriesConfig::default()
+        },
+        Arc::new(Metrics::default()),
+    )
+    .await?;
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let sealer = {
+        let t = tsdb.clone();
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            let mut sealed = 0u64;
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => return sealed,
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+                if let Ok(s) = t.seal(false).await {
+                    sealed += s.points as u64;
+                }
+            }
+        })
+    };
+    let started = Instant::now();
+    write_all(&db, Some(&tsdb), &ids, o).await?;
+    let ingest_secs = started.elapsed().as_secs_f64();
+    let _ = stop_tx.send(true);
+    let sealed_during_ingest = sealer.await?;
+    tsdb.seal(true).await?;
+    let ironlink_bytes = vacuum_size(&path).await?.saturating_sub(empty);
+    let payload = scalar(
+        &path,
+        "SELECT CAST(COALESCE(SUM(LENGTH(data)), 0) AS BIGINT) FROM property_chunks",
+    )
+    .await?;
+    let stored = scalar(
+        &path,
+        "SELECT CAST(COALESCE(SUM(n), 0) AS BIGINT) FROM property_chunks",
+    )
+    .await?;
+    if stored as u64 != points {
+        bail!("{points} points written but {stored} in chunks");
+    }
+
+    // Downsampling: a day of one property on a device of its own, and the fleet's `temp`.
+    let day_ids = {
+        // A product and device for the day-long series.
+        let p = ironlink_cloud::registry::create_product(
+            &db,
+            serde_json::from_value(json!({"name": "day"}))?,
+        )
+        .await?;
+        ironlink_cloud::registry::create_devices(&db, &p.product_key, vec!["day-0001".into()], 0)
+            .await?;
+        let key = (
+            p.product_key.clone(),
+            "day-0001".to_owned(),
+            "temp".to_owned(),
+        );
+        let m = db.series_ids(std::slice::from_ref(&key)).await?;
+        (p.product_key, m.get(&key).copied().context("day series")?)
+    };
+    let mut dev = Device::new(999_999);
+    let mut rows = Vec::with_capacity(86_400);
+    for s in 0..86_400usize {
+        rows.push(PropertyRow {
+            series_id: day_ids.1,
+            ts: T0 + s as i64 * 1000,
+            value: dev.values(s)[0].to_string(),
+            history: true,
+        });
+    }
+    for chunk in rows.chunks(5000) {
+        db.store_thing_data(chunk, &[], &[]).await?;
+    }
+    tsdb.stored(
+        rows.iter()
+            .map(|r| Landed::new(r.series_id, r.ts, Verdict::Store)),
+    );
+    tsdb.seal(true).await?;
+    let mut runs = Vec::new();
+    for _ in 0..21 {
+        let t = Instant::now();
+        let (b, _) = tsdb
+            .aggregate(&day_ids.0, "day-0001", "temp", T0, T0 + 86_399_000, 60_000)
+            .await?;
+        runs.push(t.elapsed().as_secs_f64() * 1000.0);
+        if b.len() != 1440 {
+            bail!("a day of 1-minute buckets came back as {} buckets", b.len());
+        }
+    }
+    runs.sort_by(f64::total_cmp);
+    let downsample_day_one_ms = runs[runs.len() / 2];
+    let t = Instant::now();
+    for i in 0..o.devices {
+        let (b, _) = tsdb
+            .aggregate(
+                &pk,
+                &format!("dev-{i:06}"),
+                "temp",
+                T0,
+                T0 + o.seconds as i64 * 1000,
+                60_000,
+            )
+            .await?;
+        if b.is_empty() {
+            bail!("no buckets for dev-{i:06}");
+        }
+    }
+    let downsample_fleet_ms = t.elapsed().as_secs_f64() * 1000.0;
+    db.close().await;
+
+    // Plain rows: the same points into the same table, no sealer.
+    let rows_path = dir.path().join("rows.db");
+    let rows_url = format!("sqlite://{}", rows_path.display());
+    let (rows_db, _, rows_ids, rows_empty) = prepare(&rows_url, &rows_path, o.devices).await?;
+    let started = Instant::now();
+    write_all(&rows_db, None, &rows_ids, o).await?;
+    let rows_secs = started.elapsed().as_secs_f64();
+    rows_db.close().await;
+    let rows_bytes = vacuum_size(&rows_path).await?.saturating_sub(rows_empty);
+
+    // Parquet with zstd through polars.
+    let parquet = match &o.python {
+        Some(py) => Some(parquet_bytes(py, dir.path(), o)?),
+        None => None,
+    };
+    let pp = |b: u64| b as f64 / points as f64;
+    let ironlink = pp(ironlink_bytes);
+    Ok(TsdbResult {
+        points,
+        ironlink_bytes_per_point: ironlink,
+        chunk_payload_bytes_per_point: payload as f64 / points as f64,
+        rows_bytes_per_point: pp(rows_bytes),
+        parquet_zstd_bytes_per_point: parquet.map(pp),
+        ratio_vs_rows: pp(rows_bytes) / ironlink,
+        ratio_vs_parquet: parquet.map(|p| pp(p) / ironlink),
+        ingest_points_per_sec: points as f64 / ingest_secs,
+        rows_ingest_points_per_sec: points as f64 / rows_secs,
+        sealed_during_ingest,
+        downsample_day_one_ms,
+        downsample_fleet_ms,
+        fleet_devices: o.devices,
+    })
+}
+
+/// Writes every point, second by second, in batches of [`BATCH_DEVICES`] devices; tells the
+/// sealer's index when given one.
+async fn write_all(
+    db: &Db,
+    tsdb: Option<&Arc<Tsdb>>,
+    ids: &[Vec<i64>],
+    o: &TsdbBench,
+) -> Result<()> {
+    let mut devices: Vec<Device> = (0..o.devices).map(Device::new).collect();
+    let mut rows = Vec::with_capacity(BATCH_DEVICES * PROPS);
+    for s in 0..o.seconds {
+        let ts = T0 + s as i64 * 1000;
+        for (chunk_ids, chunk_devs) in ids
+            .chunks(BATCH_DEVICES)
+            .zip(devices.chunks_mut(BATCH_DEVICES))
+        {
+            rows.clear();
+            for (sids, d) in chunk_ids.iter().zip(chunk_devs.iter_mut()) {
+                for (sid, v) in sids.iter().zip(d.values(s)) {
+                    rows.push(PropertyRow {
+                        series_id: *sid,
+                        ts,
+                        value: v.to_string(),
+                        history: true,
+                    });
+                }
+            }
+            db.store_thing_data(&rows, &[], &[]).await?;
+            if let Some(t) = tsdb {
+                t.stored(
+                    rows.iter()
+                        .map(|r| Landed::new(r.series_id, r.ts, Verdict::Store)),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Bytes of the same points as Parquet (zstd) written by polars: one row per device and
+/// second, a typed column per property, sorted by device and time.
+fn parquet_bytes(python: &Path, dir: &Path, o: &TsdbBench) -> Result<u64> {
+    use std::io::Write;
+    let csv = dir.join("points.csv");
+    let mut w = std::io::BufWriter::new(std::fs::File::create(&csv)?);
+    writeln!(w, "device,ts,{}", NAMES.join(","))?;
+    for i in 0..o.devices {
+        let mut d = Device::new(i);
+        for s in 0..o.seconds {
+            let v = d.values(s);
+            let cells: Vec<String> = v.iter().map(Value::to_string).collect();
+            writeln!(w, "dev-{i:06},{},{}", T0 + s as i64 * 1000, cells.join(","))?;
+        }
+    }
+    w.flush()?;
+    drop(w);
+    let out = dir.join("points.parquet");
+    let script = format!(
+        "import polars as pl\n\
+         df = pl.read_csv({csv:?}, schema_overrides={{'door': pl.Boolean}})\n\
+         df.sort(['device', 'ts']).write_parquet({out:?}, compression='zstd')\n",
+        csv = csv.display().to_string(),
+        out = out.display().to_string(),
+    );
+    let status = std::process::Command::new(python)
+        .arg("-c")
+        .arg(&script)
+        .status()
+        .with_context(|| format!("running {}", python.display()))?;
+    if !status.success() {
+        bail!("polars could not write the Parquet baseline ({status})");
+    }
+    let len = std::fs::metadata(&out)?.len();
+    let _ = std::fs::remove_file(&csv);
+    Ok(len)
+}
+
+/// The report as a table.
+pub fn table(r: &TsdbResult) -> String {
+    let mut s = String::new();
+    s.push_str(&format!(
+        "points                              {}\n",
+        r.points
+    ));
+    s.push_str(&format!(
+        "bytes/point  ironlink (chunks)       {:.3} (payload {:.3})\n",
+        r.ironlink_bytes_per_point, r.chunk_payload_bytes_per_point
+    ));
+    s.push_str(&format!(
+        "bytes/point  plain rows              {:.2}  -> {:.1}:1\n",
+        r.rows_bytes_per_point, r.ratio_vs_rows
+    ));
+    match (r.parquet_zstd_bytes_per_point, r.ratio_vs_parquet) {
+        (Some(p), Some(x)) => s.push_str(&format!(
+            "bytes/point  parquet+zstd (polars)   {p:.3}  -> parquet/ironlink {x:.2}\n"
+        )),
+        _ => s.push_str("bytes/point  parquet+zstd            not measured (--python)\n"),
+    }
+    s.push_str(&format!(
+        "ingest points/s with sealing        {:.0} (plain rows {:.0}); sealed during ingest {}\n",
+        r.ingest_points_per_sec, r.rows_ingest_points_per_sec, r.sealed_during_ingest
+    ));
+    s.push_str(&format!(
+        "1-min downsample, 1 property, 1 day {:.2} ms (median of 21)\n",
+        r.downsample_day_one_ms
+    ));
+    s.push_str(&format!(
+        "1-min downsample, {} devices        {:.0} ms\n",
+        r.fleet_devices, r.downsample_fleet_ms
+    ));
+    s
+}
