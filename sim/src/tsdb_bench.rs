@@ -353,21 +353,15 @@ pub async fn run(o: &TsdbBench) -> Result<TsdbResult> {
     }
     runs.sort_by(f64::total_cmp);
     let downsample_day_one_ms = runs[runs.len() / 2];
+    let fleet: Vec<(String, String, String)> = (0..o.devices)
+        .map(|i| (pk.clone(), format!("dev-{i:06}"), "temp".to_owned()))
+        .collect();
     let t = Instant::now();
-    for i in 0..o.devices {
-        let (b, _) = tsdb
-            .aggregate(
-                &pk,
-                &format!("dev-{i:06}"),
-                "temp",
-                T0,
-                T0 + o.seconds as i64 * 1000,
-                60_000,
-            )
-            .await?;
-        if b.is_empty() {
-            bail!("no buckets for dev-{i:06}");
-        }
+    let answers = tsdb
+        .aggregate_many(&fleet, T0, T0 + o.seconds as i64 * 1000, 60_000)
+        .await?;
+    if answers.iter().any(|(b, _)| b.is_empty()) {
+        bail!("a device without buckets");
     }
     let downsample_fleet_ms = t.elapsed().as_secs_f64() * 1000.0;
     db.close().await;

@@ -91,5 +91,6 @@ grep -q '"code":460' "$WORK/rr.txt" || fail "step 6: the reply is not code 460: 
 grep -q 'RelayState' "$WORK/rr.txt" || fail "step 6: the reply does not name RelayState"
 run 'ironlink-cloud device properties $PK meter-0001' | grep -q Voltage || fail "step 6: Voltage not stored"
 run 'ironlink-cloud device history $PK meter-0001 Voltage' | grep -q '230.1' || fail "step 6: history"
+run 'ironlink-cloud timeseries aggregate $PK meter-0001 Voltage --interval 1m' | grep -q '230.1' || fail "step 6: aggregate"
 run "ironlink-cloud device shadow \$PK meter-0001 --desired '{\"RelayState\": 0}'" >/dev/null || fail "step 6: shadow"
 echo "README five minutes: every step ran as written"

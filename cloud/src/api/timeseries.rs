@@ -347,12 +347,12 @@ async fn query(
     match q.interval.as_deref() {
         Some(interval) => {
             let (from, to, interval) = aggregate_bounds(q.from, q.to, interval)?;
-            for (pk, dn, id) in &series {
-                let (b, damaged) = s
-                    .shared
-                    .tsdb
-                    .aggregate(pk, dn, id, from, to, interval)
-                    .await?;
+            let answers = s
+                .shared
+                .tsdb
+                .aggregate_many(&series, from, to, interval)
+                .await?;
+            for ((pk, dn, id), (b, damaged)) in series.iter().zip(answers) {
                 out.push(series_answer(pk, dn, id, Some(interval), b, None, damaged));
             }
         }

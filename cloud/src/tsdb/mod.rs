@@ -240,6 +240,25 @@ impl Tsdb {
         }
     }
 
+    /// Adds series with unsealed rows that the index does not know (rows written by another
+    /// node, or left when a seal found nothing to take): they are sealed like the others.
+    pub async fn resync(&self) -> Result<usize, StorageError> {
+        let counts = self.db.hot_counts().await?;
+        let now = Instant::now();
+        let mut hot = self.hot();
+        let mut added = 0;
+        for (sid, n) in counts {
+            hot.entry(sid).or_insert_with(|| {
+                added += 1;
+                Hot {
+                    points: n,
+                    since: now,
+                }
+            });
+        }
+        Ok(added)
+    }
+
     /// Forgets what is remembered of series (their device or product was deleted).
     pub fn forget(&self, series: &[i64]) {
         let mut hot = self.hot();
@@ -357,8 +376,13 @@ impl Tsdb {
         let mut hot = self.hot();
         for (sid, n) in moved {
             if let Some(h) = hot.get_mut(&sid) {
-                // Rows committed by the writer during the seal stay counted.
-                h.points = h.points.saturating_sub(n);
+                // Rows committed by the writer during the seal stay counted; a series that had
+                // none left (its device was deleted, another node sealed it) is forgotten.
+                h.points = if n == 0 {
+                    0
+                } else {
+                    h.points.saturating_sub(n)
+                };
                 if h.points == 0 {
                     hot.remove(&sid);
                 } else {
@@ -442,6 +466,7 @@ pub async fn run(tsdb: Arc<Tsdb>, mut stop: watch::Receiver<bool>) {
     let mut reap = tokio::time::interval(tsdb.config.reap_every.max(Duration::from_millis(10)));
     seal.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reaps = 0u64;
     loop {
         tokio::select! {
             _ = stop.changed() => return,
@@ -451,6 +476,12 @@ pub async fn run(tsdb: Arc<Tsdb>, mut stop: watch::Receiver<bool>) {
                 }
             }
             _ = reap.tick() => {
+                reaps += 1;
+                if reaps.is_multiple_of(60) {
+                    if let Err(e) = tsdb.resync().await {
+                        tracing::warn!(error = %e, "re-reading unsealed series failed; retried later");
+                    }
+                }
                 match tsdb.reap(crate::registry::now_ms()).await {
                     Ok((0, 0)) => {}
                     Ok((chunks, rows)) => tracing::info!(chunks, rows, "dropped time series past their retention"),
