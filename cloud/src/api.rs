@@ -78,8 +78,10 @@ impl From<RegistryError> for ApiError {
 
 impl From<StorageError> for ApiError {
     fn from(e: StorageError) -> Self {
-        if let StorageError::Conflict(m) = e {
-            return Self::new(StatusCode::CONFLICT, "conflict", m);
+        match e {
+            StorageError::Conflict(m) => return Self::new(StatusCode::CONFLICT, "conflict", m),
+            StorageError::TooLarge(m) => return Self::invalid(m),
+            _ => {}
         }
         tracing::error!(error = %e, "storage error in API");
         Self::new(

@@ -29,6 +29,9 @@ pub enum StorageError {
     /// A uniqueness constraint refused a row.
     #[error("{0}")]
     Conflict(String),
+    /// The request asks for more than a query may answer (says what and what to change).
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 /// Which engine a [`Db`] talks to.

@@ -504,6 +504,64 @@ async fn a_damaged_chunk_is_reported_with_its_series_and_the_rest_answers() {
     }
 }
 
+#[tokio::test]
+async fn small_chunks_of_a_slow_series_are_merged_without_changing_a_point() {
+    for e in engines("ts_compact").await {
+        let db = e.db.clone();
+        let (pk, sids) = series(&db, &["temp", "label"]).await;
+        let t = tsdb(&db, 64).await;
+        // Ten seals of 7 points each, as `seal_after` leaves a slow series.
+        for round in 0..10i64 {
+            let rows: Vec<_> = (0..7i64)
+                .flat_map(|k| {
+                    let i = round * 7 + k;
+                    [
+                        (sids[0], i * 60_000, json!(20.0 + i as f64 / 8.0)),
+                        (sids[1], i * 60_000, json!(format!("s{}", i % 3))),
+                    ]
+                })
+                .collect();
+            ingest(&db, &t, &rows).await;
+            t.seal(true).await.unwrap();
+        }
+        let temp = all_points(&t, &pk, "temp", 1000, true).await;
+        let label = all_points(&t, &pk, "label", 1000, true).await;
+        let (agg, _) = t
+            .aggregate(&pk, "dev1", "temp", 0, i64::MAX, 600_000)
+            .await
+            .unwrap();
+        // Per series: 9 chunks (63 points) fit one chunk of 64 and merge; the tenth stays.
+        assert_eq!(t.compact(100).await.unwrap(), (18, 2));
+        let chunks: i64 = sqlx::Row::try_get(
+            &sqlx::query("SELECT COUNT(*) FROM property_chunks")
+                .fetch_one(&e.pool)
+                .await
+                .unwrap(),
+            0,
+        )
+        .unwrap();
+        assert_eq!(chunks, 4);
+        same(
+            &all_points(&t, &pk, "temp", 1000, true).await,
+            &temp,
+            "temp",
+        );
+        same(
+            &all_points(&t, &pk, "label", 1000, true).await,
+            &label,
+            "label",
+        );
+        let (after, _) = t
+            .aggregate(&pk, "dev1", "temp", 0, i64::MAX, 600_000)
+            .await
+            .unwrap();
+        assert_buckets_eq(&after, &agg, "temp after merging");
+        // Nothing left to merge: one small chunk per series.
+        assert_eq!(t.compact(100).await.unwrap(), (0, 0));
+        done(e).await;
+    }
+}
+
 const TSL: &str = r#"{
   "properties": [
     {"identifier": "temp", "name": "T", "accessMode": "r", "dataType": {"type": "float", "specs": {"min": "-40", "max": "120"}}},
@@ -542,7 +600,7 @@ async fn policies_decide_what_device_posts_store_and_the_api_reads_rows_and_chun
     };
     // Refusals name the reason.
     let (s, v) = put("bogus", json!({"mode": "all"})).await;
-    assert_eq!(s, 400, "{v}");
+    assert_eq!(s, 404, "{v}");
     assert!(
         v["message"]
             .as_str()
@@ -560,13 +618,13 @@ async fn policies_decide_what_device_posts_store_and_the_api_reads_rows_and_chun
     assert_eq!(s, 404, "{v}");
     let (s, v) = put("temp", json!({"mode": "on_change", "deadband": -1})).await;
     assert_eq!(s, 400, "{v}");
-    let (s, v) = put("temp", json!({"mode": "all", "ttl": "5s"})).await;
+    let (s, v) = put("temp", json!({"mode": "all", "ttl": "soon"})).await;
     assert_eq!(s, 400, "{v}");
     let (s, v) = put("temp", json!({"mode": "sometimes"})).await;
+    assert_eq!(s, 422, "{v}");
+    let (s, v) = put("temp", json!({"mode": "interval", "interval_ms": 0})).await;
     assert_eq!(s, 400, "{v}");
-    let (s, v) = put("temp", json!({"mode": "all", "deadband": 1})).await;
-    assert_eq!(s, 400, "{v}");
-    let (s, v) = put("temp", json!({"mode": "all", "often": 1})).await;
+    let (s, v) = put("temp", json!({"mode": "interval"})).await;
     assert_eq!(s, 422, "{v}");
     // temp: on change beyond 0.5; count: at most one a minute; label: not stored.
     let (s, v) = put(
@@ -577,7 +635,7 @@ async fn policies_decide_what_device_posts_store_and_the_api_reads_rows_and_chun
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["ttl_ms"], 30 * 86_400_000i64);
     assert_eq!(
-        put("count", json!({"mode": "interval", "interval_ms": "1m"}))
+        put("count", json!({"mode": "interval", "interval_ms": 60_000}))
             .await
             .0,
         200
@@ -715,10 +773,22 @@ async fn policies_decide_what_device_posts_store_and_the_api_reads_rows_and_chun
     assert_eq!(counts, 12, "{v}");
     let (s, v) = srv
         .get(&format!(
-            "/devices/{pk}/dev1/properties/state/aggregate?from=0&to={t0}&interval=1s"
+            "/devices/{pk}/dev1/properties/state/aggregate?from=0&to={}&interval=1ms",
+            t0 + 240_000
         ))
         .await;
+    // 220,001 buckets of 1 ms between the first and last point (the range asked is wider).
     assert_eq!(s, 400, "too many buckets: {v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("220001 buckets"),
+        "{v}"
+    );
+    let (s, _) = srv
+        .get(&format!(
+            "/devices/{pk}/dev1/properties/label/aggregate?from=0&to={t0}&interval=1ms"
+        ))
+        .await;
+    assert_eq!(s, 200, "no points: no buckets to count");
     // The value at a time.
     let (s, v) = srv
         .get(&format!(
@@ -735,16 +805,35 @@ async fn policies_decide_what_device_posts_store_and_the_api_reads_rows_and_chun
     let (s, v) = srv
         .post(
             "/timeseries/query",
-            json!({"product_key": pk, "device_names": ["dev1"], "identifiers": ["temp", "count"], "from": t0, "to": t0 + 300_000, "interval": "1h"}),
+            json!({"fleet": {"product_key": pk, "device_names": ["dev1"], "identifiers": ["temp", "count"]}, "from": t0, "to": t0 + 300_000, "interval": "1h"}),
         )
         .await;
     assert_eq!(s, 200, "{v}");
     let series = v["series"].as_array().unwrap();
     assert_eq!(series.len(), 2);
-    assert_eq!(series[0]["buckets"][0]["count"], 5, "{v}");
-    assert_eq!(series[1]["buckets"][0]["max"], 6.0, "{v}");
-    let (s, _) = srv.post("/timeseries/query", json!({"from": 0})).await;
-    assert_eq!(s, 400);
+    // The points may straddle an hour: add the buckets up.
+    let sum = |k: usize, f: &str| -> f64 {
+        series[k]["buckets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b[f].as_f64().unwrap())
+            .fold(if f == "max" { f64::MIN } else { 0.0 }, |a, x| {
+                if f == "max" {
+                    a.max(x)
+                } else {
+                    a + x
+                }
+            })
+    };
+    assert_eq!(sum(0, "count"), 5.0, "{v}");
+    assert_eq!(sum(1, "max"), 6.0, "{v}");
+    let (s, v) = srv.post("/timeseries/query", json!({"from": 0})).await;
+    assert_eq!((s, v["series"].as_array().unwrap().len()), (200, 0), "{v}");
+    let (s, v) = srv
+        .post("/timeseries/query", json!({"device_names": ["dev1"]}))
+        .await;
+    assert_eq!(s, 422, "device names belong in a fleet: {v}");
     // Removing a policy stores every point again.
     let (s, _) = srv
         .call(

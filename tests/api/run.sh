@@ -2,6 +2,7 @@
 # Runs schemathesis against a fresh `ironlink-cloud serve` for a bounded time; fails on any
 # 5xx, undocumented status, body that does not match its schema, or schema-valid request
 # refused. Usage: run.sh PATH/TO/ironlink-cloud PATH/TO/schemathesis [SECONDS]
+# (ST_EXTRA: more schemathesis options, e.g. "--include-operation-id aggregate" to try one)
 set -uo pipefail
 BIN=$1
 ST=$2
@@ -22,7 +23,7 @@ IRONLINK_ST_PK=$("$BIN" product create schemathesis --json | sed -n 's/.*"produc
 "$BIN" device create "$IRONLINK_ST_PK" "$IRONLINK_ST_DN" >/dev/null
 cd "$WORK"
 "$ST" --config-file "$HERE/schemathesis.toml" run "$HTTP/api/v1/openapi.json" \
-    --max-time "$SECONDS_BUDGET" --workers 1 --seed 1 --no-color >"$WORK/st.txt" 2>&1
+    --max-time "$SECONDS_BUDGET" --workers 1 --seed 1 --no-color ${ST_EXTRA:-} >"$WORK/st.txt" 2>&1
 status=$?
 # The failures with their curl lines, then the summary.
 sed -n '/= \(ERRORS\|FAILURES\) =/,/= \(WARNINGS\|SUMMARY\) =/p' "$WORK/st.txt" | head -300

@@ -5,7 +5,7 @@
 use super::{require_device, require_product, ApiError, ApiJson, ApiQuery, ApiResult, ApiState};
 use crate::registry::now_ms;
 use crate::tsdb::policy::{Mode, Policy};
-use crate::tsdb::query::{buckets, Bucket, Cursor, Damaged, MAX_BUCKETS};
+use crate::tsdb::query::{Bucket, Cursor, Damaged};
 use axum::extract::{Path, State};
 use axum::response::IntoResponse;
 use axum::routing::{get, post, put};
@@ -67,6 +67,7 @@ struct HistoryQuery {
     #[param(pattern = "^(asc|desc)$")]
     order: Option<String>,
     /// Where to go on: the `next` of the previous page (same order and range).
+    #[param(pattern = "^-?[0-9]+:[0-9]+$")]
     cursor: Option<String>,
 }
 
@@ -135,10 +136,12 @@ struct AggregateQuery {
     to: Option<i64>,
     /// Bucket width: ms or a duration (`1m`, `15m`, `1h`, `1d`). Buckets start at multiples of
     /// it since the epoch; at most 100,000 buckets per query.
+    #[param(pattern = "^[1-9][0-9]{0,8} ?(ms|s|m|h|d)?$")]
     interval: String,
 }
 
-/// `from`, `to` and the interval of an aggregate, checked.
+/// `from`, `to` and the interval of an aggregate, checked (the bucket count is checked over
+/// each series' points by the store).
 fn aggregate_bounds(
     from: Option<i64>,
     to: Option<i64>,
@@ -152,12 +155,6 @@ fn aggregate_bounds(
     }
     let to = to.unwrap_or_else(now_ms);
     let from = from.unwrap_or_else(|| to.saturating_sub(86_400_000));
-    let n = buckets(from, to, interval);
-    if n > MAX_BUCKETS {
-        return Err(ApiError::invalid(format!(
-            "{n} buckets of {interval} ms between {from} and {to}: at most {MAX_BUCKETS}; choose a larger interval or a shorter range"
-        )));
-    }
     Ok((from, to, interval))
 }
 
@@ -267,27 +264,36 @@ struct SeriesRef {
     identifier: String,
 }
 
-/// Several series at once: listed one by one, or as every combination of `product_key`,
-/// `device_names` and `identifiers`.
+/// Every combination of these devices and properties of one product.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct Fleet {
+    product_key: String,
+    device_names: Vec<String>,
+    identifiers: Vec<String>,
+}
+
+/// Several series at once: listed one by one (`series`), and/or as a `fleet`.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct MultiQuery {
     #[serde(default)]
     series: Vec<SeriesRef>,
-    product_key: Option<String>,
-    #[serde(default)]
-    device_names: Vec<String>,
-    #[serde(default)]
-    identifiers: Vec<String>,
+    fleet: Option<Fleet>,
     /// ms (inclusive; default: a day before `to`).
+    #[serde(default, deserialize_with = "super::int::opt")]
     from: Option<i64>,
     /// ms (inclusive; default: now).
+    #[serde(default, deserialize_with = "super::int::opt")]
     to: Option<i64>,
     /// Bucket width (`1m`, or ms): aggregates per series. Absent: raw points.
+    #[schema(pattern = "^[1-9][0-9]{0,8} ?(ms|s|m|h|d)?$")]
     interval: Option<String>,
     /// Raw points per series at most, 1 to 10,000 (default 100, newest first unless `asc`).
+    #[serde(default, deserialize_with = "super::int::opt")]
     limit: Option<i64>,
     /// `desc` (default) or `asc`, for raw points.
+    #[schema(pattern = "^(asc|desc)$")]
     order: Option<String>,
 }
 
@@ -312,30 +318,12 @@ async fn query(
         .into_iter()
         .map(|r| (r.product_key, r.device_name, r.identifier))
         .collect();
-    match &q.product_key {
-        Some(pk) => {
-            if q.device_names.is_empty() || q.identifiers.is_empty() {
-                return Err(ApiError::invalid(
-                    "with product_key, name device_names and identifiers (every combination is queried)",
-                ));
-            }
-            for dn in &q.device_names {
-                for id in &q.identifiers {
-                    series.push((pk.clone(), dn.clone(), id.clone()));
-                }
+    if let Some(f) = &q.fleet {
+        for dn in &f.device_names {
+            for id in &f.identifiers {
+                series.push((f.product_key.clone(), dn.clone(), id.clone()));
             }
         }
-        None if !q.device_names.is_empty() || !q.identifiers.is_empty() => {
-            return Err(ApiError::invalid(
-                "device_names and identifiers need product_key",
-            ))
-        }
-        None => {}
-    }
-    if series.is_empty() {
-        return Err(ApiError::invalid(
-            "name the series: `series` or product_key + device_names + identifiers",
-        ));
     }
     if series.len() > MAX_QUERY_SERIES {
         return Err(ApiError::invalid(format!(
@@ -425,19 +413,40 @@ async fn list_policies(
 }
 
 /// A policy to set: `{"mode": "all"}`, `{"mode": "on_change", "deadband": 0.5}`,
-/// `{"mode": "interval", "interval_ms": 60000}` or `{"mode": "none"}`, with an optional `ttl`.
+/// `{"mode": "interval", "interval_ms": 60000}` or `{"mode": "none"}`, each with an optional
+/// `ttl`: a duration (`"30d"`, `"12h"`) or milliseconds as text; `"0"` keeps forever; absent
+/// inherits (the product's `*` policy, then the server's `[timeseries] ttl`).
+// Not deny_unknown_fields: the generated schema cannot say that a field of another mode is
+// refused (utoipa writes no additionalProperties for enum variants), so such fields are ignored.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-struct PolicyBody {
-    /// `all`, `on_change`, `interval` or `none`.
-    mode: String,
-    /// on_change: smallest change of a number that is stored (default 0: any change).
-    deadband: Option<f64>,
-    /// interval: ms between stored points (or a duration such as `"1m"`).
-    interval_ms: Option<Value>,
-    /// Retention: ms or a duration (`"30d"`); `0` keeps forever; absent inherits (the
-    /// product's `*` policy, then the server's `[timeseries] ttl`).
-    ttl: Option<Value>,
+#[serde(tag = "mode", rename_all = "snake_case")]
+enum PolicyBody {
+    /// Every point.
+    All {
+        #[schema(pattern = "^(0|[1-9][0-9]{0,8} ?(ms|s|m|h|d)?)$")]
+        ttl: Option<String>,
+    },
+    /// A point that differs from the last stored by more than `deadband`.
+    OnChange {
+        #[serde(default)]
+        #[schema(minimum = 0)]
+        deadband: f64,
+        #[schema(pattern = "^(0|[1-9][0-9]{0,8} ?(ms|s|m|h|d)?)$")]
+        ttl: Option<String>,
+    },
+    /// At most one point per `interval_ms`.
+    Interval {
+        #[serde(deserialize_with = "super::int::req")]
+        #[schema(minimum = 1)]
+        interval_ms: i64,
+        #[schema(pattern = "^(0|[1-9][0-9]{0,8} ?(ms|s|m|h|d)?)$")]
+        ttl: Option<String>,
+    },
+    /// No history (the latest value is still kept).
+    None {
+        #[schema(pattern = "^(0|[1-9][0-9]{0,8} ?(ms|s|m|h|d)?)$")]
+        ttl: Option<String>,
+    },
 }
 
 #[utoipa::path(
@@ -449,7 +458,7 @@ struct PolicyBody {
     description = "Takes effect at once for new points; retention is applied by the next reaper pass (`[timeseries] reap_every`), and queries hide older points at once.",
     params(("pk" = String, Path, description = "Product key"), ("id" = String, Path, description = "Property identifier, or `*`")),
     request_body = PolicyBody,
-    responses((status = 200, description = "The policy", body = Policy), (status = 400, description = "Unknown property or bad numbers", body = super::doc::ErrorBody), (status = 404, description = "No such product", body = super::doc::ErrorBody))
+    responses((status = 200, description = "The policy", body = Policy), (status = 400, description = "Bad numbers", body = super::doc::ErrorBody), (status = 404, description = "No such product, or no such property in it", body = super::doc::ErrorBody))
 )]
 async fn put_policy(
     State(s): State<ApiState>,
@@ -457,73 +466,21 @@ async fn put_policy(
     ApiJson(body): ApiJson<PolicyBody>,
 ) -> ApiResult<impl IntoResponse> {
     require_product(&s, &pk).await?;
-    let only = |field: &str, set: bool, mode: &str| -> ApiResult<()> {
-        if set {
-            return Err(ApiError::invalid(format!(
-                "`{field}` does not apply to mode `{mode}`"
-            )));
-        }
-        Ok(())
-    };
-    let mode = match body.mode.as_str() {
-        "all" | "none" => {
-            only("deadband", body.deadband.is_some(), &body.mode)?;
-            only("interval_ms", body.interval_ms.is_some(), &body.mode)?;
-            if body.mode == "all" {
-                Mode::All
-            } else {
-                Mode::None
-            }
-        }
-        "on_change" => {
-            only("interval_ms", body.interval_ms.is_some(), "on_change")?;
-            Mode::OnChange {
-                deadband: body.deadband.unwrap_or(0.0),
-            }
-        }
-        "interval" => {
-            only("deadband", body.deadband.is_some(), "interval")?;
-            let interval_ms = match &body.interval_ms {
-                Some(Value::Number(n)) => n.as_i64().ok_or_else(|| {
-                    ApiError::invalid(format!("interval_ms {n} must be whole milliseconds"))
-                })?,
-                Some(Value::String(t)) => millis("interval_ms", t)?,
-                _ => {
-                    return Err(ApiError::invalid(
-                        "mode `interval` needs interval_ms (ms, or a duration like \"1m\")",
-                    ))
-                }
-            };
-            Mode::Interval { interval_ms }
-        }
-        other => {
-            return Err(ApiError::invalid(format!(
-                "mode `{other}`: use all, on_change, interval or none"
-            )))
-        }
+    let (mode, ttl) = match body {
+        PolicyBody::All { ttl } => (Mode::All, ttl),
+        PolicyBody::OnChange { deadband, ttl } => (Mode::OnChange { deadband }, ttl),
+        PolicyBody::Interval { interval_ms, ttl } => (Mode::Interval { interval_ms }, ttl),
+        PolicyBody::None { ttl } => (Mode::None, ttl),
     };
     mode.validate()
         .map_err(|m| ApiError::invalid(format!("storage policy of `{pk}/{id}`: {m}")))?;
     if id != "*" {
         known_property(&s, &pk, &id).await?;
     }
-    let ttl_ms = match &body.ttl {
-        None | Some(Value::Null) => None,
-        Some(Value::Number(n)) => Some(n.as_i64().filter(|v| *v >= 0).ok_or_else(|| {
-            ApiError::invalid(format!("ttl {n} must be whole milliseconds, at least 0"))
-        })?),
-        Some(Value::String(t)) => Some(millis("ttl", t)?),
-        Some(other) => {
-            return Err(ApiError::invalid(format!(
-                "ttl {other} must be milliseconds or a duration like \"30d\""
-            )))
-        }
+    let ttl_ms = match ttl.as_deref() {
+        None => None,
+        Some(t) => Some(millis("ttl", t)?).filter(|t| *t >= 0),
     };
-    if let Some(t) = ttl_ms.filter(|t| *t > 0 && *t < 60_000) {
-        return Err(ApiError::invalid(format!(
-            "ttl {t} ms is below one minute: points would be gone before they are read; use 0 to keep forever"
-        )));
-    }
     let p = Policy {
         product_key: pk,
         identifier: id,
@@ -545,13 +502,13 @@ async fn known_property(s: &ApiState, pk: &str, id: &str) -> ApiResult<()> {
                 .iter()
                 .map(|p| p.param.identifier.as_str())
                 .collect();
-            Err(ApiError::invalid(format!(
+            Err(ApiError::not_found(format!(
                 "product `{pk}` has no property `{id}` in its thing model (it has: {}); use `*` for every property",
                 known.join(", ")
             )))
         }
         None if s.shared.tsdb.product_has_series(pk, id).await? => Ok(()),
-        None => Err(ApiError::invalid(format!(
+        None => Err(ApiError::not_found(format!(
             "product `{pk}` has no thing model and none of its devices reported `{id}`: import a thing model first, or use `*`"
         ))),
     }

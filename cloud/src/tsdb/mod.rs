@@ -334,41 +334,7 @@ impl Tsdb {
                 continue;
             }
             query::order(&mut points);
-            for part in points.chunks(self.config.chunk_points.clamp(1, codec::MAX_POINTS)) {
-                let (data, s) = codec::encode(part)
-                    .map_err(|e| StorageError::Conflict(format!("series {sid}: {e}")))?;
-                // Two statements rather than NULL floats: sqlx's Any driver sends a NULL
-                // double to PostgreSQL as a float4, and the cached statement then refuses
-                // the float8 of the next numeric chunk.
-                match (s.min, s.max, s.sum, s.first, s.last) {
-                    (Some(min), Some(max), Some(sum), Some(first), Some(last)) => {
-                        sqlx::query("INSERT INTO property_chunks (series_id, start_ts, end_ts, n, vmin, vmax, vsum, vfirst, vlast, data) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
-                            .bind(sid)
-                            .bind(s.start)
-                            .bind(s.end)
-                            .bind(s.count as i64)
-                            .bind(min)
-                            .bind(max)
-                            .bind(sum)
-                            .bind(first)
-                            .bind(last)
-                            .bind(data)
-                            .execute(&mut *tx)
-                            .await?;
-                    }
-                    _ => {
-                        sqlx::query("INSERT INTO property_chunks (series_id, start_ts, end_ts, n, data) VALUES ($1, $2, $3, $4, $5)")
-                            .bind(sid)
-                            .bind(s.start)
-                            .bind(s.end)
-                            .bind(s.count as i64)
-                            .bind(data)
-                            .execute(&mut *tx)
-                            .await?;
-                    }
-                }
-                done.chunks += 1;
-            }
+            done.chunks += insert_chunks(&mut tx, *sid, &points, self.config.chunk_points).await?;
             done.series += 1;
             done.points += points.len();
         }
@@ -391,6 +357,76 @@ impl Tsdb {
             }
         }
         Ok(done)
+    }
+
+    /// Merges small chunks of a series (those under half of `chunk_points`, left by
+    /// `seal_after` on slow series) into full ones, for up to `max_series` series. Each merge is
+    /// one transaction that deletes the chunks it read and inserts what they held; a chunk
+    /// reaped or merged by someone else meanwhile makes it give up that series this time.
+    /// A damaged chunk is left where it is. Returns (chunks before, chunks after).
+    pub async fn compact(&self, max_series: usize) -> Result<(usize, usize), StorageError> {
+        let half = i64::try_from(self.config.chunk_points / 2).unwrap_or(i64::MAX);
+        let rows = sqlx::query(
+            "SELECT series_id FROM property_chunks WHERE n < $1 GROUP BY series_id HAVING COUNT(*) > 1 LIMIT $2",
+        )
+        .bind(half)
+        .bind(i64::try_from(max_series).unwrap_or(i64::MAX))
+        .fetch_all(&self.db.pool)
+        .await?;
+        let mut merged = (0, 0);
+        for r in &rows {
+            let sid: i64 = r.try_get(0)?;
+            let small = sqlx::query(
+                // Bounded: a series with more small chunks gets the rest on later passes.
+                "SELECT id, n, data FROM property_chunks WHERE series_id = $1 AND n < $2 ORDER BY start_ts LIMIT 64",
+            )
+            .bind(sid)
+            .bind(half)
+            .fetch_all(&self.db.pool)
+            .await?;
+            // Runs of chunks that together fill at most one chunk.
+            let mut groups: Vec<Vec<Decoded>> = vec![Vec::new()];
+            let mut filled = 0usize;
+            for c in &small {
+                let (id, n, data): (i64, i64, Vec<u8>) =
+                    (c.try_get(0)?, c.try_get(1)?, c.try_get(2)?);
+                let Ok(points) = codec::decode(&data) else {
+                    continue;
+                };
+                let n = usize::try_from(n).unwrap_or(usize::MAX);
+                if filled + n > self.config.chunk_points {
+                    groups.push(Vec::new());
+                    filled = 0;
+                }
+                filled += n;
+                if let Some(g) = groups.last_mut() {
+                    g.push((id, points));
+                }
+            }
+            for group in groups.into_iter().filter(|g| g.len() > 1) {
+                let mut tx = self.db.write_tx().await?;
+                let mut gone = 0;
+                for (id, _) in &group {
+                    gone += sqlx::query("DELETE FROM property_chunks WHERE id = $1")
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                }
+                if gone != group.len() as u64 {
+                    tx.rollback().await?;
+                    break;
+                }
+                let before = group.len();
+                let mut points: Vec<(i64, Value)> =
+                    group.into_iter().flat_map(|(_, p)| p).collect();
+                query::order(&mut points);
+                let after = insert_chunks(&mut tx, sid, &points, self.config.chunk_points).await?;
+                tx.commit().await?;
+                merged = (merged.0 + before, merged.1 + after);
+            }
+        }
+        Ok(merged)
     }
 
     /// Drops chunks and rows past their retention; returns (chunks, rows) dropped.
@@ -460,6 +496,59 @@ impl Tsdb {
     }
 }
 
+/// A chunk's id and its points.
+type Decoded = (i64, Vec<(i64, Value)>);
+
+/// Series whose small chunks are merged per reaper pass at most.
+const COMPACT_SERIES: usize = 1000;
+
+/// Encodes sorted points of one series into chunks of at most `chunk_points` and inserts them
+/// in `tx`; returns how many.
+async fn insert_chunks(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    sid: i64,
+    points: &[(i64, Value)],
+    chunk_points: usize,
+) -> Result<usize, StorageError> {
+    let mut n = 0;
+    for part in points.chunks(chunk_points.clamp(1, codec::MAX_POINTS)) {
+        let (data, s) = codec::encode(part)
+            .map_err(|e| StorageError::Conflict(format!("series {sid}: {e}")))?;
+        // Two statements rather than NULL floats: sqlx's Any driver sends a NULL double to
+        // PostgreSQL as a float4, and the cached statement then refuses the float8 of the
+        // next numeric chunk.
+        match (s.min, s.max, s.sum, s.first, s.last) {
+            (Some(min), Some(max), Some(sum), Some(first), Some(last)) => {
+                sqlx::query("INSERT INTO property_chunks (series_id, start_ts, end_ts, n, vmin, vmax, vsum, vfirst, vlast, data) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
+                    .bind(sid)
+                    .bind(s.start)
+                    .bind(s.end)
+                    .bind(s.count as i64)
+                    .bind(min)
+                    .bind(max)
+                    .bind(sum)
+                    .bind(first)
+                    .bind(last)
+                    .bind(data)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+            _ => {
+                sqlx::query("INSERT INTO property_chunks (series_id, start_ts, end_ts, n, data) VALUES ($1, $2, $3, $4, $5)")
+                    .bind(sid)
+                    .bind(s.start)
+                    .bind(s.end)
+                    .bind(s.count as i64)
+                    .bind(data)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+        }
+        n += 1;
+    }
+    Ok(n)
+}
+
 /// The sealer and the reaper, until `stop`.
 pub async fn run(tsdb: Arc<Tsdb>, mut stop: watch::Receiver<bool>) {
     let mut seal = tokio::time::interval(tsdb.config.seal_every.max(Duration::from_millis(10)));
@@ -481,6 +570,11 @@ pub async fn run(tsdb: Arc<Tsdb>, mut stop: watch::Receiver<bool>) {
                     if let Err(e) = tsdb.resync().await {
                         tracing::warn!(error = %e, "re-reading unsealed series failed; retried later");
                     }
+                }
+                match tsdb.compact(COMPACT_SERIES).await {
+                    Ok((0, _)) => {}
+                    Ok((before, after)) => tracing::debug!(before, after, "merged small time-series chunks"),
+                    Err(e) => tracing::warn!(error = %e, "merging small chunks failed; retried later"),
                 }
                 match tsdb.reap(crate::registry::now_ms()).await {
                     Ok((0, 0)) => {}

@@ -207,6 +207,27 @@ impl Tsdb {
         })
     }
 
+    /// The first and last time of a series' points, rows and chunks together.
+    async fn extent(&self, series: i64) -> Result<Option<(i64, i64)>, StorageError> {
+        let mut span: Option<(i64, i64)> = None;
+        for sql in [
+            "SELECT MIN(start_ts), MAX(end_ts) FROM property_chunks WHERE series_id = $1",
+            "SELECT MIN(ts), MAX(ts) FROM property_history WHERE series_id = $1",
+        ] {
+            let r = sqlx::query(sql)
+                .bind(series)
+                .fetch_one(&self.db.pool)
+                .await?;
+            if let (Some(a), Some(b)) = (
+                r.try_get::<Option<i64>, _>(0)?,
+                r.try_get::<Option<i64>, _>(1)?,
+            ) {
+                span = Some(span.map_or((a, b), |(x, y)| (x.min(a), y.max(b))));
+            }
+        }
+        Ok(span)
+    }
+
     /// The earliest time a query may show for this property (retention), ms.
     fn floor(&self, pk: &str, identifier: &str, now: i64) -> i64 {
         match self.policies.ttl(pk, identifier) {
@@ -423,6 +444,18 @@ impl Tsdb {
         let from = from.max(self.floor(pk, identifier, crate::registry::now_ms()));
         if from > to {
             return Ok((Vec::new(), Vec::new()));
+        }
+        // Buckets are counted over the span the series has points in, not the span asked.
+        let Some((first, last)) = self.extent(series).await? else {
+            return Ok((Vec::new(), Vec::new()));
+        };
+        let n = buckets(from.max(first), to.min(last), interval);
+        if n > MAX_BUCKETS {
+            return Err(StorageError::TooLarge(format!(
+                "{n} buckets of {interval} ms over the points of `{pk}/{dn}` `{identifier}` between {} and {}: at most {MAX_BUCKETS}; choose a larger interval or a shorter range",
+                from.max(first),
+                to.min(last)
+            )));
         }
         let bucket_of = |ts: i64| ts.div_euclid(interval) * interval;
         let mut acc: BTreeMap<i64, Acc> = BTreeMap::new();
