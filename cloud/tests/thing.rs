@@ -31,24 +31,11 @@ const TSL: &str = r#"{
 }"#;
 
 async fn with_model(srv: &TestServer, node_type: &str, tenant: &str) -> String {
-    let (s, v) = srv
-        .post(
-            "/products",
-            json!({"name": "t", "node_type": node_type, "tenant": tenant}),
-        )
-        .await;
-    assert_eq!(s, 201, "{v}");
-    let pk = v["product_key"].as_str().unwrap().to_owned();
-    let tsl: Value = serde_json::from_str(TSL).unwrap();
-    let (s, v) = srv
-        .call(
-            reqwest::Method::PUT,
-            &format!("/products/{pk}/thing-model"),
-            Some(tsl),
-        )
-        .await;
-    assert_eq!(s, 200, "{v}");
-    pk
+    srv.product_with_model(
+        json!({"name": "t", "node_type": node_type, "tenant": tenant}),
+        TSL,
+    )
+    .await
 }
 
 /// The next PUBLISH on `topic`, skipping acknowledgements and other topics.

@@ -581,18 +581,7 @@ async fn policies_decide_what_device_posts_store_and_the_api_reads_rows_and_chun
         c.timeseries.seal_every = std::time::Duration::from_secs(3600);
     })
     .await;
-    let (s, v) = srv.post("/products", json!({"name": "ts"})).await;
-    assert_eq!(s, 201, "{v}");
-    let pk = v["product_key"].as_str().unwrap().to_owned();
-    let tsl: Value = serde_json::from_str(TSL).unwrap();
-    let (s, v) = srv
-        .call(
-            reqwest::Method::PUT,
-            &format!("/products/{pk}/thing-model"),
-            Some(tsl),
-        )
-        .await;
-    assert_eq!(s, 200, "{v}");
+    let pk = srv.product_with_model(json!({"name": "ts"}), TSL).await;
     let put = |id: &str, body: Value| {
         let path = format!("/products/{pk}/storage-policies/{id}");
         let srv = &srv;

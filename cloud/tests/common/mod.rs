@@ -97,6 +97,23 @@ impl TestServer {
         )
     }
 
+    /// Creates a product from `body` and imports `tsl` as its thing model; returns its key.
+    pub async fn product_with_model(&self, body: Value, tsl: &str) -> String {
+        let (s, v) = self.post("/products", body).await;
+        assert_eq!(s, 201, "{v}");
+        let pk = v["product_key"].as_str().unwrap().to_owned();
+        let tsl: Value = serde_json::from_str(tsl).unwrap();
+        let (s, v) = self
+            .call(
+                reqwest::Method::PUT,
+                &format!("/products/{pk}/thing-model"),
+                Some(tsl),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        pk
+    }
+
     /// Creates a device; returns its secret.
     pub async fn device(&self, pk: &str, dn: &str) -> String {
         let (s, v) = self
