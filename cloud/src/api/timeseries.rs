@@ -289,7 +289,8 @@ struct MultiQuery {
     /// Bucket width (`1m`, or ms): aggregates per series. Absent: raw points.
     #[schema(pattern = "^[1-9][0-9]{0,8} ?(ms|s|m|h|d)?$")]
     interval: Option<String>,
-    /// Raw points per series at most, 1 to 10,000 (default 100, newest first unless `asc`).
+    /// Raw points per series at most, 1 to 10,000 (default 100, newest first unless `asc`;
+    /// lowered so that one answer holds at most a million points).
     #[serde(default, deserialize_with = "super::int::opt")]
     limit: Option<i64>,
     /// `desc` (default) or `asc`, for raw points.
@@ -346,7 +347,10 @@ async fn query(
         }
         None => {
             let ascending = ascending(q.order.as_deref())?;
-            let limit = q.limit.unwrap_or(100).clamp(1, 10_000) as usize;
+            // At most a million points in one answer: each series gets its share, and its
+            // `next` to go on with `history`.
+            let share = (1_000_000 / series.len().max(1)).max(1);
+            let limit = (q.limit.unwrap_or(100).clamp(1, 10_000) as usize).min(share);
             let to = q.to.unwrap_or(i64::MAX);
             let from = q.from.unwrap_or(i64::MIN);
             for (pk, dn, id) in &series {

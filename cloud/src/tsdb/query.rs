@@ -534,6 +534,9 @@ impl Tsdb {
     }
 }
 
+/// Buckets one query over many series may return in total.
+pub const MAX_TOTAL_BUCKETS: usize = 1_000_000;
+
 /// Queries of several series run at once at most (the SQLite pool has 4 connections).
 const PARALLEL: usize = 4;
 
@@ -552,13 +555,26 @@ impl Tsdb {
     ) -> Result<Vec<SeriesBuckets>, StorageError> {
         use futures_util::stream::{self, StreamExt};
         // Owned keys: a stream of borrowed ones is not `Send` for every lifetime in a handler.
-        stream::iter(series.to_vec())
-            .map(|(pk, dn, id)| async move { self.aggregate(&pk, &dn, &id, from, to, interval).await })
-            .buffered(PARALLEL)
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect()
+        let mut answers =
+            stream::iter(series.to_vec())
+                .map(|(pk, dn, id)| async move {
+                    self.aggregate(&pk, &dn, &id, from, to, interval).await
+                })
+                .buffered(PARALLEL);
+        let mut out = Vec::with_capacity(series.len());
+        let mut total = 0usize;
+        while let Some(a) = answers.next().await {
+            let a = a?;
+            total += a.0.len();
+            if total > MAX_TOTAL_BUCKETS {
+                return Err(StorageError::TooLarge(format!(
+                    "more than {MAX_TOTAL_BUCKETS} buckets over {} series: ask for fewer series, a shorter range or a larger interval",
+                    series.len()
+                )));
+            }
+            out.push(a);
+        }
+        Ok(out)
     }
 }
 
