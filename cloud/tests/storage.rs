@@ -55,6 +55,17 @@ async fn cleanup(dbs: Vec<TestDb>) {
     }
 }
 
+/// The history as the API reads it (rows and sealed chunks).
+async fn history(db: &Db) -> std::sync::Arc<ironlink_cloud::tsdb::Tsdb> {
+    ironlink_cloud::tsdb::Tsdb::open(
+        db.clone(),
+        ironlink_cloud::tsdb::TimeseriesConfig::default(),
+        std::sync::Arc::default(),
+    )
+    .await
+    .unwrap()
+}
+
 fn product(name: &str) -> NewProduct {
     serde_json::from_value(serde_json::json!({"name": name})).unwrap()
 }
@@ -458,11 +469,12 @@ async fn thing_data_on_every_engine() {
         .unwrap();
         let latest = db.latest_properties(&pk, "dev-0001").await.unwrap();
         assert_eq!(latest, vec![("temp".to_owned(), 1299, "299".to_owned())]);
-        let h = db
-            .property_history(&pk, "dev-0001", "temp", 0, i64::MAX, 5, true)
+        let h = history(db)
+            .await
+            .range(&pk, "dev-0001", "temp", 0, i64::MAX, 5, true, None)
             .await
             .unwrap();
-        assert_eq!(h[0], (1, "-1".to_owned()));
+        assert_eq!(h.points[0], (1, serde_json::json!(-1)));
         assert_eq!(
             db.events(&pk, "dev-0001", Some("alarm"), 0, 10, 10)
                 .await
@@ -614,11 +626,12 @@ async fn thing_data_on_every_engine() {
             .await
             .unwrap();
         assert_eq!(dup, [true]);
-        let h = db
-            .property_history(&pk, "dev-0001", "temp", 9000, 9000, 10, true)
+        let h = history(db)
+            .await
+            .range(&pk, "dev-0001", "temp", 9000, 9000, 10, true, None)
             .await
             .unwrap();
-        assert_eq!(h.len(), 2, "a and b, not c");
+        assert_eq!(h.points.len(), 2, "a and b, not c");
         assert_eq!(db.expire_message_ids(3).await.unwrap(), 1);
 
         // Deleting the device removes its thing data.

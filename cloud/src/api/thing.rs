@@ -36,7 +36,7 @@ pub(super) fn routes() -> Router<ApiState> {
 }
 
 fn parse_json(text: &str) -> Value {
-    serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_owned()))
+    crate::tsdb::codec::stored_value(text)
 }
 
 /// A call as the API shows it: params and reply as JSON.

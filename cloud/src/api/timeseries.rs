@@ -29,18 +29,11 @@ pub(super) fn routes() -> Router<ApiState> {
 
 /// Milliseconds from `1500`, `"1500"` or a human duration (`"1m"`, `"30s"`, `"90d"`).
 fn millis(what: &str, text: &str) -> ApiResult<i64> {
-    let text = text.trim();
-    if let Ok(ms) = text.parse::<i64>() {
-        return Ok(ms);
-    }
-    humantime_serde::re::humantime::parse_duration(text)
-        .ok()
-        .and_then(|d| i64::try_from(d.as_millis()).ok())
-        .ok_or_else(|| {
-            ApiError::invalid(format!(
-                "{what} `{text}` is neither milliseconds nor a duration like 1m, 30s, 7d"
-            ))
-        })
+    crate::tsdb::millis(text).ok_or_else(|| {
+        ApiError::invalid(format!(
+            "{what} `{text}` is neither milliseconds nor a duration like 1m, 30s, 7d"
+        ))
+    })
 }
 
 fn ascending(order: Option<&str>) -> ApiResult<bool> {

@@ -107,12 +107,8 @@ fn urlencode(s: &str) -> String {
 
 /// Milliseconds from `1500` or `"1m"`.
 fn millis(what: &str, text: &str) -> anyhow::Result<i64> {
-    if let Ok(ms) = text.parse::<i64>() {
-        return Ok(ms);
-    }
-    let d = humantime_serde::re::humantime::parse_duration(text)
-        .map_err(|e| anyhow::anyhow!("{what} `{text}`: {e} (use ms or 1m, 30s, 7d)"))?;
-    Ok(i64::try_from(d.as_millis())?)
+    crate::tsdb::millis(text)
+        .ok_or_else(|| anyhow::anyhow!("{what} `{text}`: use ms or a duration like 1m, 30s, 7d"))
 }
 
 /// Runs a `timeseries` action.

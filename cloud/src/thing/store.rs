@@ -359,38 +359,6 @@ impl Db {
             .collect()
     }
 
-    /// Unsealed rows of one property in `[from, to]` (the write-optimised table only: queries
-    /// go through [`crate::tsdb::Tsdb::range`], which adds the sealed chunks), at most `limit`
-    /// points, newest first unless `ascending`.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn property_history(
-        &self,
-        pk: &str,
-        dn: &str,
-        identifier: &str,
-        from: i64,
-        to: i64,
-        limit: i64,
-        ascending: bool,
-    ) -> Result<Vec<(i64, String)>, StorageError> {
-        let order = if ascending { "ASC" } else { "DESC" };
-        let sql = format!(
-            "SELECT h.ts, h.value FROM property_history h JOIN property_series s ON s.id = h.series_id WHERE s.product_key = $1 AND s.device_name = $2 AND s.identifier = $3 AND h.ts >= $4 AND h.ts <= $5 ORDER BY h.ts {order} LIMIT $6"
-        );
-        let rows = sqlx::query(&sql)
-            .bind(pk)
-            .bind(dn)
-            .bind(identifier)
-            .bind(from)
-            .bind(to)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-            .collect()
-    }
-
     /// Events of a device in `[from, to]`, newest first, optionally of one identifier.
     pub async fn events(
         &self,

@@ -86,6 +86,12 @@ enum Column {
     Json(Vec<String>),
 }
 
+/// A stored value's JSON text as a value; text that is not JSON (written by hand, or by an
+/// older version) stands as a string rather than failing the read.
+pub fn stored_value(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_owned()))
+}
+
 /// The value as a number where it is one (booleans count as 0/1).
 pub fn numeric(v: &Value) -> Option<f64> {
     match v {
@@ -409,10 +415,7 @@ fn column_values(col: Column) -> Vec<Value> {
             .collect(),
         Column::Bool(v) => v.into_iter().map(Value::Bool).collect(),
         Column::Text(v) => v.into_iter().map(Value::String).collect(),
-        Column::Json(v) => v
-            .into_iter()
-            .map(|t| serde_json::from_str(&t).unwrap_or(Value::String(t)))
-            .collect(),
+        Column::Json(v) => v.into_iter().map(|t| stored_value(&t)).collect(),
     }
 }
 

@@ -29,6 +29,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
+/// Milliseconds from `"1500"` or a human duration (`"1m"`, `"30s"`, `"90d"`); `None` for
+/// anything else or more than i64 milliseconds. Shared by the API and the CLI.
+pub fn millis(text: &str) -> Option<i64> {
+    let text = text.trim();
+    text.parse::<i64>().ok().or_else(|| {
+        humantime_serde::re::humantime::parse_duration(text)
+            .ok()
+            .and_then(|d| i64::try_from(d.as_millis()).ok())
+    })
+}
+
 /// `[timeseries]`: chunking and retention.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -194,8 +205,7 @@ impl Tsdb {
                         _ => Verdict::Store,
                     };
                 }
-                let value: Value =
-                    serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_owned()));
+                let value = codec::stored_value(text);
                 let last = batch.get(&sid).or_else(|| kept.get(&sid));
                 if !mode.keeps(last, ts, &value) {
                     return Verdict::Skip;
@@ -325,8 +335,7 @@ impl Tsdb {
             let mut points: Vec<(i64, Value)> = Vec::with_capacity(rows.len());
             for r in &rows {
                 let text: String = r.try_get(1)?;
-                let value =
-                    serde_json::from_str(&text).unwrap_or_else(|_| Value::String(text.clone()));
+                let value = codec::stored_value(&text);
                 points.push((r.try_get(0)?, value));
             }
             moved.push((*sid, points.len()));

@@ -162,10 +162,7 @@ impl Acc {
 /// Sorts points by time; points at the same time by their JSON text, so that every reader sees
 /// them in one order wherever they are stored (pages depend on it).
 pub fn order(points: &mut [(i64, Value)]) {
-    points.sort_by(|a, b| {
-        a.0.cmp(&b.0)
-            .then_with(|| a.1.to_string().cmp(&b.1.to_string()))
-    });
+    points.sort_by(|a, b| cmp_points(a, b, true));
 }
 
 fn cmp_points(a: &(i64, Value), b: &(i64, Value), ascending: bool) -> Ordering {
@@ -362,7 +359,7 @@ impl Tsdb {
         let mut points: Vec<(i64, Value)> = Vec::with_capacity(rows.len());
         for r in &rows {
             let text: String = r.try_get(1)?;
-            points.push((r.try_get(0)?, parse(text)));
+            points.push((r.try_get(0)?, codec::stored_value(&text)));
         }
         points.sort_by(|a, b| cmp_points(a, b, ascending));
         let mut page = Page::default();
@@ -399,7 +396,7 @@ impl Tsdb {
             }
         });
         points.truncate(limit);
-        if rows_full(&points, limit) {
+        if points.len() >= limit {
             if let Some(last) = points.last() {
                 let at_last = points.iter().filter(|p| p.0 == last.0).count();
                 let before = if Some(last.0) == start_ts { skip } else { 0 };
@@ -528,7 +525,11 @@ impl Tsdb {
         for r in &rows {
             let ts: i64 = r.try_get(0)?;
             let text: String = r.try_get(1)?;
-            fold(acc.entry(bucket_of(ts)).or_default(), ts, &parse(text));
+            fold(
+                acc.entry(bucket_of(ts)).or_default(),
+                ts,
+                &codec::stored_value(&text),
+            );
         }
         Ok((acc.iter().map(|(t, a)| a.bucket(*t)).collect(), damaged))
     }
@@ -578,19 +579,11 @@ impl Tsdb {
     }
 }
 
-fn rows_full(points: &[(i64, Value)], limit: usize) -> bool {
-    points.len() >= limit
-}
-
 fn fold(a: &mut Acc, ts: i64, v: &Value) {
     match numeric(v) {
         Some(x) => a.add(ts, x),
         None => a.add_count(1),
     }
-}
-
-fn parse(text: String) -> Value {
-    serde_json::from_str(&text).unwrap_or(Value::String(text))
 }
 
 /// How many buckets `[from, to]` makes at `interval`.
