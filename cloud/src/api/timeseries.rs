@@ -60,7 +60,7 @@ struct HistoryQuery {
     #[param(pattern = "^(asc|desc)$")]
     order: Option<String>,
     /// Where to go on: the `next` of the previous page (same order and range).
-    #[param(pattern = "^-?[0-9]+:[0-9]+$")]
+    #[param(pattern = "^-?[0-9]{1,18}:[0-9]{1,9}$")]
     cursor: Option<String>,
 }
 
