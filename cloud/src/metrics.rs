@@ -108,6 +108,12 @@ pub struct Metrics {
     pub chunks_reaped: AtomicU64,
     /// Chunks that could not be decoded (damaged) and were skipped by a query.
     pub chunks_damaged: AtomicU64,
+    /// Points moved from chunks into Parquet archive files.
+    pub points_archived: AtomicU64,
+    /// Parquet archive files written.
+    pub archive_files_written: AtomicU64,
+    /// Parquet archive files dropped past their retention.
+    pub archive_files_dropped: AtomicU64,
     /// Where every series is exposed.
     pub registry: Registry,
     /// Latency histograms.
@@ -149,6 +155,9 @@ impl Default for Metrics {
             chunks_written: AtomicU64::new(0),
             chunks_reaped: AtomicU64::new(0),
             chunks_damaged: AtomicU64::new(0),
+            points_archived: AtomicU64::new(0),
+            archive_files_written: AtomicU64::new(0),
+            archive_files_dropped: AtomicU64::new(0),
             registry,
             latency,
         }
@@ -182,7 +191,7 @@ impl Metrics {
             &[],
             self.sub_devices.load(Ordering::Relaxed) as f64,
         );
-        let counters: [(&'static str, &'static str, &AtomicU64); 28] = [
+        let counters: [(&'static str, &'static str, &AtomicU64); 31] = [
             (
                 "ironlink_http_refused_total",
                 "HTTP connections closed at once because the API held its maximum (http.max_connections)",
@@ -322,6 +331,21 @@ impl Metrics {
                 "ironlink_timeseries_chunks_damaged_total",
                 "Time-series chunks a query could not decode and skipped",
                 &self.chunks_damaged,
+            ),
+            (
+                "ironlink_timeseries_points_archived_total",
+                "Property values moved from chunks into Parquet archive files",
+                &self.points_archived,
+            ),
+            (
+                "ironlink_timeseries_archive_files_written_total",
+                "Parquet archive files written",
+                &self.archive_files_written,
+            ),
+            (
+                "ironlink_timeseries_archive_files_dropped_total",
+                "Parquet archive files dropped past their retention",
+                &self.archive_files_dropped,
             ),
         ];
         for (name, help, c) in counters {

@@ -153,9 +153,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         &config.data_dir,
     )
     .await?;
-    let tsdb = crate::tsdb::Tsdb::open(db.clone(), config.timeseries.clone(), metrics.clone())
+    let mut ts_config = config.timeseries.clone();
+    ts_config
+        .archive_dir
+        .get_or_insert_with(|| config.data_dir.join("archive"));
+    let tsdb = crate::tsdb::Tsdb::open(db.clone(), ts_config, metrics.clone())
         .await
-        .context("loading storage policies")?;
+        .context("loading storage policies and sweeping the archive directory")?;
     let (thing, more) = crate::thing::Thing::start(
         db.clone(),
         router.clone(),

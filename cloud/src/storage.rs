@@ -456,6 +456,8 @@ impl Db {
             "DELETE FROM property_history WHERE series_id IN (SELECT id FROM property_series WHERE product_key = $1)",
             "DELETE FROM property_latest WHERE series_id IN (SELECT id FROM property_series WHERE product_key = $1)",
             "DELETE FROM property_chunks WHERE series_id IN (SELECT id FROM property_series WHERE product_key = $1)",
+            // Its archive files lose their index entries; the reaper removes files left empty.
+            "DELETE FROM archive_series WHERE series_id IN (SELECT id FROM property_series WHERE product_key = $1)",
             "DELETE FROM events WHERE product_key = $1",
             "DELETE FROM service_calls WHERE product_key = $1",
             "DELETE FROM raw_messages WHERE product_key = $1",
@@ -701,6 +703,7 @@ impl Db {
             "DELETE FROM property_history WHERE series_id IN (SELECT id FROM property_series WHERE product_key = $1 AND device_name = $2)",
             "DELETE FROM property_latest WHERE series_id IN (SELECT id FROM property_series WHERE product_key = $1 AND device_name = $2)",
             "DELETE FROM property_chunks WHERE series_id IN (SELECT id FROM property_series WHERE product_key = $1 AND device_name = $2)",
+            "DELETE FROM archive_series WHERE series_id IN (SELECT id FROM property_series WHERE product_key = $1 AND device_name = $2)",
             "DELETE FROM events WHERE product_key = $1 AND device_name = $2",
             "DELETE FROM service_calls WHERE product_key = $1 AND device_name = $2",
             "DELETE FROM raw_messages WHERE product_key = $1 AND device_name = $2",

@@ -841,3 +841,228 @@ async fn policies_decide_what_device_posts_store_and_the_api_reads_rows_and_chun
         .await;
     assert_eq!(s, 404);
 }
+
+async fn archiving(db: &Db, chunk_points: usize, dir: &std::path::Path) -> Arc<Tsdb> {
+    Tsdb::open(
+        db.clone(),
+        TimeseriesConfig {
+            chunk_points,
+            archive_dir: Some(dir.to_path_buf()),
+            ..TimeseriesConfig::default()
+        },
+        Arc::new(Metrics::default()),
+    )
+    .await
+    .unwrap()
+}
+
+/// Parquet files under `dir`, relative, sorted.
+fn parquet_files(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = entry.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p.strip_prefix(dir).unwrap().to_str().unwrap().to_owned());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn archiving_moves_old_chunks_into_parquet_and_every_query_reads_them_alike() {
+    for e in engines("ts_arch").await {
+        let db = e.db.clone();
+        let ids = ["count", "temp", "state", "pos"];
+        let (pk, sids) = series(&db, &ids).await;
+        let dir = tempfile::tempdir().unwrap();
+        let t = archiving(&db, 100, dir.path()).await;
+        // 3,000 points per property 97 s apart (ties on every 10th): 2023-11-14 22:13 UTC to
+        // 2023-11-18 07:03, five UTC days.
+        let base = 1_700_000_000_000i64;
+        let at = |i: i64| base + (i - i64::from(i % 10 == 9)) * 97_000;
+        let mut expected: Vec<Vec<(i64, Value)>> = vec![Vec::new(); ids.len()];
+        let mut rows = Vec::new();
+        for (p, sid) in sids.iter().enumerate() {
+            for i in 0..3000i64 {
+                rows.push((*sid, at(i), value(p, i)));
+                expected[p].push((at(i), value(p, i)));
+            }
+        }
+        ingest(&db, &t, &rows).await;
+        t.seal(true).await.unwrap();
+        let intervals = [3_600_000i64, 86_400_000, 7_000_000];
+        let mut aggs = Vec::new();
+        for id in ["count", "temp"] {
+            for iv in intervals {
+                let (b, d) = t
+                    .aggregate(&pk, "dev1", id, base - 1, base + 400_000_000, iv)
+                    .await
+                    .unwrap();
+                assert!(d.is_empty());
+                aggs.push(b);
+            }
+        }
+        let probe = base + 1234 * 97_000 + 5;
+        let value_before = t.value_at(&pk, "dev1", "pos", probe).await.unwrap();
+
+        let a = t.archive(registry::now_ms(), 0).await.unwrap();
+        assert_eq!((a.files, a.points), (5, 12_000), "{a:?}");
+        let chunks_left: i64 = sqlx::Row::try_get(
+            &sqlx::query("SELECT COUNT(*) FROM property_chunks")
+                .fetch_one(&e.pool)
+                .await
+                .unwrap(),
+            0,
+        )
+        .unwrap();
+        assert_eq!(chunks_left, 0);
+        let files = t.archive_files(Some(&pk), 100).await.unwrap();
+        let days: Vec<&str> = files.iter().rev().map(|f| f.day.as_str()).collect();
+        assert_eq!(
+            days,
+            [
+                "2023-11-14",
+                "2023-11-15",
+                "2023-11-16",
+                "2023-11-17",
+                "2023-11-18"
+            ]
+        );
+        for f in &files {
+            assert!(f.path.starts_with(&format!("product={pk}/day={}/", f.day)));
+            assert!(dir.path().join(&f.path).is_file());
+        }
+        assert_eq!(parquet_files(dir.path()).len(), 5, "no stray file");
+
+        // Every query answers as it did from chunks.
+        for (p, id) in ids.iter().enumerate() {
+            let want = sorted(expected[p].clone());
+            same(&all_points(&t, &pk, id, 97, true).await, &want, id);
+            same(&all_points(&t, &pk, id, 641, false).await, &want, id);
+        }
+        let mut k = 0;
+        for id in ["count", "temp"] {
+            for iv in intervals {
+                let (b, d) = t
+                    .aggregate(&pk, "dev1", id, base - 1, base + 400_000_000, iv)
+                    .await
+                    .unwrap();
+                assert!(d.is_empty());
+                assert_buckets_eq(&b, &aggs[k], &format!("{id} per {iv} ms, archived"));
+                k += 1;
+            }
+        }
+        assert_eq!(
+            t.value_at(&pk, "dev1", "pos", probe).await.unwrap(),
+            value_before
+        );
+
+        // Late points into archived days, and archived again: a second file of those days,
+        // nothing doubled.
+        let late = [
+            (base + 5 * 97_000 + 1, json!(99.5)),
+            (base + 500 * 97_000 + 3, json!(-1.25)),
+        ];
+        let late_rows: Vec<_> = late
+            .iter()
+            .map(|(ts, v)| (sids[1], *ts, v.clone()))
+            .collect();
+        ingest(&db, &t, &late_rows).await;
+        expected[1].extend(late.iter().cloned());
+        t.seal(true).await.unwrap();
+        let a = t.archive(registry::now_ms(), 0).await.unwrap();
+        assert_eq!((a.files, a.points), (2, 2), "{a:?}");
+        let want_temp = sorted(expected[1].clone());
+        same(
+            &all_points(&t, &pk, "temp", 500, true).await,
+            &want_temp,
+            "temp with late points",
+        );
+
+        // A damaged file is reported with its path; the rest of the answer stands.
+        let files = t.archive_files(Some(&pk), 100).await.unwrap();
+        let victim = files.iter().find(|f| f.day == "2023-11-16").unwrap();
+        let victim_path = dir.path().join(&victim.path);
+        let good = std::fs::read(&victim_path).unwrap();
+        std::fs::write(&victim_path, &good[..good.len() / 2]).unwrap();
+        let page = t
+            .range(&pk, "dev1", "temp", i64::MIN, i64::MAX, 10_000, true, None)
+            .await
+            .unwrap();
+        assert_eq!(page.damaged.len(), 1, "{:?}", page.damaged);
+        assert_eq!(page.damaged[0].file.as_deref(), Some(victim.path.as_str()));
+        assert_eq!(page.damaged[0].series, sids[1]);
+        let lost = want_temp
+            .iter()
+            .filter(|p| p.0 >= victim.start && p.0 <= victim.end)
+            .count();
+        assert_eq!(page.points.len(), want_temp.len() - lost);
+        let (_, d) = t
+            .aggregate(&pk, "dev1", "temp", i64::MIN, i64::MAX, 60_000)
+            .await
+            .unwrap();
+        assert_eq!(d.len(), 1, "{d:?}");
+        std::fs::write(&victim_path, &good).unwrap();
+
+        // Files a crash left behind (written, never registered) are removed at the next start.
+        let stray = dir.path().join(format!(
+            "product={pk}/day=2023-11-14/part-0-deadbeef.parquet"
+        ));
+        std::fs::write(&stray, &good).unwrap();
+        let tmp = dir
+            .path()
+            .join(format!("product={pk}/day=2023-11-15/part-1-0.parquet.tmp"));
+        std::fs::write(&tmp, b"half").unwrap();
+        drop(t);
+        let t = archiving(&db, 100, dir.path()).await;
+        assert!(!stray.exists() && !tmp.exists());
+        assert_eq!(parquet_files(dir.path()).len(), 7);
+        same(
+            &all_points(&t, &pk, "temp", 500, true).await,
+            &want_temp,
+            "temp after a restart",
+        );
+
+        // Retention: files whose every series is past it go, newer ones stay; queries agree.
+        let now = registry::now_ms();
+        let cutoff = 1_700_092_800_000; // 2023-11-16 00:00 UTC
+        t.put_policy(Policy {
+            product_key: pk.clone(),
+            identifier: "*".into(),
+            mode: Mode::All,
+            ttl_ms: Some(now - cutoff),
+            updated_at: now,
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            t.reap_archive(now).await.unwrap(),
+            4,
+            "two files each of the 14th and 15th"
+        );
+        assert_eq!(parquet_files(dir.path()).len(), 3);
+        let kept: Vec<_> = want_temp
+            .iter()
+            .filter(|p| p.0 >= cutoff)
+            .cloned()
+            .collect();
+        same(
+            &all_points(&t, &pk, "temp", 500, true).await,
+            &kept,
+            "temp past the retention",
+        );
+
+        // A deleted device takes its index entries; files left with no series go.
+        assert!(db.delete_device(&pk, "dev1").await.unwrap());
+        assert_eq!(t.reap_archive(now).await.unwrap(), 3);
+        assert!(parquet_files(dir.path()).is_empty());
+        assert!(t.archive_files(None, 100).await.unwrap().is_empty());
+        done(e).await;
+    }
+}

@@ -522,30 +522,15 @@ impl Time {
 
 /// Days from 1970-01-01 of a civil date (proleptic Gregorian), in ms with the time of day.
 pub(crate) fn civil_to_unix_ms(y: i64, m: u8, d: u8, hh: u8, mm: u8, ss: u8) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (i64::from(m) + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
+    let days = ironlink_shared::time::days_from_civil(y, m, d);
     ((days * 24 + i64::from(hh)) * 60 + i64::from(mm)) * 60_000 + i64::from(ss) * 1000
 }
 
 /// The civil date and time of a Unix time in ms.
 pub(crate) fn unix_ms_to_civil(ms: i64) -> (i64, u8, u8, u8, u8, u8) {
     let secs = ms.div_euclid(1000);
-    let days = secs.div_euclid(86_400);
     let sod = secs.rem_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u8;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
-    let y = yoe + era * 400 + i64::from(m <= 2);
+    let (y, m, d) = ironlink_shared::time::civil_from_days(secs.div_euclid(86_400));
     (
         y,
         m,

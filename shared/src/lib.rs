@@ -11,6 +11,7 @@ pub mod alink;
 pub mod credentials;
 pub mod sign;
 pub mod spec;
+pub mod time;
 #[cfg(feature = "alloc")]
 pub mod tsl;
 

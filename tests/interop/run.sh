@@ -11,7 +11,8 @@
 #   - the edge's LoRaWAN server against frames built and downlinks verified by lora-packet (npm,
 #     found through NODE_PATH);
 #   - the edge's CoAP server against aiocoap (PyPI) and coap-client-notls (Debian libcoap3-bin),
-#     and an NB-IoT device upgraded through the edge (firmware/get, Block2 downloads by both).
+#     and an NB-IoT device upgraded through the edge (firmware/get, Block2 downloads by both);
+#   - the time-series archive's Parquet files read back by pyarrow.
 # Usage: tests/interop/run.sh PATH_TO_IRONLINK_CLOUD PYTHON_WITH_LINKKIT
 # Prints "N passed, N failed" last; exits non-zero on any failure.
 set -uo pipefail
@@ -134,6 +135,11 @@ check "aliyun-iot-linkkit thing model: properties, event, property set, async an
 
 check "CLI shows the linkkit device's latest properties and its answered call" \
     bash -c "'$BIN' device properties '$TPK' lk-thing1 | grep -q temperature && '$BIN' device calls '$TPK' lk-thing1 | grep -q succeeded"
+
+# Time-series archive tier: the linkkit device's history sealed and moved into Parquet, read
+# back by pyarrow as a Hive-partitioned dataset and compared point by point with the API.
+check "Parquet archive: the linkkit device's history archived, read back by pyarrow (hive partitions, UTC timestamps), equal to the history API" \
+    "$PY" "$HERE/archive_read.py" "$HTTP" "$IRONLINK_TOKEN" "$WORK/data/archive" "$TPK"
 
 # OTA: a linkkit device is upgraded by a campaign: push, SDK download with its sign checked,
 # curl resuming a ranged download, pull, progress, new version.

@@ -20,6 +20,7 @@ pub(super) fn routes() -> Router<ApiState> {
         .route("/devices/:pk/:dn/properties/:id/value", get(value_at))
         .route("/timeseries/query", post(query))
         .route("/timeseries/seal", post(seal))
+        .route("/timeseries/archive", get(list_archive).post(archive))
         .route("/products/:pk/storage-policies", get(list_policies))
         .route(
             "/products/:pk/storage-policies/:id",
@@ -385,6 +386,82 @@ async fn seal(State(s): State<ApiState>) -> ApiResult<impl IntoResponse> {
     Ok(Json(
         json!({"series": done.series, "chunks": done.chunks, "points": done.points}),
     ))
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct ArchiveBody {
+    /// Archive chunks whose newest point is older than this (`"30d"`, `"12h"`, or ms as
+    /// text); default: `[timeseries] archive_after`.
+    #[schema(pattern = "^(0|[1-9][0-9]{0,8} ?(ms|s|m|h|d)?)$")]
+    older_than: Option<String>,
+}
+
+#[utoipa::path(
+    post,
+    path = "/timeseries/archive",
+    tag = "thing model",
+    operation_id = "timeseries_archive",
+    summary = "Move old chunks into Parquet archive files now",
+    description = "The archiver does this by itself every `[timeseries] archive_every` when `archive_after` is set. Files go under the archive directory (`product=KEY/day=YYYY-MM-DD/part-*.parquet`); queries read them as before.",
+    request_body(content = ArchiveBody, description = "`{}` uses the configured age"),
+    responses((status = 200, description = "What was archived: files, chunks, points", body = super::doc::Object), (status = 400, description = "No age given and none configured, or a bad one", body = super::doc::ErrorBody))
+)]
+async fn archive(
+    State(s): State<ApiState>,
+    ApiJson(body): ApiJson<ArchiveBody>,
+) -> ApiResult<impl IntoResponse> {
+    let tsdb = &s.shared.tsdb;
+    let older = match body.older_than {
+        Some(text) => millis("older_than", &text)?,
+        None => match tsdb.config().archive_after {
+            Some(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+            None => {
+                return Err(ApiError::invalid(
+                    "no archive age: give older_than, or set [timeseries] archive_after",
+                ))
+            }
+        },
+    };
+    let done = tsdb.archive(now_ms(), older).await?;
+    Ok(Json(json!(done)))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+struct ArchiveQuery {
+    /// Only this product's files.
+    product_key: Option<String>,
+    /// Most files, 1 to 10,000 (default 100), newest first.
+    limit: Option<i64>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/timeseries/archive",
+    tag = "thing model",
+    operation_id = "list_archive_files",
+    summary = "Parquet archive files, newest first",
+    params(ArchiveQuery),
+    responses((status = 200, description = "`dir`: the archive directory; `files`: one entry each", body = super::doc::Object))
+)]
+async fn list_archive(
+    State(s): State<ApiState>,
+    ApiQuery(q): ApiQuery<ArchiveQuery>,
+) -> ApiResult<impl IntoResponse> {
+    let tsdb = &s.shared.tsdb;
+    let files = tsdb
+        .archive_files(
+            q.product_key.as_deref(),
+            q.limit.unwrap_or(100).clamp(1, 10_000),
+        )
+        .await?;
+    Ok(Json(json!({
+        "dir": tsdb.archive_dir().map(|d| d.display().to_string()),
+        "archive_after_ms": tsdb.config().archive_after.map(|d| d.as_millis() as u64),
+        "files": files,
+    })))
 }
 
 #[utoipa::path(

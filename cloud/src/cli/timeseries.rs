@@ -48,6 +48,21 @@ pub enum TimeseriesCmd {
     },
     /// Seal every unsealed point into compressed chunks now.
     Seal,
+    /// Move chunks older than an age into Parquet archive files now.
+    Archive {
+        /// Age (`30d`, `12h`); default: the server's `[timeseries] archive_after`.
+        #[arg(long)]
+        older_than: Option<String>,
+    },
+    /// Parquet archive files, newest first.
+    Archives {
+        /// Only this product's files.
+        #[arg(long)]
+        product: Option<String>,
+        /// Most files.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
 }
 
 /// Storage policy actions.
@@ -163,6 +178,27 @@ pub async fn run(c: &Client, cmd: TimeseriesCmd) -> anyhow::Result<()> {
         TimeseriesCmd::Seal => {
             let v = c.call(Method::POST, "/timeseries/seal", None).await?;
             output(c, &v, None);
+        }
+        TimeseriesCmd::Archive { older_than } => {
+            let body = match older_than {
+                Some(o) => json!({ "older_than": o }),
+                None => json!({}),
+            };
+            let v = c
+                .call(Method::POST, "/timeseries/archive", Some(body))
+                .await?;
+            output(c, &v, None);
+        }
+        TimeseriesCmd::Archives { product, limit } => {
+            let q = query_string(&[("product_key", product), ("limit", Some(limit.to_string()))]);
+            let v = c
+                .call(Method::GET, &format!("/timeseries/archive?{q}"), None)
+                .await?;
+            output(
+                c,
+                &v,
+                Some(("files", &["product_key", "day", "points", "bytes", "path"])),
+            );
         }
         TimeseriesCmd::Policy { cmd } => match cmd {
             PolicyCmd::List { product_key } => {

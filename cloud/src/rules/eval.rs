@@ -604,17 +604,10 @@ fn uuid_v4() -> String {
     )
 }
 
-/// Civil date of a day count since 1970-01-01 (Howard Hinnant's algorithm).
+/// Civil date of a day count since 1970-01-01.
 fn civil(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
+    let (y, m, d) = ironlink_shared::time::civil_from_days(days);
+    (y, u32::from(m), u32::from(d))
 }
 
 /// Formats ms since the epoch with a Java-style pattern (`yyyy-MM-dd HH:mm:ss.SSS`);

@@ -15,6 +15,7 @@
 //!
 //! Queries read both tables and merge them, so a point is found wherever it is.
 
+pub mod archive;
 pub mod codec;
 pub mod policy;
 pub mod query;
@@ -58,6 +59,15 @@ pub struct TimeseriesConfig {
     /// Retention of properties without a policy that says otherwise (`"90d"`); absent: forever.
     #[serde(with = "humantime_serde")]
     pub ttl: Option<Duration>,
+    /// Chunks whose newest point is older than this move into Parquet files (`"30d"`);
+    /// absent: no archiving (`POST /timeseries/archive` still archives on demand).
+    #[serde(with = "humantime_serde")]
+    pub archive_after: Option<Duration>,
+    /// How often the archiver looks for chunks to move.
+    #[serde(with = "humantime_serde")]
+    pub archive_every: Duration,
+    /// Where archive files go; default `{data_dir}/archive`. One server per directory.
+    pub archive_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for TimeseriesConfig {
@@ -68,6 +78,9 @@ impl Default for TimeseriesConfig {
             seal_every: Duration::from_secs(5),
             reap_every: Duration::from_secs(60),
             ttl: None,
+            archive_after: None,
+            archive_every: Duration::from_secs(600),
+            archive_dir: None,
         }
     }
 }
@@ -158,6 +171,7 @@ impl Tsdb {
             metrics,
         });
         t.policies.replace(t.db.storage_policies().await?);
+        t.sweep_archive().await?;
         let now = Instant::now();
         let counts = t.db.hot_counts().await?;
         let mut hot = t.hot();
@@ -564,10 +578,25 @@ pub async fn run(tsdb: Arc<Tsdb>, mut stop: watch::Receiver<bool>) {
     let mut reap = tokio::time::interval(tsdb.config.reap_every.max(Duration::from_millis(10)));
     seal.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut archive =
+        tokio::time::interval(tsdb.config.archive_every.max(Duration::from_millis(10)));
+    archive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let archive_after = tsdb
+        .config
+        .archive_after
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
     let mut reaps = 0u64;
     loop {
         tokio::select! {
             _ = stop.changed() => return,
+            _ = archive.tick(), if archive_after.is_some() => {
+                let older = archive_after.unwrap_or(i64::MAX);
+                match tsdb.archive(crate::registry::now_ms(), older).await {
+                    Ok(a) if a.chunks == 0 => {}
+                    Ok(a) => tracing::info!(files = a.files, chunks = a.chunks, points = a.points, "archived time series to Parquet"),
+                    Err(e) => tracing::warn!(error = %e, "archiving time series failed; the chunks stay and are archived later"),
+                }
+            }
             _ = seal.tick() => {
                 if let Err(e) = tsdb.seal(false).await {
                     tracing::warn!(error = %e, "sealing time series failed; the rows stay and are sealed later");
@@ -589,6 +618,11 @@ pub async fn run(tsdb: Arc<Tsdb>, mut stop: watch::Receiver<bool>) {
                     Ok((0, 0)) => {}
                     Ok((chunks, rows)) => tracing::info!(chunks, rows, "dropped time series past their retention"),
                     Err(e) => tracing::warn!(error = %e, "dropping expired time series failed; retried later"),
+                }
+                match tsdb.reap_archive(crate::registry::now_ms()).await {
+                    Ok(0) => {}
+                    Ok(files) => tracing::info!(files, "dropped archive files past their retention"),
+                    Err(e) => tracing::warn!(error = %e, "dropping expired archive files failed; retried later"),
                 }
             }
         }

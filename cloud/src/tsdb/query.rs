@@ -2,6 +2,7 @@
 //! aggregates per interval. A damaged chunk is reported with its series and skipped; the rest
 //! of the answer stands.
 
+use super::archive::FileMeta;
 use super::codec::{self, numeric};
 use super::Tsdb;
 use crate::metrics::Metrics;
@@ -15,13 +16,16 @@ use std::collections::BTreeMap;
 /// Buckets one aggregate query may produce at most.
 pub const MAX_BUCKETS: i64 = 100_000;
 
-/// A chunk that could not be decoded.
+/// A chunk or archive file that could not be read.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Damaged {
     /// Series id.
     pub series: i64,
-    /// Chunk id.
+    /// Chunk id, or the archive file's id when `file` is given.
     pub chunk: i64,
+    /// The archive file (relative to the archive directory) when the damage is there.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
     /// Its time span, ms.
     pub start: i64,
     /// End of its time span, ms.
@@ -184,6 +188,21 @@ struct ChunkMeta {
     stats: Option<(f64, f64, f64, f64, f64)>,
 }
 
+/// Where some of a series' points are: a chunk, or its part of an archive file.
+enum Source {
+    Chunk(ChunkMeta),
+    File(FileMeta),
+}
+
+impl Source {
+    fn span(&self) -> (i64, i64, i64) {
+        match self {
+            Source::Chunk(c) => (c.start, c.end, c.n),
+            Source::File(f) => (f.start, f.end, f.n),
+        }
+    }
+}
+
 impl Tsdb {
     /// The id of a series, `None` when it never had a value.
     pub async fn series_id(
@@ -208,6 +227,7 @@ impl Tsdb {
     async fn extent(&self, series: i64) -> Result<Option<(i64, i64)>, StorageError> {
         let mut span: Option<(i64, i64)> = None;
         for sql in [
+            "SELECT MIN(start_ts), MAX(end_ts) FROM archive_series WHERE series_id = $1",
             "SELECT MIN(start_ts), MAX(end_ts) FROM property_chunks WHERE series_id = $1",
             "SELECT MIN(ts), MAX(ts) FROM property_history WHERE series_id = $1",
         ] {
@@ -312,9 +332,23 @@ impl Tsdb {
         Damaged {
             series,
             chunk: m.id,
+            file: None,
             start: m.start,
             end: m.end,
             reason: e.to_string(),
+        }
+    }
+
+    fn damaged_file(&self, series: i64, f: &FileMeta, reason: String) -> Damaged {
+        tracing::error!(series, file = %f.path, start = f.start, end = f.end, error = %reason, "an archive file could not be read; skipped");
+        Metrics::inc(&self.metrics.chunks_damaged);
+        Damaged {
+            series,
+            chunk: f.id,
+            file: Some(f.path.clone()),
+            start: f.start,
+            end: f.end,
+            reason,
         }
     }
 
@@ -363,23 +397,47 @@ impl Tsdb {
         }
         points.sort_by(|a, b| cmp_points(a, b, ascending));
         let mut page = Page::default();
-        for m in self.metas(series, from, to, ascending).await? {
+        let mut sources: Vec<Source> = self
+            .metas(series, from, to, ascending)
+            .await?
+            .into_iter()
+            .map(Source::Chunk)
+            .chain(
+                self.file_metas(series, from, to)
+                    .await?
+                    .into_iter()
+                    .map(Source::File),
+            )
+            .collect();
+        if ascending {
+            sources.sort_by_key(|s| s.span().0);
+        } else {
+            sources.sort_by_key(|s| std::cmp::Reverse(s.span().1));
+        }
+        for m in sources {
+            let (start, end, n) = m.span();
             if let Some(edge) = points.get(want.saturating_sub(1)) {
                 let beyond = if ascending {
-                    m.start > edge.0
+                    start > edge.0
                 } else {
-                    m.end < edge.0
+                    end < edge.0
                 };
                 if points.len() >= want && beyond {
                     break;
                 }
             }
-            match codec::decode(&self.chunk_data(m.id).await?) {
-                Ok(decoded) => {
-                    points.extend(decoded.into_iter().filter(|p| p.0 >= from && p.0 <= to))
-                }
-                Err(e) if m.n > 0 => page.damaged.push(self.damaged(series, &m, &e)),
-                Err(_) => {}
+            match &m {
+                Source::Chunk(c) => match codec::decode(&self.chunk_data(c.id).await?) {
+                    Ok(decoded) => {
+                        points.extend(decoded.into_iter().filter(|p| p.0 >= from && p.0 <= to))
+                    }
+                    Err(e) if n > 0 => page.damaged.push(self.damaged(series, c, &e)),
+                    Err(_) => {}
+                },
+                Source::File(f) => match self.read_archived(f, dn, identifier, from, to).await {
+                    Ok(read) => points.extend(read),
+                    Err(reason) => page.damaged.push(self.damaged_file(series, f, reason)),
+                },
             }
             points.sort_by(|a, b| cmp_points(a, b, ascending));
             points.truncate(want);
@@ -512,6 +570,25 @@ impl Tsdb {
                     },
                     Err(e) => damaged.push(self.damaged(series, m, &e)),
                 }
+            }
+        }
+        for f in self.file_metas(series, from, to).await? {
+            if let Some((min, max, sum, first, last)) = f.stats {
+                if f.start >= from && f.end <= to && bucket_of(f.start) == bucket_of(f.end) {
+                    let a = acc.entry(bucket_of(f.start)).or_default();
+                    let n = u64::try_from(f.n).unwrap_or(0);
+                    a.add_count(n);
+                    a.merge_numbers(n, sum, min, max, (f.start, first), (f.end, last));
+                    continue;
+                }
+            }
+            match self.read_archived(&f, dn, identifier, from, to).await {
+                Ok(points) => {
+                    for (t, v) in &points {
+                        fold(acc.entry(bucket_of(*t)).or_default(), *t, v);
+                    }
+                }
+                Err(reason) => damaged.push(self.damaged_file(series, &f, reason)),
             }
         }
         let rows = sqlx::query(

@@ -1,0 +1,2 @@
+DROP TABLE archive_series;
+DROP TABLE archive_files;
