@@ -219,19 +219,7 @@ impl Tsdb {
         let mut days: BTreeMap<String, Vec<(i64, i64, Value)>> = BTreeMap::new();
         let mut moved: Vec<&Taken> = Vec::with_capacity(taken.len());
         for group in taken.chunks(64) {
-            let list: Vec<String> = (1..=group.len()).map(|i| format!("${i}")).collect();
-            let sql = format!(
-                "SELECT id, data FROM property_chunks WHERE id IN ({})",
-                list.join(", ")
-            );
-            let mut q = sqlx::query(&sql);
-            for t in group {
-                q = q.bind(t.id);
-            }
-            let mut datas: HashMap<i64, Vec<u8>> = HashMap::new();
-            for r in q.fetch_all(&self.db.pool).await? {
-                datas.insert(r.try_get(0)?, r.try_get(1)?);
-            }
+            let mut datas = self.chunk_datas(group.iter().map(|t| t.id)).await?;
             for t in group {
                 // Gone since it was listed (merged, reaped): the next step sees what replaced it.
                 let Some(data) = datas.remove(&t.id) else {

@@ -307,18 +307,18 @@ impl Tsdb {
     }
 
     /// The bytes of several chunks, by id (those reaped meanwhile are absent).
-    async fn chunk_datas(
+    pub(super) async fn chunk_datas(
         &self,
-        metas: &[ChunkMeta],
+        ids: impl ExactSizeIterator<Item = i64>,
     ) -> Result<std::collections::HashMap<i64, Vec<u8>>, StorageError> {
-        let list: Vec<String> = (1..=metas.len()).map(|i| format!("${i}")).collect();
+        let list: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
         let sql = format!(
             "SELECT id, data FROM property_chunks WHERE id IN ({})",
             list.join(", ")
         );
         let mut q = sqlx::query(&sql);
-        for m in metas {
-            q = q.bind(m.id);
+        for id in ids {
+            q = q.bind(id);
         }
         let rows = q.fetch_all(&self.db.pool).await?;
         rows.iter()
@@ -529,7 +529,7 @@ impl Tsdb {
             decode.push(m);
         }
         for group in decode.chunks(64) {
-            let mut datas = self.chunk_datas(group).await?;
+            let mut datas = self.chunk_datas(group.iter().map(|m| m.id)).await?;
             for m in group {
                 // Reaped since its metadata was read: nothing left to count.
                 let Some(data) = datas.remove(&m.id) else {
