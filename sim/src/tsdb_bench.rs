@@ -66,6 +66,14 @@ pub struct TsdbResult {
     pub downsample_fleet_ms: f64,
     /// Devices in that query.
     pub fleet_devices: usize,
+    /// Archive tier: bytes per point of the Parquet files (long form: a row per point).
+    pub archive_bytes_per_point: f64,
+    /// Points per second moved from chunks into Parquet files.
+    pub archive_points_per_sec: f64,
+    /// The day-long 1-minute downsample again, read from the archive, median ms.
+    pub downsample_day_one_archived_ms: f64,
+    /// The fleet's 1-minute downsample again, read from the archive, ms.
+    pub downsample_fleet_archived_ms: f64,
 }
 
 const PROPS: usize = 10;
@@ -261,6 +269,7 @@ pub async fn run(o: &TsdbBench) -> Result<TsdbResult> {
         db.clone(),
         TimeseriesConfig {
             chunk_points: o.chunk_points,
+            archive_dir: Some(dir.path().join("archive")),
             ..TimeseriesConfig::default()
         },
         Arc::new(Metrics::default()),
@@ -340,30 +349,31 @@ pub async fn run(o: &TsdbBench) -> Result<TsdbResult> {
             .map(|r| Landed::new(r.series_id, r.ts, Verdict::Store)),
     );
     tsdb.seal(true).await?;
-    let mut runs = Vec::new();
-    for _ in 0..21 {
-        let t = Instant::now();
-        let (b, _) = tsdb
-            .aggregate(&day_ids.0, "day-0001", "temp", T0, T0 + 86_399_000, 60_000)
-            .await?;
-        runs.push(t.elapsed().as_secs_f64() * 1000.0);
-        if b.len() != 1440 {
-            bail!("a day of 1-minute buckets came back as {} buckets", b.len());
-        }
-    }
-    runs.sort_by(f64::total_cmp);
-    let downsample_day_one_ms = runs[runs.len() / 2];
     let fleet: Vec<(String, String, String)> = (0..o.devices)
         .map(|i| (pk.clone(), format!("dev-{i:06}"), "temp".to_owned()))
         .collect();
-    let t = Instant::now();
-    let answers = tsdb
-        .aggregate_many(&fleet, T0, T0 + o.seconds as i64 * 1000, 60_000)
-        .await?;
-    if answers.iter().any(|(b, _)| b.is_empty()) {
-        bail!("a device without buckets");
+    let (downsample_day_one_ms, downsample_fleet_ms) =
+        downsamples(&tsdb, &day_ids.0, &fleet, o).await?;
+
+    // Archive tier: everything into Parquet files, then the same queries again.
+    let started = Instant::now();
+    let archived = tsdb.archive(ironlink_cloud::registry::now_ms(), 0).await?;
+    let archive_secs = started.elapsed().as_secs_f64();
+    if archived.points as u64 != points + 86_400 {
+        bail!(
+            "{} points archived, {} expected",
+            archived.points,
+            points + 86_400
+        );
     }
-    let downsample_fleet_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let archive_bytes: i64 = tsdb
+        .archive_files(None, 100_000)
+        .await?
+        .iter()
+        .map(|f| f.bytes)
+        .sum();
+    let (downsample_day_one_archived_ms, downsample_fleet_archived_ms) =
+        downsamples(&tsdb, &day_ids.0, &fleet, o).await?;
     db.close().await;
 
     // Plain rows: the same points into the same table, no sealer.
@@ -397,7 +407,41 @@ pub async fn run(o: &TsdbBench) -> Result<TsdbResult> {
         downsample_day_one_ms,
         downsample_fleet_ms,
         fleet_devices: o.devices,
+        archive_bytes_per_point: archive_bytes as f64 / archived.points as f64,
+        archive_points_per_sec: archived.points as f64 / archive_secs,
+        downsample_day_one_archived_ms,
+        downsample_fleet_archived_ms,
     })
+}
+
+/// The day-long 1-minute downsample of one property (median of 21 runs, ms) and the fleet's
+/// (one run, ms).
+async fn downsamples(
+    tsdb: &Tsdb,
+    day_pk: &str,
+    fleet: &[(String, String, String)],
+    o: &TsdbBench,
+) -> Result<(f64, f64)> {
+    let mut runs = Vec::new();
+    for _ in 0..21 {
+        let t = Instant::now();
+        let (b, damaged) = tsdb
+            .aggregate(day_pk, "day-0001", "temp", T0, T0 + 86_399_000, 60_000)
+            .await?;
+        runs.push(t.elapsed().as_secs_f64() * 1000.0);
+        if b.len() != 1440 || !damaged.is_empty() {
+            bail!("a day of 1-minute buckets came back as {} buckets", b.len());
+        }
+    }
+    runs.sort_by(f64::total_cmp);
+    let t = Instant::now();
+    let answers = tsdb
+        .aggregate_many(fleet, T0, T0 + o.seconds as i64 * 1000, 60_000)
+        .await?;
+    if answers.iter().any(|(b, d)| b.is_empty() || !d.is_empty()) {
+        bail!("a device without buckets");
+    }
+    Ok((runs[runs.len() / 2], t.elapsed().as_secs_f64() * 1000.0))
 }
 
 /// Writes every point, second by second, in batches of [`BATCH_DEVICES`] devices; tells the
@@ -509,6 +553,14 @@ pub fn table(r: &TsdbResult) -> String {
     s.push_str(&format!(
         "1-min downsample, {} devices        {:.0} ms\n",
         r.fleet_devices, r.downsample_fleet_ms
+    ));
+    s.push_str(&format!(
+        "archive: bytes/point {:.3}; {:.0} points/s into Parquet\n",
+        r.archive_bytes_per_point, r.archive_points_per_sec
+    ));
+    s.push_str(&format!(
+        "archived: 1-min downsample, 1 day   {:.2} ms; {} devices {:.0} ms\n",
+        r.downsample_day_one_archived_ms, r.fleet_devices, r.downsample_fleet_archived_ms
     ));
     s
 }
