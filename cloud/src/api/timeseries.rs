@@ -391,10 +391,10 @@ async fn seal(State(s): State<ApiState>) -> ApiResult<impl IntoResponse> {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ArchiveBody {
-    /// Archive chunks whose newest point is older than this (`"30d"`, `"12h"`, or ms as
-    /// text); default: `[timeseries] archive_after`.
+    /// Archive chunks whose newest point is older than this: a duration (`"30d"`, `"12h"`)
+    /// or milliseconds as text (`"0"`: every sealed chunk).
     #[schema(pattern = "^(0|[1-9][0-9]{0,8} ?(ms|s|m|h|d)?)$")]
-    older_than: Option<String>,
+    older_than: String,
 }
 
 #[utoipa::path(
@@ -403,27 +403,16 @@ struct ArchiveBody {
     tag = "thing model",
     operation_id = "timeseries_archive",
     summary = "Move old chunks into Parquet archive files now",
-    description = "The archiver does this by itself every `[timeseries] archive_every` when `archive_after` is set. Files go under the archive directory (`product=KEY/day=YYYY-MM-DD/part-*.parquet`); queries read them as before.",
-    request_body(content = ArchiveBody, description = "`{}` uses the configured age"),
-    responses((status = 200, description = "What was archived: files, chunks, points", body = super::doc::Object), (status = 400, description = "No age given and none configured, or a bad one", body = super::doc::ErrorBody))
+    description = "The archiver does this by itself every `[timeseries] archive_every` when `archive_after` is set (`GET /timeseries/archive` shows it). Files go under the archive directory (`product=KEY/day=YYYY-MM-DD/part-*.parquet`); queries read them as before.",
+    request_body = ArchiveBody,
+    responses((status = 200, description = "What was archived: files, chunks, points", body = super::doc::Object), (status = 400, description = "A bad age", body = super::doc::ErrorBody))
 )]
 async fn archive(
     State(s): State<ApiState>,
     ApiJson(body): ApiJson<ArchiveBody>,
 ) -> ApiResult<impl IntoResponse> {
-    let tsdb = &s.shared.tsdb;
-    let older = match body.older_than {
-        Some(text) => millis("older_than", &text)?,
-        None => match tsdb.config().archive_after {
-            Some(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
-            None => {
-                return Err(ApiError::invalid(
-                    "no archive age: give older_than, or set [timeseries] archive_after",
-                ))
-            }
-        },
-    };
-    let done = tsdb.archive(now_ms(), older).await?;
+    let older = millis("older_than", &body.older_than)?;
+    let done = s.shared.tsdb.archive(now_ms(), older).await?;
     Ok(Json(json!(done)))
 }
 

@@ -180,10 +180,21 @@ pub async fn run(c: &Client, cmd: TimeseriesCmd) -> anyhow::Result<()> {
             output(c, &v, None);
         }
         TimeseriesCmd::Archive { older_than } => {
-            let body = match older_than {
-                Some(o) => json!({ "older_than": o }),
-                None => json!({}),
+            let older_than = match older_than {
+                Some(o) => o,
+                None => {
+                    let v = c
+                        .call(Method::GET, "/timeseries/archive?limit=1", None)
+                        .await?;
+                    match v["archive_after_ms"].as_u64() {
+                        Some(ms) => ms.to_string(),
+                        None => anyhow::bail!(
+                            "the server has no [timeseries] archive_after: give --older-than"
+                        ),
+                    }
+                }
             };
+            let body = json!({ "older_than": older_than });
             let v = c
                 .call(Method::POST, "/timeseries/archive", Some(body))
                 .await?;
