@@ -59,6 +59,16 @@ async fn done(e: Engine) {
     }
 }
 
+/// An integer the product has no query for, e.g. `SELECT COUNT(*) ...`, with one optional
+/// bound `$1`.
+async fn scalar(pool: &sqlx::AnyPool, sql: &str, bind: Option<i64>) -> i64 {
+    let mut q = sqlx::query(sql);
+    if let Some(b) = bind {
+        q = q.bind(b);
+    }
+    sqlx::Row::try_get(&q.fetch_one(pool).await.unwrap(), 0).unwrap()
+}
+
 /// A product with one device, and the series ids of `props`.
 async fn series(db: &Db, props: &[&str]) -> (String, Vec<i64>) {
     let p = registry::create_product(db, serde_json::from_value(json!({"name": "ts"})).unwrap())
@@ -77,16 +87,20 @@ async fn series(db: &Db, props: &[&str]) -> (String, Vec<i64>) {
 }
 
 async fn tsdb(db: &Db, chunk_points: usize) -> Arc<Tsdb> {
-    Tsdb::open(
-        db.clone(),
+    open(
+        db,
         TimeseriesConfig {
             chunk_points,
             ..TimeseriesConfig::default()
         },
-        Arc::new(Metrics::default()),
     )
     .await
-    .unwrap()
+}
+
+async fn open(db: &Db, config: TimeseriesConfig) -> Arc<Tsdb> {
+    Tsdb::open(db.clone(), config, Arc::new(Metrics::default()))
+        .await
+        .unwrap()
 }
 
 /// Stores rows as the writer does: committed, then told to the sealer's index.
@@ -218,14 +232,12 @@ async fn sealing_under_concurrent_ingest_loses_and_duplicates_nothing() {
         sealed += t.seal(true).await.unwrap().points;
         let total: usize = expected.iter().map(Vec::len).sum();
         assert_eq!(sealed, total, "every point sealed exactly once");
-        let chunks: i64 = sqlx::Row::try_get(
-            &sqlx::query("SELECT CAST(COALESCE(SUM(n), 0) AS BIGINT) FROM property_chunks")
-                .fetch_one(&e.pool)
-                .await
-                .unwrap(),
-            0,
+        let chunks = scalar(
+            &e.pool,
+            "SELECT CAST(COALESCE(SUM(n), 0) AS BIGINT) FROM property_chunks",
+            None,
         )
-        .unwrap();
+        .await;
         assert_eq!(chunks as usize, total);
         for (p, id) in ["count", "temp", "state", "pos"].iter().enumerate() {
             let want = sorted(expected[p].clone());
@@ -407,15 +419,12 @@ async fn retention_drops_whole_chunks_and_hides_older_points_at_once() {
         // 5 chunks of 60 minutes: the 2 that end before the cutoff go; the one that ends at it
         // and the newer ones stay.
         assert_eq!(chunks, 2, "whole chunks only");
-        let left: i64 = sqlx::Row::try_get(
-            &sqlx::query("SELECT COUNT(*) FROM property_chunks WHERE series_id = $1")
-                .bind(sids[0])
-                .fetch_one(&e.pool)
-                .await
-                .unwrap(),
-            0,
+        let left = scalar(
+            &e.pool,
+            "SELECT COUNT(*) FROM property_chunks WHERE series_id = $1",
+            Some(sids[0]),
         )
-        .unwrap();
+        .await;
         assert_eq!(left, 3);
         assert_eq!(all_points(&t, &pk, "temp", 1000, true).await, visible);
         // A property kept forever keeps all of it.
@@ -439,14 +448,7 @@ async fn a_damaged_chunk_is_reported_with_its_series_and_the_rest_answers() {
         t.seal(true).await.unwrap();
         ingest(&db, &t, &[(sids[0], 500_000, json!(500))]).await;
         let pool = e.pool.clone();
-        let id: i64 = sqlx::Row::try_get(
-            &sqlx::query("SELECT MIN(id) FROM property_chunks")
-                .fetch_one(&pool)
-                .await
-                .unwrap(),
-            0,
-        )
-        .unwrap();
+        let id = scalar(&pool, "SELECT MIN(id) FROM property_chunks", None).await;
         // Damage the chunk's bytes (same length, one bit flipped in its body).
         let data: Vec<u8> = sqlx::Row::try_get(
             &sqlx::query("SELECT data FROM property_chunks WHERE id = $1")
@@ -532,14 +534,7 @@ async fn small_chunks_of_a_slow_series_are_merged_without_changing_a_point() {
             .unwrap();
         // Per series: 9 chunks (63 points) fit one chunk of 64 and merge; the tenth stays.
         assert_eq!(t.compact(100).await.unwrap(), (18, 2));
-        let chunks: i64 = sqlx::Row::try_get(
-            &sqlx::query("SELECT COUNT(*) FROM property_chunks")
-                .fetch_one(&e.pool)
-                .await
-                .unwrap(),
-            0,
-        )
-        .unwrap();
+        let chunks = scalar(&e.pool, "SELECT COUNT(*) FROM property_chunks", None).await;
         assert_eq!(chunks, 4);
         same(
             &all_points(&t, &pk, "temp", 1000, true).await,
@@ -843,17 +838,15 @@ async fn policies_decide_what_device_posts_store_and_the_api_reads_rows_and_chun
 }
 
 async fn archiving(db: &Db, chunk_points: usize, dir: &std::path::Path) -> Arc<Tsdb> {
-    Tsdb::open(
-        db.clone(),
+    open(
+        db,
         TimeseriesConfig {
             chunk_points,
             archive_dir: Some(dir.to_path_buf()),
             ..TimeseriesConfig::default()
         },
-        Arc::new(Metrics::default()),
     )
     .await
-    .unwrap()
 }
 
 /// Parquet files under `dir`, relative, sorted.
@@ -913,14 +906,7 @@ async fn archiving_moves_old_chunks_into_parquet_and_every_query_reads_them_alik
 
         let a = t.archive(registry::now_ms(), 0).await.unwrap();
         assert_eq!((a.files, a.points), (5, 12_000), "{a:?}");
-        let chunks_left: i64 = sqlx::Row::try_get(
-            &sqlx::query("SELECT COUNT(*) FROM property_chunks")
-                .fetch_one(&e.pool)
-                .await
-                .unwrap(),
-            0,
-        )
-        .unwrap();
+        let chunks_left = scalar(&e.pool, "SELECT COUNT(*) FROM property_chunks", None).await;
         assert_eq!(chunks_left, 0);
         let files = t.archive_files(Some(&pk), 100).await.unwrap();
         let days: Vec<&str> = files.iter().rev().map(|f| f.day.as_str()).collect();

@@ -322,34 +322,14 @@ impl Tsdb {
                 .await?;
             let file_id: i64 = row.try_get(0)?;
             for (sid, s) in &f.series {
-                // Two statements rather than NULL floats (see tsdb::insert_chunks).
-                match (s.min, s.max, s.sum, s.first, s.last) {
-                    (Some(min), Some(max), Some(sum), Some(first), Some(last)) => {
-                        sqlx::query("INSERT INTO archive_series (file_id, series_id, start_ts, end_ts, n, vmin, vmax, vsum, vfirst, vlast) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
-                            .bind(file_id)
-                            .bind(sid)
-                            .bind(s.start)
-                            .bind(s.end)
-                            .bind(s.count as i64)
-                            .bind(min)
-                            .bind(max)
-                            .bind(sum)
-                            .bind(first)
-                            .bind(last)
-                            .execute(&mut *tx)
-                            .await?;
-                    }
-                    _ => {
-                        sqlx::query("INSERT INTO archive_series (file_id, series_id, start_ts, end_ts, n) VALUES ($1, $2, $3, $4, $5)")
-                            .bind(file_id)
-                            .bind(sid)
-                            .bind(s.start)
-                            .bind(s.end)
-                            .bind(s.count as i64)
-                            .execute(&mut *tx)
-                            .await?;
-                    }
-                }
+                super::insert_summarised(
+                    &mut tx,
+                    "archive_series",
+                    &[("file_id", file_id), ("series_id", *sid)],
+                    s,
+                    None,
+                )
+                .await?;
             }
         }
         tx.commit().await?;

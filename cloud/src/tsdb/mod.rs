@@ -537,39 +537,58 @@ async fn insert_chunks(
     for part in points.chunks(chunk_points.clamp(1, codec::MAX_POINTS)) {
         let (data, s) = codec::encode(part)
             .map_err(|e| StorageError::Conflict(format!("series {sid}: {e}")))?;
-        // Two statements rather than NULL floats: sqlx's Any driver sends a NULL double to
-        // PostgreSQL as a float4, and the cached statement then refuses the float8 of the
-        // next numeric chunk.
-        match (s.min, s.max, s.sum, s.first, s.last) {
-            (Some(min), Some(max), Some(sum), Some(first), Some(last)) => {
-                sqlx::query("INSERT INTO property_chunks (series_id, start_ts, end_ts, n, vmin, vmax, vsum, vfirst, vlast, data) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
-                    .bind(sid)
-                    .bind(s.start)
-                    .bind(s.end)
-                    .bind(s.count as i64)
-                    .bind(min)
-                    .bind(max)
-                    .bind(sum)
-                    .bind(first)
-                    .bind(last)
-                    .bind(data)
-                    .execute(&mut **tx)
-                    .await?;
-            }
-            _ => {
-                sqlx::query("INSERT INTO property_chunks (series_id, start_ts, end_ts, n, data) VALUES ($1, $2, $3, $4, $5)")
-                    .bind(sid)
-                    .bind(s.start)
-                    .bind(s.end)
-                    .bind(s.count as i64)
-                    .bind(data)
-                    .execute(&mut **tx)
-                    .await?;
-            }
-        }
+        insert_summarised(tx, "property_chunks", &[("series_id", sid)], &s, Some(data)).await?;
         n += 1;
     }
     Ok(n)
+}
+
+/// Inserts a row of `table` (`property_chunks`, `archive_series`) that summarises points:
+/// the `keys` columns, `start_ts`, `end_ts`, `n`, the five statistics columns when `s` has
+/// them, and `data` when given.
+pub(crate) async fn insert_summarised(
+    conn: &mut sqlx::AnyConnection,
+    table: &str,
+    keys: &[(&str, i64)],
+    s: &codec::Stats,
+    data: Option<Vec<u8>>,
+) -> Result<(), StorageError> {
+    // Two statement shapes rather than NULL floats: sqlx's Any driver sends a NULL double to
+    // PostgreSQL as a float4, and the cached statement then refuses the float8 of the next
+    // numeric row.
+    let stats = match (s.min, s.max, s.sum, s.first, s.last) {
+        (Some(min), Some(max), Some(sum), Some(first), Some(last)) => {
+            Some([min, max, sum, first, last])
+        }
+        _ => None,
+    };
+    let mut columns: Vec<&str> = keys.iter().map(|k| k.0).collect();
+    columns.extend(["start_ts", "end_ts", "n"]);
+    if stats.is_some() {
+        columns.extend(["vmin", "vmax", "vsum", "vfirst", "vlast"]);
+    }
+    if data.is_some() {
+        columns.push("data");
+    }
+    let marks: Vec<String> = (1..=columns.len()).map(|i| format!("${i}")).collect();
+    let sql = format!(
+        "INSERT INTO {table} ({}) VALUES ({})",
+        columns.join(", "),
+        marks.join(", ")
+    );
+    let mut q = sqlx::query(&sql);
+    for (_, v) in keys {
+        q = q.bind(*v);
+    }
+    q = q.bind(s.start).bind(s.end).bind(s.count as i64);
+    for v in stats.into_iter().flatten() {
+        q = q.bind(v);
+    }
+    if let Some(d) = data {
+        q = q.bind(d);
+    }
+    q.execute(conn).await?;
+    Ok(())
 }
 
 /// The sealer and the reaper, until `stop`.
