@@ -300,6 +300,7 @@ pub(crate) mod int {
     }
 }
 
+mod analytics;
 mod apps;
 pub mod doc;
 mod ota;
@@ -341,6 +342,7 @@ pub fn router(state: ApiState) -> Router {
         .merge(rules::routes())
         .merge(ota::routes())
         .merge(timeseries::routes())
+        .merge(analytics::routes())
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
         .route("/openapi.json", get(openapi));
     Router::new()

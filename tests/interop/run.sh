@@ -12,12 +12,14 @@
 #     found through NODE_PATH);
 #   - the edge's CoAP server against aiocoap (PyPI) and coap-client-notls (Debian libcoap3-bin),
 #     and an NB-IoT device upgraded through the edge (firmware/get, Block2 downloads by both);
-#   - the time-series archive's Parquet files read back by pyarrow.
-# Usage: tests/interop/run.sh PATH_TO_IRONLINK_CLOUD PYTHON_WITH_LINKKIT
+#   - the time-series archive's Parquet files read back by pyarrow;
+#   - analytics against their reference implementations: change points against ruptures.
+# Usage: tests/interop/run.sh PATH_TO_IRONLINK_CLOUD PYTHON_WITH_LINKKIT PYTHON_WITH_RUPTURES
 # Prints "N passed, N failed" last; exits non-zero on any failure.
 set -uo pipefail
 BIN=${1:?path to ironlink-cloud}
 PY=${2:?python with aliyun-iot-linkkit}
+APY=${3:?python with ruptures, pvlib and adtk}
 HERE=$(cd "$(dirname "$0")" && pwd)
 WORK=$(mktemp -d)
 PASS=0
@@ -140,6 +142,10 @@ check "CLI shows the linkkit device's latest properties and its answered call" \
 # back by pyarrow as a Hive-partitioned dataset and compared point by point with the API.
 check "Parquet archive: the linkkit device's history archived, read back by pyarrow (hive partitions, UTC timestamps), equal to the history API" \
     "$PY" "$HERE/archive_read.py" "$HTTP" "$IRONLINK_TOKEN" "$WORK/data/archive" "$TPK"
+
+# Analytics: the same answers as the reference implementations on the same data.
+check "change points: identical breakpoints to ruptures.Window (l2, normal, clinear; penalties and counts), missing points kept in place" \
+    "$APY" -W ignore "$HERE/changepoints.py" "$HTTP" "$IRONLINK_TOKEN"
 
 # OTA: a linkkit device is upgraded by a campaign: push, SDK download with its sign checked,
 # curl resuming a ranged download, pull, progress, new version.

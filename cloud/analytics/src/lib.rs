@@ -3,3 +3,4 @@
 //! firmware SDK and the protocol crates never see it).
 
 pub mod archive;
+pub mod changepoint;
