@@ -2,6 +2,7 @@
 #![warn(missing_docs)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod analytics_bench;
 pub mod apps_bench;
 pub mod bench;
 pub mod cloud_process;

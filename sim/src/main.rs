@@ -292,6 +292,19 @@ enum Bench {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Analytics against the reference implementations in the same run: change points vs
+    /// ruptures (time and identical breakpoints).
+    Analytics {
+        /// Points per change-point signal.
+        #[arg(long, default_value_t = 20_000)]
+        points: usize,
+        /// A Python with ruptures (and pvlib, adtk).
+        #[arg(long)]
+        python: PathBuf,
+        /// Write the report as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Time-series storage on a generated fleet: bytes per point vs plain rows and Parquet+zstd
     /// (polars), ingest with sealing running, 1-minute downsampling.
     Timeseries {
@@ -603,6 +616,24 @@ async fn run() -> anyhow::Result<()> {
             };
             let r = ironlink_sim::gateway::run(&o).await?;
             println!("{}", serde_json::to_string_pretty(&r)?);
+        }
+        Cmd::Bench {
+            which:
+                Bench::Analytics {
+                    points,
+                    python,
+                    json,
+                },
+        } => {
+            let o = ironlink_sim::analytics_bench::AnalyticsBench {
+                points: points.clamp(200, 10_000_000),
+                python,
+            };
+            let r = ironlink_sim::analytics_bench::run(&o)?;
+            print!("{}", ironlink_sim::analytics_bench::table(&r));
+            if let Some(path) = json {
+                std::fs::write(path, serde_json::to_string_pretty(&r)?)?;
+            }
         }
         Cmd::Bench {
             which:

@@ -13,7 +13,8 @@
 #   - the edge's CoAP server against aiocoap (PyPI) and coap-client-notls (Debian libcoap3-bin),
 #     and an NB-IoT device upgraded through the edge (firmware/get, Block2 downloads by both);
 #   - the time-series archive's Parquet files read back by pyarrow;
-#   - analytics against their reference implementations: change points against ruptures.
+#   - analytics against their reference implementations: change points against ruptures, PV
+#     IV curves against pvlib, point anomalies next to adtk's detectors.
 # Usage: tests/interop/run.sh PATH_TO_IRONLINK_CLOUD PYTHON_WITH_LINKKIT PYTHON_WITH_RUPTURES
 # Prints "N passed, N failed" last; exits non-zero on any failure.
 set -uo pipefail
@@ -146,6 +147,10 @@ check "Parquet archive: the linkkit device's history archived, read back by pyar
 # Analytics: the same answers as the reference implementations on the same data.
 check "change points: identical breakpoints to ruptures.Window (l2, normal, clinear; penalties and counts), missing points kept in place" \
     "$APY" -W ignore "$HERE/changepoints.py" "$HTTP" "$IRONLINK_TOKEN"
+check "PV: simulated IV curves equal pvlib's single-diode solution; pvlib's healthy, open-string, Rs- and Rsh-aged curves diagnosed as such" \
+    "$APY" -W ignore "$HERE/pv_pvlib.py" "$HTTP" "$IRONLINK_TOKEN"
+check "anomalies: one pooled model finds ≥90 % of injected spikes with an F1 no worse than adtk's best per-series detector on the same data" \
+    "$APY" -W ignore "$HERE/anomaly_adtk.py" "$HTTP" "$IRONLINK_TOKEN"
 
 # OTA: a linkkit device is upgraded by a campaign: push, SDK download with its sign checked,
 # curl resuming a ranged download, pull, progress, new version.

@@ -1,13 +1,16 @@
 //! Analytics endpoints: change points of a signal given inline or of a property's stored
-//! history (sliding window of two sub-windows, as `ruptures.Window`).
+//! history (sliding window of two sub-windows, as `ruptures.Window`); PV arrays' IV curves
+//! simulated and diagnosed.
 
 use super::{require_device, ApiError, ApiJson, ApiQuery, ApiResult, ApiState};
 use axum::extract::{Path, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use ironlink_analytics::changepoint::{self, CostKind, Stop, Window};
+use ironlink_analytics::{anomaly, pv};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::sync::Arc;
 
 /// Most points one change-point request may look at (a longer history: narrow the range).
 pub const MAX_POINTS: usize = 1_000_000;
@@ -19,6 +22,165 @@ pub(super) fn routes() -> Router<ApiState> {
             "/devices/:pk/:dn/properties/:id/changepoints",
             get(history_changepoints),
         )
+        .route("/analytics/anomaly/detect", post(anomaly_detect))
+        .route("/analytics/pv/simulate", post(pv_simulate))
+        .route("/analytics/pv/diagnose", post(pv_diagnose))
+}
+
+/// An array of the reference module (96 cells, 220 W: pvlib's CS5P-220M example) under
+/// given conditions.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PvArray {
+    /// Plane-of-array irradiance, W/m².
+    #[schema(minimum = 50.0, maximum = 1500.0)]
+    irradiance: f64,
+    /// Cell temperature, °C.
+    #[schema(minimum = -40.0, maximum = 100.0)]
+    temperature: f64,
+    /// Modules in series in each string.
+    #[schema(minimum = 1, maximum = 100)]
+    modules: u32,
+    /// Strings in parallel.
+    #[schema(minimum = 1, maximum = 20)]
+    strings: u32,
+}
+
+impl PvArray {
+    fn check(&self) -> ApiResult<pv::Array> {
+        if !(50.0..=1500.0).contains(&self.irradiance)
+            || !(-40.0..=100.0).contains(&self.temperature)
+            || !(1..=100).contains(&self.modules)
+            || !(1..=20).contains(&self.strings)
+        {
+            return Err(ApiError::invalid(
+                "irradiance 50..1500 W/m², temperature -40..100 °C, modules 1..100, strings 1..20",
+            ));
+        }
+        Ok(pv::Array {
+            module: pv::Module::default(),
+            modules: self.modules as usize,
+            strings: self.strings as usize,
+        })
+    }
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SimulateBody {
+    #[serde(flatten)]
+    array: PvArray,
+    /// Points of the curve, evenly spaced in voltage from 0 to Voc (default 100).
+    #[schema(minimum = 10, maximum = 10000)]
+    points: Option<u32>,
+}
+
+#[utoipa::path(
+    post,
+    path = "/analytics/pv/simulate",
+    tag = "analytics",
+    operation_id = "pv_simulate",
+    summary = "The expected IV curve of a healthy PV array",
+    description = "Single-diode model (De Soto, as pvlib's calcparams_desoto + singlediode) of the reference module, scaled to the array: what a healthy array should measure at this irradiance and temperature.",
+    request_body = SimulateBody,
+    responses((status = 200, description = "The curve and its key points", body = super::doc::Object))
+)]
+async fn pv_simulate(
+    State(_): State<ApiState>,
+    ApiJson(body): ApiJson<SimulateBody>,
+) -> ApiResult<Json<Value>> {
+    let a = body.array.check()?;
+    let points = body.points.unwrap_or(100).clamp(10, 10_000) as usize;
+    let c = pv::Condition::healthy(&a, body.array.irradiance, body.array.temperature);
+    let curve = a.simulate(&c, points);
+    let (isc, voc, vmp, imp) = a
+        .module
+        .at(body.array.irradiance, body.array.temperature)
+        .key_points();
+    let (s, p) = (a.modules as f64, a.strings as f64);
+    Ok(Json(json!({
+        "voltage": curve.v,
+        "current": curve.i,
+        "isc": isc * p,
+        "voc": voc * s,
+        "vmp": vmp * s,
+        "imp": imp * p,
+        "pmp": vmp * imp * s * p,
+    })))
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct DiagnoseBody {
+    #[serde(flatten)]
+    array: PvArray,
+    /// The measured curve: `[voltage V, current A]` pairs in any order (at least 10).
+    #[schema(min_items = 10, max_items = 100000)]
+    points: Vec<[f64; 2]>,
+}
+
+/// The diagnosis model, trained once on first use (≈0.5 s optimised).
+static DIAGNOSER: tokio::sync::OnceCell<Arc<pv::Diagnoser>> = tokio::sync::OnceCell::const_new();
+
+async fn diagnoser() -> ApiResult<Arc<pv::Diagnoser>> {
+    DIAGNOSER
+        .get_or_try_init(|| async {
+            tokio::task::spawn_blocking(|| {
+                pv::Diagnoser::train(pv::Module::default(), pv::TRAIN_PER_CLASS, pv::TREES, 1)
+                    .map(Arc::new)
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r)
+            .map_err(|e| internal(format!("training the PV model failed: {e}")))
+        })
+        .await
+        .cloned()
+}
+
+fn internal(message: String) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        message,
+    )
+}
+
+#[utoipa::path(
+    post,
+    path = "/analytics/pv/diagnose",
+    tag = "analytics",
+    operation_id = "pv_diagnose",
+    summary = "Which fault a measured PV IV curve shows",
+    description = "The curve is corrected to STC by IEC 60891 (procedure 2), resampled by nearest neighbour onto a uniform voltage grid and classified by a random forest trained on simulated arrays of the reference module: `normal`, `partial_shading`, `series_resistance_ageing`, `shunt_resistance_ageing`, `open_string` or `short_circuited_module`, with `confidence` (the share of the trees' votes) and every class's share.",
+    request_body = DiagnoseBody,
+    responses((status = 200, description = "The fault and the votes", body = super::doc::Object))
+)]
+async fn pv_diagnose(
+    State(_): State<ApiState>,
+    ApiJson(body): ApiJson<DiagnoseBody>,
+) -> ApiResult<Json<Value>> {
+    let a = body.array.check()?;
+    let model = diagnoser().await?;
+    let curve = pv::Curve {
+        v: body.points.iter().map(|p| p[0]).collect(),
+        i: body.points.iter().map(|p| p[1]).collect(),
+        irradiance: body.array.irradiance,
+        temperature: body.array.temperature,
+    };
+    let d = model
+        .diagnose(a.modules, a.strings, &curve)
+        .map_err(|e| ApiError::invalid(e.to_string()))?;
+    let votes: serde_json::Map<String, Value> = d
+        .votes
+        .iter()
+        .map(|(f, share)| (f.name().to_string(), json!(share)))
+        .collect();
+    Ok(Json(json!({
+        "fault": d.fault.name(),
+        "confidence": d.confidence,
+        "votes": votes,
+    })))
 }
 
 /// How to look for changes (shared by the inline and the history form).
@@ -119,13 +281,7 @@ impl Detector {
             })
         })
         .await
-        .map_err(|e| {
-            ApiError::new(
-                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                format!("change-point detection failed: {e}"),
-            )
-        })?
+        .map_err(|e| internal(format!("change-point detection failed: {e}")))?
     }
 }
 
@@ -272,4 +428,103 @@ async fn history_changepoints(
         body["damaged"] = json!(damaged);
     }
     Ok(Json(body))
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AnomalyBody {
+    /// The series, each in time order; `null` marks a missing point (skipped: it neither
+    /// scores nor enters the lags; indices still count it).
+    #[schema(min_items = 1, max_items = 10000)]
+    series: Vec<Vec<Option<f64>>>,
+    /// Train on the first this many points of each series (default: all of them).
+    #[schema(minimum = 1)]
+    train_points: Option<u64>,
+    /// `1%` (low: fewest alarms), `3%` (default) or `5%` (high): about this share of
+    /// ordinary points falls outside the interval.
+    #[schema(pattern = "^(1|3|5)%$")]
+    sensitivity: Option<String>,
+    /// Lags the forecast looks at (default 16).
+    #[schema(minimum = 1, maximum = 256)]
+    lags: Option<u32>,
+}
+
+#[utoipa::path(
+    post,
+    path = "/analytics/anomaly/detect",
+    tag = "analytics",
+    operation_id = "anomaly_detect",
+    summary = "Point anomalies of many series with one pooled model",
+    description = "Each series is normalised by its own robust scale (and differenced when it trends or wanders); ONE ridge autoregression on the last `lags` values is trained over every series' first `train_points`; every point is then scored online against the forecast's interval at the sensitivity level. A spike's forecast stands in for it in the lags, so the quick recovery after it is not flagged; after 5 anomalies in a row the series is taken to have moved to a new level (reported in `level_shifts`) and re-anchored. Too little data (fewer than 20 × (lags + 1) training windows over all series) is refused with the reason.",
+    request_body = AnomalyBody,
+    responses((status = 200, description = "Anomalous indices per series, and the model", body = super::doc::Object))
+)]
+async fn anomaly_detect(
+    State(_): State<ApiState>,
+    ApiJson(body): ApiJson<AnomalyBody>,
+) -> ApiResult<Json<Value>> {
+    let level = match body.sensitivity.as_deref().unwrap_or("3%") {
+        "1%" => 0,
+        "3%" => 1,
+        "5%" => 2,
+        other => {
+            return Err(ApiError::invalid(format!(
+                "sensitivity `{other}` must be 1%, 3% or 5%"
+            )))
+        }
+    };
+    let lags = body.lags.unwrap_or(16) as usize;
+    let train_points = body.train_points.map_or(usize::MAX, |n| n as usize);
+    tokio::task::spawn_blocking(move || {
+        let clean: Vec<Vec<f64>> = body
+            .series
+            .iter()
+            .map(|s| {
+                s.iter()
+                    .take(train_points)
+                    .filter_map(|v| v.filter(|v| v.is_finite()))
+                    .collect()
+            })
+            .collect();
+        let mut train: Vec<(anomaly::Normal, &[f64])> = clean
+            .iter()
+            .map(|s| (anomaly::Normal::of(s), s.as_slice()))
+            .collect();
+        let model = anomaly::Model::train(
+            &mut train,
+            anomaly::Train {
+                lags,
+                ..anomaly::Train::default()
+            },
+        )
+        .map_err(|e| ApiError::invalid(e.to_string()))?;
+        let normals: Vec<anomaly::Normal> = train.iter().map(|(n, _)| *n).collect();
+        let mut anomalies = Vec::new();
+        let mut shifts = Vec::new();
+        for (series, normal) in body.series.iter().zip(&normals) {
+            let mut scorer = anomaly::Scorer::new(*normal, level);
+            let (mut a, mut s) = (Vec::new(), Vec::new());
+            for (i, v) in series.iter().enumerate() {
+                let Some(score) = v.and_then(|v| scorer.push(&model, v)) else {
+                    continue;
+                };
+                if score.anomaly {
+                    a.push(i);
+                }
+                if score.level_shift {
+                    s.push(i);
+                }
+            }
+            anomalies.push(a);
+            shifts.push(s);
+        }
+        Ok(Json(json!({
+            "anomalies": anomalies,
+            "level_shifts": shifts,
+            "differenced": normals.iter().map(|n| n.differenced).collect::<Vec<_>>(),
+            "model": model,
+        })))
+    })
+    .await
+    .map_err(|e| internal(format!("anomaly detection failed: {e}")))?
 }
