@@ -7,9 +7,7 @@ no worse than adtk's best detector on the same data.
 
 Usage: anomaly_adtk.py HTTP TOKEN
 """
-import json
 import sys
-import urllib.request
 import warnings
 
 import numpy as np
@@ -18,19 +16,11 @@ from adtk.data import validate_series
 from adtk.detector import (AutoregressionAD, GeneralizedESDTestAD, InterQuartileRangeAD,
                            PersistAD, QuantileAD)
 
+from ironlink_api import Api
+
 warnings.filterwarnings("ignore")
 http, token = sys.argv[1:3]
-
-
-def api(method, path, body=None):
-    req = urllib.request.Request(
-        f"{http}/api/v1{path}",
-        method=method,
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(req, timeout=300) as r:
-        return json.load(r)
+api = Api(http, token)
 
 
 rng = np.random.default_rng(21)

@@ -6,22 +6,13 @@ Usage: archive_read.py HTTP TOKEN ARCHIVE_DIR PRODUCT_KEY
 """
 import json
 import sys
-import urllib.request
 
 import pyarrow.dataset as ds
 
+from ironlink_api import Api
+
 http, token, archive_dir, pk = sys.argv[1:5]
-
-
-def api(method, path, body=None):
-    req = urllib.request.Request(
-        f"{http}/api/v1{path}",
-        method=method,
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.load(r)
+api = Api(http, token)
 
 
 api("POST", "/timeseries/seal")

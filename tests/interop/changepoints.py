@@ -6,25 +6,15 @@ indices still count them; a stored property's history gives the same changes wit
 
 Usage: changepoints.py HTTP TOKEN
 """
-import json
 import sys
-import urllib.request
 
 import numpy as np
 import ruptures as rpt
 
+from ironlink_api import Api
+
 http, token = sys.argv[1:3]
-
-
-def api(method, path, body=None):
-    req = urllib.request.Request(
-        f"{http}/api/v1{path}",
-        method=method,
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(req, timeout=60) as r:
-        return json.load(r)
+api = Api(http, token)
 
 
 def mean_shift(rng, n, k):

@@ -6,33 +6,19 @@ such by `POST /analytics/pv/diagnose`. Bad curves are refused with a reason.
 
 Usage: pv_pvlib.py HTTP TOKEN
 """
-import json
 import sys
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pvlib
 
+from ironlink_api import Api
+
 http, token = sys.argv[1:3]
+api = Api(http, token).call
 
 # The reference module (pvlib's CS5P-220M example parameters).
 MODULE = dict(alpha_sc=0.004539, a_ref=2.6373, I_L_ref=5.114, I_o_ref=8.196e-10,
               R_sh_ref=381.68, R_s=1.065, EgRef=1.121, dEgdT=-0.0002677)
-
-
-def api(method, path, body=None):
-    req = urllib.request.Request(
-        f"{http}/api/v1{path}",
-        method=method,
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, json.load(r)
-    except urllib.error.HTTPError as e:
-        return e.code, json.load(e)
 
 
 def params(g, t, rs=1.0, rsh=1.0):
