@@ -53,7 +53,7 @@ def pvlib_curve(g, t, s, p, strings_on=None, rs=1.0, rsh=1.0, n=120):
     vm = np.sort(rng.uniform(0, voc, n))  # a tracer's uneven steps
     i = np.maximum(pvlib.pvsystem.i_from_v(vm, il, io, r_s, r_sh, a, method="lambertw"), 0)
     on = p if strings_on is None else strings_on
-    return [[float(x * s), float(y * on)] for x, y in zip(vm, i)]
+    return [{"v": float(x * s), "i": float(y * on)} for x, y in zip(vm, i)]
 
 
 cases = [
@@ -73,9 +73,9 @@ for g, t in ((900, 40), (600, 25)):
 
 # Refusals with a reason, never a crash.
 status, got = api("POST", "/analytics/pv/diagnose",
-                  {"irradiance": 800, "temperature": 25, "modules": 12, "strings": 4, "points": [[1, 1]] * 3})
+                  {"irradiance": 800, "temperature": 25, "modules": 12, "strings": 4, "points": [{"v": 1, "i": 1}] * 3})
 assert status in (400, 422) and got["message"], got
 status, got = api("POST", "/analytics/pv/diagnose",
-                  {"irradiance": 5, "temperature": 25, "modules": 12, "strings": 4, "points": [[1, 1]] * 20})
+                  {"irradiance": 5, "temperature": 25, "modules": 12, "strings": 4, "points": [{"v": 1, "i": 1}] * 20})
 assert status == 400 and "irradiance" in got["message"], got
 print(f"simulated curves within {worst:.1e} of pvlib; {len(cases) * 2} pvlib curves diagnosed right")

@@ -27,11 +27,28 @@ pub(super) fn routes() -> Router<ApiState> {
         .route("/analytics/pv/diagnose", post(pv_diagnose))
 }
 
-/// An array of the reference module (96 cells, 220 W: pvlib's CS5P-220M example) under
-/// given conditions.
+/// An array of the reference module (96 cells, 220 W: pvlib's CS5P-220M example), checked.
+fn pv_array(irradiance: f64, temperature: f64, modules: u32, strings: u32) -> ApiResult<pv::Array> {
+    if !(50.0..=1500.0).contains(&irradiance)
+        || !(-40.0..=100.0).contains(&temperature)
+        || !(1..=100).contains(&modules)
+        || !(1..=20).contains(&strings)
+    {
+        return Err(ApiError::invalid(
+            "irradiance 50..1500 W/m², temperature -40..100 °C, modules 1..100, strings 1..20",
+        ));
+    }
+    Ok(pv::Array {
+        module: pv::Module::default(),
+        modules: modules as usize,
+        strings: strings as usize,
+    })
+}
+
+/// A healthy array of the reference module under given conditions.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub(super) struct PvArray {
+pub(super) struct SimulateBody {
     /// Plane-of-array irradiance, W/m².
     #[schema(minimum = 50.0, maximum = 1500.0)]
     irradiance: f64,
@@ -39,38 +56,15 @@ pub(super) struct PvArray {
     #[schema(minimum = -40.0, maximum = 100.0)]
     temperature: f64,
     /// Modules in series in each string.
+    #[serde(deserialize_with = "super::int::req")]
     #[schema(minimum = 1, maximum = 100)]
     modules: u32,
     /// Strings in parallel.
+    #[serde(deserialize_with = "super::int::req")]
     #[schema(minimum = 1, maximum = 20)]
     strings: u32,
-}
-
-impl PvArray {
-    fn check(&self) -> ApiResult<pv::Array> {
-        if !(50.0..=1500.0).contains(&self.irradiance)
-            || !(-40.0..=100.0).contains(&self.temperature)
-            || !(1..=100).contains(&self.modules)
-            || !(1..=20).contains(&self.strings)
-        {
-            return Err(ApiError::invalid(
-                "irradiance 50..1500 W/m², temperature -40..100 °C, modules 1..100, strings 1..20",
-            ));
-        }
-        Ok(pv::Array {
-            module: pv::Module::default(),
-            modules: self.modules as usize,
-            strings: self.strings as usize,
-        })
-    }
-}
-
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub(super) struct SimulateBody {
-    #[serde(flatten)]
-    array: PvArray,
     /// Points of the curve, evenly spaced in voltage from 0 to Voc (default 100).
+    #[serde(default, deserialize_with = "super::int::opt")]
     #[schema(minimum = 10, maximum = 10000)]
     points: Option<u32>,
 }
@@ -89,14 +83,16 @@ async fn pv_simulate(
     State(_): State<ApiState>,
     ApiJson(body): ApiJson<SimulateBody>,
 ) -> ApiResult<Json<Value>> {
-    let a = body.array.check()?;
+    let a = pv_array(
+        body.irradiance,
+        body.temperature,
+        body.modules,
+        body.strings,
+    )?;
     let points = body.points.unwrap_or(100).clamp(10, 10_000) as usize;
-    let c = pv::Condition::healthy(&a, body.array.irradiance, body.array.temperature);
+    let c = pv::Condition::healthy(&a, body.irradiance, body.temperature);
     let curve = a.simulate(&c, points);
-    let (isc, voc, vmp, imp) = a
-        .module
-        .at(body.array.irradiance, body.array.temperature)
-        .key_points();
+    let (isc, voc, vmp, imp) = a.module.at(body.irradiance, body.temperature).key_points();
     let (s, p) = (a.modules as f64, a.strings as f64);
     Ok(Json(json!({
         "voltage": curve.v,
@@ -109,14 +105,37 @@ async fn pv_simulate(
     })))
 }
 
+/// A measured curve of an array of the reference module.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct DiagnoseBody {
-    #[serde(flatten)]
-    array: PvArray,
-    /// The measured curve: `[voltage V, current A]` pairs in any order (at least 10).
+    /// Plane-of-array irradiance during the sweep, W/m².
+    #[schema(minimum = 50.0, maximum = 1500.0)]
+    irradiance: f64,
+    /// Cell temperature during the sweep, °C.
+    #[schema(minimum = -40.0, maximum = 100.0)]
+    temperature: f64,
+    /// Modules in series in each string.
+    #[serde(deserialize_with = "super::int::req")]
+    #[schema(minimum = 1, maximum = 100)]
+    modules: u32,
+    /// Strings in parallel.
+    #[serde(deserialize_with = "super::int::req")]
+    #[schema(minimum = 1, maximum = 20)]
+    strings: u32,
+    /// The measured curve, points in any order (at least 10).
     #[schema(min_items = 10, max_items = 100000)]
-    points: Vec<[f64; 2]>,
+    points: Vec<IvPoint>,
+}
+
+/// One point of an IV curve.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct IvPoint {
+    /// Voltage, V.
+    v: f64,
+    /// Current, A.
+    i: f64,
 }
 
 /// The diagnosis model, trained once on first use (≈0.5 s optimised).
@@ -160,13 +179,18 @@ async fn pv_diagnose(
     State(_): State<ApiState>,
     ApiJson(body): ApiJson<DiagnoseBody>,
 ) -> ApiResult<Json<Value>> {
-    let a = body.array.check()?;
+    let a = pv_array(
+        body.irradiance,
+        body.temperature,
+        body.modules,
+        body.strings,
+    )?;
     let model = diagnoser().await?;
     let curve = pv::Curve {
-        v: body.points.iter().map(|p| p[0]).collect(),
-        i: body.points.iter().map(|p| p[1]).collect(),
-        irradiance: body.array.irradiance,
-        temperature: body.array.temperature,
+        v: body.points.iter().map(|p| p.v).collect(),
+        i: body.points.iter().map(|p| p.i).collect(),
+        irradiance: body.irradiance,
+        temperature: body.temperature,
     };
     let d = model
         .diagnose(a.modules, a.strings, &curve)
@@ -252,7 +276,8 @@ impl Detector {
                 starts: Vec::new(),
                 penalty: None,
             };
-            if n < window.min_size.max(2) {
+            // Too short for any cost (clinear needs 3 points): nothing to find.
+            if n < window.min_size.max(3) {
                 return Ok(empty);
             }
             let (stop, used) = match (wanted, penalty) {
@@ -264,7 +289,9 @@ impl Detector {
                 }
                 (None, Some(p)) => (Stop::Penalty(p), Some(p)),
                 (None, None) => {
+                    // Values near f64::MAX overflow the estimate: then nothing is a change.
                     let p = changepoint::default_penalty(kind, &values, 1);
+                    let p = if p.is_finite() { p } else { f64::MAX };
                     (Stop::Penalty(p), Some(p))
                 }
             };
@@ -306,13 +333,47 @@ fn segments(values: &[f64], starts: &[usize]) -> Vec<(usize, usize, f64)> {
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub(super) struct InlineBody {
     /// The signal, one number a point, in order; `null` marks a missing point (left out;
     /// indices in the answer still count it).
     #[schema(max_items = 1000000)]
     values: Vec<Option<f64>>,
-    #[serde(flatten)]
-    detector: Detector,
+    /// `l2` (mean shift, default), `normal` (mean and variance shift) or `clinear`.
+    #[schema(pattern = "^(l2|normal|clinear)$")]
+    cost: Option<String>,
+    /// Points in the whole window (default 100; rounded down to even).
+    #[serde(default, deserialize_with = "super::int::opt")]
+    #[schema(minimum = 6, maximum = 100000)]
+    width: Option<u32>,
+    /// Score every `jump`-th point (default 5).
+    #[serde(default, deserialize_with = "super::int::opt")]
+    #[schema(minimum = 1, maximum = 10000)]
+    jump: Option<u32>,
+    /// Fewest points between two changes (default 2).
+    #[serde(default, deserialize_with = "super::int::opt")]
+    #[schema(minimum = 1, maximum = 10000)]
+    min_size: Option<u32>,
+    /// Take changes while each lowers the total cost by more than this (default: BIC-like).
+    #[schema(minimum = 0.0)]
+    penalty: Option<f64>,
+    /// Instead of a penalty: at most this many changes, best first.
+    #[serde(default, deserialize_with = "super::int::opt")]
+    #[schema(minimum = 0, maximum = 10000)]
+    breakpoints: Option<u32>,
+}
+
+impl InlineBody {
+    fn detector(&self) -> Detector {
+        Detector {
+            cost: self.cost.clone(),
+            width: self.width,
+            jump: self.jump,
+            min_size: self.min_size,
+            penalty: self.penalty,
+            breakpoints: self.breakpoints,
+        }
+    }
 }
 
 #[utoipa::path(
@@ -336,7 +397,7 @@ async fn changepoints(
         .enumerate()
         .filter_map(|(i, v)| v.filter(|v| v.is_finite()).map(|v| (i, v)))
         .unzip();
-    let found = body.detector.run(values.clone()).await?;
+    let found = body.detector().run(values.clone()).await?;
     let total = body.values.len();
     let index = |k: usize| at.get(k).copied().unwrap_or(total);
     let segs: Vec<Value> = segments(&values, &found.starts)
@@ -438,6 +499,7 @@ pub(super) struct AnomalyBody {
     #[schema(min_items = 1, max_items = 10000)]
     series: Vec<Vec<Option<f64>>>,
     /// Train on the first this many points of each series (default: all of them).
+    #[serde(default, deserialize_with = "super::int::opt")]
     #[schema(minimum = 1)]
     train_points: Option<u64>,
     /// `1%` (low: fewest alarms), `3%` (default) or `5%` (high): about this share of
@@ -445,6 +507,7 @@ pub(super) struct AnomalyBody {
     #[schema(pattern = "^(1|3|5)%$")]
     sensitivity: Option<String>,
     /// Lags the forecast looks at (default 16).
+    #[serde(default, deserialize_with = "super::int::opt")]
     #[schema(minimum = 1, maximum = 256)]
     lags: Option<u32>,
 }
