@@ -152,6 +152,21 @@ check "PV: simulated IV curves equal pvlib's single-diode solution; pvlib's heal
 check "anomalies: one pooled model finds ≥90 % of injected spikes with an F1 no worse than adtk's best per-series detector on the same data" \
     "$APY" -W ignore "$HERE/anomaly_adtk.py" "$HTTP" "$IRONLINK_TOKEN"
 
+# The CLI over the same endpoints: change points of the linkkit device's (archived) history, and
+# a healthy array's expected curve written as CSV, diagnosed as normal.
+cli_analytics() {
+    "$BIN" analytics changepoints "$TPK" lk-thing1 temperature --from 0 --json |
+        "$PY" -c "import json,sys; v=json.load(sys.stdin); assert v['points'] >= 1 and 'changes' in v, v" || return 1
+    curl -sf -X POST -H "Authorization: Bearer $IRONLINK_TOKEN" -H 'Content-Type: application/json' \
+        -d '{"irradiance": 800, "temperature": 30, "modules": 12, "strings": 4, "points": 60}' \
+        "$HTTP/api/v1/analytics/pv/simulate" |
+        "$PY" -c "import json,sys; v=json.load(sys.stdin); print('voltage,current'); [print(f'{a},{b}') for a, b in zip(v['voltage'], v['current'])]" \
+        >"$WORK/curve.csv" || return 1
+    "$BIN" analytics pv-diagnose "$WORK/curve.csv" --irradiance 800 --temperature 30 --modules 12 --strings 4 --json |
+        "$PY" -c "import json,sys; v=json.load(sys.stdin); assert v['fault'] == 'normal', v"
+}
+check "CLI: analytics changepoints over the linkkit device's history; analytics pv-diagnose of a CSV curve" cli_analytics
+
 # OTA: a linkkit device is upgraded by a campaign: push, SDK download with its sign checked,
 # curl resuming a ranged download, pull, progress, new version.
 OPK=$("$BIN" product create ota-interop --json | json "['product_key']")

@@ -10,8 +10,10 @@ use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+mod analytics;
 mod ota;
 mod timeseries;
+pub use analytics::AnalyticsCmd;
 pub use ota::{CampaignCmd, CreateArgs, OtaCmd, PackageCmd};
 pub use timeseries::{PolicyCmd, TimeseriesCmd};
 
@@ -90,6 +92,15 @@ pub enum Command {
         #[command(subcommand)]
         cmd: TimeseriesCmd,
     },
+    /// Analytics: change points of a property's history, PV IV-curve diagnosis.
+    Analytics {
+        /// Server connection.
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Analytics action.
+        #[command(subcommand)]
+        cmd: AnalyticsCmd,
+    },
     /// Publish a downlink message to one of a device's topics.
     Pub {
         /// Server connection.
@@ -121,6 +132,7 @@ impl Command {
             | Command::Rule { client, .. }
             | Command::Script { client, .. }
             | Command::Timeseries { client, .. }
+            | Command::Analytics { client, .. }
             | Command::Pub { client, .. } => client.json,
         }
     }
@@ -1099,6 +1111,7 @@ pub async fn run_admin(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Ota { cmd } => ota::run(cmd).await?,
         Command::Timeseries { client, cmd } => timeseries::run(&Client::new(&client)?, cmd).await?,
+        Command::Analytics { client, cmd } => analytics::run(&Client::new(&client)?, cmd).await?,
         Command::Serve(_) => bail!("serve is not an admin command"),
         Command::Product { client, cmd } => {
             let c = Client::new(&client)?;

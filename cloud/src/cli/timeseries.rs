@@ -101,7 +101,7 @@ pub enum PolicyCmd {
     },
 }
 
-fn query_string(pairs: &[(&str, Option<String>)]) -> String {
+pub(super) fn query_string(pairs: &[(&str, Option<String>)]) -> String {
     pairs
         .iter()
         .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", urlencode(v))))
