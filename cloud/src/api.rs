@@ -35,6 +35,8 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// Where in a text the request sent the error is (`line`, `column`, 1-based).
+    at: Option<(u64, u64)>,
 }
 
 impl ApiError {
@@ -43,6 +45,15 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            at: None,
+        }
+    }
+
+    /// A text the request sent (a SQL query) refused at a line and column.
+    fn at(message: impl Into<String>, line: u64, column: u64) -> Self {
+        Self {
+            at: Some((line, column)),
+            ..Self::new(StatusCode::BAD_REQUEST, "sql_error", message)
         }
     }
 
@@ -57,11 +68,13 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(json!({"code": self.code, "message": self.message})),
-        )
-            .into_response()
+        let body = match self.at {
+            Some((line, column)) => {
+                json!({"code": self.code, "message": self.message, "line": line, "column": column})
+            }
+            None => json!({"code": self.code, "message": self.message}),
+        };
+        (self.status, Json(body)).into_response()
     }
 }
 
@@ -303,6 +316,7 @@ pub(crate) mod int {
 mod analytics;
 mod apps;
 pub mod doc;
+mod jobs;
 mod ota;
 mod rules;
 pub mod serve;
@@ -343,6 +357,7 @@ pub fn router(state: ApiState) -> Router {
         .merge(ota::routes())
         .merge(timeseries::routes())
         .merge(analytics::routes())
+        .merge(jobs::routes())
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
         .route("/openapi.json", get(openapi));
     Router::new()

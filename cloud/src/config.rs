@@ -38,6 +38,8 @@ pub struct Config {
     pub ota: crate::ota::OtaConfig,
     /// Time-series storage: chunking and retention.
     pub timeseries: crate::tsdb::TimeseriesConfig,
+    /// Analytics jobs: worker limits and concurrency.
+    pub analytics: crate::jobs::AnalyticsConfig,
 }
 
 impl Default for Config {
@@ -56,6 +58,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             ota: crate::ota::OtaConfig::default(),
             timeseries: crate::tsdb::TimeseriesConfig::default(),
+            analytics: crate::jobs::AnalyticsConfig::default(),
         }
     }
 }

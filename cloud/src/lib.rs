@@ -10,6 +10,7 @@ pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod datadir;
+pub mod jobs;
 pub mod lifecycle;
 pub mod logging;
 pub mod metrics;

@@ -7,6 +7,9 @@ use ironlink_cloud::server;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::AnalyticsWorker) {
+        return ironlink_cloud::jobs::worker::main().await;
+    }
     if !matches!(cli.command, Command::Serve(_)) {
         quiet_on_closed_pipe();
     }

@@ -178,6 +178,19 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tsdb.clone(),
         presence_stop_rx.clone(),
     )));
+    let jobs = crate::jobs::Jobs::open(
+        db.clone(),
+        config.analytics.clone(),
+        config.database_url(),
+        tsdb.config().clone(),
+        &config.data_dir,
+    )
+    .await
+    .context("opening analytics jobs")?;
+    thing_tasks.push(tokio::spawn(crate::jobs::run(
+        jobs.clone(),
+        presence_stop_rx.clone(),
+    )));
     let (rules_stop, rules_stop_rx) = watch::channel(false);
     let (rules, rules_task) = crate::rules::Engine::start(
         crate::rules::actions::Deps {
@@ -210,6 +223,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         rules,
         ota: ota.clone(),
         tsdb,
+        jobs,
         listeners: std::sync::OnceLock::new(),
     });
     let limiter = Arc::new(ConnectLimiter::new(

@@ -1,5 +1,5 @@
-//! Two operating-system calls the servers need at start and after floods, with no safe
-//! wrapper in the standard library: raising the open-files limit and giving freed heap back.
+//! Operating-system calls the servers need, with no safe wrapper in the standard library:
+//! raising the open-files limit, giving freed heap back, and capping a worker's address space.
 #![allow(unsafe_code)] // setrlimit/getrlimit and malloc_trim: libc calls, reasons at each one
 
 /// The open-files limit before and after [`raise_nofile_limit`].
@@ -50,6 +50,27 @@ pub fn raise_nofile_limit() -> Option<NofileLimit> {
     {
         None
     }
+}
+
+/// Caps this process' address space at `bytes` (soft and hard): an allocation beyond it fails,
+/// and Rust aborts with "memory allocation of N bytes failed". For worker processes that run
+/// user-supplied queries (analytics jobs); a no-op where there is no setrlimit.
+#[allow(clippy::unnecessary_cast)] // rlim_t is u64 on 64-bit Linux, narrower elsewhere
+pub fn limit_address_space(bytes: u64) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        let lim = libc::rlimit {
+            rlim_cur: bytes as libc::rlim_t,
+            rlim_max: bytes as libc::rlim_t,
+        };
+        // SAFETY: setrlimit reads one rlimit struct we own.
+        if unsafe { libc::setrlimit(libc::RLIMIT_AS, &lim) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = bytes;
+    Ok(())
 }
 
 /// Gives freed heap pages back to the operating system. glibc keeps what its arenas freed,

@@ -5,4 +5,5 @@
 pub mod anomaly;
 pub mod archive;
 pub mod changepoint;
+pub mod jobs;
 pub mod pv;

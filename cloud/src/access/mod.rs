@@ -44,6 +44,8 @@ pub struct Shared {
     pub ota: Arc<crate::ota::Ota>,
     /// Time-series storage: policies, sealing, queries.
     pub tsdb: Arc<crate::tsdb::Tsdb>,
+    /// Analytics jobs.
+    pub jobs: Arc<crate::jobs::Jobs>,
     /// Bound device ports, set once the listeners are up.
     pub listeners: std::sync::OnceLock<Listeners>,
 }

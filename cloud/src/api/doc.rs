@@ -341,7 +341,7 @@ pub struct DeviceOta {
         super::thing::latest, super::thing::set_properties, super::thing::get_properties,
         super::timeseries::history, super::timeseries::aggregate, super::timeseries::value_at,
         super::timeseries::query, super::timeseries::seal, super::timeseries::archive, super::timeseries::list_archive, super::timeseries::list_policies,
-        super::timeseries::put_policy, super::timeseries::delete_policy, super::analytics::changepoints, super::analytics::history_changepoints, super::analytics::pv_simulate, super::analytics::pv_diagnose, super::analytics::anomaly_detect, super::thing::events, super::thing::call_service,
+        super::timeseries::put_policy, super::timeseries::delete_policy, super::analytics::changepoints, super::analytics::history_changepoints, super::analytics::pv_simulate, super::analytics::pv_diagnose, super::analytics::anomaly_detect, super::jobs::create_job, super::jobs::list_jobs, super::jobs::get_job, super::jobs::update_job, super::jobs::delete_job, super::jobs::start_job_run, super::jobs::list_job_runs, super::jobs::get_job_run, super::jobs::cancel_job_run, super::jobs::job_result, super::thing::events, super::thing::call_service,
         super::thing::list_calls, super::thing::get_call, super::thing::get_shadow,
         super::thing::put_shadow, super::thing::sub_devices, super::thing::remove_sub_device, super::thing::raw_messages,
         super::thing::send_raw,

@@ -1,5 +1,5 @@
-//! `ironlink-cloud analytics ...`: change points of a property's history and the diagnosis of
-//! a measured PV IV curve (against a running server).
+//! `ironlink-cloud analytics ...`: change points of a property's history, the diagnosis of a
+//! measured PV IV curve, and analytics jobs (against a running server).
 
 use super::timeseries::query_string;
 use super::{output, Client};
@@ -60,6 +60,308 @@ pub enum AnalyticsCmd {
         #[arg(long)]
         strings: u32,
     },
+    /// Analytics jobs: SQL over history, products, devices and device_tags.
+    Job {
+        /// Job action.
+        #[command(subcommand)]
+        cmd: JobCmd,
+    },
+}
+
+/// A job's settings on the command line.
+#[derive(Debug, clap::Args)]
+pub struct JobArgs {
+    /// Unique name.
+    name: String,
+    /// The SQL query.
+    #[arg(
+        long,
+        conflicts_with = "sql_file",
+        required_unless_present = "sql_file"
+    )]
+    sql: Option<String>,
+    /// The SQL query, from a file.
+    #[arg(long)]
+    sql_file: Option<PathBuf>,
+    /// Cron expression, UTC (5 fields, or 6 with seconds first): runs on its own.
+    #[arg(long)]
+    schedule: Option<String>,
+    /// Read only the last this many seconds of history.
+    #[arg(long)]
+    window: Option<i64>,
+    /// History rows a run may read.
+    #[arg(long)]
+    max_rows: Option<i64>,
+    /// Longest a run may take, seconds.
+    #[arg(long)]
+    timeout: Option<i64>,
+    /// Worker address space, MiB.
+    #[arg(long)]
+    memory_mb: Option<i64>,
+    /// Runs whose results are kept.
+    #[arg(long)]
+    keep_runs: Option<i64>,
+    /// Not run by the schedule.
+    #[arg(long)]
+    disabled: bool,
+}
+
+impl JobArgs {
+    fn body(self) -> anyhow::Result<Value> {
+        let query = match (self.sql, self.sql_file) {
+            (Some(q), _) => q,
+            (None, Some(f)) => {
+                std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?
+            }
+            (None, None) => anyhow::bail!("--sql or --sql-file"),
+        };
+        Ok(
+            json!({"name": self.name, "query": query, "schedule": self.schedule,
+            "window_secs": self.window, "max_rows": self.max_rows, "timeout_secs": self.timeout,
+            "memory_mb": self.memory_mb, "keep_runs": self.keep_runs, "enabled": !self.disabled}),
+        )
+    }
+}
+
+/// `analytics job` actions.
+#[derive(Debug, Subcommand)]
+pub enum JobCmd {
+    /// Every job with its next scheduled run.
+    List,
+    /// One job.
+    Show {
+        /// Job id.
+        id: i64,
+    },
+    /// Create a job (its SQL is checked first: an error says line and column).
+    Create(JobArgs),
+    /// Replace a job's settings.
+    Update {
+        /// Job id.
+        id: i64,
+        /// The settings.
+        #[command(flatten)]
+        args: JobArgs,
+    },
+    /// Delete a job with its runs and results.
+    Delete {
+        /// Job id.
+        id: i64,
+    },
+    /// Run a job now.
+    Run {
+        /// Job id.
+        id: i64,
+        /// Wait for the run to end (exit status 1 when it fails).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// A job's runs, newest first.
+    Runs {
+        /// Job id.
+        id: i64,
+    },
+    /// Stop a running run.
+    Cancel {
+        /// Run id.
+        run: i64,
+    },
+    /// A succeeded run's result: a table (first rows), or the whole of it as CSV or Parquet.
+    Result {
+        /// Run id.
+        run: i64,
+        /// `table` (default), `csv` or `parquet`.
+        #[arg(long, default_value = "table")]
+        format: String,
+        /// Write to this file (parquet needs one; csv goes to standard output without).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Rows shown (table).
+        #[arg(long, default_value_t = 100)]
+        limit: u64,
+    },
+}
+
+const RUN_COLUMNS: &[&str] = &[
+    "id",
+    "trigger",
+    "status",
+    "started_at",
+    "history_rows",
+    "result_rows",
+    "error",
+];
+
+async fn job(c: &Client, cmd: JobCmd) -> anyhow::Result<()> {
+    match cmd {
+        JobCmd::List => {
+            let v = c.call(Method::GET, "/analytics/jobs", None).await?;
+            output(
+                c,
+                &json!({"jobs": v}),
+                Some((
+                    "jobs",
+                    &["id", "name", "schedule", "enabled", "next_run_at"],
+                )),
+            );
+        }
+        JobCmd::Show { id } => {
+            c.record(Method::GET, &format!("/analytics/jobs/{id}"), None)
+                .await?
+        }
+        JobCmd::Create(args) => {
+            c.record(Method::POST, "/analytics/jobs", Some(args.body()?))
+                .await?;
+        }
+        JobCmd::Update { id, args } => {
+            c.record(
+                Method::PUT,
+                &format!("/analytics/jobs/{id}"),
+                Some(args.body()?),
+            )
+            .await?;
+        }
+        JobCmd::Delete { id } => {
+            c.call(Method::DELETE, &format!("/analytics/jobs/{id}"), None)
+                .await?;
+            if !c.json {
+                eprintln!("deleted job {id}");
+            }
+        }
+        JobCmd::Run { id, wait } => {
+            let mut v = c
+                .call(
+                    Method::POST,
+                    &format!("/analytics/jobs/{id}/runs"),
+                    Some(json!({})),
+                )
+                .await?;
+            if wait {
+                let run = v["id"].as_i64().unwrap_or_default();
+                let mut said = String::new();
+                while v["status"] == "running" {
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    v = c
+                        .call(Method::GET, &format!("/analytics/runs/{run}"), None)
+                        .await?;
+                    let p = v["progress"].as_str().unwrap_or_default();
+                    if !c.json && p != said {
+                        eprintln!("{p}");
+                        said = p.to_owned();
+                    }
+                }
+            }
+            output(c, &v, None);
+            if wait && v["status"] != "succeeded" {
+                anyhow::bail!(
+                    "run {} failed: {}",
+                    v["id"],
+                    v["error"].as_str().unwrap_or("?")
+                );
+            }
+        }
+        JobCmd::Runs { id } => {
+            let v = c
+                .call(Method::GET, &format!("/analytics/jobs/{id}/runs"), None)
+                .await?;
+            output(c, &json!({"runs": v}), Some(("runs", RUN_COLUMNS)));
+        }
+        JobCmd::Cancel { run } => {
+            c.call(
+                Method::POST,
+                &format!("/analytics/runs/{run}/cancel"),
+                Some(json!({})),
+            )
+            .await?;
+            if !c.json {
+                eprintln!("run {run} stopping");
+            }
+        }
+        JobCmd::Result {
+            run,
+            format,
+            output: file,
+            limit,
+        } => match format.as_str() {
+            "table" => {
+                let v = c
+                    .call(
+                        Method::GET,
+                        &format!(
+                            "/analytics/runs/{run}/result?limit={}",
+                            limit.clamp(1, 100_000)
+                        ),
+                        None,
+                    )
+                    .await?;
+                if c.json {
+                    output(c, &v, None);
+                } else {
+                    let cols: Vec<String> = v["columns"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .map(|x| x.as_str().unwrap_or("").to_owned())
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    let rows: Vec<Value> = v["rows"]
+                        .as_array()
+                        .map(|rows| {
+                            rows.iter()
+                                .map(|r| {
+                                    Value::Object(
+                                        cols.iter()
+                                            .cloned()
+                                            .zip(r.as_array().cloned().unwrap_or_default())
+                                            .collect(),
+                                    )
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    let names: Vec<&str> = cols.iter().map(String::as_str).collect();
+                    super::print_table(&rows, &names);
+                    eprintln!("{} of {} rows", rows.len(), v["total"]);
+                }
+            }
+            "csv" | "parquet" => {
+                let url = format!(
+                    "{}/api/v1/analytics/runs/{run}/result?format={format}",
+                    c.url
+                );
+                let resp = c
+                    .http
+                    .get(&url)
+                    .bearer_auth(&c.token)
+                    .send()
+                    .await
+                    .with_context(|| format!("cannot reach {url}"))?;
+                let status = resp.status();
+                let bytes = resp.bytes().await?;
+                if !status.is_success() {
+                    let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                    anyhow::bail!("{} ({})", v["message"].as_str().unwrap_or("failed"), status);
+                }
+                match file {
+                    Some(f) => {
+                        std::fs::write(&f, &bytes)
+                            .with_context(|| format!("writing {}", f.display()))?;
+                        if !c.json {
+                            eprintln!("wrote {} bytes to {}", bytes.len(), f.display());
+                        }
+                    }
+                    None if format == "csv" => {
+                        use std::io::Write;
+                        std::io::stdout().write_all(&bytes)?;
+                    }
+                    None => anyhow::bail!("--output FILE for parquet"),
+                }
+            }
+            f => anyhow::bail!("--format {f}: table, csv or parquet"),
+        },
+    }
+    Ok(())
 }
 
 /// The points of a `voltage,current` CSV.
@@ -142,6 +444,7 @@ pub async fn run(c: &Client, cmd: AnalyticsCmd) -> anyhow::Result<()> {
                 .await?;
             output(c, &v, None);
         }
+        AnalyticsCmd::Job { cmd } => job(c, cmd).await?,
     }
     Ok(())
 }

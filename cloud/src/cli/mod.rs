@@ -31,6 +31,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the cloud (embedded broker, SQLite under the data dir unless configured otherwise).
     Serve(ServeArgs),
+    /// One run of an analytics job (started by the server; job on standard input).
+    #[command(hide = true)]
+    AnalyticsWorker,
     /// Manage products.
     Product {
         /// Server connection.
@@ -124,7 +127,7 @@ impl Command {
     /// True when the admin command asked for JSON (its errors are JSON too).
     pub fn wants_json(&self) -> bool {
         match self {
-            Command::Serve(_) => false,
+            Command::Serve(_) | Command::AnalyticsWorker => false,
             Command::Ota { cmd } => cmd.wants_json(),
             Command::Product { client, .. }
             | Command::Device { client, .. }
@@ -1112,7 +1115,9 @@ pub async fn run_admin(command: Command) -> anyhow::Result<()> {
         Command::Ota { cmd } => ota::run(cmd).await?,
         Command::Timeseries { client, cmd } => timeseries::run(&Client::new(&client)?, cmd).await?,
         Command::Analytics { client, cmd } => analytics::run(&Client::new(&client)?, cmd).await?,
-        Command::Serve(_) => bail!("serve is not an admin command"),
+        Command::Serve(_) | Command::AnalyticsWorker => {
+            bail!("serve and analytics-worker are not admin commands")
+        }
         Command::Product { client, cmd } => {
             let c = Client::new(&client)?;
             match cmd {

@@ -162,15 +162,7 @@ impl Tsdb {
         config: TimeseriesConfig,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, StorageError> {
-        let t = Arc::new(Self {
-            policies: policy::Policies::new(config.ttl),
-            db,
-            config,
-            hot: Mutex::default(),
-            kept: Mutex::default(),
-            metrics,
-        });
-        t.policies.replace(t.db.storage_policies().await?);
+        let t = Self::with_policies(db, config, metrics).await?;
         t.sweep_archive().await?;
         let now = Instant::now();
         let counts = t.db.hot_counts().await?;
@@ -186,6 +178,39 @@ impl Tsdb {
         }
         drop(hot);
         Ok(t)
+    }
+
+    /// A store for reading only (an analytics worker beside the server): loads the policies
+    /// (retention) and nothing else; never sweeps the archive directory, which the server owns.
+    pub async fn reader(db: Db, config: TimeseriesConfig) -> Result<Arc<Self>, StorageError> {
+        Self::with_policies(db, config, Arc::default()).await
+    }
+
+    async fn with_policies(
+        db: Db,
+        config: TimeseriesConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, StorageError> {
+        let t = Arc::new(Self {
+            policies: policy::Policies::new(config.ttl),
+            db,
+            config,
+            hot: Mutex::default(),
+            kept: Mutex::default(),
+            metrics,
+        });
+        t.policies.replace(t.db.storage_policies().await?);
+        Ok(t)
+    }
+
+    /// Every series: `(product_key, device_name, identifier)`, ordered.
+    pub async fn all_series(&self) -> Result<Vec<(String, String, String)>, StorageError> {
+        let rows = sqlx::query("SELECT product_key, device_name, identifier FROM property_series ORDER BY product_key, device_name, identifier")
+            .fetch_all(&self.db.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+            .collect()
     }
 
     /// The configuration in force.

@@ -1,0 +1,2 @@
+DROP TABLE analytics_runs;
+DROP TABLE analytics_jobs;
