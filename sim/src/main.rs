@@ -292,6 +292,22 @@ enum Bench {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Analytics jobs: a day of a fleet aggregated per device and property by a job (worker
+    /// process over sealed chunks) and by SQLite SQL over the same points as rows.
+    Jobs {
+        /// Devices (10 properties each).
+        #[arg(long, default_value_t = 1000)]
+        devices: usize,
+        /// Seconds between samples (a day of them).
+        #[arg(long, default_value_t = 60)]
+        step: u64,
+        /// The ironlink-cloud binary (default: the one beside this program).
+        #[arg(long)]
+        cloud: Option<PathBuf>,
+        /// Write the report as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Analytics against the reference implementations in the same run: change points vs
     /// ruptures (time and identical breakpoints).
     Analytics {
@@ -637,6 +653,35 @@ async fn run() -> anyhow::Result<()> {
         }
         Cmd::Bench {
             which:
+                Bench::Jobs {
+                    devices,
+                    step,
+                    cloud,
+                    json,
+                },
+        } => {
+            let step = step.clamp(1, 3600);
+            let o = ironlink_sim::tsdb_bench::JobsBench {
+                fleet: ironlink_sim::tsdb_bench::TsdbBench {
+                    devices: devices.clamp(1, 100_000),
+                    seconds: usize::try_from(86_400 / step).unwrap_or(1440),
+                    step_secs: step,
+                    chunk_points: 4096,
+                    python: None,
+                },
+                cloud: match cloud {
+                    Some(c) => c,
+                    None => ironlink_sim::cloud_process::binary("cloud", "ironlink-cloud")?,
+                },
+            };
+            let r = ironlink_sim::tsdb_bench::run_jobs(&o).await?;
+            print!("{}", ironlink_sim::tsdb_bench::jobs_table(&r));
+            if let Some(path) = json {
+                std::fs::write(path, serde_json::to_string_pretty(&r)?)?;
+            }
+        }
+        Cmd::Bench {
+            which:
                 Bench::Timeseries {
                     devices,
                     seconds,
@@ -648,6 +693,7 @@ async fn run() -> anyhow::Result<()> {
             let o = ironlink_sim::tsdb_bench::TsdbBench {
                 devices: devices.clamp(1, 100_000),
                 seconds: seconds.clamp(60, 86_400 * 7),
+                step_secs: 1,
                 chunk_points: chunk_points.clamp(16, 1 << 20),
                 python,
             };

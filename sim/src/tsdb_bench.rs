@@ -28,8 +28,10 @@ use std::time::{Duration, Instant};
 pub struct TsdbBench {
     /// Devices.
     pub devices: usize,
-    /// Seconds of data at 1 Hz per property.
+    /// Samples per property (at 1 Hz in `bench timeseries`).
     pub seconds: usize,
+    /// Seconds between samples.
+    pub step_secs: u64,
     /// Points per chunk.
     pub chunk_points: usize,
     /// A Python with polars, for the Parquet baseline.
@@ -455,7 +457,7 @@ async fn write_all(
     let mut devices: Vec<Device> = (0..o.devices).map(Device::new).collect();
     let mut rows = Vec::with_capacity(BATCH_DEVICES * PROPS);
     for s in 0..o.seconds {
-        let ts = T0 + s as i64 * 1000;
+        let ts = T0 + s as i64 * 1000 * o.step_secs as i64;
         for (chunk_ids, chunk_devs) in ids
             .chunks(BATCH_DEVICES)
             .zip(devices.chunks_mut(BATCH_DEVICES))
@@ -563,4 +565,181 @@ pub fn table(r: &TsdbResult) -> String {
         r.downsample_day_one_archived_ms, r.fleet_devices, r.downsample_fleet_archived_ms
     ));
     s
+}
+
+/// Options of `bench jobs`.
+#[derive(Debug, Clone)]
+pub struct JobsBench {
+    /// The fleet (devices × 10 properties, `seconds` samples `step_secs` apart).
+    pub fleet: TsdbBench,
+    /// The `ironlink-cloud` binary whose analytics worker runs the job.
+    pub cloud: PathBuf,
+}
+
+/// Results of `bench jobs`.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobsResult {
+    /// Points in the day.
+    pub points: u64,
+    /// Devices.
+    pub devices: usize,
+    /// Seconds between samples.
+    pub step_secs: u64,
+    /// The daily per-device, per-property aggregate in SQLite SQL over the same points as plain
+    /// rows (before sealing), ms (median of 3).
+    pub sqlite_rows_ms: f64,
+    /// The same aggregate as an Ironlink job over the sealed chunks: the whole worker process
+    /// (start, database, read, compute, Parquet result), ms (median of 3).
+    pub job_ms: f64,
+    /// sqlite / job.
+    pub ratio: f64,
+    /// Result rows.
+    pub result_rows: u64,
+    /// The same job narrowed to one property (pushdown reads a tenth), ms (median of 3).
+    pub job_one_property_ms: f64,
+    /// History rows that narrowed job read.
+    pub one_property_rows: u64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Runs one job through the worker process; (ms, summary).
+fn worker_run(
+    cloud: &Path,
+    url: &str,
+    archive: &Path,
+    query: &str,
+    out: &Path,
+) -> Result<(f64, Value)> {
+    use std::io::{BufRead, Write};
+    let spec = json!({
+        "database_url": url,
+        "timeseries": TimeseriesConfig { archive_dir: Some(archive.to_owned()), ..TimeseriesConfig::default() },
+        "query": query,
+        "window": [T0 - 1, T0 + 86_400_000],
+        "max_rows": 100_000_000u64,
+        "max_result_rows": 10_000_000u64,
+        "memory_mb": 16_384u64,
+        "out": out,
+    });
+    let started = Instant::now();
+    let mut child = std::process::Command::new(cloud)
+        .arg("analytics-worker")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", cloud.display()))?;
+    let mut stdin = child.stdin.take().context("stdin")?;
+    writeln!(stdin, "{spec}")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let mut done = None;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let v: Value = serde_json::from_str(&line?).unwrap_or(Value::Null);
+        if let Some(d) = v.get("done") {
+            done = Some(d.clone());
+        } else if let Some(e) = v.get("error") {
+            bail!("the job failed: {e}");
+        }
+    }
+    drop(stdin);
+    child.wait()?;
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    Ok((ms, done.context("the worker gave no result")?))
+}
+
+/// Runs `bench jobs`: a day of a fleet, aggregated per device and property by SQLite over plain
+/// rows and by an analytics job over the sealed chunks, in the same run.
+pub async fn run_jobs(o: &JobsBench) -> Result<JobsResult> {
+    let dir = tempfile::tempdir()?;
+    let f = &o.fleet;
+    let points = (f.devices * f.seconds * PROPS) as u64;
+    let path = dir.path().join("ironlink.db");
+    let url = format!("sqlite://{}", path.display());
+    let archive = dir.path().join("archive");
+    let (db, _pk, ids, _) = prepare(&url, &path, f.devices).await?;
+    let tsdb = Tsdb::open(
+        db.clone(),
+        TimeseriesConfig {
+            chunk_points: f.chunk_points,
+            archive_dir: Some(archive.clone()),
+            ..TimeseriesConfig::default()
+        },
+        Arc::new(Metrics::default()),
+    )
+    .await?;
+    write_all(&db, Some(&tsdb), &ids, f).await?;
+    // Baseline: the same aggregate in SQLite over the rows, before they are sealed.
+    let sql = format!(
+        "SELECT s.device_name, s.identifier, COUNT(*), AVG(CAST(h.value AS REAL)), MIN(CAST(h.value AS REAL)), MAX(CAST(h.value AS REAL)) \
+         FROM property_history h JOIN property_series s ON s.id = h.series_id \
+         WHERE h.ts >= {T0} AND h.ts < {} GROUP BY s.device_name, s.identifier",
+        T0 + 86_400_000
+    );
+    let mut sqlite = Vec::new();
+    let mut groups = 0;
+    for _ in 0..3 {
+        let mut c = conn(&path).await?;
+        let started = Instant::now();
+        groups = sqlx::query(&sql).fetch_all(&mut c).await?.len();
+        sqlite.push(started.elapsed().as_secs_f64() * 1000.0);
+        sqlx::Connection::close(c).await?;
+    }
+    if groups != f.devices * PROPS {
+        bail!("SQLite answered {groups} groups");
+    }
+    tsdb.seal(true).await?;
+    db.close().await;
+    let query = "SELECT device_name, identifier, count(*) AS n, avg(value) AS mean, min(value) AS low, max(value) AS high \
+                 FROM history WHERE ts >= '2026-01-01' AND ts < '2026-01-02' GROUP BY device_name, identifier";
+    let one = "SELECT device_name, count(*) AS n, avg(value) AS mean, min(value) AS low, max(value) AS high \
+               FROM history WHERE identifier = 'temp' AND ts >= '2026-01-01' AND ts < '2026-01-02' GROUP BY device_name";
+    let (mut job, mut narrow) = (Vec::new(), Vec::new());
+    let (mut rows, mut one_rows, mut read) = (0, 0, 0);
+    for i in 0..3 {
+        let (ms, s) = worker_run(
+            &o.cloud,
+            &url,
+            &archive,
+            query,
+            &dir.path().join(format!("all-{i}.parquet")),
+        )?;
+        job.push(ms);
+        rows = s["rows"].as_u64().unwrap_or(0);
+        read = s["history_rows"].as_u64().unwrap_or(0);
+        let (ms, s) = worker_run(
+            &o.cloud,
+            &url,
+            &archive,
+            one,
+            &dir.path().join(format!("one-{i}.parquet")),
+        )?;
+        narrow.push(ms);
+        one_rows = s["history_rows"].as_u64().unwrap_or(0);
+    }
+    if read != points || rows != (f.devices * PROPS) as u64 {
+        bail!("the job read {read} of {points} points into {rows} rows");
+    }
+    let (sqlite_rows_ms, job_ms) = (median(sqlite), median(job));
+    Ok(JobsResult {
+        points,
+        devices: f.devices,
+        step_secs: f.step_secs,
+        sqlite_rows_ms,
+        job_ms,
+        ratio: sqlite_rows_ms / job_ms,
+        result_rows: rows,
+        job_one_property_ms: median(narrow),
+        one_property_rows: one_rows,
+    })
+}
+
+/// The `bench jobs` report as a Markdown table.
+pub fn jobs_table(r: &JobsResult) -> String {
+    format!(
+        "| fleet | points | SQLite SQL over rows | Ironlink job (worker process) | ratio | job, one property |\n|---|---|---|---|---|---|\n| {} devices × 10 properties × 1 day every {} s | {} | {:.0} ms | {:.0} ms | {:.2}x | {:.0} ms ({} rows read) |\n",
+        r.devices, r.step_secs, r.points, r.sqlite_rows_ms, r.job_ms, r.ratio, r.job_one_property_ms, r.one_property_rows
+    )
 }

@@ -13,6 +13,7 @@
 #   - the edge's CoAP server against aiocoap (PyPI) and coap-client-notls (Debian libcoap3-bin),
 #     and an NB-IoT device upgraded through the edge (firmware/get, Block2 downloads by both);
 #   - the time-series archive's Parquet files read back by pyarrow;
+#   - analytics jobs' results read by pyarrow and pandas, equal to pandas' own aggregates;
 #   - analytics against their reference implementations: change points against ruptures, PV
 #     IV curves against pvlib, point anomalies next to adtk's detectors.
 # Usage: tests/interop/run.sh PATH_TO_IRONLINK_CLOUD PYTHON_WITH_LINKKIT PYTHON_WITH_RUPTURES
@@ -151,6 +152,21 @@ check "PV: simulated IV curves equal pvlib's single-diode solution; pvlib's heal
     "$APY" -W ignore "$HERE/pv_pvlib.py" "$HTTP" "$IRONLINK_TOKEN"
 check "anomalies: one pooled model finds ≥90 % of injected spikes with an F1 no worse than adtk's best per-series detector on the same data" \
     "$APY" -W ignore "$HERE/anomaly_adtk.py" "$HTTP" "$IRONLINK_TOKEN"
+
+check "analytics jobs: per-property aggregates of the linkkit device's (archived) history, read back as Parquet by pyarrow and CSV by pandas, equal pandas' own; SQL errors at line and column" \
+    "$APY" -W ignore "$HERE/jobs_pandas.py" "$HTTP" "$IRONLINK_TOKEN" "$TPK"
+cli_jobs() {
+    "$BIN" analytics job create interop-cli --sql "SELECT count(*) AS n FROM devices" >/dev/null || return 1
+    local id
+    id=$("$BIN" analytics job list --json | "$PY" -c "import json,sys; print([j['id'] for j in json.load(sys.stdin) if j['name'] == 'interop-cli'][0])") || return 1
+    local run
+    run=$("$BIN" analytics job run "$id" --wait --json | json "['id']") || return 1
+    "$BIN" analytics job result "$run" --format csv | head -1 | grep -qx n || return 1
+    "$BIN" analytics job result "$run" -o "$WORK/run.parquet" --format parquet 2>/dev/null &&
+        [ "$(head -c 4 "$WORK/run.parquet")" = PAR1 ] || return 1
+    "$BIN" analytics job delete "$id" >/dev/null 2>&1
+}
+check "CLI: analytics job create / run --wait / result as CSV and Parquet / delete" cli_jobs
 
 # The CLI over the same endpoints: change points of the linkkit device's (archived) history, and
 # a healthy array's expected curve written as CSV, diagnosed as normal.

@@ -192,17 +192,24 @@ const RUN_COLUMNS: &[&str] = &[
     "error",
 ];
 
+/// A list answer: the array as it is under `--json`, else a table.
+fn table_or_json(c: &Client, v: Value, key: &str, cols: &[&str]) {
+    if c.json {
+        output(c, &v, None);
+    } else {
+        output(c, &json!({ key: v }), Some((key, cols)));
+    }
+}
+
 async fn job(c: &Client, cmd: JobCmd) -> anyhow::Result<()> {
     match cmd {
         JobCmd::List => {
             let v = c.call(Method::GET, "/analytics/jobs", None).await?;
-            output(
+            table_or_json(
                 c,
-                &json!({"jobs": v}),
-                Some((
-                    "jobs",
-                    &["id", "name", "schedule", "enabled", "next_run_at"],
-                )),
+                v,
+                "jobs",
+                &["id", "name", "schedule", "enabled", "next_run_at"],
             );
         }
         JobCmd::Show { id } => {
@@ -264,7 +271,7 @@ async fn job(c: &Client, cmd: JobCmd) -> anyhow::Result<()> {
             let v = c
                 .call(Method::GET, &format!("/analytics/jobs/{id}/runs"), None)
                 .await?;
-            output(c, &json!({"runs": v}), Some(("runs", RUN_COLUMNS)));
+            table_or_json(c, v, "runs", RUN_COLUMNS);
         }
         JobCmd::Cancel { run } => {
             c.call(
