@@ -19,6 +19,7 @@ pub mod presence;
 pub mod registry;
 pub mod router;
 pub mod rules;
+pub mod serde_int;
 pub mod server;
 pub mod storage;
 pub mod thing;

@@ -191,6 +191,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         jobs.clone(),
         presence_stop_rx.clone(),
     )));
+    let monitors = crate::jobs::monitor::Monitors::open(db.clone(), tsdb.clone())
+        .await
+        .context("loading anomaly monitors")?;
+    thing.set_monitors(monitors.clone());
+    thing_tasks.push(tokio::spawn(crate::jobs::monitor::run(
+        monitors.clone(),
+        presence_stop_rx.clone(),
+    )));
     let (rules_stop, rules_stop_rx) = watch::channel(false);
     let (rules, rules_task) = crate::rules::Engine::start(
         crate::rules::actions::Deps {
@@ -224,6 +232,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         ota: ota.clone(),
         tsdb,
         jobs,
+        monitors,
         listeners: std::sync::OnceLock::new(),
     });
     let limiter = Arc::new(ConnectLimiter::new(

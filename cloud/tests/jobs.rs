@@ -386,3 +386,139 @@ async fn a_schedule_runs_the_job_by_itself() {
     let (_, v) = srv.get(&format!("/analytics/jobs/{job}")).await;
     assert_eq!(v["next_run_at"], Value::Null, "{v}");
 }
+
+#[tokio::test]
+async fn a_monitor_trained_on_history_raises_an_anomaly_event_for_a_spike() {
+    let srv = start(|_| {}).await;
+    let pk = srv
+        .product_with_model(json!({"name": "watched"}), TSL)
+        .await;
+    let mut secrets = Vec::new();
+    for dn in ["dev1", "dev2", "dev3", "dev4"] {
+        secrets.push(srv.device(&pk, dn).await);
+    }
+    // Two days of a daily-ish wave with a little deterministic noise, a point a minute, ending
+    // a minute ago.
+    let db = &srv.running.shared.db;
+    let keys: Vec<_> = ["dev1", "dev2", "dev3", "dev4"]
+        .iter()
+        .map(|d| (pk.clone(), (*d).to_owned(), "temp".to_owned()))
+        .collect();
+    let ids = db.series_ids(&keys).await.unwrap();
+    let now = ironlink_cloud::registry::now_ms() / 60_000 * 60_000;
+    let wave = |i: usize, t: i64| {
+        let phase = t as f64 / 21_600_000.0 * std::f64::consts::TAU;
+        let noise = (((t / 60_000) * 7919 + i as i64 * 104_729) % 101) as f64 / 100.0 - 0.5;
+        20.0 + 2.0 * i as f64 + 5.0 * phase.sin() + 0.3 * noise
+    };
+    let mut rows = Vec::new();
+    for (i, k) in keys.iter().enumerate() {
+        for m in (1..=2880i64).rev() {
+            let t = now - m * 60_000;
+            rows.push(PropertyRow {
+                series_id: ids[k],
+                ts: t,
+                value: json!((wave(i, t) * 100.0).round() / 100.0).to_string(),
+                history: true,
+            });
+        }
+    }
+    db.store_thing_data(&rows, &[], &[]).await.unwrap();
+    srv.running.shared.tsdb.stored(
+        rows.iter()
+            .map(|r| Landed::new(r.series_id, r.ts, Verdict::Store)),
+    );
+
+    // Refusals: a text property, an unknown product, a bad sensitivity.
+    for (body, status) in [
+        (
+            json!({"name": "m", "product_key": pk, "identifiers": ["label"]}),
+            400,
+        ),
+        (
+            json!({"name": "m", "product_key": "nope", "identifiers": ["temp"]}),
+            404,
+        ),
+        (
+            json!({"name": "m", "product_key": pk, "identifiers": ["temp"], "sensitivity": 0.2}),
+            400,
+        ),
+    ] {
+        let (s, v) = srv.post("/analytics/anomaly/monitors", body).await;
+        assert_eq!(s, status, "{v}");
+    }
+    let (s, m) = srv
+        .post(
+            "/analytics/anomaly/monitors",
+            json!({"name": "temp-watch", "product_key": pk, "identifiers": ["temp"], "train_days": 3}),
+        )
+        .await;
+    assert_eq!(s, 201, "{m}");
+    assert_eq!(m["state"], "ready", "{m}");
+    assert_eq!(m["series"], 4, "{m}");
+
+    // dev1 posts a value on its wave, then a spike.
+    let mut d = device_v4(&srv, &pk, "dev1", &secrets[0]).await;
+    let topic = format!("/sys/{pk}/dev1/thing/event/property/post");
+    let reply = format!("{topic}_reply");
+    d.subscribe_v4(&reply, 1).await;
+    for (n, (t, v)) in [(now, wave(0, now)), (now + 60_000, 100.0)]
+        .iter()
+        .enumerate()
+    {
+        let body = json!({"id": n.to_string(), "params": {"temp": {"value": v, "time": t}}});
+        d.publish_v4(
+            &topic,
+            body.to_string().as_bytes(),
+            rumqttc::QoS::AtLeastOnce,
+            n as u16 + 1,
+        )
+        .await;
+        loop {
+            match d.next_v4().await {
+                Some(rumqttc::mqttbytes::v4::Packet::Publish(p)) if p.topic == reply => break,
+                Some(_) => {}
+                None => panic!("closed"),
+            }
+        }
+    }
+    let (s, v) = srv
+        .get(&format!(
+            "/devices/{pk}/dev1/events?identifier=anomaly&from=0"
+        ))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let events = v["events"].as_array().unwrap();
+    let spike = events
+        .iter()
+        .find(|e| e["output"]["value"] == 100.0)
+        .unwrap_or_else(|| panic!("no anomaly event for the spike: {v}"));
+    assert_eq!(spike["type"], "alert", "{spike}");
+    assert_eq!(spike["output"]["property"], "temp", "{spike}");
+    assert_eq!(spike["time"], now + 60_000, "{spike}");
+    assert!(
+        spike["output"]["upper"].as_f64().unwrap() < 100.0,
+        "{spike}"
+    );
+    let (_, m) = srv.get("/analytics/anomaly/monitors").await;
+    assert!(m[0]["alarms"].as_u64().unwrap() >= 1, "{m}");
+    // Retrained on request; deleted, it stops.
+    let id = m[0]["id"].as_i64().unwrap();
+    let (s, v) = srv
+        .post(
+            &format!("/analytics/anomaly/monitors/{id}/train"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, _) = srv
+        .call(
+            Method::DELETE,
+            &format!("/analytics/anomaly/monitors/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 204);
+    let (_, m) = srv.get("/analytics/anomaly/monitors").await;
+    assert_eq!(m, json!([]));
+}

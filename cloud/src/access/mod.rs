@@ -46,6 +46,8 @@ pub struct Shared {
     pub tsdb: Arc<crate::tsdb::Tsdb>,
     /// Analytics jobs.
     pub jobs: Arc<crate::jobs::Jobs>,
+    /// Anomaly monitors.
+    pub monitors: Arc<crate::jobs::monitor::Monitors>,
     /// Bound device ports, set once the listeners are up.
     pub listeners: std::sync::OnceLock<Listeners>,
 }

@@ -2,6 +2,7 @@
 //! demand; runs with their progress, failures and results (JSON pages, CSV, Parquet).
 
 use super::{doc, ApiError, ApiJson, ApiQuery, ApiResult, ApiState};
+use crate::jobs::monitor::{MonitorInfo, MonitorSpec};
 use crate::jobs::{Job, JobError, JobSpec, RunInfo};
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
@@ -25,6 +26,15 @@ pub(super) fn routes() -> Router<ApiState> {
         .route("/analytics/runs/:run", get(get_job_run))
         .route("/analytics/runs/:run/cancel", post(cancel_job_run))
         .route("/analytics/runs/:run/result", get(job_result))
+        .route(
+            "/analytics/anomaly/monitors",
+            post(create_monitor).get(list_monitors),
+        )
+        .route(
+            "/analytics/anomaly/monitors/:id",
+            get(get_monitor).delete(delete_monitor),
+        )
+        .route("/analytics/anomaly/monitors/:id/train", post(train_monitor))
 }
 
 impl From<JobError> for ApiError {
@@ -335,4 +345,95 @@ async fn job_result(
             "format {f:?}: json, csv or parquet"
         ))),
     }
+}
+
+#[utoipa::path(
+    post,
+    path = "/analytics/anomaly/monitors",
+    tag = "analytics",
+    operation_id = "create_monitor",
+    summary = "Watch numeric properties of a product's devices for anomalies",
+    description = "Trains one pooled model on the last `train_days` of the properties' stored history (answered once trained; `state` says whether it worked), retrains it on `retrain` (cron, UTC), and scores every value devices post from then on. An anomaly becomes the device's `anomaly` event (type `alert`; output: property, value, expected, lower, upper, sensitivity, monitor), stored and delivered to consumer groups and rules like the device's own events. Series without enough history (new devices) are scored after the next training.",
+    request_body = MonitorSpec,
+    responses(
+        (status = 201, description = "Created (and trained, or `state` says why not)", body = MonitorInfo),
+        (status = 400, description = "Bad settings, or a property that is not numeric", body = doc::ErrorBody),
+        (status = 404, description = "No such product", body = doc::ErrorBody),
+        (status = 409, description = "A monitor of that name exists", body = doc::ErrorBody)
+    )
+)]
+async fn create_monitor(
+    State(s): State<ApiState>,
+    ApiJson(spec): ApiJson<MonitorSpec>,
+) -> ApiResult<impl IntoResponse> {
+    let m = s.shared.monitors.create(spec).await?;
+    tracing::info!(monitor = m.id, name = %m.name, product_key = %m.product_key, state = %m.state, "anomaly monitor created");
+    Ok((StatusCode::CREATED, Json(m)))
+}
+
+#[utoipa::path(
+    get,
+    path = "/analytics/anomaly/monitors",
+    tag = "analytics",
+    operation_id = "list_monitors",
+    summary = "Anomaly monitors with their state and alarm counts",
+    responses((status = 200, description = "Every monitor", body = Vec<MonitorInfo>))
+)]
+async fn list_monitors(State(s): State<ApiState>) -> Json<Vec<MonitorInfo>> {
+    Json(s.shared.monitors.list())
+}
+
+#[utoipa::path(
+    get,
+    path = "/analytics/anomaly/monitors/{id}",
+    tag = "analytics",
+    operation_id = "get_monitor",
+    summary = "One anomaly monitor",
+    params(("id" = i64, Path, description = "Monitor id")),
+    responses(
+        (status = 200, description = "The monitor", body = MonitorInfo),
+        (status = 404, description = "No such monitor", body = doc::ErrorBody)
+    )
+)]
+async fn get_monitor(
+    State(s): State<ApiState>,
+    Path(id): Path<i64>,
+) -> ApiResult<Json<MonitorInfo>> {
+    Ok(Json(s.shared.monitors.get(id)?))
+}
+
+#[utoipa::path(
+    delete,
+    path = "/analytics/anomaly/monitors/{id}",
+    tag = "analytics",
+    operation_id = "delete_monitor",
+    summary = "Stop watching",
+    params(("id" = i64, Path, description = "Monitor id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such monitor", body = doc::ErrorBody)
+    )
+)]
+async fn delete_monitor(State(s): State<ApiState>, Path(id): Path<i64>) -> ApiResult<StatusCode> {
+    s.shared.monitors.delete(id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(
+    post,
+    path = "/analytics/anomaly/monitors/{id}/train",
+    tag = "analytics",
+    operation_id = "train_monitor",
+    summary = "Retrain a monitor on its history now",
+    params(("id" = i64, Path, description = "Monitor id")),
+    responses(
+        (status = 200, description = "Trained (or `state` says why not)", body = MonitorInfo),
+        (status = 404, description = "No such monitor", body = doc::ErrorBody)
+    )
+)]
+async fn train_monitor(
+    State(s): State<ApiState>,
+    Path(id): Path<i64>,
+) -> ApiResult<Json<MonitorInfo>> {
+    Ok(Json(s.shared.monitors.train(id).await?))
 }

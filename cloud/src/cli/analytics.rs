@@ -60,12 +60,121 @@ pub enum AnalyticsCmd {
         #[arg(long)]
         strings: u32,
     },
+    /// Anomaly monitors: a pooled model over a product's numeric properties, scoring every
+    /// posted value; anomalies become the devices' `anomaly` events.
+    Monitor {
+        /// Monitor action.
+        #[command(subcommand)]
+        cmd: MonitorCmd,
+    },
     /// Analytics jobs: SQL over history, products, devices and device_tags.
     Job {
         /// Job action.
         #[command(subcommand)]
         cmd: JobCmd,
     },
+}
+
+/// `analytics monitor` actions.
+#[derive(Debug, Subcommand)]
+pub enum MonitorCmd {
+    /// Every monitor with its state and alarm count.
+    List,
+    /// One monitor.
+    Show {
+        /// Monitor id.
+        id: i64,
+    },
+    /// Watch properties of a product's devices (trained on their history at once).
+    Create {
+        /// Unique name.
+        name: String,
+        /// Product key.
+        product_key: String,
+        /// Numeric properties, comma-separated.
+        #[arg(value_delimiter = ',')]
+        identifiers: Vec<String>,
+        /// Share of normal points flagged: 0.01 (default), 0.03 or 0.05.
+        #[arg(long)]
+        sensitivity: Option<f64>,
+        /// Days of history trained on (default 7).
+        #[arg(long)]
+        train_days: Option<i64>,
+        /// Retraining schedule, cron (UTC; default daily at 03:00).
+        #[arg(long)]
+        retrain: Option<String>,
+    },
+    /// Retrain now.
+    Train {
+        /// Monitor id.
+        id: i64,
+    },
+    /// Stop watching.
+    Delete {
+        /// Monitor id.
+        id: i64,
+    },
+}
+
+async fn monitor(c: &Client, cmd: MonitorCmd) -> anyhow::Result<()> {
+    const COLS: &[&str] = &[
+        "id",
+        "name",
+        "product_key",
+        "state",
+        "series",
+        "alarms",
+        "trained_at",
+    ];
+    match cmd {
+        MonitorCmd::List => {
+            let v = c
+                .call(Method::GET, "/analytics/anomaly/monitors", None)
+                .await?;
+            table_or_json(c, v, "monitors", COLS);
+        }
+        MonitorCmd::Show { id } => {
+            c.record(
+                Method::GET,
+                &format!("/analytics/anomaly/monitors/{id}"),
+                None,
+            )
+            .await?;
+        }
+        MonitorCmd::Create {
+            name,
+            product_key,
+            identifiers,
+            sensitivity,
+            train_days,
+            retrain,
+        } => {
+            let body = json!({"name": name, "product_key": product_key, "identifiers": identifiers,
+                "sensitivity": sensitivity, "train_days": train_days, "retrain": retrain});
+            c.record(Method::POST, "/analytics/anomaly/monitors", Some(body))
+                .await?;
+        }
+        MonitorCmd::Train { id } => {
+            c.record(
+                Method::POST,
+                &format!("/analytics/anomaly/monitors/{id}/train"),
+                Some(json!({})),
+            )
+            .await?;
+        }
+        MonitorCmd::Delete { id } => {
+            c.call(
+                Method::DELETE,
+                &format!("/analytics/anomaly/monitors/{id}"),
+                None,
+            )
+            .await?;
+            if !c.json {
+                eprintln!("deleted monitor {id}");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A job's settings on the command line.
@@ -452,6 +561,7 @@ pub async fn run(c: &Client, cmd: AnalyticsCmd) -> anyhow::Result<()> {
             output(c, &v, None);
         }
         AnalyticsCmd::Job { cmd } => job(c, cmd).await?,
+        AnalyticsCmd::Monitor { cmd } => monitor(c, cmd).await?,
     }
     Ok(())
 }

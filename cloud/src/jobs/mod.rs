@@ -8,6 +8,7 @@
 //! result once its run row says `succeeded`. A run the cloud was killed during is marked failed
 //! at the next start, and files no succeeded run names are deleted then.
 
+pub mod monitor;
 pub mod worker;
 
 use crate::registry::now_ms;
@@ -100,23 +101,23 @@ pub struct JobSpec {
     #[schema(max_length = 256)]
     pub schedule: Option<String>,
     /// History window, s.
-    #[serde(default, deserialize_with = "crate::api::int::opt")]
+    #[serde(default, deserialize_with = "crate::serde_int::opt")]
     #[schema(minimum = 1, maximum = 315_360_000)]
     pub window_secs: Option<i64>,
     /// History rows a run may read.
-    #[serde(default, deserialize_with = "crate::api::int::opt")]
+    #[serde(default, deserialize_with = "crate::serde_int::opt")]
     #[schema(minimum = 1)]
     pub max_rows: Option<i64>,
     /// Longest a run may take, s.
-    #[serde(default, deserialize_with = "crate::api::int::opt")]
+    #[serde(default, deserialize_with = "crate::serde_int::opt")]
     #[schema(minimum = 1)]
     pub timeout_secs: Option<i64>,
     /// Worker address space, MiB.
-    #[serde(default, deserialize_with = "crate::api::int::opt")]
+    #[serde(default, deserialize_with = "crate::serde_int::opt")]
     #[schema(minimum = 256)]
     pub memory_mb: Option<i64>,
     /// Runs whose results are kept (default 10).
-    #[serde(default, deserialize_with = "crate::api::int::opt")]
+    #[serde(default, deserialize_with = "crate::serde_int::opt")]
     #[schema(minimum = 1, maximum = 1000)]
     pub keep_runs: Option<i64>,
     /// Whether the schedule runs it (default true).
@@ -206,17 +207,24 @@ pub fn next_fire(schedule: &str, after: i64) -> Result<Option<i64>, String> {
         .map(|t| t.timestamp_millis()))
 }
 
-async fn check_spec(s: &JobSpec) -> Result<(), JobError> {
-    let name_ok = !s.name.is_empty()
-        && s.name.len() <= 64
-        && s.name
+/// A job's or monitor's name: 1–64 letters, digits, `_`, `-`, `.`.
+fn check_name(name: &str) -> Result<(), JobError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-    if !name_ok {
-        return Err(JobError::Invalid(
+    if ok {
+        Ok(())
+    } else {
+        Err(JobError::Invalid(
             "name: 1–64 letters, digits, '_', '-' or '.'".into(),
-        ));
+        ))
     }
+}
+
+async fn check_spec(s: &JobSpec) -> Result<(), JobError> {
+    check_name(&s.name)?;
     if s.query.trim().is_empty() || s.query.len() > 65536 {
         return Err(JobError::Invalid("query: 1–65536 bytes of SQL".into()));
     }

@@ -112,6 +112,8 @@ pub struct Thing {
     pub limits: Arc<crate::access::limits::Limits>,
     /// Over-the-air updates (the OTA topics' handlers).
     pub ota: Arc<crate::ota::Ota>,
+    /// Anomaly monitors scoring posted values (set once at start).
+    monitors: std::sync::OnceLock<Arc<crate::jobs::monitor::Monitors>>,
 }
 
 impl Thing {
@@ -155,6 +157,7 @@ impl Thing {
             apps,
             scripts,
             ota,
+            monitors: std::sync::OnceLock::new(),
         });
         let sweeper = tokio::spawn(calls::sweep(thing.clone(), stop));
         (thing, vec![writer_task, sweeper])
@@ -198,6 +201,53 @@ impl Thing {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(pk);
+    }
+
+    /// Lets the anomaly monitors score what devices post (once, at start).
+    pub fn set_monitors(&self, m: Arc<crate::jobs::monitor::Monitors>) {
+        let _ = self.monitors.set(m);
+    }
+
+    /// Scores posted values and raises an `anomaly` event (type `alert`) per anomaly: stored
+    /// and delivered to consumer groups and rules like the device's own events.
+    async fn raise_anomalies(&self, pk: &str, dn: &str, values: &[(String, i64, f64)]) {
+        let Some(m) = self.monitors.get() else { return };
+        for a in m.observe(pk, dn, values) {
+            let now = now_ms();
+            let output = json!({
+                "property": a.property, "value": a.value, "expected": a.expected,
+                "lower": a.lower, "upper": a.upper, "sensitivity": a.sensitivity,
+                "monitor": a.monitor,
+            });
+            let row = EventRow {
+                product_key: pk.to_owned(),
+                device_name: dn.to_owned(),
+                identifier: "anomaly".into(),
+                event_type: "alert".into(),
+                message_id: format!("anomaly-{}-{}", a.property, a.time),
+                output: output.to_string(),
+                ts: a.time,
+            };
+            tracing::info!(product_key = pk, device_name = dn, property = %a.property, value = a.value, expected = a.expected, monitor = %a.monitor, "anomaly");
+            let app_message = json!({
+                "identifier": "anomaly", "type": "alert", "iotId": format!("{pk}.{dn}"),
+                "productKey": pk, "deviceName": dn, "requestId": row.message_id,
+                "gmtCreate": now, "time": a.time, "value": output,
+            })
+            .to_string();
+            if !self.store(Vec::new(), vec![row], Vec::new()).await {
+                tracing::warn!(
+                    product_key = pk,
+                    device_name = dn,
+                    "an anomaly event could not be stored"
+                );
+                continue;
+            }
+            let topic = format!("/{pk}/{dn}/thing/event/anomaly/post");
+            let _ = self
+                .to_apps(pk, MessageType::Event, topic, app_message.into_bytes())
+                .await;
+        }
     }
 
     /// Forgets cached series ids (after devices were deleted).
@@ -568,6 +618,16 @@ impl Thing {
         let dedup = req
             .dedup
             .then(|| (pk.to_owned(), dn.to_owned(), req.id.clone()));
+        let scored: Vec<(String, i64, f64)> = match self.monitors.get() {
+            Some(m) if m.watches(pk) => rows
+                .iter()
+                .filter_map(|((_, _, id), ts, v)| {
+                    let v: Value = serde_json::from_str(v).ok()?;
+                    Some((id.clone(), *ts, crate::tsdb::codec::numeric(&v)?))
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
         match self.store_once(rows, Vec::new(), Vec::new(), dedup).await {
             None => return Outcome::failed(),
             Some(true) => {
@@ -589,6 +649,9 @@ impl Thing {
         self.metrics
             .properties_stored
             .fetch_add(stored as u64, Ordering::Relaxed);
+        if !scored.is_empty() {
+            self.raise_anomalies(pk, dn, &scored).await;
+        }
         if invalid.is_empty() {
             return self.success(&req, reply_topic, method);
         }
