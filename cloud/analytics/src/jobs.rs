@@ -654,9 +654,109 @@ fn sql_error(e: &PolarsError, sql: &str) -> SqlError {
     }
 }
 
+/// `changepoints(ts, value)`, an aggregate: the times (RFC 3339, comma-separated, oldest first)
+/// where the group's signal, ordered by `ts`, changes its mean: ruptures' `Window` with the l2
+/// cost, width 100 (less for short groups), jump 5, and the BIC-like default penalty of the
+/// change-point API. Null times or values, NaN and infinities are skipped; fewer than 8 points
+/// give an empty text.
+#[derive(Debug, Clone, Copy)]
+struct ChangepointsUdf;
+
+impl polars_plan::dsl::ColumnsUdf for ChangepointsUdf {
+    fn call_udf(&self, s: &mut [Column]) -> PolarsResult<Column> {
+        use crate::changepoint::{self, CostKind, Stop, Window};
+        polars_ensure!(s.len() == 2, InvalidOperation: "changepoints(ts, value) takes two arguments");
+        let ts = s[0].cast(&DataType::Int64)?;
+        let vs = s[1].cast(&DataType::Float64)?;
+        let mut points: Vec<(i64, f64)> = ts
+            .i64()?
+            .iter()
+            .zip(vs.f64()?.iter())
+            .filter_map(|(t, v)| Some((t?, v?)))
+            .filter(|(_, v)| v.is_finite())
+            .collect();
+        points.sort_by_key(|p| p.0);
+        let values: Vec<f64> = points.iter().map(|p| p.1).collect();
+        let n = values.len();
+        let mut text = String::new();
+        if n >= 8 {
+            let window = Window {
+                width: (n / 2).clamp(4, 100),
+                ..Window::default()
+            };
+            let penalty = changepoint::default_penalty(CostKind::L2, &values, 1);
+            let penalty = if penalty.is_finite() {
+                penalty
+            } else {
+                f64::MAX
+            };
+            let found = CostKind::L2
+                .fit(&values, 1)
+                .and_then(|cost| changepoint::detect(cost.as_ref(), window, Stop::Penalty(penalty)))
+                .map_err(|e| polars_err!(ComputeError: "changepoints: {e}"))?;
+            let times: Vec<String> = found
+                .breakpoints
+                .iter()
+                .filter(|b| **b < n)
+                .map(|b| rfc3339(points[*b].0))
+                .collect();
+            text = times.join(",");
+        }
+        Ok(Column::new(s[0].name().clone(), [text]))
+    }
+}
+
+impl polars_plan::dsl::AnonymousColumnsUdf for ChangepointsUdf {
+    fn as_column_udf(self: Arc<Self>) -> Arc<dyn polars_plan::dsl::ColumnsUdf> {
+        self
+    }
+
+    fn deep_clone(self: Arc<Self>) -> Arc<dyn polars_plan::dsl::AnonymousColumnsUdf> {
+        self
+    }
+
+    fn get_field(&self, _input_schema: &Schema, fields: &[Field]) -> PolarsResult<Field> {
+        let name = fields
+            .first()
+            .map_or_else(|| "changepoints".into(), |f| f.name().clone());
+        Ok(Field::new(name, DataType::String))
+    }
+}
+
+/// The analytics functions a job's SQL may call.
+struct Functions;
+
+impl polars::sql::FunctionRegistry for Functions {
+    fn register(
+        &mut self,
+        name: &str,
+        _fun: polars_plan::dsl::UserDefinedFunction,
+    ) -> PolarsResult<()> {
+        polars_bail!(InvalidOperation: "functions cannot be registered here ({name})")
+    }
+
+    fn get_udf(&self, name: &str) -> PolarsResult<Option<polars_plan::dsl::UserDefinedFunction>> {
+        Ok(match name.to_ascii_lowercase().as_str() {
+            "changepoints" => {
+                let mut f = polars_plan::dsl::UserDefinedFunction::new(
+                    "changepoints".into(),
+                    ChangepointsUdf,
+                );
+                f.options = polars_plan::prelude::FunctionOptions::aggregation();
+                Some(f)
+            }
+            _ => None,
+        })
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        name.eq_ignore_ascii_case("changepoints")
+    }
+}
+
 /// The SQL context of a run: the dimension frames and the `history` scan.
 fn context(dims: &Dimensions, history: LazyFrame) -> PolarsResult<SQLContext> {
-    let ctx = SQLContext::new();
+    let ctx = SQLContext::new().with_function_registry(Arc::new(Functions));
     for (name, df) in dims.frames()? {
         ctx.register(name, df.lazy());
     }
@@ -1092,6 +1192,47 @@ mod tests {
         let cols =
             check("SELECT device_name, avg(value) AS m FROM history GROUP BY device_name").unwrap();
         assert_eq!(cols[1].0, "m");
+    }
+
+    #[test]
+    fn changepoints_is_an_aggregate_of_sql() {
+        struct Steps;
+        impl HistorySource for Steps {
+            fn load(&self, f: &Filter, _: usize) -> Result<HistoryRows, String> {
+                let mut out = HistoryRows::default();
+                for d in ["a", "b"] {
+                    if !Filter::admits(&f.devices, d) {
+                        continue;
+                    }
+                    for k in 0..300i64 {
+                        let level = match (d, k / 100) {
+                            ("a", 1) => 30.0,
+                            ("a", _) => 10.0,
+                            (_, _) => 5.0,
+                        };
+                        let noise = ((k * 7919) % 13) as f64 / 26.0;
+                        out.push(("p", d, "x"), T0 + k * 1000, Some(level + noise), None);
+                    }
+                }
+                Ok(out)
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("r.parquet");
+        let r = Run {
+            sql: "SELECT device_name, changepoints(ts, value) AS changes FROM history GROUP BY device_name ORDER BY device_name",
+            window: (T0, T0 + 1_000_000),
+            max_rows: 10_000,
+            max_result_rows: 10,
+        };
+        execute(&r, &dims(), Arc::new(Steps), &out, &|_| {}).unwrap();
+        let (_, rows, _) = read_page(&out, 0, 10).unwrap();
+        assert_eq!(
+            rows[0][1],
+            format!("{},{}", rfc3339(T0 + 100_000), rfc3339(T0 + 200_000)),
+            "{rows:?}"
+        );
+        assert_eq!(rows[1][1], "", "{rows:?}");
     }
 
     #[test]
