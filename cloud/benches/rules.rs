@@ -55,6 +55,7 @@ fn incoming(raw: &[u8], at: i64) -> rules::Incoming<'_> {
         message_id: "1",
         at,
         tags: None,
+        thing: None,
     }
 }
 

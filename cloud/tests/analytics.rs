@@ -105,3 +105,62 @@ async fn change_points_of_stored_history_come_with_their_times() {
         .await;
     assert_eq!(s, 400, "{v}");
 }
+
+#[tokio::test]
+async fn rule_sql_calls_change_points_and_pv_diagnosis_on_what_a_message_carries() {
+    let srv = start(|_| {}).await;
+    // A batch of 60 readings with one missing (index 7) and a step at index 31 (the 30th of
+    // the values given: the window scores every 5th).
+    let mut batch: Vec<serde_json::Value> = (0..60)
+        .map(|i| json!(if i < 31 { 10.0 } else { 25.0 } + f64::from(i % 5) * 0.2))
+        .collect();
+    batch[7] = serde_json::Value::Null;
+    let test = |sql: String, payload: serde_json::Value| {
+        let srv = &srv;
+        async move {
+            let (s, v) = srv
+                .post("/rules/test", json!({"sql": sql, "payload": payload}))
+                .await;
+            assert_eq!(s, 200, "{v}");
+            v
+        }
+    };
+    let v = test(
+        "SELECT changepoints(items.batch.value) AS steps FROM \"/p/+/thing/event/property/post\""
+            .into(),
+        json!({"items": {"batch": {"value": batch}}}),
+    )
+    .await;
+    assert_eq!(v["output"]["steps"], json!([31]), "{v}");
+    let v = test(
+        "SELECT changepoints(items.batch.value, 'l3') AS steps FROM \"/p/+/thing/event/property/post\"".into(),
+        json!({"items": {"batch": {"value": batch}}}),
+    )
+    .await;
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("l2, normal or clinear"),
+        "{v}"
+    );
+    // A healthy array's expected curve, as its tracer would post it.
+    let (s, curve) = srv
+        .post(
+            "/analytics/pv/simulate",
+            json!({"irradiance": 700, "temperature": 35, "modules": 12, "strings": 3, "points": 80}),
+        )
+        .await;
+    assert_eq!(s, 200, "{curve}");
+    let sql = "SELECT pv_diagnose(items.iv.value.v, items.iv.value.i, items.g.value, items.t.value, 12, 3) AS d FROM \"/p/+/thing/event/property/post\"";
+    let iv = |v: &serde_json::Value, i: &serde_json::Value| json!({"items": {"iv": {"value": {"v": v, "i": i}}, "g": {"value": 700}, "t": {"value": 35}}});
+    let v = test(sql.into(), iv(&curve["voltage"], &curve["current"])).await;
+    assert_eq!(v["output"]["d"]["fault"], "normal", "{v}");
+    assert!(
+        v["output"]["d"]["confidence"].as_f64().unwrap() > 0.5,
+        "{v}"
+    );
+    // Too few points: the message fails with the reason.
+    let v = test(sql.into(), iv(&json!([1, 2, 3]), &json!([3, 2, 1]))).await;
+    assert!(v["error"].as_str().unwrap().contains("at least 10"), "{v}");
+}

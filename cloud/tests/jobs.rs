@@ -457,6 +457,19 @@ async fn a_monitor_trained_on_history_raises_an_anomaly_event_for_a_spike() {
     assert_eq!(m["state"], "ready", "{m}");
     assert_eq!(m["series"], 4, "{m}");
 
+    // A rule reads the monitor's score of each posted value.
+    let (s, v) = srv
+        .post(
+            "/rules",
+            json!({
+                "name": "scored",
+                "sql": format!("SELECT anomaly('temp') AS score, items.temp.value AS v, anomaly('nope') AS none FROM \"/{pk}/+/thing/event/property/post\""),
+                "actions": [{"type": "table", "table": "scores"}],
+            }),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+
     // dev1 posts a value on its wave, then a spike.
     let mut d = device_v4(&srv, &pk, "dev1", &secrets[0]).await;
     let topic = format!("/sys/{pk}/dev1/thing/event/property/post");
@@ -502,6 +515,35 @@ async fn a_monitor_trained_on_history_raises_an_anomaly_event_for_a_spike() {
     );
     let (_, m) = srv.get("/analytics/anomaly/monitors").await;
     assert!(m[0]["alarms"].as_u64().unwrap() >= 1, "{m}");
+    // The rule saw both scores: the spike's out of its interval, the wave's within.
+    let deadline = std::time::Instant::now() + WAIT;
+    let rows = loop {
+        let (s, v) = srv.get("/rule-tables/scores?limit=10").await;
+        assert_eq!(s, 200, "{v}");
+        if v.as_array().unwrap().len() >= 2 {
+            break v.as_array().unwrap().clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "rule rows: {v}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let score = |v: f64| {
+        rows.iter()
+            .map(|r| &r["row"])
+            .find(|r| r["v"].as_f64() == Some(v))
+            .unwrap_or_else(|| panic!("no row for {v}: {rows:?}"))
+            .clone()
+    };
+    let spike = score(100.0);
+    assert_eq!(spike["score"]["anomaly"], true, "{spike}");
+    assert_eq!(spike["score"]["monitor"], "temp-watch", "{spike}");
+    assert!(spike["none"].is_null(), "{spike}");
+    let calm = score(wave(0, now));
+    assert_eq!(calm["score"]["anomaly"], false, "{calm}");
+    let (lo, hi) = (
+        calm["score"]["lower"].as_f64().unwrap(),
+        calm["score"]["upper"].as_f64().unwrap(),
+    );
+    assert!(lo <= wave(0, now) && wave(0, now) <= hi, "{calm}");
     // Retrained on request; deleted, it stops.
     let id = m[0]["id"].as_i64().unwrap();
     let (s, v) = srv

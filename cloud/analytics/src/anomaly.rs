@@ -147,6 +147,10 @@ impl Normal {
     }
 }
 
+/// Fewest held-out windows the intervals are calibrated on out of sample (5 beyond each 0.5 %
+/// tail); with fewer, every window fits and calibrates.
+const MIN_HELD_OUT: usize = 1000;
+
 /// A trained pooled model.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Model {
@@ -227,8 +231,12 @@ impl Model {
                 k += 1;
             }
         }
-        if cal_y.len() < 100 {
-            // Too short to hold a fifth out: calibrate in sample.
+        if cal_y.len() < MIN_HELD_OUT {
+            // Too few held out to place the 0.5 % tails of the 1 % level (a handful of the
+            // most extreme errors would decide them): fit and calibrate on every window.
+            fit_x.append(&mut cal_x);
+            fit_y.append(&mut cal_y);
+            fit_s.append(&mut cal_s);
             cal_x.clone_from(&fit_x);
             cal_y.clone_from(&fit_y);
             cal_s.clone_from(&fit_s);

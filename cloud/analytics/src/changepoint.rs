@@ -380,6 +380,57 @@ pub struct Detection {
     pub scored: Vec<(usize, f64)>,
 }
 
+/// Changes found by [`find`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Found {
+    /// Indices where a new segment starts, ascending (without the signal's length).
+    pub starts: Vec<usize>,
+    /// The penalty used (`None` when a number of breakpoints was asked for).
+    pub penalty: Option<f64>,
+}
+
+/// The change points of a 1-D signal of finite values the way every caller of the product asks
+/// for them (the API, job SQL and rule SQL): at most `breakpoints` changes (as many as fit), or
+/// changes worth more than `penalty`, or — neither given — the [`default_penalty`]. A signal
+/// too short for any cost (fewer than `min_size` or 3 points) has none.
+pub fn find(
+    values: &[f64],
+    kind: CostKind,
+    window: Window,
+    penalty: Option<f64>,
+    breakpoints: Option<usize>,
+) -> Result<Found, Error> {
+    let n = values.len();
+    if n < window.min_size.max(3) {
+        return Ok(Found {
+            starts: Vec::new(),
+            penalty: None,
+        });
+    }
+    let (stop, used) = match (breakpoints, penalty) {
+        // "At most k": as many as ruptures would admit on this length.
+        (Some(k), _) => {
+            let step = window.min_size.div_ceil(window.jump) * window.jump;
+            let fit = (n / window.jump).min((n - window.min_size) / step);
+            (Stop::Breakpoints(k.min(fit)), None)
+        }
+        (None, Some(p)) => (Stop::Penalty(p), Some(p)),
+        (None, None) => {
+            // Values near f64::MAX overflow the estimate: then nothing is a change.
+            let p = default_penalty(kind, values, 1);
+            let p = if p.is_finite() { p } else { f64::MAX };
+            (Stop::Penalty(p), Some(p))
+        }
+    };
+    let cost = kind.fit(values, 1)?;
+    let mut starts = detect(cost.as_ref(), window, stop)?.breakpoints;
+    starts.pop(); // the signal's length, ruptures' closing convention
+    Ok(Found {
+        starts,
+        penalty: used,
+    })
+}
+
 /// Detects change points of a fitted cost.
 pub fn detect(cost: &dyn Cost, window: Window, stop: Stop) -> Result<Detection, Error> {
     let n = cost.len();

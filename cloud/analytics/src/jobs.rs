@@ -659,54 +659,202 @@ fn sql_error(e: &PolarsError, sql: &str) -> SqlError {
 /// cost, width 100 (less for short groups), jump 5, and the BIC-like default penalty of the
 /// change-point API. Null times or values, NaN and infinities are skipped; fewer than 8 points
 /// give an empty text.
-#[derive(Debug, Clone, Copy)]
-struct ChangepointsUdf;
-
-impl polars_plan::dsl::ColumnsUdf for ChangepointsUdf {
-    fn call_udf(&self, s: &mut [Column]) -> PolarsResult<Column> {
-        use crate::changepoint::{self, CostKind, Stop, Window};
-        polars_ensure!(s.len() == 2, InvalidOperation: "changepoints(ts, value) takes two arguments");
-        let ts = s[0].cast(&DataType::Int64)?;
-        let vs = s[1].cast(&DataType::Float64)?;
-        let mut points: Vec<(i64, f64)> = ts
-            .i64()?
+fn changepoints_of(s: &[Column]) -> PolarsResult<Column> {
+    use crate::changepoint::{self, CostKind, Window};
+    polars_ensure!(s.len() == 2, InvalidOperation: "changepoints(ts, value) takes two arguments");
+    let points = time_ordered(&s[0], &s[1])?;
+    let values: Vec<f64> = points.iter().map(|p| p.1).collect();
+    let n = values.len();
+    let mut text = String::new();
+    if n >= 8 {
+        let window = Window {
+            width: (n / 2).clamp(4, 100),
+            ..Window::default()
+        };
+        let found = changepoint::find(&values, CostKind::L2, window, None, None)
+            .map_err(|e| polars_err!(ComputeError: "changepoints: {e}"))?;
+        let times: Vec<String> = found
+            .starts
             .iter()
-            .zip(vs.f64()?.iter())
-            .filter_map(|(t, v)| Some((t?, v?)))
-            .filter(|(_, v)| v.is_finite())
+            .filter_map(|b| points.get(*b))
+            .map(|p| rfc3339(p.0))
             .collect();
-        points.sort_by_key(|p| p.0);
-        let values: Vec<f64> = points.iter().map(|p| p.1).collect();
-        let n = values.len();
-        let mut text = String::new();
-        if n >= 8 {
-            let window = Window {
-                width: (n / 2).clamp(4, 100),
-                ..Window::default()
-            };
-            let penalty = changepoint::default_penalty(CostKind::L2, &values, 1);
-            let penalty = if penalty.is_finite() {
-                penalty
-            } else {
-                f64::MAX
-            };
-            let found = CostKind::L2
-                .fit(&values, 1)
-                .and_then(|cost| changepoint::detect(cost.as_ref(), window, Stop::Penalty(penalty)))
-                .map_err(|e| polars_err!(ComputeError: "changepoints: {e}"))?;
-            let times: Vec<String> = found
-                .breakpoints
-                .iter()
-                .filter(|b| **b < n)
-                .map(|b| rfc3339(points[*b].0))
-                .collect();
-            text = times.join(",");
+        text = times.join(",");
+    }
+    Ok(Column::new(s[0].name().clone(), [text]))
+}
+
+/// A group's `(ts ms, value)` points ordered by time; null times or values, NaN and infinities
+/// left out.
+fn time_ordered(ts: &Column, values: &Column) -> PolarsResult<Vec<(i64, f64)>> {
+    let ts = ts.cast(&DataType::Int64)?;
+    let vs = values.cast(&DataType::Float64)?;
+    let mut points: Vec<(i64, f64)> = ts
+        .i64()?
+        .iter()
+        .zip(vs.f64()?.iter())
+        .filter_map(|(t, v)| Some((t?, v?)))
+        .filter(|(_, v)| v.is_finite())
+        .collect();
+    points.sort_by_key(|p| p.0);
+    Ok(points)
+}
+
+/// The first non-null value of a column as a double (a constant argument arrives as a column).
+fn first_number(c: &Column) -> PolarsResult<Option<f64>> {
+    let c = c.cast(&DataType::Float64)?;
+    let first = c.f64()?.iter().flatten().next();
+    Ok(first)
+}
+
+/// Lag count of a single-series anomaly model over `n` points: as many as the training rule
+/// (20 windows per weight) allows, at most the service's 16; 0 when `n` is too short.
+fn anomaly_lags(n: usize) -> usize {
+    (n / 21).saturating_sub(1).min(16)
+}
+
+/// `anomalies(ts, value[, sensitivity])`, an aggregate: the times (RFC 3339, comma-separated,
+/// oldest first) of the group's point anomalies. The group's series, ordered by `ts`, trains the
+/// pooled model of the monitors on itself (robust normalisation, differencing when it trends,
+/// a ridge autoregression on up to 16 lags) and is then scored online at `sensitivity` (0.01,
+/// 0.03 or 0.05; default 0.03), spikes' recoveries not flagged. Skipped points as for
+/// `changepoints`; fewer than 42 points give an empty text.
+fn anomalies_of(s: &[Column]) -> PolarsResult<Column> {
+    use crate::anomaly::{Model, Normal, Scorer, Train};
+    polars_ensure!(
+        s.len() == 2 || s.len() == 3,
+        InvalidOperation: "anomalies(ts, value[, sensitivity]) takes two or three arguments"
+    );
+    let level = match s.get(2) {
+        None => 1,
+        Some(c) => match first_number(c)? {
+            None => 1,
+            Some(share) => Model::level(share).ok_or_else(
+                || polars_err!(ComputeError: "anomalies: sensitivity {share} must be 0.01, 0.03 or 0.05"),
+            )?,
+        },
+    };
+    let points = time_ordered(&s[0], &s[1])?;
+    let values: Vec<f64> = points.iter().map(|p| p.1).collect();
+    let lags = anomaly_lags(values.len());
+    let mut times = Vec::new();
+    if lags > 0 {
+        let mut series = [(Normal::of(&values), values.as_slice())];
+        let train = Train {
+            lags,
+            ..Train::default()
+        };
+        // A series the model cannot be trained on (too short once differenced, constant)
+        // has no anomalies to report.
+        if let Ok(model) = Model::train(&mut series, train) {
+            let mut scorer = Scorer::new(series[0].0, level);
+            for (t, v) in &points {
+                if scorer.push(&model, *v).is_some_and(|score| score.anomaly) {
+                    times.push(rfc3339(*t));
+                }
+            }
         }
-        Ok(Column::new(s[0].name().clone(), [text]))
+    }
+    Ok(Column::new(s[0].name().clone(), [times.join(",")]))
+}
+
+/// `pv_diagnose(v, i, irradiance, temperature, modules, strings)` (the fault's name) and
+/// `pv_confidence(...)` (the share of the forest's votes for it), aggregates: the group's rows
+/// are the points of one measured IV curve of an array of the reference module; the conditions
+/// and layout are taken from the group's first non-null value (constants do). Null when the
+/// group is not a usable curve (fewer than 10 points, conditions out of range: the API's
+/// `/analytics/pv/diagnose` tells why). The model is trained once per worker on first use.
+fn pv_diagnosis(name: &str, s: &[Column]) -> PolarsResult<Option<crate::pv::Diagnosis>> {
+    polars_ensure!(
+        s.len() == 6,
+        InvalidOperation: "{name}(v, i, irradiance, temperature, modules, strings) takes six arguments"
+    );
+    let v = s[0].cast(&DataType::Float64)?;
+    let i = s[1].cast(&DataType::Float64)?;
+    let (vs, is): (Vec<f64>, Vec<f64>) = v
+        .f64()?
+        .iter()
+        .zip(i.f64()?.iter())
+        .filter_map(|(v, i)| Some((v?, i?)))
+        .unzip();
+    let (Some(g), Some(t), Some(m), Some(n)) = (
+        first_number(&s[2])?,
+        first_number(&s[3])?,
+        first_number(&s[4])?,
+        first_number(&s[5])?,
+    ) else {
+        return Ok(None);
+    };
+    if !(m.is_finite() && n.is_finite() && m >= 1.0 && n >= 1.0) {
+        return Ok(None);
+    }
+    let curve = crate::pv::Curve {
+        v: vs,
+        i: is,
+        irradiance: g,
+        temperature: t,
+    };
+    if crate::pv::check(&curve).is_err() {
+        return Ok(None);
+    }
+    let model = crate::pv::shared().map_err(|e| polars_err!(ComputeError: "{name}: {e}"))?;
+    Ok(model.diagnose(m as usize, n as usize, &curve).ok())
+}
+
+/// The analytics functions of job SQL, all aggregates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Function {
+    Changepoints,
+    Anomalies,
+    PvDiagnose,
+    PvConfidence,
+}
+
+impl Function {
+    const ALL: [Function; 4] = [
+        Function::Changepoints,
+        Function::Anomalies,
+        Function::PvDiagnose,
+        Function::PvConfidence,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Function::Changepoints => "changepoints",
+            Function::Anomalies => "anomalies",
+            Function::PvDiagnose => "pv_diagnose",
+            Function::PvConfidence => "pv_confidence",
+        }
+    }
+
+    fn parse(name: &str) -> Option<Function> {
+        Function::ALL
+            .into_iter()
+            .find(|f| f.name().eq_ignore_ascii_case(name))
     }
 }
 
-impl polars_plan::dsl::AnonymousColumnsUdf for ChangepointsUdf {
+impl polars_plan::dsl::ColumnsUdf for Function {
+    fn call_udf(&self, s: &mut [Column]) -> PolarsResult<Column> {
+        match self {
+            Function::Changepoints => changepoints_of(s),
+            Function::Anomalies => anomalies_of(s),
+            Function::PvDiagnose => {
+                let d = pv_diagnosis(self.name(), s)?;
+                Ok(Column::new(
+                    s[0].name().clone(),
+                    [d.map(|d| d.fault.name())],
+                ))
+            }
+            Function::PvConfidence => {
+                let d = pv_diagnosis(self.name(), s)?;
+                Ok(Column::new(s[0].name().clone(), [d.map(|d| d.confidence)]))
+            }
+        }
+    }
+}
+
+impl polars_plan::dsl::AnonymousColumnsUdf for Function {
     fn as_column_udf(self: Arc<Self>) -> Arc<dyn polars_plan::dsl::ColumnsUdf> {
         self
     }
@@ -718,8 +866,12 @@ impl polars_plan::dsl::AnonymousColumnsUdf for ChangepointsUdf {
     fn get_field(&self, _input_schema: &Schema, fields: &[Field]) -> PolarsResult<Field> {
         let name = fields
             .first()
-            .map_or_else(|| "changepoints".into(), |f| f.name().clone());
-        Ok(Field::new(name, DataType::String))
+            .map_or_else(|| self.name().into(), |f| f.name().clone());
+        let dtype = match self {
+            Function::PvConfidence => DataType::Float64,
+            _ => DataType::String,
+        };
+        Ok(Field::new(name, dtype))
     }
 }
 
@@ -736,21 +888,15 @@ impl polars::sql::FunctionRegistry for Functions {
     }
 
     fn get_udf(&self, name: &str) -> PolarsResult<Option<polars_plan::dsl::UserDefinedFunction>> {
-        Ok(match name.to_ascii_lowercase().as_str() {
-            "changepoints" => {
-                let mut f = polars_plan::dsl::UserDefinedFunction::new(
-                    "changepoints".into(),
-                    ChangepointsUdf,
-                );
-                f.options = polars_plan::prelude::FunctionOptions::aggregation();
-                Some(f)
-            }
-            _ => None,
-        })
+        Ok(Function::parse(name).map(|f| {
+            let mut udf = polars_plan::dsl::UserDefinedFunction::new(f.name().into(), f);
+            udf.options = polars_plan::prelude::FunctionOptions::aggregation();
+            udf
+        }))
     }
 
     fn contains(&self, name: &str) -> bool {
-        name.eq_ignore_ascii_case("changepoints")
+        Function::parse(name).is_some()
     }
 }
 
@@ -1233,6 +1379,111 @@ mod tests {
             "{rows:?}"
         );
         assert_eq!(rows[1][1], "", "{rows:?}");
+    }
+
+    #[test]
+    fn anomalies_is_an_aggregate_of_sql() {
+        struct Wave;
+        impl HistorySource for Wave {
+            fn load(&self, f: &Filter, _: usize) -> Result<HistoryRows, String> {
+                let mut out = HistoryRows::default();
+                for d in ["a", "b"] {
+                    if !Filter::admits(&f.devices, d) {
+                        continue;
+                    }
+                    // A wave with pseudo-random noise (xorshift), the same for both devices.
+                    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+                    for k in 0..600i64 {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let noise = (x >> 11) as f64 / (1u64 << 53) as f64 - 0.5;
+                        let mut v = 20.0 + 3.0 * (k as f64 / 30.0).sin() + 0.4 * noise;
+                        if d == "a" && k == 450 {
+                            v += 12.0;
+                        }
+                        out.push(("p", d, "x"), T0 + k * 1000, Some(v), None);
+                    }
+                    // Too short to train on: no anomalies, not an error.
+                    out.push(("p", d, "short"), T0, Some(1.0), None);
+                }
+                Ok(out)
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("r.parquet");
+        let r = Run {
+            sql: "SELECT device_name, identifier, anomalies(ts, value, 0.01) AS spikes FROM history GROUP BY device_name, identifier ORDER BY device_name, identifier",
+            window: (T0, T0 + 1_000_000),
+            max_rows: 10_000,
+            max_result_rows: 10,
+        };
+        execute(&r, &dims(), Arc::new(Wave), &out, &|_| {}).unwrap();
+        let (_, rows, _) = read_page(&out, 0, 10).unwrap();
+        assert_eq!(rows.len(), 4, "{rows:?}");
+        let spike = rfc3339(T0 + 450_000);
+        let (a, b) = (rows[1][2].as_str().unwrap(), rows[3][2].as_str().unwrap());
+        assert!(a.split(',').any(|t| t == spike), "{rows:?}");
+        assert!(!b.split(',').any(|t| t == spike), "{rows:?}");
+        // At the 1 % level a clean series of 600 points raises few alarms.
+        assert!(b.split(',').filter(|t| !t.is_empty()).count() <= 12, "{b}");
+        assert_eq!(rows[0][2], "", "{rows:?}");
+        // A level that is not one of the three is refused with the reason.
+        let bad = Run {
+            sql: "SELECT anomalies(ts, value, 0.2) AS a FROM history",
+            ..r
+        };
+        let e = execute(&bad, &dims(), Arc::new(Wave), &out, &|_| {}).unwrap_err();
+        assert!(e.to_string().contains("0.01, 0.03 or 0.05"), "{e}");
+    }
+
+    #[test]
+    fn pv_diagnose_names_the_fault_of_a_curve_stored_as_points() {
+        use crate::pv;
+        /// Two arrays' tracers post one IV sweep each as `v` and `i` points at the same times.
+        struct Sweeps;
+        impl HistorySource for Sweeps {
+            fn load(&self, _: &Filter, _: usize) -> Result<HistoryRows, String> {
+                let array = pv::Array {
+                    module: pv::Module::default(),
+                    modules: 10,
+                    strings: 2,
+                };
+                let mut out = HistoryRows::default();
+                for d in ["healthy", "open"] {
+                    let mut c = pv::Condition::healthy(&array, 800.0, 40.0);
+                    c.open[0] = d == "open";
+                    let curve = array.simulate(&c, 60);
+                    for (k, (v, i)) in curve.v.iter().zip(&curve.i).enumerate() {
+                        let ts = T0 + k as i64 * 50;
+                        out.push(("p", d, "v"), ts, Some(*v), None);
+                        out.push(("p", d, "i"), ts, Some(*i), None);
+                    }
+                }
+                Ok(out)
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("r.parquet");
+        let r = Run {
+            sql: "SELECT v.device_name, pv_diagnose(v.value, c.value, 800, 40, 10, 2) AS fault, \
+                  pv_confidence(v.value, c.value, 800, 40, 10, 2) AS confidence, \
+                  pv_diagnose(v.value, c.value, 5, 40, 10, 2) AS dark \
+                  FROM history v JOIN history c ON v.device_name = c.device_name AND v.ts = c.ts \
+                  WHERE v.identifier = 'v' AND c.identifier = 'i' \
+                  GROUP BY v.device_name ORDER BY v.device_name",
+            window: (T0, T0 + 1_000_000),
+            max_rows: 10_000,
+            max_result_rows: 10,
+        };
+        execute(&r, &dims(), Arc::new(Sweeps), &out, &|_| {}).unwrap();
+        let (_, rows, _) = read_page(&out, 0, 10).unwrap();
+        assert_eq!(rows[0][1], "normal", "{rows:?}");
+        assert_eq!(rows[1][1], "open_string", "{rows:?}");
+        let confidence = rows[1][2].as_f64().unwrap();
+        assert!(confidence > 0.5 && confidence <= 1.0, "{rows:?}");
+        // Too dark to diagnose: null, and the other groups still answer.
+        assert!(rows[0][3].is_null(), "{rows:?}");
     }
 
     #[test]

@@ -709,6 +709,30 @@ pub const TRAIN_PER_CLASS: usize = 400;
 /// Trees in the service's forest.
 pub const TREES: usize = 80;
 
+/// The process's diagnosis model of the reference module ([`TRAIN_PER_CLASS`] curves a class,
+/// [`TREES`] trees, seed 1), trained on first use (≈3.5 s optimised, longer unoptimised) and
+/// shared by every caller after: the API, job SQL and rule SQL. Callers that must not wait on
+/// the first training call [`warm`] early.
+pub fn shared() -> Result<&'static Diagnoser, String> {
+    static MODEL: std::sync::OnceLock<Result<Diagnoser, String>> = std::sync::OnceLock::new();
+    MODEL
+        .get_or_init(|| Diagnoser::train(Module::default(), TRAIN_PER_CLASS, TREES, 1))
+        .as_ref()
+        .map_err(|e| format!("training the PV model failed: {e}"))
+}
+
+/// Starts training the [`shared`] model on a thread of its own (once; later calls do nothing).
+pub fn warm() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        let _ = std::thread::Builder::new()
+            .name("pv-model".into())
+            .spawn(|| {
+                let _ = shared();
+            });
+    });
+}
+
 /// A trained diagnosis model for arrays of one module type, any layout.
 #[allow(missing_debug_implementations)] // the forest has no Debug
 pub struct Diagnoser {
@@ -790,10 +814,10 @@ impl Diagnoser {
         c: &Curve,
     ) -> Result<Diagnosis, CurveError> {
         check(c)?;
-        if modules == 0 || strings == 0 {
-            return Err(CurveError::Conditions(
-                "an array has at least one module and one string".into(),
-            ));
+        if !(1..=100).contains(&modules) || !(1..=20).contains(&strings) {
+            return Err(CurveError::Conditions(format!(
+                "{modules} modules × {strings} strings: an array has 1..100 modules in each of 1..20 strings"
+            )));
         }
         let array = Array {
             module: self.module,

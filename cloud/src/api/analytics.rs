@@ -6,11 +6,10 @@ use super::{require_device, ApiError, ApiJson, ApiQuery, ApiResult, ApiState};
 use axum::extract::{Path, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use ironlink_analytics::changepoint::{self, CostKind, Stop, Window};
+use ironlink_analytics::changepoint::{self, CostKind, Window};
 use ironlink_analytics::{anomaly, pv};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use std::sync::Arc;
 
 /// Most points one change-point request may look at (a longer history: narrow the range).
 pub const MAX_POINTS: usize = 1_000_000;
@@ -138,23 +137,13 @@ pub(super) struct IvPoint {
     i: f64,
 }
 
-/// The diagnosis model, trained once on first use (≈0.5 s optimised).
-static DIAGNOSER: tokio::sync::OnceCell<Arc<pv::Diagnoser>> = tokio::sync::OnceCell::const_new();
-
-async fn diagnoser() -> ApiResult<Arc<pv::Diagnoser>> {
-    DIAGNOSER
-        .get_or_try_init(|| async {
-            tokio::task::spawn_blocking(|| {
-                pv::Diagnoser::train(pv::Module::default(), pv::TRAIN_PER_CLASS, pv::TREES, 1)
-                    .map(Arc::new)
-            })
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r)
-            .map_err(|e| internal(format!("training the PV model failed: {e}")))
-        })
+/// The shared diagnosis model (trained once, on a blocking thread, on first use).
+async fn diagnoser() -> ApiResult<&'static pv::Diagnoser> {
+    tokio::task::spawn_blocking(pv::shared)
         .await
-        .cloned()
+        .map_err(|e| e.to_string())
+        .and_then(|r| r)
+        .map_err(internal)
 }
 
 fn internal(message: String) -> ApiError {
@@ -265,57 +254,18 @@ impl Detector {
     }
 
     /// Runs on `values` (finite), off the async threads for long signals.
-    async fn run(&self, values: Vec<f64>) -> ApiResult<Found> {
+    async fn run(&self, values: Vec<f64>) -> ApiResult<changepoint::Found> {
         let kind = self.kind()?;
         let window = self.window()?;
         let penalty = self.penalty;
         let wanted = self.breakpoints;
         tokio::task::spawn_blocking(move || {
-            let n = values.len();
-            let empty = Found {
-                starts: Vec::new(),
-                penalty: None,
-            };
-            // Too short for any cost (clinear needs 3 points): nothing to find.
-            if n < window.min_size.max(3) {
-                return Ok(empty);
-            }
-            let (stop, used) = match (wanted, penalty) {
-                // "At most k": as many as ruptures would admit on this length.
-                (Some(k), _) => {
-                    let step = window.min_size.div_ceil(window.jump) * window.jump;
-                    let fit = (n / window.jump).min((n - window.min_size) / step);
-                    (Stop::Breakpoints((k as usize).min(fit)), None)
-                }
-                (None, Some(p)) => (Stop::Penalty(p), Some(p)),
-                (None, None) => {
-                    // Values near f64::MAX overflow the estimate: then nothing is a change.
-                    let p = changepoint::default_penalty(kind, &values, 1);
-                    let p = if p.is_finite() { p } else { f64::MAX };
-                    (Stop::Penalty(p), Some(p))
-                }
-            };
-            let cost = kind
-                .fit(&values, 1)
-                .map_err(|e| ApiError::invalid(e.to_string()))?;
-            let found = changepoint::detect(cost.as_ref(), window, stop)
-                .map_err(|e| ApiError::invalid(e.to_string()))?;
-            let mut starts = found.breakpoints;
-            starts.pop(); // the signal's length, ruptures' closing convention
-            Ok(Found {
-                starts,
-                penalty: used,
-            })
+            changepoint::find(&values, kind, window, penalty, wanted.map(|k| k as usize))
+                .map_err(|e| ApiError::invalid(e.to_string()))
         })
         .await
         .map_err(|e| internal(format!("change-point detection failed: {e}")))?
     }
-}
-
-struct Found {
-    /// Indices (into the finite values) where a new segment starts.
-    starts: Vec<usize>,
-    penalty: Option<f64>,
 }
 
 /// Segments between changes, with their means: `(start, end)` index pairs over `values`.

@@ -230,9 +230,19 @@ async fn test(State(_s): State<ApiState>, ApiJson(b): ApiJson<TestBody>) -> ApiR
     let dn = b
         .device_name
         .unwrap_or_else(|| levels.get(2).copied().unwrap_or_default().to_owned());
-    Ok(Json(crate::rules::test_sql(
-        &b.sql, &topic, &b.payload, &pk, &dn,
-    )?))
+    // Off the async threads: analytics functions may compute (or first train) a model.
+    let answer = tokio::task::spawn_blocking(move || {
+        crate::rules::test_sql(&b.sql, &topic, &b.payload, &pk, &dn)
+    })
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("the rule test failed: {e}"),
+        )
+    })??;
+    Ok(Json(answer))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

@@ -100,9 +100,22 @@ pub struct Alarm {
 
 struct Trained {
     model: Model,
-    /// Per (device, property): its scorer and the time of the last value it took.
-    scorers: HashMap<(String, String), (Scorer, i64)>,
+    /// Per (device, property).
+    scorers: HashMap<(String, String), Series>,
     at: i64,
+}
+
+/// Scores kept per series for rules' `anomaly()`: a rule sees the message a little after its
+/// values were scored (durable rules possibly later: older points read as not scored).
+const RECENT_SCORES: usize = 16;
+
+/// A scored series.
+struct Series {
+    scorer: Scorer,
+    /// Time of the last value it took.
+    last: i64,
+    /// The latest scores: time, value, score.
+    recent: std::collections::VecDeque<(i64, f64, anomaly::Score)>,
 }
 
 struct Live {
@@ -245,14 +258,18 @@ impl Monitors {
             let mut t = live.trained.lock().unwrap_or_else(|e| e.into_inner());
             let Some(t) = t.as_mut() else { continue };
             for (id, ts, v) in values {
-                let Some((scorer, last)) = t.scorers.get_mut(&(dn.to_owned(), id.clone())) else {
+                let Some(series) = t.scorers.get_mut(&(dn.to_owned(), id.clone())) else {
                     continue;
                 };
-                if *ts < *last {
+                if *ts < series.last {
                     continue;
                 }
-                *last = *ts;
-                if let Some(s) = scorer.push(&t.model, *v) {
+                series.last = *ts;
+                if let Some(s) = series.scorer.push(&t.model, *v) {
+                    if series.recent.len() == RECENT_SCORES {
+                        series.recent.pop_front();
+                    }
+                    series.recent.push_back((*ts, *v, s));
                     if s.anomaly {
                         live.alarms.fetch_add(1, Ordering::Relaxed);
                         out.push(Alarm {
@@ -271,6 +288,36 @@ impl Monitors {
             }
         }
         out
+    }
+
+    /// The score a monitor gave the value of `property` a device posted at `time` (ms), for
+    /// rules' `anomaly()`: `anomaly` (bool), `value`, `expected`, `lower`, `upper`,
+    /// `sensitivity`, `monitor`. None when no trained monitor scored that point (not watched,
+    /// still filling its lags, or older than the series' last [`RECENT_SCORES`] scores).
+    pub fn score_of(
+        &self,
+        pk: &str,
+        dn: &str,
+        property: &str,
+        time: i64,
+    ) -> Option<serde_json::Value> {
+        let lives = self
+            .by_product
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(pk)?
+            .clone();
+        let key = (dn.to_owned(), property.to_owned());
+        lives.iter().find_map(|live| {
+            let t = live.trained.lock().unwrap_or_else(|e| e.into_inner());
+            let series = t.as_ref()?.scorers.get(&key)?;
+            let (_, value, s) = series.recent.iter().rev().find(|r| r.0 == time)?;
+            Some(serde_json::json!({
+                "anomaly": s.anomaly, "value": value, "expected": s.expected,
+                "lower": s.lower, "upper": s.upper,
+                "sensitivity": anomaly::LEVELS[live.level], "monitor": live.name,
+            }))
+        })
     }
 
     /// Creates a monitor and trains it.
@@ -472,7 +519,14 @@ impl Monitors {
                 for v in &values[values.len().saturating_sub(warm)..] {
                     s.push(&model, *v);
                 }
-                scorers.insert(key.clone(), (s, *last));
+                scorers.insert(
+                    key.clone(),
+                    Series {
+                        scorer: s,
+                        last: *last,
+                        recent: std::collections::VecDeque::new(),
+                    },
+                );
             }
             Ok(Trained {
                 model,

@@ -33,6 +33,8 @@ pub struct Msg<'a> {
     pub window: Option<(i64, i64)>,
     /// The device's tags, for `attribute()` (looked up only for rules that call it).
     pub tags: Option<&'a crate::storage::TagMap>,
+    /// The thing layer, for `anomaly()` (the monitors' scores of posted values).
+    pub thing: Option<&'a crate::thing::Thing>,
 }
 
 /// Evaluates `e`; `aggs` holds the aggregate results of a windowed rule.
@@ -539,8 +541,146 @@ fn call(name: &str, args: &[Value], m: &Msg<'_>) -> Result<Value, String> {
             _ => Value::Null,
         },
         "thingpropertyflatmap" => flat_map(m.payload, args),
+        "changepoints" => changepoints(args)?,
+        "pv_diagnose" => pv_diagnose(args)?,
+        // The score the anomaly monitors gave the property's value in this post (by its time).
+        "anomaly" => match (string_arg(args, 0), m.thing) {
+            (Some(id), Some(thing)) => m
+                .payload
+                .get("items")
+                .and_then(|items| items.get(&*id))
+                .and_then(|item| item.get("time"))
+                .and_then(Value::as_i64)
+                .and_then(|t| thing.anomaly_score(m.product_key, m.device_name, &id, t))
+                .unwrap_or(Value::Null),
+            _ => Value::Null,
+        },
         other => return Err(format!("unknown function `{other}()`")),
     })
+}
+
+/// Longest signal `changepoints()` takes from one message.
+const MAX_SIGNAL: usize = 100_000;
+
+/// Numbers of an array argument (a JSON text of one is read too); `None` for null, missing or
+/// non-numeric entries.
+fn numbers(v: &Value, name: &str, what: &str) -> Result<Option<Vec<Option<f64>>>, String> {
+    let parsed;
+    let v = match v {
+        Value::Null => return Ok(None),
+        Value::String(s) => {
+            parsed = serde_json::from_str::<Value>(s)
+                .map_err(|_| format!("{name}(): {what} is a text that is not a JSON array"))?;
+            &parsed
+        }
+        other => other,
+    };
+    let Value::Array(a) = v else {
+        return Err(format!("{name}(): {what} must be an array of numbers"));
+    };
+    if a.len() > MAX_SIGNAL {
+        return Err(format!(
+            "{name}(): {what} has {} values, at most {MAX_SIGNAL}",
+            a.len()
+        ));
+    }
+    Ok(Some(
+        a.iter().map(|x| num(x).filter(|f| f.is_finite())).collect(),
+    ))
+}
+
+/// `changepoints(values[, cost[, width[, penalty]]])`: indices into `values` where a new
+/// segment starts (ruptures' `Window`, jump 5; cost `l2` default; width default half the
+/// signal, 4..=100; penalty default the BIC-like one). Null and non-numeric entries are missing
+/// points: indices still count them.
+fn changepoints(args: &[Value]) -> Result<Value, String> {
+    use ironlink_analytics::changepoint::{self, CostKind, Window};
+    let Some(all) = numbers(
+        args.first().unwrap_or(&Value::Null),
+        "changepoints",
+        "values",
+    )?
+    else {
+        return Ok(Value::Null);
+    };
+    let kind = match string_arg(args, 1) {
+        None => CostKind::L2,
+        Some(name) => CostKind::parse(&name).ok_or_else(|| {
+            format!("changepoints(): cost `{name}` must be l2, normal or clinear")
+        })?,
+    };
+    let (at, values): (Vec<usize>, Vec<f64>) = all
+        .iter()
+        .enumerate()
+        .filter_map(|(i, v)| v.map(|v| (i, v)))
+        .unzip();
+    let width = match args.get(2).and_then(num) {
+        Some(w) if (6.0..=100_000.0).contains(&w) => w as usize,
+        Some(w) => return Err(format!("changepoints(): width {w} must be 6..=100000")),
+        None => (values.len() / 2).clamp(4, 100),
+    };
+    let penalty = match args.get(3).and_then(num) {
+        Some(p) if p.is_finite() && p >= 0.0 => Some(p),
+        Some(p) => return Err(format!("changepoints(): penalty {p} must be ≥ 0")),
+        None => None,
+    };
+    let window = Window {
+        width,
+        ..Window::default()
+    };
+    let found = changepoint::find(&values, kind, window, penalty, None)
+        .map_err(|e| format!("changepoints(): {e}"))?;
+    Ok(Value::Array(
+        found
+            .starts
+            .iter()
+            .filter_map(|k| at.get(*k))
+            .map(|i| Value::from(*i))
+            .collect(),
+    ))
+}
+
+/// `pv_diagnose(voltages, currents, irradiance, temperature, modules, strings)`: the fault an
+/// IV curve of an array of the reference module shows, `{"fault", "confidence"}`.
+fn pv_diagnose(args: &[Value]) -> Result<Value, String> {
+    use ironlink_analytics::pv;
+    let arg = |i: usize| args.get(i).unwrap_or(&Value::Null);
+    let (Some(v), Some(i)) = (
+        numbers(arg(0), "pv_diagnose", "voltages")?,
+        numbers(arg(1), "pv_diagnose", "currents")?,
+    ) else {
+        return Ok(Value::Null);
+    };
+    let (Some(g), Some(t), Some(modules), Some(strings)) =
+        (num(arg(2)), num(arg(3)), num(arg(4)), num(arg(5)))
+    else {
+        return Ok(Value::Null);
+    };
+    let points = |xs: Vec<Option<f64>>| -> Result<Vec<f64>, String> {
+        xs.into_iter()
+            .map(|x| {
+                x.ok_or_else(|| "pv_diagnose(): a voltage or current is not a number".to_owned())
+            })
+            .collect()
+    };
+    if !(modules >= 1.0 && strings >= 1.0 && modules.is_finite() && strings.is_finite()) {
+        return Err(format!(
+            "pv_diagnose(): {modules} modules × {strings} strings: at least one of each"
+        ));
+    }
+    let curve = pv::Curve {
+        v: points(v)?,
+        i: points(i)?,
+        irradiance: g,
+        temperature: t,
+    };
+    // A curve that cannot be diagnosed is refused before the model is needed.
+    pv::check(&curve).map_err(|e| format!("pv_diagnose(): {e}"))?;
+    let model = pv::shared().map_err(|e| format!("pv_diagnose(): {e}"))?;
+    let d = model
+        .diagnose(modules as usize, strings as usize, &curve)
+        .map_err(|e| format!("pv_diagnose(): {e}"))?;
+    Ok(serde_json::json!({"fault": d.fault.name(), "confidence": d.confidence}))
 }
 
 /// `thingPropertyFlatMap(...)`: the named properties (all when none) out of `items`, without
@@ -670,6 +810,7 @@ mod tests {
             now_ms: 1_700_000_000_123,
             window: None,
             tags: Some(&tags),
+            thing: None,
         };
         if let Some(c) = &q.condition {
             if !holds(c, &m, &[]).unwrap() {
@@ -744,6 +885,7 @@ mod tests {
             now_ms: 0,
             window: None,
             tags: None,
+            thing: None,
         };
         let e = project(&q, &m, &[]).unwrap_err();
         assert!(e.contains("arithmetic on a string"), "{e}");

@@ -196,6 +196,10 @@ pub fn compile(spec: &RuleSpec) -> Result<(Query, Vec<ActionSpec>), RuleError> {
         return Err(RuleError::Invalid("the SQL is longer than 64 KiB".into()));
     }
     let query = sql::parse(&spec.sql)?;
+    if query.diagnoses_pv {
+        // Trained off the evaluation path, so the first message does not wait (long) for it.
+        ironlink_analytics::pv::warm();
+    }
     if spec.durable && query.window.is_some() {
         return Err(RuleError::Invalid(
             "durable applies to rules without windows (a window's state is saved at a clean shutdown, and declared lost otherwise)".into(),
@@ -229,6 +233,7 @@ impl Input {
         &'a self,
         message_id: &'a str,
         tags: Option<&'a crate::storage::TagMap>,
+        thing: Option<&'a crate::thing::Thing>,
     ) -> Incoming<'a> {
         Incoming {
             topic: &self.topic,
@@ -238,6 +243,7 @@ impl Input {
             message_id,
             at: self.at,
             tags,
+            thing,
         }
     }
 }
@@ -358,6 +364,7 @@ impl Engine {
             tokio::spawn(durable(
                 Arc::downgrade(&live),
                 self.db.clone(),
+                Arc::downgrade(&thing),
                 thing.apps.clone(),
                 durable_group(&live.row.rule_id),
                 stop,
@@ -827,6 +834,8 @@ pub struct Incoming<'a> {
     pub at: i64,
     /// The device's tags, for rules that call `attribute()`.
     pub tags: Option<&'a crate::storage::TagMap>,
+    /// The thing layer, for `anomaly()`.
+    pub thing: Option<&'a crate::thing::Thing>,
 }
 
 /// Evaluates one message against every rule; outputs go to the actions.
@@ -852,6 +861,7 @@ pub fn evaluate(rules: &[Arc<Live>], i: &Incoming<'_>) {
             now_ms: i.at,
             window: None,
             tags: i.tags,
+            thing: i.thing,
         };
         for (row, pk, dn) in evaluate_one(r, &m, i.at) {
             dispatch(r, row, &pk, &dn, i.at);
@@ -932,6 +942,7 @@ async fn tags_for(
 async fn durable(
     live: std::sync::Weak<Live>,
     db: Db,
+    thing: std::sync::Weak<crate::thing::Thing>,
     apps: Arc<crate::apps::Apps>,
     group: String,
     mut stop: watch::Receiver<()>,
@@ -951,6 +962,7 @@ async fn durable(
         } else {
             None
         };
+        let thing = thing.upgrade();
         let msg = Msg {
             topic: &m.topic,
             raw: &m.payload,
@@ -961,6 +973,7 @@ async fn durable(
             now_ms: m.generated_at,
             window: None,
             tags: tags.as_deref(),
+            thing: thing.as_deref(),
         };
         for (row, pk, dn) in evaluate_one(&r, &msg, m.generated_at) {
             for a in &r.actions {
@@ -1055,6 +1068,8 @@ fn emitted(r: &Live, emits: Vec<window::Emit>, now: i64) -> Vec<Output> {
             now_ms: now,
             window: Some(e.window),
             tags: l.tags.as_ref(),
+            // Scores are looked up as messages arrive; at a window's end `anomaly()` is null.
+            thing: None,
         };
         if let Some(h) = &r.query.having {
             match eval::holds(h, &m, &e.aggs) {
@@ -1111,11 +1126,12 @@ async fn run(engine: Arc<Engine>, mut rx: mpsc::Receiver<Input>, mut stop: watch
                 let Some(input) = input else { break };
                 engine.inputs.fetch_add(1, Ordering::Relaxed);
                 let rules = engine.rules();
+                let thing = engine.deps.thing.upgrade();
                 // Rules calling attribute() need the device's tags (looked up only then).
                 let any_tags = rules.iter().any(|r| r.query.reads_tags);
                 let tags = if any_tags { tags_for(&engine, &rules, &input).await } else { None };
                 let id = engine.message_id();
-                engine.evaluate_timed(&rules, &input.incoming(&id, tags.as_deref()));
+                engine.evaluate_timed(&rules, &input.incoming(&id, tags.as_deref(), thing.as_deref()));
                 // Evaluate everything already waiting before looking at the clock again.
                 let mut n = 0;
                 while n < 256 {
@@ -1124,7 +1140,7 @@ async fn run(engine: Arc<Engine>, mut rx: mpsc::Receiver<Input>, mut stop: watch
                     engine.inputs.fetch_add(1, Ordering::Relaxed);
                     let tags = if any_tags { tags_for(&engine, &rules, &input).await } else { None };
                     let id = engine.message_id();
-                    engine.evaluate_timed(&rules, &input.incoming(&id, tags.as_deref()));
+                    engine.evaluate_timed(&rules, &input.incoming(&id, tags.as_deref(), thing.as_deref()));
                 }
             }
             // Messages are stamped when they are stored and may wait in the queue a little:
@@ -1139,7 +1155,8 @@ async fn run(engine: Arc<Engine>, mut rx: mpsc::Receiver<Input>, mut stop: watch
                         let rules = engine.rules();
                         let tags = tags_for(&engine, &rules, &input).await;
                         let id = engine.message_id();
-                        evaluate(&rules, &input.incoming(&id, tags.as_deref()));
+                        let thing = engine.deps.thing.upgrade();
+                        evaluate(&rules, &input.incoming(&id, tags.as_deref(), thing.as_deref()));
                     }
                     engine.save().await;
                     break;
@@ -1190,8 +1207,10 @@ pub fn test_sql(
         message_id: "test",
         now_ms: now_ms(),
         window: None,
-        // No real device here: `attribute()` is null, as in Alibaba's SQL debugging.
+        // No real device here: `attribute()` and `anomaly()` are null, as in Alibaba's SQL
+        // debugging.
         tags: None,
+        thing: None,
     };
     if let Some(c) = &q.condition {
         match eval::holds(c, &m, &[]) {

@@ -408,6 +408,8 @@ pub struct Query {
     pub aggregates: Vec<(AggKind, Option<Expr>)>,
     /// True when the rule calls `attribute()` (the device's tags are looked up for it).
     pub reads_tags: bool,
+    /// True when the rule calls `pv_diagnose()` (its model is trained when the rule is made).
+    pub diagnoses_pv: bool,
 }
 
 /// Static types, for checking at creation.
@@ -495,6 +497,9 @@ const FUNCTIONS: &[Sig] = &[
     sig("to_hex", 1, 1, &[A], Ty::Str),
     sig("thingpropertyflatmap", 0, 64, &[S; 64], Ty::Any),
     sig("json_get", 2, 2, &[A, S], Ty::Any),
+    sig("changepoints", 1, 4, &[A, S, N, N], Ty::Any),
+    sig("pv_diagnose", 6, 6, &[A, A, N, N, N, N], Ty::Any),
+    sig("anomaly", 1, 1, &[S], Ty::Any),
 ];
 
 const fn sig(
@@ -527,6 +532,8 @@ struct Parser {
     depth: usize,
     /// True once `attribute()` is called: the rule reads the device's tags.
     reads_tags: bool,
+    /// True once `pv_diagnose()` is called.
+    diagnoses_pv: bool,
 }
 
 /// Deepest expression nesting accepted.
@@ -855,6 +862,7 @@ impl Parser {
             }
         }
         self.reads_tags |= lower == "attribute";
+        self.diagnoses_pv |= lower == "pv_diagnose";
         Ok(Expr::Call(lower, args, pos))
     }
 
@@ -970,6 +978,7 @@ pub fn parse(src: &str) -> Result<Query, SqlError> {
         aggregates: Vec::new(),
         depth: 0,
         reads_tags: false,
+        diagnoses_pv: false,
     };
     p.expect_kw("select")?;
     let mut items = Vec::new();
@@ -1098,6 +1107,7 @@ pub fn parse(src: &str) -> Result<Query, SqlError> {
         having,
         aggregates,
         reads_tags: p.reads_tags,
+        diagnoses_pv: p.diagnoses_pv,
     };
     check(&q, &items)?;
     Ok(q)

@@ -21,6 +21,7 @@ pub use gateway::{unbind, Change, SubEntry, SubLogin, Subs};
 use crate::access::sessions::Sessions;
 use crate::apps::{MessageType, Outgoing};
 use crate::config::Config;
+use crate::jobs::monitor::Alarm;
 use crate::metrics::Metrics;
 use crate::registry::now_ms;
 use crate::router::{Message, Router};
@@ -208,11 +209,24 @@ impl Thing {
         let _ = self.monitors.set(m);
     }
 
-    /// Scores posted values and raises an `anomaly` event (type `alert`) per anomaly: stored
-    /// and delivered to consumer groups and rules like the device's own events.
-    async fn raise_anomalies(&self, pk: &str, dn: &str, values: &[(String, i64, f64)]) {
-        let Some(m) = self.monitors.get() else { return };
-        for a in m.observe(pk, dn, values) {
+    /// Scores posted values (before the post goes to applications and rules, so rules'
+    /// `anomaly()` finds the scores); the anomalies among them.
+    fn score(&self, pk: &str, dn: &str, values: &[(String, i64, f64)]) -> Vec<Alarm> {
+        match self.monitors.get() {
+            Some(m) if !values.is_empty() => m.observe(pk, dn, values),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The monitors' score of a posted value (for rules' `anomaly()`).
+    pub fn anomaly_score(&self, pk: &str, dn: &str, property: &str, time: i64) -> Option<Value> {
+        self.monitors.get()?.score_of(pk, dn, property, time)
+    }
+
+    /// Raises an `anomaly` event (type `alert`) per anomaly: stored and delivered to consumer
+    /// groups and rules like the device's own events.
+    async fn raise_anomalies(&self, pk: &str, dn: &str, alarms: Vec<Alarm>) {
+        for a in alarms {
             let now = now_ms();
             let output = json!({
                 "property": a.property, "value": a.value, "expected": a.expected,
@@ -637,6 +651,7 @@ impl Thing {
             }
             Some(false) => {}
         }
+        let alarms = self.score(pk, dn, &scored);
         if let Some(body) = app_message {
             let topic = format!("/{pk}/{dn}/thing/event/property/post");
             if !self
@@ -649,8 +664,8 @@ impl Thing {
         self.metrics
             .properties_stored
             .fetch_add(stored as u64, Ordering::Relaxed);
-        if !scored.is_empty() {
-            self.raise_anomalies(pk, dn, &scored).await;
+        if !alarms.is_empty() {
+            self.raise_anomalies(pk, dn, alarms).await;
         }
         if invalid.is_empty() {
             return self.success(&req, reply_topic, method);
