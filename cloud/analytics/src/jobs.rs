@@ -92,9 +92,10 @@ impl Filter {
 /// The columns of one series' points, built by a [`HistorySource`].
 #[derive(Debug, Default)]
 pub struct HistoryRows {
-    product_key: Vec<String>,
-    device_name: Vec<String>,
-    identifier: Vec<String>,
+    /// The series rows belong to (a series pushed in one run is kept once).
+    keys: Vec<(String, String, String)>,
+    /// Per row: its series in `keys`.
+    series: Vec<IdxSize>,
     ts: Vec<i64>,
     value: Vec<Option<f64>>,
     text: Vec<Option<String>>,
@@ -119,21 +120,38 @@ impl HistoryRows {
         value: Option<f64>,
         text: Option<String>,
     ) {
-        self.product_key.push(series.0.to_owned());
-        self.device_name.push(series.1.to_owned());
-        self.identifier.push(series.2.to_owned());
+        let same = self
+            .keys
+            .last()
+            .is_some_and(|k| k.0 == series.0 && k.1 == series.1 && k.2 == series.2);
+        if !same {
+            self.keys.push((
+                series.0.to_owned(),
+                series.1.to_owned(),
+                series.2.to_owned(),
+            ));
+        }
+        self.series.push((self.keys.len() - 1) as IdxSize);
         self.ts.push(ts);
         self.value.push(value);
         self.text.push(text);
     }
 
     fn frame(self) -> PolarsResult<DataFrame> {
+        // The key columns are gathered from one value per series, not built per row.
+        let idx = IdxCa::from_vec("".into(), self.series);
+        let keys = &self.keys;
+        let key = |name: &str, part: fn(&(String, String, String)) -> &str| {
+            StringChunked::from_iter_values(name.into(), keys.iter().map(part))
+                .take(&idx)
+                .map(|c| c.into_column())
+        };
         let ts = Int64Chunked::from_vec("ts".into(), self.ts)
             .into_datetime(TimeUnit::Milliseconds, Some(polars::prelude::TimeZone::UTC));
         DataFrame::new_infer_height(vec![
-            Column::new("product_key".into(), self.product_key),
-            Column::new("device_name".into(), self.device_name),
-            Column::new("identifier".into(), self.identifier),
+            key("product_key", |k| &k.0)?,
+            key("device_name", |k| &k.1)?,
+            key("identifier", |k| &k.2)?,
             ts.into_column(),
             Column::new("value".into(), self.value),
             Column::new("text".into(), self.text),
