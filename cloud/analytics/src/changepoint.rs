@@ -370,6 +370,17 @@ impl Default for Window {
     }
 }
 
+impl Window {
+    /// The window SQL callers use when none is given for a signal of `n` points: half the
+    /// signal wide, within 4..=100, the default jump and minimum size.
+    pub fn for_points(n: usize) -> Window {
+        Window {
+            width: (n / 2).clamp(4, 100),
+            ..Window::default()
+        }
+    }
+}
+
 /// What a detection found.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Detection {

@@ -685,11 +685,7 @@ fn changepoints_of(s: &[Column]) -> PolarsResult<Column> {
     let n = values.len();
     let mut text = String::new();
     if n >= 8 {
-        let window = Window {
-            width: (n / 2).clamp(4, 100),
-            ..Window::default()
-        };
-        let found = changepoint::find(&values, CostKind::L2, window, None, None)
+        let found = changepoint::find(&values, CostKind::L2, Window::for_points(n), None, None)
             .map_err(|e| polars_err!(ComputeError: "changepoints: {e}"))?;
         let times: Vec<String> = found
             .starts

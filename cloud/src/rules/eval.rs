@@ -614,19 +614,18 @@ fn changepoints(args: &[Value]) -> Result<Value, String> {
         .enumerate()
         .filter_map(|(i, v)| v.map(|v| (i, v)))
         .unzip();
-    let width = match args.get(2).and_then(num) {
-        Some(w) if (6.0..=100_000.0).contains(&w) => w as usize,
+    let window = match args.get(2).and_then(num) {
+        Some(w) if (6.0..=100_000.0).contains(&w) => Window {
+            width: w as usize,
+            ..Window::default()
+        },
         Some(w) => return Err(format!("changepoints(): width {w} must be 6..=100000")),
-        None => (values.len() / 2).clamp(4, 100),
+        None => Window::for_points(values.len()),
     };
     let penalty = match args.get(3).and_then(num) {
         Some(p) if p.is_finite() && p >= 0.0 => Some(p),
         Some(p) => return Err(format!("changepoints(): penalty {p} must be ≥ 0")),
         None => None,
-    };
-    let window = Window {
-        width,
-        ..Window::default()
     };
     let found = changepoint::find(&values, kind, window, penalty, None)
         .map_err(|e| format!("changepoints(): {e}"))?;
