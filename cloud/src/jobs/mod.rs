@@ -670,6 +670,11 @@ impl Jobs {
         self.progress(run, "starting the worker").await;
         let mut child = tokio::process::Command::new(self.worker())
             .arg("analytics-worker")
+            // The address-space limit counts what glibc reserves, not what is used: up to
+            // 64 MiB per malloc arena, one per thread by default. With few arenas the
+            // worker's threads (runtime, SQLite connections, polars) fit a small limit, and
+            // the limit bounds the data instead of failing the database open with EAGAIN.
+            .env("MALLOC_ARENA_MAX", "2")
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
