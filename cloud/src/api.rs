@@ -734,7 +734,8 @@ async fn delete_product(
 }
 
 /// One device (`device_name`, or nothing for one with a generated name) or a batch
-/// (`device_names` and/or `count`, 1,000 devices at most in all, names unique).
+/// (`device_names` and/or `count`, 1,000 devices at most in all, names unique; a
+/// `device_name` that `device_names` also holds is the same device).
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateDevices {
@@ -769,11 +770,13 @@ async fn create_devices(
         count: None,
     });
     // `device_name` alone (or nothing) is one device; with `device_names` or a count it is
-    // one more name of the batch.
+    // one more name of the batch, unless `device_names` already names it (one device then,
+    // not a duplicate: the two fields say the same thing).
     let count = body.count.unwrap_or(0);
     let batch = !body.device_names.is_empty() || count > 0;
     let names: Vec<String> = body
         .device_name
+        .filter(|n| !body.device_names.contains(n))
         .into_iter()
         .chain(body.device_names)
         .collect();

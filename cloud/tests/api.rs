@@ -116,6 +116,32 @@ async fn batches_paging_and_product_deletion() {
         .await;
     assert_eq!(page["devices"].as_array().unwrap().len(), 10);
     assert_eq!(page["total"], 27);
+    // A name in both `device_name` and `device_names` is one device (the schema allows it).
+    let (s, v) = srv
+        .post(
+            &format!("/products/{pk}/devices"),
+            json!({"device_name": "both-01", "device_names": ["both-01", "both-02"]}),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let names: Vec<&str> = v["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["device_name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["both-01", "both-02"]);
+    let (s, v) = srv
+        .post(
+            &format!("/products/{pk}/devices"),
+            json!({"device_names": ["twice-01", "twice-01"]}),
+        )
+        .await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (400, Some("invalid_request")),
+        "{v}"
+    );
     let (s, _) = srv.get(&format!("/products/{pk}/devices?page=0")).await;
     assert_eq!(s, 400);
     let (s, _) = srv
