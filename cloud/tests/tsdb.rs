@@ -1,6 +1,7 @@
 //! Time-series storage on SQLite and PostgreSQL: sealing under concurrent ingest (two sealers
-//! at once, as two nodes would), pages over rows and chunks, aggregates over chunks equal to
-//! aggregates over raw points, retention boundaries, damaged chunks, and through the server:
+//! at once, as two nodes would), pages over landing segments, rows and chunks, aggregates over
+//! chunks equal to aggregates over raw points, retention boundaries, damaged chunks and
+//! segments, rows of the former landing table, and through the server:
 //! storage policies on device posts, the API and its refusals.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -429,12 +430,32 @@ async fn retention_drops_whole_chunks_and_hides_older_points_at_once() {
         assert_eq!(all_points(&t, &pk, "temp", 1000, true).await, visible);
         // A property kept forever keeps all of it.
         assert_eq!(all_points(&t, &pk, "keep", 1000, true).await.len(), 300);
-        // Hot rows past the retention are dropped too (a late point from long ago).
+        // A late point from long ago is hidden while it waits in a landing segment, and
+        // dropped once sealed (its chunk is past the retention).
         ingest(&db, &t, &[(sids[0], now - 10 * hour, json!(1))]).await;
-        let (_, rows_dropped) = t.reap(now).await.unwrap();
-        assert_eq!(rows_dropped, 1);
+        assert_eq!(all_points(&t, &pk, "temp", 1000, true).await, visible);
+        assert_eq!(t.seal(false).await.unwrap().points, 1);
+        assert_eq!(t.reap(now).await.unwrap(), (1, 0));
+        assert_eq!(all_points(&t, &pk, "temp", 1000, true).await, visible);
         done(e).await;
     }
+}
+
+/// Flips one bit of the `data` of row `id` of `table`, at `at(length)`.
+async fn flip_bit(pool: &sqlx::AnyPool, table: &str, id: i64, at: impl Fn(usize) -> usize) {
+    let mut data: Vec<u8> = sqlx::query_scalar(&format!("SELECT data FROM {table} WHERE id = $1"))
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let i = at(data.len());
+    data[i] ^= 0x10;
+    sqlx::query(&format!("UPDATE {table} SET data = $1 WHERE id = $2"))
+        .bind(data)
+        .bind(id)
+        .execute(pool)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -450,24 +471,7 @@ async fn a_damaged_chunk_is_reported_with_its_series_and_the_rest_answers() {
         let pool = e.pool.clone();
         let id = scalar(&pool, "SELECT MIN(id) FROM property_chunks", None).await;
         // Damage the chunk's bytes (same length, one bit flipped in its body).
-        let data: Vec<u8> = sqlx::Row::try_get(
-            &sqlx::query("SELECT data FROM property_chunks WHERE id = $1")
-                .bind(id)
-                .fetch_one(&pool)
-                .await
-                .unwrap(),
-            0,
-        )
-        .unwrap();
-        let mut bad = data.clone();
-        let at = bad.len() / 2;
-        bad[at] ^= 0x10;
-        sqlx::query("UPDATE property_chunks SET data = $1 WHERE id = $2")
-            .bind(bad)
-            .bind(id)
-            .execute(&pool)
-            .await
-            .unwrap();
+        flip_bit(&pool, "property_chunks", id, |len| len / 2).await;
         let page = t
             .range(&pk, "dev1", "temp", i64::MIN, i64::MAX, 1000, true, None)
             .await
@@ -502,6 +506,130 @@ async fn a_damaged_chunk_is_reported_with_its_series_and_the_rest_answers() {
             .unwrap();
         assert!(damaged.is_empty());
         assert_eq!(buckets.iter().map(|b| b.count).sum::<u64>(), 201);
+        done(e).await;
+    }
+}
+
+#[tokio::test]
+async fn a_damaged_landing_segment_is_reported_kept_and_the_rest_is_sealed() {
+    for e in engines("ts_badseg").await {
+        let db = e.db.clone();
+        let (pk, sids) = series(&db, &["temp", "count"]).await;
+        let t = tsdb(&db, 50).await;
+        // Three writer batches: three segments of both series.
+        for b in 0..3i64 {
+            let rows: Vec<_> = (0..10i64)
+                .flat_map(|i| {
+                    let ts = (b * 10 + i) * 1000;
+                    [(sids[0], ts, json!(ts)), (sids[1], ts, json!(i))]
+                })
+                .collect();
+            ingest(&db, &t, &rows).await;
+        }
+        let pool = e.pool.clone();
+        let id = scalar(&pool, "SELECT MIN(id) FROM property_segments", None).await;
+        flip_bit(&pool, "property_segments", id, |len| len - 2).await;
+        let page = t
+            .range(&pk, "dev1", "temp", i64::MIN, i64::MAX, 1000, true, None)
+            .await
+            .unwrap();
+        assert_eq!(page.damaged.len(), 1, "{:?}", page.damaged);
+        assert!(page.damaged[0].segment);
+        assert_eq!(page.damaged[0].chunk, id);
+        assert_eq!((page.damaged[0].start, page.damaged[0].end), (0, 9_000));
+        assert!(
+            page.damaged[0].reason.contains("checksum"),
+            "{:?}",
+            page.damaged
+        );
+        assert_eq!(page.points.len(), 20, "the two intact segments");
+        // Sealing takes the intact segments and marks the damaged one, which stays.
+        assert_eq!(t.seal(false).await.unwrap().points, 40);
+        let (left, marked) = (
+            scalar(&pool, "SELECT COUNT(*) FROM property_segments", None).await,
+            scalar(
+                &pool,
+                "SELECT COUNT(*) FROM property_segments WHERE damaged LIKE '%checksum%'",
+                None,
+            )
+            .await,
+        );
+        assert_eq!((left, marked), (1, 1));
+        assert_eq!(t.seal(false).await.unwrap().points, 0, "not sealed again");
+        let page = t
+            .range(&pk, "dev1", "temp", i64::MIN, i64::MAX, 1000, true, None)
+            .await
+            .unwrap();
+        assert_eq!((page.points.len(), page.damaged.len()), (20, 1));
+        let (buckets, damaged) = t
+            .aggregate(&pk, "dev1", "count", 0, i64::MAX, 10_000)
+            .await
+            .unwrap();
+        assert_eq!(damaged.len(), 1);
+        assert_eq!(buckets.iter().map(|b| b.count).sum::<u64>(), 20);
+        done(e).await;
+    }
+}
+
+#[tokio::test]
+async fn rows_of_the_former_landing_table_are_read_and_sealed_and_deleted_series_leave_nothing() {
+    for e in engines("ts_legacy").await {
+        let db = e.db.clone();
+        let (pk, sids) = series(&db, &["temp"]).await;
+        // Rows as a server before landing segments wrote them, and a point in a segment.
+        for i in 0..30i64 {
+            sqlx::query("INSERT INTO property_history (series_id, ts, value) VALUES ($1, $2, $3)")
+                .bind(sids[0])
+                .bind(i * 1000)
+                .bind(json!(i).to_string())
+                .execute(&e.pool)
+                .await
+                .unwrap();
+        }
+        let t = tsdb(&db, 16).await;
+        ingest(&db, &t, &[(sids[0], 30_000, json!(30))]).await;
+        let want: Vec<(i64, Value)> = (0..=30i64).map(|i| (i * 1000, json!(i))).collect();
+        assert_eq!(all_points(&t, &pk, "temp", 7, true).await, want);
+        assert_eq!(all_points(&t, &pk, "temp", 7, false).await, want);
+        let sealed = t.seal(true).await.unwrap();
+        assert_eq!(sealed.points, 31);
+        assert_eq!(
+            scalar(&e.pool, "SELECT COUNT(*) FROM property_history", None).await,
+            0
+        );
+        assert_eq!(all_points(&t, &pk, "temp", 100, true).await, want);
+        // A device deleted while its points wait in a segment: the sealer drops them.
+        let (pk2, other) = {
+            let p = registry::create_product(
+                &db,
+                serde_json::from_value(json!({"name": "gone"})).unwrap(),
+            )
+            .await
+            .unwrap();
+            registry::create_devices(&db, &p.product_key, vec!["dev1".into()], 0)
+                .await
+                .unwrap();
+            let key = (p.product_key.clone(), "dev1".to_owned(), "temp".to_owned());
+            let ids = db.series_ids(std::slice::from_ref(&key)).await.unwrap();
+            (p.product_key, ids[&key])
+        };
+        ingest(
+            &db,
+            &t,
+            &[(other, 1, json!(1)), (sids[0], 31_000, json!(31))],
+        )
+        .await;
+        assert!(db.delete_device(&pk2, "dev1").await.unwrap());
+        assert_eq!(t.seal(false).await.unwrap().points, 1);
+        assert_eq!(
+            scalar(
+                &e.pool,
+                "SELECT COUNT(*) FROM property_chunks WHERE series_id = $1",
+                Some(other)
+            )
+            .await,
+            0
+        );
         done(e).await;
     }
 }

@@ -196,7 +196,7 @@ async fn ironlink_ingest(o: &IngestBench) -> Result<f64> {
     sqlx::any::install_default_drivers();
     let mut check = <sqlx::AnyConnection as sqlx::Connection>::connect(&server_url).await?;
     let rows: i64 = sqlx::Row::try_get(
-        // Rows not sealed yet, plus the points the sealer moved into chunks.
+        // Rows of the former landing table, plus the points the sealer moved into chunks.
         &sqlx::query("SELECT (SELECT COUNT(*) FROM property_history h JOIN property_series s ON s.id = h.series_id WHERE s.product_key = $1) + (SELECT CAST(COALESCE(SUM(c.n), 0) AS BIGINT) FROM property_chunks c JOIN property_series s ON s.id = c.series_id WHERE s.product_key = $2)")
             .bind(&pk)
             .bind(&pk)
@@ -204,6 +204,26 @@ async fn ironlink_ingest(o: &IngestBench) -> Result<f64> {
             .await?,
         0,
     )?;
+    // Points still in landing segments (every series of every batch in one row each).
+    let series: std::collections::HashSet<i64> =
+        sqlx::query_scalar("SELECT id FROM property_series WHERE product_key = $1")
+            .bind(&pk)
+            .fetch_all(&mut check)
+            .await?
+            .into_iter()
+            .collect();
+    let mut landed = 0i64;
+    for data in sqlx::query_scalar::<_, Vec<u8>>("SELECT data FROM property_segments")
+        .fetch_all(&mut check)
+        .await?
+    {
+        let seg = ironlink_cloud::tsdb::segment::Segment::parse(&data)
+            .map_err(|e| anyhow::anyhow!("a landing segment: {e}"))?;
+        landed += (0..seg.len())
+            .filter(|i| series.contains(&seg.series(*i)))
+            .count() as i64;
+    }
+    let rows = rows + landed;
     if u64::try_from(rows).unwrap_or(0) != properties {
         bail!("Ironlink acknowledged {properties} property values but its history holds {rows}");
     }

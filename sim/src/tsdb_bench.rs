@@ -62,6 +62,13 @@ pub struct TsdbResult {
     pub rows_ingest_points_per_sec: f64,
     /// Points sealed while ingest ran.
     pub sealed_during_ingest: u64,
+    /// Seconds after the last write until every point was sealed and small chunks merged.
+    pub settle_secs: f64,
+    /// Chunks after the server's own merges.
+    pub chunks: u64,
+    /// Bytes per point after the server's own merges (small chunks of series that have not
+    /// sent enough since wait for more); `ironlink_bytes_per_point` is after every merge.
+    pub settled_bytes_per_point: f64,
     /// 1-minute aggregates of one property over a day (86,400 points), median ms.
     pub downsample_day_one_ms: f64,
     /// 1-minute aggregates of one property of every device over the run, ms.
@@ -263,10 +270,12 @@ pub async fn run(o: &TsdbBench) -> Result<TsdbResult> {
     let dir = tempfile::tempdir()?;
     let points = (o.devices * o.seconds * PROPS) as u64;
 
-    // Ironlink: the write path with the sealer running, then everything sealed.
+    // Ironlink: the write path with the server's sealer loop running (landing segments into
+    // chunks, small chunks merged), then everything sealed and merged.
     let path = dir.path().join("ironlink.db");
     let url = format!("sqlite://{}", path.display());
     let (db, pk, ids, empty) = prepare(&url, &path, o.devices).await?;
+    let metrics = Arc::new(Metrics::default());
     let tsdb = Tsdb::open(
         db.clone(),
         TimeseriesConfig {
@@ -274,32 +283,37 @@ pub async fn run(o: &TsdbBench) -> Result<TsdbResult> {
             archive_dir: Some(dir.path().join("archive")),
             ..TimeseriesConfig::default()
         },
-        Arc::new(Metrics::default()),
+        metrics.clone(),
     )
     .await?;
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    let sealer = {
-        let t = tsdb.clone();
-        let mut stop = stop.clone();
-        tokio::spawn(async move {
-            let mut sealed = 0u64;
-            loop {
-                tokio::select! {
-                    _ = stop.changed() => return sealed,
-                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                }
-                if let Ok(s) = t.seal(false).await {
-                    sealed += s.points as u64;
-                }
-            }
-        })
-    };
+    let sealer = tokio::spawn(ironlink_cloud::tsdb::run(tsdb.clone(), stop));
     let started = Instant::now();
-    write_all(&db, Some(&tsdb), &ids, o).await?;
+    write_all(Sink::Store(&db, &tsdb), &ids, o).await?;
     let ingest_secs = started.elapsed().as_secs_f64();
     let _ = stop_tx.send(true);
-    let sealed_during_ingest = sealer.await?;
+    sealer.await?;
+    let sealed_during_ingest = metrics
+        .points_sealed
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let settle = Instant::now();
     tsdb.seal(true).await?;
+    // Bounded: each pass merges at least one group of chunks or stops.
+    for _ in 0..100_000 {
+        if tsdb.compact(usize::MAX).await?.0 == 0 {
+            break;
+        }
+    }
+    let settle_secs = settle.elapsed().as_secs_f64();
+    let chunks = scalar(&path, "SELECT COUNT(*) FROM property_chunks").await?;
+    // What the server holds now: its merges wait for more points of each series.
+    let settled_bytes = vacuum_size(&path).await?.saturating_sub(empty);
+    // Where it converges as series fill: every run of small chunks merged.
+    for _ in 0..100_000 {
+        if tsdb.compact_all(usize::MAX).await?.0 == 0 {
+            break;
+        }
+    }
     let ironlink_bytes = vacuum_size(&path).await?.saturating_sub(empty);
     let payload = scalar(
         &path,
@@ -383,7 +397,7 @@ pub async fn run(o: &TsdbBench) -> Result<TsdbResult> {
     let rows_url = format!("sqlite://{}", rows_path.display());
     let (rows_db, _, rows_ids, rows_empty) = prepare(&rows_url, &rows_path, o.devices).await?;
     let started = Instant::now();
-    write_all(&rows_db, None, &rows_ids, o).await?;
+    write_all(Sink::Rows(&rows_path), &rows_ids, o).await?;
     let rows_secs = started.elapsed().as_secs_f64();
     rows_db.close().await;
     let rows_bytes = vacuum_size(&rows_path).await?.saturating_sub(rows_empty);
@@ -406,6 +420,9 @@ pub async fn run(o: &TsdbBench) -> Result<TsdbResult> {
         ingest_points_per_sec: points as f64 / ingest_secs,
         rows_ingest_points_per_sec: points as f64 / rows_secs,
         sealed_during_ingest,
+        settle_secs,
+        chunks: chunks as u64,
+        settled_bytes_per_point: settled_bytes as f64 / points as f64,
         downsample_day_one_ms,
         downsample_fleet_ms,
         fleet_devices: o.devices,
@@ -446,14 +463,33 @@ async fn downsamples(
     Ok((runs[runs.len() / 2], t.elapsed().as_secs_f64() * 1000.0))
 }
 
-/// Writes every point, second by second, in batches of [`BATCH_DEVICES`] devices; tells the
-/// sealer's index when given one.
-async fn write_all(
-    db: &Db,
-    tsdb: Option<&Arc<Tsdb>>,
-    ids: &[Vec<i64>],
-    o: &TsdbBench,
-) -> Result<()> {
+/// Where [`write_all`] writes.
+enum Sink<'a> {
+    /// The thing-data store, telling the time-series store.
+    Store(&'a Db, &'a Arc<Tsdb>),
+    /// Plain rows into the database file at this path.
+    Rows(&'a Path),
+}
+
+/// Writes every point, second by second, in batches of [`BATCH_DEVICES`] devices: through
+/// the thing-data store and the time-series store when given one, else as plain rows of
+/// `property_history` (the baseline).
+async fn write_all(sink: Sink<'_>, ids: &[Vec<i64>], o: &TsdbBench) -> Result<()> {
+    let mut rows_conn = match sink {
+        Sink::Rows(path) => {
+            let mut c = conn(path).await?;
+            // The server's settings (one pragma per statement).
+            for pragma in [
+                "PRAGMA journal_mode=WAL",
+                "PRAGMA synchronous=NORMAL",
+                "PRAGMA cache_size=-32768",
+            ] {
+                sqlx::Executor::execute(&mut c, pragma).await?;
+            }
+            Some(c)
+        }
+        Sink::Store(..) => None,
+    };
     let mut devices: Vec<Device> = (0..o.devices).map(Device::new).collect();
     let mut rows = Vec::with_capacity(BATCH_DEVICES * PROPS);
     for s in 0..o.seconds {
@@ -473,15 +509,42 @@ async fn write_all(
                     });
                 }
             }
-            db.store_thing_data(&rows, &[], &[]).await?;
-            if let Some(t) = tsdb {
-                t.stored(
-                    rows.iter()
-                        .map(|r| Landed::new(r.series_id, r.ts, Verdict::Store)),
-                );
+            match (&sink, rows_conn.as_mut()) {
+                (Sink::Store(db, t), _) => {
+                    db.store_thing_data(&rows, &[], &[]).await?;
+                    t.stored(
+                        rows.iter()
+                            .map(|r| Landed::new(r.series_id, r.ts, Verdict::Store)),
+                    );
+                }
+                (_, Some(c)) => plain_rows(c, &rows).await?,
+                (Sink::Rows(_), None) => bail!("no connection for plain rows"),
             }
         }
     }
+    Ok(())
+}
+
+/// The baseline: rows of `property_history` (series, time, JSON text) with its `(series_id,
+/// ts)` index, multi-row inserts of 1,000 rows, one transaction per batch.
+async fn plain_rows(c: &mut sqlx::AnyConnection, rows: &[PropertyRow]) -> Result<()> {
+    let mut tx = sqlx::Connection::begin(c).await?;
+    for part in rows.chunks(1000) {
+        let sql = format!(
+            "INSERT INTO property_history (series_id, ts, value) VALUES {}",
+            ironlink_cloud::storage::placeholders(
+                ironlink_cloud::storage::Engine::Sqlite,
+                part.len(),
+                3
+            )
+        );
+        let mut q = sqlx::query(&sql);
+        for r in part {
+            q = q.bind(r.series_id).bind(r.ts).bind(&r.value);
+        }
+        q.execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
     Ok(())
 }
 
@@ -531,7 +594,7 @@ pub fn table(r: &TsdbResult) -> String {
         r.points
     ));
     s.push_str(&format!(
-        "bytes/point  ironlink (chunks)       {:.3} (payload {:.3})\n",
+        "bytes/point  ironlink (chunks)       {:.3} (payload {:.3}), every small chunk merged\n",
         r.ironlink_bytes_per_point, r.chunk_payload_bytes_per_point
     ));
     s.push_str(&format!(
@@ -547,6 +610,10 @@ pub fn table(r: &TsdbResult) -> String {
     s.push_str(&format!(
         "ingest points/s with sealing        {:.0} (plain rows {:.0}); sealed during ingest {}\n",
         r.ingest_points_per_sec, r.rows_ingest_points_per_sec, r.sealed_during_ingest
+    ));
+    s.push_str(&format!(
+        "after the last write                {:.2} s to seal and merge what is due: {} chunks, {:.3} bytes/point\n",
+        r.settle_secs, r.chunks, r.settled_bytes_per_point
     ));
     s.push_str(&format!(
         "1-min downsample, 1 property, 1 day {:.2} ms (median of 21)\n",
@@ -670,8 +737,8 @@ pub async fn run_jobs(o: &JobsBench) -> Result<JobsResult> {
         Arc::new(Metrics::default()),
     )
     .await?;
-    write_all(&db, Some(&tsdb), &ids, f).await?;
-    // Baseline: the same aggregate in SQLite over the rows, before they are sealed.
+    write_all(Sink::Rows(&path), &ids, f).await?;
+    // Baseline: the same aggregate in SQLite over plain rows, before they are sealed.
     let sql = format!(
         "SELECT s.device_name, s.identifier, COUNT(*), AVG(CAST(h.value AS REAL)), MIN(CAST(h.value AS REAL)), MAX(CAST(h.value AS REAL)) \
          FROM property_history h JOIN property_series s ON s.id = h.series_id \
@@ -690,6 +757,7 @@ pub async fn run_jobs(o: &JobsBench) -> Result<JobsResult> {
     if groups != f.devices * PROPS {
         bail!("SQLite answered {groups} groups");
     }
+    tsdb.resync().await?;
     tsdb.seal(true).await?;
     db.close().await;
     let query = "SELECT device_name, identifier, count(*) AS n, avg(value) AS mean, min(value) AS low, max(value) AS high \

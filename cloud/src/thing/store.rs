@@ -1,7 +1,7 @@
 //! Storage of thing data: property series (latest value and history), events, service calls,
 //! shadows, gateway topology and raw messages. Same SQL on SQLite and PostgreSQL.
 
-use crate::storage::{Db, Engine, StorageError};
+use crate::storage::{Db, StorageError};
 use serde::Serialize;
 use sqlx::Row;
 use std::collections::HashMap;
@@ -126,32 +126,6 @@ pub type SeriesKey = (String, String, String);
 
 const CALL_COLS: &str = "product_key, device_name, message_id, identifier, call_type, params, status, code, reply, created_at, deadline, replied_at";
 
-/// `($1, $2, ...), (...)` for `rows` rows of `cols` parameters; `(?, ?, ...)` on SQLite, where
-/// numbered parameters cost a scan of the statement's parameter list per bound value (the
-/// quadratic cost showed as a third of the server's CPU in `sim bench ingest`).
-fn placeholders(engine: Engine, rows: usize, cols: usize) -> String {
-    if engine == Engine::Sqlite {
-        let row = format!("({})", vec!["?"; cols].join(", "));
-        return vec![row; rows].join(", ");
-    }
-    let mut s = String::with_capacity(rows * cols * 5);
-    for r in 0..rows {
-        if r > 0 {
-            s.push_str(", ");
-        }
-        s.push('(');
-        for c in 0..cols {
-            if c > 0 {
-                s.push_str(", ");
-            }
-            s.push('$');
-            s.push_str(&(r * cols + c + 1).to_string());
-        }
-        s.push(')');
-    }
-    s
-}
-
 /// Rows per multi-row statement: large enough to amortise the statement, within every engine's
 /// parameter limit (SQLite's is 32766 in the bundled build).
 const CHUNK: usize = 256;
@@ -181,7 +155,7 @@ impl Db {
         for chunk in chunks(keys) {
             let sql = format!(
                 "INSERT INTO property_series (product_key, device_name, identifier) VALUES {} ON CONFLICT DO NOTHING",
-                placeholders(self.engine(), chunk.len(), 3)
+                crate::storage::placeholders(self.engine(), chunk.len(), 3)
             );
             let mut q = sqlx::query(&sql);
             for k in chunk {
@@ -277,17 +251,27 @@ impl Db {
         events: &[EventRow],
         raws: &[RawRow],
     ) -> Result<(), StorageError> {
+        // History: the batch's points land as one segment (the sealer makes chunks of it).
         let history: Vec<&PropertyRow> = props.iter().filter(|p| p.history).collect();
-        for chunk in chunks(&history) {
-            let sql = format!(
-                "INSERT INTO property_history (series_id, ts, value) VALUES {}",
-                placeholders(self.engine(), chunk.len(), 3)
-            );
-            let mut q = sqlx::query(&sql);
-            for p in chunk {
-                q = q.bind(p.series_id).bind(p.ts).bind(&p.value);
-            }
-            q.execute(&mut **tx).await?;
+        if let (Some(min), Some(max)) = (
+            history.iter().map(|p| p.ts).min(),
+            history.iter().map(|p| p.ts).max(),
+        ) {
+            let data = crate::tsdb::segment::encode(
+                history
+                    .iter()
+                    .map(|p| (p.series_id, p.ts, p.value.as_str())),
+            )
+            .map_err(|e| StorageError::TooLarge(format!("a batch of property values: {e}")))?;
+            sqlx::query(
+                "INSERT INTO property_segments (n, min_ts, max_ts, data) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(i64::try_from(history.len()).unwrap_or(i64::MAX))
+            .bind(min)
+            .bind(max)
+            .bind(data)
+            .execute(&mut **tx)
+            .await?;
         }
         // Latest: one row per series (the newest in the batch), and never older than stored.
         let mut newest: HashMap<i64, &PropertyRow> = HashMap::new();
@@ -302,7 +286,7 @@ impl Db {
         for chunk in chunks(&latest) {
             let sql = format!(
                 "INSERT INTO property_latest (series_id, ts, value) VALUES {} ON CONFLICT (series_id) DO UPDATE SET ts = excluded.ts, value = excluded.value WHERE excluded.ts >= property_latest.ts",
-                placeholders(self.engine(), chunk.len(), 3)
+                crate::storage::placeholders(self.engine(), chunk.len(), 3)
             );
             let mut q = sqlx::query(&sql);
             for p in chunk {
@@ -313,7 +297,7 @@ impl Db {
         for chunk in chunks(events) {
             let sql = format!(
                 "INSERT INTO events (product_key, device_name, identifier, event_type, message_id, output, ts) VALUES {}",
-                placeholders(self.engine(), chunk.len(), 7)
+                crate::storage::placeholders(self.engine(), chunk.len(), 7)
             );
             let mut q = sqlx::query(&sql);
             for e in chunk {
@@ -556,7 +540,7 @@ impl Db {
             let sql = format!(
                 "INSERT INTO topology (product_key, device_name, gateway_product_key, gateway_device_name, created_at) VALUES {} \
                  ON CONFLICT (product_key, device_name) DO UPDATE SET gateway_product_key = excluded.gateway_product_key, gateway_device_name = excluded.gateway_device_name, created_at = excluded.created_at",
-                placeholders(self.engine(), chunk.len(), 5)
+                crate::storage::placeholders(self.engine(), chunk.len(), 5)
             );
             let mut q = sqlx::query(&sql);
             for (pk, dn) in chunk {
@@ -638,14 +622,18 @@ impl Db {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::Engine;
 
     #[test]
     fn placeholders_number_rows_then_columns() {
         assert_eq!(
-            placeholders(Engine::Postgres, 2, 3),
+            crate::storage::placeholders(Engine::Postgres, 2, 3),
             "($1, $2, $3), ($4, $5, $6)"
         );
-        assert_eq!(placeholders(Engine::Sqlite, 2, 2), "(?, ?), (?, ?)");
+        assert_eq!(
+            crate::storage::placeholders(Engine::Sqlite, 2, 2),
+            "(?, ?), (?, ?)"
+        );
         let sizes: Vec<usize> = chunks(&[0u8; 700]).map(<[u8]>::len).collect();
         assert_eq!(sizes, [256, 256, 128, 32, 16, 8, 4]);
     }

@@ -1,24 +1,33 @@
 //! Time-series storage of property values, inside the configured database (no other server).
 //!
-//! New points land in `property_history`, one row each, as the thing-data writer commits them
-//! (acknowledged means committed there). The sealer moves each series' rows into compressed
-//! chunks (`property_chunks`, [`codec`]) once the series has `chunk_points` of them or its
-//! oldest has waited `seal_after`. What survives a kill -9, and why:
-//! - sealing is one transaction per batch of series that *deletes* the rows (`DELETE ...
-//!   RETURNING`) and inserts the chunks made of exactly the rows it deleted: a crash before the
-//!   commit leaves the rows, after it the chunks; a row committed meanwhile by the writer is not
-//!   among those deleted and stays for the next seal (no loss, no duplicate);
+//! New points land in `property_segments`, one row per writer batch holding every series'
+//! points of the batch ([`segment`]), as the thing-data writer commits them (acknowledged
+//! means committed there). The sealer turns segments into compressed per-series chunks
+//! (`property_chunks`, [`codec`]) every `seal_every`, or sooner once `landing_points` wait;
+//! chunks smaller than half of `chunk_points` are merged later ([`Tsdb::compact`]). Rows of
+//! `property_history` (the landing table before segments) are still sealed per series once it
+//! has `chunk_points` of them or its oldest has waited `seal_after`. What survives a kill -9,
+//! and why:
+//! - sealing segments is one transaction per group of segments that deletes exactly the
+//!   segments it read (the count is checked: a group another sealer took meanwhile is rolled
+//!   back) and inserts the chunks made of their points: a crash before the commit leaves the
+//!   segments, after it the chunks (no loss, no duplicate); segments are never changed after
+//!   they are written, so they are read and encoded before the transaction;
+//! - sealing rows is one transaction per batch of series that *deletes* the rows (`DELETE ...
+//!   RETURNING`) and inserts the chunks made of exactly the rows it deleted;
 //! - the reaper drops whole chunks whose newest point is older than the retention, and rows
 //!   older than it, one statement each; queries hide points older than the retention at once;
 //! - the policy filter and the sealer's index of hot series live in memory and decide only
 //!   *which* points are stored and *when* they are sealed, never whether a committed row stays.
 //!
-//! Queries read both tables and merge them, so a point is found wherever it is.
+//! Queries read segments, rows, chunks and archive files and merge them, so a point is found
+//! wherever it is.
 
 pub mod archive;
 pub mod codec;
 pub mod policy;
 pub mod query;
+pub mod segment;
 
 use crate::metrics::Metrics;
 use crate::storage::{Db, StorageError};
@@ -47,12 +56,15 @@ pub fn millis(text: &str) -> Option<i64> {
 pub struct TimeseriesConfig {
     /// Points per chunk: a series is sealed once it has this many unsealed points.
     pub chunk_points: usize,
-    /// A series' unsealed points are sealed at the latest this long after the first arrived.
+    /// A series' rows (written before landing segments) are sealed at the latest this long
+    /// after the first arrived; small chunks whose newest point is this old are merged.
     #[serde(with = "humantime_serde")]
     pub seal_after: Duration,
-    /// How often the sealer looks for series to seal.
+    /// How often the sealer turns landing segments into chunks.
     #[serde(with = "humantime_serde")]
     pub seal_every: Duration,
+    /// Points waiting in landing segments that start a seal before `seal_every` is up.
+    pub landing_points: usize,
     /// How often the reaper drops points past their retention.
     #[serde(with = "humantime_serde")]
     pub reap_every: Duration,
@@ -76,6 +88,7 @@ impl Default for TimeseriesConfig {
             chunk_points: 4096,
             seal_after: Duration::from_secs(3600),
             seal_every: Duration::from_secs(5),
+            landing_points: SEAL_SEGMENT_POINTS,
             reap_every: Duration::from_secs(60),
             ttl: None,
             archive_after: None,
@@ -96,6 +109,11 @@ struct Hot {
 /// encoded, so this bounds how long ingest waits behind a seal.
 const SEAL_BATCH_POINTS: usize = 32_768;
 
+/// Points of landing segments sealed per transaction at most (their segments are whole): the
+/// larger, the longer the chunks each seal writes, and the more memory it takes (about 60
+/// bytes a point while encoding).
+const SEAL_SEGMENT_POINTS: usize = 1 << 20;
+
 /// The time-series store: policies, the sealer's index, queries.
 #[derive(Debug)]
 pub struct Tsdb {
@@ -104,6 +122,14 @@ pub struct Tsdb {
     /// Storage policies and retention.
     pub policies: policy::Policies,
     hot: Mutex<HashMap<i64, Hot>>,
+    /// Points committed to landing segments since the last seal (an estimate: it starts a
+    /// seal early, never decides what is sealed).
+    landing: std::sync::atomic::AtomicUsize,
+    /// Woken when `landing` passes `landing_points`.
+    landing_full: tokio::sync::Notify,
+    /// Series that sealing gave small chunks since the sealer last merged (see
+    /// [`Tsdb::compact_recent`]).
+    small: Mutex<std::collections::HashSet<i64>>,
     /// Last stored point of series under on-change or interval policies.
     kept: Mutex<HashMap<i64, policy::Kept>>,
     metrics: Arc<Metrics>,
@@ -196,6 +222,9 @@ impl Tsdb {
             db,
             config,
             hot: Mutex::default(),
+            landing: Default::default(),
+            landing_full: tokio::sync::Notify::new(),
+            small: Mutex::default(),
             kept: Mutex::default(),
             metrics,
         });
@@ -261,24 +290,23 @@ impl Tsdb {
             .collect()
     }
 
-    /// Records committed rows: the sealer's index, and the last stored point of series under
-    /// on-change and interval policies.
+    /// Records committed points: how many wait in landing segments (a seal starts early when
+    /// they pass `landing_points`), and the last stored point of series under on-change and
+    /// interval policies.
     pub fn stored(&self, rows: impl Iterator<Item = Landed>) {
-        let now = Instant::now();
         let mut remembered = Vec::new();
-        {
-            let mut hot = self.hot();
-            for l in rows {
-                hot.entry(l.series)
-                    .or_insert(Hot {
-                        points: 0,
-                        since: now,
-                    })
-                    .points += 1;
-                if let Some(k) = l.kept {
-                    remembered.push((l.series, k));
-                }
+        let mut points = 0;
+        for l in rows {
+            points += 1;
+            if let Some(k) = l.kept {
+                remembered.push((l.series, k));
             }
+        }
+        let before = self
+            .landing
+            .fetch_add(points, std::sync::atomic::Ordering::Relaxed);
+        if before < self.config.landing_points && before + points >= self.config.landing_points {
+            self.landing_full.notify_one();
         }
         if !remembered.is_empty() {
             let mut kept = self.kept();
@@ -318,8 +346,10 @@ impl Tsdb {
         }
     }
 
-    /// Seals the series that are due (`all`: every series with unsealed rows).
+    /// Seals every landing segment, and the series with rows that are due (`all`: every
+    /// series with unsealed rows).
     pub async fn seal(&self, all: bool) -> Result<Sealed, StorageError> {
+        let mut total = self.seal_segments().await?;
         let due: Vec<(i64, usize)> = {
             let hot = self.hot();
             let mut v: Vec<(i64, usize)> = hot
@@ -334,7 +364,6 @@ impl Tsdb {
             v.sort_unstable_by_key(|e| std::cmp::Reverse(e.1));
             v
         };
-        let mut total = Sealed::default();
         let mut batch = Vec::new();
         let mut points = 0;
         for (i, (sid, n)) in due.iter().enumerate() {
@@ -343,20 +372,165 @@ impl Tsdb {
             if points >= SEAL_BATCH_POINTS || i + 1 == due.len() {
                 let started = Instant::now();
                 let done = self.seal_series(&batch).await?;
-                self.metrics
-                    .latency
-                    .seal
-                    .record(started.elapsed().as_secs_f64());
-                Metrics::add(&self.metrics.points_sealed, done.points as u64);
-                Metrics::add(&self.metrics.chunks_written, done.chunks as u64);
-                total.series += done.series;
-                total.chunks += done.chunks;
-                total.points += done.points;
+                self.count_seal(started, done, &mut total);
                 batch.clear();
                 points = 0;
             }
         }
         Ok(total)
+    }
+
+    /// Records one seal transaction in the metrics and in `total`.
+    fn count_seal(&self, started: Instant, done: Sealed, total: &mut Sealed) {
+        self.metrics
+            .latency
+            .seal
+            .record(started.elapsed().as_secs_f64());
+        Metrics::add(&self.metrics.points_sealed, done.points as u64);
+        Metrics::add(&self.metrics.chunks_written, done.chunks as u64);
+        total.series += done.series;
+        total.chunks += done.chunks;
+        total.points += done.points;
+    }
+
+    /// Turns every landing segment into chunks, in groups of whole segments of about
+    /// [`SEAL_SEGMENT_POINTS`] points, one transaction per group.
+    async fn seal_segments(&self) -> Result<Sealed, StorageError> {
+        let listed =
+            sqlx::query("SELECT id, n FROM property_segments WHERE damaged IS NULL ORDER BY id")
+                .fetch_all(&self.db.pool)
+                .await?;
+        let mut total = Sealed::default();
+        let mut group = Vec::new();
+        let mut points = 0;
+        let mut read = 0;
+        for (i, r) in listed.iter().enumerate() {
+            group.push(r.try_get::<i64, _>(0)?);
+            let n = usize::try_from(r.try_get::<i64, _>(1)?).unwrap_or(0);
+            points += n;
+            read += n;
+            if points >= SEAL_SEGMENT_POINTS || i + 1 == listed.len() {
+                let started = Instant::now();
+                let done = self.seal_segment_group(&group).await?;
+                self.count_seal(started, done, &mut total);
+                group.clear();
+                points = 0;
+            }
+        }
+        // What this pass found no longer waits (what landed meanwhile still counts).
+        let _ = self.landing.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |n| Some(n.saturating_sub(read)),
+        );
+        Ok(total)
+    }
+
+    /// Seals these segments: reads and encodes them, then in one transaction deletes them
+    /// (all of them, or nothing is done: another sealer took some) and inserts the chunks of
+    /// the series that still exist. A segment that cannot be read is marked damaged.
+    async fn seal_segment_group(&self, ids: &[i64]) -> Result<Sealed, StorageError> {
+        let marks: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "SELECT id, data FROM property_segments WHERE id IN ({})",
+            marks.join(", ")
+        );
+        let mut q = sqlx::query_as::<_, (i64, Vec<u8>)>(&sql);
+        for id in ids {
+            q = q.bind(id);
+        }
+        let rows = q.fetch_all(&self.db.pool).await?;
+        let mut by_series: HashMap<i64, Vec<(i64, Value)>> = HashMap::new();
+        let mut good = Vec::with_capacity(rows.len());
+        let mut damaged = Vec::new();
+        for (id, data) in &rows {
+            match segment::Segment::parse(data) {
+                Ok(seg) => {
+                    for (sid, ts, text) in seg.points() {
+                        by_series
+                            .entry(sid)
+                            .or_default()
+                            .push((ts, codec::stored_value(text)));
+                    }
+                    good.push(*id);
+                }
+                Err(e) => {
+                    tracing::error!(segment = id, error = %e, "a landing segment could not be read; it stays, marked damaged, and is not sealed");
+                    Metrics::inc(&self.metrics.chunks_damaged);
+                    damaged.push((*id, e.to_string()));
+                }
+            }
+        }
+        drop(rows);
+        let mut encoded: Vec<(i64, usize, Vec<Encoded>)> = Vec::with_capacity(by_series.len());
+        for (sid, mut points) in by_series {
+            query::order(&mut points);
+            encoded.push((
+                sid,
+                points.len(),
+                encode_chunks(sid, &points, self.config.chunk_points)?,
+            ));
+        }
+        encoded.sort_unstable_by_key(|e| e.0);
+        let mut tx = self.db.write_tx().await?;
+        for (id, reason) in &damaged {
+            sqlx::query("UPDATE property_segments SET damaged = $1 WHERE id = $2")
+                .bind(reason)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if !good.is_empty() {
+            let marks: Vec<String> = (1..=good.len()).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "DELETE FROM property_segments WHERE id IN ({})",
+                marks.join(", ")
+            );
+            let mut q = sqlx::query(&sql);
+            for id in &good {
+                q = q.bind(id);
+            }
+            if q.execute(&mut *tx).await?.rows_affected() != good.len() as u64 {
+                tx.rollback().await?;
+                return Ok(Sealed::default());
+            }
+        }
+        // Points of series deleted since they landed (their device or product went) are dropped.
+        let mut alive = std::collections::HashSet::new();
+        for part in encoded.chunks(500) {
+            let marks: Vec<String> = (1..=part.len()).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "SELECT id FROM property_series WHERE id IN ({})",
+                marks.join(", ")
+            );
+            let mut q = sqlx::query_scalar::<_, i64>(&sql);
+            for e in part {
+                q = q.bind(e.0);
+            }
+            alive.extend(q.fetch_all(&mut *tx).await?);
+        }
+        let mut done = Sealed::default();
+        let mut small = Vec::new();
+        let mut rows = Vec::new();
+        for (sid, n, chunks) in encoded {
+            if !alive.contains(&sid) {
+                continue;
+            }
+            if chunks
+                .iter()
+                .any(|c| c.1.count < self.config.chunk_points / 2)
+            {
+                small.push(sid);
+            }
+            done.series += 1;
+            done.points += n;
+            done.chunks += chunks.len();
+            rows.extend(chunks.into_iter().map(|(data, s)| (sid, s, data)));
+        }
+        insert_chunk_rows(&mut tx, self.db.engine(), rows).await?;
+        tx.commit().await?;
+        self.small().extend(small);
+        Ok(done)
     }
 
     /// Moves every row of these series into chunks, in one transaction.
@@ -407,23 +581,83 @@ impl Tsdb {
         Ok(done)
     }
 
-    /// Merges small chunks of a series (those under half of `chunk_points`, left by
-    /// `seal_after` on slow series) into full ones, for up to `max_series` series. Each merge is
-    /// one transaction that deletes the chunks it read and inserts what they held; a chunk
-    /// reaped or merged by someone else meanwhile makes it give up that series this time.
-    /// A damaged chunk is left where it is. Returns (chunks before, chunks after).
+    /// Merges small chunks (under half of `chunk_points`: sealed from landing segments
+    /// between two seals, or left by `seal_after` on slow series) of up to `max_series` series
+    /// that have enough of them: together at least half a chunk, or [`MERGE_COUNT`] chunks.
+    /// Each merge is one transaction that deletes the chunks it read and inserts what they
+    /// held; a chunk reaped or merged by someone else meanwhile makes it give up that series
+    /// this time. A damaged chunk is left where it is. Returns (chunks before, chunks after).
     pub async fn compact(&self, max_series: usize) -> Result<(usize, usize), StorageError> {
+        self.compact_due(max_series, MERGE_COUNT).await
+    }
+
+    /// [`Tsdb::compact`] of every series with two small chunks or more, due or not (for a
+    /// measurement or before a backup: the store as it converges once series fill).
+    pub async fn compact_all(&self, max_series: usize) -> Result<(usize, usize), StorageError> {
+        self.compact_due(max_series, 2).await
+    }
+
+    async fn compact_due(
+        &self,
+        max_series: usize,
+        count: i64,
+    ) -> Result<(usize, usize), StorageError> {
         let half = i64::try_from(self.config.chunk_points / 2).unwrap_or(i64::MAX);
-        let rows = sqlx::query(
-            "SELECT series_id FROM property_chunks WHERE n < $1 GROUP BY series_id HAVING COUNT(*) > 1 LIMIT $2",
+        let rows = sqlx::query_scalar::<_, i64>(
+            "SELECT series_id FROM property_chunks WHERE n < $1 GROUP BY series_id HAVING COUNT(*) > 1 AND (SUM(n) >= $1 OR COUNT(*) >= $2) LIMIT $3",
         )
         .bind(half)
+        .bind(count)
         .bind(i64::try_from(max_series).unwrap_or(i64::MAX))
         .fetch_all(&self.db.pool)
         .await?;
+        self.merge_small(&rows).await
+    }
+
+    /// [`Tsdb::compact`] for the series that seals since the last call gave small chunks: an
+    /// indexed look at each instead of a scan of every chunk. Series not due yet stay noted.
+    pub async fn compact_recent(&self) -> Result<(usize, usize), StorageError> {
+        let candidates: Vec<i64> = {
+            let mut small = self.small();
+            let take: Vec<i64> = small.iter().take(COMPACT_SERIES).copied().collect();
+            for s in &take {
+                small.remove(s);
+            }
+            take
+        };
+        let half = i64::try_from(self.config.chunk_points / 2).unwrap_or(i64::MAX);
+        let mut due = Vec::new();
+        for part in candidates.chunks(500) {
+            let marks: Vec<String> = (0..part.len()).map(|i| format!("${}", i + 3)).collect();
+            let sql = format!(
+                "SELECT series_id FROM property_chunks WHERE n < $1 AND series_id IN ({}) GROUP BY series_id HAVING COUNT(*) > 1 AND (SUM(n) >= $1 OR COUNT(*) >= $2)",
+                marks.join(", ")
+            );
+            let mut q = sqlx::query_scalar::<_, i64>(&sql)
+                .bind(half)
+                .bind(MERGE_COUNT);
+            for sid in part {
+                q = q.bind(sid);
+            }
+            due.extend(q.fetch_all(&self.db.pool).await?);
+        }
+        {
+            let due: std::collections::HashSet<&i64> = due.iter().collect();
+            self.small()
+                .extend(candidates.iter().filter(|s| !due.contains(s)));
+        }
+        self.merge_small(&due).await
+    }
+
+    fn small(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<i64>> {
+        self.small.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Merges the small chunks of these series (64 per series at most per call).
+    async fn merge_small(&self, series: &[i64]) -> Result<(usize, usize), StorageError> {
+        let half = i64::try_from(self.config.chunk_points / 2).unwrap_or(i64::MAX);
         let mut merged = (0, 0);
-        for r in &rows {
-            let sid: i64 = r.try_get(0)?;
+        for &sid in series {
             let small = sqlx::query(
                 // Bounded: a series with more small chunks gets the rest on later passes.
                 "SELECT id, n, data FROM property_chunks WHERE series_id = $1 AND n < $2 ORDER BY start_ts LIMIT 64",
@@ -547,8 +781,11 @@ impl Tsdb {
 /// A chunk's id and its points.
 type Decoded = (i64, Vec<(i64, Value)>);
 
-/// Series whose small chunks are merged per reaper pass at most.
+/// Series whose small chunks are merged per reaper or sealer pass at most.
 const COMPACT_SERIES: usize = 1000;
+
+/// Small chunks of a series that are merged even when they hold less than half a chunk.
+const MERGE_COUNT: i64 = 64;
 
 /// Encodes sorted points of one series into chunks of at most `chunk_points` and inserts them
 /// in `tx`; returns how many.
@@ -558,14 +795,78 @@ async fn insert_chunks(
     points: &[(i64, Value)],
     chunk_points: usize,
 ) -> Result<usize, StorageError> {
-    let mut n = 0;
-    for part in points.chunks(chunk_points.clamp(1, codec::MAX_POINTS)) {
-        let (data, s) = codec::encode(part)
-            .map_err(|e| StorageError::Conflict(format!("series {sid}: {e}")))?;
+    let chunks = encode_chunks(sid, points, chunk_points)?;
+    let n = chunks.len();
+    for (data, s) in chunks {
         insert_summarised(tx, "property_chunks", &[("series_id", sid)], &s, Some(data)).await?;
-        n += 1;
     }
     Ok(n)
+}
+
+/// A chunk's bytes and statistics.
+type Encoded = (Vec<u8>, codec::Stats);
+
+/// Encodes sorted points of one series into chunks of at most `chunk_points`.
+fn encode_chunks(
+    sid: i64,
+    points: &[(i64, Value)],
+    chunk_points: usize,
+) -> Result<Vec<Encoded>, StorageError> {
+    points
+        .chunks(chunk_points.clamp(1, codec::MAX_POINTS))
+        .map(|part| {
+            codec::encode(part).map_err(|e| StorageError::Conflict(format!("series {sid}: {e}")))
+        })
+        .collect()
+}
+
+/// Inserts chunks (series id, statistics, bytes), many per statement: the write lock is held
+/// while they go in.
+async fn insert_chunk_rows(
+    tx: &mut sqlx::AnyConnection,
+    engine: crate::storage::Engine,
+    rows: Vec<(i64, codec::Stats, Vec<u8>)>,
+) -> Result<(), StorageError> {
+    /// Rows per statement (10 parameters each at most).
+    const ROWS: usize = 100;
+    // Two statement shapes, as in `insert_summarised`: no NULL floats.
+    let (numeric, other): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| {
+        matches!(
+            (r.1.min, r.1.max, r.1.sum, r.1.first, r.1.last),
+            (Some(_), Some(_), Some(_), Some(_), Some(_))
+        )
+    });
+    for (rows, width) in [(numeric, 10), (other, 5)] {
+        let columns = if width == 10 {
+            "series_id, start_ts, end_ts, n, vmin, vmax, vsum, vfirst, vlast, data"
+        } else {
+            "series_id, start_ts, end_ts, n, data"
+        };
+        let mut rows = rows.into_iter().peekable();
+        while rows.peek().is_some() {
+            let part: Vec<_> = rows.by_ref().take(ROWS).collect();
+            let sql = format!(
+                "INSERT INTO property_chunks ({columns}) VALUES {}",
+                crate::storage::placeholders(engine, part.len(), width)
+            );
+            let mut q = sqlx::query(&sql);
+            for (sid, s, data) in part {
+                q = q
+                    .bind(sid)
+                    .bind(s.start)
+                    .bind(s.end)
+                    .bind(i64::try_from(s.count).unwrap_or(i64::MAX));
+                if width == 10 {
+                    for v in [s.min, s.max, s.sum, s.first, s.last] {
+                        q = q.bind(v.unwrap_or(0.0));
+                    }
+                }
+                q = q.bind(data);
+            }
+            q.execute(&mut *tx).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Inserts a row of `table` (`property_chunks`, `archive_series`) that summarises points:
@@ -641,9 +942,19 @@ pub async fn run(tsdb: Arc<Tsdb>, mut stop: watch::Receiver<bool>) {
                     Err(e) => tracing::warn!(error = %e, "archiving time series failed; the chunks stay and are archived later"),
                 }
             }
-            _ = seal.tick() => {
+            _ = async {
+                tokio::select! {
+                    _ = seal.tick() => {}
+                    _ = tsdb.landing_full.notified() => {}
+                }
+            } => {
                 if let Err(e) = tsdb.seal(false).await {
-                    tracing::warn!(error = %e, "sealing time series failed; the rows stay and are sealed later");
+                    tracing::warn!(error = %e, "sealing time series failed; the segments and rows stay and are sealed later");
+                }
+                match tsdb.compact_recent().await {
+                    Ok((0, _)) => {}
+                    Ok((before, after)) => tracing::debug!(before, after, "merged small time-series chunks"),
+                    Err(e) => tracing::warn!(error = %e, "merging small chunks failed; retried later"),
                 }
             }
             _ = reap.tick() => {

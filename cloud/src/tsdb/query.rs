@@ -21,11 +21,16 @@ pub const MAX_BUCKETS: i64 = 100_000;
 pub struct Damaged {
     /// Series id.
     pub series: i64,
-    /// Chunk id, or the archive file's id when `file` is given.
+    /// Chunk id, or the archive file's id when `file` is given, or the landing segment's id
+    /// when `segment` is true.
     pub chunk: i64,
     /// The archive file (relative to the archive directory) when the damage is there.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub file: Option<String>,
+    /// True when the damage is in a landing segment (points of several series, this one's
+    /// among them or not, not sealed yet).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub segment: bool,
     /// Its time span, ms.
     pub start: i64,
     /// End of its time span, ms.
@@ -223,9 +228,56 @@ impl Tsdb {
         })
     }
 
-    /// The first and last time of a series' points, rows and chunks together.
-    async fn extent(&self, series: i64) -> Result<Option<(i64, i64)>, StorageError> {
-        let mut span: Option<(i64, i64)> = None;
+    /// The points of a series in `[from, to]` that wait in landing segments, unordered, and
+    /// the damaged segments of that span.
+    pub(super) async fn landed(
+        &self,
+        series: i64,
+        from: i64,
+        to: i64,
+    ) -> Result<(Vec<(i64, Value)>, Vec<Damaged>), StorageError> {
+        let rows = sqlx::query_as::<_, (i64, i64, i64, Vec<u8>)>(
+            "SELECT id, min_ts, max_ts, data FROM property_segments WHERE max_ts >= $1 AND min_ts <= $2",
+        )
+        .bind(from)
+        .bind(to)
+        .fetch_all(&self.db.pool)
+        .await?;
+        let mut points = Vec::new();
+        let mut damaged = Vec::new();
+        for (id, start, end, data) in &rows {
+            match super::segment::Segment::parse(data) {
+                Ok(seg) => points.extend(
+                    seg.of(series, from, to)
+                        .map(|(ts, text)| (ts, codec::stored_value(text))),
+                ),
+                Err(e) => {
+                    tracing::error!(series, segment = id, error = %e, "a landing segment could not be read; skipped");
+                    damaged.push(Damaged {
+                        series,
+                        chunk: *id,
+                        file: None,
+                        segment: true,
+                        start: *start,
+                        end: *end,
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+        Ok((points, damaged))
+    }
+
+    /// The first and last time of a series' points: archive, chunks, rows and the landed
+    /// points given.
+    async fn extent(
+        &self,
+        series: i64,
+        landed: &[(i64, Value)],
+    ) -> Result<Option<(i64, i64)>, StorageError> {
+        let mut span: Option<(i64, i64)> = landed.iter().fold(None, |span, p| {
+            Some(span.map_or((p.0, p.0), |(a, b): (i64, i64)| (a.min(p.0), b.max(p.0))))
+        });
         for sql in [
             "SELECT MIN(start_ts), MAX(end_ts) FROM archive_series WHERE series_id = $1",
             "SELECT MIN(start_ts), MAX(end_ts) FROM property_chunks WHERE series_id = $1",
@@ -333,6 +385,7 @@ impl Tsdb {
             series,
             chunk: m.id,
             file: None,
+            segment: false,
             start: m.start,
             end: m.end,
             reason: e.to_string(),
@@ -346,6 +399,7 @@ impl Tsdb {
             series,
             chunk: f.id,
             file: Some(f.path.clone()),
+            segment: false,
             start: f.start,
             end: f.end,
             reason,
@@ -390,13 +444,17 @@ impl Tsdb {
             .bind(i64::try_from(want).unwrap_or(i64::MAX))
             .fetch_all(&self.db.pool)
             .await?;
-        let mut points: Vec<(i64, Value)> = Vec::with_capacity(rows.len());
+        let (mut points, damaged) = self.landed(series, from, to).await?;
         for r in &rows {
             let text: String = r.try_get(1)?;
             points.push((r.try_get(0)?, codec::stored_value(&text)));
         }
         points.sort_by(|a, b| cmp_points(a, b, ascending));
-        let mut page = Page::default();
+        points.truncate(want);
+        let mut page = Page {
+            damaged,
+            ..Page::default()
+        };
         let mut sources: Vec<Source> = self
             .metas(series, from, to, ascending)
             .await?
@@ -500,9 +558,10 @@ impl Tsdb {
         if from > to {
             return Ok((Vec::new(), Vec::new()));
         }
+        let (landed, mut damaged) = self.landed(series, from, to).await?;
         // Buckets are counted over the span the series has points in, not the span asked.
-        let Some((first, last)) = self.extent(series).await? else {
-            return Ok((Vec::new(), Vec::new()));
+        let Some((first, last)) = self.extent(series, &landed).await? else {
+            return Ok((Vec::new(), damaged));
         };
         let n = buckets(from.max(first), to.min(last), interval);
         if n > MAX_BUCKETS {
@@ -514,7 +573,9 @@ impl Tsdb {
         }
         let bucket_of = |ts: i64| ts.div_euclid(interval) * interval;
         let mut acc: BTreeMap<i64, Acc> = BTreeMap::new();
-        let mut damaged = Vec::new();
+        for (t, v) in &landed {
+            fold(acc.entry(bucket_of(*t)).or_default(), *t, v);
+        }
         let mut decode = Vec::new();
         for m in self.metas(series, from, to, true).await? {
             if let Some((min, max, sum, first, last)) = m.stats {
