@@ -378,7 +378,7 @@ async fn query(
     tag = "thing model",
     operation_id = "timeseries_seal",
     summary = "Seal every unsealed point into compressed chunks now",
-    description = "The sealer does this by itself (`[timeseries] chunk_points`, `seal_after`); this is for a backup or a measurement.",
+    description = "The sealer does this by itself (`[timeseries] seal_every`, `landing_points`; rows written before landing segments by `chunk_points` and `seal_after`); this is for a backup or a measurement. Small chunks are merged later, when due.",
     responses((status = 200, description = "What was sealed", body = super::doc::Object))
 )]
 async fn seal(State(s): State<ApiState>) -> ApiResult<impl IntoResponse> {

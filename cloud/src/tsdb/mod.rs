@@ -584,9 +584,10 @@ impl Tsdb {
     /// Merges small chunks (under half of `chunk_points`: sealed from landing segments
     /// between two seals, or left by `seal_after` on slow series) of up to `max_series` series
     /// that have enough of them: together at least half a chunk, or [`MERGE_COUNT`] chunks.
-    /// Each merge is one transaction that deletes the chunks it read and inserts what they
-    /// held; a chunk reaped or merged by someone else meanwhile makes it give up that series
-    /// this time. A damaged chunk is left where it is. Returns (chunks before, chunks after).
+    /// Merges of many series share a transaction (about 32k points) that deletes the chunks
+    /// they read and inserts what those held; a chunk reaped or merged by someone else
+    /// meanwhile rolls that transaction back and ends the pass (the series are merged on a
+    /// later one). A damaged chunk is left where it is. Returns (chunks before, chunks after).
     pub async fn compact(&self, max_series: usize) -> Result<(usize, usize), StorageError> {
         self.compact_due(max_series, MERGE_COUNT).await
     }
@@ -653,10 +654,15 @@ impl Tsdb {
         self.small.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Merges the small chunks of these series (64 per series at most per call).
+    /// Merges the small chunks of these series (64 per series at most per call); a run of them
+    /// that fits one chunk at a time.
     async fn merge_small(&self, series: &[i64]) -> Result<(usize, usize), StorageError> {
         let half = i64::try_from(self.config.chunk_points / 2).unwrap_or(i64::MAX);
         let mut merged = (0, 0);
+        // Merges read and encoded, committed together (about SEAL_BATCH_POINTS points per
+        // transaction: the write lock is not taken once per series).
+        let mut ready: Vec<Merge> = Vec::new();
+        let mut ready_points = 0;
         for &sid in series {
             let small = sqlx::query(
                 // Bounded: a series with more small chunks gets the rest on later passes.
@@ -686,29 +692,68 @@ impl Tsdb {
                 }
             }
             for group in groups.into_iter().filter(|g| g.len() > 1) {
-                let mut tx = self.db.write_tx().await?;
-                let mut gone = 0;
-                for (id, _) in &group {
-                    gone += sqlx::query("DELETE FROM property_chunks WHERE id = $1")
-                        .bind(id)
-                        .execute(&mut *tx)
-                        .await?
-                        .rows_affected();
-                }
-                if gone != group.len() as u64 {
-                    tx.rollback().await?;
-                    break;
-                }
-                let before = group.len();
+                let ids: Vec<i64> = group.iter().map(|g| g.0).collect();
                 let mut points: Vec<(i64, Value)> =
                     group.into_iter().flat_map(|(_, p)| p).collect();
                 query::order(&mut points);
-                let after = insert_chunks(&mut tx, sid, &points, self.config.chunk_points).await?;
-                tx.commit().await?;
-                merged = (merged.0 + before, merged.1 + after);
+                ready_points += points.len();
+                ready.push((
+                    ids,
+                    sid,
+                    encode_chunks(sid, &points, self.config.chunk_points)?,
+                ));
+            }
+            if ready_points >= SEAL_BATCH_POINTS {
+                ready_points = 0;
+                match self.commit_merges(std::mem::take(&mut ready)).await? {
+                    Some(m) => merged = (merged.0 + m.0, merged.1 + m.1),
+                    None => return Ok(merged),
+                }
             }
         }
+        if let Some(m) = self.commit_merges(ready).await? {
+            merged = (merged.0 + m.0, merged.1 + m.1);
+        }
         Ok(merged)
+    }
+
+    /// Commits merges in one transaction: deletes the chunks each read and inserts the chunks
+    /// it made. `None` (rolled back) when some chunk was gone (reaped, or merged by another
+    /// node): those series are merged on a later pass. Returns (chunks before, chunks after).
+    async fn commit_merges(
+        &self,
+        merges: Vec<Merge>,
+    ) -> Result<Option<(usize, usize)>, StorageError> {
+        if merges.is_empty() {
+            return Ok(Some((0, 0)));
+        }
+        let engine = self.db.engine();
+        let ids: Vec<i64> = merges.iter().flat_map(|m| m.0.iter().copied()).collect();
+        let mut tx = self.db.write_tx().await?;
+        let mut gone = 0;
+        for part in ids.chunks(500) {
+            let sql = format!(
+                "DELETE FROM property_chunks WHERE id IN {}",
+                crate::storage::placeholders(engine, 1, part.len())
+            );
+            let mut q = sqlx::query(&sql);
+            for id in part {
+                q = q.bind(id);
+            }
+            gone += q.execute(&mut *tx).await?.rows_affected();
+        }
+        if gone != ids.len() as u64 {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        let rows: Vec<(i64, codec::Stats, Vec<u8>)> = merges
+            .into_iter()
+            .flat_map(|(_, sid, chunks)| chunks.into_iter().map(move |(d, s)| (sid, s, d)))
+            .collect();
+        let after = rows.len();
+        insert_chunk_rows(&mut tx, engine, rows).await?;
+        tx.commit().await?;
+        Ok(Some((ids.len(), after)))
     }
 
     /// Drops chunks and rows past their retention; returns (chunks, rows) dropped.
@@ -805,6 +850,9 @@ async fn insert_chunks(
 
 /// A chunk's bytes and statistics.
 type Encoded = (Vec<u8>, codec::Stats);
+
+/// A merge of small chunks: the ids read, the series, the chunks made of their points.
+type Merge = (Vec<i64>, i64, Vec<Encoded>);
 
 /// Encodes sorted points of one series into chunks of at most `chunk_points`.
 fn encode_chunks(
