@@ -340,9 +340,11 @@ impl Tsdb {
     pub fn forget(&self, series: &[i64]) {
         let mut hot = self.hot();
         let mut kept = self.kept();
+        let mut small = self.small();
         for s in series {
             hot.remove(s);
             kept.remove(s);
+            small.remove(s);
         }
     }
 
@@ -430,10 +432,10 @@ impl Tsdb {
     /// (all of them, or nothing is done: another sealer took some) and inserts the chunks of
     /// the series that still exist. A segment that cannot be read is marked damaged.
     async fn seal_segment_group(&self, ids: &[i64]) -> Result<Sealed, StorageError> {
-        let marks: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
+        let engine = self.db.engine();
         let sql = format!(
-            "SELECT id, data FROM property_segments WHERE id IN ({})",
-            marks.join(", ")
+            "SELECT id, data FROM property_segments WHERE id IN {}",
+            crate::storage::placeholders(engine, 1, ids.len())
         );
         let mut q = sqlx::query_as::<_, (i64, Vec<u8>)>(&sql);
         for id in ids {
@@ -481,10 +483,9 @@ impl Tsdb {
                 .await?;
         }
         if !good.is_empty() {
-            let marks: Vec<String> = (1..=good.len()).map(|i| format!("${i}")).collect();
             let sql = format!(
-                "DELETE FROM property_segments WHERE id IN ({})",
-                marks.join(", ")
+                "DELETE FROM property_segments WHERE id IN {}",
+                crate::storage::placeholders(engine, 1, good.len())
             );
             let mut q = sqlx::query(&sql);
             for id in &good {
@@ -498,10 +499,9 @@ impl Tsdb {
         // Points of series deleted since they landed (their device or product went) are dropped.
         let mut alive = std::collections::HashSet::new();
         for part in encoded.chunks(500) {
-            let marks: Vec<String> = (1..=part.len()).map(|i| format!("${i}")).collect();
             let sql = format!(
-                "SELECT id FROM property_series WHERE id IN ({})",
-                marks.join(", ")
+                "SELECT id FROM property_series WHERE id IN {}",
+                crate::storage::placeholders(engine, 1, part.len())
             );
             let mut q = sqlx::query_scalar::<_, i64>(&sql);
             for e in part {
@@ -527,7 +527,7 @@ impl Tsdb {
             done.chunks += chunks.len();
             rows.extend(chunks.into_iter().map(|(data, s)| (sid, s, data)));
         }
-        insert_chunk_rows(&mut tx, self.db.engine(), rows).await?;
+        insert_chunk_rows(&mut tx, engine, rows).await?;
         tx.commit().await?;
         self.small().extend(small);
         Ok(done)
@@ -616,11 +616,13 @@ impl Tsdb {
     }
 
     /// [`Tsdb::compact`] for the series that seals since the last call gave small chunks: an
-    /// indexed look at each instead of a scan of every chunk. Series not due yet stay noted.
+    /// indexed look at each instead of a scan of every chunk. A series not due yet is noted
+    /// again by its next seal (whether it is due changes only then); the reaper's scan finds
+    /// any left behind.
     pub async fn compact_recent(&self) -> Result<(usize, usize), StorageError> {
         let candidates: Vec<i64> = {
             let mut small = self.small();
-            let take: Vec<i64> = small.iter().take(COMPACT_SERIES).copied().collect();
+            let take: Vec<i64> = small.iter().take(RECENT_SERIES).copied().collect();
             for s in &take {
                 small.remove(s);
             }
@@ -641,11 +643,6 @@ impl Tsdb {
                 q = q.bind(sid);
             }
             due.extend(q.fetch_all(&self.db.pool).await?);
-        }
-        {
-            let due: std::collections::HashSet<&i64> = due.iter().collect();
-            self.small()
-                .extend(candidates.iter().filter(|s| !due.contains(s)));
         }
         self.merge_small(&due).await
     }
@@ -828,6 +825,9 @@ type Decoded = (i64, Vec<(i64, Value)>);
 
 /// Series whose small chunks are merged per reaper or sealer pass at most.
 const COMPACT_SERIES: usize = 1000;
+
+/// Series [`Tsdb::compact_recent`] looks at per call at most (indexed lookups, 500 a query).
+const RECENT_SERIES: usize = 20_000;
 
 /// Small chunks of a series that are merged even when they hold less than half a chunk.
 const MERGE_COUNT: i64 = 64;
