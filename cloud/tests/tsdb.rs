@@ -681,6 +681,19 @@ async fn small_chunks_of_a_slow_series_are_merged_without_changing_a_point() {
         assert_buckets_eq(&after, &agg, "temp after merging");
         // Nothing left to merge: one small chunk per series.
         assert_eq!(t.compact(100).await.unwrap(), (0, 0));
+        // The sealer's own pass merges what its seals made small: ten more seals of 7 points
+        // beside the 7 left make 11 small chunks per series, 9 (63 points) and 2 merge.
+        for round in 10..20i64 {
+            let rows: Vec<_> = (0..7i64)
+                .map(|k| (sids[0], (round * 7 + k) * 60_000, json!(k)))
+                .collect();
+            ingest(&db, &t, &rows).await;
+            t.seal(false).await.unwrap();
+        }
+        assert_eq!(t.compact_recent().await.unwrap(), (11, 2));
+        assert_eq!(t.compact_recent().await.unwrap(), (0, 0));
+        assert_eq!(t.compact(100).await.unwrap(), (0, 0));
+        assert_eq!(all_points(&t, &pk, "temp", 1000, true).await.len(), 140);
         done(e).await;
     }
 }

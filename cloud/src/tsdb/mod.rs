@@ -57,7 +57,7 @@ pub struct TimeseriesConfig {
     /// Points per chunk: a series is sealed once it has this many unsealed points.
     pub chunk_points: usize,
     /// A series' rows (written before landing segments) are sealed at the latest this long
-    /// after the first arrived; small chunks whose newest point is this old are merged.
+    /// after the first arrived.
     #[serde(with = "humantime_serde")]
     pub seal_after: Duration,
     /// How often the sealer turns landing segments into chunks.
@@ -366,18 +366,10 @@ impl Tsdb {
             v.sort_unstable_by_key(|e| std::cmp::Reverse(e.1));
             v
         };
-        let mut batch = Vec::new();
-        let mut points = 0;
-        for (i, (sid, n)) in due.iter().enumerate() {
-            batch.push(*sid);
-            points += n;
-            if points >= SEAL_BATCH_POINTS || i + 1 == due.len() {
-                let started = Instant::now();
-                let done = self.seal_series(&batch).await?;
-                self.count_seal(started, done, &mut total);
-                batch.clear();
-                points = 0;
-            }
+        for batch in groups(&due, SEAL_BATCH_POINTS) {
+            let started = Instant::now();
+            let done = self.seal_series(&batch).await?;
+            self.count_seal(started, done, &mut total);
         }
         Ok(total)
     }
@@ -402,22 +394,21 @@ impl Tsdb {
             sqlx::query("SELECT id, n FROM property_segments WHERE damaged IS NULL ORDER BY id")
                 .fetch_all(&self.db.pool)
                 .await?;
+        let listed: Vec<(i64, usize)> = listed
+            .iter()
+            .map(|r| {
+                Ok((
+                    r.try_get::<i64, _>(0)?,
+                    usize::try_from(r.try_get::<i64, _>(1)?).unwrap_or(0),
+                ))
+            })
+            .collect::<Result<_, StorageError>>()?;
+        let read: usize = listed.iter().map(|l| l.1).sum();
         let mut total = Sealed::default();
-        let mut group = Vec::new();
-        let mut points = 0;
-        let mut read = 0;
-        for (i, r) in listed.iter().enumerate() {
-            group.push(r.try_get::<i64, _>(0)?);
-            let n = usize::try_from(r.try_get::<i64, _>(1)?).unwrap_or(0);
-            points += n;
-            read += n;
-            if points >= SEAL_SEGMENT_POINTS || i + 1 == listed.len() {
-                let started = Instant::now();
-                let done = self.seal_segment_group(&group).await?;
-                self.count_seal(started, done, &mut total);
-                group.clear();
-                points = 0;
-            }
+        for group in groups(&listed, SEAL_SEGMENT_POINTS) {
+            let started = Instant::now();
+            let done = self.seal_segment_group(&group).await?;
+            self.count_seal(started, done, &mut total);
         }
         // What this pass found no longer waits (what landed meanwhile still counts).
         let _ = self.landing.fetch_update(
@@ -603,15 +594,13 @@ impl Tsdb {
         max_series: usize,
         count: i64,
     ) -> Result<(usize, usize), StorageError> {
-        let half = i64::try_from(self.config.chunk_points / 2).unwrap_or(i64::MAX);
-        let rows = sqlx::query_scalar::<_, i64>(
-            "SELECT series_id FROM property_chunks WHERE n < $1 GROUP BY series_id HAVING COUNT(*) > 1 AND (SUM(n) >= $1 OR COUNT(*) >= $2) LIMIT $3",
-        )
-        .bind(half)
-        .bind(count)
-        .bind(i64::try_from(max_series).unwrap_or(i64::MAX))
-        .fetch_all(&self.db.pool)
-        .await?;
+        let sql = format!("SELECT series_id FROM property_chunks WHERE {DUE} LIMIT $3");
+        let rows = sqlx::query_scalar::<_, i64>(&sql)
+            .bind(self.half())
+            .bind(count)
+            .bind(i64::try_from(max_series).unwrap_or(i64::MAX))
+            .fetch_all(&self.db.pool)
+            .await?;
         self.merge_small(&rows).await
     }
 
@@ -628,16 +617,15 @@ impl Tsdb {
             }
             take
         };
-        let half = i64::try_from(self.config.chunk_points / 2).unwrap_or(i64::MAX);
         let mut due = Vec::new();
         for part in candidates.chunks(500) {
             let marks: Vec<String> = (0..part.len()).map(|i| format!("${}", i + 3)).collect();
             let sql = format!(
-                "SELECT series_id FROM property_chunks WHERE n < $1 AND series_id IN ({}) GROUP BY series_id HAVING COUNT(*) > 1 AND (SUM(n) >= $1 OR COUNT(*) >= $2)",
+                "SELECT series_id FROM property_chunks WHERE series_id IN ({}) AND {DUE}",
                 marks.join(", ")
             );
             let mut q = sqlx::query_scalar::<_, i64>(&sql)
-                .bind(half)
+                .bind(self.half())
                 .bind(MERGE_COUNT);
             for sid in part {
                 q = q.bind(sid);
@@ -647,6 +635,11 @@ impl Tsdb {
         self.merge_small(&due).await
     }
 
+    /// Points under which a chunk is small: half of `chunk_points`.
+    fn half(&self) -> i64 {
+        i64::try_from(self.config.chunk_points / 2).unwrap_or(i64::MAX)
+    }
+
     fn small(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<i64>> {
         self.small.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -654,7 +647,7 @@ impl Tsdb {
     /// Merges the small chunks of these series (64 per series at most per call); a run of them
     /// that fits one chunk at a time.
     async fn merge_small(&self, series: &[i64]) -> Result<(usize, usize), StorageError> {
-        let half = i64::try_from(self.config.chunk_points / 2).unwrap_or(i64::MAX);
+        let half = self.half();
         let mut merged = (0, 0);
         // Merges read and encoded, committed together (about SEAL_BATCH_POINTS points per
         // transaction: the write lock is not taken once per series).
@@ -823,7 +816,32 @@ impl Tsdb {
 /// A chunk's id and its points.
 type Decoded = (i64, Vec<(i64, Value)>);
 
-/// Series whose small chunks are merged per reaper or sealer pass at most.
+/// The ids of `items` (id, points) in order, in groups of at least `points` points (the last
+/// may hold fewer): one transaction each.
+fn groups(items: &[(i64, usize)], points: usize) -> Vec<Vec<i64>> {
+    let mut out = Vec::new();
+    let mut group = Vec::new();
+    let mut filled = 0;
+    for (id, n) in items {
+        group.push(*id);
+        filled += n;
+        if filled >= points {
+            out.push(std::mem::take(&mut group));
+            filled = 0;
+        }
+    }
+    if !group.is_empty() {
+        out.push(group);
+    }
+    out
+}
+
+/// When a series' small chunks (`n < $1`, half of `chunk_points`) are due for a merge: two or
+/// more that together hold half a chunk, or `$2` of them.
+const DUE: &str =
+    "n < $1 GROUP BY series_id HAVING COUNT(*) > 1 AND (SUM(n) >= $1 OR COUNT(*) >= $2)";
+
+/// Series whose small chunks are merged per reaper pass at most.
 const COMPACT_SERIES: usize = 1000;
 
 /// Series [`Tsdb::compact_recent`] looks at per call at most (indexed lookups, 500 a query).
