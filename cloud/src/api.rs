@@ -25,8 +25,10 @@ use std::sync::Arc;
 pub struct ApiState {
     /// Shared server state.
     pub shared: Arc<Shared>,
-    /// The bearer token.
+    /// The admin token.
     pub token: Arc<str>,
+    /// Named users, API keys and the audit log.
+    pub users: Arc<crate::users::Users>,
 }
 
 /// An error answer: `{"code", "message"}` with an HTTP status.
@@ -284,6 +286,7 @@ pub(crate) use crate::serde_int as int;
 
 mod analytics;
 mod apps;
+pub mod console;
 pub mod doc;
 mod jobs;
 mod ota;
@@ -291,6 +294,7 @@ mod rules;
 pub mod serve;
 mod thing;
 mod timeseries;
+mod users;
 
 /// Builds the router.
 pub fn router(state: ApiState) -> Router {
@@ -327,13 +331,19 @@ pub fn router(state: ApiState) -> Router {
         .merge(timeseries::routes())
         .merge(analytics::routes())
         .merge(jobs::routes())
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .merge(users::routes())
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            users::authorize,
+        ))
+        .merge(users::public_routes())
         .route("/openapi.json", get(openapi));
     Router::new()
         .nest("/api/v1", api)
         .route("/ota/download/:token", get(ota::download))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
+        .merge(console::routes())
         .fallback(|| async { ApiError::not_found("no such endpoint: see /api/v1/openapi.json") })
         .layer(axum::extract::DefaultBodyLimit::max(
             state.shared.config.http.max_body_bytes,
@@ -341,44 +351,6 @@ pub fn router(state: ApiState) -> Router {
         .layer(middleware::map_response(json_errors))
         .layer(middleware::from_fn_with_state(state.clone(), access_log))
         .with_state(state)
-}
-
-/// Whether the request carries the admin token (compared in constant time).
-fn token_ok(state: &ApiState, req: &Request) -> bool {
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    let expected = state.token.as_bytes();
-    given.len() == expected.len()
-        && given
-            .bytes()
-            .zip(expected)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
-}
-
-fn unauthorized() -> Response {
-    let mut r = ApiError::new(
-        StatusCode::UNAUTHORIZED,
-        "unauthorized",
-        "missing or wrong bearer token: send `Authorization: Bearer <admin token>` (printed at first start, kept in {data_dir}/admin-token)",
-    )
-    .into_response();
-    r.headers_mut().insert(
-        header::WWW_AUTHENTICATE,
-        header::HeaderValue::from_static("Bearer realm=\"ironlink\""),
-    );
-    r
-}
-
-async fn require_token(State(state): State<ApiState>, req: Request, next: Next) -> Response {
-    if !token_ok(&state, &req) {
-        return unauthorized();
-    }
-    next.run(req).await
 }
 
 async fn openapi() -> impl IntoResponse {
@@ -390,8 +362,12 @@ async fn openapi() -> impl IntoResponse {
 }
 
 async fn metrics(State(s): State<ApiState>, req: Request) -> Response {
-    if s.shared.config.http.metrics_need_token && !token_ok(&s, &req) {
-        return unauthorized();
+    if s.shared.config.http.metrics_need_token {
+        match users::principal(&s, req.headers()).await {
+            Ok(Some(_)) => {}
+            Ok(None) => return users::unauthorized(),
+            Err(e) => return e.into_response(),
+        }
     }
     let sh = &s.shared;
     sh.thing.limits.export_metrics(&sh.metrics.registry);
@@ -848,6 +824,9 @@ struct DeviceFilter {
     /// `KEY:VALUE`: devices whose tag KEY is VALUE.
     #[param(pattern = "^[^:]+:")]
     tag: Option<String>,
+    /// Devices whose name contains this text.
+    #[param(max_length = 64)]
+    name: Option<String>,
 }
 
 #[utoipa::path(
@@ -855,7 +834,7 @@ struct DeviceFilter {
     path = "/products/{pk}/devices",
     tag = "devices",
     operation_id = "list_devices",
-    summary = "List a product's devices, filtered by status and tag",
+    summary = "List a product's devices, filtered by status, tag and name",
     params(("pk" = String, Path, description = "Product key"), DeviceFilter),
     responses((status = 200, description = "A page of devices", body = doc::DeviceList), (status = 404, description = "No such product", body = doc::ErrorBody))
 )]
@@ -890,6 +869,7 @@ async fn list_devices(
     let filter = crate::storage::DeviceFilter {
         status: q.status.as_deref(),
         tag,
+        name: q.name.as_deref(),
     };
     let (devices, total) = s
         .shared

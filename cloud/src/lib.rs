@@ -25,3 +25,4 @@ pub mod storage;
 pub mod thing;
 pub mod tls;
 pub mod tsdb;
+pub mod users;

@@ -303,6 +303,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let app = api::router(ApiState {
         shared: shared.clone(),
         token: admin_token.clone().into(),
+        users: Arc::new(crate::users::Users::new(shared.db.clone())),
     });
     // The API may hold an eighth of the descriptors at most: idle HTTP clients must never
     // leave devices without any.

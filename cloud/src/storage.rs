@@ -129,6 +129,8 @@ pub struct DeviceFilter<'a> {
     pub status: Option<&'a str>,
     /// A tag's key and value.
     pub tag: Option<(&'a str, &'a str)>,
+    /// Text the device name contains.
+    pub name: Option<&'a str>,
 }
 
 fn json_string(s: &str) -> String {
@@ -678,6 +680,11 @@ impl Db {
             n += 1;
             cond.push_str(&format!(" AND tags LIKE ${n} ESCAPE '\\'"));
         }
+        let name_pattern = filter.name.map(|t| format!("%{}%", like_escape(t)));
+        if name_pattern.is_some() {
+            n += 1;
+            cond.push_str(&format!(" AND device_name LIKE ${n} ESCAPE '\\'"));
+        }
         let sql = format!(
             "SELECT {DEVICE_COLS} FROM devices WHERE {cond} ORDER BY device_name LIMIT ${} OFFSET ${}",
             n + 1,
@@ -691,6 +698,10 @@ impl Db {
             c = c.bind(st);
         }
         if let Some(t) = &tag_pattern {
+            q = q.bind(t.clone());
+            c = c.bind(t.clone());
+        }
+        if let Some(t) = &name_pattern {
             q = q.bind(t.clone());
             c = c.bind(t.clone());
         }

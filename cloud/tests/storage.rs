@@ -136,7 +136,11 @@ async fn registry_crud_on_every_engine() {
             let db = db.clone();
             let pk = p.product_key.clone();
             async move {
-                let f = ironlink_cloud::storage::DeviceFilter { status, tag };
+                let f = ironlink_cloud::storage::DeviceFilter {
+                    status,
+                    tag,
+                    name: None,
+                };
                 db.list_devices(&pk, &f, 0, 10).await.unwrap()
             }
         };
@@ -168,6 +172,23 @@ async fn registry_crud_on_every_engine() {
             1,
             "{e:?}"
         );
+        // Name search: contained text, LIKE's wildcards literal.
+        let named = |text: &'static str| {
+            let db = db.clone();
+            let pk = p.product_key.clone();
+            async move {
+                let f = ironlink_cloud::storage::DeviceFilter {
+                    status: None,
+                    tag: None,
+                    name: Some(text),
+                };
+                db.list_devices(&pk, &f, 0, 10).await.unwrap().1
+            }
+        };
+        assert_eq!(named("0001").await, 1, "{e:?}");
+        assert_eq!(named("ev-00").await, 1, "{e:?}");
+        assert_eq!(named("dev_").await, 0, "{e:?}: _ is literal");
+        assert_eq!(named("%").await, 0, "{e:?}: % is literal");
 
         assert!(db
             .set_device_enabled(&p.product_key, "dev-0001", false)

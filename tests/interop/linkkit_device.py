@@ -22,6 +22,11 @@ Modes:
                                             device pulls the notice too (query_ota_firmware),
                                             reports progress and then the new version; the API
                                             must show the job succeeded.
+  console PK DN SECRET HOST PORT TSL SECONDS
+                                            the web console's device (cloud/console/tests/e2e.mjs):
+                                            posts a temperature every 0.5 s and answers service
+                                            calls with {"done": 1} for SECONDS (bounded), then
+                                            disconnects; prints one line per call answered.
 Prints one JSON line with the outcome; exits non-zero on failure. Every wait is bounded.
 """
 import json
@@ -315,6 +320,30 @@ def ota(pk, dn, secret, host, port, package_id, workdir):
         raise SystemExit(1)
 
 
+def console(pk, dn, secret, host, port, tsl, seconds):
+    lk = linkkit.LinkKit(host_name=host, product_key=pk, device_name=dn, device_secret=secret)
+    lk.config_mqtt(port=port, secure="", endpoint=host, keep_alive=60)
+    lk.thing_setup(tsl)
+    enabled = threading.Event()
+    lk.on_thing_enable = lambda userdata: enabled.set()
+
+    def on_thing_call_service(identifier, request_id, params, userdata):
+        lk.thing_answer_service(identifier, request_id, 200, {"done": 1})
+        print(json.dumps({"answered": identifier, "params": params}), flush=True)
+
+    lk.on_thing_call_service = on_thing_call_service
+    lk.connect_async()
+    wait(enabled, "thing enabled (connect)")
+    print(json.dumps({"connected": True}), flush=True)
+    deadline = time.time() + min(seconds, 300)
+    n = 0
+    while time.time() < deadline:
+        lk.thing_post_property({"temperature": round(20 + 5 * ((n % 20) / 20.0), 2), "humidity": 40 + n % 10})
+        n += 1
+        time.sleep(0.5)
+    lk.disconnect()
+
+
 if __name__ == "__main__":
     API, TOKEN = sys.argv[1], sys.argv[2]
     mode, args = sys.argv[3], sys.argv[4:]
@@ -326,6 +355,8 @@ if __name__ == "__main__":
         thing(args[0], args[1], args[2], args[3], int(args[4]), args[5])
     elif mode == "gateway":
         gateway(*args[:8], args[8], int(args[9]))
+    elif mode == "console":
+        console(args[0], args[1], args[2], args[3], int(args[4]), args[5], float(args[6]))
     elif mode == "ota":
         ota(args[0], args[1], args[2], args[3], int(args[4]), args[5], args[6])
     else:

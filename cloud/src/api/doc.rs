@@ -322,12 +322,20 @@ pub struct DeviceOta {
     history: Vec<crate::ota::store::HistoryRow>,
 }
 
+/// A key just made: its token, shown only in this answer, and the key.
+#[derive(Debug, ToSchema)]
+pub struct KeyCreated {
+    /// `ilk_<id>_<secret>`: send as `Authorization: Bearer <token>`.
+    token: String,
+    key: crate::users::ApiKey,
+}
+
 /// The API description: every operation of the HTTP API.
 #[derive(Debug, OpenApi)]
 #[openapi(
     info(
         title = "Ironlink cloud API",
-        description = "Products, devices, thing models, calls, applications, rules, scripts and OTA. Every request carries `Authorization: Bearer <admin token>`; every error is `{\"code\", \"message\"}`.",
+        description = "Products, devices, thing models, calls, applications, rules, scripts and OTA. Every request carries `Authorization: Bearer <admin token or API key>` (POST /login gives a named user a key); roles: viewer reads, operator also changes, admin also manages users, keys, application access keys and reads the audit log (403 otherwise); every change is in the audit log; every error is `{\"code\", \"message\"}`.",
         version = env!("CARGO_PKG_VERSION")
     ),
     servers((url = "/api/v1")),
@@ -358,6 +366,10 @@ pub struct DeviceOta {
         super::ota::delete_package, super::ota::create_campaign, super::ota::list_campaigns,
         super::ota::get_campaign, super::ota::pause_campaign, super::ota::resume_campaign,
         super::ota::cancel_campaign, super::ota::campaign_devices, super::ota::device_ota,
+        super::users::login, super::users::me, super::users::logout, super::users::list_users,
+        super::users::create_user, super::users::update_user, super::users::delete_user,
+        super::users::list_keys, super::users::create_key, super::users::revoke_key,
+        super::users::audit, super::users::overview, super::users::live,
     ),
     components(schemas(ErrorBody)),
     modifiers(&CommonAnswers),
@@ -407,6 +419,7 @@ impl Modify for CommonAnswers {
                     "Malformed request: a path, query or body value is refused, with the reason",
                 );
                 add("401", "Missing or wrong bearer token");
+                add("403", "The credential's role may not do this");
                 add("503", "The database failed; retry later");
                 if has_body {
                     add("413", "The body is too large");

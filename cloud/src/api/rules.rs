@@ -36,9 +36,11 @@ pub(super) fn routes() -> Router<ApiState> {
 impl From<RuleError> for ApiError {
     fn from(e: RuleError) -> Self {
         match e {
-            RuleError::Sql(e) => {
-                ApiError::new(StatusCode::BAD_REQUEST, "invalid_sql", format!("sql: {e}"))
-            }
+            // With its line and column, so an editor can point at it.
+            RuleError::Sql(e) => ApiError {
+                at: Some((u64::from(e.pos.line), u64::from(e.pos.col))),
+                ..ApiError::new(StatusCode::BAD_REQUEST, "invalid_sql", format!("sql: {e}"))
+            },
             RuleError::Action(..) | RuleError::Invalid(_) => ApiError::invalid(e.to_string()),
             RuleError::NotFound(_) => ApiError::not_found(e.to_string()),
             RuleError::Storage(StorageError::Conflict(m)) => {

@@ -1,0 +1,249 @@
+// End-to-end test of the web console in headless Chromium (Debian's), driven by Playwright.
+// A real ironlink-cloud, a real device (Alibaba's Python SDK, aliyun-iot-linkkit), a real browser:
+//   log in with the admin token; create a product, import a broken thing model (error shown at
+//   its line and column) and a good one; create a device; watch the device's temperature arrive
+//   on the chart; call a service and see the device's reply; see a rule's SQL error inline;
+//   create a viewer, sign in as them: no forms to change anything, and the API refuses too.
+// Screenshots go to $SHOTS (CI keeps them). Prints measured figures (console weight, time to
+// the device page's first chart point, live-update latency) as JSON lines. Every wait is bounded.
+//
+// Usage: node e2e.mjs   with IRONLINK_BIN, PYTHON (with aliyun-iot-linkkit), SHOTS, and
+// CONSOLE_DEPS (where `vendor.sh --check DIR` installed playwright-core) set.
+import { createRequire } from 'node:module';
+import { spawn } from 'node:child_process';
+import { mkdtempSync, readFileSync, mkdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, dirname } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import assert from 'node:assert/strict';
+
+const HERE = dirname(fileURLToPath(import.meta.url));
+// playwright-core from the folder vendor.sh installed the lockfile into (CONSOLE_DEPS), else
+// from cloud/console/node_modules.
+const { chromium } = createRequire(join(process.env.CONSOLE_DEPS || join(HERE, '..'), 'package.json'))('playwright-core');
+const REPO = join(HERE, '..', '..', '..');
+const BIN = process.env.IRONLINK_BIN;
+const PYTHON = process.env.PYTHON;
+const SHOTS = process.env.SHOTS || join(tmpdir(), 'ironlink-console-shots');
+const TSL = join(REPO, 'tests', 'interop', 'thing-model.json');
+const LINKKIT = join(REPO, 'tests', 'interop', 'linkkit_device.py');
+const STEP_MS = 20000;
+assert.ok(BIN && PYTHON, 'set IRONLINK_BIN and PYTHON');
+mkdirSync(SHOTS, { recursive: true });
+
+const work = mkdtempSync(join(tmpdir(), 'ironlink-console-'));
+const children = [];
+let browser;
+let current; // the page, for a screenshot when a step fails
+async function cleanup() {
+  if (browser) await browser.close().catch(() => {});
+  for (const c of children) c.kill('SIGKILL');
+  rmSync(work, { recursive: true, force: true });
+}
+
+// Starts the cloud and resolves with its HTTP address and MQTT port once it says it is ready.
+function startCloud() {
+  const p = spawn(BIN, ['serve', '--data-dir', join(work, 'data'), '--mqtt-listen', '127.0.0.1:0', '--mqtts-listen', 'off',
+    '--amqps-listen', 'off', '--http-listen', '127.0.0.1:0'], { stdio: ['ignore', 'pipe', 'pipe'] });
+  children.push(p);
+  let log = '';
+  p.stderr.on('data', (d) => { log = (log + d).slice(-4000); });
+  return new Promise((resolve, reject) => {
+    let out = '';
+    const timer = setTimeout(() => reject(new Error(`cloud not ready:\n${out}\n${log}`)), STEP_MS);
+    p.on('exit', (code) => reject(new Error(`cloud exited (${code}):\n${log}`)));
+    p.stdout.on('data', (d) => {
+      out += d;
+      if (out.includes('Ironlink cloud ready')) {
+        clearTimeout(timer);
+        resolve({
+          http: /HTTP API\s+(http:\/\/\S+)\/api\/v1/.exec(out)[1],
+          mqtt: Number(/mqtt:\/\/127\.0\.0\.1:(\d+)/.exec(out)[1]),
+          token: readFileSync(join(work, 'data', 'admin-token'), 'utf8').trim(),
+        });
+      }
+    });
+  });
+}
+
+async function api(cloud, method, path, body, token = cloud.token) {
+  const r = await fetch(`${cloud.http}/api/v1${path}`, {
+    method, headers: { Authorization: `Bearer ${token}`, 'Content-Type': 'application/json' },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const text = await r.text();
+  return { status: r.status, body: text ? JSON.parse(text) : null };
+}
+
+// The Python SDK device: resolves once it is connected.
+function startDevice(cloud, pk, dn, secret) {
+  const p = spawn(PYTHON, [LINKKIT, cloud.http, cloud.token, 'console', pk, dn, secret, '127.0.0.1', String(cloud.mqtt), TSL, '120'],
+    { stdio: ['ignore', 'pipe', 'pipe'] });
+  children.push(p);
+  const lines = [];
+  let err = '';
+  p.stderr.on('data', (d) => { err = (err + d).slice(-4000); });
+  const connected = new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`device did not connect: ${err}`)), STEP_MS);
+    p.stdout.on('data', (d) => {
+      for (const l of String(d).split('\n').filter(Boolean)) lines.push(JSON.parse(l));
+      if (lines.some((l) => l.connected)) { clearTimeout(timer); resolve(); }
+    });
+    p.on('exit', (code) => reject(new Error(`device exited (${code}): ${err}`)));
+  });
+  return { connected, lines };
+}
+
+const shot = (page, name) => page.screenshot({ path: join(SHOTS, `${name}.png`), fullPage: true });
+
+async function main() {
+  const cloud = await startCloud();
+  browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
+      '--disable-component-update', '--disable-sync'],
+  });
+  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+  context.setDefaultTimeout(STEP_MS);
+  const page = await context.newPage();
+  current = page;
+  const pageErrors = [];
+  page.on('pageerror', (e) => pageErrors.push(String(e)));
+
+  // First load: what it transfers (the document and every file it loads, headers included).
+  await page.goto(`${cloud.http}/console/`);
+  await page.getByRole('tab', { name: 'Admin token or API key' }).click();
+  const bytes = await page.evaluate(() => performance.getEntries()
+    .filter((e) => e.transferSize !== undefined).reduce((n, e) => n + e.transferSize, 0));
+  console.log(JSON.stringify({ measure: 'console first load (bytes transferred)', bytes }));
+
+  // Sign in with the admin token.
+  await page.getByLabel('Token').fill(cloud.token);
+  await page.getByRole('button', { name: 'Sign in' }).click();
+  await page.getByRole('heading', { name: 'Fleet overview' }).waitFor();
+  await shot(page, '01-overview');
+
+  // A product, through the form.
+  await page.getByRole('link', { name: 'Products' }).click();
+  await page.getByLabel('Name').fill('E2E lamp');
+  await page.getByRole('button', { name: 'Create product' }).click();
+  await page.getByRole('heading', { name: /^Product / }).waitFor();
+  const pk = (await page.getByRole('heading', { name: /^Product / }).textContent()).replace('Product ', '').trim();
+
+  // A broken thing model: the JSON error is shown at its line and column.
+  const tsl = readFileSync(TSL, 'utf8');
+  await page.getByLabel('Import a thing model').fill(tsl.replace('"temperature",', '"temperature"'));
+  await page.getByRole('button', { name: 'Import' }).click();
+  const jsonError = page.locator('#tsl-errors .error');
+  await jsonError.waitFor();
+  assert.match(await jsonError.textContent(), /line \d+, column \d+/);
+  await page.locator('#tsl-errors .code-lines .bad').waitFor();
+  await shot(page, '02-thing-model-error');
+  // A TSL the server refuses: its reason shown.
+  await page.getByLabel('Import a thing model').fill('{"properties": [{"identifier": "x"}]}');
+  await page.getByRole('button', { name: 'Import' }).click();
+  await page.locator('#tsl-errors .error').waitFor();
+  // The good one.
+  await page.getByLabel('Import a thing model').fill(tsl);
+  await page.getByRole('button', { name: 'Import' }).click();
+  await page.getByRole('cell', { name: 'temperature', exact: true }).waitFor();
+
+  // A device, through the form; the simulated device connects with its credentials.
+  await page.getByLabel('New device name').fill('lamp-0001');
+  await page.getByRole('button', { name: 'Create device' }).click();
+  await page.getByRole('link', { name: 'lamp-0001' }).waitFor();
+  const cred = await api(cloud, 'GET', `/devices/${pk}/lamp-0001/credentials`);
+  assert.equal(cred.status, 200);
+  const device = startDevice(cloud, pk, 'lamp-0001', cred.body.device_secret);
+  await device.connected;
+
+  // Its page: the temperature arrives on the chart, first from history, then live.
+  const opened = Date.now();
+  await page.getByRole('link', { name: 'lamp-0001' }).click();
+  const chart = page.locator('.chart[data-points]');
+  await page.waitForFunction(() => Number(document.querySelector('.chart')?.dataset.points) >= 1, null, { timeout: STEP_MS });
+  const firstPoint = Date.now() - opened;
+  const before = Number(await chart.getAttribute('data-points'));
+  await page.waitForFunction((n) => Number(document.querySelector('.chart').dataset.points) >= n + 3, before, { timeout: STEP_MS });
+  // Live latency: from a post's device time to the chart holding it.
+  const latency = await page.evaluate(() => new Promise((resolve) => {
+    const el = document.querySelector('.chart');
+    const n = Number(el.dataset.points);
+    const t0 = performance.now();
+    const check = () => (Number(el.dataset.points) > n ? resolve(performance.now() - t0) : requestAnimationFrame(check));
+    check();
+  }));
+  console.log(JSON.stringify({ measure: 'device page: first chart point', ms: firstPoint }));
+  console.log(JSON.stringify({ measure: 'wait for the next live point (posts every 500 ms)', ms: Math.round(latency) }));
+  await page.getByText('Status online').or(page.locator('.status-online')).first().waitFor();
+  await shot(page, '03-device-chart');
+
+  // A service call and the device's reply.
+  await page.getByLabel('Service', { exact: true }).selectOption('reboot');
+  await page.getByLabel('Parameters (JSON)').fill('{"delay": 3}');
+  await page.getByRole('button', { name: 'Call' }).click();
+  const reply = page.getByTestId('call-reply');
+  await reply.waitFor();
+  await page.waitForFunction(() => /succeeded/.test(document.querySelector('[data-testid=call-reply]')?.textContent || ''), null, { timeout: STEP_MS })
+    .catch(async () => { throw new Error(`call reply: ${await reply.textContent()}`); });
+  assert.match(await reply.textContent(), /"done": 1/);
+  assert.ok(device.lines.some((l) => l.answered === 'reboot'), 'the device answered the call');
+  await shot(page, '04-service-call');
+
+  // A rule whose SQL is wrong: the error at its line and column.
+  await page.goto(`${cloud.http}/console/#/rules/new`);
+  await page.getByLabel('Name').fill('hot');
+  await page.getByLabel('Rule SQL').fill('SELECT temperature\nFROM "/+/+/thing/event/property/post"\nWHERE temperature >');
+  await page.getByRole('button', { name: 'Save' }).click();
+  const sqlError = page.getByTestId('sql-error');
+  await sqlError.waitFor();
+  assert.match(await sqlError.textContent(), /line 3, column \d+/);
+  await page.locator('.code-lines .bad').waitFor();
+  await shot(page, '05-rule-sql-error');
+
+  // A viewer: created on the Users page, signed in; no forms to change anything, and the API
+  // refuses what the page does not offer.
+  await page.getByRole('link', { name: 'Users' }).click();
+  await page.locator('#nu-name').fill('viewer1');
+  await page.locator('#nu-pw').fill('viewer-pass-1');
+  await page.getByRole('button', { name: 'Create user' }).click();
+  await page.getByRole('cell', { name: 'viewer1', exact: true }).waitFor();
+  await page.getByRole('cell', { name: 'POST /users' }).first().waitFor();
+  await shot(page, '06-users-audit');
+  await page.getByRole('button', { name: 'Sign out' }).click();
+  await page.getByLabel('User name').fill('viewer1');
+  await page.getByLabel('Password').fill('viewer-pass-1');
+  await page.getByRole('button', { name: 'Sign in' }).click();
+  await page.getByText('viewer1 · viewer').waitFor();
+  await page.getByRole('link', { name: 'Products' }).click();
+  await page.getByRole('link', { name: pk }).waitFor();
+  assert.equal(await page.getByRole('button', { name: 'Create product' }).count(), 0, 'a viewer sees no create form');
+  await page.getByRole('link', { name: pk }).click();
+  await page.getByRole('link', { name: 'lamp-0001' }).waitFor();
+  assert.equal(await page.getByRole('button', { name: 'Create device' }).count(), 0);
+  assert.equal(await page.getByRole('button', { name: 'Import' }).count(), 0);
+  const viewerToken = await page.evaluate(() => sessionStorage.getItem('ironlink.token'));
+  const refused = await api(cloud, 'POST', '/products', { name: 'not allowed' }, viewerToken);
+  assert.equal(refused.status, 403, JSON.stringify(refused.body));
+  const call = await api(cloud, 'POST', `/devices/${pk}/lamp-0001/services/reboot`, { params: { delay: 1 } }, viewerToken);
+  assert.equal(call.status, 403);
+  const read = await api(cloud, 'GET', `/devices/${pk}/lamp-0001`, undefined, viewerToken);
+  assert.equal(read.status, 200);
+  await page.getByRole('link', { name: 'lamp-0001' }).click();
+  await page.getByText('Your role (viewer) may not call services.').waitFor();
+  await shot(page, '07-viewer-device');
+  // Signing out revokes the session key.
+  await page.getByRole('button', { name: 'Sign out' }).click();
+  await page.getByRole('tab', { name: 'User' }).waitFor();
+  assert.equal((await api(cloud, 'GET', '/products', undefined, viewerToken)).status, 401);
+
+  assert.deepEqual(pageErrors, [], 'no script errors in the page');
+  console.log('console e2e: passed');
+}
+
+main().then(cleanup, async (e) => {
+  console.error(`console e2e: FAILED: ${e.stack || e}`);
+  if (current) await shot(current, 'failed').catch(() => {});
+  await cleanup();
+  process.exit(1);
+});
