@@ -176,7 +176,8 @@ function Chart({ title, points, unit }) {
   useEffect(() => {
     if (plot.current) plot.current.setData([points.map((p) => p[0] / 1000), points.map((p) => p[1])]);
   }, [points, title]);
-  return html`<div class="chart" ref=${el} role="img" aria-label=${`Chart of ${title}: ${points.length} points${points.length ? `, latest ${points[points.length - 1][1]}` : ''}`} data-points=${points.length}></div>`;
+  const last = points[points.length - 1];
+  return html`<div class="chart" ref=${el} role="img" aria-label=${`Chart of ${title}: ${points.length} points${last ? `, latest ${last[1]}` : ''}`} data-points=${points.length} data-last-time=${last ? last[0] : ''}></div>`;
 }
 
 // ---------------------------------------------------------------- login
@@ -329,7 +330,59 @@ function Product({ pk }) {
   return html`<h1>Product ${pk}</h1>
     <${Loaded} load=${product}>${(p) => html`<p>${p.name} · ${p.node_type} · ${p.data_format}${p.description ? ` · ${p.description}` : ''}</p>`}<//>
     <${ProductDevices} pk=${pk} />
-    <${ThingModel} pk=${pk} />`;
+    <${ThingModel} pk=${pk} />
+    <${Script} pk=${pk} />`;
+}
+
+// Where a script error points (QuickJS stacks name `file:line:column`).
+function scriptErrorAt(message) {
+  const m = /:(\d+):(\d+)\)?/.exec(message) || /line (\d+)/.exec(message);
+  return m ? { line: Number(m[1]), column: Number(m[2] || 1) } : null;
+}
+
+const SAMPLE_SCRIPT = `// Raw bytes from the device -> Alink JSON (Alibaba's data-parsing contract).
+function rawDataToProtocol(bytes) {
+  return { method: 'thing.event.property.post', id: '1', params: { temperature: bytes[0] } };
+}
+// Alink JSON to the device -> raw bytes.
+function protocolToRawData(json) {
+  return [0x01];
+}`;
+
+function Script({ pk }) {
+  const load = useLoad(() => get(`/products/${enc(pk)}/script`).catch((e) => (e.status === 404 ? { script: null } : Promise.reject(e))), [pk]);
+  const [text, setText] = useState(null);
+  const [hex, setHex] = useState('17');
+  const [out, setOut] = useState(null);
+  const [at, setAt] = useState(null);
+  const [state, run] = useAction();
+  useEffect(() => { if (load.data) setText(load.data.script ?? SAMPLE_SCRIPT); }, [load.data]);
+  if (text === null) return html`<section class="panel"><h2>Data-parsing script</h2><${Loaded} load=${load}>${() => null}<//></section>`;
+  const mark = (e) => { setAt(e && e.line ? { line: e.line, column: e.column } : scriptErrorAt(e?.message || '')); throw e; };
+  const save = async (e) => {
+    e.preventDefault();
+    setAt(null);
+    await run(() => api('PUT', `/products/${enc(pk)}/script`, { script: text }).catch(mark), 'Script installed.');
+  };
+  const test = async () => {
+    setAt(null);
+    setOut(null);
+    const r = await run(() => api('POST', `/products/${enc(pk)}/script/test`, { script: text, direction: 'up', payload_hex: hex }).catch(mark));
+    if (r) setOut(r);
+  };
+  return html`<section class="panel" aria-labelledby="script-h"><h2 id="script-h">Data-parsing script</h2>
+    <p class="muted">${load.data.script ? 'Installed.' : 'None installed: a sample to start from.'} Runs for raw-format products (Alibaba's contract: rawDataToProtocol, protocolToRawData, transformPayload).</p>
+    <form onSubmit=${save}>
+      <label for="script-text">Script (JavaScript)</label>
+      <textarea id="script-text" rows="10" spellcheck="false" value=${text} onInput=${(e) => setText(e.target.value)} aria-describedby="script-errors"></textarea>
+      <div class="row"><div><label for="script-hex">Sample bytes (hex)</label><input id="script-hex" value=${hex} onInput=${(e) => setHex(e.target.value)} /></div>
+      <div><button type="button" class="secondary" onClick=${test}>Test on the sample</button></div>
+      ${can('operator') && html`<div><button type="submit" disabled=${state.busy}>Install</button></div>`}</div>
+    </form>
+    <div id="script-errors"><${Result} state=${state} />
+    ${at && html`<${CodeWithError} text=${text} line=${at.line} column=${at.column} />`}</div>
+    ${out && html`<pre>${JSON.stringify(out, null, 2)}</pre>`}
+  </section>`;
 }
 
 function ProductDevices({ pk }) {
@@ -407,6 +460,7 @@ function Device({ pk, dn }) {
   const model = useLoad(() => get(`/products/${enc(pk)}/thing-model`).catch(() => ({ tsl: null })), [pk]);
   const latest = useLoad(() => get(`/devices/${enc(pk)}/${enc(dn)}/properties`), [pk, dn]);
   const [liveLog, setLiveLog] = useState([]);
+  const [liveValues, setLiveValues] = useState({});
   const [status, setStatus] = useState(null);
   const listeners = useRef(new Set());
   useEffect(() => {
@@ -416,6 +470,14 @@ function Device({ pk, dn }) {
       else {
         setLiveLog((l) => [data, ...l].slice(0, 50));
         listeners.current.forEach((f) => f(data));
+        if (data.topic.endsWith('/thing/event/property/post') && data.payload?.params) {
+          const vals = {};
+          for (const [k, v] of Object.entries(data.payload.params)) {
+            const timed = v !== null && typeof v === 'object' && 'value' in v;
+            vals[k] = { value: timed ? v.value : v, time: (timed && v.time) || data.at };
+          }
+          setLiveValues((old) => ({ ...old, ...vals }));
+        }
       }
     }, ctl.signal).catch(() => {});
     return () => ctl.abort();
@@ -429,9 +491,15 @@ function Device({ pk, dn }) {
         ${props.length ? html`<${PropertyChart} pk=${pk} dn=${dn} props=${props} listeners=${listeners.current} />` : html`<p class="muted">The thing model has no numeric property.</p>`}
       </section>
       <section class="panel" aria-labelledby="latest-h"><h2 id="latest-h">Latest values</h2>
-        <${Loaded} load=${latest}>${(d) => html`<table><thead><tr><th>Property</th><th>Value</th><th>Time</th></tr></thead><tbody>
-          ${d.properties.map((p) => html`<tr><td>${p.identifier}</td><td>${JSON.stringify(p.value)}</td><td>${fmtTime(p.time)}</td></tr>`)}</tbody></table>
-          <button class="secondary" onClick=${latest.reload}>Refresh</button>`}<//>
+        <${Loaded} load=${latest}>${(d) => {
+          // Stored values, overtaken by what the device posted since (not yet checked against
+          // the thing model: a refused value shows here until the next refresh).
+          const rows = new Map(d.properties.map((p) => [p.identifier, p]));
+          for (const [k, v] of Object.entries(liveValues)) if (!rows.has(k) || v.time >= rows.get(k).time) rows.set(k, { identifier: k, ...v });
+          return html`<table><thead><tr><th>Property</th><th>Value</th><th>Time</th></tr></thead><tbody>
+          ${[...rows.values()].sort((a, b) => a.identifier.localeCompare(b.identifier)).map((p) => html`<tr><td>${p.identifier}</td><td>${JSON.stringify(p.value)}</td><td>${fmtTime(p.time)}</td></tr>`)}</tbody></table>
+          <button class="secondary" onClick=${() => { setLiveValues({}); latest.reload(); }}>Refresh</button>`;
+        }}<//>
       </section>
     </div>
     <div class="grid">
@@ -449,17 +517,28 @@ function Device({ pk, dn }) {
 }
 
 // A numeric property over the last hour, with the device's posts added as they arrive.
+// Ranges: the last hour as stored (up to 5,000 points), or a day as one-minute averages
+// (1,440 buckets, from the chunks' statistics where whole chunks fall in a bucket).
+const RANGES = { hour: { label: 'Last hour (every value)', ms: 3600e3 }, day: { label: 'Last 24 hours (1-minute averages)', ms: 86400e3 } };
+
 function PropertyChart({ pk, dn, props, listeners }) {
   const [id, setId] = useState(props[0].identifier);
+  const [range, setRange] = useState('hour');
   const [points, setPoints] = useState([]);
   const [error, setError] = useState(null);
   const prop = props.find((p) => p.identifier === id) || props[0];
   useEffect(() => {
     let live = true;
     setPoints([]);
-    const from = Date.now() - 3600 * 1000;
-    get(`/devices/${enc(pk)}/${enc(dn)}/properties/${enc(id)}/history?from=${from}&order=asc&limit=5000`).then(
-      (h) => live && setPoints((now) => merge(h.points.map((p) => [p.time, toNumber(p.value)]), now)),
+    setError(null);
+    const to = Date.now();
+    const from = to - RANGES[range].ms;
+    const base = `/devices/${enc(pk)}/${enc(dn)}/properties/${enc(id)}`;
+    const load = range === 'hour'
+      ? get(`${base}/history?from=${from}&order=asc&limit=5000`).then((h) => h.points.map((p) => [p.time, toNumber(p.value)]))
+      : get(`${base}/aggregate?from=${from}&to=${to}&interval=1m`).then((a) => (a.buckets || []).map((b) => [b.time, b.avg]));
+    load.then(
+      (pts) => live && setPoints((now) => merge(pts, now)),
       (e) => live && setError(e),
     );
     const onMsg = (m) => {
@@ -473,9 +552,11 @@ function PropertyChart({ pk, dn, props, listeners }) {
     };
     listeners.add(onMsg);
     return () => { live = false; listeners.delete(onMsg); };
-  }, [pk, dn, id]);
-  return html`<label for="chart-prop">Property</label>
-    <select id="chart-prop" value=${id} onChange=${(e) => setId(e.target.value)}>${props.map((p) => html`<option value=${p.identifier}>${p.name || p.identifier}</option>`)}</select>
+  }, [pk, dn, id, range]);
+  return html`<div class="row"><div><label for="chart-prop">Property</label>
+    <select id="chart-prop" value=${id} onChange=${(e) => setId(e.target.value)}>${props.map((p) => html`<option value=${p.identifier}>${p.name || p.identifier}</option>`)}</select></div>
+    <div><label for="chart-range">Range</label>
+    <select id="chart-range" value=${range} onChange=${(e) => setRange(e.target.value)}>${Object.entries(RANGES).map(([k, r]) => html`<option value=${k}>${r.label}</option>`)}</select></div></div>
     <${Err} error=${error} />
     <${Chart} title=${prop.name || id} unit=${prop.dataType?.specs?.unit} points=${points} />`;
 }

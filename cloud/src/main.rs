@@ -61,6 +61,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "HTTP API    http://{}/api/v1  (OpenAPI: /api/v1/openapi.json)",
                 running.http_addr
             );
+            println!(
+                "Console     http://{}/console/  (sign in with the admin token)",
+                running.http_addr
+            );
             let config = &running.shared.config;
             if running.token_generated {
                 println!(

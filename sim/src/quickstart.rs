@@ -508,6 +508,7 @@ Ironlink quickstart is running: a cloud, an edge gateway with {meters} Modbus po
 {sensors} MQTT environment sensors, all on this machine. Data: {dir}
 
   HTTP API      {api}   (OpenAPI: {api}/openapi.json)
+  Console       {url}/console/   (sign in with the admin token)
   Admin token   {token}
   MQTT          mqtt://{mqtt}   (Alink, securemode=3)
   Edge status   {edge}   (/metrics for Prometheus)

@@ -24,7 +24,8 @@ Modes:
                                             must show the job succeeded.
   console PK DN SECRET HOST PORT TSL SECONDS
                                             the web console's device (cloud/console/tests/e2e.mjs):
-                                            posts a temperature every 0.5 s and answers service
+                                            posts a temperature every 0.5 s (with its own time,
+                                            on the SDK's publish_topic) and answers service
                                             calls with {"done": 1} for SECONDS (bounded), then
                                             disconnects; prints one line per call answered.
 Prints one JSON line with the outcome; exits non-zero on failure. Every wait is bounded.
@@ -337,8 +338,14 @@ def console(pk, dn, secret, host, port, tsl, seconds):
     print(json.dumps({"connected": True}), flush=True)
     deadline = time.time() + min(seconds, 300)
     n = 0
+    topic = "/sys/%s/%s/thing/event/property/post" % (pk, dn)
     while time.time() < deadline:
-        lk.thing_post_property({"temperature": round(20 + 5 * ((n % 20) / 20.0), 2), "humidity": 40 + n % 10})
+        # Each value with the device's time, so the console can tell how long it took to show.
+        now = int(time.time() * 1000)
+        post = {"id": str(n), "version": "1.0", "method": "thing.event.property.post",
+                "params": {"temperature": {"value": round(20 + 5 * ((n % 20) / 20.0), 2), "time": now},
+                           "humidity": {"value": 40 + n % 10, "time": now}}}
+        lk.publish_topic(topic, json.dumps(post), 1)
         n += 1
         time.sleep(0.5)
     lk.disconnect()

@@ -61,8 +61,26 @@ impl From<ScriptError> for ApiError {
             ScriptError::Thrown(_) | ScriptError::BadResult(_) => "script_error",
             ScriptError::Gone => "script_unavailable",
         };
-        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, e.to_string())
+        let message = e.to_string();
+        ApiError {
+            at: script_position(&message),
+            ..ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+        }
     }
+}
+
+/// The line and column QuickJS names in an error's stack (`eval_script:LINE:COLUMN`), so an
+/// editor can point at it.
+fn script_position(message: &str) -> Option<(u64, u64)> {
+    let rest = &message[message.find("eval_script:")? + "eval_script:".len()..];
+    let mut parts = rest.splitn(3, ':');
+    let line = parts.next()?.parse().ok()?;
+    let column: String = parts
+        .next()?
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    Some((line, column.parse().ok()?))
 }
 
 fn engine(s: &ApiState) -> &crate::rules::Engine {
@@ -73,6 +91,24 @@ fn find(s: &ApiState, id: &str) -> ApiResult<std::sync::Arc<crate::rules::Live>>
     engine(s)
         .get(id)
         .ok_or_else(|| ApiError::not_found(format!("no rule `{id}` (by id or name)")))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn script_positions_from_quickjs_stacks() {
+        use super::script_position as at;
+        assert_eq!(
+            at("script: does not compile: invalid property name (at eval_script:2:10)"),
+            Some((2, 10))
+        );
+        assert_eq!(
+            at("cannot read property 'y' of null (at f (eval_script:12:3))"),
+            Some((12, 3))
+        );
+        assert_eq!(at("no position"), None);
+        assert_eq!(at("eval_script:x:1"), None);
+    }
 }
 
 #[utoipa::path(
