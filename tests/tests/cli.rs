@@ -267,3 +267,127 @@ async fn a_second_serve_on_the_same_data_dir_is_refused_and_sighup_reloads() {
         "no ANSI colours off a terminal: {said}"
     );
 }
+
+/// Runs the CLI with `stdin` on standard input and another token than the admin's.
+fn cli_input(cloud: &Cloud, token: &str, stdin: &str, args: &[&str]) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(binary("cloud", "ironlink-cloud").unwrap())
+        .args(args)
+        .args(["--url", &format!("http://{}", cloud.http), "--token", token])
+        .env_remove("IRONLINK_URL")
+        .env_remove("IRONLINK_TOKEN")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_keys_and_the_audit_log_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Cloud::start(&dir.path().join("cloud"), &[]).unwrap();
+    let admin = cloud.token.clone();
+    // The password comes on standard input, never on the command line.
+    let o = cli_input(
+        &cloud,
+        &admin,
+        "",
+        &["user", "create", "ops", "--role", "operator"],
+    );
+    assert!(!o.status.success(), "no password: refused");
+    let v = json_out(&cli_input(
+        &cloud,
+        &admin,
+        "ops-pass-word\n",
+        &["user", "create", "ops", "--role", "operator", "--json"],
+    ));
+    assert_eq!(v["role"], "operator", "{v}");
+    // A viewer key for ops, made by the admin token; what it may not do is refused (exit 1).
+    let v = json_out(&cli(
+        &cloud,
+        None,
+        &[
+            "key",
+            "create",
+            "--label",
+            "dashboards",
+            "--role",
+            "viewer",
+            "--user",
+            "ops",
+            "--json",
+        ],
+    ));
+    let token = v["token"].as_str().unwrap().to_owned();
+    let id = v["id"].as_str().unwrap().to_owned();
+    let o = cli_input(&cloud, &token, "", &["product", "list", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = cli_input(&cloud, &token, "", &["product", "create", "nope", "--json"]);
+    assert!(!o.status.success());
+    let e: Value = serde_json::from_slice(&o.stderr).unwrap();
+    assert_eq!(
+        (e["status"].as_u64(), e["code"].as_str()),
+        (Some(403), Some("forbidden")),
+        "{e}"
+    );
+    let listed = json_out(&cli(
+        &cloud,
+        None,
+        &["key", "list", "--user", "ops", "--json"],
+    ));
+    assert!(listed.to_string().contains(&id), "{listed}");
+    json_out(&cli(&cloud, None, &["key", "revoke", &id, "--json"]));
+    let o = cli_input(&cloud, &token, "", &["product", "list", "--json"]);
+    assert!(!o.status.success(), "revoked");
+    // Role and password changes, then the log of all of it.
+    json_out(&cli(
+        &cloud,
+        None,
+        &["user", "set-role", "ops", "viewer", "--json"],
+    ));
+    let o = cli_input(
+        &cloud,
+        &admin,
+        "new-pass-word\n",
+        &["user", "password", "ops", "--json"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let users = json_out(&cli(&cloud, None, &["user", "list", "--json"]));
+    assert_eq!(users["users"][0]["role"], "viewer", "{users}");
+    let audit = json_out(&cli(&cloud, None, &["audit", "--limit", "100", "--json"]));
+    let lines: Vec<String> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {} {} {}",
+                e["actor"].as_str().unwrap(),
+                e["method"].as_str().unwrap(),
+                e["path"].as_str().unwrap(),
+                e["status"]
+            )
+        })
+        .collect();
+    for expected in [
+        "admin POST /users 201",
+        "admin POST /api-keys 201",
+        "ops POST /products 403",
+        &format!("admin DELETE /api-keys/{id} 204"),
+        "admin PATCH /users/ops 204",
+    ] {
+        assert!(
+            lines.iter().any(|l| l == expected),
+            "{expected} not in {lines:?}"
+        );
+    }
+    json_out(&cli(&cloud, None, &["user", "delete", "ops", "--json"]));
+}

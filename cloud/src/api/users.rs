@@ -367,7 +367,7 @@ async fn list_keys(
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub(super) struct NewKey {
+pub(super) struct NewApiKey {
     /// What the key is for.
     #[schema(max_length = 200)]
     label: String,
@@ -388,7 +388,7 @@ pub(super) struct NewKey {
     tag = "users",
     operation_id = "create_api_key",
     summary = "Make an API key (its token is shown only in this answer)",
-    request_body = NewKey,
+    request_body = NewApiKey,
     responses(
         (status = 201, description = "Made", body = super::doc::KeyCreated),
         (status = 404, description = "No such user", body = super::doc::ErrorBody),
@@ -398,7 +398,7 @@ pub(super) struct NewKey {
 async fn create_key(
     State(s): State<ApiState>,
     Extension(who): Extension<Principal>,
-    ApiJson(b): ApiJson<NewKey>,
+    ApiJson(b): ApiJson<NewApiKey>,
 ) -> ApiResult<impl IntoResponse> {
     let user = match b.user {
         Some(u) if u != who.name && who.role != Role::Admin => {

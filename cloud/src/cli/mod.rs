@@ -13,6 +13,7 @@ use std::path::PathBuf;
 mod analytics;
 mod ota;
 mod timeseries;
+mod users;
 pub use analytics::AnalyticsCmd;
 pub use ota::{CampaignCmd, CreateArgs, OtaCmd, PackageCmd};
 pub use timeseries::{PolicyCmd, TimeseriesCmd};
@@ -104,6 +105,39 @@ pub enum Command {
         #[command(subcommand)]
         cmd: AnalyticsCmd,
     },
+    /// Named users of the API and console, and their roles (admin).
+    User {
+        /// Server connection.
+        #[command(flatten)]
+        client: ClientArgs,
+        /// User action.
+        #[command(subcommand)]
+        cmd: users::UserCmd,
+    },
+    /// API keys: `ilk_...` bearer tokens with a role, an expiry, revocable.
+    Key {
+        /// Server connection.
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Key action.
+        #[command(subcommand)]
+        cmd: users::KeyCmd,
+    },
+    /// The audit log: who changed what through the API, newest first (admin).
+    Audit {
+        /// Server connection.
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Most entries (1 to 1,000).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Entries before this id (paging).
+        #[arg(long)]
+        before: Option<i64>,
+        /// Only this user's.
+        #[arg(long)]
+        actor: Option<String>,
+    },
     /// Publish a downlink message to one of a device's topics.
     Pub {
         /// Server connection.
@@ -136,6 +170,9 @@ impl Command {
             | Command::Script { client, .. }
             | Command::Timeseries { client, .. }
             | Command::Analytics { client, .. }
+            | Command::User { client, .. }
+            | Command::Key { client, .. }
+            | Command::Audit { client, .. }
             | Command::Pub { client, .. } => client.json,
         }
     }
@@ -1115,6 +1152,14 @@ pub async fn run_admin(command: Command) -> anyhow::Result<()> {
         Command::Ota { cmd } => ota::run(cmd).await?,
         Command::Timeseries { client, cmd } => timeseries::run(&Client::new(&client)?, cmd).await?,
         Command::Analytics { client, cmd } => analytics::run(&Client::new(&client)?, cmd).await?,
+        Command::User { client, cmd } => users::run_user(&Client::new(&client)?, cmd).await?,
+        Command::Key { client, cmd } => users::run_key(&Client::new(&client)?, cmd).await?,
+        Command::Audit {
+            client,
+            limit,
+            before,
+            actor,
+        } => users::run_audit(&Client::new(&client)?, limit, before, actor).await?,
         Command::Serve(_) | Command::AnalyticsWorker => {
             bail!("serve and analytics-worker are not admin commands")
         }

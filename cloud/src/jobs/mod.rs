@@ -57,6 +57,8 @@ impl Default for AnalyticsConfig {
 
 /// A job as stored and shown.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+// OTA has a `Job` too: each needs its own name in the OpenAPI document.
+#[schema(as = AnalyticsJob)]
 pub struct Job {
     /// Id.
     pub id: i64,

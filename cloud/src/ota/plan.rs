@@ -10,6 +10,8 @@ use std::time::Duration;
 /// How a campaign runs. Every field has a default; see each for its unit.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
+// Storage has a `Policy` too: each needs its own name in the OpenAPI document.
+#[schema(as = CampaignPolicy)]
 pub struct Policy {
     /// Notices sent per minute at most (the steady rate, 1..=1,000,000).
     pub pushes_per_minute: u32,
