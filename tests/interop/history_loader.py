@@ -5,7 +5,7 @@ of the day. For the console benchmark (cloud/console/tests/bench.mjs).
 Usage: history_loader.py PK DN SECRET HOST PORT PROPS SECONDS [LIVE]
   PROPS properties named p0..p{PROPS-1} (floats, smooth and noisy), SECONDS posts at 1 Hz ending
   now; then, with LIVE, a post every 0.5 s with the current time for LIVE seconds (at most 300).
-  Prints one JSON line: posts, acknowledged, seconds taken. Every wait is bounded.
+  Prints one JSON line: posts, acknowledged, seconds taken (took_s). Every wait is bounded.
 """
 import hashlib
 import hmac
@@ -77,7 +77,7 @@ def main(pk, dn, secret, host, port, props, seconds, live):
         time.sleep(0.5)
     c.disconnect()
     c.loop_stop()
-    print(json.dumps({"posts": seconds, "acknowledged": acked[0], "seconds": round(took, 1)}))
+    print(json.dumps({"posts": seconds, "acknowledged": acked[0], "took_s": round(took, 1)}))
     if acked[0] < seconds:
         raise SystemExit(1)
 

@@ -2,7 +2,7 @@
 // ports in a temp dir, API calls, Debian's Chromium through playwright-core.
 import { createRequire } from 'node:module';
 import { spawn } from 'node:child_process';
-import { readFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -29,10 +29,16 @@ export async function accessibility(page) {
   });
 }
 
-/** Starts `bin serve` in `work`; resolves with its HTTP base, MQTT port and admin token. */
-export function startCloud(bin, work, children) {
-  const p = spawn(bin, ['serve', '--data-dir', join(work, 'data'), '--mqtt-listen', '127.0.0.1:0', '--mqtts-listen', 'off',
-    '--amqps-listen', 'off', '--http-listen', '127.0.0.1:0'], { stdio: ['ignore', 'pipe', 'pipe'] });
+/** Starts `bin serve` in `work` (with `config`, TOML, when given); resolves with its HTTP base,
+ * MQTT port and admin token. */
+export function startCloud(bin, work, children, config = null) {
+  const args = ['serve', '--data-dir', join(work, 'data'), '--mqtt-listen', '127.0.0.1:0', '--mqtts-listen', 'off',
+    '--amqps-listen', 'off', '--http-listen', '127.0.0.1:0'];
+  if (config) {
+    writeFileSync(join(work, 'cloud.toml'), config);
+    args.push('--config', join(work, 'cloud.toml'));
+  }
+  const p = spawn(bin, args, { stdio: ['ignore', 'pipe', 'pipe'] });
   children.push(p);
   let log = '';
   p.stderr.on('data', (d) => { log = (log + d).slice(-4000); });
