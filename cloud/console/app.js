@@ -513,7 +513,26 @@ function Device({ pk, dn }) {
       <${Events} pk=${pk} dn=${dn} />
       <${Shadow} pk=${pk} dn=${dn} />
       <${SubDevices} pk=${pk} dn=${dn} />
+      ${device.data && html`<${Tags} pk=${pk} dn=${dn} tags=${device.data.tags || {}} onSaved=${device.reload} />`}
     </div>`;
+}
+
+function Tags({ pk, dn, tags, onSaved }) {
+  const [text, setText] = useState(JSON.stringify(tags, null, 2));
+  const [state, run] = useAction();
+  const save = async (e) => {
+    e.preventDefault();
+    let t;
+    try { t = JSON.parse(text); } catch (err) { await run(() => Promise.reject(new Error(`Tags are not JSON: ${err.message}`))); return; }
+    if (await run(() => api('PUT', `/devices/${enc(pk)}/${enc(dn)}/tags`, t), 'Tags saved.') !== undefined) onSaved();
+  };
+  return html`<section class="panel" aria-labelledby="tags-h"><h2 id="tags-h">Tags</h2>
+    ${can('operator') ? html`<form onSubmit=${save}>
+      <label for="tags-text">Tags (JSON object of strings; at most 100)</label>
+      <textarea id="tags-text" rows="4" spellcheck="false" value=${text} onInput=${(e) => setText(e.target.value)}></textarea>
+      <p><button type="submit" disabled=${state.busy}>Save tags</button></p></form><${Result} state=${state} />`
+    : html`<p>${Object.entries(tags).map(([k, v]) => html`<span class="tag">${k}: ${v}</span>`)}</p>`}
+  </section>`;
 }
 
 // A numeric property over the last hour, with the device's posts added as they arrive.
@@ -726,8 +745,9 @@ function Apps() {
   const groups = useLoad(() => get('/consumer-groups'), []);
   const keys = useLoad(() => (can('admin') ? get('/access-keys') : Promise.resolve(null)), []);
   return html`<h1>Application access</h1>
-    <section class="panel"><h2>Consumer groups</h2><${Loaded} load=${groups}>${(d) => html`<div class="table-wrap"><table><thead><tr><th>Group</th><th>Details</th></tr></thead><tbody>
-      ${(d.consumer_groups || []).map((g) => html`<tr><td>${g.name || g.id}</td><td><code>${JSON.stringify(g)}</code></td></tr>`)}</tbody></table></div>`}<//></section>
+    <section class="panel"><h2>Consumer groups</h2><${Loaded} load=${groups}>${(d) => ((d.consumer_groups || []).length === 0 ? html`<p class="muted">No consumer group yet.</p>` : html`<div class="table-wrap"><table><thead><tr><th>Group</th><th>Clients</th><th>Backlog</th><th>Oldest waiting</th><th>Pushed</th><th>Replayed</th><th>Acknowledged</th><th>Redelivered</th><th>Dropped (age / size)</th></tr></thead><tbody>
+      ${d.consumer_groups.map((g) => html`<tr><td>${g.name}<br /><code class="muted">${g.group_id}</code></td><td>${g.clients}</td><td><strong>${g.backlog}</strong></td><td>${g.backlog_age_ms ? `${(g.backlog_age_ms / 1000).toFixed(1)} s` : '—'}</td><td>${g.pushed}</td><td>${g.replayed}</td><td>${g.acknowledged}</td><td>${g.redelivered}</td><td>${g.dropped.age} / ${g.dropped.size}</td></tr>`)}</tbody></table></div>`)}<//>
+      <button class="secondary" onClick=${groups.reload}>Refresh</button></section>
     ${can('admin') && html`<section class="panel"><h2>Access keys</h2><${Loaded} load=${keys}>${(d) => html`<ul>${(d?.access_keys || []).map((k) => html`<li><code>${k.access_key_id}</code> ${k.description ? `— ${k.description}` : ''} · ${fmtTime(k.created_at)}</li>`)}</ul>`}<//></section>`}`;
 }
 

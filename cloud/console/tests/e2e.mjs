@@ -172,6 +172,21 @@ async function main() {
   await shot(page, '04-service-call');
   await checkA11y(page, 'device');
 
+  // Tags, saved from the page and shown in the header.
+  await page.getByLabel('Tags (JSON object of strings; at most 100)').fill('{"site": "hall-3"}');
+  await page.getByRole('button', { name: 'Save tags' }).click();
+  await page.getByText('site: hall-3').first().waitFor();
+
+  // Applications: a consumer group with its backlog and counters; OTA.
+  assert.equal((await api(cloud, 'POST', '/consumer-groups', { name: 'e2e-group' })).status, 201);
+  await page.getByRole('link', { name: 'Applications' }).click();
+  await page.getByRole('cell', { name: /e2e-group/ }).waitFor();
+  await page.getByRole('columnheader', { name: 'Backlog' }).waitFor();
+  await checkA11y(page, 'applications');
+  await page.getByRole('link', { name: 'OTA' }).click();
+  await page.getByRole('heading', { name: 'OTA campaigns' }).waitFor();
+  await checkA11y(page, 'ota');
+
   // A rule whose SQL is wrong: the error at its line and column.
   await page.goto(`${cloud.http}/console/#/rules/new`);
   await page.getByLabel('Name').fill('hot');

@@ -60,7 +60,7 @@ pub(super) async fn principal(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if crate::users::constant_eq(given.as_bytes(), state.token.as_bytes()) {
+    if !given.is_empty() && crate::users::constant_eq(given.as_bytes(), state.token.as_bytes()) {
         return Ok(Some(Principal::root()));
     }
     if given.starts_with("ilk_") {
