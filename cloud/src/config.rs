@@ -248,6 +248,10 @@ pub struct HttpConfig {
     pub max_body_bytes: usize,
     /// When true, `/metrics` also asks for the API token (Prometheus' `authorization`).
     pub metrics_need_token: bool,
+    /// How long audit log entries are kept (0: forever); older ones are deleted in the
+    /// background.
+    #[serde(with = "humantime_serde")]
+    pub audit_retention: Duration,
 }
 
 impl Default for HttpConfig {
@@ -259,6 +263,7 @@ impl Default for HttpConfig {
             body_timeout: Duration::from_secs(30),
             max_body_bytes: 2 * 1024 * 1024,
             metrics_need_token: false,
+            audit_retention: Duration::from_secs(90 * 86_400),
         }
     }
 }
@@ -450,6 +455,7 @@ mod tests {
         assert_eq!(c.http.listen, d.http.listen);
         assert_eq!(c.http.max_connections, d.http.max_connections);
         assert_eq!(c.http.header_timeout, d.http.header_timeout);
+        assert_eq!(c.http.audit_retention, d.http.audit_retention);
         assert_eq!(c.thing.max_future_skew, d.thing.max_future_skew);
         assert_eq!(c.limits.device, d.limits.device);
         assert_eq!(c.limits.inflight_bytes, d.limits.inflight_bytes);

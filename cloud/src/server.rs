@@ -303,7 +303,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let app = api::router(ApiState {
         shared: shared.clone(),
         token: admin_token.clone().into(),
-        users: Arc::new(crate::users::Users::new(shared.db.clone())),
+        users: Arc::new(crate::users::Users::new(
+            shared.db.clone(),
+            config.http.audit_retention,
+        )),
     });
     // The API may hold an eighth of the descriptors at most: idle HTTP clients must never
     // leave devices without any.

@@ -200,10 +200,33 @@ pub struct Users {
 }
 
 impl Users {
-    /// Users over `db`; starts the audit writer (on the current runtime).
-    pub fn new(db: Db) -> Self {
+    /// Users over `db`; starts the audit writer and, unless `retention` is zero, the pruner
+    /// of entries older than it (on the current runtime).
+    pub fn new(db: Db, retention: Duration) -> Self {
         let (tx, rx) = mpsc::channel(4096);
         tokio::spawn(audit_writer(db.clone(), rx));
+        if !retention.is_zero() {
+            let (db, weak) = (db.clone(), tx.downgrade());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(PRUNE_EVERY);
+                // Ends with the server (the last sender of the audit channel goes with it).
+                while weak.upgrade().is_some() {
+                    tick.tick().await;
+                    let before = now_ms()
+                        .saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
+                    match prune_audit(&db, before).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(
+                            entries = n,
+                            "audit log entries past their retention deleted"
+                        ),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "audit log pruning failed; retried later")
+                        }
+                    }
+                }
+            });
+        }
         Self {
             db,
             cache: Mutex::default(),
@@ -585,6 +608,27 @@ impl Users {
                 })
             })
             .collect()
+    }
+}
+
+/// How often entries past the audit retention are looked for.
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+
+/// Deletes audit entries older than `before` (ms), 10,000 per statement so that no
+/// transaction holds the write lock for long; returns how many.
+pub async fn prune_audit(db: &Db, before: i64) -> Result<u64, UserError> {
+    let mut total = 0;
+    loop {
+        let r = sqlx::query(
+            "DELETE FROM audit_log WHERE id IN (SELECT id FROM audit_log WHERE at < $1 ORDER BY id LIMIT 10000)",
+        )
+        .bind(before)
+        .execute(&db.pool)
+        .await?;
+        total += r.rows_affected();
+        if r.rows_affected() < 10_000 {
+            return Ok(total);
+        }
     }
 }
 

@@ -406,6 +406,39 @@ async fn roles_keys_and_audit(srv: &TestServer) {
         401
     );
     assert_eq!(srv.call(Method::DELETE, "/users/olga", None).await.0, 404);
+
+    // Retention: entries older than the cut go, in batches; newer ones stay.
+    let db = &srv.running.shared.db;
+    let (_, all) = srv.get("/audit?limit=1000").await;
+    let all = all["entries"].as_array().unwrap().clone();
+    let newest_at = all[0]["at"].as_i64().unwrap();
+    let oldest_at = all.last().unwrap()["at"].as_i64().unwrap();
+    assert_eq!(
+        ironlink_cloud::users::prune_audit(db, oldest_at)
+            .await
+            .unwrap(),
+        0
+    );
+    let older = all
+        .iter()
+        .filter(|e| e["at"].as_i64().unwrap() < newest_at)
+        .count() as u64;
+    assert!(older > 0);
+    assert_eq!(
+        ironlink_cloud::users::prune_audit(db, newest_at)
+            .await
+            .unwrap(),
+        older
+    );
+    let (_, left) = srv.get("/audit?limit=1000").await;
+    assert!(
+        left["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["at"].as_i64().unwrap() >= newest_at),
+        "{left}"
+    );
 }
 
 #[tokio::test]
