@@ -103,6 +103,12 @@ pub enum UserError {
     /// Too many wrong passwords for this name just now.
     #[error("{0}")]
     TooMany(String),
+    /// The credential asking may not do this.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The server could not do it now (retry).
+    #[error("{0}")]
+    Unavailable(String),
     /// The database failed.
     #[error(transparent)]
     Storage(#[from] StorageError),
@@ -239,7 +245,7 @@ impl Users {
     pub async fn create(&self, name: &str, role: Role, password: &str) -> Result<User, UserError> {
         check_name(name)?;
         check_password(password)?;
-        let hash = hash_password(password.to_owned()).await;
+        let hash = hash_password(password.to_owned()).await?;
         let at = now_ms();
         let r = sqlx::query(
             "INSERT INTO users (name, role, password_hash, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT (name) DO NOTHING",
@@ -288,7 +294,7 @@ impl Users {
             check_password(p)?;
         }
         let hash = match password {
-            Some(p) => Some(hash_password(p.to_owned()).await),
+            Some(p) => Some(hash_password(p.to_owned()).await?),
             None => None,
         };
         let mut tx = self.db.write_tx().await?;
@@ -375,16 +381,25 @@ impl Users {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(name);
-        self.create_key(name, role, "console session", Some(SESSION_TTL), true)
-            .await
+        self.create_key(
+            name,
+            Some(role),
+            role,
+            "console session",
+            Some(SESSION_TTL),
+            true,
+        )
+        .await
     }
 
-    /// Makes an API key for `user` with `role` (at most the user's). Returns the token, shown
-    /// only here, and the key.
+    /// Makes an API key for `user` with `role` (default: the user's; at most the user's, and
+    /// at most `cap`, the role of the credential asking). Returns the token, shown only here,
+    /// and the key.
     pub async fn create_key(
         &self,
         user: &str,
-        role: Role,
+        role: Option<Role>,
+        cap: Role,
         label: &str,
         ttl: Option<Duration>,
         session: bool,
@@ -393,6 +408,11 @@ impl Users {
             return Err(UserError::Invalid(
                 "label: at most 200 characters, no control characters".into(),
             ));
+        }
+        let over_cap =
+            || UserError::Forbidden("a key may not carry a role above the caller's".into());
+        if role.is_some_and(|r| r > cap) {
+            return Err(over_cap());
         }
         let user_role = sqlx::query("SELECT role FROM users WHERE name = $1")
             .bind(user)
@@ -404,6 +424,10 @@ impl Users {
             return Err(UserError::NotFound(format!("no user `{user}`")));
         };
         let user_role = Role::parse(&user_role)?;
+        let role = role.unwrap_or(user_role);
+        if role > cap {
+            return Err(over_cap());
+        }
         if role > user_role {
             return Err(UserError::Invalid(format!(
                 "a key of `{user}` may carry at most the role {}",
@@ -534,7 +558,12 @@ impl Users {
         };
         let Some(row) = row else { return Ok(None) };
         let live = !row.revoked && row.expires_at.is_none_or(|e| e > now_ms());
-        if !live || !constant_eq(sha256_hex(secret).as_bytes(), row.secret_hash.as_bytes()) {
+        if !live
+            || !ironlink_shared::sign::constant_eq(
+                sha256_hex(secret).as_bytes(),
+                row.secret_hash.as_bytes(),
+            )
+        {
             return Ok(None);
         }
         Ok(Some(Principal {
@@ -699,7 +728,7 @@ fn check_password(p: &str) -> Result<(), UserError> {
 /// A hash of no one's password, verified for unknown names.
 const DUMMY_HASH: &str = "pbkdf2-sha256$600000$00000000000000000000000000000000$0000000000000000000000000000000000000000000000000000000000000000";
 
-async fn hash_password(password: String) -> String {
+async fn hash_password(password: String) -> Result<String, UserError> {
     let mut salt = [0u8; 16];
     rand::rngs::OsRng.fill_bytes(&mut salt);
     tokio::task::spawn_blocking(move || {
@@ -712,7 +741,7 @@ async fn hash_password(password: String) -> String {
         )
     })
     .await
-    .unwrap_or_default()
+    .map_err(|e| UserError::Unavailable(format!("the password could not be hashed: {e}")))
 }
 
 async fn verify_password(password: String, stored: String) -> bool {
@@ -736,7 +765,7 @@ async fn verify_password(password: String, stored: String) -> bool {
             return false;
         }
         let got = pbkdf2::pbkdf2_hmac_array::<sha2::Sha256, 32>(password.as_bytes(), &salt, iter);
-        constant_eq(&got, &hash)
+        ironlink_shared::sign::constant_eq(&got, &hash)
     })
     .await
     .unwrap_or(false)
@@ -746,18 +775,13 @@ fn sha256_hex(s: &str) -> String {
     hex::encode(sha2::Sha256::digest(s.as_bytes()))
 }
 
-/// Equality whose time does not depend on where the inputs differ.
-pub fn constant_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[tokio::test]
     async fn passwords_verify_and_refuse() {
-        let h = hash_password("correct horse".into()).await;
+        let h = hash_password("correct horse".into()).await.unwrap();
         assert!(h.starts_with("pbkdf2-sha256$600000$"));
         assert!(verify_password("correct horse".into(), h.clone()).await);
         assert!(!verify_password("correct horsf".into(), h.clone()).await);

@@ -89,6 +89,12 @@ impl Signature {
     }
 }
 
+/// Equality of two byte strings in time that does not depend on where they differ (for
+/// secrets: tokens, MACs, key hashes). Different lengths are unequal at once.
+pub fn constant_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// HMAC of the concatenation of `parts` (for signatures over sorted parameters, such as
 /// Alibaba's CoAP `/auth`).
 pub fn sign_parts(method: SignMethod, key: &[u8], parts: &[&[u8]]) -> Signature {
@@ -248,6 +254,14 @@ mod tests {
         assert!(s.matches(&upper));
         assert!(!s.matches(&s.as_str()[1..]));
         assert!(!s.matches(""));
+    }
+
+    #[test]
+    fn constant_eq_compares_whole_strings() {
+        assert!(constant_eq(b"abc", b"abc"));
+        assert!(!constant_eq(b"abc", b"abd"));
+        assert!(!constant_eq(b"abc", b"ab"));
+        assert!(constant_eq(b"", b""));
     }
 
     #[test]

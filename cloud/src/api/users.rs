@@ -42,6 +42,10 @@ impl From<UserError> for ApiError {
             UserError::NotFound(m) => Self::not_found(m),
             UserError::Conflict(m) => Self::new(StatusCode::CONFLICT, "conflict", m),
             UserError::Unauthorized(m) => Self::new(StatusCode::UNAUTHORIZED, "unauthorized", m),
+            UserError::Forbidden(m) => Self::new(StatusCode::FORBIDDEN, "forbidden", m),
+            UserError::Unavailable(m) => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m)
+            }
             UserError::TooMany(m) => {
                 Self::new(StatusCode::TOO_MANY_REQUESTS, "too_many_requests", m)
             }
@@ -60,7 +64,9 @@ pub(super) async fn principal(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if !given.is_empty() && crate::users::constant_eq(given.as_bytes(), state.token.as_bytes()) {
+    if !given.is_empty()
+        && ironlink_shared::sign::constant_eq(given.as_bytes(), state.token.as_bytes())
+    {
         return Ok(Some(Principal::root()));
     }
     if given.starts_with("ilk_") {
@@ -410,24 +416,12 @@ async fn create_key(
         )),
         None => who.name.clone(),
     };
-    let role = match b.role.as_deref() {
-        Some(r) => Role::parse(r)?,
-        None => s
-            .users
-            .list()
-            .await?
-            .into_iter()
-            .find(|u| u.name == user)
-            .map_or(Role::Viewer, |u| u.role),
-    };
-    // A key never carries more than the credential that made it.
-    if role > who.role {
-        return Err(forbidden("a key may not carry a role above the caller's"));
-    }
+    let role = b.role.as_deref().map(Role::parse).transpose()?;
     let ttl = b.expires_in_seconds.map(Duration::from_secs);
     let (token, key) = s
         .users
-        .create_key(&user, role, &b.label, ttl, false)
+        // A key never carries more than the credential that made it (`who.role`).
+        .create_key(&user, role, who.role, &b.label, ttl, false)
         .await?;
     Ok((
         StatusCode::CREATED,
@@ -531,11 +525,10 @@ async fn overview(State(s): State<ApiState>) -> ApiResult<impl IntoResponse> {
     let mut products: serde_json::Map<String, Value> = serde_json::Map::new();
     let mut totals: serde_json::Map<String, Value> = serde_json::Map::new();
     for r in &by_status {
-        let (pk, status, n): (String, String, i64) = (
-            r.try_get(0).unwrap_or_default(),
-            r.try_get(1).unwrap_or_default(),
-            r.try_get(2).unwrap_or_default(),
-        );
+        let row = || -> Result<(String, String, i64), sqlx::Error> {
+            Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?))
+        };
+        let (pk, status, n) = row().map_err(crate::storage::StorageError::from)?;
         let entry = products.entry(pk).or_insert_with(|| json!({}));
         entry[&status] = json!(n);
         let t = totals.entry(status).or_insert(json!(0));
@@ -548,12 +541,13 @@ async fn overview(State(s): State<ApiState>) -> ApiResult<impl IntoResponse> {
     .fetch_all(pool)
     .await
     .map_err(crate::storage::StorageError::from)?;
-    let reasons: Vec<Value> = reasons
+    let reasons = reasons
         .iter()
         .map(|r| {
-            json!({"reason": r.try_get::<String, _>(0).unwrap_or_default(), "count": r.try_get::<i64, _>(1).unwrap_or_default()})
+            Ok(json!({"reason": r.try_get::<String, _>(0)?, "count": r.try_get::<i64, _>(1)?}))
         })
-        .collect();
+        .collect::<Result<Vec<Value>, sqlx::Error>>()
+        .map_err(crate::storage::StorageError::from)?;
     let located = sqlx::query(
         "SELECT s.product_key, s.device_name, l.value FROM property_series s JOIN property_latest l ON l.series_id = s.id \
          WHERE s.identifier IN ('GeoLocation', 'geoLocation', 'Location', 'location') LIMIT $1",

@@ -123,14 +123,7 @@ pub fn authenticate(
             login.sign_method
         )
     })?;
-    // Constant-time comparison.
-    let ok = expected.len() == pass.len()
-        && expected
-            .bytes()
-            .zip(pass.bytes())
-            .fold(0u8, |d, (a, b)| d | (a ^ b))
-            == 0;
-    if !ok {
+    if !ironlink_shared::sign::constant_eq(expected.as_bytes(), pass.as_bytes()) {
         return Err("password does not match the signature of authId and timestamp".into());
     }
     // A captured login is good only within the window of its signed time.

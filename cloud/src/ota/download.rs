@@ -73,7 +73,7 @@ pub fn verify(key: &[u8; 32], token: &str, now: i64) -> Result<Claims, TokenErro
         .ok_or(TokenError::Invalid)?;
     let given = B64.decode(mac_b64).map_err(|_| TokenError::Invalid)?;
     let want = mac(key, &claims);
-    if given.len() != want.len() || given.iter().zip(want).fold(0u8, |a, (x, y)| a | (x ^ y)) != 0 {
+    if !ironlink_shared::sign::constant_eq(&given, &want) {
         return Err(TokenError::Invalid);
     }
     let mut parts = claims.splitn(3, ':');
